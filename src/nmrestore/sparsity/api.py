@@ -1,0 +1,331 @@
+"""``sparsify_`` / ``squash_`` / ``check_nm``: the public face of the N:M core.
+
+A method is a typed config (a pydantic model with a ``method`` literal) plus a registered
+handler that attaches masks to the eligible layers and may return a *controller* for methods with
+training-time state (SLS scores, SR-STE's per-step refresh). The Trainer only knows the
+:class:`Controller` interface.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from nmrestore.errors import SparsityError
+from nmrestore.sparsity import nm
+from nmrestore.sparsity.parametrization import (
+    SRSTE_LAMBDA,
+    GradMode,
+    NMMask,
+    in_axis_of,
+    nm_layers,
+    nm_mask_of,
+)
+
+PRUNABLE_TYPES = (nn.Conv2d, nn.Linear, nn.ConvTranspose2d)
+
+#: ``filter_fn(name, module) -> bool``: True keeps the layer eligible for pruning.
+FilterFn = Callable[[str, nn.Module], bool]
+
+
+def parse_nm(text: str) -> tuple[int, int]:
+    """Parse ``"2:4"`` into ``(2, 4)``."""
+    try:
+        n_text, m_text = text.split(":")
+        n, m = int(n_text), int(m_text)
+    except ValueError as exc:
+        raise SparsityError(f"sparsity must look like N:M (e.g. 2:4), got {text!r}") from exc
+    if not 1 <= n <= m:
+        raise SparsityError(f"N:M needs 1 <= N <= M, got {text!r}")
+    return n, m
+
+
+class NMConfig(BaseModel):
+    """Uniform N:M masks from magnitude ranks (the base every method config extends).
+
+    ``routes`` gives one N per route (e.g. ``[8, 16, 32]`` for ClassPruning's three classes);
+    when omitted there is one route with ``n``.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["nm"] = "nm"
+    n: int = Field(2, ge=1, le=255)
+    m: int = Field(4, ge=1, le=255)
+    routes: tuple[int, ...] | None = None
+    grad_mode: GradMode = GradMode.HARD
+    srste_lambda: float = Field(SRSTE_LAMBDA, ge=0)
+    dense_first_last: bool = True
+
+    @model_validator(mode="after")
+    def _ns_within_m(self) -> NMConfig:
+        bad = [n for n in self.route_ns() if not 1 <= n <= self.m]
+        if bad:
+            raise ValueError(f"N must be in 1..M={self.m}, got {bad}")
+        return self
+
+    def route_ns(self) -> tuple[int, ...]:
+        return self.routes if self.routes else (self.n,)
+
+
+@runtime_checkable
+class Controller(Protocol):
+    """Training-time state of a method; the Trainer calls these and nothing else."""
+
+    def step(self, step: int) -> None:
+        """Called after every optimizer step (refresh ranks, anneal, freeze...)."""
+
+    def regularizer(self) -> dict[str, Tensor]:
+        """Extra loss terms to add to the task loss (may be empty)."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A layer found by :func:`eligible_layers`."""
+
+    name: str
+    module: nn.Module
+    kind: str
+    shape: tuple[int, ...]
+    in_axis: int
+
+
+@dataclass(frozen=True)
+class PrunedLayer:
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    ns: tuple[int, ...]
+    m: int
+
+
+@dataclass(frozen=True)
+class DenseLayer:
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    reason: str
+
+
+@dataclass
+class SparsifyReport:
+    """What ``sparsify_`` did: every prunable-type layer is listed, pruned or dense with a reason."""
+
+    method: str
+    pruned: list[PrunedLayer] = field(default_factory=list)
+    dense: list[DenseLayer] = field(default_factory=list)
+    controller: Controller | None = None
+
+    def table(self) -> str:
+        lines = [f"method {self.method}: {len(self.pruned)} layers pruned, {len(self.dense)} dense"]
+        for p in self.pruned:
+            ns = "/".join(str(n) for n in p.ns)
+            lines.append(f"  pruned  {p.name:<32} {p.kind:<16} {ns}:{p.m}")
+        for d in self.dense:
+            lines.append(f"  dense   {d.name:<32} {d.kind:<16} {d.reason}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+Handler = Callable[[nn.Module, list[LayerInfo], Any], Controller | None]
+_METHODS: dict[str, tuple[type[NMConfig], Handler]] = {}
+
+
+def register_method(name: str, config_type: type[NMConfig]) -> Callable[[Handler], Handler]:
+    """Register ``handler(model, layers, config) -> Controller | None`` for ``config_type``."""
+
+    def wrap(handler: Handler) -> Handler:
+        if name in _METHODS:
+            raise ValueError(f"method {name!r} is registered twice")
+        _METHODS[name] = (config_type, handler)
+        return handler
+
+    return wrap
+
+
+def list_methods() -> list[str]:
+    return sorted(_METHODS)
+
+
+def method_config_type(name: str) -> type[NMConfig]:
+    if name not in _METHODS:
+        raise SparsityError(f"unknown method {name!r}; known: {', '.join(list_methods())}")
+    return _METHODS[name][0]
+
+
+def _first_last_names(model: nn.Module) -> set[str]:
+    declared = getattr(model, "nm_dense_layers", None)
+    if declared is not None:
+        return set(declared)
+    names = [n for n, mod in model.named_modules() if isinstance(mod, PRUNABLE_TYPES)]
+    return {names[0], names[-1]} if names else set()
+
+
+def eligible_layers(
+    model: nn.Module, m: int, filter_fn: FilterFn | None = None, dense_first_last: bool = True
+) -> tuple[list[LayerInfo], list[DenseLayer]]:
+    """Split the model's Conv/Linear layers into prunable ones and dense ones with a reason.
+
+    The first and last convolutions (``model.nm_dense_layers`` when the model declares them,
+    definition order otherwise) stay dense by default, as in the papers; a ``filter_fn`` decides
+    instead when given. Shape rules (channels not a multiple of M, depthwise) always apply.
+    """
+    first_last = _first_last_names(model) if dense_first_last and filter_fn is None else set()
+    prunable: list[LayerInfo] = []
+    dense: list[DenseLayer] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, PRUNABLE_TYPES):
+            continue
+        if nm_mask_of(module) is not None:
+            raise SparsityError(f"layer {name!r} already has an N:M mask; squash_ or rebuild the model first")
+        kind = type(module).__name__
+        weight = module.weight
+        shape = tuple(weight.shape)
+        in_axis = in_axis_of(module)
+        groups = getattr(module, "groups", 1)
+        per_group_in = shape[1] if in_axis == 1 else shape[0] // groups
+        reason = None
+        if groups > 1 and per_group_in == 1:
+            reason = "depthwise convolution"
+        elif per_group_in % m:
+            reason = f"{per_group_in} input channels per group, not a multiple of M={m}"
+        elif filter_fn is not None and not filter_fn(name, module):
+            reason = "excluded by filter_fn"
+        elif name in first_last:
+            reason = "first/last layer (dense by default, as in the papers)"
+        if reason:
+            dense.append(DenseLayer(name, kind, shape, reason))
+        else:
+            prunable.append(LayerInfo(name, module, kind, shape, in_axis))
+    return prunable, dense
+
+
+def attach_masks(
+    layers: Sequence[LayerInfo],
+    config: NMConfig,
+    mask_factory: Callable[[LayerInfo], NMMask] | None = None,
+) -> None:
+    """Register an :class:`NMMask` (or ``mask_factory``'s subclass) on every layer."""
+    for layer in layers:
+        if mask_factory is not None:
+            mask = mask_factory(layer)
+        else:
+            mask = NMMask(
+                layer.module.weight,
+                config.m,
+                config.route_ns(),
+                layer.in_axis,
+                config.grad_mode,
+                config.srste_lambda,
+            )
+        # unsafe=True: the mask keeps shape and dtype; skipping the check avoids a forward.
+        parametrize.register_parametrization(layer.module, "weight", mask, unsafe=True)
+
+
+@register_method("nm", NMConfig)
+def _uniform_nm(model: nn.Module, layers: list[LayerInfo], config: NMConfig) -> None:
+    attach_masks(layers, config)
+    return None
+
+
+def sparsify_(model: nn.Module, config: NMConfig, filter_fn: FilterFn | None = None) -> SparsifyReport:
+    """Apply a method config to every eligible layer of ``model`` in place.
+
+    Returns a :class:`SparsifyReport` listing what was pruned, what stayed dense and why, and the
+    method's controller (None for methods without training-time state).
+    """
+    if config.method not in _METHODS:
+        raise SparsityError(f"unknown method {config.method!r}; known: {', '.join(list_methods())}")
+    config_type, handler = _METHODS[config.method]
+    if not isinstance(config, config_type):
+        raise SparsityError(f"method {config.method!r} needs a {config_type.__name__}, got {type(config).__name__}")
+    prunable, dense = eligible_layers(model, config.m, filter_fn, config.dense_first_last)
+    if not prunable:
+        reasons = "; ".join(f"{d.name}: {d.reason}" for d in dense) or "the model has no Conv/Linear layer"
+        raise SparsityError(f"no layer can take {config.route_ns()[0]}:{config.m} sparsity ({reasons})")
+    controller = handler(model, prunable, config)
+    pruned = [
+        PrunedLayer(layer.name, layer.kind, layer.shape, config.route_ns(), config.m) for layer in prunable
+    ]
+    # A handler may choose per-layer N (SLS); report what the masks actually hold.
+    masks = {name: mask for name, _, mask in nm_layers(model)}
+    pruned = [
+        PrunedLayer(p.name, p.kind, p.shape, tuple(int(v) for v in masks[p.name].route_n), p.m)
+        if p.name in masks
+        else p
+        for p in pruned
+    ]
+    return SparsifyReport(config.method, pruned, dense, controller)
+
+
+@torch.no_grad()
+def squash_(model: nn.Module) -> nn.Module:
+    """Bake every mask (active route) into a dense-with-zeros weight and drop the parametrization.
+
+    This is the hand-off to every deployment path (ONNX, packing, sparse kernels).
+    """
+    for _, module, _ in list(nm_layers(model)):
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    return model
+
+
+@dataclass(frozen=True)
+class PatternCheck:
+    name: str
+    n: int
+    m: int
+    ok: bool
+    worst_group: int  # the largest number of non-zero weights found in one group
+
+
+def check_nm(model: nn.Module, patterns: dict[str, tuple[int, int]] | None = None) -> list[PatternCheck]:
+    """Verify the N:M pattern of every pruned layer; raise :class:`SparsityError` on a violation.
+
+    Masked layers are checked for every route (the effective weight of each route has at most N
+    non-zeros per group, and the ranks are a permutation in every group). For squashed models pass
+    ``patterns`` = ``{layer name: (n, m)}``.
+    """
+    results: list[PatternCheck] = []
+    if patterns is None:
+        for name, module, mask in nm_layers(model):
+            groups = nm.to_groups(mask.ranks.long(), mask.m, mask.in_axis)
+            perm_ok = bool((torch.sort(groups, dim=-1).values == torch.arange(mask.m)).all())
+            dense = module.parametrizations.weight.original
+            previous = mask.route
+            for route in range(mask.num_routes):
+                mask.route = route
+                effective = dense.detach() * mask.mask()
+                worst = int(nm.to_groups(effective != 0, mask.m, mask.in_axis).sum(-1).max())
+                results.append(PatternCheck(f"{name}[route {route}]", mask.n, mask.m, perm_ok and worst <= mask.n, worst))
+            mask.route = previous
+    else:
+        modules = dict(model.named_modules())
+        for name, (n, m) in patterns.items():
+            if name not in modules:
+                raise SparsityError(f"check_nm: the model has no layer {name!r}")
+            module = modules[name]
+            weight = module.weight.detach()
+            worst = int(nm.to_groups(weight != 0, m, in_axis_of(module)).sum(-1).max())
+            results.append(PatternCheck(name, n, m, worst <= n, worst))
+    bad = [r for r in results if not r.ok]
+    if bad:
+        detail = ", ".join(f"{r.name} has a group with {r.worst_group} > N={r.n}" for r in bad[:5])
+        raise SparsityError(f"N:M pattern broken in {len(bad)} layer(s): {detail}")
+    return results
+
+
+def nm_patterns(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """``{layer: (N of the active route, M)}`` for every masked layer (to check after squashing)."""
+    return {name: (mask.n, mask.m) for name, _, mask in nm_layers(model)}
