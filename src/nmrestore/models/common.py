@@ -1,0 +1,137 @@
+"""Blocks shared by the model zoo, kept as plain ``nn.Conv2d`` so N:M masks attach by parametrize.
+
+The layouts mirror EDSR-PyTorch's ``model/common.py`` (``ResBlock.body.{0,2}``, ``Upsampler``
+indices) so that official checkpoints load by name, with two deliberate differences:
+
+* :class:`MeanShift` is not an ``nn.Conv2d`` but a fixed per-channel shift held in a
+  non-persistent buffer. EDSR-PyTorch's frozen 1x1 conv has identity weights anyway; as a conv
+  it would be counted as a prunable layer, appear in optimiser parameter lists and carry the
+  training ``rgb_range`` into our checkpoints. :mod:`nmrestore.models.official` reads the
+  official ``sub_mean``/``add_mean`` tensors to detect the checkpoint's ``rgb_range`` instead.
+* Activations are not in-place, so forward hooks that keep activations see the values they hooked.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from nmrestore.errors import NMRestoreError
+
+#: Mean RGB of DIV2K in [0, 1], used by EDSR, RCAN and CARN for their mean shift.
+DIV2K_RGB_MEAN: tuple[float, float, float] = (0.4488, 0.4371, 0.4040)
+
+
+def check_scale(scale: object, supported: tuple[int, ...], arch: str) -> int:
+    """Return ``scale`` if ``arch`` supports it; a user's typo must fail here, not deep in a conv."""
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale not in supported:
+        allowed = ", ".join(str(s) for s in supported)
+        raise NMRestoreError(f"{arch} supports scale {allowed}; got {scale!r}")
+    return scale
+
+
+def check_positive_int(name: str, value: object) -> int:
+    """Validate a size override (``n_feats``, ``n_blocks``...) with a one-line error."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise NMRestoreError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def check_positive_float(name: str, value: object) -> float:
+    """Validate a float option (``res_scale``, ``rgb_range``)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise NMRestoreError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def default_conv(in_channels: int, out_channels: int, kernel_size: int, bias: bool = True) -> nn.Conv2d:
+    """'Same'-padded conv, EDSR-PyTorch's ``default_conv``."""
+    return nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
+
+
+class MeanShift(nn.Module):
+    """Add ``sign * rgb_range * rgb_mean`` per channel (EDSR's ``sub_mean``/``add_mean``).
+
+    Our inputs are in [0, 1], so the default ``rgb_range`` is 1; EDSR-PyTorch trains with 255.
+    The shift is a constant of the architecture, so it lives in a non-persistent buffer: it
+    moves with ``.to()`` but is neither a parameter nor part of ``state_dict()``.
+    """
+
+    shift: Tensor
+
+    def __init__(
+        self,
+        rgb_range: float = 1.0,
+        rgb_mean: tuple[float, float, float] = DIV2K_RGB_MEAN,
+        sign: int = -1,
+    ) -> None:
+        super().__init__()
+        if sign not in (-1, 1):
+            raise ValueError(f"sign must be -1 or 1, got {sign}")
+        self.rgb_range = float(rgb_range)
+        self.sign = sign
+        shift = torch.tensor(rgb_mean, dtype=torch.float32) * (sign * self.rgb_range)
+        self.register_buffer("shift", shift.view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.shift.to(dtype=x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"rgb_range={self.rgb_range:g}, sign={self.sign:+d}"
+
+
+class Upsampler(nn.Sequential):
+    """Sub-pixel upsampler: per x2 step conv(n -> 4n) [+ ReLU] + PixelShuffle(2); x3 in one step.
+
+    Without ``act`` the indices match EDSR-PyTorch (``0`` conv, ``1`` shuffle, ``2`` conv...); with
+    ``act`` they match CARN's ``_UpsampleBlock.body`` (``0`` conv, ``1`` ReLU, ``2`` shuffle, ``3`` conv).
+    """
+
+    def __init__(self, scale: int, n_feats: int, act: bool = False) -> None:
+        layers: list[nn.Module] = []
+        if scale in (2, 4, 8):
+            steps = [2] * int(math.log2(scale))
+        elif scale == 3:
+            steps = [3]
+        else:
+            raise NMRestoreError(f"the sub-pixel upsampler supports scale 2, 3, 4 or 8, got {scale}")
+        for step in steps:
+            layers.append(default_conv(n_feats, step * step * n_feats, 3))
+            if act:
+                layers.append(nn.ReLU())
+            layers.append(nn.PixelShuffle(step))
+        super().__init__(*layers)
+
+
+class ResBlock(nn.Module):
+    """EDSR's residual block without BN: ``x + res_scale * conv(relu(conv(x)))``.
+
+    ``res_scale`` 0.1 keeps the wide (256-channel) EDSR stable to train, as in the paper.
+    """
+
+    def __init__(self, n_feats: int, kernel_size: int = 3, res_scale: float = 1.0) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            default_conv(n_feats, n_feats, kernel_size),
+            nn.ReLU(),
+            default_conv(n_feats, n_feats, kernel_size),
+        )
+        self.res_scale = res_scale
+
+    def forward(self, x: Tensor) -> Tensor:
+        res = self.body(x)
+        if self.res_scale != 1:
+            res = res * self.res_scale
+        return res + x
+
+
+def count_params(model: nn.Module) -> int:
+    """Number of parameter elements (trainable or not); the figure papers report."""
+    return sum(p.numel() for p in model.parameters())
