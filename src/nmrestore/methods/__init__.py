@@ -1,1 +1,15 @@
-"""Sparsification methods: each a typed config plus a handler registered with ``register_method``."""
+"""Sparsification methods: each a typed config plus a handler registered with ``register_method``.
+
+Importing this package registers every method with :func:`nmrestore.sparsify_`.
+"""
+
+from nmrestore.methods import (  # noqa: F401
+    filter,
+    oneshot,
+    sls,
+    srste,
+)
+from nmrestore.methods.oneshot import OneShotConfig
+from nmrestore.methods.srste import SRSTEConfig
+
+__all__ = ["OneShotConfig", "SRSTEConfig"]

@@ -1,0 +1,1 @@
+"""Command-line interface (``nmrestore ...``): thin wrappers over the library."""

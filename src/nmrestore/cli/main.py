@@ -1,0 +1,201 @@
+"""The ``nmrestore`` command line: thin wrappers over the library.
+
+Every user mistake (bad image, bad recipe, wrong checkpoint...) ends with one line on stderr and
+exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from nmrestore.errors import NMRestoreError
+
+app = typer.Typer(
+    name="nmrestore",
+    help="N:M structured sparsity for image-restoration networks: train, sparsify, evaluate, measure.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code=2)
+
+
+def clean_errors(fn: F) -> F:
+    """Turn the project's errors (and missing files) into one line + exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except NMRestoreError as exc:
+            raise _fail(str(exc)) from None
+        except FileNotFoundError as exc:
+            raise _fail(f"{exc.filename}: no such file or directory") from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _parse_size(text: str | None) -> tuple[int, int] | None:
+    """``320x180`` (width x height, as people write video sizes) -> (height, width)."""
+    if text is None:
+        return None
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise NMRestoreError(f"--input must look like WIDTHxHEIGHT (e.g. 320x180), got {text!r}") from None
+    return height, width
+
+
+@app.command()
+@clean_errors
+def models() -> None:
+    """List the registered models with their parameter counts at x2."""
+    from nmrestore.models import create_model, list_models
+
+    for name in list_models():
+        model = create_model(name, scale=2)
+        params = sum(p.numel() for p in model.parameters())
+        typer.echo(f"{name:<20} {params:>12,} params (x2)")
+
+
+@app.command()
+@clean_errors
+def cost(
+    model: Annotated[str, typer.Argument(help="a registered model name (see `nmrestore models`)")],
+    scale: Annotated[int, typer.Option(help="SR scale")] = 2,
+    sparsity: Annotated[str | None, typer.Option(help="uniform N:M, e.g. 2:4")] = None,
+    input: Annotated[str | None, typer.Option(help="LR input WIDTHxHEIGHT (default: 1280x720 output)")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print JSON with per-layer rows and totals")] = False,
+) -> None:
+    """Per-layer MACs, parameters and packed bytes of a model (dense or uniform N:M)."""
+    from nmrestore.cost import count_cost
+    from nmrestore.models import create_model
+    from nmrestore.sparsity import NMConfig, parse_nm, sparsify_
+
+    net = create_model(model, scale=scale)
+    report = None
+    if sparsity:
+        n, m = parse_nm(sparsity)
+        report = sparsify_(net, NMConfig(n=n, m=m))
+    result = count_cost(net, _parse_size(input))
+    if json_out:
+        payload = result.to_dict()
+        payload["model"] = {"name": model, "scale": scale, "sparsity": sparsity}
+        if report is not None:
+            payload["dense_layers"] = [{"name": d.name, "reason": d.reason} for d in report.dense]
+        typer.echo(json.dumps(payload, indent=2))
+    else:
+        typer.echo(result.table())
+        if report is not None:
+            for d in report.dense:
+                typer.echo(f"dense: {d.name} ({d.reason})")
+
+
+@app.command()
+@clean_errors
+def train(
+    recipe: Annotated[str, typer.Argument(help="a YAML recipe, or the name of a built-in one")],
+    out: Annotated[Path | None, typer.Option(help="run folder (default runs/<recipe name>)")] = None,
+    resume: Annotated[bool, typer.Option(help="continue the run in --out from its last checkpoint")] = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override, e.g. --set train.steps=100")] = None,
+    overrides: Annotated[list[str] | None, typer.Argument(help="more key.path=value overrides")] = None,
+    progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+) -> None:
+    """Train (and sparsify) from a recipe; works under torchrun for DDP."""
+    from nmrestore.engine.runner import train as run_training
+    from nmrestore.recipes import load_recipe
+
+    _setup_logging(verbose)
+    parsed = load_recipe(recipe, [*(set_ or []), *(overrides or [])])
+    run_dir = out or Path("runs") / parsed.name
+    result = run_training(parsed, run_dir, resume=resume, show_progress=progress)
+    if result.final is not None:
+        typer.echo(
+            f"{run_dir}: step {result.state.step}, val PSNR {result.final.psnr:.3f} dB, SSIM {result.final.ssim:.4f}"
+        )
+
+
+@app.command("eval")
+@clean_errors
+def evaluate(
+    checkpoint: Annotated[Path, typer.Argument(help="a .safetensors checkpoint (or a run folder)")],
+    hr_dir: Annotated[Path | None, typer.Option(help="folder of HR images (LR made on the fly) or a paired set")] = None,
+    scale: Annotated[int | None, typer.Option(help="must match the checkpoint's scale")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """PSNR/SSIM (Y channel, crop = scale) and cost of a checkpoint; built-in test images by default."""
+    from nmrestore.cli.evaluation import evaluate_checkpoint
+
+    result = evaluate_checkpoint(checkpoint, hr_dir, scale)
+    if json_out:
+        typer.echo(json.dumps(result, indent=2, default=str))
+        return
+    typer.echo(f"{'image':<24} {'PSNR':>8} {'SSIM':>8}")
+    for row in result["per_image"]:
+        typer.echo(f"{row['name']:<24} {row['psnr']:>8.3f} {row['ssim']:>8.4f}")
+    typer.echo(f"{'mean':<24} {result['psnr']:>8.3f} {result['ssim']:>8.4f}")
+    c = result["cost"]
+    typer.echo(
+        f"MACs (1280x720 output): {c['macs_g']:.2f} G ({c['macs_fraction']:.1%} of dense); "
+        f"params {c['params_nonzero']:,} non-zero of {c['params']:,}"
+    )
+    for line in result.get("extra_lines", []):
+        typer.echo(line)
+
+
+@app.command()
+@clean_errors
+def infer(
+    checkpoint: Annotated[Path, typer.Argument(help="a .safetensors checkpoint (or a run folder)")],
+    inputs: Annotated[list[Path], typer.Argument(help="LR images")],
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("outputs"),
+) -> None:
+    """Restore images with a checkpoint; writes PNGs named after the inputs."""
+    from nmrestore.cli.evaluation import infer_images
+
+    for written in infer_images(checkpoint, inputs, out):
+        typer.echo(str(written))
+
+
+@app.command()
+@clean_errors
+def demo(
+    out: Annotated[Path, typer.Option(help="report folder")] = Path("runs/demo"),
+    quick: Annotated[bool, typer.Option(help="a much shorter run (tests, smoke checks)")] = False,
+    progress: Annotated[bool, typer.Option(help="show progress bars")] = True,
+) -> None:
+    """The main job: train a small EDSR x2 on the built-in photos, sparsify it, evaluate, report."""
+    from nmrestore.cli.demo import run_demo
+
+    report = run_demo(out, quick=quick, show_progress=progress)
+    typer.echo(report.read_text())
+    typer.echo(f"report written to {report}")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

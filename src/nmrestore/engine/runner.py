@@ -1,0 +1,210 @@
+"""From a recipe to a trained model: build the model, data and Trainer, train, and reload.
+
+These are the few functions the CLI (and users' scripts) call; everything else is composed here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nmrestore.data.builtin import load_builtin
+from nmrestore.data.datasets import ImageList, SREvalDataset, SRTrainDataset, load_folder
+from nmrestore.data.loader import build_train_loader
+from nmrestore.engine.checkpoint import Checkpoint, check_compatible, load_checkpoint, load_model_state
+from nmrestore.engine.distributed import DistInfo, init_distributed, shutdown
+from nmrestore.engine.evaluate import EvalResult, evaluate_model
+from nmrestore.engine.task import RestorationTask
+from nmrestore.engine.trainer import Trainer, TrainState
+from nmrestore.errors import CheckpointError, RecipeError
+from nmrestore.models import create_model
+from nmrestore.recipes.schema import DataSource, Recipe, recipe_from_dict
+from nmrestore.sparsity.api import Controller, SparsifyReport, sparsify_, squash_
+from nmrestore.sparsity.parametrization import nm_layers
+
+log = logging.getLogger("nmrestore")
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _images(source: DataSource, scale: int, default_split: str) -> tuple[ImageList, ImageList | None]:
+    if source.source == "builtin":
+        split = source.split or default_split
+        if split not in ("train", "test"):
+            raise RecipeError(f"the built-in set has splits 'train' and 'test', not {split!r}")
+        gt, lq = load_builtin(split), None  # type: ignore[arg-type]
+    else:
+        assert source.root is not None
+        pairs = load_folder(source.root, scale, split=source.split)
+        gt, lq = pairs.gt, pairs.lq
+    if source.max_images is not None:
+        gt = gt[: source.max_images]
+        lq = lq[: source.max_images] if lq is not None else None
+    return gt, lq
+
+
+def build_train_dataset(recipe: Recipe) -> SRTrainDataset:
+    spec = recipe.data.train
+    gt, lq = _images(spec, recipe.model.scale, "train")
+    return SRTrainDataset(
+        gt, recipe.model.scale, spec.patch_size, spec.samples_per_epoch, recipe.seed, lr_images=lq, augment=spec.augment
+    )
+
+
+def build_eval_dataset(source: DataSource, scale: int) -> SREvalDataset:
+    gt, lq = _images(source, scale, "test")
+    return SREvalDataset(gt, scale, lr_images=lq)
+
+
+def base_model(recipe: Recipe) -> nn.Module:
+    return create_model(recipe.model.name, scale=recipe.model.scale, **recipe.model.kwargs)
+
+
+def apply_sparsity(model: nn.Module, recipe: Recipe) -> SparsifyReport | None:
+    if recipe.sparsity is None:
+        return None
+    importlib.import_module("nmrestore.methods")
+    return sparsify_(model, recipe.sparsity)
+
+
+def load_weights_from(model: nn.Module, recipe: Recipe, path: Path) -> None:
+    """Initialise ``model`` (dense) from a checkpoint of the same architecture, dense or sparse.
+
+    A sparse checkpoint is rebuilt with its own recipe and squashed to dense-with-zeros first, so
+    one can fine-tune any method's result with another method.
+    """
+    ckpt = load_checkpoint(path)
+    check_compatible(ckpt, recipe.model.name, recipe.model.scale)
+    source, _ = model_from_checkpoint(ckpt)
+    squash_(source)
+    load_model_state(model, source.state_dict(), str(path))
+
+
+def model_from_checkpoint(ckpt: Checkpoint | str | Path) -> tuple[nn.Module, Recipe]:
+    """Rebuild the exact model a checkpoint was saved from (architecture, masks, routes, N)."""
+    if not isinstance(ckpt, Checkpoint):
+        ckpt = load_checkpoint(ckpt)
+    try:
+        recipe = recipe_from_dict(ckpt.meta["recipe"], f"{ckpt.path} (embedded recipe)")
+    except KeyError as exc:
+        raise CheckpointError(f"{ckpt.path} has no embedded recipe") from exc
+    model = base_model(recipe)
+    if ckpt.is_sparse:
+        apply_sparsity(model, recipe)
+    load_model_state(model, ckpt.model_state, str(ckpt.path))
+    return model, recipe
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    model: nn.Module
+    state: TrainState
+    report: SparsifyReport | None
+    controller: Controller | None
+    final: EvalResult | None
+
+
+def train(
+    recipe: Recipe,
+    run_dir: str | Path,
+    resume: bool = False,
+    show_progress: bool = True,
+) -> RunResult:
+    """Train ``recipe`` into ``run_dir`` (one process or under torchrun); resumable."""
+    run_dir = Path(run_dir)
+    dist = init_distributed(recipe.train.device)
+    try:
+        return _train(recipe, run_dir, resume, show_progress, dist)
+    finally:
+        shutdown(dist)
+
+
+def _train(recipe: Recipe, run_dir: Path, resume: bool, show_progress: bool, dist: DistInfo) -> RunResult:
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
+    seed_everything(recipe.seed + dist.rank)
+    last = run_dir / "checkpoints" / "last.safetensors"
+    if not resume and last.exists():
+        raise RecipeError(f"{run_dir} already holds a run; pass --resume to continue it or choose another folder")
+    if resume and last.exists():
+        saved = load_checkpoint(last)
+        if saved.meta.get("recipe") != json.loads(json.dumps(recipe.model_dump(mode="json"))):
+            raise RecipeError(f"{last} was trained with another recipe; resume with the recipe saved in {run_dir}")
+    else:
+        saved = None
+
+    model = base_model(recipe)
+    if recipe.train.init_from is not None and saved is None:
+        load_weights_from(model, recipe, recipe.train.init_from)
+    report = apply_sparsity(model, recipe)
+    controller = report.controller if report else None
+    if saved is not None:
+        load_model_state(model, saved.model_state, str(last))
+    model.to(dist.device)
+
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+        if report is not None:
+            (run_dir / "sparsity.txt").write_text(report.table() + "\n")
+
+    train_set = build_train_dataset(recipe)
+    per_process = max(1, recipe.data.train.batch_size // dist.world_size)
+    loader = build_train_loader(
+        train_set, per_process, recipe.data.train.num_workers, recipe.seed, distributed=dist.distributed
+    )
+    val_set = build_eval_dataset(recipe.data.val, recipe.model.scale)
+    crop = recipe.eval.crop_border if recipe.eval.crop_border is not None else recipe.model.scale
+
+    def validate(m: nn.Module) -> EvalResult:
+        return evaluate_model(m, val_set, crop, recipe.eval.test_y_channel, dist.device, with_ssim=True)
+
+    meta: dict[str, Any] = {
+        "recipe": recipe.model_dump(mode="json"),
+        "model": {"name": recipe.model.name, "scale": recipe.model.scale},
+        "sparsity": None if recipe.sparsity is None else recipe.sparsity.model_dump(mode="json"),
+    }
+    trainer = Trainer(
+        model,
+        RestorationTask(recipe.train.loss),
+        loader,
+        recipe.train,
+        run_dir,
+        meta,
+        controller=controller,
+        validate=validate,
+        dist=dist,
+        show_progress=show_progress,
+    )
+    if saved is not None:
+        trainer.restore(saved)
+        log.info("resumed %s at step %d", run_dir, saved.step)
+    state = trainer.fit()
+    final = validate(model) if dist.is_main else None
+    if dist.is_main and final is not None:
+        summary = {
+            "step": state.step,
+            "val_psnr": final.psnr,
+            "val_ssim": final.ssim,
+            "best_psnr": state.best_psnr,
+            "best_step": state.best_step,
+            "layers_pruned": len(list(nm_layers(model))),
+        }
+        (run_dir / "final.json").write_text(json.dumps(summary, indent=2))
+    return RunResult(run_dir, model, state, report, controller, final)

@@ -1,0 +1,33 @@
+"""Typed experiment recipes (YAML + pydantic) and ``a.b=value`` overrides."""
+
+from nmrestore.recipes.schema import (
+    DataSource,
+    DataSpec,
+    EvalSpec,
+    ModelSpec,
+    Recipe,
+    Schedule,
+    TrainData,
+    TrainSpec,
+    apply_overrides,
+    builtin_recipes,
+    load_recipe,
+    recipe_from_dict,
+    resolve_recipe_path,
+)
+
+__all__ = [
+    "DataSource",
+    "DataSpec",
+    "EvalSpec",
+    "ModelSpec",
+    "Recipe",
+    "Schedule",
+    "TrainData",
+    "TrainSpec",
+    "apply_overrides",
+    "builtin_recipes",
+    "load_recipe",
+    "recipe_from_dict",
+    "resolve_recipe_path",
+]
