@@ -47,6 +47,17 @@ def evaluate_checkpoint(checkpoint: Path, hr_dir: Path | None, scale: int | None
             for name, _, mask in nm_layers(model)
         ],
     }
+    if recipe.sparsity is not None and recipe.sparsity.method == "sls":
+        from nmrestore.methods.sls import achieved_budget, format_sls_table, sls_layer_table
+
+        rows = sls_layer_table(model, cost)
+        payload["sls_layers"] = rows
+        payload["sls_achieved_budget"] = achieved_budget(model, recipe.sparsity)  # type: ignore[arg-type]
+        payload["extra_lines"] = [
+            format_sls_table(rows),
+            f"SLS budget ({recipe.sparsity.budget_kind}): achieved {payload['sls_achieved_budget']:.4f}"  # type: ignore[attr-defined]
+            f" <= {recipe.sparsity.budget:.4f}",  # type: ignore[attr-defined]
+        ]
     return payload
 
 

@@ -452,6 +452,21 @@ class SLSController:
         else:
             self.project()
 
+    def write_artifacts(self, model: nn.Module, run_dir: Path) -> list[Path]:
+        """The per-layer N table (text + JSON) and the N-per-layer chart, for the run folder."""
+        import json
+
+        rows = sls_layer_table(model)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        text = format_sls_table(rows)
+        text += f"\nachieved budget ({self.config.budget_kind}): {achieved_budget(model, self.config):.4f}"
+        text += f" <= {self.config.budget:.4f}" + (f"\n{self.message}" if self.message else "")
+        table = run_dir / "sls_layers.txt"
+        table.write_text(text + "\n")
+        data = run_dir / "sls_layers.json"
+        data.write_text(json.dumps({"layers": rows, "state": self.state_dict()}, indent=2, default=str))
+        return [table, data, plot_n_per_layer(model, run_dir / "sls_n_per_layer.png")]
+
     def metrics(self) -> dict[str, float]:
         """Scalars worth logging every few steps."""
         return {"sls_fraction": self.fraction(), "sls_coef": self.coef, "sls_frozen": float(self.frozen)}
