@@ -4,7 +4,6 @@ Importing this package registers every method with :func:`nmrestore.sparsify_`.
 """
 
 from nmrestore.methods import (  # noqa: F401
-    filter,
     oneshot,
     sls,
     srste,
