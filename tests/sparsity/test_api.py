@@ -204,3 +204,15 @@ def test_mask_is_a_parametrization_with_grad_mode() -> None:
     masks = [mask for _, _, mask in nm_layers(model)]
     assert masks and all(isinstance(mask, NMMask) and mask.grad_mode is GradMode.SRSTE for mask in masks)
     assert "parametrizations.weight.0.ranks" in "".join(model.state_dict())
+
+
+def test_squashing_a_deep_copy_leaves_the_original_working() -> None:
+    model = TinyEDSR(scale=2, channels=8, blocks=1)
+    sparsify_(model, NMConfig(n=2, m=4))
+    x = torch.rand(1, 3, 5, 5)
+    before = model(x)
+    clone = copy.deepcopy(model)
+    squash_(clone)
+    torch.testing.assert_close(clone(x), before, rtol=0, atol=0)
+    torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+    assert list(nm_layers(model))

@@ -277,6 +277,12 @@ def squash_(model: nn.Module) -> nn.Module:
     This is the hand-off to every deployment path (ONNX, packing, sparse kernels).
     """
     for _, module, _ in list(nm_layers(model)):
+        # A deep copy shares the class PyTorch generated for a parametrized module, and removing
+        # the parametrization deletes the weight property from that class: give this module its
+        # own class first, so squashing a copy never breaks the original.
+        cls = type(module)
+        body = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+        module.__class__ = type(cls.__name__, cls.__bases__, body)
         parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
     return model
 
