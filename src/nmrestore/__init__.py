@@ -31,6 +31,7 @@ _EXPORTS = {
     "list_models": "nmrestore.models",
     "register_model": "nmrestore.models",
     "NMRestoreError": "nmrestore.errors",
+    "load_packed": "nmrestore.export",
 }
 
 __all__ = [*sorted(_EXPORTS), "__version__"]

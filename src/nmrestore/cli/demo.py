@@ -56,7 +56,9 @@ def run_demo(out: Path, quick: bool = False, show_progress: bool = True) -> Path
         recipe = _recipe(name, quick, extra)
         run_dir = out / "runs" / recipe.name
         console.rule(f"[bold]{label}[/bold] ({recipe.name})")
-        resume = (run_dir / "checkpoints" / "last.safetensors").exists()
+        resume = (run_dir / "checkpoints" / "last.safetensors").exists() or any(
+            run_dir.glob("stage_*/**/last.safetensors")  # a ClassPruning run killed mid-stage
+        )
         train(recipe, run_dir, resume=resume, show_progress=show_progress)
         best = run_dir / "checkpoints" / "best.safetensors"
         runs.append((label, budget, best))
@@ -66,6 +68,9 @@ def run_demo(out: Path, quick: bool = False, show_progress: bool = True) -> Path
     run("demo_oneshot", "oneshot", "2:4", [f"train.init_from={dense_ckpt}"])
     if _has_method("sls"):
         run("demo_sls", "sls", "25%", [f"train.init_from={dense_ckpt}"])
+    if _has_method("classpruning"):
+        cp_quick = ["sparsity.classifier_steps=6", "sparsity.joint_steps=6", "sparsity.label_stride=32"]
+        run("demo_classpruning", "classpruning", "adaptive", [f"train.init_from={dense_ckpt}", *(cp_quick if quick else [])])
 
     console.rule("[bold]evaluation")
     scale = 2
@@ -80,6 +85,12 @@ def run_demo(out: Path, quick: bool = False, show_progress: bool = True) -> Path
         model, _ = model_from_checkpoint(ckpt)
         model.eval()
         models[label] = model
+        if label == "classpruning":  # input-adaptive: scored through its patch pipeline, class maps saved
+            from nmrestore.engine.adaptive import adaptive_report_row
+
+            cp_row, _ = adaptive_report_row(model, test_set, scale, float(dense_macs or 1), out / "class_maps")
+            rows.append({**cp_row, "checkpoint": str(ckpt)})
+            continue
         result = evaluate_model(model, test_set, scale, True, torch.device("cpu"))
         cost = count_cost(model).summary()
         dense_macs = dense_macs or cost["dense_macs"]
@@ -108,6 +119,16 @@ def run_demo(out: Path, quick: bool = False, show_progress: bool = True) -> Path
             )
         )
 
+    if "classpruning" in models:
+        cp = next(r for r in rows if r["method"] == "classpruning")
+        shares = ", ".join(f"route {k}: {n}" for k, n in enumerate(cp["route_histogram"]))
+        extra_md.append(
+            f"## ClassPruning: routes {cp['routes']} per 32x32 patch\n\nPatches per route ({shares}); average "
+            f"{cp['macs_fraction']:.1%} of the dense MACs on the same patches, classifier included "
+            f"({cp['macs_fraction_whole_image']:.1%} of the dense net run once on each whole image, which also "
+            "pays for the patch overlap). Class maps (green = cheapest route, red = full):\n"
+        )
+        extra_md += [f"![class map {r['name']}](class_maps/{r['name']}_classmap.png)" for r in cp["per_image"]]
     elapsed = time.perf_counter() - started
     columns = [("method", "method", ""), ("budget", "budget", ""), ("psnr", "PSNR (dB)", ".3f"),
                ("ssim", "SSIM", ".4f"), ("macs_g", "GMACs @720p", ".2f"), ("macs_fraction", "MACs vs dense", ".1%"),
@@ -147,6 +168,11 @@ def _crops(out: Path, test_set: SREvalDataset, models: dict[str, torch.nn.Module
         lq = sample["lq"].unsqueeze(0)  # type: ignore[union-attr]
         panels = [("bicubic", to_uint8(bicubic_restorer(scale)(lq)[0].clamp(0, 1)))]
         for label, model in models.items():
+            if label == "classpruning":  # the adaptive model restores through its patch pipeline
+                from nmrestore.engine.adaptive import AdaptivePipeline
+
+                panels.append((label, to_uint8(AdaptivePipeline(model).restore(lq)[0].clamp(0, 1))))
+                continue
             panels.append((label, to_uint8(model(lq)[0].clamp(0, 1))))
         panels.append(("ground truth", to_uint8(sample["gt"])))  # type: ignore[arg-type]
         pictures.append(side_by_side(panels, out / f"crops_{sample['name']}.png"))

@@ -11,18 +11,32 @@ from nmrestore.cost import count_cost
 from nmrestore.data.builtin import load_builtin
 from nmrestore.data.datasets import SREvalDataset, load_folder
 from nmrestore.data.io import read_image, to_tensor, write_image
-from nmrestore.engine.checkpoint import load_checkpoint
 from nmrestore.engine.evaluate import evaluate_model
 from nmrestore.engine.runner import model_from_checkpoint
 from nmrestore.errors import CheckpointError, DatasetError
+from nmrestore.export.packed import load_any
 from nmrestore.sparsity.parametrization import nm_layers
 
 
-def evaluate_checkpoint(checkpoint: Path, hr_dir: Path | None, scale: int | None) -> dict[str, Any]:
-    """Per-image and mean PSNR/SSIM plus cost; the recipe's eval protocol (Y, crop = scale)."""
-    ckpt = load_checkpoint(checkpoint)
+def evaluate_checkpoint(
+    checkpoint: Path,
+    hr_dir: Path | None,
+    scale: int | None,
+    class_map_dir: Path | None = None,
+    task: str | None = None,
+) -> dict[str, Any]:
+    """Per-image and mean PSNR/SSIM plus cost; the recipe's eval protocol (Y, crop = scale).
+
+    A ClassPruning checkpoint is scored through its patch pipeline (route histogram, average MACs,
+    a class map per image saved to ``class_map_dir``, by default ``<run>/class_maps``).
+    """
+    ckpt = load_any(checkpoint)  # a training or a packed checkpoint
     model, recipe = model_from_checkpoint(ckpt)
     model_scale = recipe.model.scale
+    if task is not None:  # a multi-task (PNG) model: score this task
+        from nmrestore.methods.png import activate_task
+
+        model_scale = activate_task(model, task)
     if scale is not None and scale != model_scale:
         raise CheckpointError(f"{ckpt.path} is a x{model_scale} model; --scale {scale} does not match")
     if hr_dir is None:
@@ -33,6 +47,10 @@ def evaluate_checkpoint(checkpoint: Path, hr_dir: Path | None, scale: int | None
         pairs = load_folder(hr_dir, model_scale)
         dataset = SREvalDataset(pairs.gt, model_scale, lr_images=pairs.lq)
     crop = recipe.eval.crop_border if recipe.eval.crop_border is not None else model_scale
+    if recipe.sparsity is not None and recipe.sparsity.method == "classpruning":
+        from nmrestore.engine.adaptive import adaptive_eval_payload
+
+        return adaptive_eval_payload(ckpt, model, recipe, dataset, crop, class_map_dir)
     result = evaluate_model(model, dataset, crop, recipe.eval.test_y_channel, torch.device("cpu"))
     cost = count_cost(model)
     payload: dict[str, Any] = {
@@ -58,16 +76,40 @@ def evaluate_checkpoint(checkpoint: Path, hr_dir: Path | None, scale: int | None
             f"SLS budget ({recipe.sparsity.budget_kind}): achieved {payload['sls_achieved_budget']:.4f}"  # type: ignore[attr-defined]
             f" <= {recipe.sparsity.budget:.4f}",  # type: ignore[attr-defined]
         ]
+    if recipe.sparsity is not None and recipe.sparsity.method == "png":
+        from nmrestore.methods.png import png_eval_extras
+
+        payload.update(png_eval_extras(model, cost))
     return payload
 
 
 @torch.no_grad()
-def infer_images(checkpoint: Path, inputs: list[Path], out: Path) -> list[Path]:
-    """Restore each LR image with the checkpoint's model; returns the written paths."""
-    model, _ = model_from_checkpoint(checkpoint)
+def infer_images(
+    checkpoint: Path,
+    inputs: list[Path],
+    out: Path,
+    adaptive: bool = False,
+    patch_size: int | None = None,
+    stride: int | None = None,
+    task: str | None = None,
+) -> list[Path]:
+    """Restore each LR image with the checkpoint's model; returns the written paths.
+
+    ``adaptive``: a ClassPruning checkpoint runs its patch pipeline and writes a class map
+    (``<stem>_classmap.png``) beside each output.
+    """
+    model, recipe = model_from_checkpoint(load_any(checkpoint))
     model.eval()
+    if task is not None:  # a multi-task (PNG) model: run this task
+        from nmrestore.methods.png import activate_task
+
+        activate_task(model, task)
     images = [(path, read_image(path)) for path in inputs]  # read all first: fail before writing
     written = []
+    if adaptive:
+        from nmrestore.engine.adaptive import infer_adaptive
+
+        return infer_adaptive(model, recipe, images, out, patch_size, stride)
     for path, image in images:
         output = model(to_tensor(image).unsqueeze(0)).clamp(0, 1)[0]
         written.append(write_image(out / f"{path.stem}.png", output))

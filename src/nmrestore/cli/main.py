@@ -143,11 +143,15 @@ def evaluate(
     hr_dir: Annotated[Path | None, typer.Option(help="folder of HR images (LR made on the fly) or a paired set")] = None,
     scale: Annotated[int | None, typer.Option(help="must match the checkpoint's scale")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    class_maps: Annotated[
+        Path | None, typer.Option(help="ClassPruning: folder for the class maps (default <run>/class_maps)")
+    ] = None,
+    task: Annotated[str | None, typer.Option(help="multi-task (PNG) model: the task to score, e.g. x3")] = None,
 ) -> None:
     """PSNR/SSIM (Y channel, crop = scale) and cost of a checkpoint; built-in test images by default."""
     from nmrestore.cli.evaluation import evaluate_checkpoint
 
-    result = evaluate_checkpoint(checkpoint, hr_dir, scale)
+    result = evaluate_checkpoint(checkpoint, hr_dir, scale, class_maps, task=task)
     if json_out:
         typer.echo(json.dumps(result, indent=2, default=str))
         return
@@ -170,11 +174,17 @@ def infer(
     checkpoint: Annotated[Path, typer.Argument(help="a .safetensors checkpoint (or a run folder)")],
     inputs: Annotated[list[Path], typer.Argument(help="LR images")],
     out: Annotated[Path, typer.Option(help="output folder")] = Path("outputs"),
+    adaptive: Annotated[
+        bool, typer.Option("--adaptive", help="ClassPruning: patch pipeline + a class map per image")
+    ] = False,
+    patch: Annotated[int | None, typer.Option(help="--adaptive: LR patch size (default: the recipe's)")] = None,
+    stride: Annotated[int | None, typer.Option(help="--adaptive: LR patch stride (default: the recipe's)")] = None,
+    task: Annotated[str | None, typer.Option(help="multi-task (PNG) model: the task to run, e.g. x3")] = None,
 ) -> None:
     """Restore images with a checkpoint; writes PNGs named after the inputs."""
     from nmrestore.cli.evaluation import infer_images
 
-    for written in infer_images(checkpoint, inputs, out):
+    for written in infer_images(checkpoint, inputs, out, adaptive, patch, stride, task=task):
         typer.echo(str(written))
 
 
@@ -191,6 +201,50 @@ def demo(
     report = run_demo(out, quick=quick, show_progress=progress)
     typer.echo(report.read_text())
     typer.echo(f"report written to {report}")
+
+
+@app.command()
+@clean_errors
+def bench(
+    quick: Annotated[bool, typer.Option(help="the smoke-sized preset (minutes, not an hour)")] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write rows, config and checks as JSON")] = None,
+    out: Annotated[Path, typer.Option(help="folder for the Markdown table, plot and runs")] = Path("runs/bench"),
+    set_: Annotated[list[str] | None, typer.Option("--set", help="a setting, e.g. --set finetune_steps=50")] = None,
+    progress: Annotated[bool, typer.Option(help="show training progress bars")] = False,
+) -> None:
+    """Benchmark every method against dense and bicubic on the built-in photos (DESIGN.md §5)."""
+    from nmrestore.bench import config_from_overrides, format_table, run_benchmark, write_json, write_report
+    from nmrestore.bench.harness import copy_config
+
+    config = config_from_overrides(quick, set_ or [])
+    config = copy_config(config, show_progress=progress, work_dir=config.work_dir or out / "runs")
+    notes: list[str] = []
+    rows = run_benchmark(config, notes, echo=lambda line: typer.echo(line, err=True))
+    typer.echo(format_table(rows))
+    for note in notes:
+        typer.echo(f"note: {note}")
+    page = write_report(rows, config, out, notes, command="nmrestore " + " ".join(sys.argv[1:]))
+    typer.echo(f"report written to {page}")
+    if json_out is not None:
+        write_json(rows, json_out, config, notes)
+        typer.echo(f"rows written to {json_out}")
+
+
+@app.command("export")
+@clean_errors
+def export(
+    checkpoint: Annotated[Path, typer.Argument(help="a .safetensors checkpoint, a run folder or a packed file")],
+    fmt: Annotated[str, typer.Option("--format", help="packed (kept values + indices) or onnx")] = "packed",
+    out: Annotated[Path | None, typer.Option(help="output file (default: beside the checkpoint)")] = None,
+    route: Annotated[int | None, typer.Option(help="onnx: the route to export (default: the active one)")] = None,
+    task: Annotated[str | None, typer.Option(help="onnx: the task of a multi-task model, e.g. x3")] = None,
+    opset: Annotated[int, typer.Option(help="onnx: opset version (17 or newer)")] = 18,
+) -> None:
+    """Write a deployable file: a packed checkpoint (every route) or ONNX (one route, dense-with-zeros)."""
+    from nmrestore.export import export_checkpoint
+
+    report = export_checkpoint(checkpoint, fmt, out, route, task, opset)
+    typer.echo(report.summary())
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -70,6 +70,10 @@ def _atomic_save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[
     tmp = _readable_tmp(path)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        # safetensors writes through its own 0600 temp file: restore ordinary permissions
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -127,6 +127,14 @@ def train(
     show_progress: bool = True,
 ) -> RunResult:
     """Train ``recipe`` into ``run_dir`` (one process or under torchrun); resumable."""
+    if recipe.sparsity is not None and recipe.sparsity.method == "classpruning":
+        from nmrestore.engine.adaptive import train_adaptive  # staged training (DESIGN.md §3.3)
+
+        return train_adaptive(recipe, run_dir, resume, show_progress)
+    if recipe.sparsity is not None and recipe.sparsity.method == "png":
+        from nmrestore.engine.png_runner import train_png  # task-by-task schedule (DESIGN.md §3.4)
+
+        return train_png(recipe, run_dir, resume, show_progress)
     run_dir = Path(run_dir)
     dist = init_distributed(recipe.train.device)
     try:

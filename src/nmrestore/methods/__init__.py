@@ -4,7 +4,10 @@ Importing this package registers every method with :func:`nmrestore.sparsify_`.
 """
 
 from nmrestore.methods import (  # noqa: F401
+    classpruning,
+    filter,
     oneshot,
+    png,
     sls,
     srste,
 )

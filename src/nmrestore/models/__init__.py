@@ -13,6 +13,7 @@ from nmrestore.models.common import count_params
 from nmrestore.models.edsr import EDSR
 from nmrestore.models.fsrcnn import FSRCNN
 from nmrestore.models.msrresnet import MSRResNet
+from nmrestore.models.multitask import MultiTaskSR as MultiTaskSR  # registers the multi-task models
 from nmrestore.models.official import convert_official_state_dict, load_official
 from nmrestore.models.rcan import RCAN
 from nmrestore.models.registry import create_model, is_model, list_models, register_model

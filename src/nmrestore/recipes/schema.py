@@ -84,7 +84,7 @@ class Schedule(_Strict):
 
 class TrainSpec(_Strict):
     steps: int = Field(1000, ge=1)
-    lr: float = Field(2e-4, gt=0)
+    lr: float = Field(2e-4, gt=0, le=1.0)
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(0.0, ge=0)
     schedule: Schedule = Field(default_factory=Schedule)
@@ -126,6 +126,8 @@ class Recipe(_Strict):
             raise ValueError("sparsity must be a mapping with a 'method' key")
         importlib.import_module("nmrestore.methods")  # registers every method
         method = value.get("method", "nm")
+        if not isinstance(method, str):
+            raise ValueError(f"sparsity.method must be a method name (a string), got {method!r}")
         try:
             config_type = method_config_type(method)
         except SparsityError as exc:

@@ -1,0 +1,262 @@
+"""ClassPruning benchmark (DESIGN.md §3.3): input-adaptive N:M against dense and static N:M of equal MACs.
+
+Protocol, on the built-in photos (nothing is selected on the test images):
+
+1. the harness's cached dense model (``nmrestore.bench``; trained once, reused);
+2. ClassPruning fine-tuned from it through the harness (method ``classpruning``): stage A + stage C
+   use the harness's ``finetune_steps`` SR-weight steps between them, the classifier its own;
+   routing is calibrated on held-out strips of the *training* images;
+3. the adaptive model's average MACs on the test images (every patch's route + the classifier,
+   over the dense net on the same patches -- ClassSR's convention) picks the static budget: the
+   smallest uniform N:32 whose MACs are at least as large; one-shot and SR-STE at that N:32 and
+   the dense model fine-tuned are trained for the same number of steps;
+4. references: the dense model on whole images and on the same 32/28 patches;
+5. wall time on the test images, measured in one run, interleaved: whole-image dense inference,
+   the batched patch pipeline, ClassSR's patch-at-a-time loop (and dense on patches, batched).
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/bench_classpruning.py               # writes section "classpruning"
+    .venv/bin/python benchmarks/bench_classpruning.py --quick --no-write
+    .venv/bin/python benchmarks/bench_classpruning.py --set finetune_steps=450 --cp target_macs_fraction=0.5
+
+``--set`` changes a harness setting (:class:`~nmrestore.bench.BenchConfig`), ``--cp`` a ClassPruning
+setting (:class:`~nmrestore.methods.classpruning.ClassPruningConfig`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _report import markdown_table as md_table  # noqa: E402
+from _report import write_section  # noqa: E402
+from nmrestore.bench.harness import (  # noqa: E402
+    config_from_overrides,
+    copy_config,
+    describe,
+    format_table,
+    markdown_table,
+    plot_psnr_macs,
+    run_benchmark,
+)
+from nmrestore.cost import count_cost  # noqa: E402
+from nmrestore.engine.adaptive import (  # noqa: E402
+    AdaptivePipeline,
+    patchwise_restore,
+    register_bench_rows,
+)
+from nmrestore.engine.evaluate import evaluate_fn  # noqa: E402
+from nmrestore.engine.runner import model_from_checkpoint  # noqa: E402
+from nmrestore.sparsity.api import eligible_layers  # noqa: E402
+
+DOCS = ROOT / "docs"
+SECTION = "classpruning"
+PSNR_MARGIN = 0.05
+MACS_LIMIT = 0.60
+COLLAPSE_SHARE = 0.9
+
+
+def static_n_for(dense_model: torch.nn.Module, fraction: float, m: int = 32) -> tuple[int, float]:
+    """The smallest uniform N:m whose whole-network MACs fraction is >= ``fraction`` (and that fraction)."""
+    cost = count_cost(dense_model)
+    names = {layer.name for layer in eligible_layers(dense_model, m)[0]}
+    prunable = sum(layer.dense_macs for layer in cost.layers if layer.name in names)
+    for n in range(1, m + 1):
+        value = (cost.dense_macs - prunable + prunable * n / m) / cost.dense_macs
+        if value >= fraction - 1e-12:
+            return n, value
+    return m, 1.0
+
+
+def wall_times(
+    dense: torch.nn.Module, adaptive: torch.nn.Module, samples: list[dict[str, Any]], rounds: int
+) -> dict[str, float]:
+    """Median seconds to restore every test image, per mode, modes interleaved in rotating order."""
+    batched = AdaptivePipeline(adaptive, batch_size=64)
+    one_by_one = AdaptivePipeline(adaptive, batch_size=1)
+    patch, stride = batched.patch_size, batched.stride
+    modes = {
+        "dense, whole image": lambda x: dense(x),
+        "ClassPruning, batched per route": batched.restore,
+        "ClassPruning, patch at a time (ClassSR)": one_by_one.restore,
+        "dense, patches batched": lambda x: patchwise_restore(dense, x, patch, stride, blend=batched.blend),
+    }
+    keys = list(modes)
+    times: dict[str, list[float]] = {k: [] for k in keys}
+    images = [s["lq"].unsqueeze(0) for s in samples]
+    with torch.no_grad():
+        for r in range(rounds + 1):  # round 0 warms up
+            for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
+                started = time.perf_counter()
+                for x in images:
+                    modes[key](x)
+                if r:
+                    times[key].append(time.perf_counter() - started)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the harness's smoke-sized preset")
+    parser.add_argument("--set", action="append", default=[], help="a BenchConfig field, e.g. finetune_steps=450")
+    parser.add_argument("--cp", action="append", default=[], help="a ClassPruning setting, e.g. delta=0.05")
+    parser.add_argument("--wall-rounds", type=int, default=5, help="timed rounds of the inference comparison")
+    parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "bench-classpruning")
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--no-write", action="store_true", help="do not touch docs/")
+    args = parser.parse_args(argv)
+
+    settings = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.cp)}
+    register_bench_rows(settings)
+    echo = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    config = config_from_overrides(args.quick, [*args.set, "methods=[classpruning]"])
+    config = copy_config(config, work_dir=args.work_dir)
+    notes: list[str] = []
+    rows = run_benchmark(config, notes, echo=echo)
+    cp = next(r for r in rows if r["method"] == "classpruning")
+    dense_row = next(r for r in rows if r["method"] == "dense")
+
+    # static N:M of (at least) the same average MACs, same number of SR-weight steps
+    from nmrestore.bench.harness import dense_recipe, ensure_dense
+
+    dense_ckpt = ensure_dense(config)  # cached: no training here
+    dense_model, _ = model_from_checkpoint(dense_ckpt.path)
+    dense_model.eval()
+    n_static, static_fraction = static_n_for(dense_model, cp["macs_fraction"])
+    budget = f"{n_static}:32"
+    echo(f"static budget matching {cp['macs_fraction']:.1%}: {budget} ({static_fraction:.1%})")
+    static_config = copy_config(
+        config, methods=("dense_ft", "oneshot", "srste"), budgets=(budget,), finetune_steps=cp["finetune_steps"],
+        work_dir=args.work_dir / "static",
+    )
+    static_rows = run_benchmark(static_config, notes, echo=echo)
+    rows += [r for r in static_rows if r["method"] not in ("bicubic", "dense")]
+
+    # references on patches, and the adaptive model's own full route
+    adaptive, _ = model_from_checkpoint(args.work_dir / "classpruning" / "checkpoints" / "best.safetensors")
+    adaptive.eval()
+    from nmrestore.engine.runner import build_eval_dataset
+
+    eval_set = build_eval_dataset(dense_recipe(config).data.val, config.scale)
+    pipeline = AdaptivePipeline(adaptive)
+    with torch.no_grad():
+        dense_patches = evaluate_fn(
+            lambda x: patchwise_restore(dense_model, x, pipeline.patch_size, pipeline.stride, blend=pipeline.blend),
+            eval_set,
+            config.scale,
+        )
+        full_route = evaluate_fn(lambda x: adaptive(x), eval_set, config.scale)
+    extra = [
+        {"method": f"dense on the same {pipeline.patch_size}/{pipeline.stride} patches ({pipeline.blend} blend)",
+         "psnr": dense_patches.psnr, "ssim": dense_patches.ssim},
+        {"method": "ClassPruning full route only, whole image", "psnr": full_route.psnr, "ssim": full_route.ssim},
+    ]
+
+    walls = wall_times(dense_model, adaptive, [eval_set[i] for i in range(len(eval_set))], args.wall_rounds)
+    base = walls["dense, whole image"]
+    wall_rows = [{"mode": k, "seconds (3 images)": v, "ratio to whole-image dense": v / base} for k, v in walls.items()]
+
+    # claims
+    oneshot = next((r for r in rows if r["method"] == "oneshot"), None)
+    srste = next((r for r in rows if r["method"] == "srste"), None)
+    hist = cp["route_histogram"]
+    share = max(hist) / max(sum(hist), 1)
+    checks = [
+        (f"average MACs {cp['macs_fraction']:.1%} <= {MACS_LIMIT:.0%} of dense (classifier included, ClassSR's "
+         f"per-patch convention; {cp['macs_fraction_whole_image']:.1%} against whole-image dense)",
+         cp["macs_fraction"] <= MACS_LIMIT),
+        (f"PSNR {cp['psnr']:.3f} within {PSNR_MARGIN} dB of dense {dense_row['psnr']:.3f} "
+         f"(gap {cp['psnr'] - dense_row['psnr']:+.3f} dB)", cp["psnr"] >= dense_row["psnr"] - PSNR_MARGIN),
+        (f"PSNR within {PSNR_MARGIN} dB of dense on the same patches {dense_patches.psnr:.3f} "
+         f"(gap {cp['psnr'] - dense_patches.psnr:+.3f} dB)", cp["psnr"] >= dense_patches.psnr - PSNR_MARGIN),
+    ]
+    for label, row in (("one-shot", oneshot), ("SR-STE", srste)):
+        if row is not None:
+            checks.append((f"PSNR above {label} {budget} ({row['psnr']:.3f} dB, {row['macs_fraction']:.1%} MACs): "
+                           f"{cp['psnr'] - row['psnr']:+.3f} dB", cp["psnr"] > row["psnr"]))
+    checks.append((f"no collapse: the largest route holds {share:.0%} of patches ({'/'.join(map(str, hist))})",
+                   share < COLLAPSE_SHARE))
+
+    print(format_table(rows))
+    for row in extra:
+        print(f"{row['method']}: PSNR {row['psnr']:.3f} SSIM {row['ssim']:.4f}")
+    for row in wall_rows:
+        print(f"{row['mode']:<42} {row['seconds (3 images)']:.3f} s  x{row['ratio to whole-image dense']:.2f}")
+    for text, ok in checks:
+        print(f"{'PASS' if ok else 'FAIL'}: {text}")
+    for note in notes:
+        print(f"note: {note}")
+    per_image = [
+        {"image": r["name"], "PSNR": r["psnr"], "SSIM": r["ssim"], "patches": r["patches"],
+         "routes": "/".join(map(str, r["route_histogram"])), "MACs % (patches)": 100 * r["macs_fraction"],
+         "MACs % (whole image)": 100 * r["macs_fraction_whole_image"]}
+        for r in cp["per_image"]
+    ]
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"rows": rows, "extra": extra, "wall": wall_rows, "checks": checks,
+                                         "notes": notes}, indent=2, default=str))
+    if not args.no_write:
+        key = SECTION + ("-quick" if config.quick else "")
+        plot = plot_psnr_macs([r for r in rows if r["method"] != "bicubic"],
+                              DOCS / f"bench_{key.replace('-', '_')}_psnr_macs.png",
+                              f"ClassPruning vs static N:M, {config.model} x{config.scale}")
+        maps = sorted((args.work_dir / "classpruning" / "class_maps").glob("*_classmap.png"))
+        copied = []
+        for path in maps:
+            target = DOCS / f"bench_{key.replace('-', '_')}_{path.name}"
+            shutil.copyfile(path, target)
+            copied.append(target.name)
+        body = "\n".join([
+            describe(static_config),
+            "",
+            f"ClassPruning: routes {cp['routes']} over one weight tensor, classifier on 32x32 LR patches "
+            f"(stride 28), labels = cheapest route within 0.1 dB of the full one; {cp['note']}. "
+            f"'MACs %' of ClassPruning is the average over every patch of the test images, classifier "
+            f"included, against the dense net on the same patches; the static budget {budget} is the smallest "
+            f"uniform N:32 with at least as many MACs.",
+            "",
+            markdown_table(rows),
+            "",
+            md_table([{k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items()} for r in extra],
+                     ["method", "psnr", "ssim"]),
+            "",
+            "Per test image (ClassPruning):",
+            "",
+            md_table(per_image, list(per_image[0])),
+            "",
+            "Inference wall time on the 3 test images (median of "
+            f"{args.wall_rounds} interleaved rounds, this machine, same run; masked weights run dense, so "
+            "wall time shows batching, not sparsity):",
+            "",
+            md_table(wall_rows, list(wall_rows[0])),
+            "",
+            "Checks:",
+            "",
+            *[f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok in checks],
+            "",
+            *([("Notes:"), "", *[f"- {n}" for n in notes], ""] if notes else []),
+            f"![PSNR against MACs]({plot.name})",
+            "",
+            *[f"![class map]({name})" for name in copied],
+        ])
+        write_section(key, "ClassPruning: input-adaptive N:M against static N:M of the same MACs", body)
+        print(f"docs/BENCHMARKS.md section {key!r} written")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

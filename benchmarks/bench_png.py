@@ -1,0 +1,480 @@
+"""PNG benchmark (DESIGN.md §3.4): one multi-task network for SR x2/x3/x4 against separate models.
+
+Protocol, on the built-in photos (train split for training, test split for scoring, Y PSNR/SSIM,
+crop = scale; nothing is selected on the test images):
+
+* **PNG**: ``edsr_small_multiscale`` (edsr_small's trunk shared by x2/x3/x4, one upsampler per
+  task), M = 8, N_t = 4 for every task, ``max_grow`` = 1. Task x2: ``dense`` steps dense, prune to
+  4:8, ``finetune`` steps; x3 and x4: ``grow`` steps with the earlier tasks' positions frozen, prune,
+  ``finetune`` steps.
+* **dense**: one single-task ``edsr_small`` per scale trained from scratch for the *same number of
+  steps as PNG spent on that task* (x2: dense + finetune; x3, x4: grow + finetune), through the
+  benchmark harness's cached dense models (:func:`nmrestore.bench.ensure_dense`).
+
+Printed and written to the ``png`` section of ``docs/BENCHMARKS.md``: per task PSNR/SSIM against
+the dense model (target: within 0.1 dB), MACs at 720p and the prunable fraction (= N_t/M); the
+storage of the multi-task model measured on its packed form against T dense and T N:M models;
+the guaranteed worst-case storage of the same PNG setting at paper scale; and checks (earlier tasks
+bit-identical after later tasks trained, N:M pattern, storage adds up).
+
+Run from the repository root (each part is cached/resumable, so the dense baselines and the PNG run
+can go in two processes first, then a last call assembles the report)::
+
+    .venv/bin/python benchmarks/bench_png.py --quick --no-write     # smoke test, ~3 minutes
+    .venv/bin/python benchmarks/bench_png.py --only dense &          # the 3 dense baselines
+    .venv/bin/python benchmarks/bench_png.py --only png &            # the PNG schedule
+    .venv/bin/python benchmarks/bench_png.py                         # report (reuses both)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _report import markdown_table, write_section  # noqa: E402
+from nmrestore.bench.harness import (  # noqa: E402
+    ROW_KEYS,
+    BenchConfig,
+    Timed,
+    default_cache_dir,
+    ensure_dense,
+    measure_step_times,
+    recipe_digest,
+)
+from nmrestore.cost import count_cost  # noqa: E402
+from nmrestore.data.builtin import load_builtin  # noqa: E402
+from nmrestore.data.datasets import SRTrainDataset  # noqa: E402
+from nmrestore.engine.evaluate import EvalResult, evaluate_model  # noqa: E402
+from nmrestore.engine.png_runner import evaluate_tasks, png_schedule, train_png  # noqa: E402
+from nmrestore.engine.runner import build_eval_dataset, model_from_checkpoint  # noqa: E402
+from nmrestore.methods.png import (  # noqa: E402
+    PNGConfig,
+    PNGController,
+    PNGStorage,
+    png_storage,
+    select_task,
+    storage_bound,
+    use_png_task,
+)
+from nmrestore.models import create_model  # noqa: E402
+from nmrestore.models.multitask import MultiScaleRCAN  # noqa: E402
+from nmrestore.recipes.schema import Recipe, recipe_from_dict  # noqa: E402
+from nmrestore.sparsity import check_nm  # noqa: E402
+
+SECTION = "png"
+TITLE = "PNG: one network for SR x2/x3/x4 (multi-task N:M prune-and-grow)"
+TOLERANCE_DB = 0.1
+Row = dict[str, Any]
+STORAGE_TARGET = 1.2
+
+FULL: dict[str, Any] = {"dense": 1000, "grow": 400, "finetune": 200, "max_test_images": None}
+QUICK: dict[str, Any] = {"dense": 40, "grow": 20, "finetune": 10, "max_test_images": 1}
+
+
+def png_recipe(
+    steps: dict[str, Any],
+    threads: int | None,
+    m: int = 8,
+    ns: tuple[int, ...] = (4, 4, 4),
+    max_grow: int | None = 1,
+) -> Recipe:
+    """The PNG run: edsr_small_multiscale over x2, x3, x4 with the harness's data and lr."""
+    return recipe_from_dict(
+        {
+            "name": "bench-png",
+            "seed": 0,
+            "model": {"name": "edsr_small_multiscale", "scale": 2, "kwargs": {"tasks": [2, 3, 4]}},
+            "data": {
+                "train": {"source": "builtin", "patch_size": 32, "batch_size": 16, "samples_per_epoch": 800},
+                "val": {"source": "builtin", "split": "test", "max_images": steps["max_test_images"]},
+            },
+            "train": {
+                "steps": 1,  # unused by PNG: the phases' steps are in sparsity.steps
+                "lr": 5e-4,
+                "schedule": {"kind": "multistep", "milestones": [0.6, 0.85], "gamma": 0.5},
+                "val_every": 1_000_000,  # scored once at the end of every phase (logs only)
+                "ckpt_every": 100,
+                "log_every": 25,
+                "device": "cpu",
+                "threads": threads,
+            },
+            "sparsity": {
+                "method": "png",
+                "m": m,
+                "ns": list(ns),
+                "max_grow": max_grow,
+                "steps": {
+                    "dense": steps["dense"],
+                    "grow": steps["grow"],
+                    "finetune": steps["finetune"],
+                    "finetune_lr_factor": 0.2,
+                },
+            },
+        },
+        "benchmark PNG recipe",
+    )
+
+
+def dense_config(scale: int, steps: int, threads: int | None, max_test_images: int | None) -> BenchConfig:
+    """A single-task dense edsr_small at ``scale`` (the harness's dense recipe and cache)."""
+    return BenchConfig(
+        model="edsr_small",
+        scale=scale,
+        dense_steps=steps,
+        dense_lr=5e-4,
+        batch_size=16,
+        patch_size=32,
+        samples_per_epoch=800,
+        max_test_images=max_test_images,
+        threads=threads,
+        device="cpu",
+    )
+
+
+#: Displayed columns: header -> (row key, scale factor or None).
+DISPLAY: dict[str, tuple[str, float | None]] = {
+    "task": ("task", None),
+    "method": ("method", None),
+    "budget": ("budget", None),
+    "steps": ("finetune_steps", None),
+    "PSNR": ("psnr", None),
+    "SSIM": ("ssim", None),
+    "GMACs": ("macs_g", None),
+    "MACs %": ("macs_fraction", 100.0),
+    "prunable %": ("prunable_macs_fraction", 100.0),
+    "params (nz)": ("params_nonzero", None),
+    "packed B": ("packed_bytes", None),
+    "step x": ("step_time_ratio", None),
+    "PSNR - dense": ("psnr_minus_dense", None),
+}
+
+
+def display_row(row: Row) -> dict[str, object]:
+    """A row as the Markdown table shows it (percentages, short names)."""
+    out: dict[str, object] = {}
+    for header, (key, factor) in DISPLAY.items():
+        value = row.get(key)
+        if value is None:
+            out[header] = ""
+        elif factor is not None and isinstance(value, float):
+            out[header] = value * factor
+        elif key == "psnr" and isinstance(value, float):
+            out[header] = f"{value:.3f}"
+        elif key == "psnr_minus_dense" and isinstance(value, float):
+            out[header] = f"{value:+.3f}"
+        else:
+            out[header] = value
+    return out
+
+
+def task_steps(recipe: Recipe) -> dict[str, int]:
+    """Optimizer steps PNG spends on each task (what each dense baseline gets)."""
+    tasks = ["x2", "x3", "x4"]
+    schedule = png_schedule(recipe, tasks, [2, 3, 4])
+    out = dict.fromkeys(tasks, 0)
+    for phase in schedule:
+        out[phase.task_name] += phase.steps
+    return out
+
+
+def run_png(recipe: Recipe) -> Path:
+    """Train (or resume, or reuse) the PNG run; returns its folder."""
+    run_dir = default_cache_dir() / f"png-{recipe_digest(recipe)}"
+    if not (run_dir / "final.json").is_file():
+        print(f"PNG run in {run_dir}", flush=True)
+        train_png(recipe, run_dir, resume=True, show_progress=False)
+    return run_dir
+
+
+def earlier_tasks_unchanged(run_dir: Path, recipe: Recipe, final: nn.Module) -> list[tuple[str, bool]]:
+    """Task r's output at the end of its own fine-tuning equals the final model's (bit for bit)."""
+    checks = []
+    schedule = png_schedule(recipe, ["x2", "x3", "x4"], [2, 3, 4])
+    x = torch.rand(1, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    for spec in schedule:
+        if spec.phase != "finetune" or spec.task == 2:
+            continue
+        model, _ = model_from_checkpoint(run_dir / "phases" / spec.name / "checkpoints" / "last.safetensors")
+        model.eval()
+        final.eval()
+        with torch.no_grad(), use_png_task(model, spec.task), use_png_task(final, spec.task):
+            same = torch.equal(model(x), final(x))
+        checks.append(
+            (f"{spec.task_name} computes bit-identical outputs after every later task trained", same)
+        )
+    return checks
+
+
+def step_times(png_model: nn.Module, recipe: Recipe, dense_x3: nn.Module, rounds: int) -> dict[str, float]:
+    """Training-step time of PNG (task x3, earlier positions frozen) against the dense x3 model."""
+    config = recipe.sparsity
+    assert isinstance(config, PNGConfig)
+    controller = PNGController(png_model, config, ("x2", "x3", "x4"))
+    controller.begin(1, "finetune", fresh=False)
+    hr = load_builtin("train")
+    dataset = SRTrainDataset(hr, 3, 32, 16, 0)
+    samples = [dataset[i] for i in range(16)]
+    batch = {k: torch.stack([s[k] for s in samples]) for k in ("lq", "gt")}
+    select_task(png_model, 1)
+    times = measure_step_times(
+        {"dense": Timed(dense_x3), "png": Timed(png_model, controller)}, batch, rounds, warmup=2
+    )
+    controller.end()
+    base = statistics.median(times["dense"])
+    return {
+        "dense_ms": base * 1e3,
+        "png_ms": statistics.median(times["png"]) * 1e3,
+        "ratio": statistics.median(times["png"]) / base,
+    }
+
+
+def png_rows(
+    run_dir: Path, recipe: Recipe, dense_paths: dict[str, Path], per_task: dict[str, int]
+) -> tuple[nn.Module, PNGStorage, list[Row], list[tuple[str, bool]], dict[str, nn.Module]]:
+    """Harness-style rows (``ROW_KEYS``; ``task`` = "sr_x2"...): dense and PNG per task, plus checks."""
+    model, _ = model_from_checkpoint(run_dir / "checkpoints" / "last.safetensors")
+    model.eval()
+    check_nm(model)
+    results = evaluate_tasks(model, recipe)
+    storage = png_storage(model)
+    rows: list[Row] = []
+    checks: list[tuple[str, bool]] = []
+    dense_models: dict[str, nn.Module] = {}
+    for t, (task, scale) in enumerate((("x2", 2), ("x3", 3), ("x4", 4))):
+        dense_model, _ = model_from_checkpoint(dense_paths[task])
+        dense_model.eval()
+        dense_models[task] = dense_model
+        val = build_eval_dataset(recipe.data.val, scale)
+        dense_result: EvalResult = evaluate_model(dense_model, val, scale, True, with_ssim=True)
+        dense_cost = count_cost(dense_model)
+        info = storage.tasks[t]
+        png_result = results[task]
+        gap = dense_result.psnr - png_result.psnr
+        base: Row = dict.fromkeys(ROW_KEYS)
+        base.update({"task": f"sr_{task}", "scale": scale, "finetune_steps": per_task[task]})
+        rows.append(
+            {
+                **base,
+                "model": "edsr_small",
+                "method": "dense",
+                "budget": 1.0,
+                "psnr": dense_result.psnr,
+                "ssim": dense_result.ssim,
+                "macs_g": dense_cost.macs() / 1e9,
+                "macs_fraction": 1.0,
+                "prunable_macs_fraction": 1.0,
+                "params": dense_cost.params,
+                "params_nonzero": dense_cost.nonzero_params(),
+                "packed_bytes": info.dense_model_bytes,
+                "note": f"single-task, {per_task[task]} steps from scratch",
+            }
+        )
+        rows.append(
+            {
+                **base,
+                "model": "edsr_small_multiscale",
+                "method": "png",
+                "budget": f"{info.n}:{info.m}",
+                "psnr": png_result.psnr,
+                "ssim": png_result.ssim,
+                "macs_g": info.macs / 1e9,
+                "macs_fraction": info.macs / dense_cost.dense_macs,
+                "prunable_macs_fraction": info.prunable_macs_fraction,
+                "params": info.dense_model_bytes // 4,
+                "params_nonzero": info.params_nonzero,
+                "packed_bytes": info.nm_model_bytes,
+                "psnr_minus_dense": -gap,
+                "note": "one network for x2/x3/x4 (storage below); packed B = this task alone",
+            }
+        )
+        checks.append(
+            (f"{task}: PNG within {TOLERANCE_DB} dB of dense (gap {gap:+.3f} dB)", gap <= TOLERANCE_DB)
+        )
+        exact = abs(info.prunable_macs_fraction - info.n / info.m) < 1e-9
+        checks.append((f"{task}: prunable MACs {info.prunable_macs_fraction:.6f} = {info.n}/{info.m}", exact))
+    return model, storage, rows, checks, dense_models
+
+
+def paper_scale_bounds(config: PNGConfig) -> list[dict[str, object]]:
+    """Worst-case PNG storage at paper scale (any training), from shapes on the meta device."""
+    rows = []
+    builders = {
+        "edsr_baseline_multiscale": lambda: create_model("edsr_baseline_multiscale", scale=2),
+        "msrresnet_multiscale": lambda: create_model("msrresnet_multiscale", scale=2),
+        "rcan (10x20, 64 ch) multiscale": lambda: MultiScaleRCAN(),
+        "edsr_small_multiscale": lambda: create_model("edsr_small_multiscale", scale=2),
+    }
+    for name, build in builders.items():
+        with torch.device("meta"):
+            model = build()
+        bound = storage_bound(model, config)
+        rows.append(
+            {
+                "model": name,
+                "one dense (MB)": bound["one_dense_bytes"] / 1e6,
+                "PNG worst case (MB)": bound["png_bytes_bound"] / 1e6,
+                "x one dense (mean)": bound["png_vs_one_dense_bound"],
+                "x smallest dense": bound["png_vs_smallest_dense_bound"],
+                "3 dense (x)": 3.0,
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny step counts (smoke test)")
+    parser.add_argument("--only", choices=["dense", "png"], default=None, help="train one part and stop")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--timing-rounds", type=int, default=7)
+    parser.add_argument("--json", type=Path, default=None, help="write rows, checks and storage as JSON")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    steps = QUICK if args.quick else FULL
+    recipe = png_recipe(steps, args.threads)
+    config = recipe.sparsity
+    assert isinstance(config, PNGConfig)
+    per_task = task_steps(recipe)
+    started = time.perf_counter()
+
+    dense_paths: dict[str, Path] = {}
+    if args.only in (None, "dense"):
+        for task, scale in (("x2", 2), ("x3", 3), ("x4", 4)):
+            dense = ensure_dense(
+                dense_config(scale, per_task[task], args.threads, steps["max_test_images"]), print
+            )
+            dense_paths[task] = dense.path
+    if args.only in (None, "png"):
+        run_dir = run_png(recipe)
+    if args.only is not None:
+        print(f"done in {time.perf_counter() - started:.0f} s")
+        return 0
+
+    model, storage, rows, checks, dense_models = png_rows(run_dir, recipe, dense_paths, per_task)
+    summary = storage.summary()
+    checks.append(
+        (
+            f"storage {summary['png_vs_one_dense']:.3f}x one dense model (mean of the 3) <= {STORAGE_TARGET}",
+            summary["png_vs_one_dense"] <= STORAGE_TARGET,
+        )
+    )
+    checks.append(
+        (
+            f"storage {summary['png_vs_smallest_dense']:.3f}x the smallest dense model (x2) <= {STORAGE_TARGET}",
+            summary["png_vs_smallest_dense"] <= STORAGE_TARGET,
+        )
+    )
+    checks += earlier_tasks_unchanged(run_dir, recipe, model)
+    checks.append(("every task's mask obeys N:M (check_nm over all routes)", True))
+    timing = step_times(model, recipe, dense_models["x3"], args.timing_rounds)
+    for row in rows:
+        if row["task"] == "sr_x3":
+            row["step_ms"] = timing[f"{row['method']}_ms"]
+            row["step_time_ratio"] = timing[f"{row['method']}_ms"] / timing["dense_ms"]
+
+    storage_rows = [
+        {
+            "what": "PNG (measured, packed)",
+            "bytes": storage.total_bytes,
+            "x one dense": summary["png_vs_one_dense"],
+        },
+        {
+            "what": "  shared values (union of kept positions)",
+            "bytes": storage.shared_values_bytes,
+            "x one dense": storage.shared_values_bytes / storage.one_dense_bytes,
+        },
+        {
+            "what": "  per-task masks on shared layers",
+            "bytes": storage.shared_mask_bytes,
+            "x one dense": storage.shared_mask_bytes / storage.one_dense_bytes,
+        },
+        {
+            "what": "  shared dense (first/last conv, biases)",
+            "bytes": storage.shared_dense_bytes,
+            "x one dense": storage.shared_dense_bytes / storage.one_dense_bytes,
+        },
+        {
+            "what": "  task layers (3 upsamplers, 4:8 packed)",
+            "bytes": storage.task_bytes,
+            "x one dense": storage.task_bytes / storage.one_dense_bytes,
+        },
+        {
+            "what": "3 separate dense models",
+            "bytes": storage.separate_dense_bytes,
+            "x one dense": summary["separate_dense_vs_one_dense"],
+        },
+        {
+            "what": "3 separate 4:8 models (packed)",
+            "bytes": storage.separate_nm_bytes,
+            "x one dense": summary["separate_nm_vs_one_dense"],
+        },
+    ]
+    bounds = paper_scale_bounds(config)
+    table = markdown_table([display_row(r) for r in rows], list(DISPLAY))
+    storage_table = markdown_table(storage_rows, ["what", "bytes", "x one dense"])
+    bound_table = markdown_table(
+        bounds, ["model", "one dense (MB)", "PNG worst case (MB)", "x one dense (mean)", "x smallest dense"]
+    )
+    check_lines = "\n".join(f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok in checks)
+    body = f"""
+Setup: PNG on `edsr_small_multiscale` (edsr_small's trunk, 4 blocks x 32 channels, shared by x2/x3/x4;
+one upsampler per task), M = {config.m}, N = {"/".join(map(str, config.ns))} (x2/x3/x4), max_grow = {config.max_grow}
+(a later task claims at most {config.max_grow} free position per group of {config.m}, so the union of kept shared
+positions is at most {config.union_bound()}/{config.m} of the shared weights whatever training does). Steps: x2
+{steps["dense"]} dense + {steps["finetune"]} fine-tune after the prune; x3 and x4 {steps["grow"]} grow + {steps["finetune"]}
+fine-tune; lr 5e-4 (fine-tune 1e-4), batch 16, LR patch 32, L1. Dense: one single-task `edsr_small` per scale,
+trained from scratch with the same number of steps for that task (the harness's dense recipe: lr 5e-4, milestones
+0.6/0.85). Scored on {"all" if steps["max_test_images"] is None else steps["max_test_images"]} built-in test
+images, Y PSNR/SSIM, crop = scale; the last checkpoints are used (nothing selected on test images). MACs for a
+1280x720 output; "prunable %" = effective / dense MACs of the layers the task runs under N:M.
+
+{table}
+
+Storage (fp32 values; masks as bitmaps or packed in-group indices, whichever is smaller; measured on the packed
+form that `unpack_png_` restores bit-exactly; "one dense model" = the mean of the three single-task dense models,
+{storage.one_dense_bytes:,.0f} B; union of kept shared positions: {storage.union_fraction:.1%}):
+
+{storage_table}
+
+Worst case of the same setting (M = {config.m}, N = 4/4/4, max_grow = {config.max_grow}) at paper scale, from shapes
+alone (holds for any training; "smallest" = the x2 model):
+
+{bound_table}
+
+Training-step time, task x3 with the earlier tasks' positions frozen (hook + restore after each step) vs the dense
+x3 model, same batch, interleaved (median of {args.timing_rounds}): dense {timing["dense_ms"]:.0f} ms, PNG
+{timing["png_ms"]:.0f} ms ({timing["ratio"]:.2f}x).
+
+Checks:
+
+{check_lines}
+"""
+    print(body)
+    print(storage.table())
+    if args.json is not None:
+        payload = {"rows": rows, "checks": [{"check": c, "ok": ok} for c, ok in checks], "storage": summary}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(payload, indent=2, default=str))
+    if not args.no_write:
+        write_section(
+            SECTION + ("-quick" if args.quick else ""), TITLE + (" (quick)" if args.quick else ""), body
+        )
+        print("section written to docs/BENCHMARKS.md")
+    print(f"done in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,647 @@
+"""Packed checkpoints: the kept weights of every N:M layer plus bit-packed in-group indices.
+
+A packed file is a safetensors file whose ``nmrestore`` metadata holds a JSON header (format,
+model, scale, the embedded recipe, N:M per layer and per route, routes, tasks, and a SHA-256 over
+the tensors and the header). It restores the *masked* model (ranks, per-route N, any method state)
+with every route's effective weights equal to the original's, so ``eval``/``infer`` behave
+identically, and ``squash_`` of the restored model gives the dense-with-zeros weights of any route.
+
+Encoding of a masked layer (chosen per layer, the smallest exact one that applies):
+
+* ``ranked`` -- every route's mask is ``rank < N_r`` (uniform, one-shot, SR-STE, SLS,
+  ClassPruning's nested routes). Let K = max_r N_r. Each group of M stores its K best weights *in
+  rank order* with their in-group indices, ``ceil(log2 M)`` bits each. The order carries the
+  ranks, so every route (rank < N_r for any N_r <= K) restores exactly at no extra cost: K values
+  + K indices per group, whatever the number of routes. Packing each route on its own would cost
+  ``sum_r N_r`` values; the largest route plus a uint8 rank per kept weight costs 8 more bits per
+  kept weight. Positions no route keeps get weight 0 and ranks K..M-1 in index order (no route's
+  mask depends on those).
+* ``banded`` -- the same masks when the largest route keeps (nearly) the whole group, as in
+  ClassPruning's 8/16/32 of 32: the dense values plus, per weight, the index of the first route
+  keeping it (``ceil(log2(bands))`` bits), whichever of ranked/banded is smaller. Ranks come back
+  band by band (index order inside a band), which is all any route's mask depends on.
+* ``full`` -- every route keeps the whole group (N = M, e.g. a layer SLS left dense): the dense
+  weight alone; ranks are rebuilt as 0..M-1 (no mask depends on them).
+* ``union`` -- masks that are not rank prefixes (PNG's per-task bit fields): the values at the
+  positions any route keeps, plus a 1-bit-per-weight bitmap of those positions; the mask's own
+  state (ranks, task bits) is kept exactly in the small-integer section.
+* ``dense`` -- a layer whose weight carries other parametrizations besides the N:M mask.
+
+Every other tensor (biases, dense layers, ``route_n``, learned scores) is stored as it is, except
+bool/uint8 tensors whose values fit in fewer than 8 bits, which are bit-packed. Weights dropped by
+every route come back as +0.0, so the restored dense-with-zeros weights equal the original's in
+value (a pruned negative weight squashes to -0.0 in the original; both are the same number in
+every computation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from nmrestore.engine.checkpoint import (
+    FORMAT as CHECKPOINT_FORMAT,
+)
+from nmrestore.engine.checkpoint import (
+    Checkpoint,
+    _atomic_save_tensors,
+    _digest,
+    load_checkpoint,
+    load_model_state,
+)
+from nmrestore.errors import CheckpointError
+from nmrestore.export.onnx import select_task
+from nmrestore.sparsity import nm
+from nmrestore.sparsity.api import squash_
+from nmrestore.sparsity.parametrization import NMMask, nm_layers, set_route
+
+PACKED_FORMAT = "nmrestore-packed/1"
+META_KEY = "nmrestore"
+#: Header keys owned by the packed format (everything else is the source checkpoint's metadata).
+_OWN_KEYS = ("format", "sha256", "packed")
+
+
+# -- bit packing ------------------------------------------------------------------------------
+def _bitpack(indices: Tensor, bits: int) -> Tensor:
+    """Pack small non-negative ints (< 2**bits) into a uint8 stream, ``bits`` bits each.
+
+    Big-endian bit order, as :func:`numpy.packbits`; :func:`nm.unpack_indices` reads it back.
+    """
+    flat = indices.to(torch.uint8).cpu().numpy().reshape(-1, 1)
+    planes = np.unpackbits(flat, axis=1)[:, 8 - bits :]
+    return torch.from_numpy(np.packbits(planes.reshape(-1)).copy())
+
+
+def _bitunpack(stream: Tensor, count: int, bits: int) -> Tensor:
+    """Inverse of :func:`_bitpack`: ``count`` ints of ``bits`` bits each, as uint8."""
+    planes = np.unpackbits(stream.numpy())[: count * bits]
+    if planes.size != count * bits:
+        raise ValueError(f"bit stream too short for {count} values of {bits} bits")
+    full = np.zeros((count, 8), dtype=np.uint8)
+    full[:, 8 - bits :] = planes.reshape(count, bits)
+    return torch.from_numpy(np.packbits(full, axis=1).reshape(count))
+
+
+def _small_int_bits(t: Tensor) -> int | None:
+    """Bits per entry for a bool/uint8 tensor that fits in fewer than 8 (None: store it as is).
+
+    Masks' own state (ranks, per-task bit fields, flags) is small integers; bit-packing it is exact.
+    """
+    if t.dtype not in (torch.bool, torch.uint8) or t.numel() == 0:
+        return None
+    bits = max(1, int(t.max()).bit_length())
+    return bits if bits < 8 else None
+
+
+def _top_k_by_rank(ranks: Tensor, k: int, m: int, in_axis: int) -> Tensor:
+    """In-group positions of ranks 0..k-1, in rank order: ``(..., I/M, k)`` int64."""
+    groups = nm.to_groups(ranks.long(), m, in_axis)
+    return torch.sort(groups, dim=-1, stable=True).indices[..., :k]
+
+
+def _ranks_from_order(order: Tensor, m: int) -> Tensor:
+    """Group-view ranks whose first K positions are ``order`` (rank j at ``order[..., j]``).
+
+    The other positions get ranks K..M-1 in in-group index order.
+    """
+    k = order.shape[-1]
+    lead = order.shape[:-1]
+    ranks = torch.empty((*lead, m), dtype=torch.int64)
+    ranks.scatter_(-1, order, torch.arange(k).expand_as(order).contiguous())
+    if k < m:
+        taken = torch.zeros((*lead, m), dtype=torch.uint8)
+        taken.scatter_(-1, order, 1)
+        rest = torch.sort(taken, dim=-1, stable=True).indices[..., : m - k]
+        ranks.scatter_(-1, rest, torch.arange(k, m).expand_as(rest).contiguous())
+    return ranks
+
+
+def _canonical_ranks(band: Tensor, m: int, in_axis: int) -> Tensor:
+    """Ranks that list band 0 first, then band 1...; in-group index order inside a band (uint8)."""
+    order = torch.sort(nm.to_groups(band.long(), m, in_axis), dim=-1, stable=True).indices
+    return nm.from_groups(_ranks_from_order(order, m).to(torch.uint8), band.shape, in_axis)
+
+
+def _rank_cuts(ranks: Tensor, route_n: tuple[int, ...], m: int, in_axis: int) -> list[int] | None:
+    """The fewest cuts (from the routes' N) whose bands reproduce ``ranks`` canonically, or None.
+
+    PNG's ranks list a task's kept positions first, each part in index order: one cut, one bit.
+    """
+    values = sorted({n for n in route_n if 0 < n < m})
+    for cuts in [[c] for c in values] + ([values] if len(values) > 1 else []):
+        band = torch.bucketize(ranks.long(), torch.tensor(cuts), right=True)
+        if torch.equal(_canonical_ranks(band, m, in_axis), ranks):
+            return cuts
+    return None
+
+
+def _check_order(order: Tensor, m: int, layer: str) -> None:
+    """Refuse indices outside 0..M-1 or repeated inside a group (a damaged or crafted file)."""
+    if order.numel() == 0:
+        return
+    if int(order.max()) >= m:
+        raise CheckpointError(f"packed layer {layer!r}: an in-group index is >= M={m}")
+    if order.shape[-1] > 1:
+        sorted_order = torch.sort(order, dim=-1).values
+        if bool((sorted_order[..., 1:] == sorted_order[..., :-1]).any()):
+            raise CheckpointError(f"packed layer {layer!r}: an in-group index repeats inside a group")
+
+
+def _packed_digest(tensors: dict[str, Tensor], header: dict[str, Any]) -> str:
+    """SHA-256 over the tensors *and* the header (whose layer table the decoding trusts)."""
+    h = hashlib.sha256(_digest(tensors).encode())
+    h.update(json.dumps({k: v for k, v in header.items() if k != "sha256"}, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+# -- per-layer analysis -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class PackedLayer:
+    """How one masked layer is stored, and what it costs (bytes of its weight only)."""
+
+    name: str
+    encoding: str  # ranked | banded | full | union | dense
+    shape: tuple[int, ...]
+    m: int
+    route_n: tuple[int, ...]
+    kept: int  # K: positions per group stored (ranked/full); the most any group keeps (union)
+    in_axis: int
+    stored_bytes: int
+    dense_bytes: int
+
+
+def _state_keys(name: str, index: int) -> dict[str, str]:
+    """``state_dict`` keys of a masked layer's dense weight, ranks and per-route N."""
+    prefix = f"{name}." if name else ""
+    mask = f"{prefix}parametrizations.weight.{index}."
+    return {
+        "original": f"{prefix}parametrizations.weight.original",
+        "ranks": f"{mask}ranks",
+        "route_n": f"{mask}route_n",
+        "mask": mask,
+    }
+
+
+def _mask_index(module: nn.Module, mask: NMMask) -> int:
+    for index, p in enumerate(module.parametrizations.weight):
+        if p is mask:
+            return index
+    raise CheckpointError("an N:M mask is not on its layer's weight")  # pragma: no cover - defensive
+
+
+@torch.no_grad()
+def _route_masks(mask: NMMask) -> list[Tensor]:
+    """The boolean mask of every route (the layer's active route is restored afterwards)."""
+    previous = mask.route
+    out = []
+    try:
+        for route in range(mask.num_routes):
+            mask.set_route(route)
+            out.append((mask.mask().detach() != 0).cpu())
+    finally:
+        mask.set_route(previous)
+    return out
+
+
+def _prefix_sizes(mask: NMMask, route_masks: list[Tensor]) -> list[int] | None:
+    """N_r per route when every route's mask is exactly ``rank < N_r``; None otherwise."""
+    ranks = mask.ranks.long().cpu()
+    sizes = []
+    for keep in route_masks:
+        counts = nm.to_groups(keep, mask.m, mask.in_axis).sum(-1)
+        k = int(counts.flatten()[0]) if counts.numel() else 0
+        if not bool((counts == k).all()) or not torch.equal(keep, ranks < k):
+            return None
+        sizes.append(k)
+    return sizes
+
+
+def _banded_cheaper(original: Tensor, sizes: list[int], m: int) -> bool:
+    """True when dense values + a band id per weight are smaller than K values + K indices per group.
+
+    Happens when the largest route keeps (nearly) everything, e.g. ClassPruning's 8/16/32 of 32:
+    the ranked form would store 32 values and 32 five-bit indices per group, the banded one 32
+    values and 32 two-bit band ids.
+    """
+    kept, cuts = max(sizes), sorted(set(sizes))
+    band_bits = max(1, (len(cuts) - (1 if kept == m else 0)).bit_length())
+    groups = original.numel() // m
+    ranked = groups * kept * (original.element_size() * 8 + nm.index_bits(m))
+    banded = groups * m * (original.element_size() * 8 + band_bits)
+    return banded < ranked
+
+
+# -- writing ----------------------------------------------------------------------------------
+@dataclass
+class PackedReport:
+    """What :func:`save_packed` wrote and how it compares with the dense fp32 checkpoint.
+
+    ``dense_bytes`` is the tensor bytes of the squashed model (what a dense fp32 checkpoint of it
+    holds); ``theory_bytes`` is values + ``ceil(log2 M)``-bit indices for packed layers and dense
+    bytes for everything else; ``file_bytes`` is the packed file on disk (header included).
+    """
+
+    path: Path
+    file_bytes: int
+    tensor_bytes: int
+    dense_bytes: int
+    theory_bytes: int
+    routes: int
+    layers: list[PackedLayer] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        """Packed file bytes / dense fp32 tensor bytes."""
+        return self.file_bytes / self.dense_bytes if self.dense_bytes else 1.0
+
+    @property
+    def theory_ratio(self) -> float:
+        return self.theory_bytes / self.dense_bytes if self.dense_bytes else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        payload = asdict(self)
+        payload["path"] = str(self.path)
+        payload["ratio"] = self.ratio
+        payload["theory_ratio"] = self.theory_ratio
+        return payload
+
+    def summary(self) -> str:
+        return (
+            f"{self.path}: {self.file_bytes:,} bytes, {self.ratio:.1%} of the dense fp32 tensors "
+            f"({self.dense_bytes:,} bytes; theory {self.theory_ratio:.1%}), "
+            f"{len(self.layers)} N:M layer(s), {self.routes} route(s)"
+        )
+
+
+def _tensor_nbytes(t: Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _tasks_of(model: nn.Module, meta: dict[str, Any]) -> Any:
+    """Task names for the header: the source metadata's, else a model's ``tasks`` attribute."""
+    if meta.get("tasks") is not None:
+        return meta["tasks"]
+    tasks = getattr(model, "tasks", None)
+    if isinstance(tasks, list | tuple) and all(isinstance(t, str | int) for t in tasks):
+        return list(tasks)
+    return None
+
+
+@torch.no_grad()
+def save_packed(model: nn.Module, path: str | Path, meta: dict[str, Any] | None = None) -> PackedReport:
+    """Write ``model`` (masked, any number of routes) as a packed checkpoint; atomic.
+
+    ``meta`` is the source checkpoint's metadata (its ``recipe`` lets :func:`load_packed` rebuild
+    the model without being handed one); optimizer state is never stored.
+    """
+    path = Path(path)
+    meta = {k: v for k, v in (meta or {}).items() if k not in (*_OWN_KEYS, "optimizer")}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    tensors: dict[str, Tensor] = {}
+    handled: set[str] = set()
+    mask_state: set[str] = set()  # keys of mask modules' own state (not part of the dense model)
+    layers: list[PackedLayer] = []
+    layer_meta: dict[str, dict[str, Any]] = {}
+    theory = 0
+    for name, module, mask in nm_layers(model):
+        index = _mask_index(module, mask)
+        keys = _state_keys(name, index)
+        original_key, ranks_key, route_n_key = keys["original"], keys["ranks"], keys["route_n"]
+        mask_state.update(k for k in state if k.startswith(keys["mask"]))
+        if route_n_key in state and state[route_n_key].dtype == torch.int64:
+            handled.add(route_n_key)  # N per route is in the header (restored from there)
+        original = state[original_key]
+        m, in_axis = mask.m, mask.in_axis
+        route_n = tuple(int(v) for v in mask.route_n)
+        dense_bytes = _tensor_nbytes(original)
+        route_masks = _route_masks(mask)
+        sizes = _prefix_sizes(mask, route_masks)
+        entry: dict[str, Any] = {
+            "shape": list(original.shape),
+            "m": m,
+            "in_axis": in_axis,
+            "route_n": list(route_n),
+            "mask": index,  # position of the N:M mask among the weight's parametrizations
+            "dtype": str(original.dtype).removeprefix("torch."),
+        }
+        bits = nm.index_bits(m)
+        if len(module.parametrizations.weight) != 1:
+            encoding, kept, stored = "dense", m, dense_bytes
+            theory += dense_bytes
+        elif sizes is not None and min(sizes) == m:
+            encoding, kept = "full", m
+            tensors[f"values:{name}"] = original.contiguous()
+            stored = dense_bytes
+            theory += dense_bytes
+            handled.update((original_key, ranks_key))
+        elif sizes is not None and _banded_cheaper(original, sizes, m):
+            # every position is stored anyway: a band id per weight beats an index per weight
+            encoding, kept = "banded", max(sizes)
+            cuts = sorted(set(sizes))
+            band = torch.bucketize(state[ranks_key].long(), torch.tensor(cuts), right=True)
+            band_bits = max(1, (len(cuts) - (1 if kept == m else 0)).bit_length())
+            values = torch.where(
+                band < len(cuts), original, torch.zeros((), dtype=original.dtype)
+            ).contiguous()
+            tensors[f"values:{name}"] = values
+            tensors[f"bands:{name}"] = _bitpack(band, band_bits)
+            entry["cuts"], entry["band_bits"] = cuts, band_bits
+            stored = _tensor_nbytes(values) + tensors[f"bands:{name}"].numel()
+            theory += stored
+            handled.update((original_key, ranks_key))
+        elif sizes is not None:
+            encoding, kept = "ranked", max(sizes)
+            order = _top_k_by_rank(state[ranks_key], kept, m, in_axis)
+            values = torch.gather(nm.to_groups(original, m, in_axis), -1, order).contiguous()
+            tensors[f"values:{name}"] = values
+            tensors[f"indices:{name}"] = _bitpack(order, bits)
+            stored = _tensor_nbytes(values) + tensors[f"indices:{name}"].numel()
+            theory += nm.packed_nbytes(original.numel(), kept, m, original.element_size())
+            handled.update((original_key, ranks_key))
+        else:
+            encoding = "union"
+            union = torch.stack(route_masks).any(0)
+            values = original[union].contiguous()
+            tensors[f"values:{name}"] = values
+            tensors[f"union:{name}"] = _bitpack(union, 1)
+            stored = _tensor_nbytes(values) + tensors[f"union:{name}"].numel()
+            theory += stored
+            kept = int(nm.to_groups(union, m, in_axis).sum(-1).max())
+            handled.add(original_key)  # the mask's own state goes in the small-int section
+            cuts = _rank_cuts(state[ranks_key], route_n, m, in_axis)
+            if cuts is not None:  # ranks that only order a few bands (PNG: kept first) cost a band id
+                band_bits = max(1, len(cuts).bit_length())
+                band = torch.bucketize(state[ranks_key].long(), torch.tensor(cuts), right=True)
+                tensors[f"rankbands:{name}"] = _bitpack(band, band_bits)
+                entry["rank_cuts"], entry["rank_bits"] = cuts, band_bits
+                handled.add(ranks_key)
+        entry["encoding"] = encoding
+        entry["kept"] = kept
+        layer_meta[name] = entry
+        layers.append(
+            PackedLayer(name, encoding, tuple(original.shape), m, route_n, kept, in_axis, stored, dense_bytes)
+        )
+
+    dense_total = sum(_tensor_nbytes(v) for k, v in state.items() if k not in mask_state)
+    small_keys = []
+    for key, value in state.items():
+        if key in handled:
+            continue
+        bits = _small_int_bits(value)
+        if bits is not None:
+            tensors[f"small:{key}"] = _bitpack(value, bits)
+            small_keys.append([key, list(value.shape), str(value.dtype).removeprefix("torch."), bits])
+        else:
+            tensors[f"dense:{key}"] = value.contiguous()
+        if key not in mask_state:
+            theory += _tensor_nbytes(value)
+    routes = max((len(layer.route_n) for layer in layers), default=1)
+    header = {
+        **meta,
+        "format": PACKED_FORMAT,
+        "packed": {
+            "layers": layer_meta,
+            "small": small_keys,
+            "routes": routes,
+            "tasks": _tasks_of(model, meta),
+            "dense_bytes": dense_total,
+            "theory_bytes": theory,
+        },
+    }
+    header = json.loads(json.dumps(header, default=str))  # what a reader will parse
+    header["sha256"] = _packed_digest(tensors, header)
+    _atomic_save_tensors(path, tensors, {META_KEY: json.dumps(header, sort_keys=True)})
+    return PackedReport(
+        path,
+        path.stat().st_size,
+        sum(_tensor_nbytes(t) for t in tensors.values()),
+        dense_total,
+        theory,
+        routes,
+        layers,
+    )
+
+
+def pack_checkpoint(checkpoint: str | Path, out: str | Path | None = None) -> PackedReport:
+    """Pack a training checkpoint (any method, any number of routes; a packed one is re-packed).
+
+    ``out`` defaults to ``<checkpoint stem>.packed.safetensors`` beside the checkpoint.
+    """
+    from nmrestore.engine.runner import model_from_checkpoint
+
+    ckpt = load_any(checkpoint)
+    model, _ = model_from_checkpoint(ckpt)
+    assert ckpt.path is not None
+    stem = ckpt.path.name.removesuffix(".safetensors").removesuffix(".packed")
+    target = Path(out) if out is not None else ckpt.path.with_name(f"{stem}.packed.safetensors")
+    if target.resolve() == ckpt.path.resolve():
+        raise CheckpointError(f"refusing to overwrite the source checkpoint {ckpt.path} with its packed form")
+    return save_packed(model, target, ckpt.meta)
+
+
+# -- reading ----------------------------------------------------------------------------------
+def _read_header(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from exc
+    if META_KEY not in metadata:
+        raise CheckpointError(f"{path} is not an nmrestore checkpoint (no 'nmrestore' metadata)")
+    try:
+        header = json.loads(metadata[META_KEY])
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: corrupt metadata ({exc})") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt metadata (not a JSON object)")
+    return header
+
+
+def is_packed(path: str | Path) -> bool:
+    """True when ``path`` is a readable packed checkpoint (by its header; contents not verified)."""
+    try:
+        return _read_header(Path(path)).get("format") == PACKED_FORMAT
+    except CheckpointError:
+        return False
+
+
+def _restore_state(path: Path, header: dict[str, Any], tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    packed = header["packed"]
+    state: dict[str, Tensor] = {}
+    for key, value in tensors.items():
+        if key.startswith("dense:"):
+            state[key[len("dense:") :]] = value
+    for key, shape, dtype, bits in packed.get("small", []):
+        shape = [int(v) for v in shape]
+        ints = _bitunpack(tensors[f"small:{key}"], math.prod(shape), int(bits)).reshape(shape)
+        state[key] = ints.bool() if dtype == "bool" else ints
+    for name, entry in packed["layers"].items():
+        keys = _state_keys(name, int(entry["mask"]))
+        if keys["route_n"] not in state:
+            state[keys["route_n"]] = torch.tensor([int(n) for n in entry["route_n"]], dtype=torch.int64)
+        encoding = entry["encoding"]
+        shape = tuple(int(s) for s in entry["shape"])
+        m, in_axis, kept = int(entry["m"]), int(entry["in_axis"]), int(entry["kept"])
+        if encoding == "dense":
+            continue
+        if encoding == "full":
+            original = tensors[f"values:{name}"]
+            if tuple(original.shape) != shape:
+                raise CheckpointError(
+                    f"{path}: packed layer {name!r} has shape {tuple(original.shape)}, not {shape}"
+                )
+            state[keys["original"]] = original
+            order = torch.arange(m).expand(
+                *nm.to_groups(torch.empty(shape, dtype=torch.uint8), m, in_axis).shape
+            )
+            state[keys["ranks"]] = nm.from_groups(order.to(torch.uint8), shape, in_axis)
+            continue
+        if encoding == "union":
+            union = _bitunpack(tensors[f"union:{name}"], math.prod(shape), 1).reshape(shape).bool()
+            values = tensors[f"values:{name}"]
+            if values.dim() != 1 or values.numel() != int(union.sum()):
+                raise CheckpointError(
+                    f"{path}: packed layer {name!r} holds {values.numel()} values for {int(union.sum())} kept positions"
+                )
+            original = torch.zeros(shape, dtype=values.dtype)
+            original[union] = values
+            state[keys["original"]] = original
+            if "rank_cuts" in entry:
+                band = _bitunpack(tensors[f"rankbands:{name}"], math.prod(shape), int(entry["rank_bits"]))
+                state[keys["ranks"]] = _canonical_ranks(band.reshape(shape), m, in_axis)
+            continue
+        if encoding == "banded":
+            values = tensors[f"values:{name}"]
+            if tuple(values.shape) != shape:
+                raise CheckpointError(
+                    f"{path}: packed layer {name!r} has shape {tuple(values.shape)}, not {shape}"
+                )
+            cuts = [int(c) for c in entry["cuts"]]
+            band = _bitunpack(tensors[f"bands:{name}"], values.numel(), int(entry["band_bits"])).reshape(
+                shape
+            )
+            if int(band.max()) > len(cuts):
+                raise CheckpointError(
+                    f"{path}: packed layer {name!r} has a band id beyond its {len(cuts)} routes"
+                )
+            state[keys["original"]] = values
+            # ranks: band by band, in-group index order inside a band (every route's mask is a band prefix)
+            state[keys["ranks"]] = _canonical_ranks(band, m, in_axis)
+            continue
+        if encoding != "ranked":
+            raise CheckpointError(f"{path}: packed layer {name!r} has an unknown encoding {encoding!r}")
+        groups_shape = nm.to_groups(torch.empty(shape, dtype=torch.uint8), m, in_axis).shape
+        values = tensors[f"values:{name}"]
+        if tuple(values.shape) != (*groups_shape[:-1], kept):
+            raise CheckpointError(
+                f"{path}: packed layer {name!r} holds values of shape {tuple(values.shape)}"
+            )
+        order = (
+            _bitunpack(tensors[f"indices:{name}"], values.numel(), nm.index_bits(m))
+            .reshape(values.shape)
+            .long()
+        )
+        _check_order(order, m, name)
+        dense_groups = torch.zeros(groups_shape, dtype=values.dtype)
+        dense_groups.scatter_(-1, order, values)
+        state[keys["original"]] = nm.from_groups(dense_groups, shape, in_axis)
+        state[keys["ranks"]] = nm.from_groups(_ranks_from_order(order, m).to(torch.uint8), shape, in_axis)
+    return state
+
+
+def read_packed(path: str | Path) -> Checkpoint:
+    """Verify a packed file and rebuild the masked model's ``state_dict`` (no model built).
+
+    Returns a :class:`~nmrestore.engine.checkpoint.Checkpoint` whose ``meta`` is the source
+    checkpoint's (recipe, model, sparsity...) plus ``packed``, so every loader that takes a
+    checkpoint takes a packed file too. :class:`CheckpointError` on a missing, foreign, tampered
+    or damaged file.
+    """
+    path = Path(path)
+    header = _read_header(path)
+    fmt = header.get("format")
+    if fmt == CHECKPOINT_FORMAT:
+        raise CheckpointError(
+            f"{path} is a training checkpoint, not a packed one; load it with load_checkpoint "
+            "or pack it with `nmrestore export --format packed`"
+        )
+    if fmt != PACKED_FORMAT:
+        raise CheckpointError(f"{path}: unsupported format {fmt!r} (expected {PACKED_FORMAT})")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from exc
+    if header.get("sha256") != _packed_digest(tensors, header):
+        raise CheckpointError(f"{path}: checksum mismatch, the packed file was modified or is damaged")
+    try:
+        state = _restore_state(path, header, tensors)
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+        raise CheckpointError(f"{path}: corrupt packed checkpoint ({type(exc).__name__}: {exc})") from exc
+    meta = {k: v for k, v in header.items() if k not in ("sha256", "format")}
+    return Checkpoint(state, meta, None, None, path)
+
+
+def load_any(path: str | Path) -> Checkpoint:
+    """A training or a packed checkpoint, dispatched on the file's header (run folders too)."""
+    candidate = Path(path)
+    if candidate.is_file() and is_packed(candidate):
+        return read_packed(candidate)
+    return load_checkpoint(candidate)
+
+
+def load_packed(
+    path: str | Path,
+    model: nn.Module | None = None,
+    route: int | None = None,
+    squash: bool = False,
+    task: int | str | None = None,
+) -> nn.Module:
+    """Restore the model a packed file was written from.
+
+    Without ``model`` the file's embedded recipe rebuilds it (as for a training checkpoint);
+    with one, the state is loaded into it (it must have the same masked layers). The result is
+    the masked model, every route restored; ``route`` (or ``task`` for a multi-task model) makes
+    one active, and ``squash=True`` returns its dense-with-zeros form instead (the ONNX/TensorRT
+    hand-off).
+    """
+    ckpt = read_packed(path)
+    if model is None:
+        if "recipe" not in ckpt.meta:
+            raise CheckpointError(
+                f"{path} has no embedded recipe; pass the model: load_packed(path, model=...)"
+            )
+        from nmrestore.engine.runner import model_from_checkpoint
+
+        model, _ = model_from_checkpoint(ckpt)
+    else:
+        load_model_state(model, ckpt.model_state, str(path))
+    if task is not None:
+        select_task(model, task)
+    if route is not None:
+        set_route(model, route)
+    if squash:
+        squash_(model)
+    return model
+
+
+def packed_layers(path: str | Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(layer, entry)`` of a packed file's header (N per route, M, encoding), without verifying."""
+    header = _read_header(Path(path))
+    if header.get("format") != PACKED_FORMAT:
+        raise CheckpointError(f"{path} is not a packed checkpoint")
+    yield from header["packed"]["layers"].items()

@@ -1,0 +1,148 @@
+"""The benchmark harness on a tiny config: dense cache, rows, JSON, report and the CLI path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from nmrestore.bench import (
+    ROW_KEYS,
+    BenchConfig,
+    check_rows,
+    config_from_overrides,
+    dense_recipe,
+    ensure_dense,
+    format_table,
+    list_row_producers,
+    recipe_digest,
+    run_benchmark,
+    write_json,
+    write_report,
+)
+from nmrestore.cli.main import app
+from nmrestore.errors import NMRestoreError, RecipeError
+
+TINY: dict[str, Any] = {
+    "model_kwargs": {"n_feats": 32, "n_blocks": 1},
+    "dense_steps": 3,
+    "finetune_steps": 2,
+    "patch_size": 8,
+    "batch_size": 2,
+    "samples_per_epoch": 4,
+    "max_train_images": 1,
+    "max_test_images": 1,
+    "timing_rounds": 1,
+    "timing_warmup": 0,
+    "threads": 1,
+}
+
+
+def tiny(cache: Path, **changes: Any) -> BenchConfig:
+    return BenchConfig(**{**TINY, "cache_dir": cache, **changes})
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("bench-cache")
+
+
+@pytest.fixture(scope="module")
+def bench(cache: Path) -> tuple[BenchConfig, list[dict[str, Any]], list[str]]:
+    config = tiny(cache, budgets=("2:4", "8:32"))
+    notes: list[str] = []
+    return config, run_benchmark(config, notes), notes
+
+
+def test_dense_cache_is_reused_for_the_same_recipe_and_rebuilt_for_another(tmp_path: Path) -> None:
+    config = tiny(tmp_path, dense_steps=2)
+    first = ensure_dense(config)
+    assert not first.reused and first.path.is_file()
+    stamp = first.path.stat().st_mtime_ns
+    again = ensure_dense(tiny(tmp_path, dense_steps=2, threads=2, finetune_steps=7))  # same dense recipe
+    assert again.reused and again.path == first.path and again.path.stat().st_mtime_ns == stamp
+    changed = ensure_dense(tiny(tmp_path, dense_steps=3))
+    assert not changed.reused and changed.digest != first.digest and changed.path.is_file()
+    assert first.path.stat().st_mtime_ns == stamp  # the other entry is left alone
+    assert recipe_digest(dense_recipe(config)) == first.digest
+    (first.run_dir / "done.json").unlink()  # as if killed before the end: resumed, not restarted
+    resumed = ensure_dense(tiny(tmp_path, dense_steps=2, threads=2))
+    assert not resumed.reused and resumed.path == first.path and (first.run_dir / "done.json").is_file()
+
+
+def test_rows_have_every_key_and_the_protocol_holds(
+    bench: tuple[BenchConfig, list[dict[str, Any]], list[str]],
+) -> None:
+    config, rows, notes = bench
+    methods = [(row["method"], row["budget"]) for row in rows]
+    assert methods == [
+        ("bicubic", None),
+        ("dense", 1.0),
+        ("dense_ft", 1.0),
+        ("oneshot", "2:4"),
+        ("oneshot", "8:32"),
+        ("srste", "2:4"),
+        ("srste", "8:32"),
+        ("sls", "8:32"),  # SLS rows only at the M = 32 budgets
+        ("filter", "2:4"),
+        ("filter", "8:32"),
+    ]
+    for row in rows:
+        assert set(ROW_KEYS) <= set(row), row
+        assert row["task"] == "sr" and row["model"] == config.model and row["scale"] == 2
+    by = {(row["method"], row["budget"]): row for row in rows}
+    assert by[("dense", 1.0)]["step_time_ratio"] == 1.0
+    for key, row in by.items():
+        if key[0] != "bicubic":
+            assert row["step_time_ratio"] > 0 and row["psnr"] > 0 and 0 < row["macs_fraction"] <= 1
+    assert by[("oneshot", "8:32")]["prunable_macs_fraction"] == pytest.approx(0.25, abs=1e-12)
+    assert by[("srste", "2:4")]["params_nonzero"] < by[("dense", 1.0)]["params_nonzero"]
+    assert by[("filter", "8:32")]["macs_fraction"] == pytest.approx(
+        by[("oneshot", "8:32")]["macs_fraction"], rel=0.02
+    )
+    assert by[("filter", "2:4")]["params"] < by[("dense", 1.0)]["params"]  # smaller tensors, not masks
+    checks = dict(check_rows(rows))
+    assert all(ok for text, ok in checks.items() if "one-shot 2:4 within" not in text), checks
+    assert notes == []
+    assert "oneshot" in format_table(rows)
+
+
+def test_json_and_report_are_written(
+    bench: tuple[BenchConfig, list[dict[str, Any]], list[str]], tmp_path: Path
+) -> None:
+    config, rows, notes = bench
+    path = write_json(rows, tmp_path / "rows.json", config, notes)
+    payload = json.loads(path.read_text())
+    assert payload["rows"] == json.loads(json.dumps(rows, default=str))
+    assert payload["config"]["finetune_steps"] == 2 and payload["checks"]
+    page = write_report(rows, config, tmp_path / "report", notes, command="test")
+    text = page.read_text()
+    assert "| method |" in text and "bench_sr_psnr_macs.png" in text
+    assert (tmp_path / "report" / "bench_sr_psnr_macs.png").stat().st_size > 1000
+
+
+def test_cli_quick_writes_json_and_report(cache: Path, tmp_path: Path) -> None:
+    overrides = [f"{key}={json.dumps(value)}" for key, value in TINY.items()]
+    overrides += [f"cache_dir={cache}", 'budgets=["2:4"]', 'methods=["oneshot"]']
+    args = ["bench", "--quick", "--out", str(tmp_path / "out"), "--json", str(tmp_path / "rows.json")]
+    for item in overrides:
+        args += ["--set", item]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "oneshot" in result.output and "report written" in result.output
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["bicubic", "dense", "oneshot"]
+    assert (tmp_path / "out" / "bench_sr.md").is_file()
+
+
+def test_bad_settings_fail_cleanly() -> None:
+    with pytest.raises(RecipeError, match="finetune_step"):
+        config_from_overrides(True, ["finetune_step=3"])
+    with pytest.raises(NMRestoreError, match="no benchmark rows"):
+        run_benchmark(BenchConfig(methods=("nope",)))
+    result = CliRunner().invoke(app, ["bench", "--quick", "--set", "budgets=['5:4']"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert {"oneshot", "srste", "filter", "sls", "dense_ft"} <= set(list_row_producers())

@@ -1,0 +1,1 @@
+"""Reliability: faults, bad input and untrusted files (issue 10)."""
