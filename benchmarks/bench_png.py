@@ -448,6 +448,12 @@ form that `unpack_png_` restores bit-exactly; "one dense model" = the mean of th
 
 {storage_table}
 
+Against the *smallest* single-task model (x2, {min(t.dense_model_bytes for t in storage.tasks):,} B) PNG is
+{summary["png_vs_smallest_dense"]:.3f}x. At this CPU size the three upsamplers dominate: edsr_small's trunk is 9 convs
+of 32x32x3x3, the x2+x3+x4 upsamplers weigh as much as 21 of them, so the task layers alone (4:8 packed) are
+{storage.task_bytes / storage.one_dense_bytes:.2f}x one dense model. With EDSR-baseline's 16-block trunk (33 such
+convs) the same setting is bounded by 1.055x the x2 model whatever training does (below).
+
 Worst case of the same setting (M = {config.m}, N = 4/4/4, max_grow = {config.max_grow}) at paper scale, from shapes
 alone (holds for any training; "smallest" = the x2 model):
 

@@ -724,16 +724,21 @@ def _route_forward(model: nn.Module, route: int, x: Tensor) -> Tensor:
 class SandwichTask:
     """Stage A: full + cheapest + one random middle route per step, L1 each, smaller ones distilled.
 
+    The smaller routes' terms are scaled by ``small_route_weight`` (see ClassPruningConfig).
+
     The random route is drawn from torch's global RNG, which the Trainer checkpoints, so a resumed
     run draws the same routes.
     """
 
-    def __init__(self, num_routes: int, loss: str = "l1", distill_weight: float = 1.0) -> None:
+    def __init__(
+        self, num_routes: int, loss: str = "l1", distill_weight: float = 1.0, small_route_weight: float = 1.0
+    ) -> None:
         if num_routes < 2:
             raise SparsityError("the sandwich rule needs at least 2 routes")
         self.num_routes = num_routes
         self.loss_fn = LOSSES[loss]
         self.distill_weight = distill_weight
+        self.small_route_weight = small_route_weight
 
     def routes_for_step(self) -> list[int]:
         """Full first (its output is the teacher), then the cheapest, then a random middle one."""
@@ -751,9 +756,9 @@ class SandwichTask:
         target = teacher.detach()
         for name, route in zip(("smallest", "random"), smaller, strict=False):
             out = _route_forward(model, route, lq)
-            losses[f"l1_{name}"] = self.loss_fn(out, gt)
+            losses[f"l1_{name}"] = self.small_route_weight * self.loss_fn(out, gt)
             if self.distill_weight:
-                losses[f"distill_{name}"] = self.distill_weight * F.l1_loss(out, target)
+                losses[f"distill_{name}"] = self.small_route_weight * self.distill_weight * F.l1_loss(out, target)
         return losses
 
 
@@ -1081,7 +1086,8 @@ def _train_adaptive(recipe: Recipe, run_dir: Path, resume: bool, show_progress: 
         return evaluate_model(m, held, ctx.crop, recipe.eval.test_y_channel, dist.device, with_ssim=True)
 
     state_a = _run_stage(
-        "a", ctx, model, SandwichTask(config.num_routes, recipe.train.loss, config.distill_weight),
+        "a", ctx, model,
+        SandwichTask(config.num_routes, recipe.train.loss, config.distill_weight, config.small_route_weight),
         _sr_loader(ctx, recipe.data.train.patch_size, offset=0), recipe.train.steps, recipe.train.lr,
         controller=report.controller, validate=validate_full if held is not None else None,
         schedule=recipe.train.schedule,
@@ -1252,7 +1258,7 @@ def measure_stage_steps(
     models = {"dense": copy.deepcopy(dense).train(), "a": copy.deepcopy(model).train(), "c": copy.deepcopy(model).train()}
     tasks: dict[str, Any] = {
         "dense": None,
-        "a": SandwichTask(config.num_routes, "l1", config.distill_weight),
+        "a": SandwichTask(config.num_routes, "l1", config.distill_weight, config.small_route_weight),
         "c": JointTask(config, route_classifier(models["c"]).route_cost.tolist()),
     }
     optimizers = {k: torch.optim.Adam(m.parameters(), lr=1e-7) for k, m in models.items()}
