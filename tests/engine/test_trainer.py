@@ -118,3 +118,18 @@ def test_lr_schedules() -> None:
     cosine = Schedule(kind="cosine", min_lr=0.0)
     assert lr_factor(cosine, 0, 10) == 1 and lr_factor(cosine, 10, 10) == pytest.approx(0)
     assert lr_factor(Schedule(kind="constant"), 7, 10) == 1
+
+
+def test_filter_pruned_checkpoint_reloads_with_its_pruned_shapes(tmp_path: Path) -> None:
+    recipe = recipe_from_dict(
+        tiny_recipe_dict(
+            model={"name": "edsr_small", "scale": 2, "kwargs": {"n_feats": 16, "n_blocks": 1}},
+            sparsity={"method": "filter", "target_macs_fraction": 0.5},
+            train={"steps": 2, "val_every": 2},
+        )
+    )
+    result = train(recipe, tmp_path / "run", show_progress=False)
+    reloaded, _ = model_from_checkpoint(tmp_path / "run" / "checkpoints" / "last.safetensors")
+    x = torch.rand(1, 3, 9, 9)
+    result.model.eval()
+    assert torch.equal(reloaded(x), result.model(x))

@@ -104,7 +104,7 @@ def model_from_checkpoint(ckpt: Checkpoint | str | Path) -> tuple[nn.Module, Rec
     except KeyError as exc:
         raise CheckpointError(f"{ckpt.path} has no embedded recipe") from exc
     model = base_model(recipe)
-    if ckpt.is_sparse:
+    if ckpt.is_sparse or getattr(recipe.sparsity, "changes_shapes", False):
         apply_sparsity(model, recipe)
     load_model_state(model, ckpt.model_state, str(ckpt.path))
     return model, recipe

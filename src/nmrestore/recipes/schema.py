@@ -84,7 +84,7 @@ class Schedule(_Strict):
 
 class TrainSpec(_Strict):
     steps: int = Field(1000, ge=1)
-    lr: float = Field(2e-4, gt=0, le=1.0)
+    lr: float = Field(2e-4, gt=0, le=1e30)  # beyond ~1e30 Adam's step overflows fp32
     betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = Field(0.0, ge=0)
     schedule: Schedule = Field(default_factory=Schedule)
