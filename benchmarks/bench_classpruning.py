@@ -111,7 +111,9 @@ def wall_times(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the harness's smoke-sized preset")
-    parser.add_argument("--set", action="append", default=[], help="a BenchConfig field, e.g. finetune_steps=450")
+    parser.add_argument(
+        "--set", action="append", default=[], help="a BenchConfig field, e.g. finetune_steps=450"
+    )
     parser.add_argument("--cp", action="append", default=[], help="a ClassPruning setting, e.g. delta=0.05")
     parser.add_argument("--wall-rounds", type=int, default=5, help="timed rounds of the inference comparison")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "bench-classpruning")
@@ -139,7 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     budget = f"{n_static}:32"
     echo(f"static budget matching {cp['macs_fraction']:.1%}: {budget} ({static_fraction:.1%})")
     static_config = copy_config(
-        config, methods=("dense_ft", "oneshot", "srste"), budgets=(budget,), finetune_steps=cp["finetune_steps"],
+        config,
+        methods=("dense_ft", "oneshot", "srste"),
+        budgets=(budget,),
+        finetune_steps=cp["finetune_steps"],
         work_dir=args.work_dir / "static",
     )
     static_rows = run_benchmark(static_config, notes, echo=echo)
@@ -154,20 +159,31 @@ def main(argv: list[str] | None = None) -> int:
     pipeline = AdaptivePipeline(adaptive)
     with torch.no_grad():
         dense_patches = evaluate_fn(
-            lambda x: patchwise_restore(dense_model, x, pipeline.patch_size, pipeline.stride, blend=pipeline.blend),
+            lambda x: patchwise_restore(
+                dense_model, x, pipeline.patch_size, pipeline.stride, blend=pipeline.blend
+            ),
             eval_set,
             config.scale,
         )
         full_route = evaluate_fn(lambda x: adaptive(x), eval_set, config.scale)
     extra = [
-        {"method": f"dense on the same {pipeline.patch_size}/{pipeline.stride} patches ({pipeline.blend} blend)",
-         "psnr": dense_patches.psnr, "ssim": dense_patches.ssim},
-        {"method": "ClassPruning full route only, whole image", "psnr": full_route.psnr, "ssim": full_route.ssim},
+        {
+            "method": f"dense on the same {pipeline.patch_size}/{pipeline.stride} patches ({pipeline.blend} blend)",
+            "psnr": dense_patches.psnr,
+            "ssim": dense_patches.ssim,
+        },
+        {
+            "method": "ClassPruning full route only, whole image",
+            "psnr": full_route.psnr,
+            "ssim": full_route.ssim,
+        },
     ]
 
     walls = wall_times(dense_model, adaptive, [eval_set[i] for i in range(len(eval_set))], args.wall_rounds)
     base = walls["dense, whole image"]
-    wall_rows = [{"mode": k, "seconds (3 images)": v, "ratio to whole-image dense": v / base} for k, v in walls.items()]
+    wall_rows = [
+        {"mode": k, "seconds (3 images)": v, "ratio to whole-image dense": v / base} for k, v in walls.items()
+    ]
 
     # claims
     oneshot = next((r for r in rows if r["method"] == "oneshot"), None)
@@ -175,84 +191,120 @@ def main(argv: list[str] | None = None) -> int:
     hist = cp["route_histogram"]
     share = max(hist) / max(sum(hist), 1)
     checks = [
-        (f"average MACs {cp['macs_fraction']:.1%} <= {MACS_LIMIT:.0%} of dense (classifier included, ClassSR's "
-         f"per-patch convention; {cp['macs_fraction_whole_image']:.1%} against whole-image dense)",
-         cp["macs_fraction"] <= MACS_LIMIT),
-        (f"PSNR {cp['psnr']:.3f} within {PSNR_MARGIN} dB of dense {dense_row['psnr']:.3f} "
-         f"(gap {cp['psnr'] - dense_row['psnr']:+.3f} dB)", cp["psnr"] >= dense_row["psnr"] - PSNR_MARGIN),
-        (f"PSNR within {PSNR_MARGIN} dB of dense on the same patches {dense_patches.psnr:.3f} "
-         f"(gap {cp['psnr'] - dense_patches.psnr:+.3f} dB)", cp["psnr"] >= dense_patches.psnr - PSNR_MARGIN),
+        (
+            f"average MACs {cp['macs_fraction']:.1%} <= {MACS_LIMIT:.0%} of dense (classifier included, ClassSR's "
+            f"per-patch convention; {cp['macs_fraction_whole_image']:.1%} against whole-image dense)",
+            cp["macs_fraction"] <= MACS_LIMIT,
+        ),
+        (
+            f"PSNR {cp['psnr']:.3f} within {PSNR_MARGIN} dB of dense {dense_row['psnr']:.3f} "
+            f"(gap {cp['psnr'] - dense_row['psnr']:+.3f} dB)",
+            cp["psnr"] >= dense_row["psnr"] - PSNR_MARGIN,
+        ),
+        (
+            f"PSNR within {PSNR_MARGIN} dB of dense on the same patches {dense_patches.psnr:.3f} "
+            f"(gap {cp['psnr'] - dense_patches.psnr:+.3f} dB)",
+            cp["psnr"] >= dense_patches.psnr - PSNR_MARGIN,
+        ),
     ]
     for label, row in (("one-shot", oneshot), ("SR-STE", srste)):
         if row is not None:
-            checks.append((f"PSNR above {label} {budget} ({row['psnr']:.3f} dB, {row['macs_fraction']:.1%} MACs): "
-                           f"{cp['psnr'] - row['psnr']:+.3f} dB", cp["psnr"] > row["psnr"]))
-    checks.append((f"no collapse: the largest route holds {share:.0%} of patches ({'/'.join(map(str, hist))})",
-                   share < COLLAPSE_SHARE))
+            checks.append(
+                (
+                    f"PSNR above {label} {budget} ({row['psnr']:.3f} dB, {row['macs_fraction']:.1%} MACs): "
+                    f"{cp['psnr'] - row['psnr']:+.3f} dB",
+                    cp["psnr"] > row["psnr"],
+                )
+            )
+    checks.append(
+        (
+            f"no collapse: the largest route holds {share:.0%} of patches ({'/'.join(map(str, hist))})",
+            share < COLLAPSE_SHARE,
+        )
+    )
 
     print(format_table(rows))
     for row in extra:
         print(f"{row['method']}: PSNR {row['psnr']:.3f} SSIM {row['ssim']:.4f}")
     for row in wall_rows:
-        print(f"{row['mode']:<42} {row['seconds (3 images)']:.3f} s  x{row['ratio to whole-image dense']:.2f}")
+        print(
+            f"{row['mode']:<42} {row['seconds (3 images)']:.3f} s  x{row['ratio to whole-image dense']:.2f}"
+        )
     for text, ok in checks:
         print(f"{'PASS' if ok else 'FAIL'}: {text}")
     for note in notes:
         print(f"note: {note}")
     per_image = [
-        {"image": r["name"], "PSNR": r["psnr"], "SSIM": r["ssim"], "patches": r["patches"],
-         "routes": "/".join(map(str, r["route_histogram"])), "MACs % (patches)": 100 * r["macs_fraction"],
-         "MACs % (whole image)": 100 * r["macs_fraction_whole_image"]}
+        {
+            "image": r["name"],
+            "PSNR": r["psnr"],
+            "SSIM": r["ssim"],
+            "patches": r["patches"],
+            "routes": "/".join(map(str, r["route_histogram"])),
+            "MACs % (patches)": 100 * r["macs_fraction"],
+            "MACs % (whole image)": 100 * r["macs_fraction_whole_image"],
+        }
         for r in cp["per_image"]
     ]
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"rows": rows, "extra": extra, "wall": wall_rows, "checks": checks,
-                                         "notes": notes}, indent=2, default=str))
+        args.json.write_text(
+            json.dumps(
+                {"rows": rows, "extra": extra, "wall": wall_rows, "checks": checks, "notes": notes},
+                indent=2,
+                default=str,
+            )
+        )
     if not args.no_write:
         key = SECTION + ("-quick" if config.quick else "")
-        plot = plot_psnr_macs([r for r in rows if r["method"] != "bicubic"],
-                              DOCS / f"bench_{key.replace('-', '_')}_psnr_macs.png",
-                              f"ClassPruning vs static N:M, {config.model} x{config.scale}")
+        plot = plot_psnr_macs(
+            [r for r in rows if r["method"] != "bicubic"],
+            DOCS / f"bench_{key.replace('-', '_')}_psnr_macs.png",
+            f"ClassPruning vs static N:M, {config.model} x{config.scale}",
+        )
         maps = sorted((args.work_dir / "classpruning" / "class_maps").glob("*_classmap.png"))
         copied = []
         for path in maps:
             target = DOCS / f"bench_{key.replace('-', '_')}_{path.name}"
             shutil.copyfile(path, target)
             copied.append(target.name)
-        body = "\n".join([
-            describe(static_config),
-            "",
-            f"ClassPruning: routes {cp['routes']} over one weight tensor, classifier on 32x32 LR patches "
-            f"(stride 28), labels = cheapest route within 0.1 dB of the full one; {cp['note']}. "
-            f"'MACs %' of ClassPruning is the average over every patch of the test images, classifier "
-            f"included, against the dense net on the same patches; the static budget {budget} is the smallest "
-            f"uniform N:32 with at least as many MACs.",
-            "",
-            markdown_table(rows),
-            "",
-            md_table([{k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items()} for r in extra],
-                     ["method", "psnr", "ssim"]),
-            "",
-            "Per test image (ClassPruning):",
-            "",
-            md_table(per_image, list(per_image[0])),
-            "",
-            "Inference wall time on the 3 test images (median of "
-            f"{args.wall_rounds} interleaved rounds, this machine, same run; masked weights run dense, so "
-            "wall time shows batching, not sparsity):",
-            "",
-            md_table(wall_rows, list(wall_rows[0])),
-            "",
-            "Checks:",
-            "",
-            *[f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok in checks],
-            "",
-            *([("Notes:"), "", *[f"- {n}" for n in notes], ""] if notes else []),
-            f"![PSNR against MACs]({plot.name})",
-            "",
-            *[f"![class map]({name})" for name in copied],
-        ])
+        body = "\n".join(
+            [
+                describe(static_config),
+                "",
+                f"ClassPruning: routes {cp['routes']} over one weight tensor, classifier on 32x32 LR patches "
+                f"(stride 28), labels = cheapest route within 0.1 dB of the full one; {cp['note']}. "
+                f"'MACs %' of ClassPruning is the average over every patch of the test images, classifier "
+                f"included, against the dense net on the same patches; the static budget {budget} is the smallest "
+                f"uniform N:32 with at least as many MACs.",
+                "",
+                markdown_table(rows),
+                "",
+                md_table(
+                    [{k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items()} for r in extra],
+                    ["method", "psnr", "ssim"],
+                ),
+                "",
+                "Per test image (ClassPruning):",
+                "",
+                md_table(per_image, list(per_image[0])),
+                "",
+                "Inference wall time on the 3 test images (median of "
+                f"{args.wall_rounds} interleaved rounds, this machine, same run; masked weights run dense, so "
+                "wall time shows batching, not sparsity):",
+                "",
+                md_table(wall_rows, list(wall_rows[0])),
+                "",
+                "Checks:",
+                "",
+                *[f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok in checks],
+                "",
+                *([("Notes:"), "", *[f"- {n}" for n in notes], ""] if notes else []),
+                f"![PSNR against MACs]({plot.name})",
+                "",
+                *[f"![class map]({name})" for name in copied],
+            ]
+        )
         write_section(key, "ClassPruning: input-adaptive N:M against static N:M of the same MACs", body)
         print(f"docs/BENCHMARKS.md section {key!r} written")
     return 0

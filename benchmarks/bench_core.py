@@ -19,7 +19,8 @@ Run from the repository root::
     .venv/bin/python benchmarks/bench_core.py --model edsr_baseline --batch 4 --patch 48 --no-write
 
 The section "core" of docs/BENCHMARKS.md is rewritten unless ``--no-write`` is given. Run it on an
-otherwise idle machine: the load average before and after the run is printed and recorded.
+otherwise idle machine: the CPU time other processes used during the run is printed and recorded,
+and the figures are flagged when it (or the spread of the step times) is too high.
 """
 
 from __future__ import annotations
@@ -138,23 +139,56 @@ def loadavg() -> str:
         return "n/a"
 
 
-def noise_warning(load_before: str, load_after: str, worst_spread: float, threads: int) -> str:
+class OtherCpu:
+    """CPU time used by *other* processes while a block runs, in cores (Linux ``/proc/stat``).
+
+    The load average lags by minutes, so it flags a quiet machine that was busy just before; this
+    measures the machine's busy time minus this process's own CPU time over the same interval.
+    """
+
+    def __init__(self) -> None:
+        self.cores: float | None = None
+
+    @staticmethod
+    def _machine_busy_s() -> float | None:
+        try:
+            fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        except (OSError, ValueError):
+            return None
+        # user nice system idle iowait irq softirq steal ...: all but idle and iowait are busy time.
+        busy = sum(fields[:3]) + sum(fields[5:8])
+        return busy / os.sysconf("SC_CLK_TCK")
+
+    def __enter__(self) -> OtherCpu:
+        self._start = (self._machine_busy_s(), time.process_time(), time.perf_counter())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        busy0, own0, wall0 = self._start
+        busy1 = self._machine_busy_s()
+        if busy0 is None or busy1 is None:
+            return
+        wall = time.perf_counter() - wall0
+        own = time.process_time() - own0
+        self.cores = max(0.0, (busy1 - busy0 - own) / wall)
+
+
+#: Other processes may use this many cores on average before the figures are flagged as noisy.
+OTHER_CPU_LIMIT = 0.2
+#: Half-IQR of any configuration's step times (percent of the median) above which figures are flagged.
+SPREAD_LIMIT = 10.0
+
+
+def noise_warning(other_cores: float | None, worst_spread: float) -> str:
     """A sentence when the figures are likely disturbed by other work on the machine, else ''."""
     issues = []
-    try:
-        # Before the run the 1-min load should be near 0 (this process has not started working).
-        if float(load_before.split("/")[0]) > 0.5:
-            issues.append(f"1-min load average was {load_before.split('/')[0]} before the run")
-        # During it this process alone accounts for about ``threads``.
-        if float(load_after.split("/")[0]) > threads + 0.75:
-            issues.append(f"1-min load average reached {load_after.split('/')[0]} with {threads} threads")
-    except ValueError:
-        pass
-    if worst_spread > 10.0:
+    if other_cores is not None and other_cores > OTHER_CPU_LIMIT:
+        issues.append(f"other processes used {other_cores:.2f} cores on average during the run")
+    if worst_spread > SPREAD_LIMIT:
         issues.append(f"step times spread up to ±{worst_spread:.0f}% (IQR/2)")
     if not issues:
         return ""
-    return "; ".join(issues) + " — other work was probably running, figures may be noisy."
+    return "; ".join(issues) + " — figures may be noisy; rerun on an idle machine."
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,38 +216,39 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model: {source}")
     print(f"threads: {torch.get_num_threads()}, load average before: {load_before}")
 
-    # 1. rank refresh
-    refresh_rows = [time_refresh(base, n, m, refresh_runs) for n, m in ((2, 4), (8, 32))]
-    refresh_cols = [
-        "pattern",
-        "layers",
-        "masked weights",
-        "refresh_ median (ms)",
-        "min (ms)",
-        "per layer (ms)",
-    ]
-    refresh_table = markdown_table(refresh_rows, refresh_cols)
-    print(f"\nrank refresh (refresh_ over all layers, median of {refresh_runs})\n{refresh_table}")
+    with OtherCpu() as other:
+        # 1. rank refresh
+        refresh_rows = [time_refresh(base, n, m, refresh_runs) for n, m in ((2, 4), (8, 32))]
+        refresh_cols = [
+            "pattern",
+            "layers",
+            "masked weights",
+            "refresh_ median (ms)",
+            "min (ms)",
+            "per layer (ms)",
+        ]
+        refresh_table = markdown_table(refresh_rows, refresh_cols)
+        print(f"\nrank refresh (refresh_ over all layers, median of {refresh_runs})\n{refresh_table}")
 
-    # 2. training step, round-robin
-    configs = [
-        make_config(base, "dense", None, False),
-        make_config(base, "2:4 hard", GradMode.HARD, False),
-        make_config(base, "2:4 ste", GradMode.STE, False),
-        make_config(base, "2:4 srste", GradMode.SRSTE, False),
-        make_config(base, "2:4 srste + refresh_ every step", GradMode.SRSTE, True),
-    ]
-    lr = torch.rand(args.batch, 3, args.patch, args.patch)
-    hr = torch.rand(args.batch, 3, args.patch * args.scale, args.patch * args.scale)
-    for cfg in configs:
-        for _ in range(warmup):
-            train_step(cfg, lr, hr)
-    samples: dict[str, list[float]] = {cfg.name: [] for cfg in configs}
-    for r in range(rounds):
-        gc.collect()
-        # Rotate the starting configuration so none always runs first (or right after gc).
-        for cfg in configs[r % len(configs) :] + configs[: r % len(configs)]:
-            samples[cfg.name].append(train_step(cfg, lr, hr))
+        # 2. training step, round-robin
+        configs = [
+            make_config(base, "dense", None, False),
+            make_config(base, "2:4 hard", GradMode.HARD, False),
+            make_config(base, "2:4 ste", GradMode.STE, False),
+            make_config(base, "2:4 srste", GradMode.SRSTE, False),
+            make_config(base, "2:4 srste + refresh_ every step", GradMode.SRSTE, True),
+        ]
+        lr = torch.rand(args.batch, 3, args.patch, args.patch)
+        hr = torch.rand(args.batch, 3, args.patch * args.scale, args.patch * args.scale)
+        for cfg in configs:
+            for _ in range(warmup):
+                train_step(cfg, lr, hr)
+        samples: dict[str, list[float]] = {cfg.name: [] for cfg in configs}
+        for r in range(rounds):
+            gc.collect()
+            # Rotate the starting configuration so none always runs first (or right after gc).
+            for cfg in configs[r % len(configs) :] + configs[: r % len(configs)]:
+                samples[cfg.name].append(train_step(cfg, lr, hr))
     load_after = loadavg()
 
     dense_ms = median_ms(samples["dense"])
@@ -246,9 +281,12 @@ def main(argv: list[str] | None = None) -> int:
         f"→ {args.patch * args.scale}x{args.patch * args.scale} HR, {torch.get_num_threads()} threads, "
         f"{rounds} round-robin rounds after {warmup} warm-up step(s) per configuration"
     )
-    noisy = noise_warning(load_before, load_after, max(spreads), args.threads)
+    other_cpu = "n/a" if other.cores is None else f"{other.cores:.2f} cores"
+    noisy = noise_warning(other.cores, max(spreads))
     print(f"\n{setup}\n{step_table}\n\n{verdict}")
-    print(f"load average before/after: {load_before} → {load_after}")
+    print(
+        f"CPU used by other processes during the run: {other_cpu}; load average {load_before} → {load_after}"
+    )
     if noisy:
         print(f"WARNING: {noisy}")
 
@@ -257,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
             [
                 f"Model: {source}, N:M masks on every eligible conv (first/last dense); "
                 f"{'quick mode' if args.quick else 'full mode'}. "
-                f"Load average (1/5/15 min) before: {load_before}, after: {load_after}.",
+                f"CPU used by other processes during the run: {other_cpu} (load average 1/5/15 min "
+                f"before: {load_before}, after: {load_after}).",
                 "",
                 f"### Rank refresh (`refresh_` over all layers, median of {refresh_runs} runs)",
                 "",

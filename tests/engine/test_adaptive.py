@@ -38,7 +38,9 @@ from tests.conftest import tiny_recipe_dict
 def _model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = create_model("edsr_small", scale=2, n_feats=8, n_blocks=1)
-    config = ClassPruningConfig(m=4, routes=(1, 2, 4), classifier_channels=8, classifier_convs=1, patch_size=16, stride=12)
+    config = ClassPruningConfig(
+        m=4, routes=(1, 2, 4), classifier_channels=8, classifier_convs=1, patch_size=16, stride=12
+    )
     sparsify_(model, config)
     with torch.no_grad():  # a classifier that actually uses several routes
         route_classifier(model).head.weight.normal_(0, 5.0)
@@ -46,7 +48,9 @@ def _model(seed: int = 0) -> torch.nn.Module:
 
 
 # -- grid and stitching -----------------------------------------------------------------------------
-@pytest.mark.parametrize(("size", "patch", "stride"), [(40, 16, 12), (16, 16, 12), (10, 16, 12), (57, 32, 28), (64, 32, 32)])
+@pytest.mark.parametrize(
+    ("size", "patch", "stride"), [(40, 16, 12), (16, 16, 12), (10, 16, 12), (57, 32, 28), (64, 32, 32)]
+)
 def test_patch_starts_cover_every_pixel_inside_the_image(size: int, patch: int, stride: int) -> None:
     starts = patch_starts(size, patch, stride)
     p = min(patch, size)
@@ -124,9 +128,13 @@ def test_mac_accounting_adds_up_per_image() -> None:
     assert len([n for n in result.histogram if n]) >= 2
     hist = result.histogram
     assert sum(hist) == result.num_patches == len(grid_positions(37, 42, 16, 12))
-    by_hand = sum(n * m for n, m in zip(hist, costs.route_macs, strict=True)) + sum(hist) * costs.classifier_macs
+    by_hand = (
+        sum(n * m for n, m in zip(hist, costs.route_macs, strict=True)) + sum(hist) * costs.classifier_macs
+    )
     assert result.macs == pytest.approx(by_hand)
-    assert result.dense_patch_macs == pytest.approx(result.num_patches * count_cost(model, (16, 16)).dense_macs)
+    assert result.dense_patch_macs == pytest.approx(
+        result.num_patches * count_cost(model, (16, 16)).dense_macs
+    )
     assert result.macs_fraction == pytest.approx(by_hand / result.dense_patch_macs)
     whole = count_cost(model, (37, 42)).dense_macs
     assert result.whole_image_dense_macs == whole
@@ -197,7 +205,9 @@ def test_split_holdout_cuts_aligned_strips() -> None:
     hr = np.zeros((100, 60, 3), dtype=np.uint8)
     lr = np.zeros((50, 30, 3), dtype=np.uint8)
     small = np.zeros((20, 60, 3), dtype=np.uint8)
-    (tg, tl), (hg, hl) = split_holdout([("a", hr), ("b", small)], [("a", lr), ("b", small[:10, :30])], 2, 0.2, 8)
+    (tg, tl), (hg, hl) = split_holdout(
+        [("a", hr), ("b", small)], [("a", lr), ("b", small[:10, :30])], 2, 0.2, 8
+    )
     assert [g.shape[0] for _, g in tg] == [80, 20] and [g.shape[0] for _, g in hg] == [20]
     assert tl is not None and hl is not None
     assert [x.shape[0] for _, x in tl] == [40, 10] and [x.shape[0] for _, x in hl] == [10]
@@ -208,9 +218,19 @@ def test_split_holdout_cuts_aligned_strips() -> None:
 # -- the stages, resume, reload, CLI ----------------------------------------------------------------
 def _recipe_dict(**sparsity: Any) -> dict[str, Any]:
     cfg = {
-        "method": "classpruning", "m": 4, "routes": [1, 2, 4], "classifier_channels": 8, "classifier_convs": 1,
-        "patch_size": 16, "stride": 12, "label_stride": 16, "classifier_steps": 4, "classifier_batch": 8,
-        "joint_steps": 4, "holdout_fraction": 0.2, "target_macs_fraction": 0.6,
+        "method": "classpruning",
+        "m": 4,
+        "routes": [1, 2, 4],
+        "classifier_channels": 8,
+        "classifier_convs": 1,
+        "patch_size": 16,
+        "stride": 12,
+        "label_stride": 16,
+        "classifier_steps": 4,
+        "classifier_batch": 8,
+        "joint_steps": 4,
+        "holdout_fraction": 0.2,
+        "target_macs_fraction": 0.6,
     }
     cfg.update(sparsity)
     data = tiny_recipe_dict(sparsity=cfg, train={"steps": 4, "val_every": 100, "ckpt_every": 2})
@@ -276,7 +296,9 @@ def test_cli_eval_and_infer_adaptive(trained: Path, tmp_path: Path) -> None:
     photo = load_builtin("test")[0][1]
     write_image(tmp_path / "hr" / "crop.png", photo[:64, :80])
     maps = tmp_path / "maps"
-    result = runner.invoke(app, ["eval", str(trained), "--hr-dir", str(tmp_path / "hr"), "--class-maps", str(maps)])
+    result = runner.invoke(
+        app, ["eval", str(trained), "--hr-dir", str(tmp_path / "hr"), "--class-maps", str(maps)]
+    )
     assert result.exit_code == 0, result.output
     assert "route histogram" in result.output and "average MACs" in result.output
     assert [p.name for p in maps.glob("*.png")] == ["crop_classmap.png"]
@@ -290,14 +312,22 @@ def test_cli_eval_and_infer_adaptive(trained: Path, tmp_path: Path) -> None:
     dense = create_model("edsr_small", scale=2, n_feats=8, n_blocks=1)
     meta = {"recipe": recipe.model_dump(mode="json"), "model": {"name": "edsr_small", "scale": 2}}
     save_checkpoint(tmp_path / "dense.safetensors", dense, meta)
-    result = runner.invoke(app, ["infer", str(tmp_path / "dense.safetensors"), str(image), "--out", str(out), "--adaptive"])
+    result = runner.invoke(
+        app, ["infer", str(tmp_path / "dense.safetensors"), str(image), "--out", str(out), "--adaptive"]
+    )
     assert result.exit_code == 2 and "ClassPruning" in result.output
 
 
 def test_sls_searched_routes_quantile_labels_and_equal_split(tmp_path: Path) -> None:
     data = _recipe_dict(
-        routes=None, route_budgets=[0.5, 1.0], route_search_steps=3, labels="quantile",
-        budget_loss="equal_split", calibrate=False, classifier_steps=2, joint_steps=2,
+        routes=None,
+        route_budgets=[0.5, 1.0],
+        route_search_steps=3,
+        labels="quantile",
+        budget_loss="equal_split",
+        calibrate=False,
+        classifier_steps=2,
+        joint_steps=2,
     )
     data["train"]["steps"] = 2
     run = tmp_path / "run"
@@ -310,7 +340,10 @@ def test_sls_searched_routes_quantile_labels_and_equal_split(tmp_path: Path) -> 
 
     assert list(layer_route_ns(model).values()) == ns  # the searched N travel in the checkpoint
     final = load_checkpoint(run / "checkpoints" / "best.safetensors").meta["adaptive"]
-    assert final["labels"]["histogram"][0] in (final["labels"]["patches"] // 2, (final["labels"]["patches"] + 1) // 2)
+    assert final["labels"]["histogram"][0] in (
+        final["labels"]["patches"] // 2,
+        (final["labels"]["patches"] + 1) // 2,
+    )
     assert "calibration" not in final and float(route_classifier(model).cost_shift) == 0.0
     # the search met its budget on the prunable MACs
     costs = final["route_costs"]

@@ -34,7 +34,9 @@ from nmrestore.sparsity import check_nm, get_route, nm_layers, sparsify_, use_ro
 def _tiny(**kw: object) -> torch.nn.Module:
     torch.manual_seed(0)
     model = create_model("edsr_small", scale=2, n_feats=8, n_blocks=2)
-    config = ClassPruningConfig(m=4, routes=(1, 2, 4), classifier_channels=8, classifier_convs=1, patch_size=16, stride=12, **kw)
+    config = ClassPruningConfig(
+        m=4, routes=(1, 2, 4), classifier_channels=8, classifier_convs=1, patch_size=16, stride=12, **kw
+    )
     sparsify_(model, config)
     return model
 

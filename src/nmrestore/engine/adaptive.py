@@ -288,12 +288,16 @@ class AdaptivePipeline:
         """Restore one LR image (1, C, h, w) or (C, h, w)."""
         image = lq if lq.dim() == 4 else lq.unsqueeze(0)
         if image.shape[0] != 1:
-            raise SparsityError(f"the patch pipeline takes one image at a time, got a batch of {image.shape[0]}")
+            raise SparsityError(
+                f"the patch pipeline takes one image at a time, got a batch of {image.shape[0]}"
+            )
         image = image.to(_model_device(self.model))
         h, w = image.shape[-2:]
         size = (min(self.patch_size, h), min(self.patch_size, w))
         positions = [
-            (t, s) for t in patch_starts(h, size[0], self.stride) for s in patch_starts(w, size[1], self.stride)
+            (t, s)
+            for t in patch_starts(h, size[0], self.stride)
+            for s in patch_starts(w, size[1], self.stride)
         ]
         was_training = self.model.training
         self.model.eval()
@@ -376,7 +380,9 @@ def save_class_map(result: AdaptiveResult, path: str | Path, alpha: float = 0.45
         f"route {k}: {n} patches, {f:.0%} MACs"
         for k, (n, f) in enumerate(zip(result.histogram, result.costs.fractions(), strict=True))
     ]
-    lines.append(f"avg {result.macs_fraction:.1%} of dense on patches, {result.macs_fraction_whole_image:.1%} vs whole image")
+    lines.append(
+        f"avg {result.macs_fraction:.1%} of dense on patches, {result.macs_fraction_whole_image:.1%} vs whole image"
+    )
     legend_h = 14 * len(lines) + 6
     canvas = Image.new("RGB", (max(w, 260), h + legend_h), "white")
     canvas.paste(picture, (0, 0))
@@ -555,7 +561,9 @@ def infer_adaptive(
     config = recipe.sparsity
     if not isinstance(config, ClassPruningConfig):
         method = "dense" if config is None else config.method
-        raise SparsityError(f"--adaptive needs a ClassPruning checkpoint (method classpruning), not {method!r}")
+        raise SparsityError(
+            f"--adaptive needs a ClassPruning checkpoint (method classpruning), not {method!r}"
+        )
     pipeline = AdaptivePipeline(model, patch_size or config.patch_size, stride or config.stride)
     written: list[Path] = []
     for path, image in images:
@@ -646,7 +654,10 @@ def grid_patch_pairs(
     lqs, gts = [], []
     for i, (_, hr) in enumerate(gt):
         lr = lq[i][1] if lq is not None else make_lr(hr, scale)
-        hr_t, lr_t = to_tensor(np.ascontiguousarray(hr[: lr.shape[0] * scale, : lr.shape[1] * scale])), to_tensor(lr)
+        hr_t, lr_t = (
+            to_tensor(np.ascontiguousarray(hr[: lr.shape[0] * scale, : lr.shape[1] * scale])),
+            to_tensor(lr),
+        )
         if lr.shape[0] < patch or lr.shape[1] < patch:
             continue
         for t, s in grid_positions(lr.shape[0], lr.shape[1], patch, stride):
@@ -701,7 +712,10 @@ def route_psnrs(
                     x = lq[start : start + batch_size].to(device)
                     y = model(x).clamp(0, 1).cpu()
                     out[start : start + batch_size, r] = psnr_torch(
-                        y, gt[start : start + batch_size], crop_border=crop_border, test_y_channel=test_y_channel
+                        y,
+                        gt[start : start + batch_size],
+                        crop_border=crop_border,
+                        test_y_channel=test_y_channel,
                     ).cpu()
     finally:
         model.train(was_training)
@@ -758,7 +772,9 @@ class SandwichTask:
             out = _route_forward(model, route, lq)
             losses[f"l1_{name}"] = self.small_route_weight * self.loss_fn(out, gt)
             if self.distill_weight:
-                losses[f"distill_{name}"] = self.small_route_weight * self.distill_weight * F.l1_loss(out, target)
+                losses[f"distill_{name}"] = (
+                    self.small_route_weight * self.distill_weight * F.l1_loss(out, target)
+                )
         return losses
 
 
@@ -793,7 +809,9 @@ class JointTask:
             if cfg.budget_loss == "equal_split":
                 losses["budget"] = cfg.budget_weight * equal_split_loss(probs)
             else:
-                losses["budget"] = cfg.budget_weight * budget_loss(probs, self.costs, cfg.target_macs_fraction)
+                losses["budget"] = cfg.budget_weight * budget_loss(
+                    probs, self.costs, cfg.target_macs_fraction
+                )
         return losses
 
 
@@ -963,8 +981,17 @@ def _stage_routes(ctx: _Context, model: nn.Module, dense_state: dict[str, Tensor
         loader = _sr_loader(ctx, ctx.recipe.data.train.patch_size, offset=100 + k)
         from nmrestore.engine.task import RestorationTask
 
-        _run_stage(f"routes/route_{k}", ctx, search, RestorationTask(ctx.recipe.train.loss), loader, steps,
-                   ctx.recipe.train.lr, controller=report.controller, dist=_replicated(ctx.dist))
+        _run_stage(
+            f"routes/route_{k}",
+            ctx,
+            search,
+            RestorationTask(ctx.recipe.train.loss),
+            loader,
+            steps,
+            ctx.recipe.train.lr,
+            controller=report.controller,
+            dist=_replicated(ctx.dist),
+        )
         found = layer_route_ns(search)
         per_route.append([found[n][0] for n in names])
     nested = nested_route_ns(per_route)
@@ -978,11 +1005,21 @@ def _stage_routes(ctx: _Context, model: nn.Module, dense_state: dict[str, Tensor
 def _sr_loader(ctx: _Context, patch_size: int, offset: int) -> Any:
     spec = ctx.recipe.data.train
     dataset = SRTrainDataset(
-        ctx.train_gt, ctx.scale, patch_size, spec.samples_per_epoch, ctx.recipe.seed + offset,
-        lr_images=ctx.train_lq, augment=spec.augment,
+        ctx.train_gt,
+        ctx.scale,
+        patch_size,
+        spec.samples_per_epoch,
+        ctx.recipe.seed + offset,
+        lr_images=ctx.train_lq,
+        augment=spec.augment,
     )
-    return build_train_loader(dataset, max(1, spec.batch_size // ctx.dist.world_size), spec.num_workers,
-                              ctx.recipe.seed + offset, distributed=ctx.dist.distributed)
+    return build_train_loader(
+        dataset,
+        max(1, spec.batch_size // ctx.dist.world_size),
+        spec.num_workers,
+        ctx.recipe.seed + offset,
+        distributed=ctx.dist.distributed,
+    )
 
 
 def _held_set(ctx: _Context) -> SREvalDataset | None:
@@ -1034,7 +1071,9 @@ def has_progress(run_dir: str | Path) -> bool:
     return (run / "checkpoints" / "last.safetensors").exists() or any(run.glob("stage_*/**/last.safetensors"))
 
 
-def _train_adaptive(recipe: Recipe, run_dir: Path, resume: bool, show_progress: bool, dist: DistInfo) -> RunResult:
+def _train_adaptive(
+    recipe: Recipe, run_dir: Path, resume: bool, show_progress: bool, dist: DistInfo
+) -> RunResult:
     config = recipe.sparsity
     if not isinstance(config, ClassPruningConfig):
         raise RecipeError("train_adaptive needs a recipe with sparsity.method: classpruning")
@@ -1043,7 +1082,9 @@ def _train_adaptive(recipe: Recipe, run_dir: Path, resume: bool, show_progress: 
     seed_everything(recipe.seed + dist.rank)
     started = has_progress(run_dir)
     if started and not resume:
-        raise RecipeError(f"{run_dir} already holds a run; pass --resume to continue it or choose another folder")
+        raise RecipeError(
+            f"{run_dir} already holds a run; pass --resume to continue it or choose another folder"
+        )
     for path in sorted(run_dir.glob("stage_*/**/last.safetensors")):
         _check_recipe(path, recipe)
 
@@ -1061,7 +1102,11 @@ def _train_adaptive(recipe: Recipe, run_dir: Path, resume: bool, show_progress: 
 
     gt, lq = _images(recipe.data.train, recipe.model.scale, "train")
     (train_gt, train_lq), (held_gt, held_lq) = split_holdout(
-        gt, lq, recipe.model.scale, config.holdout_fraction, max(config.patch_size, recipe.data.train.patch_size)
+        gt,
+        lq,
+        recipe.model.scale,
+        config.holdout_fraction,
+        max(config.patch_size, recipe.data.train.patch_size),
     )
     meta: dict[str, Any] = {
         "recipe": recipe.model_dump(mode="json"),
@@ -1086,10 +1131,15 @@ def _train_adaptive(recipe: Recipe, run_dir: Path, resume: bool, show_progress: 
         return evaluate_model(m, held, ctx.crop, recipe.eval.test_y_channel, dist.device, with_ssim=True)
 
     state_a = _run_stage(
-        "a", ctx, model,
+        "a",
+        ctx,
+        model,
         SandwichTask(config.num_routes, recipe.train.loss, config.distill_weight, config.small_route_weight),
-        _sr_loader(ctx, recipe.data.train.patch_size, offset=0), recipe.train.steps, recipe.train.lr,
-        controller=report.controller, validate=validate_full if held is not None else None,
+        _sr_loader(ctx, recipe.data.train.patch_size, offset=0),
+        recipe.train.steps,
+        recipe.train.lr,
+        controller=report.controller,
+        validate=validate_full if held is not None else None,
         schedule=recipe.train.schedule,
     )
     barrier(dist)
@@ -1100,8 +1150,12 @@ def _train_adaptive(recipe: Recipe, run_dir: Path, resume: bool, show_progress: 
     if config.classifier_steps:
         patches, psnrs, labels = _label_patches(ctx, model)
         counts = torch.bincount(labels, minlength=config.num_routes).tolist()
-        summary["labels"] = {"patches": len(labels), "histogram": counts, "rule": config.labels,
-                             "mean_psnr_per_route": psnrs.clamp(max=100).mean(0).tolist()}
+        summary["labels"] = {
+            "patches": len(labels),
+            "histogram": counts,
+            "rule": config.labels,
+            "mean_psnr_per_route": psnrs.clamp(max=100).mean(0).tolist(),
+        }
         log.info("classpruning: label histogram %s", counts)
         own = {id(p) for p in classifier.parameters()}
         flags = {p: p.requires_grad for p in model.parameters()}
@@ -1109,9 +1163,20 @@ def _train_adaptive(recipe: Recipe, run_dir: Path, resume: bool, show_progress: 
             p.requires_grad_(id(p) in own)
         try:
             dataset = PatchLabelDataset(patches, labels, recipe.seed + 1, min_length=config.classifier_batch)
-            loader = build_train_loader(dataset, config.classifier_batch, 0, recipe.seed + 1, distributed=False)
-            _run_stage("b", ctx, model, ClassifierTask(), loader, config.classifier_steps, config.classifier_lr,
-                       dist=_replicated(dist), schedule=Schedule(kind="cosine"))
+            loader = build_train_loader(
+                dataset, config.classifier_batch, 0, recipe.seed + 1, distributed=False
+            )
+            _run_stage(
+                "b",
+                ctx,
+                model,
+                ClassifierTask(),
+                loader,
+                config.classifier_steps,
+                config.classifier_lr,
+                dist=_replicated(dist),
+                schedule=Schedule(kind="cosine"),
+            )
         finally:
             for p, flag in flags.items():
                 p.requires_grad_(flag)
@@ -1129,8 +1194,15 @@ def _train_adaptive(recipe: Recipe, run_dir: Path, resume: bool, show_progress: 
     if config.joint_steps:
         task = JointTask(config, costs.fractions(), recipe.train.loss)
         state_c = _run_stage(
-            "c", ctx, model, task, _sr_loader(ctx, config.patch_size, offset=2), config.joint_steps,
-            config.joint_lr, validate=validate_adaptive if held is not None else None, dist=_replicated(dist),
+            "c",
+            ctx,
+            model,
+            task,
+            _sr_loader(ctx, config.patch_size, offset=2),
+            config.joint_steps,
+            config.joint_lr,
+            validate=validate_adaptive if held is not None else None,
+            dist=_replicated(dist),
             schedule=Schedule(kind="cosine"),
         )
     barrier(dist)
@@ -1140,24 +1212,37 @@ def _train_adaptive(recipe: Recipe, run_dir: Path, resume: bool, show_progress: 
         logits = classifier_logits(model, _calibration_patches(ctx))
         tau, reached = calibrate_shift(logits, classifier.route_cost, config.target_macs_fraction)
         classifier.cost_shift.fill_(tau)
-        summary["calibration"] = {"shift": tau, "macs_fraction": reached, "patches": int(logits.shape[0]),
-                                  "on": "held-out strips" if held is not None else "training patches"}
+        summary["calibration"] = {
+            "shift": tau,
+            "macs_fraction": reached,
+            "patches": int(logits.shape[0]),
+            "on": "held-out strips" if held is not None else "training patches",
+        }
         log.info("classpruning: cost shift %.4g gives %.1f%% MACs on calibration patches", tau, 100 * reached)
     if held is not None:
         held_eval = evaluate_adaptive(pipeline, held, ctx.crop, recipe.eval.test_y_channel)
-        summary["heldout"] = {"psnr": held_eval.psnr, "macs_fraction": held_eval.macs_fraction,
-                              "route_histogram": held_eval.histogram}
+        summary["heldout"] = {
+            "psnr": held_eval.psnr,
+            "macs_fraction": held_eval.macs_fraction,
+            "route_histogram": held_eval.histogram,
+        }
 
     final: AdaptiveEvalResult | None = None
     total_steps = recipe.train.steps + config.classifier_steps + config.joint_steps
     if dist.is_main:
         val_set = build_eval_dataset(recipe.data.val, recipe.model.scale)
         final = evaluate_adaptive(pipeline, val_set, ctx.crop, recipe.eval.test_y_channel)
-        metrics = {"val_psnr": final.psnr, "val_ssim": final.ssim, "val_macs_fraction": final.macs_fraction,
-                   "val_route_histogram": final.histogram}
+        metrics = {
+            "val_psnr": final.psnr,
+            "val_ssim": final.ssim,
+            "val_macs_fraction": final.macs_fraction,
+            "val_route_histogram": final.histogram,
+        }
         final_meta = {**meta, "step": total_steps, "metrics": metrics, "adaptive": summary, "stage": "final"}
         for name in ("last", "best"):
-            save_checkpoint(run_dir / "checkpoints" / f"{name}.safetensors", model, final_meta, with_rng=False)
+            save_checkpoint(
+                run_dir / "checkpoints" / f"{name}.safetensors", model, final_meta, with_rng=False
+            )
         record = {
             "step": total_steps,
             "val_psnr": final.psnr,
@@ -1255,7 +1340,11 @@ def measure_stage_steps(
     """Median seconds of one dense step, one stage-A step and one stage-C step, interleaved."""
     import statistics
 
-    models = {"dense": copy.deepcopy(dense).train(), "a": copy.deepcopy(model).train(), "c": copy.deepcopy(model).train()}
+    models = {
+        "dense": copy.deepcopy(dense).train(),
+        "a": copy.deepcopy(model).train(),
+        "c": copy.deepcopy(model).train(),
+    }
     tasks: dict[str, Any] = {
         "dense": None,
         "a": SandwichTask(config.num_routes, "l1", config.distill_weight, config.small_route_weight),
@@ -1310,8 +1399,13 @@ def bench_rows(context: Any, budget: str | None, settings: dict[str, Any] | None
     row = context.row("classpruning", "adaptive", model, result.final, timed=False)
     row.update({k: v for k, v in adaptive_row.items() if k not in ("method", "budget")})
     patch = (config.patch_size, config.patch_size)
-    data = SRTrainDataset(load_train_images(recipe), recipe.model.scale, config.patch_size,
-                          recipe.data.train.batch_size, recipe.seed)
+    data = SRTrainDataset(
+        load_train_images(recipe),
+        recipe.model.scale,
+        config.patch_size,
+        recipe.data.train.batch_size,
+        recipe.seed,
+    )
     samples = [data[i] for i in range(recipe.data.train.batch_size)]
     batch = {k: torch.stack([s[k] for s in samples]) for k in ("lq", "gt")}  # type: ignore[misc]
     t = measure_stage_steps(model, context.dense_model, batch, config, rounds=context.config.timing_rounds)

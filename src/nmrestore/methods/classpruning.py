@@ -81,7 +81,9 @@ class ClassPruningConfig(NMConfig):
     classifier_convs: int = Field(3, ge=0)
     patch_size: int = Field(32, ge=4, description="LR patch side at inference (and classifier training)")
     stride: int = Field(28, ge=1, description="LR stride between inference patches")
-    blend: Literal["ramp", "mean"] = Field("ramp", description="overlap average: border-distance weights or plain")
+    blend: Literal["ramp", "mean"] = Field(
+        "ramp", description="overlap average: border-distance weights or plain"
+    )
     # stage A
     distill_weight: float = Field(1.0, ge=0, description="L1 towards the full route's output, smaller routes")
     small_route_weight: float = Field(
@@ -90,7 +92,9 @@ class ClassPruningConfig(NMConfig):
     refresh_every: int = Field(0, ge=0, description="stage A: recompute ranks every k steps (0: never)")
     # stage B
     labels: Literal["delta", "quantile"] = "delta"
-    delta: float = Field(0.1, ge=0, description="dB: a patch's label is the cheapest route this close to the full one")
+    delta: float = Field(
+        0.1, ge=0, description="dB: a patch's label is the cheapest route this close to the full one"
+    )
     label_stride: int = Field(16, ge=1, description="LR stride of the labelled training patches")
     classifier_steps: int = Field(300, ge=0)
     classifier_lr: float = Field(1e-3, gt=0)
@@ -101,7 +105,9 @@ class ClassPruningConfig(NMConfig):
     class_weight: float = Field(0.01, ge=0, description="w_c: ClassSR's class loss (pushes p to one-hot)")
     budget_weight: float = Field(0.05, ge=0, description="w_b: the budget loss")
     budget_loss: Literal["expected_macs", "equal_split"] = "expected_macs"
-    target_macs_fraction: float = Field(0.55, gt=0, le=1, description="target average MACs / dense, classifier included")
+    target_macs_fraction: float = Field(
+        0.55, gt=0, le=1, description="target average MACs / dense, classifier included"
+    )
     # after training
     calibrate: bool = True
     holdout_fraction: float = Field(0.2, ge=0, lt=1)
@@ -121,7 +127,9 @@ class ClassPruningConfig(NMConfig):
             if ns != sorted(ns):
                 raise ValueError(f"routes must be listed cheapest first (non-decreasing N), got {ns}")
         if self.stride > self.patch_size:
-            raise ValueError(f"stride {self.stride} > patch_size {self.patch_size} would leave pixels uncovered")
+            raise ValueError(
+                f"stride {self.stride} > patch_size {self.patch_size} would leave pixels uncovered"
+            )
         return self
 
     def route_ns(self) -> tuple[int, ...]:
@@ -180,7 +188,9 @@ def route_classifier(model: nn.Module) -> RouteClassifier:
     inner = getattr(model, "module", model)
     classifier = getattr(inner, CLASSIFIER_ATTR, None)
     if not isinstance(classifier, RouteClassifier):
-        raise SparsityError("this model has no route classifier: it was not sparsified with method 'classpruning'")
+        raise SparsityError(
+            "this model has no route classifier: it was not sparsified with method 'classpruning'"
+        )
     return classifier
 
 
@@ -220,7 +230,10 @@ class RouteCosts:
         """Total MACs for ``counts[k]`` patches on route k, the classifier run on every patch."""
         if len(counts) != self.num_routes:
             raise ValueError(f"{len(counts)} counts for {self.num_routes} routes")
-        return sum(c * m for c, m in zip(counts, self.route_macs, strict=True)) + sum(counts) * self.classifier_macs
+        return (
+            sum(c * m for c, m in zip(counts, self.route_macs, strict=True))
+            + sum(counts) * self.classifier_macs
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -401,8 +414,11 @@ def _classpruning(model: nn.Module, layers: list[LayerInfo], config: ClassPrunin
     try:
         update_route_costs(model, config.patch_size)
     except Exception as exc:  # a model that cannot be traced at this size keeps placeholder costs
-        logger.warning("classpruning: cannot count MACs on a %d-pixel patch (%s); route costs are placeholders",
-                       config.patch_size, exc)
+        logger.warning(
+            "classpruning: cannot count MACs on a %d-pixel patch (%s); route costs are placeholders",
+            config.patch_size,
+            exc,
+        )
     return RouteController(model, config.refresh_every)
 
 
