@@ -38,3 +38,9 @@ def _restore_threads() -> Any:
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _seeded() -> None:
+    """Every test starts from the same RNG state, so a test's outcome never depends on test order."""
+    torch.manual_seed(0)
