@@ -1,5 +1,8 @@
 """PNG benchmark (DESIGN.md §3.4): one multi-task network for SR x2/x3/x4 against separate models.
 
+The rows come from the benchmark harness (method ``png``, :mod:`nmrestore.bench.multitask`); this
+script adds the storage report, the paper-scale storage bounds and the checks.
+
 Protocol, on the built-in photos (train split for training, test split for scoring, Y PSNR/SSIM,
 crop = scale; nothing is selected on the test images):
 
@@ -30,11 +33,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -43,101 +44,45 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _report import markdown_table, write_section  # noqa: E402
-from nmrestore.bench.harness import (  # noqa: E402
-    ROW_KEYS,
-    BenchConfig,
-    Timed,
-    default_cache_dir,
-    ensure_dense,
-    measure_step_times,
-    recipe_digest,
+from nmrestore.bench.harness import BenchConfig, Row, ensure_dense, run_benchmark  # noqa: E402
+from nmrestore.bench.multitask import (  # noqa: E402
+    TASKS,
+    PNGBenchSettings,
+    dense_config,
+    png_recipe,
+    prepare,
+    register_bench_rows,
+    run_png,
+    task_steps,
 )
-from nmrestore.cost import count_cost  # noqa: E402
-from nmrestore.data.builtin import load_builtin  # noqa: E402
-from nmrestore.data.datasets import SRTrainDataset  # noqa: E402
-from nmrestore.engine.evaluate import EvalResult, evaluate_model  # noqa: E402
-from nmrestore.engine.png_runner import evaluate_tasks, png_schedule, train_png  # noqa: E402
-from nmrestore.engine.runner import build_eval_dataset, model_from_checkpoint  # noqa: E402
-from nmrestore.methods.png import (  # noqa: E402
-    PNGConfig,
-    PNGController,
-    PNGStorage,
-    png_storage,
-    select_task,
-    storage_bound,
-    use_png_task,
-)
+from nmrestore.engine.png_runner import png_schedule  # noqa: E402
+from nmrestore.engine.runner import model_from_checkpoint  # noqa: E402
+from nmrestore.methods.png import PNGConfig, png_storage, storage_bound, use_png_task  # noqa: E402
 from nmrestore.models import create_model  # noqa: E402
 from nmrestore.models.multitask import MultiScaleRCAN  # noqa: E402
-from nmrestore.recipes.schema import Recipe, recipe_from_dict  # noqa: E402
+from nmrestore.recipes.schema import Recipe  # noqa: E402
 from nmrestore.sparsity import check_nm  # noqa: E402
 
 SECTION = "png"
 TITLE = "PNG: one network for SR x2/x3/x4 (multi-task N:M prune-and-grow)"
 TOLERANCE_DB = 0.1
-Row = dict[str, Any]
 STORAGE_TARGET = 1.2
 
-FULL: dict[str, Any] = {"dense": 1000, "grow": 400, "finetune": 200, "max_test_images": None}
-QUICK: dict[str, Any] = {"dense": 40, "grow": 20, "finetune": 10, "max_test_images": 1}
+FULL = PNGBenchSettings()
+QUICK = PNGBenchSettings(dense=40, grow=20, finetune=10)
 
 
-def png_recipe(
-    steps: dict[str, Any],
-    threads: int | None,
-    m: int = 8,
-    ns: tuple[int, ...] = (4, 4, 4),
-    max_grow: int | None = 1,
-) -> Recipe:
-    """The PNG run: edsr_small_multiscale over x2, x3, x4 with the harness's data and lr."""
-    return recipe_from_dict(
-        {
-            "name": "bench-png",
-            "seed": 0,
-            "model": {"name": "edsr_small_multiscale", "scale": 2, "kwargs": {"tasks": [2, 3, 4]}},
-            "data": {
-                "train": {"source": "builtin", "patch_size": 32, "batch_size": 16, "samples_per_epoch": 800},
-                "val": {"source": "builtin", "split": "test", "max_images": steps["max_test_images"]},
-            },
-            "train": {
-                "steps": 1,  # unused by PNG: the phases' steps are in sparsity.steps
-                "lr": 5e-4,
-                "schedule": {"kind": "multistep", "milestones": [0.6, 0.85], "gamma": 0.5},
-                "val_every": 1_000_000,  # scored once at the end of every phase (logs only)
-                "ckpt_every": 100,
-                "log_every": 25,
-                "device": "cpu",
-                "threads": threads,
-            },
-            "sparsity": {
-                "method": "png",
-                "m": m,
-                "ns": list(ns),
-                "max_grow": max_grow,
-                "steps": {
-                    "dense": steps["dense"],
-                    "grow": steps["grow"],
-                    "finetune": steps["finetune"],
-                    "finetune_lr_factor": 0.2,
-                },
-            },
-        },
-        "benchmark PNG recipe",
-    )
-
-
-def dense_config(scale: int, steps: int, threads: int | None, max_test_images: int | None) -> BenchConfig:
-    """A single-task dense edsr_small at ``scale`` (the harness's dense recipe and cache)."""
+def bench_config(args: argparse.Namespace, settings: PNGBenchSettings) -> BenchConfig:
+    """The harness run: its dense model is the x2 baseline (same steps as PNG spends on x2)."""
+    per_task = task_steps(png_recipe(BenchConfig(), settings))
     return BenchConfig(
         model="edsr_small",
-        scale=scale,
-        dense_steps=steps,
-        dense_lr=5e-4,
-        batch_size=16,
-        patch_size=32,
-        samples_per_epoch=800,
-        max_test_images=max_test_images,
-        threads=threads,
+        scale=2,
+        dense_steps=per_task["x2"],
+        methods=("png",),
+        max_test_images=1 if args.quick else None,
+        threads=args.threads,
+        timing_rounds=args.timing_rounds,
         device="cpu",
     )
 
@@ -178,29 +123,10 @@ def display_row(row: Row) -> dict[str, object]:
     return out
 
 
-def task_steps(recipe: Recipe) -> dict[str, int]:
-    """Optimizer steps PNG spends on each task (what each dense baseline gets)."""
-    tasks = ["x2", "x3", "x4"]
-    schedule = png_schedule(recipe, tasks, [2, 3, 4])
-    out = dict.fromkeys(tasks, 0)
-    for phase in schedule:
-        out[phase.task_name] += phase.steps
-    return out
-
-
-def run_png(recipe: Recipe) -> Path:
-    """Train (or resume, or reuse) the PNG run; returns its folder."""
-    run_dir = default_cache_dir() / f"png-{recipe_digest(recipe)}"
-    if not (run_dir / "final.json").is_file():
-        print(f"PNG run in {run_dir}", flush=True)
-        train_png(recipe, run_dir, resume=True, show_progress=False)
-    return run_dir
-
-
 def earlier_tasks_unchanged(run_dir: Path, recipe: Recipe, final: nn.Module) -> list[tuple[str, bool]]:
     """Task r's output at the end of its own fine-tuning equals the final model's (bit for bit)."""
     checks = []
-    schedule = png_schedule(recipe, ["x2", "x3", "x4"], [2, 3, 4])
+    schedule = png_schedule(recipe, [name for name, _ in TASKS], [scale for _, scale in TASKS])
     x = torch.rand(1, 3, 24, 24, generator=torch.Generator().manual_seed(0))
     for spec in schedule:
         if spec.phase != "finetune" or spec.task == 2:
@@ -214,96 +140,6 @@ def earlier_tasks_unchanged(run_dir: Path, recipe: Recipe, final: nn.Module) -> 
             (f"{spec.task_name} computes bit-identical outputs after every later task trained", same)
         )
     return checks
-
-
-def step_times(png_model: nn.Module, recipe: Recipe, dense_x3: nn.Module, rounds: int) -> dict[str, float]:
-    """Training-step time of PNG (task x3, earlier positions frozen) against the dense x3 model."""
-    config = recipe.sparsity
-    assert isinstance(config, PNGConfig)
-    controller = PNGController(png_model, config, ("x2", "x3", "x4"))
-    controller.begin(1, "finetune", fresh=False)
-    hr = load_builtin("train")
-    dataset = SRTrainDataset(hr, 3, 32, 16, 0)
-    samples = [dataset[i] for i in range(16)]
-    batch = {k: torch.stack([s[k] for s in samples]) for k in ("lq", "gt")}
-    select_task(png_model, 1)
-    times = measure_step_times(
-        {"dense": Timed(dense_x3), "png": Timed(png_model, controller)}, batch, rounds, warmup=2
-    )
-    controller.end()
-    base = statistics.median(times["dense"])
-    return {
-        "dense_ms": base * 1e3,
-        "png_ms": statistics.median(times["png"]) * 1e3,
-        "ratio": statistics.median(times["png"]) / base,
-    }
-
-
-def png_rows(
-    run_dir: Path, recipe: Recipe, dense_paths: dict[str, Path], per_task: dict[str, int]
-) -> tuple[nn.Module, PNGStorage, list[Row], list[tuple[str, bool]], dict[str, nn.Module]]:
-    """Harness-style rows (``ROW_KEYS``; ``task`` = "sr_x2"...): dense and PNG per task, plus checks."""
-    model, _ = model_from_checkpoint(run_dir / "checkpoints" / "last.safetensors")
-    model.eval()
-    check_nm(model)
-    results = evaluate_tasks(model, recipe)
-    storage = png_storage(model)
-    rows: list[Row] = []
-    checks: list[tuple[str, bool]] = []
-    dense_models: dict[str, nn.Module] = {}
-    for t, (task, scale) in enumerate((("x2", 2), ("x3", 3), ("x4", 4))):
-        dense_model, _ = model_from_checkpoint(dense_paths[task])
-        dense_model.eval()
-        dense_models[task] = dense_model
-        val = build_eval_dataset(recipe.data.val, scale)
-        dense_result: EvalResult = evaluate_model(dense_model, val, scale, True, with_ssim=True)
-        dense_cost = count_cost(dense_model)
-        info = storage.tasks[t]
-        png_result = results[task]
-        gap = dense_result.psnr - png_result.psnr
-        base: Row = dict.fromkeys(ROW_KEYS)
-        base.update({"task": f"sr_{task}", "scale": scale, "finetune_steps": per_task[task]})
-        rows.append(
-            {
-                **base,
-                "model": "edsr_small",
-                "method": "dense",
-                "budget": 1.0,
-                "psnr": dense_result.psnr,
-                "ssim": dense_result.ssim,
-                "macs_g": dense_cost.macs() / 1e9,
-                "macs_fraction": 1.0,
-                "prunable_macs_fraction": 1.0,
-                "params": dense_cost.params,
-                "params_nonzero": dense_cost.nonzero_params(),
-                "packed_bytes": info.dense_model_bytes,
-                "note": f"single-task, {per_task[task]} steps from scratch",
-            }
-        )
-        rows.append(
-            {
-                **base,
-                "model": "edsr_small_multiscale",
-                "method": "png",
-                "budget": f"{info.n}:{info.m}",
-                "psnr": png_result.psnr,
-                "ssim": png_result.ssim,
-                "macs_g": info.macs / 1e9,
-                "macs_fraction": info.macs / dense_cost.dense_macs,
-                "prunable_macs_fraction": info.prunable_macs_fraction,
-                "params": info.dense_model_bytes // 4,
-                "params_nonzero": info.params_nonzero,
-                "packed_bytes": info.nm_model_bytes,
-                "psnr_minus_dense": -gap,
-                "note": "one network for x2/x3/x4 (storage below); packed B = this task alone",
-            }
-        )
-        checks.append(
-            (f"{task}: PNG within {TOLERANCE_DB} dB of dense (gap {gap:+.3f} dB)", gap <= TOLERANCE_DB)
-        )
-        exact = abs(info.prunable_macs_fraction - info.n / info.m) < 1e-9
-        checks.append((f"{task}: prunable MACs {info.prunable_macs_fraction:.6f} = {info.n}/{info.m}", exact))
-    return model, storage, rows, checks, dense_models
 
 
 def paper_scale_bounds(config: PNGConfig) -> list[dict[str, object]]:
@@ -342,27 +178,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    steps = QUICK if args.quick else FULL
-    recipe = png_recipe(steps, args.threads)
-    config = recipe.sparsity
-    assert isinstance(config, PNGConfig)
-    per_task = task_steps(recipe)
+    settings = QUICK if args.quick else FULL
+    config = bench_config(args, settings)
     started = time.perf_counter()
-
-    dense_paths: dict[str, Path] = {}
-    if args.only in (None, "dense"):
-        for task, scale in (("x2", 2), ("x3", 3), ("x4", 4)):
-            dense = ensure_dense(
-                dense_config(scale, per_task[task], args.threads, steps["max_test_images"]), print
-            )
-            dense_paths[task] = dense.path
-    if args.only in (None, "png"):
-        run_dir = run_png(recipe)
     if args.only is not None:
+        recipe = png_recipe(config, settings)
+        if args.only == "dense":
+            per_task = task_steps(recipe)
+            for task, scale in TASKS:
+                ensure_dense(dense_config(config, scale, per_task[task]), print)
+        else:
+            run_png(recipe)
         print(f"done in {time.perf_counter() - started:.0f} s")
         return 0
 
-    model, storage, rows, checks, dense_models = png_rows(run_dir, recipe, dense_paths, per_task)
+    register_bench_rows(settings)
+    harness_rows = run_benchmark(config, echo=lambda line: print(line, file=sys.stderr, flush=True))
+    rows = [r for r in harness_rows if str(r["task"]).startswith("sr_x")]
+    recipe, run_dir, _ = prepare(config, settings)  # cached by now: nothing trains here
+    model, _ = model_from_checkpoint(run_dir / "checkpoints" / "last.safetensors")
+    model.eval()
+    storage = png_storage(model)
+    png_config = recipe.sparsity
+    assert isinstance(png_config, PNGConfig)
+    checks: list[tuple[str, bool]] = []
+    for row in rows:
+        if row["method"] == "png":
+            gap = -row["psnr_minus_dense"]
+            checks.append(
+                (
+                    f"{row['task']}: PNG within {TOLERANCE_DB} dB of dense (gap {gap:+.3f} dB)",
+                    gap <= TOLERANCE_DB,
+                )
+            )
+            n, m = (int(v) for v in str(row["budget"]).split(":"))
+            exact = abs(row["prunable_macs_fraction"] - n / m) < 1e-9
+            checks.append(
+                (f"{row['task']}: prunable MACs {row['prunable_macs_fraction']:.6f} = {n}/{m}", exact)
+            )
     summary = storage.summary()
     checks.append(
         (
@@ -377,12 +230,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     checks += earlier_tasks_unchanged(run_dir, recipe, model)
+    check_nm(model)  # raises on any task's mask that breaks N:M
     checks.append(("every task's mask obeys N:M (check_nm over all routes)", True))
-    timing = step_times(model, recipe, dense_models["x3"], args.timing_rounds)
-    for row in rows:
-        if row["task"] == "sr_x3":
-            row["step_ms"] = timing[f"{row['method']}_ms"]
-            row["step_time_ratio"] = timing[f"{row['method']}_ms"] / timing["dense_ms"]
+    x3 = {row["method"]: row for row in rows if row["task"] == "sr_x3"}
+    timing = {"dense_ms": x3["dense"]["step_ms"], "png_ms": x3["png"]["step_ms"]}
+    timing["ratio"] = timing["png_ms"] / timing["dense_ms"]
 
     storage_rows = [
         {
@@ -421,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
             "x one dense": summary["separate_nm_vs_one_dense"],
         },
     ]
-    bounds = paper_scale_bounds(config)
+    bounds = paper_scale_bounds(png_config)
     table = markdown_table([display_row(r) for r in rows], list(DISPLAY))
     storage_table = markdown_table(storage_rows, ["what", "bytes", "x one dense"])
     bound_table = markdown_table(
@@ -430,13 +282,13 @@ def main(argv: list[str] | None = None) -> int:
     check_lines = "\n".join(f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok in checks)
     body = f"""
 Setup: PNG on `edsr_small_multiscale` (edsr_small's trunk, 4 blocks x 32 channels, shared by x2/x3/x4;
-one upsampler per task), M = {config.m}, N = {"/".join(map(str, config.ns))} (x2/x3/x4), max_grow = {config.max_grow}
-(a later task claims at most {config.max_grow} free position per group of {config.m}, so the union of kept shared
-positions is at most {config.union_bound()}/{config.m} of the shared weights whatever training does). Steps: x2
-{steps["dense"]} dense + {steps["finetune"]} fine-tune after the prune; x3 and x4 {steps["grow"]} grow + {steps["finetune"]}
+one upsampler per task), M = {png_config.m}, N = {"/".join(map(str, png_config.ns))} (x2/x3/x4), max_grow = {png_config.max_grow}
+(a later task claims at most {png_config.max_grow} free position per group of {png_config.m}, so the union of kept shared
+positions is at most {png_config.union_bound()}/{png_config.m} of the shared weights whatever training does). Steps: x2
+{settings.dense} dense + {settings.finetune} fine-tune after the prune; x3 and x4 {settings.grow} grow + {settings.finetune}
 fine-tune; lr 5e-4 (fine-tune 1e-4), batch 16, LR patch 32, L1. Dense: one single-task `edsr_small` per scale,
 trained from scratch with the same number of steps for that task (the harness's dense recipe: lr 5e-4, milestones
-0.6/0.85). Scored on {"all" if steps["max_test_images"] is None else steps["max_test_images"]} built-in test
+0.6/0.85). Scored on {"all" if config.max_test_images is None else config.max_test_images} built-in test
 images, Y PSNR/SSIM, crop = scale; the last checkpoints are used (nothing selected on test images). MACs for a
 1280x720 output; "prunable %" = effective / dense MACs of the layers the task runs under N:M.
 
@@ -454,7 +306,7 @@ of 32x32x3x3, the x2+x3+x4 upsamplers weigh as much as 21 of them, so the task l
 {storage.task_bytes / storage.one_dense_bytes:.2f}x one dense model. With EDSR-baseline's 16-block trunk (33 such
 convs) the same setting is bounded by 1.055x the x2 model whatever training does (below).
 
-Worst case of the same setting (M = {config.m}, N = 4/4/4, max_grow = {config.max_grow}) at paper scale, from shapes
+Worst case of the same setting (M = {png_config.m}, N = 4/4/4, max_grow = {png_config.max_grow}) at paper scale, from shapes
 alone (holds for any training; "smallest" = the x2 model):
 
 {bound_table}

@@ -146,3 +146,47 @@ def test_bad_settings_fail_cleanly() -> None:
     result = CliRunner().invoke(app, ["bench", "--quick", "--set", "budgets=['5:4']"])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert {"oneshot", "srste", "filter", "sls", "dense_ft"} <= set(list_row_producers())
+
+
+def test_classpruning_and_png_rows_come_through_the_harness_registry() -> None:
+    assert {"classpruning", "png"} <= set(list_row_producers())
+
+
+@pytest.mark.slow
+def test_png_rows_one_per_task_and_method(cache: Path) -> None:
+    from nmrestore.bench.multitask import PNGBenchSettings, register_bench_rows
+
+    register_bench_rows(PNGBenchSettings(dense=2, grow=2, finetune=1, m=8, ns=(4, 4, 4), max_grow=1))
+    try:
+        rows = run_benchmark(tiny(cache, methods=("png",), dense_steps=3))
+    finally:
+        register_bench_rows()  # back to the documented settings for later tests
+    png = [(row["task"], row["method"]) for row in rows if str(row["task"]).startswith("sr_x")]
+    assert png == [(f"sr_x{s}", m) for s in (2, 3, 4) for m in ("dense", "png")]
+    for row in rows:
+        assert set(ROW_KEYS) <= set(row), row
+        if row["method"] == "png":
+            assert row["budget"] == "4:8" and row["prunable_macs_fraction"] == pytest.approx(0.5, abs=1e-12)
+            assert row["psnr_minus_dense"] == pytest.approx(
+                row["psnr"]
+                - next(r["psnr"] for r in rows if r["task"] == row["task"] and r["method"] == "dense")
+            )
+    x3 = [row for row in rows if row["task"] == "sr_x3"]
+    assert all(row["step_time_ratio"] > 0 for row in x3)
+
+
+@pytest.mark.slow
+def test_classpruning_row_comes_through_the_harness(cache: Path) -> None:
+    from nmrestore.engine.adaptive import register_bench_rows
+
+    tiny_cp = {"classifier_steps": 2, "joint_steps": 1, "label_stride": 32, "classifier_batch": 4}
+    register_bench_rows(tiny_cp)
+    try:
+        rows = run_benchmark(tiny(cache, methods=("classpruning",), finetune_steps=3))
+    finally:
+        register_bench_rows()
+    (row,) = [row for row in rows if row["method"] == "classpruning"]
+    assert set(ROW_KEYS) <= set(row)
+    assert row["budget"] == "adaptive" and len(row["route_histogram"]) == 3
+    assert sum(row["route_histogram"]) > 0 and 0 < row["macs_fraction"] <= 1.2
+    assert row["finetune_steps"] == 3 and row["step_time_ratio"] > 0

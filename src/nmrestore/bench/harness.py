@@ -370,8 +370,9 @@ def _row_key(row: Row) -> str:
 
 
 # -- row producers -------------------------------------------------------------------------------
-#: ``producer(context, budget) -> row or None`` (None: not applicable; say why in context.notes).
-RowProducer = Callable[[BenchContext, str | None], Row | None]
+#: ``producer(context, budget) -> row, rows or None`` (None: not applicable; say why in context.notes).
+#: A list is for methods whose one run makes several rows (PNG: one row per task).
+RowProducer = Callable[[BenchContext, str | None], Row | list[Row] | None]
 
 
 @dataclass(frozen=True)
@@ -383,11 +384,24 @@ class _Producer:
 _PRODUCERS: dict[str, _Producer] = {}
 
 
-def register_row_producer(name: str, per_budget: bool = True) -> Callable[[RowProducer], RowProducer]:
-    """Register the rows of method ``name``: called once per budget, or once with None."""
+#: Producers that live beside their method's training code, imported on first use (their modules
+#: are heavy and import this one): method -> module with a ``register_bench_rows()`` function.
+_LAZY_PRODUCERS: dict[str, str] = {
+    "classpruning": "nmrestore.engine.adaptive",
+    "png": "nmrestore.bench.multitask",
+}
+
+
+def register_row_producer(
+    name: str, per_budget: bool = True, replace: bool = False
+) -> Callable[[RowProducer], RowProducer]:
+    """Register the rows of method ``name``: called once per budget, or once with None.
+
+    ``replace`` swaps an existing producer (e.g. the same method with other settings).
+    """
 
     def wrap(fn: RowProducer) -> RowProducer:
-        if name in _PRODUCERS:
+        if name in _PRODUCERS and not replace:
             raise ValueError(f"row producer {name!r} is registered twice")
         _PRODUCERS[name] = _Producer(fn, per_budget)
         return fn
@@ -395,8 +409,14 @@ def register_row_producer(name: str, per_budget: bool = True) -> Callable[[RowPr
     return wrap
 
 
+def _load_lazy_producer(name: str) -> None:
+    if name in _PRODUCERS or name not in _LAZY_PRODUCERS:
+        return
+    importlib.import_module(_LAZY_PRODUCERS[name]).register_bench_rows()
+
+
 def list_row_producers() -> list[str]:
-    return sorted(_PRODUCERS)
+    return sorted(set(_PRODUCERS) | set(_LAZY_PRODUCERS))
 
 
 def _method_registered(name: str, context: BenchContext) -> bool:
@@ -580,6 +600,8 @@ def run_benchmark(config: BenchConfig, notes: list[str] | None = None, echo: Ech
 
     ``notes`` (if given) receives what was skipped and why; ``echo`` gets progress lines.
     """
+    for method in config.methods:
+        _load_lazy_producer(method)
     unknown = [m for m in config.methods if m not in _PRODUCERS]
     if unknown:
         raise NMRestoreError(
@@ -631,9 +653,8 @@ def run_benchmark(config: BenchConfig, notes: list[str] | None = None, echo: Ech
             producer = _PRODUCERS[method]
             budgets: Sequence[str | None] = config.budgets if producer.per_budget else [None]
             for budget in budgets:
-                row = producer.fn(context, budget)
-                if row is not None:
-                    rows.append(row)
+                made = producer.fn(context, budget)
+                rows.extend([] if made is None else made if isinstance(made, list) else [made])
         context.say(f"timing {len(context.timed)} models ({config.timing_rounds} interleaved rounds)")
         times = measure_step_times(
             context.timed,

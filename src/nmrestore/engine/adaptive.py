@@ -1432,10 +1432,9 @@ def load_train_images(recipe: Recipe) -> ImageList:
 
 
 def register_bench_rows(settings: dict[str, Any] | None = None) -> None:
-    """Register :func:`bench_rows` with the benchmark harness as method ``classpruning`` (once)."""
+    """Register (or re-register with other ``settings``) :func:`bench_rows` as method ``classpruning``."""
     from functools import partial
 
-    from nmrestore.bench.harness import list_row_producers, register_row_producer
+    from nmrestore.bench.harness import register_row_producer
 
-    if "classpruning" not in list_row_producers():
-        register_row_producer("classpruning", per_budget=False)(partial(bench_rows, settings=settings))
+    register_row_producer("classpruning", per_budget=False, replace=True)(partial(bench_rows, settings=settings))

@@ -1,0 +1,262 @@
+"""PNG's benchmark rows (method ``png``): one multi-task network for SR x2/x3/x4 against separate models.
+
+Protocol, on the built-in photos (train split for training, test split for scoring, Y PSNR/SSIM,
+crop = scale; nothing is selected on the test images):
+
+* **PNG**: ``<model>_multiscale`` (the harness model's trunk shared by x2/x3/x4, one upsampler per
+  task), M = ``m``, N_t = ``ns``, ``max_grow`` free positions per group for later tasks. Task x2:
+  ``dense`` steps dense, prune, ``finetune`` steps; x3 and x4: ``grow`` steps with the earlier
+  tasks' positions frozen, prune, ``finetune`` steps.
+* **dense**: one single-task model per scale trained from scratch for the *same number of steps as
+  PNG spent on that task* (x2: dense + finetune; x3, x4: grow + finetune), through the harness's
+  dense cache (:func:`~nmrestore.bench.harness.ensure_dense`).
+
+The producer returns six rows (``task`` = ``sr_x2``/``sr_x3``/``sr_x4``, method ``dense``/``png``);
+PNG rows carry ``psnr_minus_dense``. The x3 rows carry the training-step time of PNG (earlier tasks'
+positions frozen) against the dense x3 model, measured interleaved in this process.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from nmrestore.bench.harness import (
+    ROW_KEYS,
+    BenchConfig,
+    BenchContext,
+    Row,
+    Timed,
+    default_cache_dir,
+    ensure_dense,
+    measure_step_times,
+    recipe_digest,
+    register_row_producer,
+)
+from nmrestore.cost import count_cost
+from nmrestore.data.builtin import load_builtin
+from nmrestore.data.datasets import SRTrainDataset
+from nmrestore.engine.evaluate import EvalResult, evaluate_model
+from nmrestore.engine.png_runner import evaluate_tasks, png_schedule, train_png
+from nmrestore.engine.runner import build_eval_dataset, model_from_checkpoint
+from nmrestore.methods.png import PNGConfig, PNGController, png_storage, select_task
+from nmrestore.recipes.schema import Recipe, recipe_from_dict
+from nmrestore.sparsity import check_nm
+
+#: (task name, scale) in training order.
+TASKS: tuple[tuple[str, int], ...] = (("x2", 2), ("x3", 3), ("x4", 4))
+
+
+class PNGBenchSettings(BaseModel):
+    """How long each PNG phase trains, and the N:M setting (defaults: the documented CPU run)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dense: int = Field(1000, ge=1, description="task x2's dense steps before its prune")
+    grow: int = Field(400, ge=1, description="x3/x4: steps with earlier positions frozen, before the prune")
+    finetune: int = Field(200, ge=1, description="steps after every task's prune")
+    m: int = Field(8, ge=2)
+    ns: tuple[int, ...] = (4, 4, 4)
+    max_grow: int | None = Field(1, ge=0)
+
+
+#: The smoke-sized schedule used when the harness runs with ``quick``.
+QUICK_SETTINGS = PNGBenchSettings(dense=40, grow=20, finetune=10)
+
+
+def png_recipe(config: BenchConfig, settings: PNGBenchSettings) -> Recipe:
+    """The PNG run: ``<model>_multiscale`` over x2, x3, x4 with the harness's data and lr."""
+    return recipe_from_dict(
+        {
+            "name": "bench-png",
+            "seed": config.seed,
+            "model": {
+                "name": f"{config.model}_multiscale",
+                "scale": 2,
+                "kwargs": {**config.model_kwargs, "tasks": [s for _, s in TASKS]},
+            },
+            "data": {
+                "train": {
+                    "source": "builtin",
+                    "patch_size": config.patch_size,
+                    "batch_size": config.batch_size,
+                    "samples_per_epoch": config.samples_per_epoch,
+                },
+                "val": {"source": "builtin", "split": "test", "max_images": config.max_test_images},
+            },
+            "train": {
+                "steps": 1,  # unused by PNG: the phases' steps are in sparsity.steps
+                "lr": config.dense_lr,
+                "schedule": {"kind": "multistep", "milestones": [0.6, 0.85], "gamma": 0.5},
+                "val_every": 1_000_000,  # scored once at the end of every phase (logs only)
+                "ckpt_every": 100,
+                "log_every": 25,
+                "device": "cpu",
+                "threads": config.threads,
+            },
+            "sparsity": {
+                "method": "png",
+                "m": settings.m,
+                "ns": list(settings.ns),
+                "max_grow": settings.max_grow,
+                "steps": {
+                    "dense": settings.dense,
+                    "grow": settings.grow,
+                    "finetune": settings.finetune,
+                    "finetune_lr_factor": 0.2,
+                },
+            },
+        },
+        "benchmark PNG recipe",
+    )
+
+
+def task_steps(recipe: Recipe) -> dict[str, int]:
+    """Optimizer steps PNG spends on each task (what each dense baseline gets)."""
+    names = [name for name, _ in TASKS]
+    out = dict.fromkeys(names, 0)
+    for phase in png_schedule(recipe, names, [s for _, s in TASKS]):
+        out[phase.task_name] += phase.steps
+    return out
+
+
+def dense_config(config: BenchConfig, scale: int, steps: int) -> BenchConfig:
+    """The single-task dense baseline at ``scale`` (the harness's dense recipe and cache)."""
+    return config.model_copy(update={"scale": scale, "dense_steps": steps})
+
+
+def run_png(recipe: Recipe, show_progress: bool = False, cache_dir: Path | None = None) -> Path:
+    """Train (or resume, or reuse from the cache) the PNG run; returns its folder."""
+    run_dir = (cache_dir or default_cache_dir()) / f"png-{recipe_digest(recipe)}"
+    if not (run_dir / "final.json").is_file():
+        train_png(recipe, run_dir, resume=True, show_progress=show_progress)
+    return run_dir
+
+
+def step_times(png_model: nn.Module, recipe: Recipe, dense_x3: nn.Module, rounds: int) -> dict[str, float]:
+    """Training-step time of PNG (task x3, earlier positions frozen) against the dense x3 model."""
+    config = recipe.sparsity
+    assert isinstance(config, PNGConfig)
+    controller = PNGController(png_model, config, tuple(name for name, _ in TASKS))
+    controller.begin(1, "finetune", fresh=False)
+    data = recipe.data.train
+    dataset = SRTrainDataset(load_builtin("train"), 3, data.patch_size, data.batch_size, recipe.seed)
+    samples = [dataset[i] for i in range(data.batch_size)]
+    batch = {k: torch.stack([s[k] for s in samples]) for k in ("lq", "gt")}
+    select_task(png_model, 1)
+    try:
+        times = measure_step_times(
+            {"dense": Timed(dense_x3), "png": Timed(png_model, controller)}, batch, rounds, warmup=2
+        )
+    finally:
+        controller.end()
+    base = statistics.median(times["dense"])
+    png = statistics.median(times["png"])
+    return {"dense_ms": base * 1e3, "png_ms": png * 1e3, "ratio": png / base}
+
+
+def png_rows(
+    run_dir: Path,
+    recipe: Recipe,
+    dense_paths: dict[str, Path],
+    per_task: dict[str, int],
+    dense_model_name: str,
+) -> tuple[nn.Module, list[Row], dict[str, nn.Module]]:
+    """Rows (``ROW_KEYS`` + ``psnr_minus_dense``): dense and PNG per task, from the final checkpoint."""
+    model, _ = model_from_checkpoint(run_dir / "checkpoints" / "last.safetensors")
+    model.eval()
+    check_nm(model)
+    results = evaluate_tasks(model, recipe)
+    storage = png_storage(model)
+    rows: list[Row] = []
+    dense_models: dict[str, nn.Module] = {}
+    for t, (task, scale) in enumerate(TASKS):
+        dense_model, _ = model_from_checkpoint(dense_paths[task])
+        dense_model.eval()
+        dense_models[task] = dense_model
+        val = build_eval_dataset(recipe.data.val, scale)
+        dense_result: EvalResult = evaluate_model(dense_model, val, scale, True, with_ssim=True)
+        dense_cost = count_cost(dense_model)
+        info = storage.tasks[t]
+        png_result = results[task]
+        base: Row = dict.fromkeys(ROW_KEYS)
+        base.update({"task": f"sr_{task}", "scale": scale, "finetune_steps": per_task[task]})
+        rows.append(
+            {
+                **base,
+                "model": dense_model_name,
+                "method": "dense",
+                "budget": 1.0,
+                "psnr": dense_result.psnr,
+                "ssim": dense_result.ssim,
+                "macs_g": dense_cost.macs() / 1e9,
+                "macs_fraction": 1.0,
+                "prunable_macs_fraction": 1.0,
+                "params": dense_cost.params,
+                "params_nonzero": dense_cost.nonzero_params(),
+                "packed_bytes": info.dense_model_bytes,
+                "note": f"single-task, {per_task[task]} steps from scratch",
+            }
+        )
+        rows.append(
+            {
+                **base,
+                "model": recipe.model.name,
+                "method": "png",
+                "budget": f"{info.n}:{info.m}",
+                "psnr": png_result.psnr,
+                "ssim": png_result.ssim,
+                "macs_g": info.macs / 1e9,
+                "macs_fraction": info.macs / dense_cost.dense_macs,
+                "prunable_macs_fraction": info.prunable_macs_fraction,
+                "params": info.dense_model_bytes // 4,
+                "params_nonzero": info.params_nonzero,
+                "packed_bytes": info.nm_model_bytes,
+                "psnr_minus_dense": png_result.psnr - dense_result.psnr,
+                "note": f"one network for x2/x3/x4, storage {storage.summary()['png_vs_one_dense']:.3f}x "
+                "one dense model; packed B = this task alone",
+            }
+        )
+    return model, rows, dense_models
+
+
+def prepare(
+    config: BenchConfig, settings: PNGBenchSettings, echo: Any = None
+) -> tuple[Recipe, Path, dict[str, Path]]:
+    """Train (or reuse) the three dense baselines and the PNG run; returns (recipe, run dir, dense paths)."""
+    recipe = png_recipe(config, settings)
+    per_task = task_steps(recipe)
+    dense_paths = {
+        task: ensure_dense(dense_config(config, scale, per_task[task]), echo).path for task, scale in TASKS
+    }
+    if echo:
+        echo(f"PNG run ({recipe.model.name}, M={settings.m}, N={settings.ns}, max_grow={settings.max_grow})")
+    return recipe, run_png(recipe, config.show_progress, config.cache_dir), dense_paths
+
+
+def bench_rows(
+    context: BenchContext, budget: str | None, settings: PNGBenchSettings | None = None
+) -> list[Row]:
+    """The harness producer of method ``png``: six rows (dense and PNG for x2, x3, x4)."""
+    config = context.config
+    chosen = settings or (QUICK_SETTINGS if config.quick else PNGBenchSettings())
+    recipe, run_dir, dense_paths = prepare(config, chosen, context.say)
+    model, rows, dense_models = png_rows(run_dir, recipe, dense_paths, task_steps(recipe), config.model)
+    timing = step_times(model, recipe, dense_models["x3"], config.timing_rounds)
+    for row in rows:
+        if row["task"] == "sr_x3":
+            row["step_ms"] = timing[f"{row['method']}_ms"]
+            row["step_time_ratio"] = timing[f"{row['method']}_ms"] / timing["dense_ms"]
+    return rows
+
+
+def register_bench_rows(settings: PNGBenchSettings | None = None) -> None:
+    """Register (or re-register with other ``settings``) :func:`bench_rows` as method ``png``."""
+    from functools import partial
+
+    register_row_producer("png", per_budget=False, replace=True)(partial(bench_rows, settings=settings))
