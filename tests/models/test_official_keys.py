@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -72,38 +73,62 @@ def basicsr_edsr_shapes(nf: int, n_blocks: int, scale: int) -> Shapes:
     return shapes
 
 
-def rcan_official_shapes(nf: int, n_groups: int, n_blocks: int, reduction: int, scale: int) -> Shapes:
+@dataclass(frozen=True)
+class RCANKeys:
+    """Where one RCAN layout puts each layer (``{g}``: group, ``{b}``: block, ``{n}``: count)."""
+
+    first: str
+    rcab: str
+    attention: tuple[str, str]
+    group_conv: str
+    after_body: str
+    upsample: str
+    last: str
+
+
+RCAN_OFFICIAL = RCANKeys(
+    "head.0",
+    "body.{g}.body.{b}.body",
+    ("3.conv_du.0", "3.conv_du.2"),
+    "body.{g}.body.{n}",
+    "body.{n}",
+    "tail.0",
+    "tail.1",
+)
+RCAN_BASICSR = RCANKeys(
+    "conv_first",
+    "body.{g}.residual_group.{b}.rcab",
+    ("3.attention.1", "3.attention.3"),
+    "body.{g}.conv",
+    "conv_after_body",
+    "upsample",
+    "conv_last",
+)
+
+
+def rcan_shapes(keys: RCANKeys, nf: int, n_groups: int, n_blocks: int, reduction: int, scale: int) -> Shapes:
     shapes: Shapes = {}
-    _conv(shapes, "head.0", 3, nf, 3)
+    _conv(shapes, keys.first, 3, nf, 3)
     for g in range(n_groups):
         for b in range(n_blocks):
-            p = f"body.{g}.body.{b}.body"
+            p = keys.rcab.format(g=g, b=b)
             _conv(shapes, f"{p}.0", nf, nf, 3)
             _conv(shapes, f"{p}.2", nf, nf, 3)
-            _conv(shapes, f"{p}.3.conv_du.0", nf, nf // reduction, 1)
-            _conv(shapes, f"{p}.3.conv_du.2", nf // reduction, nf, 1)
-        _conv(shapes, f"body.{g}.body.{n_blocks}", nf, nf, 3)
-    _conv(shapes, f"body.{n_groups}", nf, nf, 3)
-    _upsampler(shapes, "tail.0", nf, scale, 2)
-    _conv(shapes, "tail.1", nf, 3, 3)
+            _conv(shapes, f"{p}.{keys.attention[0]}", nf, nf // reduction, 1)
+            _conv(shapes, f"{p}.{keys.attention[1]}", nf // reduction, nf, 1)
+        _conv(shapes, keys.group_conv.format(g=g, n=n_blocks), nf, nf, 3)
+    _conv(shapes, keys.after_body.format(n=n_groups), nf, nf, 3)
+    _upsampler(shapes, keys.upsample, nf, scale, 2)
+    _conv(shapes, keys.last, nf, 3, 3)
     return shapes
+
+
+def rcan_official_shapes(nf: int, n_groups: int, n_blocks: int, reduction: int, scale: int) -> Shapes:
+    return rcan_shapes(RCAN_OFFICIAL, nf, n_groups, n_blocks, reduction, scale)
 
 
 def basicsr_rcan_shapes(nf: int, n_groups: int, n_blocks: int, reduction: int, scale: int) -> Shapes:
-    shapes: Shapes = {}
-    _conv(shapes, "conv_first", 3, nf, 3)
-    for g in range(n_groups):
-        for b in range(n_blocks):
-            p = f"body.{g}.residual_group.{b}.rcab"
-            _conv(shapes, f"{p}.0", nf, nf, 3)
-            _conv(shapes, f"{p}.2", nf, nf, 3)
-            _conv(shapes, f"{p}.3.attention.1", nf, nf // reduction, 1)
-            _conv(shapes, f"{p}.3.attention.3", nf // reduction, nf, 1)
-        _conv(shapes, f"body.{g}.conv", nf, nf, 3)
-    _conv(shapes, "conv_after_body", nf, nf, 3)
-    _upsampler(shapes, "upsample", nf, scale, 2)
-    _conv(shapes, "conv_last", nf, 3, 3)
-    return shapes
+    return rcan_shapes(RCAN_BASICSR, nf, n_groups, n_blocks, reduction, scale)
 
 
 def carn_official_shapes(nf: int, n_blocks: int, n_units: int, scales: tuple[int, ...]) -> Shapes:

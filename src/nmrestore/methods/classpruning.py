@@ -39,8 +39,9 @@ from torch import Tensor, nn
 
 from nmrestore.cost import count_cost
 from nmrestore.errors import SparsityError
+from nmrestore.methods.srste import RefreshController
 from nmrestore.sparsity.api import LayerInfo, NMConfig, attach_masks, register_method
-from nmrestore.sparsity.parametrization import GradMode, nm_layers, refresh_, set_route
+from nmrestore.sparsity.parametrization import GradMode, nm_layers, set_route
 
 logger = logging.getLogger(__name__)
 
@@ -375,30 +376,11 @@ def layer_route_ns(model: nn.Module) -> dict[str, list[int]]:
 
 
 # -- the controller (stage A) ----------------------------------------------------------------------
-class RouteController:
+class RouteController(RefreshController):
     """Stage A's training-time state: optional periodic rank refresh (all routes share the ranks)."""
 
     #: the classifier takes no part in stage A's forward (DDP must allow unused parameters)
     find_unused_parameters = True
-
-    def __init__(self, model: nn.Module, refresh_every: int) -> None:
-        self.model = model
-        self.refresh_every = refresh_every
-        self.refreshes = 0
-
-    def step(self, step: int) -> None:
-        if self.refresh_every and step % self.refresh_every == 0:
-            refresh_(self.model)
-            self.refreshes += 1
-
-    def regularizer(self) -> dict[str, Tensor]:
-        return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"refreshes": self.refreshes}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.refreshes = int(state.get("refreshes", 0))
 
 
 @register_method("classpruning", ClassPruningConfig)

@@ -26,7 +26,7 @@ class SRSTEConfig(NMConfig):
 
 
 class RefreshController:
-    """Recomputes every layer's ranks from its dense weight every ``refresh_every`` steps."""
+    """Recomputes every layer's ranks from its dense weight every ``refresh_every`` steps (0: never)."""
 
     def __init__(self, model: nn.Module, refresh_every: int, freeze_at: int | None = None) -> None:
         self.model = model
@@ -37,7 +37,7 @@ class RefreshController:
     def step(self, step: int) -> None:
         if self.freeze_at is not None and step > self.freeze_at:
             return
-        if step % self.refresh_every == 0:
+        if self.refresh_every and step % self.refresh_every == 0:
             refresh_(self.model)
             self.refreshes += 1
 
