@@ -236,42 +236,17 @@ def main(argv: list[str] | None = None) -> int:
     timing = {"dense_ms": x3["dense"]["step_ms"], "png_ms": x3["png"]["step_ms"]}
     timing["ratio"] = timing["png_ms"] / timing["dense_ms"]
 
+    parts = [
+        ("PNG (measured, packed)", storage.total_bytes),
+        ("  shared values (union of kept positions)", storage.shared_values_bytes),
+        ("  per-task masks on shared layers", storage.shared_mask_bytes),
+        ("  shared dense (first/last conv, biases)", storage.shared_dense_bytes),
+        ("  task layers (3 upsamplers, 4:8 packed)", storage.task_bytes),
+        ("3 separate dense models", storage.separate_dense_bytes),
+        ("3 separate 4:8 models (packed)", storage.separate_nm_bytes),
+    ]
     storage_rows = [
-        {
-            "what": "PNG (measured, packed)",
-            "bytes": storage.total_bytes,
-            "x one dense": summary["png_vs_one_dense"],
-        },
-        {
-            "what": "  shared values (union of kept positions)",
-            "bytes": storage.shared_values_bytes,
-            "x one dense": storage.shared_values_bytes / storage.one_dense_bytes,
-        },
-        {
-            "what": "  per-task masks on shared layers",
-            "bytes": storage.shared_mask_bytes,
-            "x one dense": storage.shared_mask_bytes / storage.one_dense_bytes,
-        },
-        {
-            "what": "  shared dense (first/last conv, biases)",
-            "bytes": storage.shared_dense_bytes,
-            "x one dense": storage.shared_dense_bytes / storage.one_dense_bytes,
-        },
-        {
-            "what": "  task layers (3 upsamplers, 4:8 packed)",
-            "bytes": storage.task_bytes,
-            "x one dense": storage.task_bytes / storage.one_dense_bytes,
-        },
-        {
-            "what": "3 separate dense models",
-            "bytes": storage.separate_dense_bytes,
-            "x one dense": summary["separate_dense_vs_one_dense"],
-        },
-        {
-            "what": "3 separate 4:8 models (packed)",
-            "bytes": storage.separate_nm_bytes,
-            "x one dense": summary["separate_nm_vs_one_dense"],
-        },
+        {"what": what, "bytes": size, "x one dense": size / storage.one_dense_bytes} for what, size in parts
     ]
     bounds = paper_scale_bounds(png_config)
     table = markdown_table([display_row(r) for r in rows], list(DISPLAY))

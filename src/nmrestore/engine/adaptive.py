@@ -51,7 +51,7 @@ from nmrestore.data.datasets import ImageList, SREvalDataset, SRTrainDataset, ma
 from nmrestore.data.io import to_tensor, to_uint8, write_image
 from nmrestore.data.loader import build_train_loader
 from nmrestore.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
-from nmrestore.engine.distributed import DistInfo, barrier, init_distributed, shutdown
+from nmrestore.engine.distributed import DistInfo, barrier, distributed_run
 from nmrestore.engine.evaluate import EvalResult, evaluate_model
 from nmrestore.engine.runner import (
     RunResult,
@@ -1058,11 +1058,8 @@ def train_adaptive(
 ) -> RunResult:
     """Run ClassPruning's stages for ``recipe`` into ``run_dir`` (resumable stage by stage)."""
     run_dir = Path(run_dir)
-    dist = init_distributed(recipe.train.device)
-    try:
+    with distributed_run(recipe.train.device) as dist:
         return _train_adaptive(recipe, run_dir, resume, show_progress, dist)
-    finally:
-        shutdown(dist)
 
 
 def has_progress(run_dir: str | Path) -> bool:

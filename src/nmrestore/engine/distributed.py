@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -59,6 +61,16 @@ def barrier(info: DistInfo) -> None:
 def shutdown(info: DistInfo) -> None:
     if info.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def distributed_run(device_preference: str = "auto") -> Iterator[DistInfo]:
+    """One training run's process group: joined on entry (under torchrun), left on exit, even on error."""
+    info = init_distributed(device_preference)
+    try:
+        yield info
+    finally:
+        shutdown(info)
 
 
 def weights_digest(model: nn.Module) -> str:

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from nmrestore.engine.checkpoint import Checkpoint, load_checkpoint, load_model_state, save_checkpoint
-from nmrestore.engine.distributed import DistInfo, barrier, init_distributed, shutdown
+from nmrestore.engine.distributed import DistInfo, barrier, distributed_run
 from nmrestore.engine.evaluate import EvalResult, evaluate_model
 from nmrestore.engine.runner import (
     RunResult,
@@ -181,11 +181,8 @@ def train_png(
 ) -> PNGRunResult:
     """Run the whole PNG schedule of ``recipe`` into ``run_dir`` (resumable, one process or DDP)."""
     run_dir = Path(run_dir)
-    dist = init_distributed(recipe.train.device)
-    try:
+    with distributed_run(recipe.train.device) as dist:
         return _train_png(recipe, run_dir, resume, show_progress, dist)
-    finally:
-        shutdown(dist)
 
 
 def _train_png(
