@@ -1,0 +1,46 @@
+"""Sparse inference on an ordinary CPU: N:M layers on a direct sparse-convolution kernel.
+
+``compile_sparse(model)`` returns a copy of a sparsified (or squashed) model whose N:M Conv2d and
+Linear layers run on a C++ kernel built at first use (:mod:`nmrestore.runtime.kernel`), each layer
+keeping dense PyTorch where that is faster for the input shape (timed on first use, cached).
+``measure_speed`` compares it with the dense model, interleaved in one process.
+"""
+
+from nmrestore.runtime.engine import (
+    EngineConfig,
+    EngineState,
+    FusedResidual,
+    UntouchedLayer,
+    compile_sparse,
+    engine_state,
+    format_decisions,
+    reset_tactics,
+    sparse_layers,
+)
+from nmrestore.runtime.kernel import KernelStatus, kernel_status, load_kernel, reset_kernel
+from nmrestore.runtime.layers import LayerDecision, SparseConv2d, SparseLayer, SparseLinear
+from nmrestore.runtime.packing import CSRWeight, csr_from_dense, csr_from_packed, detect_nm
+
+__all__ = [
+    "CSRWeight",
+    "EngineConfig",
+    "EngineState",
+    "FusedResidual",
+    "KernelStatus",
+    "LayerDecision",
+    "SparseConv2d",
+    "SparseLayer",
+    "SparseLinear",
+    "UntouchedLayer",
+    "compile_sparse",
+    "csr_from_dense",
+    "csr_from_packed",
+    "detect_nm",
+    "engine_state",
+    "format_decisions",
+    "kernel_status",
+    "load_kernel",
+    "reset_kernel",
+    "reset_tactics",
+    "sparse_layers",
+]

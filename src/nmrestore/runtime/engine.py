@@ -1,0 +1,348 @@
+"""``compile_sparse``: swap every N:M layer of a model for a sparse-kernel layer (inference only).
+
+Where the N:M weights come from, per layer:
+
+* an :class:`~nmrestore.sparsity.parametrization.NMMask` (a model from ``sparsify_``, a training
+  checkpoint or a packed checkpoint via ``load_packed``): one weight set per route. A mask that is
+  a rank prefix (``rank < N``: uniform, one-shot, SR-STE, SLS, ClassPruning) is packed with
+  :func:`~nmrestore.sparsity.nm.pack` and converted from kept values + in-group indices; any other
+  mask (PNG's per-task sets) from its effective weight's non-zeros. A route with N = M stays dense.
+* a plain layer (a squashed, dense-with-zeros model): the N:M pattern is detected from its zeros
+  (:func:`~nmrestore.runtime.packing.detect_nm`); layers without one are left untouched.
+
+Every swapped layer picks, per (route, input shape, threads), the faster of the sparse kernel and
+dense PyTorch by timing both on first use (see :mod:`nmrestore.runtime.layers`). Timings are kept
+in memory and, with ``EngineConfig.cache_file``, in a JSON file keyed by the layer's structure,
+the input shape, the thread count and the kernel build (which encodes the CPU), so a later
+process reuses them. A ReLU that directly follows a swapped layer in an ``nn.Sequential`` is fused
+into it, and so is the skip sum of the zoo's residual blocks (EDSR ``ResBlock``, CARN's residual
+block, MSRResNet's ``ResidualBlockNoBN``): the kernel applies them while the tile is in
+registers, saving a pass over the output for each.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from nmrestore.runtime.kernel import KernelLibrary, kernel_status, load_kernel
+from nmrestore.runtime.layers import LayerDecision, RouteWeights, SparseConv2d, SparseLayer, SparseLinear
+from nmrestore.runtime.packing import CSRWeight, csr_from_dense, csr_from_packed, detect_nm
+from nmrestore.sparsity import nm
+from nmrestore.sparsity.parametrization import NMMask, dense_weight, nm_mask_of
+
+log = logging.getLogger("nmrestore.runtime")
+
+Tactic = Literal["auto", "sparse", "dense"]
+
+
+class EngineConfig(BaseModel):
+    """How :func:`compile_sparse` runs the N:M layers.
+
+    ``tactic``: ``auto`` times sparse against dense per layer and input shape on first use and
+    keeps the faster; ``sparse`` always uses the kernel where it can run; ``dense`` never does
+    (a reference that goes through the same layers). ``max_density``: a route denser than this
+    skips the timing and runs dense. ``timing_repeats``: timed runs of each tactic (after one
+    warm-up each), the median decides. ``fuse_relu`` / ``fuse_residual``: let a sparse conv apply
+    the following ReLU / the residual sum of the zoo's residual blocks (EDSR, CARN, MSRResNet) in
+    its epilogue. ``cache_file``: JSON file of timings shared across runs.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tactic: Tactic = "auto"
+    timing_repeats: int = Field(3, ge=1, le=100)
+    max_density: float = Field(0.75, gt=0, le=1)
+    fuse_relu: bool = True
+    fuse_residual: bool = True
+    cache_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class UntouchedLayer:
+    """A Conv/Linear layer left as it is, with the reason (listed in every report)."""
+
+    layer: str
+    kind: str
+    reason: str
+
+
+@dataclass
+class EngineState:
+    """Shared by the sparse layers of one compiled model: config, kernel, decisions, timing cache."""
+
+    config: EngineConfig
+    kernel: KernelLibrary | None
+    kernel_reason: str
+    kernel_id: str
+    decisions: dict[tuple[str, int, tuple[int, ...], int], LayerDecision] = field(default_factory=dict)
+    untouched: list[UntouchedLayer] = field(default_factory=list)
+    timings: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    def record(self, decision: LayerDecision) -> None:
+        key = (decision.layer, decision.route, decision.input_shape, decision.threads)
+        self.decisions[key] = decision
+
+    def cached_timing(self, signature: str) -> tuple[float, float] | None:
+        return self.timings.get(f"{self.kernel_id}|{signature}")
+
+    def store_timing(self, signature: str, dense_ms: float, sparse_ms: float) -> None:
+        self.timings[f"{self.kernel_id}|{signature}"] = (dense_ms, sparse_ms)
+        if self.config.cache_file is not None:
+            _save_cache(self.config.cache_file, self.timings)
+
+    def table(self) -> list[LayerDecision]:
+        return list(self.decisions.values())
+
+
+# -- disk cache -------------------------------------------------------------------------------
+def _load_cache(path: Path) -> dict[str, tuple[float, float]]:
+    try:
+        raw = json.loads(path.read_text())
+        return {str(k): (float(v[0]), float(v[1])) for k, v in raw.get("timings", {}).items()}
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError, TypeError, IndexError, AttributeError) as exc:
+        log.warning("ignoring unreadable tactic cache %s (%s)", path, exc)
+        return {}
+
+
+def _save_cache(path: Path, timings: dict[str, tuple[float, float]]) -> None:
+    # Merge with what another process may have written meanwhile, then replace atomically.
+    merged = {**_load_cache(path), **timings}
+    payload = {"format": "nmrestore-tactics-1", "timings": {k: list(v) for k, v in sorted(merged.items())}}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tactics-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(payload, f, indent=1)
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("could not write tactic cache %s (%s)", path, exc)
+
+
+# -- building the route weights -----------------------------------------------------------------
+def _is_rank_prefix(mask: NMMask, n: int) -> bool:
+    """True when the mask of the active route is exactly ``rank < N`` (packable by ranks)."""
+    if mask.learns_keep:
+        return False
+    return bool(torch.equal(mask.mask().bool(), mask.ranks < n))
+
+
+def _route_weights_masked(module: nn.Module, mask: NMMask) -> list[RouteWeights]:
+    routes: list[RouteWeights] = []
+    previous = mask.route
+    groups = getattr(module, "groups", 1)
+    try:
+        for route in range(mask.num_routes):
+            mask.route = route
+            n, m = mask.n, mask.m
+            with torch.no_grad():
+                effective = module.weight.detach().float().clone().contiguous()
+            if n >= m:
+                routes.append(RouteWeights(effective, None, None, f"N = M = {m} on this route (dense)"))
+                continue
+            csr: CSRWeight
+            if _is_rank_prefix(mask, n):
+                packed = nm.pack(dense_weight(module).detach().float(), mask.ranks, n, m)
+                csr = csr_from_packed(packed, groups)
+            else:
+                csr = csr_from_dense(effective, groups)
+            routes.append(RouteWeights(effective, csr, (n, m)))
+    finally:
+        mask.route = previous
+    return routes
+
+
+def _route_weights_plain(module: nn.Module) -> tuple[list[RouteWeights] | None, str]:
+    weight = module.weight.detach().float().clone().contiguous()
+    found = detect_nm(weight)
+    if found is None:
+        return None, "no N:M pattern in its zeros"
+    return [RouteWeights(weight, csr_from_dense(weight, getattr(module, "groups", 1)), found)], ""
+
+
+def _conv_unsupported(module: nn.Conv2d) -> str | None:
+    if module.padding_mode != "zeros":
+        return f"padding_mode {module.padding_mode!r} (the kernel pads with zeros)"
+    if isinstance(module.padding, str):
+        return f"padding {module.padding!r} given as a string"
+    if module.groups > 1 and module.in_channels // module.groups == 1:
+        return "depthwise convolution"
+    return None
+
+
+def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _fuse_relus(model: nn.Module) -> int:
+    """Fold ``nn.ReLU`` that directly follows a sparse layer in an ``nn.Sequential`` into it."""
+    fused = 0
+    for seq in model.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        keys = list(seq._modules.keys())
+        for a, b in itertools.pairwise(keys):
+            first, second = seq._modules[a], seq._modules[b]
+            if isinstance(first, SparseLayer) and isinstance(second, nn.ReLU) and not first.relu:
+                first.relu = True
+                seq._modules[b] = nn.Identity()
+                fused += 1
+    return fused
+
+
+class FusedResidual(nn.Module):
+    """A residual block ``act(scale * last(head(x)) + x)`` whose last sparse conv adds the skip
+    (and the ReLU after it) in its epilogue instead of two more passes over the output."""
+
+    def __init__(
+        self, block: nn.Module, head: nn.Module, last: SparseConv2d, scale: float, post_relu: bool
+    ) -> None:
+        super().__init__()
+        self.block = block  # keeps the original names reachable (routes, state)
+        self.head = head
+        self.last = last
+        self.scale = scale
+        self.post_relu = post_relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.head(x)
+        return self.last.run(h, residual=x.contiguous(), scale=self.scale, post_relu=self.post_relu)
+
+    def extra_repr(self) -> str:
+        return f"fused residual: scale={self.scale:g}, relu after sum={self.post_relu}"
+
+
+def _residual_pattern(module: nn.Module) -> tuple[nn.Module, nn.Module, float, bool] | None:
+    """(head, last conv, scale, ReLU after the sum) of the zoo's residual blocks, else None."""
+    from nmrestore.models.carn import CarnResidualBlock
+    from nmrestore.models.common import ResBlock
+    from nmrestore.models.msrresnet import ResidualBlockNoBN
+
+    if isinstance(module, ResBlock | CarnResidualBlock):  # x + s * body(x) / relu(x + body(x))
+        body = module.body
+        if len(body) < 2:
+            return None
+        head = nn.Sequential(*list(body)[:-1])
+        scale = float(module.res_scale) if isinstance(module, ResBlock) else 1.0
+        return head, body[-1], scale, isinstance(module, CarnResidualBlock)
+    if isinstance(module, ResidualBlockNoBN):  # x + conv2(relu(conv1(x)))
+        return nn.Sequential(module.conv1, module.relu), module.conv2, 1.0, False
+    return None
+
+
+def _fuse_residuals(model: nn.Module) -> int:
+    fused = 0
+    for name, module in list(model.named_modules()):
+        pattern = _residual_pattern(module)
+        if pattern is None or not name:
+            continue
+        head, last, scale, post_relu = pattern
+        if isinstance(last, SparseConv2d) and not last.relu:
+            _set_child(model, name, FusedResidual(module, head, last, scale, post_relu))
+            fused += 1
+    return fused
+
+
+def compile_sparse(model: nn.Module, config: EngineConfig | None = None, inplace: bool = False) -> nn.Module:
+    """A copy of ``model`` (``inplace=True``: the model itself) whose N:M layers run on the kernel.
+
+    The result is for inference (``eval()`` mode; run it under ``torch.no_grad()`` or
+    ``torch.inference_mode()``: an input that requires grad takes the dense path). Routes and
+    tasks are switched on it as on the original (``use_route``, ``select_task``). When the kernel
+    cannot be built every layer runs dense and the reason is logged once and kept in
+    ``engine_state(model).kernel_reason``.
+    """
+    config = config or EngineConfig()
+    target = model if inplace else copy.deepcopy(model)
+    kernel = load_kernel() if config.tactic != "dense" else None
+    status = kernel_status() if config.tactic != "dense" else None
+    reason = "tactic forced to dense" if status is None else status.reason
+    kernel_id = status.library.name if status is not None and status.library is not None else "none"
+    state = EngineState(config, kernel, reason, kernel_id)
+    if config.cache_file is not None:
+        state.timings.update(_load_cache(config.cache_file))
+    candidates = [
+        (name, module)
+        for name, module in target.named_modules()
+        if isinstance(module, nn.Conv2d | nn.Linear) and not isinstance(module, SparseLayer)
+    ]
+    for name, module in candidates:
+        kind = type(module).__name__.removeprefix("Parametrized")
+        if isinstance(module, nn.Conv2d):
+            unsupported = _conv_unsupported(module)
+            if unsupported is not None:
+                state.untouched.append(UntouchedLayer(name, kind, unsupported))
+                continue
+        mask = nm_mask_of(module)
+        if mask is not None:
+            routes = _route_weights_masked(module, mask)
+        else:
+            found, why = _route_weights_plain(module)
+            if found is None:
+                state.untouched.append(UntouchedLayer(name, kind, why))
+                continue
+            routes = found
+        new: SparseLayer
+        if isinstance(module, nn.Conv2d):
+            new = SparseConv2d(module, name, routes, state)
+        else:
+            new = SparseLinear(module, name, routes, state)
+        _set_child(target, name, new)
+    if config.fuse_relu:
+        _fuse_relus(target)
+    if config.fuse_residual:
+        _fuse_residuals(target)
+    target.eval()
+    target.sparse_engine = state  # type: ignore[assignment]  # plain attribute: not a module or buffer
+    return target
+
+
+def engine_state(model: nn.Module) -> EngineState | None:
+    """The :class:`EngineState` of a model returned by :func:`compile_sparse` (None otherwise)."""
+    state = getattr(model, "sparse_engine", None)
+    return state if isinstance(state, EngineState) else None
+
+
+def sparse_layers(model: nn.Module) -> list[SparseLayer]:
+    return [m for m in model.modules() if isinstance(m, SparseLayer)]
+
+
+def reset_tactics(model: nn.Module) -> None:
+    """Forget every tactic decision (memory only) so the next forward times again."""
+    for layer in sparse_layers(model):
+        layer.forget_choices()
+    state = engine_state(model)
+    if state is not None:
+        state.decisions.clear()
+        if state.config.cache_file is None:
+            state.timings.clear()
+
+
+def format_decisions(decisions: list[LayerDecision]) -> str:
+    """The per-layer choice table as text."""
+    header = f"{'layer':<28} {'kind':<7} {'route':>5} {'input':<18} {'N:M':>6} {'dense ms':>9} {'sparse ms':>9}  choice"
+    lines = [header, "-" * len(header)]
+    for d in decisions:
+        dense = f"{d.dense_ms:9.2f}" if d.dense_ms is not None else f"{'-':>9}"
+        sparse = f"{d.sparse_ms:9.2f}" if d.sparse_ms is not None else f"{'-':>9}"
+        shape = "x".join(str(s) for s in d.input_shape)
+        note = "" if d.reason in ("timed",) else f" ({d.reason})"
+        lines.append(
+            f"{d.layer:<28} {d.kind:<7} {d.route:>5} {shape:<18} {d.nm:>6} {dense} {sparse}  {d.choice}{note}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,245 @@
+"""Latency of the sparse engine against dense PyTorch, measured interleaved in one process.
+
+:func:`measure_speed` is what ``nmrestore speed`` and ``benchmarks/bench_speed.py`` run: the
+dense reference is the model squashed to dense-with-zeros weights (plain ``F.conv2d``, oneDNN),
+the sparse one is :func:`~nmrestore.runtime.engine.compile_sparse` of the same model. After a
+warm-up (which makes the sparse layers choose their tactics), both run ``repeats`` times in
+alternating order and the medians are compared. :func:`profile_modules` splits one forward into
+its leaf modules (the per-layer "where does the time go" table).
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from nmrestore.runtime.engine import EngineConfig, compile_sparse, engine_state, format_decisions
+from nmrestore.runtime.layers import LayerDecision
+from nmrestore.sparsity.api import squash_
+from nmrestore.sparsity.parametrization import use_route
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run a block with ``threads`` intra-op threads (None: leave as is)."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def interleaved_latency(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each callable, ``repeats`` times, the order rotated every round (no warm-up)."""
+    names = list(runs)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeats):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+@dataclass
+class SpeedReport:
+    """Dense vs sparse-engine latency of one model on one input, and each layer's tactic."""
+
+    model: str
+    input_shape: tuple[int, ...]
+    threads: int
+    repeats: int
+    dense_ms: float
+    sparse_ms: float
+    max_abs_diff: float
+    kernel: str
+    decisions: list[LayerDecision] = field(default_factory=list)
+    untouched: list[tuple[str, str]] = field(default_factory=list)
+    dense_runs_ms: list[float] = field(default_factory=list)
+    sparse_runs_ms: list[float] = field(default_factory=list)
+    route: int | None = None
+
+    @property
+    def speedup(self) -> float:
+        return self.dense_ms / self.sparse_ms if self.sparse_ms > 0 else float("nan")
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "model": self.model,
+            "input_shape": list(self.input_shape),
+            "threads": self.threads,
+            "repeats": self.repeats,
+            "route": self.route,
+            "dense_ms": self.dense_ms,
+            "sparse_ms": self.sparse_ms,
+            "speedup": self.speedup,
+            "max_abs_diff": self.max_abs_diff,
+            "kernel": self.kernel,
+            "dense_runs_ms": self.dense_runs_ms,
+            "sparse_runs_ms": self.sparse_runs_ms,
+            "layers": [d.to_dict() for d in self.decisions],
+            "untouched": [{"layer": n, "reason": r} for n, r in self.untouched],
+        }
+
+    def table(self) -> str:
+        shape = "x".join(str(s) for s in self.input_shape)
+        lines = [
+            f"{self.model}: input {shape}, {self.threads} threads, median of {self.repeats} interleaved runs",
+            f"  dense PyTorch   {self.dense_ms:10.2f} ms",
+            f"  sparse engine   {self.sparse_ms:10.2f} ms",
+            f"  speed-up        {self.speedup:10.2f} x   (max |diff| {self.max_abs_diff:.2e})",
+            f"  {self.kernel}",
+            "",
+            format_decisions(self.decisions),
+        ]
+        for name, reason in self.untouched:
+            lines.append(f"{name:<28} left as is: {reason}")
+        return "\n".join(lines)
+
+
+@torch.no_grad()
+def measure_speed(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    threads: int | None = None,
+    repeats: int = 5,
+    config: EngineConfig | None = None,
+    name: str = "model",
+    route: int | None = None,
+    seed: int = 0,
+) -> SpeedReport:
+    """Dense (squashed) vs :func:`compile_sparse` latency on a random input of ``input_shape``."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.rand(*input_shape, generator=generator)
+    model = model.eval()
+    with torch_threads(threads):
+        dense = squash_(copy.deepcopy(model)).eval()
+        sparse = compile_sparse(model, config)
+        with _maybe_route(model, route), _maybe_route(sparse, route):
+            if route is not None:
+                dense = squash_(copy.deepcopy(model)).eval()  # the route's own weights
+            reference = dense(x)
+            output = sparse(x)  # first call: every sparse layer chooses its tactic here
+            diff = float((reference - output).abs().max())
+            times = interleaved_latency({"dense": lambda: dense(x), "sparse": lambda: sparse(x)}, repeats)
+        used = torch.get_num_threads()
+    state = engine_state(sparse)
+    assert state is not None
+    kernel = (
+        "sparse kernel unavailable: " + state.kernel_reason
+        if state.kernel is None
+        else f"kernel {state.kernel_id}"
+    )
+    return SpeedReport(
+        model=name,
+        input_shape=tuple(input_shape),
+        threads=used,
+        repeats=repeats,
+        dense_ms=statistics.median(times["dense"]) * 1e3,
+        sparse_ms=statistics.median(times["sparse"]) * 1e3,
+        max_abs_diff=diff,
+        kernel=kernel,
+        decisions=state.table(),
+        untouched=[(u.layer, u.reason) for u in state.untouched],
+        dense_runs_ms=[t * 1e3 for t in times["dense"]],
+        sparse_runs_ms=[t * 1e3 for t in times["sparse"]],
+        route=route,
+    )
+
+
+@contextmanager
+def _maybe_route(model: nn.Module, route: int | None) -> Iterator[None]:
+    if route is None:
+        yield
+    else:
+        with use_route(model, route):
+            yield
+
+
+@dataclass(frozen=True)
+class ModuleTime:
+    """Median time of one leaf module (or the rest: adds, concatenations, Python) in a forward."""
+
+    name: str
+    kind: str
+    ms: float
+
+
+@torch.no_grad()
+def profile_modules(model: nn.Module, x: Tensor, repeats: int = 3) -> tuple[list[ModuleTime], float]:
+    """Median ms per leaf module over ``repeats`` forwards, plus the median total.
+
+    Residual blocks of the zoo (EDSR, CARN, MSRResNet) are timed whole, fused or not, so a dense
+    and a compiled model split the same way. The total minus the leaves is reported as
+    ``(other)``: element-wise ops in ``forward`` code (the long skip, mean shifts,
+    concatenations) and Python overhead.
+    """
+    atomic = [m for m in model.modules() if _is_atomic(m)]
+    inside = {id(sub) for m in atomic for sub in m.modules() if sub is not m}
+    leaves = [
+        (n, m)
+        for n, m in model.named_modules()
+        if n
+        and id(m) not in inside
+        and (_is_atomic(m) or next(m.children(), None) is None)
+        and not isinstance(m, nn.Identity)
+    ]
+    starts: dict[int, float] = {}
+    samples: dict[str, list[float]] = {n: [] for n, _ in leaves}
+    current: dict[str, float] = {}
+    handles = []
+    for name, module in leaves:
+
+        def pre(mod: nn.Module, args: object) -> None:
+            starts[id(mod)] = time.perf_counter()
+
+        def post(mod: nn.Module, args: object, out: object, _name: str = name) -> None:
+            current[_name] = current.get(_name, 0.0) + time.perf_counter() - starts.pop(id(mod))
+
+        handles.append(module.register_forward_pre_hook(pre))
+        handles.append(module.register_forward_hook(post))
+    totals: list[float] = []
+    try:
+        model(x)  # warm-up (and tactic choice for a compiled model)
+        for _ in range(repeats):
+            current.clear()
+            start = time.perf_counter()
+            model(x)
+            totals.append(time.perf_counter() - start)
+            for name in samples:
+                if name in current:
+                    samples[name].append(current[name])
+    finally:
+        for h in handles:
+            h.remove()
+    kinds = {n: type(m).__name__ for n, m in leaves}
+    rows = [ModuleTime(n, kinds[n], statistics.median(v) * 1e3) for n, v in samples.items() if v]
+    total = statistics.median(totals) * 1e3
+    rows.append(ModuleTime("(other)", "-", max(0.0, total - sum(r.ms for r in rows))))
+    return rows, total
+
+
+def _is_atomic(module: nn.Module) -> bool:
+    """Timed as one piece (its submodules are not leaves): a sparse or parametrized layer, and a
+    residual block, fused by the engine or not (a fused block calls its last conv directly, so
+    only the block's own hooks see all of its time)."""
+    from torch.nn.utils import parametrize
+
+    from nmrestore.runtime.engine import FusedResidual, _residual_pattern
+    from nmrestore.runtime.layers import SparseLayer
+
+    return (
+        isinstance(module, SparseLayer | FusedResidual)
+        or parametrize.is_parametrized(module)
+        or _residual_pattern(module) is not None
+    )
