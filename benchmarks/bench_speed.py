@@ -1,0 +1,338 @@
+"""Speed benchmark: N:M sparse inference on the CPU kernel against PyTorch's dense conv (oneDNN).
+
+Every figure is a median over interleaved runs in this one process (dense and sparse alternate,
+the order rotating each round), on a random 320x180 LR input, 2 intra-op threads by default.
+
+1. **Uniform N:M.** EDSR-baseline x2 and CARN x4 with magnitude one-shot masks on a freshly built
+   model (speed does not depend on training) at 2:4, 8:32, 4:32 and 2:32. The dense reference is
+   the same model squashed to dense-with-zeros weights (plain ``F.conv2d``); the sparse model is
+   ``compile_sparse`` with per-layer tactic choice (each layer timed sparse vs dense on first use).
+2. **SLS-like non-uniform N.** EDSR-baseline x2, M = 32, a hand-set per-layer mix: the body convs
+   cycle N = 16, 8, 4, 4 and the upsampler conv takes N = 8, i.e. 25% of the prunable MACs (a
+   stand-in for an SLS search result at a 25% budget; no SLS run).
+3. **ClassPruning.** EDSR-baseline x2 with routes 8/16/32 of 32 and an untrained classifier whose
+   cost shift is calibrated to send the image's patches to a mix of routes; whole-image wall time of
+   the patch pipeline (32-pixel patches, stride 28) with PyTorch vs with the sparse engine, and
+   the dense model on the whole image.
+4. **Profile.** Where the time goes in EDSR-baseline x2 (dense, 4:32 and 2:32 engines): per-module
+   medians grouped into the first/last dense convs, the body convs, the upsampler conv, pixel
+   shuffle, ReLU and the rest (residual sums, mean shifts, Python).
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/bench_speed.py            # rewrites section "speed"
+    .venv/bin/python benchmarks/bench_speed.py --quick --no-write
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _report import markdown_table, write_section  # noqa: E402
+from nmrestore.models import create_model  # noqa: E402
+from nmrestore.runtime import EngineConfig, compile_sparse, engine_state, kernel_status  # noqa: E402
+from nmrestore.runtime.speed import interleaved_latency, measure_speed, profile_modules, torch_threads  # noqa: E402
+from nmrestore.sparsity import NMConfig, nm_layers, sparsify_, squash_  # noqa: E402
+
+SECTION = "speed"
+TITLE = "Speed: N:M sparse inference on the CPU"
+UNIFORM = ("2:4", "8:32", "4:32", "2:32")
+SLS_CYCLE = (16, 8, 4, 4)  # per-layer N of the body convs (of 32), repeated
+SLS_UPSAMPLER_N = 8
+
+
+def _uniform(name: str, scale: int, nm: str, kwargs: dict[str, object]) -> nn.Module:
+    n, m = (int(v) for v in nm.split(":"))
+    torch.manual_seed(0)
+    model = create_model(name, scale=scale, **kwargs)
+    sparsify_(model, NMConfig(n=n, m=m))
+    return model.eval()
+
+
+def _sls_like(kwargs: dict[str, object]) -> tuple[nn.Module, float]:
+    """EDSR-baseline x2 with the hand-set per-layer N mix; returns it and its prunable MAC fraction."""
+    from nmrestore.cost import count_cost
+
+    torch.manual_seed(0)
+    model = create_model("edsr_baseline", scale=2, **kwargs)
+    sparsify_(model, NMConfig(n=32, m=32))
+    body = [(name, mask) for name, _, mask in nm_layers(model) if name.startswith("body")]
+    for i, (_, mask) in enumerate(body):
+        mask.set_n(SLS_CYCLE[i % len(SLS_CYCLE)])
+    for name, _, mask in nm_layers(model):
+        if name.startswith("tail"):
+            mask.set_n(SLS_UPSAMPLER_N)
+    summary = count_cost(model.eval()).summary()
+    return model.eval(), float(summary["prunable_macs"]) / float(summary["prunable_dense_macs"])
+
+
+def _row(label: str, model_name: str, nm: str, report: object) -> dict[str, object]:
+    decisions = report.decisions  # type: ignore[attr-defined]
+    sparse = sum(1 for d in decisions if d.choice == "sparse")
+    return {
+        "model": model_name,
+        "N:M": nm,
+        "dense ms": report.dense_ms,  # type: ignore[attr-defined]
+        "sparse ms": report.sparse_ms,  # type: ignore[attr-defined]
+        "speed-up": report.speedup,  # type: ignore[attr-defined]
+        "layers on kernel": f"{sparse}/{len(decisions)}",
+        "max abs diff": f"{report.max_abs_diff:.1e}",  # type: ignore[attr-defined]
+        "_label": label,
+    }
+
+
+def _group(name: str, kind: str, model: str) -> str:
+    if kind == "ReLU":
+        return "ReLU"
+    if kind == "PixelShuffle":
+        return "pixel shuffle"
+    if name == "(other)":
+        return "rest: long skip sum, Python"
+    if model == "edsr":
+        if name == "head.0":
+            return "head.0 (first conv, dense)"
+        if name == "tail.1":
+            return "tail.1 (last conv, dense)"
+        if name.startswith("tail.0"):
+            return "tail.0.0 upsampler conv 64->256"
+        if kind in ("ResBlock", "FusedResidual"):
+            return "16 residual blocks (2 convs 64->64, ReLU, skip sum)"
+        if name.startswith("body"):
+            return "body.16 conv 64->64"
+    return kind
+
+
+def _profile(models: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> list[dict[str, object]]:
+    grouped: dict[str, dict[str, float]] = defaultdict(dict)
+    totals: dict[str, float] = {}
+    for label, model in models.items():
+        rows, total = profile_modules(model, x, repeats)
+        totals[label] = total
+        for row in rows:
+            key = _group(row.name, row.kind, "edsr")
+            grouped[key][label] = grouped[key].get(label, 0.0) + row.ms
+    out = [{"part": part, **{f"{k} ms": v for k, v in values.items()}} for part, values in grouped.items()]
+    out.append({"part": "total (one forward)", **{f"{k} ms": v for k, v in totals.items()}})
+    return out
+
+
+def _classpruning(size: tuple[int, int], repeats: int, kwargs: dict[str, object]) -> dict[str, object]:
+    from nmrestore.engine.adaptive import (
+        AdaptivePipeline,
+        calibrate_shift,
+        classifier_logits,
+        extract_patches,
+        grid_positions,
+    )
+    from nmrestore.methods.classpruning import ClassPruningConfig, route_classifier
+
+    torch.manual_seed(0)
+    model = create_model("edsr_baseline", scale=2, **kwargs)
+    sparsify_(model, ClassPruningConfig(m=32, routes=(8, 16, 32), patch_size=32, stride=28))
+    clf = route_classifier(model)
+    with torch.no_grad():
+        clf.head.weight.normal_(0, 5.0)  # an untrained classifier that still separates patches
+    model.eval()
+    h, w = size
+    lq = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(0))
+    lq = lq * torch.linspace(0.05, 1.0, w).view(1, 1, 1, w)  # patches of differing contrast
+    with torch.no_grad():
+        logits = classifier_logits(model, extract_patches(lq, grid_positions(h, w, 32, 28), (32, 32)))
+    target = 0.55  # the benchmark harness's ClassPruning MAC target
+    clf.cost_shift.fill_(calibrate_shift(logits, clf.route_cost, target)[0])
+    engine = compile_sparse(model)
+    plain = AdaptivePipeline(model, 32, 28)
+    fast = AdaptivePipeline(model, 32, 28, engine=engine)
+    whole = _whole_dense(model)
+    with torch.no_grad():
+        reference = plain(lq)
+        result = fast(lq)  # first call: the route layers choose their tactics here
+        diff = float((reference.output - result.output).abs().max())
+        times = interleaved_latency(
+            {"whole": lambda: whole(lq), "plain": lambda: plain(lq), "engine": lambda: fast(lq)}, repeats
+        )
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    state = engine_state(engine)
+    assert state is not None
+    by_route: dict[int, list[str]] = defaultdict(list)
+    for d in state.table():
+        by_route[d.route].append(d.choice)
+    return {
+        "histogram": "/".join(str(n) for n in result.histogram),
+        "macs_fraction": result.macs_fraction,
+        "whole_ms": med["whole"],
+        "plain_ms": med["plain"],
+        "engine_ms": med["engine"],
+        "diff": diff,
+        "route_layers": {r: f"{c.count('sparse')}/{len(c)}" for r, c in sorted(by_route.items())},
+    }
+
+
+def _whole_dense(model: nn.Module) -> nn.Module:
+    """The dense network (full route, squashed) run on the whole image: the unpruned baseline."""
+    from nmrestore.sparsity import use_route
+
+    copy_ = copy.deepcopy(model)
+    with use_route(copy_, 2):
+        return squash_(copy_).eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--input", default="320x180", help="LR input WIDTHxHEIGHT")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved timed runs per model")
+    parser.add_argument("--quick", action="store_true", help="tiny models and input (a smoke run)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
+    parser.add_argument(
+        "--profile-only", action="store_true", help="only the per-module profile (section speed_profile)"
+    )
+    args = parser.parse_args()
+    width, height = (int(v) for v in args.input.lower().split("x"))
+    size = (height, width)
+    kwargs: dict[str, object] = {}
+    carn_kwargs: dict[str, object] = {}
+    if args.quick:
+        size, kwargs, carn_kwargs = (24, 32), {"n_blocks": 2}, {"n_blocks": 1, "n_units": 1}
+    started = time.perf_counter()
+    status = kernel_status()
+    print(status.summary(), flush=True)
+    config = EngineConfig(tactic="auto", timing_repeats=3)
+    if args.profile_only:
+        _profile_only(args, size, kwargs, config, status.summary(), started)
+        return
+    rows: list[dict[str, object]] = []
+    with torch_threads(args.threads):
+        for name, scale, kw in (("edsr_baseline", 2, kwargs), ("carn", 4, carn_kwargs)):
+            for nm in UNIFORM:
+                model = _uniform(name, scale, nm, kw)
+                report = measure_speed(
+                    model, (1, 3, *size), None, args.repeats, config, f"{name} x{scale} {nm}"
+                )
+                rows.append(_row(report.model, f"{name} x{scale}", nm, report))
+                print(
+                    f"{report.model}: dense {report.dense_ms:.1f} ms, sparse {report.sparse_ms:.1f} ms, "
+                    f"{report.speedup:.2f}x",
+                    flush=True,
+                )
+        sls, fraction = _sls_like(kwargs)
+        report = measure_speed(sls, (1, 3, *size), None, args.repeats, config, "edsr_baseline x2 SLS-like")
+        rows.append(
+            _row(report.model, "edsr_baseline x2", f"SLS-like mix ({fraction:.0%} prunable MACs)", report)
+        )
+        print(f"{report.model}: {report.speedup:.2f}x", flush=True)
+
+        profile_models: dict[str, nn.Module] = {}
+        x = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0))
+        base = _uniform("edsr_baseline", 2, "4:32", kwargs)
+        profile_models["dense"] = squash_(copy.deepcopy(base))
+        profile_models["4:32 engine"] = compile_sparse(base, config)
+        profile_models["2:32 engine"] = compile_sparse(_uniform("edsr_baseline", 2, "2:32", kwargs), config)
+        profile = _profile(profile_models, x, args.repeats)
+
+        cp = _classpruning(size, args.repeats, kwargs)
+        print(f"classpruning: {cp}", flush=True)
+        threads = torch.get_num_threads()
+    wall = time.perf_counter() - started
+
+    table = markdown_table(
+        rows, ["model", "N:M", "dense ms", "sparse ms", "speed-up", "layers on kernel", "max abs diff"]
+    )
+    profile_cols = ["part", "dense ms", "4:32 engine ms", "2:32 engine ms"]
+    profile_table = markdown_table(profile, profile_cols)
+    cp_table = markdown_table(
+        [
+            {"run": "dense model, whole image", "ms": cp["whole_ms"], "vs whole-image dense": 1.0},
+            {
+                "run": "patch pipeline, PyTorch",
+                "ms": cp["plain_ms"],
+                "vs whole-image dense": cp["whole_ms"] / cp["plain_ms"],
+            },
+            {
+                "run": "patch pipeline, sparse engine",
+                "ms": cp["engine_ms"],
+                "vs whole-image dense": cp["whole_ms"] / cp["engine_ms"],
+            },
+        ],
+        ["run", "ms", "vs whole-image dense"],
+    )
+    h, w = size
+    body = f"""
+Input {w}x{h} LR, {threads} threads, median of {args.repeats} interleaved runs per model in one process;
+{status.summary()}. Wall time of the whole benchmark: {wall:.0f} s.
+The dense reference is PyTorch's own CPU conv (oneDNN) on the squashed model; "layers on kernel" counts
+the layer/route/shape choices that went to the sparse kernel (the rest stayed dense because dense timed
+faster); "max abs diff" is between the two models' outputs.
+
+{table}
+
+SLS-like row: a hand-set mix, not an SLS search: body convs N = {"/".join(str(n) for n in SLS_CYCLE)} of 32
+repeated, upsampler N = {SLS_UPSAMPLER_N}.
+
+**Where the time goes** (EDSR-baseline x2, one forward, median per module over {args.repeats} runs;
+module hooks add a little overhead, so parts do not add up exactly to the end-to-end figures above):
+
+{profile_table}
+
+**ClassPruning** (EDSR-baseline x2, routes 8/16/32 of 32, untrained classifier calibrated to
+{cp["macs_fraction"]:.0%} of the patches' dense MACs, route histogram {cp["histogram"]}, patches 32/28,
+batch 64): route layers on the kernel {cp["route_layers"]} (route: sparse/all choices); max abs diff
+between the two pipelines {cp["diff"]:.1e}.
+
+{cp_table}
+"""
+    print(body)
+    if not args.no_write and not args.quick:
+        write_section(SECTION, TITLE, body)
+
+
+def _profile_models(kwargs: dict[str, object], config: EngineConfig) -> dict[str, nn.Module]:
+    base = _uniform("edsr_baseline", 2, "4:32", kwargs)
+    return {
+        "dense": squash_(copy.deepcopy(base)),
+        "4:32 engine": compile_sparse(base, config),
+        "2:32 engine": compile_sparse(_uniform("edsr_baseline", 2, "2:32", kwargs), config),
+    }
+
+
+def _profile_only(
+    args: argparse.Namespace,
+    size: tuple[int, int],
+    kwargs: dict[str, object],
+    config: EngineConfig,
+    kernel: str,
+    started: float,
+) -> None:
+    with torch_threads(args.threads):
+        x = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0))
+        profile = _profile(_profile_models(kwargs, config), x, args.repeats)
+        threads = torch.get_num_threads()
+    table = markdown_table(profile, ["part", "dense ms", "4:32 engine ms", "2:32 engine ms"])
+    h, w = size
+    body = f"""
+Where the time goes in EDSR-baseline x2 (magnitude masks on a fresh model), input {w}x{h} LR,
+{threads} threads; median per module over {args.repeats} forwards of each model (run one after the
+other, not interleaved; module hooks add a little overhead). Residual blocks are timed whole
+(2 convs, ReLU, skip sum), fused by the engine or not. {kernel}. Wall time {time.perf_counter() - started:.0f} s.
+
+{table}
+"""
+    print(body)
+    if not args.no_write and not args.quick:
+        write_section("speed_profile", "Speed: where the time goes (EDSR-baseline x2)", body)
+
+
+if __name__ == "__main__":
+    main()

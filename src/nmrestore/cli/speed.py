@@ -1,0 +1,64 @@
+"""``nmrestore speed``: dense PyTorch against the sparse engine on one model and input size."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from nmrestore.errors import NMRestoreError
+from nmrestore.runtime import EngineConfig
+from nmrestore.runtime.speed import SpeedReport, measure_speed
+
+
+def speed_model(
+    name: str, scale: int, sparsity: str | None, checkpoint: Path | None
+) -> tuple[nn.Module, str]:
+    """The model to time: a checkpoint's (any method, packed or not), or ``name`` with uniform
+    magnitude N:M masks on its initial weights (speed does not depend on training)."""
+    if checkpoint is not None:
+        from nmrestore.engine.runner import model_from_checkpoint
+        from nmrestore.export.packed import load_any
+
+        model, recipe = model_from_checkpoint(load_any(checkpoint))
+        if recipe.model.name != name:
+            raise NMRestoreError(f"{checkpoint} holds a {recipe.model.name} model, not {name}")
+        method = recipe.sparsity.method if recipe.sparsity is not None else "dense"
+        return model, f"{name} x{recipe.model.scale} ({method}, {checkpoint.name})"
+    if sparsity is None:
+        raise NMRestoreError("give --sparsity N:M (e.g. 4:32) or a --checkpoint")
+    from nmrestore.models import create_model
+    from nmrestore.sparsity import NMConfig, parse_nm, sparsify_
+
+    n, m = parse_nm(sparsity)
+    model = create_model(name, scale=scale)
+    sparsify_(model, NMConfig(n=n, m=m))
+    return model, f"{name} x{scale} {n}:{m}"
+
+
+def run_speed(
+    name: str,
+    scale: int,
+    sparsity: str | None,
+    checkpoint: Path | None,
+    size: tuple[int, int],
+    threads: int | None,
+    repeats: int,
+    route: int | None,
+    config: EngineConfig,
+) -> SpeedReport:
+    if repeats < 1:
+        raise NMRestoreError(f"--repeats must be at least 1, got {repeats}")
+    if threads is not None and threads < 1:
+        raise NMRestoreError(f"--threads must be at least 1, got {threads}")
+    model, label = speed_model(name, scale, sparsity, checkpoint)
+    if route is not None:
+        from nmrestore.sparsity.parametrization import nm_layers
+
+        routes = max((mask.num_routes for _, _, mask in nm_layers(model)), default=1)
+        if not 0 <= route < routes:
+            raise NMRestoreError(f"--route {route} does not exist (the model has {routes} route(s))")
+    channels = int(getattr(model, "n_colors", 3) or 3)
+    return measure_speed(
+        model, (1, channels, *size), threads=threads, repeats=repeats, config=config, name=label, route=route
+    )
