@@ -23,7 +23,8 @@ from nmrestore.methods.sls import (
     sls_layer_table,
     sls_masks,
 )
-from nmrestore.sparsity import check_nm, sparsify_
+from nmrestore.methods.srste import SRSTEConfig
+from nmrestore.sparsity import check_nm, nm_layers, sparsify_
 from tests.nets import TinyEDSR
 
 SIZE = (8, 8)  # LR input used for MAC counts and forwards: keeps every test fast
@@ -146,6 +147,74 @@ def test_a_short_search_reaches_the_budget_and_freezes(caplog: pytest.LogCapture
     assert all(torch.equal(m.ranks, r) for m, r in zip(controller.masks, ranks, strict=True))
     assert all(not m.scores.requires_grad and not m.learns_keep for m in controller.masks)
     check_nm(model)
+
+
+def test_refresh_after_freeze_keeps_moving_the_masks_but_not_n() -> None:
+    model = make_model()
+    controller = sls(
+        model,
+        budget=0.5,
+        lam=1.0,
+        score_lr=0.01,
+        anneal_interval=5,
+        refresh_every=1,
+        refresh_after_freeze=True,
+    )
+    frozen_at = run_search(model, controller, 25)
+    assert frozen_at is not None, controller.state_dict()
+    ns = controller.ns()
+    ranks = [mask.ranks.clone() for mask in controller.masks]
+    run_search(model, controller, 5, start=100)  # fine-tuning: N stays, the kept weights may change
+    assert controller.ns() == ns and controller.frozen
+    assert any(not torch.equal(m.ranks, r) for m, r in zip(controller.masks, ranks, strict=True))
+    for module, mask in zip(controller.modules, controller.masks, strict=True):  # ranks are current
+        expected = (mask.ranks < mask.n).float()
+        assert torch.equal(mask.mask(), expected)
+        fresh = SLSMask(module.parametrizations.weight.original.detach(), mask.m)
+        assert torch.equal(fresh.ranks, mask.ranks)
+    assert achieved_budget(model, controller.config) <= 0.5
+    check_nm(model)
+
+
+def test_refresh_after_freeze_honours_refresh_every() -> None:
+    model = make_model()
+    controller = sls(model, budget=0.25, search_steps=0, refresh_every=3, refresh_after_freeze=True)
+    controller.finalize()
+    assert controller.frozen
+    calls: list[int] = []
+    controller._refresh = lambda: calls.append(controller.steps)  # type: ignore[method-assign]
+    for step in range(1, 8):
+        controller.step(step)
+    assert calls == [3, 6]
+
+
+def test_frozen_srste_sls_fine_tunes_exactly_like_srste() -> None:
+    """At uniform N, SLS with SR-STE gradients and refresh every step after freezing *is* SR-STE."""
+    sls_model, srste_model = make_model(0), make_model(0)
+    controller = sls(
+        sls_model, budget=0.25, grad_mode="srste", refresh_every=1, refresh_after_freeze=True, search_steps=0
+    )
+    controller.finalize()  # untouched scores: projected onto uniform 2:8
+    assert controller.frozen and controller.ns() == [2] * len(controller.masks)
+    srste_controller = sparsify_(srste_model, SRSTEConfig(n=2, m=8, refresh_every=1)).controller
+    torch.manual_seed(3)
+    x, y = torch.rand(4, 3, *SIZE), torch.rand(4, 3, 16, 16)
+    optimizers = [
+        torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        for model in (sls_model, srste_model)
+    ]
+    for step in range(1, 6):
+        for model, ctrl, optimizer in zip(
+            (sls_model, srste_model), (controller, srste_controller), optimizers, strict=True
+        ):
+            optimizer.zero_grad()
+            (model(x) - y).abs().mean().backward()
+            optimizer.step()
+            ctrl.step(step)
+    with torch.no_grad():
+        assert torch.equal(sls_model(x), srste_model(x))
+    for (_, _, a), (_, _, b) in zip(sls_masks(sls_model), nm_layers(srste_model), strict=True):
+        assert torch.equal(a.ranks, b.ranks)
 
 
 def test_meeting_the_budget_freezes_n_and_drops_the_cost_term() -> None:
@@ -362,6 +431,7 @@ def test_layer_table_text_and_plot(tmp_path: Path) -> None:
         {"input_size": (0, 8)},
         {"budget_kind": "flops"},
         {"unknown": 1},
+        {"refresh_after_freeze": True, "refresh_every": 0},
     ],
 )
 def test_config_rejects_bad_values(bad: dict[str, object]) -> None:
@@ -379,3 +449,18 @@ def test_config_defaults_follow_the_paper() -> None:
         1.03,
     )
     assert config.budget_kind == "prunable_macs"
+    assert config.refresh_after_freeze is False  # the published code's fixed masks after freezing
+
+
+@pytest.mark.parametrize("steps", [30, 300, 600])
+def test_harness_settings_give_the_search_the_papers_annealing_budget(steps: int) -> None:
+    from nmrestore.bench.harness import SLS_RATIO_GROWTH, sls_settings
+
+    settings = sls_settings(steps, 2 / 32)
+    config = SLSConfig(**{k: v for k, v in settings.items() if k != "method"})
+    intervals = config.search_steps / config.anneal_interval
+    # the anneal rule forces the paper's total compression-ratio growth (0.2 x 100 intervals) per search,
+    # enough for the smallest budget the harness asks for (2:32: ratio 16)
+    assert intervals * config.anneal_threshold == pytest.approx(SLS_RATIO_GROWTH)
+    assert SLS_RATIO_GROWTH >= 32 / 2 - 1
+    assert config.search_steps == max(1, steps // 2) and config.grad_mode.value == "hard"

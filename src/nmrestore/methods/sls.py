@@ -22,7 +22,7 @@ Design choices (see the docstrings of :class:`SLSConfig` and :class:`SLSControll
 straight-through estimator with identity backward (the paper's); scores projected back into
 [0, score_clamp] after each step so the clamp never traps them with zero gradient; the cost is
 normalised (lambda does not depend on patch size or model size); after freezing the ranks are
-refreshed once and the masks stay fixed.
+refreshed once and the masks stay fixed (unless ``refresh_after_freeze``).
 """
 
 from __future__ import annotations
@@ -81,6 +81,12 @@ class SLSConfig(NMConfig):
     Adam moves a score about one lr per step, so at the paper's 1e-4 dropping a layer to N = 8:32
     takes ~1000 steps -- fine for 300k-step runs, too slow for short ones. ``input_size`` is the LR
     input (height, width) for the MAC counts; None means the 1280x720-output convention.
+
+    ``refresh_after_freeze``: by default (the published code's ``weight * mask``) the ranks are
+    refreshed one last time when N is frozen and the masks then stay fixed for the fine-tuning. With
+    True the ranks keep being recomputed every ``refresh_every`` steps after freezing as well, so
+    with ``grad_mode="srste"`` and ``refresh_every=1`` the fine-tuning phase is exactly SR-STE's
+    training at the learned layer-wise N (the frozen *N* never changes, only which weights are kept).
     """
 
     method: Literal["sls"] = "sls"  # type: ignore[assignment]
@@ -93,6 +99,7 @@ class SLSConfig(NMConfig):
     anneal_interval: int = Field(2000, ge=1)
     anneal_threshold: float = Field(0.2, ge=0)
     refresh_every: int = Field(1000, ge=0)  # 0: ranks are only refreshed when N is frozen
+    refresh_after_freeze: bool = False
     search_steps: int = Field(200_000, ge=0)
     score_init: float = Field(1.0, gt=0)
     score_clamp: float = Field(1.03, gt=KEEP_THRESHOLD)
@@ -109,6 +116,8 @@ class SLSConfig(NMConfig):
             )
         if self.input_size is not None and min(self.input_size) < 1:
             raise ValueError(f"input_size must be positive, got {self.input_size}")
+        if self.refresh_after_freeze and self.refresh_every == 0:
+            raise ValueError("refresh_after_freeze needs refresh_every >= 1 (how often to refresh)")
         return self
 
 
@@ -320,7 +329,10 @@ class SLSController:
 
     * **refresh**: while searching, ranks are recomputed from the dense weights (magnitude) every
       ``refresh_every`` steps; when N is frozen they are refreshed one last time and then the masks
-      stay fixed for fine-tuning, so the model evaluated and saved is the model fine-tuned.
+      stay fixed for fine-tuning, so the model evaluated and saved is the model fine-tuned. With
+      ``refresh_after_freeze`` the ranks keep being refreshed every ``refresh_every`` steps after
+      freezing too (SR-STE-style fine-tuning at the frozen N); the ranks are buffers of the masks,
+      so the checkpoint still holds exactly the mask that was evaluated.
     * **annealing**: every ``anneal_interval`` steps, if the compression ratio C_ref / C grew by
       less than ``anneal_threshold`` over the interval, ``coef *= alpha`` (the paper's rule).
     * **freezing**: as soon as the hard-N cost is within budget every layer's N is frozen and the
@@ -390,12 +402,14 @@ class SLSController:
     def step(self, step: int) -> None:
         """After an optimizer step: project scores, refresh ranks, anneal, freeze or project onto budget."""
         self.steps = int(step)
+        every = self.config.refresh_every
         if self.frozen:
+            if self.config.refresh_after_freeze and every and step % every == 0:
+                self._refresh()  # N stays frozen; only which weights are kept moves (SR-STE-style)
             return
         for mask in self.masks:
             mask.project_scores()
             mask.sync_n()
-        every = self.config.refresh_every
         if every and step % every == 0:
             self._refresh()
         fraction = self.fraction()

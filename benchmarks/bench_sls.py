@@ -1,0 +1,946 @@
+"""SLS (layer-wise N:M under a MAC budget) against one-shot and SR-STE at 8:32, 4:32, 2:32 (issue #5).
+
+The paper's relation: at 25% of the MACs and below, SLS's learned layer-wise N beats uniform N:M
+(one-shot, SR-STE) at equal MACs, and the gap grows as the budget shrinks. This script measures
+whether that holds at CPU size and what explains the outcome. Every fine-tune goes through the
+benchmark harness (:func:`nmrestore.bench.run_benchmark`, cached dense models, the same data and
+steps for every method); rows are scored on the built-in test photos, and *nothing* is selected on
+them: the SLS settings come from the harness (:func:`nmrestore.bench.harness.sls_settings`, scaled
+a priori and checked on the training run only, see part ``search``).
+
+Parts (``--only PART``, repeatable; every fine-tune's row is cached under ``runs/bench-sls/rows``
+by its recipe hash, so a part interrupted or rerun costs only the rows it lacks):
+
+* ``costs``  -- MACs per layer and per weight of the nets (no training): where can a MAC-aware
+  allocation gain anything?
+* ``search`` -- the SLS search alone on the *training* batches (edsr_small x2, 2:32): the
+  harness's anneal schedule before and after scaling it to the run length (budget met or not,
+  training L1). No test image is touched.
+* ``x2``     -- edsr_small x2, 300 fine-tune steps: oneshot, srste, sls (the paper's: hard
+  gradients, masks fixed after N is frozen) and sls_srste (SR-STE gradients, ranks refreshed every
+  step, during the search and after N is frozen: SR-STE's training at the learned N).
+* ``long``   -- the same net with 600 fine-tune steps (search 300): srste and sls_srste.
+* ``x4``     -- edsr_small x4 (its second upsampler conv runs at 2x the LR resolution: 4x the MACs
+  per weight of every other layer), cached 600-step dense model: srste and sls_srste.
+
+Run from the repository root (every part uses one thread)::
+
+    .venv/bin/python benchmarks/bench_sls.py --only search      # ~4 min (1 thread, shared machine)
+    .venv/bin/python benchmarks/bench_sls.py --only x2          # ~14 min (oneshot/srste reused, below)
+    .venv/bin/python benchmarks/bench_sls.py --only long        # ~18 min
+    .venv/bin/python benchmarks/bench_sls.py --only x4          # ~10 min
+    .venv/bin/python benchmarks/bench_sls.py                    # all parts (cached rows reused); docs 'sls'
+
+The uniform oneshot/srste rows of part ``x2`` are the same recipes as the ``sr`` benchmark's
+(``benchmarks/bench_sr.py``): when ``runs/bench-sr/x2/<label>/recipe.yaml`` hashes to the recipe
+this script would train, the row in ``runs/bench_sr_x2.json`` is reused and marked so
+(``--no-reuse-sr`` retrains them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import itertools
+import json
+import re
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _report import markdown_table, write_section  # noqa: E402
+from nmrestore.bench.harness import (  # noqa: E402
+    SLS_ANNEAL_INTERVALS,
+    SLS_RATIO_GROWTH,
+    BenchConfig,
+    BenchContext,
+    Row,
+    _data,
+    _train_section,
+    ensure_dense,
+    recipe_digest,
+    register_row_producer,
+    run_benchmark,
+    sls_settings,
+)
+from nmrestore.cost import count_cost  # noqa: E402
+from nmrestore.data.loader import build_train_loader  # noqa: E402
+from nmrestore.engine.runner import (  # noqa: E402
+    apply_sparsity,
+    base_model,
+    build_train_dataset,
+    load_weights_from,
+    seed_everything,
+)
+from nmrestore.engine.task import RestorationTask  # noqa: E402
+from nmrestore.engine.trainer import Trainer  # noqa: E402
+from nmrestore.methods.sls import SLSController, sls_layer_table  # noqa: E402
+from nmrestore.models import create_model  # noqa: E402
+from nmrestore.recipes.schema import recipe_from_dict  # noqa: E402
+from nmrestore.sparsity.api import eligible_layers, parse_nm  # noqa: E402
+
+SECTION = "sls"
+TITLE = "SLS: layer-wise N:M under a MAC budget against uniform N:M (one-shot, SR-STE)"
+OUT = ROOT / "runs" / "bench-sls"
+ROWS = OUT / "rows"
+SR_JSON = ROOT / "runs" / "bench_sr_x2.json"
+SR_RUNS = ROOT / "runs" / "bench-sr" / "x2"
+PARTS = ("costs", "search", "x2", "long", "x4")
+BUDGETS = ("8:32", "4:32", "2:32")
+METHODS = ("oneshot", "srste", "sls", "sls_srste")
+
+
+# -- what each method trains -----------------------------------------------------------------------
+def sparsity_for(method: str, steps: int, budget: str) -> dict[str, Any]:
+    """The recipe ``sparsity`` mapping of ``method`` at ``budget`` for a ``steps``-step fine-tune."""
+    n, m = parse_nm(budget)
+    if method in ("oneshot", "srste"):
+        return {"method": method, "n": n, "m": m}
+    settings = sls_settings(steps, n / m)
+    if method == "sls":  # the paper's: hard gradients, masks fixed once N is frozen
+        return settings
+    if method == "sls_srste":  # SR-STE's training (dense gradient + decay, refresh every step) at learned N
+        return {**settings, "grad_mode": "srste", "refresh_every": 1, "refresh_after_freeze": True}
+    raise ValueError(f"unknown method {method!r}")
+
+
+# -- cached row producers ----------------------------------------------------------------------------
+class Options:
+    fresh = False
+    reuse_sr = True
+
+
+def _row_path(method: str, budget: str, digest: str) -> Path:
+    return ROWS / f"{method}-{budget.replace(':', 'of')}-{digest}.json"
+
+
+def _sls_details(row: Row, model: torch.nn.Module, controller: Any) -> None:
+    if not isinstance(controller, SLSController):
+        return
+    row["sls_message"] = controller.message
+    row["sls_projected"] = controller.projected
+    row["sls_frozen_at"] = controller.frozen_at
+    row["layers"] = [
+        {
+            "name": r["name"],
+            "shape": list(r["shape"]),
+            "share_of_macs": r["share_of_macs"],
+            "dense_macs": r["dense_macs"],
+            "n": r["n"],
+            "m": r["m"],
+        }
+        for r in sls_layer_table(model)
+    ]
+
+
+def _uniform_layers(context: BenchContext, budget: str) -> list[dict[str, Any]]:
+    n, m = parse_nm(budget)
+    names = set(context.nm_prunable_names(m))
+    return [
+        {
+            "name": layer.name,
+            "shape": list(layer.shape),
+            "share_of_macs": layer.dense_macs / context.dense_cost.dense_macs,
+            "dense_macs": layer.dense_macs,
+            "n": n if layer.name in names else None,
+            "m": m if layer.name in names else None,
+        }
+        for layer in context.dense_cost.layers
+    ]
+
+
+def _reused_sr_row(method: str, budget: str, digest: str) -> Row | None:
+    """The ``sr`` benchmark's row for the same recipe (same hash), if it is on disk."""
+    if not Options.reuse_sr or method not in ("oneshot", "srste") or not SR_JSON.is_file():
+        return None
+    recipe_file = SR_RUNS / f"{method}-{budget.replace(':', 'of')}" / "recipe.yaml"
+    if not recipe_file.is_file():
+        return None
+    saved = recipe_from_dict(yaml.safe_load(recipe_file.read_text()), str(recipe_file))
+    if recipe_digest(saved) != digest:
+        return None
+    payload = json.loads(SR_JSON.read_text())
+    for row in payload["rows"]:
+        if row["method"] == method and row["budget"] == budget:
+            row = dict(row)
+            row["note"] = f"same recipe (hash {digest}) as {SR_JSON.relative_to(ROOT)}, reused"
+            row["seconds"] = None
+            return row
+    return None
+
+
+def _producer(method: str) -> Callable[[BenchContext, str | None], Row | None]:
+    def produce(context: BenchContext, budget: str | None) -> Row | None:
+        assert budget is not None
+        steps = context.config.finetune_steps
+        sparsity = sparsity_for(method, steps, budget)
+        label = f"{method}-{budget}"
+        digest = recipe_digest(context.finetune_recipe(label, sparsity))
+        path = _row_path(method, budget, digest)
+        if path.is_file() and not Options.fresh:
+            context.say(f"{label}: cached row {path.relative_to(ROOT)}")
+            return json.loads(path.read_text())["row"]
+        row = None if Options.fresh else _reused_sr_row(method, budget, digest)
+        if row is not None:
+            context.say(f"{label}: reusing the sr benchmark's row (same recipe hash {digest})")
+            row["layers"] = _uniform_layers(context, budget)
+        else:
+            started = time.perf_counter()
+            result = context.finetune(label, sparsity)
+            assert result.final is not None
+            row = context.row(method, budget, result.model, result.final, timed=False)
+            row["finetune_steps"] = steps
+            row["seconds"] = time.perf_counter() - started
+            row["layers"] = _uniform_layers(context, budget)
+            _sls_details(row, result.model, result.controller)
+            row["note"] = row.get("sls_message", "")
+        row["recipe_digest"] = digest
+        row["sparsity"] = sparsity
+        ROWS.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        path.write_text(json.dumps({"row": row, "written": stamp}, indent=2, default=str))
+        return row
+
+    return produce
+
+
+for _method in METHODS:
+    register_row_producer(_method, replace=True)(_producer(_method))
+
+
+def bench_config(part: str) -> BenchConfig:
+    common: dict[str, Any] = {
+        "threads": 1,
+        "timing_rounds": 1,  # step times are not part of this comparison
+        "timing_warmup": 0,
+        "work_dir": OUT / part,
+    }
+    if part == "x2":
+        return BenchConfig(methods=METHODS, budgets=BUDGETS, **common)
+    if part == "long":
+        return BenchConfig(
+            finetune_steps=600, methods=("srste", "sls_srste"), budgets=("4:32", "2:32"), **common
+        )
+    if part == "x4":
+        # the 600-step x4 dense model is the one bench_png.py trains (cached); x4 steps cost ~3x x2's
+        return BenchConfig(
+            scale=4, dense_steps=600, methods=("srste", "sls_srste"), budgets=("2:32",), **common
+        )
+    raise ValueError(part)
+
+
+def run_part(part: str) -> dict[str, Any]:
+    config = bench_config(part)
+    notes: list[str] = []
+    started = time.perf_counter()
+    rows = run_benchmark(config, notes, echo=lambda line: print(line, file=sys.stderr, flush=True))
+    return {
+        "config": config.model_dump(mode="json"),
+        "rows": rows,
+        "notes": notes,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+# -- part costs --------------------------------------------------------------------------------------
+def layer_costs(model_name: str, scale: int, m: int = 32) -> list[dict[str, Any]]:
+    model = create_model(model_name, scale=scale)
+    report = count_cost(model)
+    layers, _ = eligible_layers(model, m)
+    prunable = {layer.name for layer in layers}
+    total = sum(layer.dense_macs for layer in report.layers if layer.name in prunable)
+    return [
+        {
+            "name": layer.name,
+            "shape": "x".join(str(s) for s in layer.shape),
+            "prunable": layer.name in prunable,
+            "share": layer.dense_macs / total if layer.name in prunable else None,
+            "macs_per_weight": layer.dense_macs / layer.weight_params,
+        }
+        for layer in report.layers
+    ]
+
+
+def costs_part() -> dict[str, Any]:
+    nets = [("edsr_small", 2), ("carn_small", 2), ("rfdn_small", 2), ("edsr_small", 4)]
+    out = []
+    for name, scale in nets:
+        rows = [r for r in layer_costs(name, scale) if r["prunable"]]
+        per_weight = sorted({round(r["macs_per_weight"]) for r in rows})
+        shares = [r["share"] for r in rows]
+        out.append(
+            {
+                "model": f"{name} x{scale}",
+                "layers": len(rows),
+                "share_min": min(shares),
+                "share_max": max(shares),
+                "macs_per_weight": per_weight,
+                "top": max(rows, key=lambda r: r["share"])["name"],
+            }
+        )
+    return {"nets": out, "x2": layer_costs("edsr_small", 2), "x4": layer_costs("edsr_small", 4)}
+
+
+# -- part search (training batches only) --------------------------------------------------------------
+class _SearchDone(Exception):
+    pass
+
+
+class _Tracer:
+    """Wraps the SLS controller: records the cost fraction and coef after every step, stops the
+    run when N is frozen (no fine-tuning, no validation: this looks at training batches only)."""
+
+    def __init__(self, controller: SLSController) -> None:
+        self.inner = controller
+        self.trace: list[tuple[int, float, float]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def regularizer(self) -> dict[str, torch.Tensor]:
+        return self.inner.regularizer()
+
+    def step(self, step: int) -> None:
+        self.inner.step(step)
+        self.trace.append((step, self.inner.fraction(), self.inner.coef))
+        if self.inner.frozen:
+            raise _SearchDone
+
+    def finalize(self) -> None:
+        pass
+
+
+def search_trace(config: BenchConfig, budget: str, sparsity: dict[str, Any]) -> dict[str, Any]:
+    """The SLS search from the cached dense model, on the harness's training batches, until N freezes."""
+    dense = ensure_dense(config)
+    steps = config.finetune_steps
+    train = {**_train_section(config, steps, config.finetune_lr, [0.67]), "init_from": str(dense.path)}
+    recipe = recipe_from_dict(
+        {
+            "name": f"sls-search-{budget}",
+            "seed": config.seed,
+            "model": {"name": config.model, "scale": config.scale, "kwargs": dict(config.model_kwargs)},
+            "data": _data(config),
+            "train": train,
+            "sparsity": sparsity,
+        },
+        "sls search trace",
+    )
+    torch.set_num_threads(config.threads or torch.get_num_threads())
+    seed_everything(recipe.seed)
+    model = base_model(recipe)
+    load_weights_from(model, recipe, Path(train["init_from"]))
+    report = apply_sparsity(model, recipe)
+    assert report is not None and isinstance(report.controller, SLSController)
+    tracer = _Tracer(report.controller)
+    loader = build_train_loader(
+        build_train_dataset(recipe),
+        recipe.data.train.batch_size,
+        recipe.data.train.num_workers,
+        recipe.seed,
+        distributed=False,
+    )
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(
+            model,
+            RestorationTask(recipe.train.loss),
+            loader,
+            recipe.train,
+            Path(tmp),
+            {},
+            controller=tracer,  # type: ignore[arg-type]
+            validate=None,
+            show_progress=False,
+        )
+        with contextlib.suppress(_SearchDone):
+            trainer.fit()
+        l1 = [r["l1"] for r in trainer.state.history if "l1" in r]
+    controller = tracer.inner
+    above = re.search(r"above budget \(([\d.]+) >", controller.message)
+    return {
+        "budget": budget,
+        "sparsity": sparsity,
+        "met_at": None if controller.projected else controller.frozen_at,
+        "fraction_at_deadline": float(above.group(1)) if above else None,
+        "projected": controller.projected,
+        "final_fraction": controller.fraction(),
+        "coef": controller.coef,
+        "ns": controller.ns(),
+        "message": controller.message,
+        "train_l1_last_logged": l1[-1] if l1 else None,
+        "trace": tracer.trace[:: max(1, len(tracer.trace) // 15)] + tracer.trace[-1:],
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def search_part() -> dict[str, Any]:
+    config = BenchConfig(threads=1)
+    steps = config.finetune_steps
+    old = {"anneal_interval": max(1, steps // 24), "anneal_threshold": 0.2}  # the harness before issue #5
+    runs = []
+    for label, change in (("paper constants (interval 1/24 run, threshold 0.2)", old), ("harness now", {})):
+        for budget in ("4:32", "2:32"):
+            sparsity = {**sparsity_for("sls", steps, budget), **change}
+            key = hashlib.sha256(
+                json.dumps([ensure_dense(config).digest, steps, sparsity], sort_keys=True).encode()
+            ).hexdigest()[:16]
+            path = ROWS / f"search-{budget.replace(':', 'of')}-{key}.json"
+            if path.is_file() and not Options.fresh:
+                result = json.loads(path.read_text())
+            else:
+                print(f"search trace {label} {budget}", file=sys.stderr, flush=True)
+                result = search_trace(config, budget, sparsity)
+                ROWS.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(result, indent=2))
+            runs.append({"settings": label, **result})
+    return {"runs": runs}
+
+
+# -- report -------------------------------------------------------------------------------------------
+def _find(rows: list[Row], method: str, budget: str) -> Row | None:
+    return next((r for r in rows if r["method"] == method and r["budget"] == budget), None)
+
+
+def _fmt_db(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.3f}"
+
+
+def comparison_table(rows: list[Row], budgets: tuple[str, ...], methods: tuple[str, ...]) -> str:
+    table = []
+    for budget in budgets:
+        for method in methods:
+            row = _find(rows, method, budget)
+            if row is None:
+                continue
+            table.append(
+                {
+                    "budget": budget,
+                    "method": method,
+                    "PSNR": f"{row['psnr']:.3f}",
+                    "SSIM": f"{row['ssim']:.4f}",
+                    "GMACs": f"{row['macs_g']:.3f}",
+                    "prunable MACs %": f"{100 * row['prunable_macs_fraction']:.2f}",
+                    "params (nz)": f"{row['params_nonzero']:,}",
+                    "steps": row.get("finetune_steps") or "",
+                    "search": _search_note(row),
+                }
+            )
+    columns = [
+        "budget",
+        "method",
+        "PSNR",
+        "SSIM",
+        "GMACs",
+        "prunable MACs %",
+        "params (nz)",
+        "steps",
+        "search",
+    ]
+    return markdown_table(table, columns)
+
+
+def _search_note(row: Row) -> str:
+    if row["method"] not in ("sls", "sls_srste", "sls_old_anneal"):
+        return "reused from sr run" if "reused" in str(row.get("note", "")) else ""
+    if row.get("sls_projected"):
+        above = re.search(r"above budget \(([\d.]+) >", str(row.get("sls_message", "")))
+        return f"projected (search ended at {above.group(1) if above else '?'})"
+    return f"met at step {row.get('sls_frozen_at')}"
+
+
+def delta_table(rows: list[Row], budgets: tuple[str, ...], pairs: list[tuple[str, str]]) -> str:
+    table = []
+    for a, b in pairs:
+        entry: dict[str, Any] = {"comparison": f"{a} - {b}"}
+        for budget in budgets:
+            ra, rb = _find(rows, a, budget), _find(rows, b, budget)
+            entry[budget] = "-" if ra is None or rb is None else _fmt_db(ra["psnr"] - rb["psnr"])
+        table.append(entry)
+    return markdown_table(table, ["comparison", *budgets])
+
+
+def layer_n_table(rows: list[Row], budget: str, costs: list[dict[str, Any]]) -> str:
+    per_weight = {c["name"]: c["macs_per_weight"] for c in costs}
+    sls_row, srste_row = _find(rows, "sls", budget), _find(rows, "sls_srste", budget)
+    if sls_row is None or srste_row is None:
+        return "(missing rows)"
+    n_srste = {layer["name"]: layer["n"] for layer in srste_row["layers"]}
+    table = []
+    for layer in sls_row["layers"]:
+        n_a, n_b = layer["n"], n_srste.get(layer["name"])
+        table.append(
+            {
+                "layer": layer["name"],
+                "shape": "x".join(str(s) for s in layer["shape"]),
+                "MACs share %": f"{100 * layer['share_of_macs']:.1f}",
+                "MACs/weight": f"{per_weight.get(layer['name'], float('nan')):,.0f}",
+                "uniform": "dense" if n_a is None else budget,
+                "sls N": "dense" if n_a is None else f"{n_a}:{layer['m']}",
+                "sls_srste N": "dense" if n_b is None else f"{n_b}:{layer['m']}",
+            }
+        )
+    columns = ["layer", "shape", "MACs share %", "MACs/weight", "uniform", "sls N", "sls_srste N"]
+    return markdown_table(table, columns)
+
+
+def search_table(search: dict[str, Any]) -> str:
+    table = []
+    for run in search["runs"]:
+        table.append(
+            {
+                "settings": run["settings"],
+                "budget": run["budget"],
+                "anneal interval / threshold": f"{run['sparsity']['anneal_interval']} / "
+                f"{run['sparsity'].get('anneal_threshold', 0.2):.2f}",
+                "budget met at step": run["met_at"] if run["met_at"] is not None else "no",
+                "cost at deadline": "-"
+                if run["fraction_at_deadline"] is None
+                else f"{run['fraction_at_deadline']:.4f}",
+                "final cost": f"{run['final_fraction']:.4f}",
+                "coef": f"{run['coef']:.1f}",
+                "N per layer": " ".join(str(n) for n in run["ns"]),
+            }
+        )
+    columns = [
+        "settings",
+        "budget",
+        "anneal interval / threshold",
+        "budget met at step",
+        "cost at deadline",
+        "final cost",
+        "coef",
+        "N per layer",
+    ]
+    return markdown_table(table, columns)
+
+
+def costs_table(costs: dict[str, Any]) -> str:
+    table = [
+        {
+            "net": net["model"],
+            "prunable layers (M=32)": net["layers"],
+            "MACs share min..max %": f"{100 * net['share_min']:.1f}..{100 * net['share_max']:.1f}",
+            "distinct MACs per weight": ", ".join(f"{v:,}" for v in net["macs_per_weight"]),
+            "largest": net["top"],
+        }
+        for net in costs["nets"]
+    ]
+    return markdown_table(
+        table,
+        ["net", "prunable layers (M=32)", "MACs share min..max %", "distinct MACs per weight", "largest"],
+    )
+
+
+def old_anneal_rows() -> list[Row]:
+    """The ``sr`` run's SLS rows (the harness before the anneal rescaling), renamed, if on disk."""
+    if not SR_JSON.is_file():
+        return []
+    rows = []
+    for row in json.loads(SR_JSON.read_text())["rows"]:
+        if row["method"] == "sls" and row["budget"] in BUDGETS:
+            row = dict(row)
+            row["method"] = "sls_old_anneal"
+            row["sls_projected"] = "projected" in str(row.get("note", ""))
+            row["sls_message"] = row.get("note", "")
+            match = re.search(r"budget met at step (\d+)", str(row.get("note", "")))
+            row["sls_frozen_at"] = int(match.group(1)) if match else None
+            rows.append(row)
+    return rows
+
+
+def _allocation(row: Row) -> dict[str, float]:
+    """Mean N of the residual-block convs, and N of the trunk's last conv and of the upsampler."""
+    layers = [layer for layer in row["layers"] if layer["n"] is not None]
+    blocks = [
+        layer["n"] for layer in layers if layer["name"].startswith("body.") and ".body." in layer["name"]
+    ]
+    named = {layer["name"]: layer["n"] for layer in layers}
+    return {
+        "blocks": statistics.mean(blocks) if blocks else float("nan"),
+        "body.4": float(named.get("body.4", float("nan"))),
+        "tail.0.0": float(named.get("tail.0.0", float("nan"))),
+    }
+
+
+def analysis(parts: dict[str, Any]) -> str:
+    """Plain-text reading of the measured rows (every number comes from the rows above)."""
+    x2 = parts["x2"]["rows"]
+    lines: list[str] = []
+
+    def d(a: str, b: str, budget: str, rows: list[Row]) -> float | None:
+        ra, rb = _find(rows, a, budget), _find(rows, b, budget)
+        return None if ra is None or rb is None else ra["psnr"] - rb["psnr"]
+
+    def listing(values: dict[str, float | None]) -> str:
+        return ", ".join(f"{_fmt_db(values[b])} dB at {b}" for b in BUDGETS)
+
+    vs_srste = {b: d("sls_srste", "srste", b, x2) for b in BUDGETS}
+    vs_oneshot = {b: d("sls", "oneshot", b, x2) for b in BUDGETS}
+    mode = {b: d("srste", "oneshot", b, x2) for b in BUDGETS}
+    paper_vs_srste = {b: d("sls", "srste", b, x2) for b in BUDGETS}
+    wins_o = [b for b, v in vs_oneshot.items() if v is not None and v > 0]
+    wins_s = [b for b, v in vs_srste.items() if v is not None and v > 0]
+
+    def grows(values: dict[str, float | None]) -> bool:  # gain larger at every smaller budget
+        seq = [values[b] for b in BUDGETS]
+        return all(v is not None for v in seq) and all(a < b for a, b in itertools.pairwise(seq))  # type: ignore[operator]
+
+    if grows(vs_oneshot) and grows(vs_srste):
+        trend = (
+            "In both pairs the gain grows as the budget shrinks, the paper's direction; it is a win only where "
+            "listed, and a loss at the other budgets."
+        )
+    else:
+        trend = (
+            "Does the difference rise at every step to a smaller budget? One-shot pair: "
+            f"{'yes' if grows(vs_oneshot) else 'no'}; SR-STE pair: {'yes' if grows(vs_srste) else 'no'}."
+        )
+    lines.append(
+        "Does SLS win (edsr_small x2, 300 steps)? Compared with the uniform method that trains the weights the "
+        f"same way: SLS (paper training) minus one-shot = {listing(vs_oneshot)} (wins at "
+        f"{', '.join(wins_o) or 'no budget'}); sls_srste minus SR-STE = {listing(vs_srste)} (wins at "
+        f"{', '.join(wins_s) or 'no budget'}). "
+        + trend
+        + f" Against SR-STE, the uniform row the paper compares with: SLS minus SR-STE = {listing(paper_vs_srste)}."
+    )
+    lines.append(
+        "Why the paper's SLS trailed SR-STE in the sr table: weight-training mode, not N. SR-STE minus one-shot "
+        f"(both uniform N) = {listing(mode)}. At uniform N the paper's SLS fine-tunes exactly like one-shot "
+        "(hard gradients, masks fixed after freezing), so it starts that much behind SR-STE; giving SLS SR-STE's "
+        "training (`sls_srste`, refresh every step also after N is frozen) removes that handicap."
+    )
+    alloc = {b: _allocation(r) for b in BUDGETS if (r := _find(x2, "sls_srste", b)) is not None}
+    if alloc:
+        lines.append(
+            "What the search learns (sls_srste, N per layer): "
+            + "; ".join(
+                f"{b}: residual-block convs mean {a['blocks']:.1f}, trunk's last conv body.4 {a['body.4']:.0f}, "
+                f"upsampler tail.0.0 {a['tail.0.0']:.0f}"
+                for b, a in alloc.items()
+            )
+            + ". Read with the per-layer table: ranks move from the residual-block convs (whose output is added "
+            "to a skip path, so a sparse block degrades towards identity) to the trunk's last conv and the "
+            "upsampler (on the main path, no skip). At 2:32 uniform N leaves the upsampler 2 of every 32 weights; "
+            "our reading is that keeping more there is what SLS gains at the small budget. Since every x2 layer "
+            "has the same MACs per weight (table above), this is an importance-driven reallocation only; a "
+            "MAC-driven one has nothing to trade on these nets."
+        )
+    under = {
+        b: r["prunable_macs_fraction"] / (parse_nm(b)[0] / parse_nm(b)[1])
+        for b in BUDGETS
+        if (r := _find(x2, "sls_srste", b)) is not None
+    }
+    frozen = {b: r.get("sls_frozen_at") for b in BUDGETS if (r := _find(x2, "sls_srste", b)) is not None}
+    lines.append(
+        "Why SLS loses at the milder budgets: (1) the search uses part of the fine-tune -- N froze at steps "
+        + ", ".join(f"{frozen[b]} ({b})" for b in frozen)
+        + " of 300, steps in which the weights are trained for a denser net than the one that is kept; "
+        "(2) the search stops as soon as the hard-N cost is under budget, and one step of a large coef drops "
+        "several ranks at once, so it ends below budget: sls_srste used "
+        + ", ".join(f"{100 * v:.1f}% ({b})" for b, v in under.items())
+        + " of its allowed MACs; (3) without cost heterogeneity the reallocation can only pay where uniform N "
+        "starves a sensitive layer, i.e. at the smallest budgets. These are explanations consistent with the "
+        "rows, not separately measured (a fine-tune at the searched N without the search would separate 1 from 3)."
+    )
+    old = {b: r for r in old_anneal_rows() if (b := r["budget"])}
+    if old:
+        lines.append(
+            "Search length/annealing: with the harness's previous SLS schedule (paper constants: 12 anneal "
+            "intervals in a 150-step search) 4:32 and 2:32 never reached the budget on the training run and were "
+            "projected; their PSNR was "
+            + ", ".join(f"{old[b]['psnr']:.3f} ({b})" for b in BUDGETS if b in old)
+            + " against "
+            + ", ".join(f"{r['psnr']:.3f} ({b})" for b in BUDGETS if (r := _find(x2, "sls", b)) is not None)
+            + " now. The schedule was changed a priori (the paper's total annealing over the search) and checked "
+            "only on whether the search meets its budget on training batches (table above); the 8:32 change "
+            "(budget met at step 36 instead of 99) is a side effect of the faster anneal, kept rather than tuned "
+            "per budget on test PSNR."
+        )
+    if "long" in parts:
+        rows = parts["long"]["rows"]
+        dl = {b: d("sls_srste", "srste", b, rows) for b in ("4:32", "2:32")}
+        gain = {
+            (m, b): None
+            if (r6 := _find(rows, m, b)) is None or (r3 := _find(x2, m, b)) is None
+            else r6["psnr"] - r3["psnr"]
+            for m in ("srste", "sls_srste")
+            for b in dl
+        }
+
+        def verdict(b: str) -> str:
+            short, long_ = vs_srste[b], dl[b]
+            if short is None or long_ is None:
+                return "-"
+            if (short > 0) != (long_ > 0):
+                return "changes sign"
+            return "narrows" if abs(long_) < abs(short) else "widens"
+
+        frozen_long = ", ".join(
+            f"{r.get('sls_frozen_at')} ({b})" for b in dl if (r := _find(rows, "sls_srste", b)) is not None
+        )
+        tail = (
+            ": a difference measured after 300 steps partly reflects how far each method is from convergence"
+        )
+        if all(v is not None and v <= 0 for v in dl.values()):
+            tail += (
+                f", and the longer search (N froze at step {frozen_long} of 600, budget met exactly) does not make "
+                "SLS win at these budgets."
+            )
+        else:
+            tail += f" (N froze at step {frozen_long} of 600)."
+        lines.append(
+            "Search and fine-tune length (600 steps, search 300, SR-STE also 600 steps): sls_srste minus SR-STE = "
+            + ", ".join(
+                f"{_fmt_db(dl[b])} dB at {b} (300 steps: {_fmt_db(vs_srste[b])}; {verdict(b)})" for b in dl
+            )
+            + ". From 300 to 600 steps SR-STE gains "
+            + ", ".join(f"{_fmt_db(gain[('srste', b)])} dB ({b})" for b in dl)
+            + " and sls_srste "
+            + ", ".join(f"{_fmt_db(gain[('sls_srste', b)])} dB ({b})" for b in dl)
+            + tail
+        )
+    if "x4" in parts:
+        rows = parts["x4"]["rows"]
+        d4 = d("sls_srste", "srste", "2:32", rows)
+        row = _find(rows, "sls_srste", "2:32")
+        uniform = _find(rows, "srste", "2:32")
+        dense4 = next(r for r in rows if r["method"] == "dense")
+        bicubic4 = next(r for r in rows if r["method"] == "bicubic")
+        text = (
+            "Heterogeneous costs (edsr_small x4: tail.0.2 runs at twice the LR resolution, 4x the MACs per weight "
+            f"of every other prunable layer): sls_srste minus SR-STE at 2:32 = {_fmt_db(d4)} dB (300 steps)."
+        )
+        if row is not None and uniform is not None:
+            hr = next((layer["n"] for layer in row["layers"] if layer["name"] == "tail.0.2"), None)
+            alloc4 = _allocation(row)
+            more = row["params_nonzero"] - uniform["params_nonzero"]
+            text += (
+                f" It keeps {row['params_nonzero']:,} non-zero parameters against {uniform['params_nonzero']:,} for "
+                f"uniform 2:32 and gives the expensive HR conv tail.0.2 N = {hr} (uniform: 2). "
+            )
+            if more > 0:
+                text += "It did trade the expensive layer for more weights elsewhere, as in the paper."
+            else:
+                text += (
+                    "So the paper's mechanism -- prune the layers that are expensive in MACs and keep more "
+                    "parameters -- did not happen; the search made the same importance-driven move as at x2 "
+                    f"(residual-block convs mean N {alloc4['blocks']:.1f}, LR upsampler conv tail.0.0 "
+                    f"{alloc4['tail.0.0']:.0f}, uniform 2). A plausible reason, consistent with the "
+                    "SLSConfig docstring: Adam normalises each score's step, so a 4x larger cost gradient on one "
+                    "layer shifts its balance against that layer's task gradient but does not make it move 4x "
+                    "faster, and the annealed coef soon dominates every layer alike."
+                )
+        text += (
+            f" Caveat: this x4 dense model had only 600 steps ({dense4['psnr']:.3f} dB, bicubic "
+            f"{bicubic4['psnr']:.3f} dB), both 2:32 models are within "
+            f"{max(abs(r['psnr'] - bicubic4['psnr']) for r in (row, uniform) if r is not None):.2f} dB of bicubic, "
+            + (
+                "and the x2 2:32 result shows a 300-step lead can vanish with 600 steps; "
+                if "long" in parts
+                and (vs_srste["2:32"] or 0)
+                > 0
+                >= (d("sls_srste", "srste", "2:32", parts["long"]["rows"]) or 0)
+                else ""
+            )
+            + "treat it as one data point."
+        )
+        lines.append(text)
+    verdict = (
+        "Verdict: the paper's relation (learned layer-wise N beats uniform N:M at equal MACs, more so at smaller "
+        "budgets) "
+    )
+    if all(v is not None and v > 0 for v in vs_srste.values()):
+        verdict += "holds here against SR-STE at every budget."
+    else:
+        verdict += (
+            "does not hold in general at CPU size. "
+            + (
+                "Its direction shows (SLS minus uniform is larger at 2:32 than at 8:32 in both pairs)"
+                if (vs_oneshot["2:32"] or 0) > (vs_oneshot["8:32"] or 0)
+                and (vs_srste["2:32"] or 0) > (vs_srste["8:32"] or 0)
+                else "Even its direction is not consistent"
+            )
+            + f"; x2 after 300 steps: {_fmt_db(vs_srste['2:32'])} dB vs SR-STE at 2:32, "
+            f"{_fmt_db(vs_oneshot['2:32'])} dB vs one-shot with the paper's training; sls_srste loses to SR-STE at "
+            + (", ".join(b for b in BUDGETS if (vs_srste[b] or 0) <= 0) or "no budget")
+            + (
+                f", and with 600 steps SR-STE catches up at 2:32 ({_fmt_db(d('sls_srste', 'srste', '2:32', parts['long']['rows']))} dB)"
+                if "long" in parts
+                else ""
+            )
+            + ". The gap of the published-style SLS to SR-STE in the sr table is mostly weight-training mode; "
+            "what is left is (a) no cost heterogeneity to exploit at x2 and (b) the search's own cost in a short run."
+        )
+    lines.insert(0, verdict)
+    return "\n\n".join(lines)
+
+
+def report(parts: dict[str, Any], wall: dict[str, float]) -> str:
+    x2 = parts["x2"]
+    costs = parts["costs"]
+    first = x2["rows"]
+    dense = next(r for r in first if r["method"] == "dense")
+    bicubic = next(r for r in first if r["method"] == "bicubic")
+    out = [
+        "Protocol: the benchmark harness (DESIGN.md §5): one cached dense model per net, every method fine-tuned "
+        "from it for the same steps at lr 1e-4 (batch 16, LR patch 32, L1, lr halved at 2/3), scored on all "
+        "built-in test photos (Y PSNR/SSIM, crop = scale); the last checkpoint is scored, nothing is selected "
+        "on the test images. SLS settings: `nmrestore.bench.harness.sls_settings` (M = 32, search in the first "
+        f"half, lam 0.01, score_lr 0.01, {SLS_ANNEAL_INTERVALS} anneal intervals per search with threshold "
+        f"{SLS_RATIO_GROWTH:g}/intervals, refresh every 1/12 of the run). `sls` = the paper's training (hard "
+        "gradients; masks refreshed periodically, fixed once N is frozen); `sls_srste` = the same search with "
+        "SR-STE gradients and ranks refreshed every step, also after N is frozen (`refresh_after_freeze`), i.e. "
+        "SR-STE's training at the learned N. 'prunable MACs %' is the SLS budget (<= N/M); MACs at a 1280x720 "
+        "output.",
+        "",
+        f"### edsr_small x2, 300 fine-tune steps (dense {dense['psnr']:.3f} dB, bicubic {bicubic['psnr']:.3f} dB)",
+        "",
+        comparison_table(first + old_anneal_rows(), BUDGETS, (*METHODS, "sls_old_anneal")),
+        "",
+        "`sls_old_anneal`: the sr benchmark's SLS rows (runs/bench_sr_x2.json), the harness's SLS schedule "
+        "before this issue (anneal every 1/24 of the run, threshold 0.2); everything else identical.",
+        "",
+        "PSNR differences (dB):",
+        "",
+        delta_table(
+            first,
+            BUDGETS,
+            [("sls", "oneshot"), ("sls_srste", "srste"), ("sls", "srste"), ("srste", "oneshot")],
+        ),
+        "",
+    ]
+    if "long" in parts:
+        out += [
+            "### Longer search: edsr_small x2, 600 fine-tune steps (search 300)",
+            "",
+            comparison_table(parts["long"]["rows"], ("4:32", "2:32"), ("srste", "sls_srste")),
+            "",
+        ]
+    if "x4" in parts:
+        rows4 = parts["x4"]["rows"]
+        dense4 = next(r for r in rows4 if r["method"] == "dense")
+        out += [
+            f"### Heterogeneous MACs per weight: edsr_small x4, 300 fine-tune steps (dense 600 steps, "
+            f"{dense4['psnr']:.3f} dB)",
+            "",
+            comparison_table(rows4, ("2:32",), ("srste", "sls_srste")),
+            "",
+        ]
+        n4 = _find(rows4, "sls_srste", "2:32")
+        if n4 is not None:
+            per_weight = {c["name"]: c["macs_per_weight"] for c in costs["x4"]}
+            out += [
+                "N chosen by sls_srste at 2:32 on x4: "
+                + ", ".join(
+                    f"{layer['name']} {layer['n']}:{layer['m']} ({per_weight.get(layer['name'], 0):,.0f} MACs/weight)"
+                    for layer in n4["layers"]
+                    if layer["n"] is not None
+                ),
+                "",
+            ]
+    out += [
+        "### Where a MAC-aware allocation can gain: cost per weight",
+        "",
+        "Under a MAC budget a layer's N trades MACs for weights at its MACs-per-weight rate (its output "
+        "resolution). Every prunable layer of the x2 nets runs at LR resolution, so the MAC budget *is* a "
+        "parameter budget there: the MAC share differences (a 1x1 vs a 3x3 conv, the 4x-wide upsampler) change "
+        "how much a layer costs, not the price per kept weight. Only x4's second upsampler conv differs.",
+        "",
+        costs_table(costs),
+        "",
+        "### Per-layer N at 4:32 (edsr_small x2)",
+        "",
+        layer_n_table(first, "4:32", costs["x2"]),
+        "",
+        "### The search on the training batches (edsr_small x2; no test image involved)",
+        "",
+        "Why the harness's SLS anneal schedule changed: with the paper's constants (threshold 0.2 per interval) "
+        "on a 150-step search the anneal rule ran only ~12 times, so it forced a compression-ratio growth of "
+        "~2.4 and coef <= 1.2^12; the paper's 100 intervals force 20. Scaled (same total growth over "
+        f"{SLS_ANNEAL_INTERVALS} intervals):",
+        "",
+        search_table(parts["search"]),
+        "",
+        "### Analysis",
+        "",
+        analysis(parts),
+        "",
+        "Wall time (this machine, 1 thread, shared with another job): "
+        + ", ".join(f"{k} {v / 60:.1f} min" for k, v in wall.items())
+        + ". Fine-tune rows are cached by recipe hash; a cached row costs nothing in a rerun.",
+    ]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--only", action="append", choices=PARTS, help="run only these parts")
+    parser.add_argument("--fresh", action="store_true", help="retrain every row (ignore the row cache)")
+    parser.add_argument(
+        "--no-reuse-sr", action="store_true", help="retrain the oneshot/srste rows of part x2"
+    )
+    parser.add_argument("--json", type=Path, default=OUT / "bench_sls.json", help="all rows and traces")
+    parser.add_argument("--no-write", action="store_true", help="do not touch docs/")
+    args = parser.parse_args(argv)
+    Options.fresh = args.fresh
+    Options.reuse_sr = not args.no_reuse_sr
+    wanted = tuple(args.only or PARTS)
+    parts: dict[str, Any] = {}
+    wall: dict[str, float] = {}
+    for part in wanted:
+        started = time.perf_counter()
+        if part == "costs":
+            parts[part] = costs_part()
+        elif part == "search":
+            parts[part] = search_part()
+        else:
+            parts[part] = run_part(part)
+        wall[part] = time.perf_counter() - started
+        print(f"part {part}: {wall[part] / 60:.1f} min", file=sys.stderr, flush=True)
+    trained = [
+        r.get("seconds")
+        for p in parts.values()
+        if isinstance(p, dict) and "rows" in p
+        for r in p["rows"]
+        if r.get("seconds")
+    ]
+    if "search" in parts:
+        trained += [run["seconds"] for run in parts["search"]["runs"]]
+    if trained:
+        wall["compute of the cached rows and traces when first run"] = sum(trained)  # type: ignore[arg-type]
+        print(f"median fine-tune {statistics.median(trained):.0f} s", file=sys.stderr)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"parts": parts, "wall_s": wall}, indent=2, default=str))
+    complete = all(p in parts for p in PARTS)
+    if complete:
+        body = report(parts, wall)
+        print(body)
+        if not args.no_write:
+            write_section(SECTION, TITLE, body)
+            print("docs/BENCHMARKS.md section 'sls' written", file=sys.stderr)
+    else:
+        for part in wanted:
+            for row in parts[part].get("rows", []) if isinstance(parts[part], dict) else []:
+                if row.get("psnr") is not None:
+                    print(
+                        f"{part:6s} {row['method']:10s} {row['budget']!s:6s} {row['psnr']:.3f}  {row.get('note', '')}"
+                    )
+        print(json.dumps({k: v for k, v in parts.items() if k in ("search",)}, indent=1, default=str)[:4000])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
