@@ -14,6 +14,7 @@ from nmrestore.data.datasets import (
     SRTrainDataset,
     find_layout,
     from_folder_hr_only,
+    from_gopro,
     from_paired_folders,
     load_folder,
     make_lr,
@@ -300,6 +301,81 @@ def test_empty_folder(tmp_path: Path) -> None:
         load_folder(tmp_path, 2)
     with pytest.raises(DatasetError, match="no images"):
         from_folder_hr_only(tmp_path / "HR")
+
+
+# ----------------------------------------------------------------------------- scale-1 pairs (GoPro, lq/gt)
+
+
+def _gopro(root: Path) -> dict[str, np.ndarray]:
+    files = {}
+    for split, sequences in (("train", ("GOPR0372_07_00", "GOPR0374_11_00")), ("test", ("GOPR0384_11_00",))):
+        for seq in sequences:
+            for frame in ("000047", "000048"):
+                files[f"{split}/{seq}/blur/{frame}.png"] = (12, 10)
+                files[f"{split}/{seq}/sharp/{frame}.png"] = (12, 10)
+    return _tree(root, files)
+
+
+def test_gopro_layout_pairs_blur_and_sharp_by_name(tmp_path: Path) -> None:
+    arrays = _gopro(tmp_path)
+    layout = find_layout(tmp_path, 1, split="train")
+    assert layout.kind == "gopro" and layout.hr_dir == tmp_path / "train"
+    pairs = load_folder(tmp_path, 1, split="train")
+    assert pairs.lq is not None
+    names = [n for n, _ in pairs.gt]
+    assert names == [f"{seq}_{f}" for seq in ("GOPR0372_07_00", "GOPR0374_11_00") for f in ("000047", "000048")]
+    assert [n for n, _ in pairs.lq] == names
+    np.testing.assert_array_equal(dict(pairs.gt)["GOPR0374_11_00_000048"], arrays["train/GOPR0374_11_00/sharp/000048.png"])
+    np.testing.assert_array_equal(dict(pairs.lq)["GOPR0374_11_00_000048"], arrays["train/GOPR0374_11_00/blur/000048.png"])
+    assert len(load_folder(tmp_path, 1, split="test").gt) == 2
+    assert len(from_gopro(tmp_path / "test").gt) == 2  # a split folder on its own
+    assert find_layout(tmp_path / "test", 1).kind == "gopro"
+    # scale-1 pairs feed the SR datasets unchanged: same-size patches at the same place
+    data = SRTrainDataset(pairs.gt, 1, patch_size=6, length=4, seed=0, lr_images=pairs.lq, augment=False)
+    sample = data.sample(0, 1)
+    assert sample["lq"].shape == sample["gt"].shape == (3, 6, 6)
+
+
+def test_gopro_needs_a_split_and_scale_1(tmp_path: Path) -> None:
+    _gopro(tmp_path)
+    with pytest.raises(DatasetError, match="split='train' or 'test'"):
+        find_layout(tmp_path, 1)
+    with pytest.raises(DatasetError, match="no GoPro split 'valid'"):
+        find_layout(tmp_path, 1, split="valid")
+    with pytest.raises(DatasetError, match="scale 1"):
+        find_layout(tmp_path, 2, split="train")
+
+
+def test_gopro_missing_partner_names_the_pair(tmp_path: Path) -> None:
+    _gopro(tmp_path)
+    (tmp_path / "train/GOPR0374_11_00/sharp/000048.png").unlink()
+    with pytest.raises(DatasetError, match=r"blur/000048\.png has no sharp partner .*sharp/000048\.png"):
+        load_folder(tmp_path, 1, split="train")
+    _tree(tmp_path, {"test/GOPR0384_11_00/sharp/000049.png": (12, 10)})
+    with pytest.raises(DatasetError, match=r"GOPR0384_11_00/sharp has no blur partner .*000049\.png"):
+        load_folder(tmp_path, 1, split="test")
+
+
+def test_gopro_size_mismatch_names_both_files(tmp_path: Path) -> None:
+    _gopro(tmp_path)
+    _tree(tmp_path, {"test/GOPR0384_11_00/blur/000048.png": (12, 11)})
+    with pytest.raises(DatasetError, match=r"mismatched pair .*blur/000048\.png / .*sharp/000048\.png: blur is 11x12"):
+        load_folder(tmp_path, 1, split="test")
+
+
+def test_generic_pairs_at_scale_1(tmp_path: Path) -> None:
+    arrays = _tree(tmp_path, {"gt/a.png": (9, 7), "lq/a.png": (9, 7), "gt/b.png": (8, 8), "lq/b.png": (8, 8)})
+    pairs = load_folder(tmp_path, 1)
+    assert pairs.lq is not None and [n for n, _ in pairs.gt] == ["a", "b"]
+    np.testing.assert_array_equal(pairs.gt[0][1], arrays["gt/a.png"])  # no crop at scale 1
+    data = SREvalDataset(pairs.gt, 1, lr_images=pairs.lq)
+    assert data[0]["lq"].shape == data[0]["gt"].shape == (3, 9, 7)
+    _tree(tmp_path, {"lq/b.png": (8, 7)})
+    with pytest.raises(DatasetError, match=r"mismatched pair .*lq/b\.png / .*gt/b\.png"):
+        load_folder(tmp_path, 1)
+    (tmp_path / "lq/b.png").unlink()
+    with pytest.raises(DatasetError, match=r"gt.*without an LR partner.*b\.png"):
+        load_folder(tmp_path, 1)
 
 
 def test_folder_dataset_reads_what_was_written(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""The model zoo: every registered model builds, upsamples by its scale, and matches published sizes."""
+"""The model zoo: every registered model builds, upsamples by its scale (scale-1 restorers keep the
+size), and matches published sizes."""
 
 from __future__ import annotations
 
@@ -20,6 +21,9 @@ SCALES = (2, 3, 4)
 EXPECTED_MODELS = {
     "carn",
     "carn_small",
+    "dmphn",
+    "dmphn_1_2_4_8",
+    "dmphn_small",
     "edsr",
     "edsr_baseline",
     "edsr_small",
@@ -31,9 +35,13 @@ EXPECTED_MODELS = {
     "rcan_small",
     "rfdn",
     "rfdn_small",
+    "unet",
+    "unet_small",
 }
 #: Published models too large to run at every scale on CPU in a unit test.
 BIG = {"edsr", "rcan"}
+#: Scale-1 deblurring nets run at full resolution: their CPU presets get a larger parameter budget.
+SCALE1_SMALL_PARAMS = 400_000
 PARAM_TYPES = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.PReLU)
 
 
@@ -47,11 +55,23 @@ def _one_thread() -> Iterator[None]:
 
 
 @functools.cache
-def _meta_model(name: str, scale: int, n_colors: int | None = None) -> nn.Module:
-    """Build without allocating weights (shapes and counts only); cached, so never mutate the result."""
+def _meta_model(name: str, scale: int | None, n_colors: int | None = None) -> nn.Module:
+    """Build without allocating weights (shapes and counts only); cached, so never mutate the result.
+
+    ``scale=None``: the model's default scale."""
     kwargs = {} if n_colors is None else {"n_colors": n_colors}
     with torch.device("meta"):
         return create_model(name, scale=scale, **kwargs)
+
+
+def _scales(name: str) -> tuple[int, ...]:
+    """The scales a model is tested at: x2/x3/x4 where supported, plus 1 (denoising) where supported."""
+    supported = _meta_model(name, None).supported_scales
+    return tuple(s for s in (1, *SCALES) if s in supported)
+
+
+def _default_scale(name: str) -> int:
+    return int(_meta_model(name, None).scale)
 
 
 def test_every_expected_model_is_registered() -> None:
@@ -60,19 +80,33 @@ def test_every_expected_model_is_registered() -> None:
 
 
 @pytest.mark.parametrize("name", list_models())
-@pytest.mark.parametrize("scale", SCALES)
-def test_builds_at_every_scale_with_the_right_output_shape(name: str, scale: int) -> None:
-    model = _meta_model(name, scale)
-    assert model.scale == scale
-    assert model.model_name == name
-    out = model(torch.empty(2, 3, 9, 7, device="meta"))
-    assert tuple(out.shape) == (2, 3, 9 * scale, 7 * scale)
+def test_builds_at_every_scale_with_the_right_output_shape(name: str) -> None:
+    """9x7 is divisible by no downsampling factor: U-Net/DMPHN pad and crop inside the model."""
+    for scale in _scales(name):
+        model = _meta_model(name, scale)
+        assert model.scale == scale
+        assert model.model_name == name
+        out = model(torch.empty(2, 3, 9, 7, device="meta"))
+        assert tuple(out.shape) == (2, 3, 9 * scale, 7 * scale)
+
+
+def test_scale1_models_keep_the_size_and_reject_other_scales() -> None:
+    for name in ("unet_small", "dmphn_small", "edsr_small", "rcan_small"):
+        model = create_model(name, scale=1).eval()
+        for h, w in ((13, 21), (16, 16), (5, 3)):
+            with torch.no_grad():
+                assert model(torch.rand(1, 3, h, w)).shape == (1, 3, h, w), (name, h, w)
+    assert create_model("unet_small").scale == 1 and create_model("edsr_small").scale == 2
+    assert isinstance(create_model("edsr_small", scale=1).tail[0], nn.Identity)
+    for name in ("unet_small", "dmphn_small"):
+        with pytest.raises(NMRestoreError, match="supports scale 1"):
+            create_model(name, scale=2)
 
 
 @pytest.mark.parametrize("name", list_models())
 def test_forward_is_finite_and_upsamples(name: str) -> None:
     torch.manual_seed(0)
-    scales = (2,) if name in BIG else SCALES
+    scales = (_default_scale(name),) if name in BIG else _scales(name)
     size = 12 if name.endswith("_small") else 8
     for scale in scales:
         model = create_model(name, scale=scale).eval()
@@ -86,7 +120,7 @@ def test_forward_is_finite_and_upsamples(name: str) -> None:
 
 @pytest.mark.parametrize("name", [n for n in list_models() if n.endswith("_small")])
 def test_small_presets_are_fast_on_cpu(name: str) -> None:
-    model = create_model(name, scale=4).eval()
+    model = create_model(name, scale=max(_scales(name))).eval()
     x = torch.rand(1, 3, 24, 24)
     best = float("inf")
     with torch.no_grad():
@@ -101,8 +135,9 @@ def test_small_presets_are_fast_on_cpu(name: str) -> None:
 def test_small_presets_train(name: str) -> None:
     """Gradients reach every parameter (no detached branch, no in-place op breaking autograd)."""
     torch.manual_seed(0)
-    model = create_model(name, scale=2)
-    loss = F.l1_loss(model(torch.rand(2, 3, 12, 12)), torch.rand(2, 3, 24, 24))
+    scale = _default_scale(name)
+    model = create_model(name, scale=scale)
+    loss = F.l1_loss(model(torch.rand(2, 3, 12, 12)), torch.rand(2, 3, 12 * scale, 12 * scale))
     loss.backward()
     for pname, param in model.named_parameters():
         assert param.grad is not None, pname
@@ -171,33 +206,46 @@ def test_fsrcnn_params() -> None:
 
 def test_small_presets_are_small() -> None:
     for name in (n for n in list_models() if n.endswith("_small")):
-        assert count_params(_meta_model(name, 4)) < 250_000, name
+        limit = SCALE1_SMALL_PARAMS if _scales(name) == (1,) else 250_000
+        assert count_params(_meta_model(name, max(_scales(name)))) < limit, name
+
+
+def test_deblurring_nets_match_published_sizes() -> None:
+    """DMPHN: the official per-level encoder/decoder (1.81M each); 1-2-4-8 is the paper's 7.2M.
+    U-Net: Ronneberger et al.'s 64..1024 widths (31.0M with same padding and a 1x1 output conv)."""
+    assert count_params(_meta_model("dmphn_1_2_4_8", 1)) == pytest.approx(7.2e6, rel=0.005)
+    assert count_params(_meta_model("dmphn", 1)) == pytest.approx(3 / 4 * 7.2e6, rel=0.005)
+    assert count_params(_meta_model("unet", 1)) == pytest.approx(31.03e6, rel=0.001)
 
 
 # --- structure -------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", list_models())
-@pytest.mark.parametrize("scale", SCALES)
-def test_nm_dense_layers_are_the_first_and_last_convs(name: str, scale: int) -> None:
-    model = _meta_model(name, scale)
-    assert isinstance(model.nm_dense_layers, tuple)
-    modules = dict(model.named_modules())
-    first, last = model.nm_dense_layers
-    assert isinstance(modules[first], nn.Conv2d)
-    assert modules[first].in_channels == 3
-    assert isinstance(modules[last], nn.Conv2d | nn.ConvTranspose2d)
-    assert modules[last].out_channels in (3, 3 * scale**2)
-    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)]
-    assert convs[0] == first
-    reads_image = [n for n in convs if modules[n].in_channels == 3]
-    assert reads_image == [first]
+def test_nm_dense_layers_are_the_first_and_last_convs(name: str) -> None:
+    for scale in _scales(name):
+        model = _meta_model(name, scale)
+        assert isinstance(model.nm_dense_layers, tuple)
+        modules = dict(model.named_modules())
+        first, last = model.nm_dense_layers
+        assert isinstance(modules[first], nn.Conv2d)
+        assert modules[first].in_channels == 3
+        assert isinstance(modules[last], nn.Conv2d | nn.ConvTranspose2d)
+        assert modules[last].out_channels in (3, 3 * scale**2)
+        convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d)]
+        assert convs[0] == first and convs[-1] == last
+        reads_image = [n for n in convs if modules[n].in_channels == 3]
+        if name.startswith("dmphn"):
+            # every level's encoder reads the (residual-corrected) image: 3 input channels, never N:M-eligible
+            assert reads_image[0] == first and len(reads_image) == len(model.patches)
+        else:
+            assert reads_image == [first]
 
 
 @pytest.mark.parametrize("name", list_models())
 def test_parameters_live_only_in_plain_layers(name: str) -> None:
     """N:M masks attach to nn.Conv2d/ConvTranspose2d/Linear; nothing else may hide weights."""
-    model = _meta_model(name, 2)
+    model = _meta_model(name, _default_scale(name))
     for mod_name, module in model.named_modules():
         if any(True for _ in module.parameters(recurse=False)):
             assert type(module) in PARAM_TYPES, f"{mod_name}: {type(module).__name__}"
@@ -223,23 +271,25 @@ class _HalfMask(nn.Module):
 
 @pytest.mark.parametrize("name", [n for n in list_models() if n.endswith("_small")])
 def test_masks_attach_with_parametrize(name: str) -> None:
-    model = create_model(name, scale=2)
+    scale = _default_scale(name)
+    model = create_model(name, scale=scale)
     for _, module in model.named_modules():
         if isinstance(module, nn.Conv2d) and module.in_channels % 2 == 0:
             parametrize.register_parametrization(module, "weight", _HalfMask())
     y = model(torch.rand(1, 3, 12, 12))
     y.mean().backward()
-    assert y.shape == (1, 3, 24, 24)
+    assert y.shape == (1, 3, 12 * scale, 12 * scale)
 
 
 # --- validation ------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", list_models())
-@pytest.mark.parametrize("scale", [1, 5, 8, 2.0, True, "2"])
-def test_unsupported_scale_raises(name: str, scale: object) -> None:
-    with pytest.raises(NMRestoreError, match="scale"):
-        create_model(name, scale=scale)  # type: ignore[arg-type]
+def test_unsupported_scale_raises(name: str) -> None:
+    supported = _meta_model(name, None).supported_scales
+    for scale in [*(s for s in (1, 2, 5, 8) if s not in supported), 2.0, True, "2"]:
+        with pytest.raises(NMRestoreError, match="scale"):
+            create_model(name, scale=scale)  # type: ignore[arg-type]
 
 
 def test_overrides_are_applied() -> None:

@@ -69,3 +69,57 @@ def test_bad_files(tmp_path: Path) -> None:
 def test_shipped_recipes_validate(name: str) -> None:
     recipe = load_recipe(name)
     assert recipe.name == name
+
+
+# -- the task section (deblurring / denoising) --------------------------------------------------------
+
+
+def test_task_defaults_and_validation() -> None:
+    denoise = recipe_from_dict({"task": {"kind": "denoise"}})
+    assert denoise.task.sigma == 25 and denoise.model.scale == 1
+    assert denoise.eval.crop_border == 0 and not denoise.eval.test_y_channel
+    assert recipe_from_dict(denoise.model_dump(mode="json")) == denoise  # a checkpoint restores it exactly
+    deblur = recipe_from_dict({"task": {"kind": "deblur", "blur": {"kernel_size": 9, "trajectory": "line"}}})
+    blur = deblur.task.degradation()
+    assert blur is not None and blur.kernel_size == 9 and blur.trajectory == "line"
+    assert recipe_from_dict({}).task.degradation() is None
+    for bad, message in (
+        ({"task": {"kind": "sr", "sigma": 25}}, "task.sigma is for kind 'denoise'"),
+        ({"task": {"kind": "denoise", "blur": {}}}, "task.blur is for kind 'deblur'"),
+        ({"task": {"kind": "deblur"}, "model": {"scale": 2}}, "needs model.scale 1"),
+        ({"task": {"kind": "deblur", "blur": {"kernel_size": 8}}}, "must be odd"),
+        ({"task": {"kind": "deblur", "blur": {"length": [0.9, 0.1]}}}, "min <= max"),
+        ({"task": {"kind": "denoise", "sigma": 0}}, r"task\.sigma"),
+        ({"task": {"kind": "inpaint"}}, r"task\.kind"),
+        ({"task": {"kind": "denoise", "sigmaa": 3}}, r"unknown key 'task\.sigmaa'; allowed: blur, kind, sigma"),
+    ):
+        with pytest.raises(RecipeError, match=message):
+            recipe_from_dict(bad)
+
+
+def test_noise_levels_of_png_task_names() -> None:
+    from nmrestore.recipes.schema import TaskSpec, noise_task_sigma
+
+    assert [noise_task_sigma(n) for n in ("sigma15", "s25", "50", "Sigma7.5", "x2", "sigma0")] == [
+        15.0,
+        25.0,
+        50.0,
+        7.5,
+        None,
+        None,
+    ]
+    spec = TaskSpec(kind="denoise", sigma=25)
+    assert spec.for_png_task("sigma50").sigma == 50
+    assert TaskSpec().for_png_task("x3") == TaskSpec()  # SR tasks are scales, not noise levels
+    with pytest.raises(RecipeError, match="noise level"):
+        spec.for_png_task("fast")
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"),
+    [("demo_deblur", "deblur"), ("demo_denoise", "denoise"), ("demo_png_denoise", "denoise"), ("dmphn_gopro", "deblur")],
+)
+def test_shipped_restoration_recipes(name: str, kind: str) -> None:
+    recipe = load_recipe(name)
+    assert recipe.task.kind == kind and recipe.model.scale == 1
+    assert recipe.eval.crop_border == 0 and recipe.eval.test_y_channel is False

@@ -1,4 +1,5 @@
-"""PNG's benchmark rows (method ``png``): one multi-task network for SR x2/x3/x4 against separate models.
+"""PNG's benchmark rows (method ``png``): one multi-task network for SR x2/x3/x4 (or, with
+``BenchConfig.task = "denoise"``, for Gaussian denoising at sigma 15/25/50) against separate models.
 
 Protocol, on the built-in photos (train split for training, test split for scoring, Y PSNR/SSIM,
 crop = scale; nothing is selected on the test images):
@@ -14,6 +15,10 @@ crop = scale; nothing is selected on the test images):
 The producer returns six rows (``task`` = ``sr_x2``/``sr_x3``/``sr_x4``, method ``dense``/``png``);
 PNG rows carry ``psnr_minus_dense``. The x3 rows carry the training-step time of PNG (earlier tasks'
 positions frozen) against the dense x3 model, measured interleaved in this process.
+
+Denoising: the harness model at scale 1 (no task-specific layers; every prunable layer is shared)
+with PNG tasks ``sigma15``/``sigma25``/``sigma50``, each trained on its own noise level; rows
+``denoise_sigma15``... (RGB PSNR/SSIM, no crop), timing on ``sigma25``.
 """
 
 from __future__ import annotations
@@ -39,17 +44,30 @@ from nmrestore.bench.harness import (
     register_row_producer,
 )
 from nmrestore.cost import count_cost
-from nmrestore.data.builtin import load_builtin
-from nmrestore.data.datasets import SRTrainDataset
 from nmrestore.engine.evaluate import EvalResult, evaluate_model
-from nmrestore.engine.png_runner import evaluate_tasks, png_schedule, train_png
-from nmrestore.engine.runner import build_eval_dataset, model_from_checkpoint
+from nmrestore.engine.png_runner import evaluate_tasks, png_schedule, task_recipe, train_png
+from nmrestore.engine.runner import build_eval_dataset, build_train_dataset, model_from_checkpoint
 from nmrestore.methods.png import PNGConfig, PNGController, png_storage, select_task
 from nmrestore.recipes.schema import Recipe, recipe_from_dict
 from nmrestore.sparsity import check_nm
 
 #: (task name, scale) in training order.
 TASKS: tuple[tuple[str, int], ...] = (("x2", 2), ("x3", 3), ("x4", 4))
+
+#: Denoising PNG tasks: (task name, noise sigma on the 0..255 scale) in training order.
+NOISE_TASKS: tuple[tuple[str, float], ...] = (("sigma15", 15.0), ("sigma25", 25.0), ("sigma50", 50.0))
+
+
+def recipe_tasks(recipe: Recipe) -> list[tuple[str, int]]:
+    """(task name, scale) of a benchmark PNG recipe, in training order."""
+    if recipe.task.kind == "denoise":
+        assert isinstance(recipe.sparsity, PNGConfig) and recipe.sparsity.tasks is not None
+        return [(name, 1) for name in recipe.sparsity.tasks]
+    return list(TASKS)
+
+
+def _row_task(recipe: Recipe, task: str) -> str:
+    return f"denoise_{task}" if recipe.task.kind == "denoise" else f"sr_{task}"
 
 
 class PNGBenchSettings(BaseModel):
@@ -70,16 +88,29 @@ QUICK_SETTINGS = PNGBenchSettings(dense=40, grow=20, finetune=10)
 
 
 def png_recipe(config: BenchConfig, settings: PNGBenchSettings) -> Recipe:
-    """The PNG run: ``<model>_multiscale`` over x2, x3, x4 with the harness's data and lr."""
+    """The PNG run: ``<model>_multiscale`` over x2, x3, x4 (denoising: ``<model>`` at scale 1 over
+    sigma 15, 25, 50) with the harness's data and lr."""
+    denoise = config.task == "denoise"
+    if config.task not in ("sr", "denoise"):
+        from nmrestore.errors import NMRestoreError
+
+        raise NMRestoreError(f"PNG benchmark rows cover SR scales and denoising levels, not task {config.task!r}")
+    model: dict[str, Any] = (
+        {"name": config.model, "scale": 1, "kwargs": dict(config.model_kwargs)}
+        if denoise
+        else {
+            "name": f"{config.model}_multiscale",
+            "scale": 2,
+            "kwargs": {**config.model_kwargs, "tasks": [s for _, s in TASKS]},
+        }
+    )
+    extra: dict[str, Any] = {"task": {"kind": "denoise", "sigma": NOISE_TASKS[0][1]}} if denoise else {}
     return recipe_from_dict(
         {
             "name": "bench-png",
             "seed": config.seed,
-            "model": {
-                "name": f"{config.model}_multiscale",
-                "scale": 2,
-                "kwargs": {**config.model_kwargs, "tasks": [s for _, s in TASKS]},
-            },
+            **extra,
+            "model": model,
             "data": {
                 "train": {
                     "source": "builtin",
@@ -103,6 +134,7 @@ def png_recipe(config: BenchConfig, settings: PNGBenchSettings) -> Recipe:
                 "method": "png",
                 "m": settings.m,
                 "ns": list(settings.ns),
+                **({"tasks": [name for name, _ in NOISE_TASKS]} if denoise else {}),
                 "max_grow": settings.max_grow,
                 "steps": {
                     "dense": settings.dense,
@@ -118,16 +150,20 @@ def png_recipe(config: BenchConfig, settings: PNGBenchSettings) -> Recipe:
 
 def task_steps(recipe: Recipe) -> dict[str, int]:
     """Optimizer steps PNG spends on each task (what each dense baseline gets)."""
-    names = [name for name, _ in TASKS]
+    tasks = recipe_tasks(recipe)
+    names = [name for name, _ in tasks]
     out = dict.fromkeys(names, 0)
-    for phase in png_schedule(recipe, names, [s for _, s in TASKS]):
+    for phase in png_schedule(recipe, names, [s for _, s in tasks]):
         out[phase.task_name] += phase.steps
     return out
 
 
-def dense_config(config: BenchConfig, scale: int, steps: int) -> BenchConfig:
-    """The single-task dense baseline at ``scale`` (the harness's dense recipe and cache)."""
-    return config.model_copy(update={"scale": scale, "dense_steps": steps})
+def dense_config(config: BenchConfig, scale: int, steps: int, sigma: float | None = None) -> BenchConfig:
+    """The single-task dense baseline at ``scale`` (denoising: at ``sigma``), the harness's dense recipe and cache."""
+    update: dict[str, Any] = {"scale": scale, "dense_steps": steps}
+    if sigma is not None:
+        update["sigma"] = sigma
+    return config.model_copy(update=update)
 
 
 def run_png(recipe: Recipe, show_progress: bool = False, cache_dir: Path | None = None) -> Path:
@@ -139,13 +175,15 @@ def run_png(recipe: Recipe, show_progress: bool = False, cache_dir: Path | None 
 
 
 def step_times(png_model: nn.Module, recipe: Recipe, dense_x3: nn.Module, rounds: int) -> dict[str, float]:
-    """Training-step time of PNG (task x3, earlier positions frozen) against the dense x3 model."""
+    """Training-step time of PNG (task 2: x3 or sigma25, earlier positions frozen) against its dense model."""
     config = recipe.sparsity
     assert isinstance(config, PNGConfig)
-    controller = PNGController(png_model, config, tuple(name for name, _ in TASKS))
+    tasks = recipe_tasks(recipe)
+    controller = PNGController(png_model, config, tuple(name for name, _ in tasks))
     controller.begin(1, "finetune", fresh=False)
     data = recipe.data.train
-    dataset = SRTrainDataset(load_builtin("train"), 3, data.patch_size, data.batch_size, recipe.seed)
+    name, scale = tasks[1]
+    dataset = build_train_dataset(task_recipe(recipe, scale, task=name))
     samples = [dataset[i] for i in range(data.batch_size)]
     batch = {k: torch.stack([s[k] for s in samples]) for k in ("lq", "gt")}
     select_task(png_model, 1)
@@ -175,17 +213,20 @@ def png_rows(
     storage = png_storage(model)
     rows: list[Row] = []
     dense_models: dict[str, nn.Module] = {}
-    for t, (task, scale) in enumerate(TASKS):
+    sr = recipe.task.kind == "sr"
+    tasks = recipe_tasks(recipe)
+    for t, (task, scale) in enumerate(tasks):
         dense_model, _ = model_from_checkpoint(dense_paths[task])
         dense_model.eval()
         dense_models[task] = dense_model
-        val = build_eval_dataset(recipe.data.val, scale)
-        dense_result: EvalResult = evaluate_model(dense_model, val, scale, True, with_ssim=True)
+        val = build_eval_dataset(recipe.data.val, scale, recipe.task.for_png_task(task))
+        crop = scale if sr else 0
+        dense_result: EvalResult = evaluate_model(dense_model, val, crop, sr, with_ssim=True)
         dense_cost = count_cost(dense_model)
         info = storage.tasks[t]
         png_result = results[task]
         base: Row = dict.fromkeys(ROW_KEYS)
-        base.update({"task": f"sr_{task}", "scale": scale, "finetune_steps": per_task[task]})
+        base.update({"task": _row_task(recipe, task), "scale": scale, "finetune_steps": per_task[task]})
         rows.append(
             {
                 **base,
@@ -218,7 +259,8 @@ def png_rows(
                 "params_nonzero": info.params_nonzero,
                 "packed_bytes": info.nm_model_bytes,
                 "psnr_minus_dense": png_result.psnr - dense_result.psnr,
-                "note": f"one network for x2/x3/x4, storage {storage.summary()['png_vs_one_dense']:.3f}x "
+                "note": f"one network for {'/'.join(name for name, _ in tasks)}, storage "
+                f"{storage.summary()['png_vs_one_dense']:.3f}x "
                 "one dense model; packed B = this task alone",
             }
         )
@@ -232,7 +274,10 @@ def prepare(
     recipe = png_recipe(config, settings)
     per_task = task_steps(recipe)
     dense_paths = {
-        task: ensure_dense(dense_config(config, scale, per_task[task]), echo).path for task, scale in TASKS
+        task: ensure_dense(
+            dense_config(config, scale, per_task[task], recipe.task.for_png_task(task).sigma), echo
+        ).path
+        for task, scale in recipe_tasks(recipe)
     }
     if echo:
         echo(f"PNG run ({recipe.model.name}, M={settings.m}, N={settings.ns}, max_grow={settings.max_grow})")
@@ -242,14 +287,15 @@ def prepare(
 def bench_rows(
     context: BenchContext, budget: str | None, settings: PNGBenchSettings | None = None
 ) -> list[Row]:
-    """The harness producer of method ``png``: six rows (dense and PNG for x2, x3, x4)."""
+    """The harness producer of method ``png``: six rows (dense and PNG for x2, x3, x4 or sigma 15, 25, 50)."""
     config = context.config
     chosen = settings or (QUICK_SETTINGS if config.quick else PNGBenchSettings())
     recipe, run_dir, dense_paths = prepare(config, chosen, context.say)
     model, rows, dense_models = png_rows(run_dir, recipe, dense_paths, task_steps(recipe), config.model)
-    timing = step_times(model, recipe, dense_models["x3"], config.timing_rounds)
+    second = recipe_tasks(recipe)[1][0]
+    timing = step_times(model, recipe, dense_models[second], config.timing_rounds)
     for row in rows:
-        if row["task"] == "sr_x3":
+        if row["task"] == _row_task(recipe, second):
             row["step_ms"] = timing[f"{row['method']}_ms"]
             row["step_time_ratio"] = timing[f"{row['method']}_ms"] / timing["dense_ms"]
     return rows

@@ -8,13 +8,12 @@ from typing import Any
 import torch
 
 from nmrestore.cost import count_cost
-from nmrestore.data.builtin import load_builtin
-from nmrestore.data.datasets import SREvalDataset, load_folder
 from nmrestore.data.io import read_image, to_tensor, write_image
 from nmrestore.engine.evaluate import evaluate_model
-from nmrestore.engine.runner import model_from_checkpoint
+from nmrestore.engine.runner import build_eval_dataset, model_from_checkpoint
 from nmrestore.errors import CheckpointError, DatasetError
 from nmrestore.export.packed import load_any
+from nmrestore.recipes.schema import DataSource, TaskSpec
 from nmrestore.sparsity.parametrization import nm_layers
 
 
@@ -24,39 +23,55 @@ def evaluate_checkpoint(
     scale: int | None,
     class_map_dir: Path | None = None,
     task: str | None = None,
+    sparse_engine: bool = False,
 ) -> dict[str, Any]:
-    """Per-image and mean PSNR/SSIM plus cost; the recipe's eval protocol (Y, crop = scale).
+    """Per-image and mean PSNR/SSIM plus cost; the recipe's eval protocol (SR: Y, crop = scale;
+    deblurring/denoising: RGB, no crop). Without ``hr_dir`` the built-in test photos are used, made
+    into inputs the way the task makes them (bicubic LR, or its degradation with a fixed seed per image);
+    a folder with pairs (``lq/`` + ``gt/``, GoPro) is used as it is.
 
     A ClassPruning checkpoint is scored through its patch pipeline (route histogram, average MACs,
     a class map per image saved to ``class_map_dir``, by default ``<run>/class_maps``).
+    ``sparse_engine``: run the N:M layers on the sparse CPU kernel (:mod:`nmrestore.runtime`);
+    the cost figures are still counted on the model itself.
     """
     ckpt = load_any(checkpoint)  # a training or a packed checkpoint
     model, recipe = model_from_checkpoint(ckpt)
     model_scale = recipe.model.scale
+    task_spec = recipe.task
     if task is not None:  # a multi-task (PNG) model: score this task
         from nmrestore.methods.png import activate_task
 
         model_scale = activate_task(model, task)
+        task_spec = recipe.task.for_png_task(task)  # denoising: the task's own noise level
+    elif recipe.task.kind == "denoise" and recipe.sparsity is not None and recipe.sparsity.method == "png":
+        task_spec = recipe.task.for_png_task(_active_png_task(model))
     if scale is not None and scale != model_scale:
         raise CheckpointError(f"{ckpt.path} is a x{model_scale} model; --scale {scale} does not match")
     if hr_dir is None:
-        dataset = SREvalDataset(load_builtin("test"), model_scale)
+        source = DataSource(source="builtin", split="test")
     else:
         if not hr_dir.is_dir():
             raise DatasetError(f"{hr_dir} is not a folder")
-        pairs = load_folder(hr_dir, model_scale)
-        dataset = SREvalDataset(pairs.gt, model_scale, lr_images=pairs.lq)
+        source = DataSource(source="folder", root=hr_dir)
+    dataset = build_eval_dataset(source, model_scale, task_spec)
     crop = recipe.eval.crop_border if recipe.eval.crop_border is not None else model_scale
+    engine = _engine(model) if sparse_engine else None
     if recipe.sparsity is not None and recipe.sparsity.method == "classpruning":
         from nmrestore.engine.adaptive import adaptive_eval_payload
 
-        return adaptive_eval_payload(ckpt, model, recipe, dataset, crop, class_map_dir)
-    result = evaluate_model(model, dataset, crop, recipe.eval.test_y_channel, torch.device("cpu"))
+        payload = adaptive_eval_payload(ckpt, model, recipe, dataset, crop, class_map_dir, engine=engine)
+        return _with_engine(payload, engine)
+    runner = model if engine is None else engine
+    result = evaluate_model(runner, dataset, crop, recipe.eval.test_y_channel, torch.device("cpu"))
     cost = count_cost(model)
     payload: dict[str, Any] = {
         "checkpoint": str(ckpt.path),
         "model": recipe.model.name,
         "scale": model_scale,
+        "task_label": _task_label(task_spec),  # ("task" is a PNG model's task name)
+        "metric": "Y channel" if recipe.eval.test_y_channel else "RGB",
+        "crop_border": crop,
         "method": recipe.sparsity.method if recipe.sparsity else "dense",
         **result.to_dict(),
         "cost": cost.summary(),
@@ -80,7 +95,58 @@ def evaluate_checkpoint(
         from nmrestore.methods.png import png_eval_extras
 
         payload.update(png_eval_extras(model, cost))
+    return _with_engine(payload, engine)
+
+
+def _engine(model: torch.nn.Module) -> torch.nn.Module:
+    """The model compiled for the sparse CPU kernel (dense layers where sparse is slower)."""
+    from nmrestore.runtime import compile_sparse
+
+    return compile_sparse(model)
+
+
+def _with_engine(payload: dict[str, Any], engine: torch.nn.Module | None) -> dict[str, Any]:
+    """Add the sparse engine's per-layer tactic choices to an eval payload."""
+    if engine is None:
+        return payload
+    from nmrestore.runtime import engine_state
+
+    state = engine_state(engine)
+    assert state is not None
+    decisions = state.table()
+    payload["sparse_engine"] = {
+        "kernel": state.kernel_id if state.kernel is not None else None,
+        "kernel_unavailable": None if state.kernel is not None else state.kernel_reason,
+        "sparse_layers": sorted({d.layer for d in decisions if d.choice == "sparse"}),
+        "dense_layers": sorted({d.layer for d in decisions if d.choice == "dense"}),
+    }
+    lines = payload.setdefault("extra_lines", [])
+    used = len(payload["sparse_engine"]["sparse_layers"])
+    if state.kernel is None:
+        lines.append(f"sparse engine: kernel unavailable ({state.kernel_reason}); every layer ran dense")
+    else:
+        lines.append(f"sparse engine: {used} layer(s) on the sparse kernel, the rest dense PyTorch")
     return payload
+
+
+def _active_png_task(model: torch.nn.Module) -> str:
+    """Name of the task a PNG model runs now (its masks' route)."""
+    from nmrestore.methods.png import _route_of
+
+    names = tuple(getattr(model, "png_tasks", ()))
+    route = _route_of(model)
+    if not names or route >= len(names):
+        raise CheckpointError("this PNG checkpoint does not name its tasks; pass --task")
+    return names[route]
+
+
+def _task_label(task: TaskSpec) -> str:
+    if task.kind == "denoise":
+        return f"denoise (sigma {task.sigma:g})"
+    if task.kind == "deblur":
+        degradation = task.degradation()
+        return f"deblur ({degradation.describe()})" if degradation is not None else "deblur"
+    return "sr"
 
 
 @torch.no_grad()
@@ -92,11 +158,13 @@ def infer_images(
     patch_size: int | None = None,
     stride: int | None = None,
     task: str | None = None,
+    sparse_engine: bool = False,
 ) -> list[Path]:
     """Restore each LR image with the checkpoint's model; returns the written paths.
 
     ``adaptive``: a ClassPruning checkpoint runs its patch pipeline and writes a class map
-    (``<stem>_classmap.png``) beside each output.
+    (``<stem>_classmap.png``) beside each output. ``sparse_engine``: run the N:M layers on the
+    sparse CPU kernel (:mod:`nmrestore.runtime`).
     """
     model, recipe = model_from_checkpoint(load_any(checkpoint))
     model.eval()
@@ -106,11 +174,13 @@ def infer_images(
         activate_task(model, task)
     images = [(path, read_image(path)) for path in inputs]  # read all first: fail before writing
     written = []
+    engine = _engine(model) if sparse_engine else None
     if adaptive:
         from nmrestore.engine.adaptive import infer_adaptive
 
-        return infer_adaptive(model, recipe, images, out, patch_size, stride)
+        return infer_adaptive(model, recipe, images, out, patch_size, stride, engine=engine)
+    runner = model if engine is None else engine
     for path, image in images:
-        output = model(to_tensor(image).unsqueeze(0)).clamp(0, 1)[0]
+        output = runner(to_tensor(image).unsqueeze(0)).clamp(0, 1)[0]
         written.append(write_image(out / f"{path.stem}.png", output))
     return written

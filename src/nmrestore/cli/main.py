@@ -69,20 +69,20 @@ def _parse_size(text: str | None) -> tuple[int, int] | None:
 @app.command()
 @clean_errors
 def models() -> None:
-    """List the registered models with their parameter counts at x2."""
+    """List the registered models with their parameter counts at their default scale (x2 for SR)."""
     from nmrestore.models import create_model, list_models
 
     for name in list_models():
-        model = create_model(name, scale=2)
+        model = create_model(name)  # the builder's default scale: x2 for SR, 1 for deblurring nets
         params = sum(p.numel() for p in model.parameters())
-        typer.echo(f"{name:<20} {params:>12,} params (x2)")
+        typer.echo(f"{name:<24} {params:>12,} params (x{model.scale})")
 
 
 @app.command()
 @clean_errors
 def cost(
     model: Annotated[str, typer.Argument(help="a registered model name (see `nmrestore models`)")],
-    scale: Annotated[int, typer.Option(help="SR scale")] = 2,
+    scale: Annotated[int | None, typer.Option(help="SR scale (default: the model's, x2 for SR, 1 otherwise)")] = None,
     sparsity: Annotated[str | None, typer.Option(help="uniform N:M, e.g. 2:4")] = None,
     input: Annotated[str | None, typer.Option(help="LR input WIDTHxHEIGHT (default: 1280x720 output)")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print JSON with per-layer rows and totals")] = False,
@@ -100,7 +100,7 @@ def cost(
     result = count_cost(net, _parse_size(input))
     if json_out:
         payload = result.to_dict()
-        payload["model"] = {"name": model, "scale": scale, "sparsity": sparsity}
+        payload["model"] = {"name": model, "scale": getattr(net, "scale", scale), "sparsity": sparsity}
         if report is not None:
             payload["dense_layers"] = [{"name": d.name, "reason": d.reason} for d in report.dense]
         typer.echo(json.dumps(payload, indent=2))
@@ -147,11 +147,17 @@ def evaluate(
         Path | None, typer.Option(help="ClassPruning: folder for the class maps (default <run>/class_maps)")
     ] = None,
     task: Annotated[str | None, typer.Option(help="multi-task (PNG) model: the task to score, e.g. x3")] = None,
+    sparse_engine: Annotated[
+        bool, typer.Option("--sparse-engine", help="run the N:M layers on the sparse CPU kernel")
+    ] = False,
 ) -> None:
-    """PSNR/SSIM (Y channel, crop = scale) and cost of a checkpoint; built-in test images by default."""
+    """PSNR/SSIM and cost of a checkpoint (SR: Y channel, crop = scale; deblur/denoise: RGB, no crop).
+
+    Built-in test images by default, degraded as the checkpoint's task says; a folder is read in any
+    known layout (pairs such as GoPro or lq/ + gt/ are used as they are)."""
     from nmrestore.cli.evaluation import evaluate_checkpoint
 
-    result = evaluate_checkpoint(checkpoint, hr_dir, scale, class_maps, task=task)
+    result = evaluate_checkpoint(checkpoint, hr_dir, scale, class_maps, task=task, sparse_engine=sparse_engine)
     if json_out:
         typer.echo(json.dumps(result, indent=2, default=str))
         return
@@ -159,6 +165,8 @@ def evaluate(
     for row in result["per_image"]:
         typer.echo(f"{row['name']:<24} {row['psnr']:>8.3f} {row['ssim']:>8.4f}")
     typer.echo(f"{'mean':<24} {result['psnr']:>8.3f} {result['ssim']:>8.4f}")
+    if "metric" in result:
+        typer.echo(f"task {result['task_label']}; PSNR/SSIM on {result['metric']}, {result['crop_border']}-pixel border crop")
     c = result["cost"]
     typer.echo(
         f"MACs (1280x720 output): {c['macs_g']:.2f} G ({c['macs_fraction']:.1%} of dense); "
@@ -180,12 +188,57 @@ def infer(
     patch: Annotated[int | None, typer.Option(help="--adaptive: LR patch size (default: the recipe's)")] = None,
     stride: Annotated[int | None, typer.Option(help="--adaptive: LR patch stride (default: the recipe's)")] = None,
     task: Annotated[str | None, typer.Option(help="multi-task (PNG) model: the task to run, e.g. x3")] = None,
+    sparse_engine: Annotated[
+        bool, typer.Option("--sparse-engine", help="run the N:M layers on the sparse CPU kernel")
+    ] = False,
 ) -> None:
     """Restore images with a checkpoint; writes PNGs named after the inputs."""
     from nmrestore.cli.evaluation import infer_images
 
-    for written in infer_images(checkpoint, inputs, out, adaptive, patch, stride, task=task):
+    for written in infer_images(
+        checkpoint, inputs, out, adaptive, patch, stride, task=task, sparse_engine=sparse_engine
+    ):
         typer.echo(str(written))
+
+
+@app.command()
+@clean_errors
+def speed(
+    model: Annotated[str, typer.Argument(help="a registered model name (see `nmrestore models`)")],
+    scale: Annotated[int, typer.Option(help="SR scale (1 for denoising/deblurring nets)")] = 2,
+    sparsity: Annotated[
+        str | None, typer.Option(help="uniform N:M magnitude masks on the fresh model, e.g. 4:32")
+    ] = None,
+    checkpoint: Annotated[
+        Path | None, typer.Option(help="time this checkpoint's model instead (any method, packed or not)")
+    ] = None,
+    input: Annotated[str, typer.Option(help="LR input WIDTHxHEIGHT")] = "320x180",
+    threads: Annotated[int | None, typer.Option(help="intra-op threads (default: torch's)")] = None,
+    repeats: Annotated[int, typer.Option(help="timed runs of each model, interleaved; medians")] = 5,
+    route: Annotated[int | None, typer.Option(help="route to time (ClassPruning/PNG); default the active one")] = None,
+    tactic: Annotated[str, typer.Option(help="auto (time per layer), sparse or dense")] = "auto",
+    tactic_cache: Annotated[Path | None, typer.Option(help="JSON file of per-layer timings to reuse")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+) -> None:
+    """Dense PyTorch vs the N:M sparse CPU engine: latencies, speed-up and each layer's choice."""
+    from pydantic import ValidationError
+
+    from nmrestore.cli.speed import run_speed
+    from nmrestore.runtime import EngineConfig
+
+    _setup_logging(verbose)
+    size = _parse_size(input)
+    assert size is not None
+    try:
+        config = EngineConfig(tactic=tactic, cache_file=tactic_cache)  # type: ignore[arg-type]
+    except ValidationError:
+        raise NMRestoreError(f"--tactic must be auto, sparse or dense, got {tactic!r}") from None
+    report = run_speed(model, scale, sparsity, checkpoint, size, threads, repeats, route, config)
+    if json_out:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        typer.echo(report.table())
 
 
 @app.command()

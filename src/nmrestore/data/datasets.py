@@ -35,6 +35,7 @@ __all__ = [
     "SRTrainDataset",
     "find_layout",
     "from_folder_hr_only",
+    "from_gopro",
     "from_paired_folders",
     "load_folder",
     "make_lr",
@@ -327,6 +328,78 @@ def _scale_dir(lr_parent: Path | None, scale: int) -> Path | None:
     return None if lr_parent is None else _child(lr_parent, f"X{scale}")
 
 
+def _gopro_sequences(split_dir: Path) -> list[Path]:
+    """Sequence folders of a GoPro split: sub-folders holding both ``blur/`` and ``sharp/``."""
+    if not split_dir.is_dir():
+        return []
+    return [
+        d
+        for d in sorted(split_dir.iterdir())
+        if d.is_dir() and _child(d, "blur") is not None and _child(d, "sharp") is not None
+    ]
+
+
+def _gopro_split(root: Path, split: str | None) -> Path | None:
+    """The GoPro split folder under ``root`` (or ``root`` itself when it is one); None if not GoPro."""
+    if _gopro_sequences(root):
+        return root
+    splits = {name: d for name in ("train", "test") if (d := _child(root, name)) is not None and _gopro_sequences(d)}
+    if not splits:
+        return None
+    if split is not None:
+        if split not in splits:
+            raise DatasetError(f"{root}: no GoPro split {split!r} (found {', '.join(sorted(splits))})")
+        return splits[split]
+    if len(splits) > 1:
+        raise DatasetError(
+            f"{root}: GoPro tree with both train/ and test/; pass split='train' or 'test' (or the split folder itself)"
+        )
+    return next(iter(splits.values()))
+
+
+def from_gopro(split_dir: str | os.PathLike[str]) -> ImagePairs:
+    """Read a GoPro split (``<sequence>/blur/*.png`` + ``<sequence>/sharp/*.png``), paired by file name.
+
+    Names are ``<sequence>_<stem>``. A blur frame without its sharp frame (or the reverse), or a
+    pair of different sizes, raises :class:`DatasetError` naming both files: a silently dropped or
+    misaligned pair would bias every number computed on the set.
+    """
+    root = Path(split_dir)
+    sequences = _gopro_sequences(root)
+    if not sequences:
+        raise DatasetError(f"{root}: no GoPro sequences (folders with blur/ and sharp/ inside)")
+    gt: ImageList = []
+    lq: ImageList = []
+    for seq in sequences:
+        blur_dir, sharp_dir = _child(seq, "blur"), _child(seq, "sharp")
+        assert blur_dir is not None and sharp_dir is not None
+        blur_files, sharp_files = list_images(blur_dir), list_images(sharp_dir)
+        _check_unique_stems(blur_files, blur_dir)
+        _check_unique_stems(sharp_files, sharp_dir)
+        sharp_by_stem = {f.stem: f for f in sharp_files}
+        blur_stems = {f.stem for f in blur_files}
+        for blur_file in blur_files:
+            sharp_file = sharp_by_stem.get(blur_file.stem)
+            if sharp_file is None:
+                raise DatasetError(
+                    f"unpaired GoPro frame: {blur_file} has no sharp partner {sharp_dir / blur_file.name}"
+                )
+            blur, sharp = read_image(blur_file), read_image(sharp_file)
+            if blur.shape != sharp.shape:
+                raise DatasetError(
+                    f"mismatched pair {blur_file} / {sharp_file}: blur is {blur.shape[1]}x{blur.shape[0]},"
+                    f" sharp is {sharp.shape[1]}x{sharp.shape[0]}"
+                )
+            name = f"{seq.name}_{blur_file.stem}"
+            gt.append((name, sharp))
+            lq.append((name, blur))
+        orphans = [f.name for f in sharp_files if f.stem not in blur_stems]
+        if orphans:
+            shown = ", ".join(orphans[:5]) + (f" and {len(orphans) - 5} more" if len(orphans) > 5 else "")
+            raise DatasetError(f"unpaired GoPro frames: {sharp_dir} has no blur partner in {blur_dir} for {shown}")
+    return ImagePairs(gt=gt, lq=lq)
+
+
 def find_layout(root: str | os.PathLike[str], scale: int, split: str | None = None) -> Layout:
     """Recognise the dataset tree at ``root`` for ``scale``, most specific layout first.
 
@@ -335,7 +408,9 @@ def find_layout(root: str | os.PathLike[str], scale: int, split: str | None = No
       both DIV2K train and valid, ``split`` ("train"/"valid") picks one;
     * ``benchmark``: ``HR/`` + ``LR_bicubic/X{s}/`` (Set5, Set14, B100, Urban100, Manga109 as in the
       EDSR benchmark package);
-    * ``generic``: ``gt/`` + ``lq/`` with identical file names;
+    * ``generic``: ``gt/`` + ``lq/`` with identical file names (scale 1: deblurring/denoising pairs);
+    * ``gopro``: ``train|test/<sequence>/blur|sharp/*.png`` (or one split folder); scale 1 only.
+      ``hr_dir`` and ``lr_dir`` are both the split folder (read it with :func:`from_gopro`);
     * ``hr_only``: images directly in ``root``.
 
     When the LR folder for ``scale`` is absent, ``lr_dir`` is None and the LR is generated with
@@ -366,6 +441,11 @@ def find_layout(root: str | os.PathLike[str], scale: int, split: str | None = No
     gt = _child(r, "gt")
     if gt is not None:
         return Layout("generic", gt, _child(r, "lq"))
+    gopro = _gopro_split(r, split)
+    if gopro is not None:
+        if scale != 1:
+            raise DatasetError(f"{r}: GoPro is a deblurring set (scale 1), not for scale {scale}")
+        return Layout("gopro", gopro, gopro)
     if any(
         f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith(".")
         for f in r.iterdir()
@@ -373,13 +453,15 @@ def find_layout(root: str | os.PathLike[str], scale: int, split: str | None = No
         return Layout("hr_only", r, None)
     raise DatasetError(
         f"{r}: no known dataset layout (expected DIV2K_train_HR/, Flickr2K_HR/, HR/ + LR_bicubic/X{scale}/,"
-        " gt/ + lq/, or images directly in the folder)"
+        " gt/ + lq/, GoPro train|test/<sequence>/blur|sharp/, or images directly in the folder)"
     )
 
 
 def load_folder(root: str | os.PathLike[str], scale: int, split: str | None = None) -> ImagePairs:
     """Find the layout of ``root`` (see :func:`find_layout`) and read its images, paired if LR exists."""
     layout = find_layout(root, scale, split=split)
+    if layout.kind == "gopro":
+        return from_gopro(layout.hr_dir)
     if layout.lr_dir is None:
         return ImagePairs(gt=from_folder_hr_only(layout.hr_dir), lq=None)
     return from_paired_folders(layout.lr_dir, layout.hr_dir, scale)

@@ -48,8 +48,10 @@ from torch.utils.data import Dataset
 
 from nmrestore.cost import count_cost
 from nmrestore.data.datasets import ImageList, SREvalDataset, SRTrainDataset, make_lr
+from nmrestore.data.degradations import Degradation, degrade_image, image_seed
 from nmrestore.data.io import to_tensor, to_uint8, write_image
 from nmrestore.data.loader import build_train_loader
+from nmrestore.data.restoration import EVAL_SEED, DegradedEvalDataset, DegradedTrainDataset
 from nmrestore.engine.checkpoint import load_checkpoint, load_model_state, save_checkpoint
 from nmrestore.engine.distributed import DistInfo, barrier, distributed_run
 from nmrestore.engine.evaluate import EvalResult, evaluate_model
@@ -218,6 +220,8 @@ class AdaptivePipeline:
         shift: cost shift tau for the decisions (None: the calibrated one stored in the model).
         force_route: send every patch to this route (no classifier decision; still counted).
         blend: overlap weights, ``ramp`` or ``mean`` (see :func:`blend_weights`; default: the recipe's).
+        engine: runs the routes' patch batches instead of ``model`` (e.g. ``compile_sparse(model)``,
+            whose layers keep one sparse weight per route); classifier and MAC counts stay ``model``'s.
     """
 
     def __init__(
@@ -229,6 +233,7 @@ class AdaptivePipeline:
         shift: float | None = None,
         force_route: int | None = None,
         blend: str | None = None,
+        engine: nn.Module | None = None,
     ) -> None:
         default_patch, default_stride, default_blend = _pipeline_settings(model)
         patch_size = default_patch if patch_size is None else patch_size
@@ -240,6 +245,7 @@ class AdaptivePipeline:
         if batch_size < 1:
             raise SparsityError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
+        self.engine = engine
         self.classifier = route_classifier(model)
         self.patch_size = patch_size
         self.stride = stride
@@ -264,13 +270,14 @@ class AdaptivePipeline:
 
     def _run_routes(self, patches: Tensor, routes: Tensor) -> Tensor:
         outputs: Tensor | None = None
+        runner = self.model if self.engine is None else self.engine
         for k in range(self.num_routes):
             index = (routes == k).nonzero().flatten()
             if index.numel() == 0:
                 continue
-            with use_route(self.model, k):
+            with use_route(runner, k):
                 for chunk in index.split(self.batch_size):
-                    out = self.model(patches[chunk])
+                    out = runner(patches[chunk])
                     if outputs is None:
                         outputs = out.new_empty(patches.shape[0], *out.shape[1:])
                     outputs[chunk] = out
@@ -523,12 +530,13 @@ def adaptive_eval_payload(
     dataset: Iterable[dict[str, object]],
     crop: int,
     class_map_dir: Path | None = None,
+    engine: nn.Module | None = None,
 ) -> dict[str, Any]:
     """What ``nmrestore eval`` prints for a ClassPruning checkpoint (JSON-able)."""
     config = recipe.sparsity
     assert isinstance(config, ClassPruningConfig)
     maps = Path(class_map_dir) if class_map_dir is not None else _run_folder(ckpt.path) / "class_maps"
-    pipeline = AdaptivePipeline(model, config.patch_size, config.stride)
+    pipeline = AdaptivePipeline(model, config.patch_size, config.stride, engine=engine)
     result = evaluate_adaptive(pipeline, dataset, crop, recipe.eval.test_y_channel, maps)
     per_image = [
         f"{row['name']}: routes {'/'.join(str(n) for n in row['route_histogram'])}, "
@@ -556,6 +564,7 @@ def infer_adaptive(
     out: Path,
     patch_size: int | None = None,
     stride: int | None = None,
+    engine: nn.Module | None = None,
 ) -> list[Path]:
     """``nmrestore infer --adaptive``: output and class map per image; returns the written paths."""
     config = recipe.sparsity
@@ -564,7 +573,7 @@ def infer_adaptive(
         raise SparsityError(
             f"--adaptive needs a ClassPruning checkpoint (method classpruning), not {method!r}"
         )
-    pipeline = AdaptivePipeline(model, patch_size or config.patch_size, stride or config.stride)
+    pipeline = AdaptivePipeline(model, patch_size or config.patch_size, stride or config.stride, engine=engine)
     written: list[Path] = []
     for path, image in images:
         result = pipeline(to_tensor(image).unsqueeze(0))
@@ -648,19 +657,33 @@ def split_holdout(
 
 
 def grid_patch_pairs(
-    gt: ImageList, lq: ImageList | None, scale: int, patch: int, stride: int
+    gt: ImageList,
+    lq: ImageList | None,
+    scale: int,
+    patch: int,
+    stride: int,
+    degradation: Degradation | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Aligned LR/HR patches on a ``stride`` grid over every image: (P, C, p, p), (P, C, sp, sp)."""
+    """Aligned LR/HR patches on a ``stride`` grid over every image: (P, C, p, p), (P, C, sp, sp).
+
+    Without ``lq`` the inputs are bicubic LR, or (deblurring/denoising) the whole image under
+    ``degradation`` with its fixed evaluation seed, as the evaluation sets make them.
+    """
     lqs, gts = [], []
-    for i, (_, hr) in enumerate(gt):
-        lr = lq[i][1] if lq is not None else make_lr(hr, scale)
-        hr_t, lr_t = (
-            to_tensor(np.ascontiguousarray(hr[: lr.shape[0] * scale, : lr.shape[1] * scale])),
-            to_tensor(lr),
-        )
-        if lr.shape[0] < patch or lr.shape[1] < patch:
+    for i, (name, hr) in enumerate(gt):
+        if lq is None and degradation is not None:
+            hr_t = to_tensor(hr)
+            lr_t = degrade_image(hr, degradation, np.random.default_rng(image_seed(EVAL_SEED, name)))
+        else:
+            lr = lq[i][1] if lq is not None else make_lr(hr, scale)
+            hr_t, lr_t = (
+                to_tensor(np.ascontiguousarray(hr[: lr.shape[0] * scale, : lr.shape[1] * scale])),
+                to_tensor(lr),
+            )
+        lh, lw = lr_t.shape[-2:]
+        if lh < patch or lw < patch:
             continue
-        for t, s in grid_positions(lr.shape[0], lr.shape[1], patch, stride):
+        for t, s in grid_positions(lh, lw, patch, stride):
             lqs.append(lr_t[:, t : t + patch, s : s + patch])
             gts.append(hr_t[:, t * scale : (t + patch) * scale, s * scale : (s + patch) * scale])
     if not lqs:
@@ -883,6 +906,11 @@ class _Context:
         ev = self.recipe.eval
         return ev.crop_border if ev.crop_border is not None else self.scale
 
+    @property
+    def degradation(self) -> Degradation | None:
+        """Deblurring/denoising without paired inputs: the degradation made on the fly (None: SR or pairs)."""
+        return self.recipe.task.degradation() if self.train_lq is None else None
+
 
 def _stage_last(stage_dir: Path) -> Path:
     return stage_dir / "checkpoints" / "last.safetensors"
@@ -1004,15 +1032,26 @@ def _stage_routes(ctx: _Context, model: nn.Module, dense_state: dict[str, Tensor
 
 def _sr_loader(ctx: _Context, patch_size: int, offset: int) -> Any:
     spec = ctx.recipe.data.train
-    dataset = SRTrainDataset(
-        ctx.train_gt,
-        ctx.scale,
-        patch_size,
-        spec.samples_per_epoch,
-        ctx.recipe.seed + offset,
-        lr_images=ctx.train_lq,
-        augment=spec.augment,
-    )
+    dataset: SRTrainDataset | DegradedTrainDataset
+    if ctx.degradation is not None:
+        dataset = DegradedTrainDataset(
+            ctx.train_gt,
+            ctx.degradation,
+            patch_size,
+            spec.samples_per_epoch,
+            ctx.recipe.seed + offset,
+            augment=spec.augment,
+        )
+    else:
+        dataset = SRTrainDataset(
+            ctx.train_gt,
+            ctx.scale,
+            patch_size,
+            spec.samples_per_epoch,
+            ctx.recipe.seed + offset,
+            lr_images=ctx.train_lq,
+            augment=spec.augment,
+        )
     return build_train_loader(
         dataset,
         max(1, spec.batch_size // ctx.dist.world_size),
@@ -1022,14 +1061,20 @@ def _sr_loader(ctx: _Context, patch_size: int, offset: int) -> Any:
     )
 
 
-def _held_set(ctx: _Context) -> SREvalDataset | None:
-    return SREvalDataset(ctx.held_gt, ctx.scale, lr_images=ctx.held_lq) if ctx.held_gt else None
+def _held_set(ctx: _Context) -> SREvalDataset | DegradedEvalDataset | None:
+    if not ctx.held_gt:
+        return None
+    if ctx.degradation is not None:
+        return DegradedEvalDataset(ctx.held_gt, ctx.degradation)
+    return SREvalDataset(ctx.held_gt, ctx.scale, lr_images=ctx.held_lq)
 
 
 def _label_patches(ctx: _Context, model: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
     """LR patches, route PSNRs and labels for stage B (PSNRs cached in stage_b/labels.json)."""
     cfg = ctx.config
-    lq, gt = grid_patch_pairs(ctx.train_gt, ctx.train_lq, ctx.scale, cfg.patch_size, cfg.label_stride)
+    lq, gt = grid_patch_pairs(
+        ctx.train_gt, ctx.train_lq, ctx.scale, cfg.patch_size, cfg.label_stride, ctx.degradation
+    )
     cache = ctx.run_dir / "stage_b" / "labels.json"
     if cache.exists():
         psnrs = torch.tensor(json.loads(cache.read_text())["psnr"], dtype=torch.float64)
@@ -1047,9 +1092,11 @@ def _label_patches(ctx: _Context, model: nn.Module) -> tuple[Tensor, Tensor, Ten
 def _calibration_patches(ctx: _Context) -> Tensor:
     cfg = ctx.config
     if ctx.held_gt:
-        lq, _ = grid_patch_pairs(ctx.held_gt, ctx.held_lq, ctx.scale, cfg.patch_size, cfg.stride)
+        lq, _ = grid_patch_pairs(ctx.held_gt, ctx.held_lq, ctx.scale, cfg.patch_size, cfg.stride, ctx.degradation)
     else:
-        lq, _ = grid_patch_pairs(ctx.train_gt, ctx.train_lq, ctx.scale, cfg.patch_size, cfg.stride)
+        lq, _ = grid_patch_pairs(
+            ctx.train_gt, ctx.train_lq, ctx.scale, cfg.patch_size, cfg.stride, ctx.degradation
+        )
     return lq
 
 
@@ -1227,7 +1274,7 @@ def _train_adaptive(
     final: AdaptiveEvalResult | None = None
     total_steps = recipe.train.steps + config.classifier_steps + config.joint_steps
     if dist.is_main:
-        val_set = build_eval_dataset(recipe.data.val, recipe.model.scale)
+        val_set = build_eval_dataset(recipe.data.val, recipe.model.scale, recipe.task)
         final = evaluate_adaptive(pipeline, val_set, ctx.crop, recipe.eval.test_y_channel)
         metrics = {
             "val_psnr": final.psnr,
@@ -1391,17 +1438,29 @@ def bench_rows(context: Any, budget: str | None, settings: dict[str, Any] | None
     result = run_train(recipe, run_dir, show_progress=context.config.show_progress)
     model = result.model.eval()
     adaptive_row, _ = adaptive_report_row(
-        model, context.eval_set, context.crop, float(context.dense_cost.dense_macs), run_dir / "class_maps"
+        model,
+        context.eval_set,
+        context.crop,
+        float(context.dense_cost.dense_macs),
+        run_dir / "class_maps",
+        test_y_channel=context.y_channel,
     )
     row = context.row("classpruning", "adaptive", model, result.final, timed=False)
     row.update({k: v for k, v in adaptive_row.items() if k not in ("method", "budget")})
     patch = (config.patch_size, config.patch_size)
-    data = SRTrainDataset(
-        load_train_images(recipe),
-        recipe.model.scale,
-        config.patch_size,
-        recipe.data.train.batch_size,
-        recipe.seed,
+    degradation = recipe.task.degradation()
+    data: SRTrainDataset | DegradedTrainDataset = (
+        DegradedTrainDataset(
+            load_train_images(recipe), degradation, config.patch_size, recipe.data.train.batch_size, recipe.seed
+        )
+        if degradation is not None
+        else SRTrainDataset(
+            load_train_images(recipe),
+            recipe.model.scale,
+            config.patch_size,
+            recipe.data.train.batch_size,
+            recipe.seed,
+        )
     )
     samples = [data[i] for i in range(recipe.data.train.batch_size)]
     batch = {k: torch.stack([s[k] for s in samples]) for k in ("lq", "gt")}  # type: ignore[misc]

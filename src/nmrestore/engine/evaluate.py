@@ -1,4 +1,6 @@
-"""Evaluation with the SR protocol: Y-channel PSNR/SSIM with ``scale`` pixels cropped (DESIGN.md §1)."""
+"""Evaluation: the SR protocol (Y-channel PSNR/SSIM with ``scale`` pixels cropped, DESIGN.md §1) or,
+for deblurring/denoising, RGB PSNR/SSIM without crop; the recipe's ``eval`` section (filled in from its
+``task``) gives ``crop_border`` and ``test_y_channel``."""
 
 from __future__ import annotations
 

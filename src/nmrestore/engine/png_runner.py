@@ -114,10 +114,14 @@ def png_schedule(recipe: Recipe, tasks: list[str], scales: list[int]) -> list[Ph
     return phases
 
 
-def task_recipe(recipe: Recipe, scale: int, seed_offset: int = 0) -> Recipe:
-    """``recipe`` at ``scale`` (the task's data) with its seed shifted (a phase's own data stream)."""
+def task_recipe(recipe: Recipe, scale: int, seed_offset: int = 0, task: str | None = None) -> Recipe:
+    """``recipe`` at ``scale`` (the task's data) with its seed shifted (a phase's own data stream).
+
+    ``task`` (a PNG task name) sets a denoising recipe's noise level: task ``sigma50`` trains on sigma 50.
+    """
     model = recipe.model.model_copy(update={"scale": scale})
-    return recipe.model_copy(update={"model": model, "seed": recipe.seed + seed_offset})
+    spec = recipe.task if task is None else recipe.task.for_png_task(task)
+    return recipe.model_copy(update={"model": model, "seed": recipe.seed + seed_offset, "task": spec})
 
 
 def build_png_model(recipe: Recipe) -> tuple[nn.Module, SparsifyReport]:
@@ -219,10 +223,15 @@ def _train_png(
         "recipe": recipe.model_dump(mode="json"),
         "sparsity": png_config(recipe).model_dump(mode="json"),
     }
+    # keyed by task: denoising tasks share the scale but not the noise level
     crop_of = {
-        s: (recipe.eval.crop_border if recipe.eval.crop_border is not None else s) for s in set(scales)
+        t: (recipe.eval.crop_border if recipe.eval.crop_border is not None else s)
+        for t, s in zip(tasks, scales, strict=True)
     }
-    val_sets = {s: build_eval_dataset(recipe.data.val, s) for s in set(scales)}
+    val_sets = {
+        t: build_eval_dataset(recipe.data.val, s, recipe.task.for_png_task(t))
+        for t, s in zip(tasks, scales, strict=True)
+    }
     state = TrainState()
     holds = -1  # the phase whose final weights the model holds (-1: the initial weights)
     for spec in phases:
@@ -289,21 +298,21 @@ def _run_phase(
     meta: dict[str, Any],
     phase_dir: Path,
     saved: Checkpoint | None,
-    val_sets: dict[int, Any],
-    crop_of: dict[int, int],
+    val_sets: dict[str, Any],
+    crop_of: dict[str, int],
     show_progress: bool,
     dist: DistInfo,
 ) -> TrainState:
     from nmrestore.data.loader import build_train_loader
 
-    phase_recipe = task_recipe(recipe, spec.scale, seed_offset=spec.index)
+    phase_recipe = task_recipe(recipe, spec.scale, seed_offset=spec.index, task=spec.task_name)
     train_set = build_train_dataset(phase_recipe)
     per_process = max(1, recipe.data.train.batch_size // dist.world_size)
     loader = build_train_loader(
         train_set, per_process, recipe.data.train.num_workers, phase_recipe.seed, distributed=dist.distributed
     )
     train_spec = phase_train_spec(recipe.train, spec)
-    val_set, crop = val_sets[spec.scale], crop_of[spec.scale]
+    val_set, crop = val_sets[spec.task_name], crop_of[spec.task_name]
 
     def validate(m: nn.Module) -> EvalResult:
         return evaluate_model(m, val_set, crop, recipe.eval.test_y_channel, dist.device, with_ssim=True)
@@ -348,7 +357,7 @@ def evaluate_tasks(
     results: dict[str, EvalResult] = {}
     for t, (task, scale) in enumerate(zip(tasks, scales, strict=True)):
         crop = recipe.eval.crop_border if recipe.eval.crop_border is not None else scale
-        dataset = build_eval_dataset(recipe.data.val, scale)
+        dataset = build_eval_dataset(recipe.data.val, scale, recipe.task.for_png_task(task))
         previous = model.task_index if isinstance(model, MultiTaskSR) else 0
         select_task(model, t)
         try:
@@ -368,8 +377,8 @@ def _finish(
     controller: PNGController,
     state: TrainState,
     phases: list[PhaseSpec],
-    val_sets: dict[int, Any],
-    crop_of: dict[int, int],
+    val_sets: dict[str, Any],
+    crop_of: dict[str, int],
     dist: DistInfo,
 ) -> PNGRunResult:
     total_steps = sum(p.steps for p in phases)

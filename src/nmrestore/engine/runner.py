@@ -18,6 +18,7 @@ from torch import nn
 from nmrestore.data.builtin import load_builtin
 from nmrestore.data.datasets import ImageList, SREvalDataset, SRTrainDataset, load_folder
 from nmrestore.data.loader import build_train_loader
+from nmrestore.data.restoration import DegradedEvalDataset, DegradedTrainDataset
 from nmrestore.engine.checkpoint import Checkpoint, check_compatible, load_checkpoint, load_model_state
 from nmrestore.engine.distributed import DistInfo, init_distributed, shutdown
 from nmrestore.engine.evaluate import EvalResult, evaluate_model
@@ -25,7 +26,7 @@ from nmrestore.engine.task import RestorationTask
 from nmrestore.engine.trainer import Trainer, TrainState
 from nmrestore.errors import CheckpointError, RecipeError
 from nmrestore.models import create_model
-from nmrestore.recipes.schema import DataSource, Recipe, recipe_from_dict
+from nmrestore.recipes.schema import DataSource, Recipe, TaskSpec, recipe_from_dict
 from nmrestore.sparsity.api import Controller, SparsifyReport, sparsify_, squash_
 from nmrestore.sparsity.parametrization import nm_layers
 
@@ -58,16 +59,31 @@ def _images(source: DataSource, scale: int, default_split: str) -> tuple[ImageLi
     return gt, lq
 
 
-def build_train_dataset(recipe: Recipe) -> SRTrainDataset:
+#: What the training loop iterates: SR (or paired scale-1) patches, or patches degraded on the fly.
+TrainDataset = SRTrainDataset | DegradedTrainDataset
+EvalDataset = SREvalDataset | DegradedEvalDataset
+
+
+def build_train_dataset(recipe: Recipe) -> TrainDataset:
+    """The recipe's training patches: LR/HR pairs for SR, and for deblurring/denoising either the
+    source's own pairs (GoPro, ``lq/`` + ``gt/``) or the task's degradation applied on the fly."""
     spec = recipe.data.train
     gt, lq = _images(spec, recipe.model.scale, "train")
+    degradation = recipe.task.degradation()
+    if degradation is not None and lq is None:
+        return DegradedTrainDataset(gt, degradation, spec.patch_size, spec.samples_per_epoch, recipe.seed, spec.augment)
     return SRTrainDataset(
         gt, recipe.model.scale, spec.patch_size, spec.samples_per_epoch, recipe.seed, lr_images=lq, augment=spec.augment
     )
 
 
-def build_eval_dataset(source: DataSource, scale: int) -> SREvalDataset:
+def build_eval_dataset(source: DataSource, scale: int, task: TaskSpec | None = None) -> EvalDataset:
+    """Whole evaluation images for ``task`` (SR when None): the source's pairs, bicubic LR, or the
+    task's degradation made once per image with a fixed seed."""
     gt, lq = _images(source, scale, "test")
+    degradation = task.degradation() if task is not None else None
+    if degradation is not None and lq is None:
+        return DegradedEvalDataset(gt, degradation)
     return SREvalDataset(gt, scale, lr_images=lq)
 
 
@@ -177,7 +193,7 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool, show_progress: bool, dis
     loader = build_train_loader(
         train_set, per_process, recipe.data.train.num_workers, recipe.seed, distributed=dist.distributed
     )
-    val_set = build_eval_dataset(recipe.data.val, recipe.model.scale)
+    val_set = build_eval_dataset(recipe.data.val, recipe.model.scale, recipe.task)
     crop = recipe.eval.crop_border if recipe.eval.crop_border is not None else recipe.model.scale
 
     def validate(m: nn.Module) -> EvalResult:

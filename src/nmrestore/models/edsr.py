@@ -34,7 +34,7 @@ class EDSR(nn.Module):
     """EDSR: head conv, ``n_blocks`` residual blocks + conv with a long skip, sub-pixel tail."""
 
     arch: ClassVar[str] = "edsr"
-    supported_scales: ClassVar[tuple[int, ...]] = (2, 3, 4)
+    supported_scales: ClassVar[tuple[int, ...]] = (1, 2, 3, 4)
 
     def __init__(
         self,
@@ -58,7 +58,9 @@ class EDSR(nn.Module):
         body: list[nn.Module] = [ResBlock(n_feats, 3, res_scale) for _ in range(n_blocks)]
         body.append(default_conv(n_feats, n_feats, 3))
         self.body = nn.Sequential(*body)
-        self.tail = nn.Sequential(Upsampler(self.scale, n_feats), default_conv(n_feats, n_colors, 3))
+        # Scale 1 (denoising, deblurring): no upsampler; Identity keeps the last conv at ``tail.1``.
+        upsampler: nn.Module = Upsampler(self.scale, n_feats) if self.scale > 1 else nn.Identity()
+        self.tail = nn.Sequential(upsampler, default_conv(n_feats, n_colors, 3))
         self.add_mean = MeanShift(self.rgb_range, sign=1)
         self.nm_dense_layers: tuple[str, ...] = ("head.0", "tail.1")
 

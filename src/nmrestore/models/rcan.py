@@ -76,7 +76,7 @@ class RCAN(nn.Module):
     """Residual-in-residual network of channel-attention blocks with EDSR's head and tail."""
 
     arch: ClassVar[str] = "rcan"
-    supported_scales: ClassVar[tuple[int, ...]] = (2, 3, 4)
+    supported_scales: ClassVar[tuple[int, ...]] = (1, 2, 3, 4)
 
     def __init__(
         self,
@@ -102,7 +102,9 @@ class RCAN(nn.Module):
         body: list[nn.Module] = [ResidualGroup(n_feats, reduction, n_blocks) for _ in range(n_groups)]
         body.append(default_conv(n_feats, n_feats, 3))
         self.body = nn.Sequential(*body)
-        self.tail = nn.Sequential(Upsampler(self.scale, n_feats), default_conv(n_feats, n_colors, 3))
+        # Scale 1 (denoising, deblurring): no upsampler; Identity keeps the last conv at ``tail.1``.
+        upsampler: nn.Module = Upsampler(self.scale, n_feats) if self.scale > 1 else nn.Identity()
+        self.tail = nn.Sequential(upsampler, default_conv(n_feats, n_colors, 3))
         self.add_mean = MeanShift(self.rgb_range, sign=1)
         self.nm_dense_layers: tuple[str, ...] = ("head.0", "tail.1")
 

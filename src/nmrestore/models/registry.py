@@ -31,10 +31,16 @@ def is_model(name: str) -> bool:
     return name in _REGISTRY
 
 
-def create_model(name: str, scale: int = 2, **kwargs: object) -> nn.Module:
-    """Build a registered model. Raises :class:`NMRestoreError` naming the known models if unknown."""
+def create_model(name: str, scale: int | None = None, **kwargs: object) -> nn.Module:
+    """Build a registered model. Raises :class:`NMRestoreError` naming the known models if unknown.
+
+    ``scale=None`` takes the builder's default: x2 for the SR models, 1 for the deblurring nets
+    (which support nothing else).
+    """
     if name not in _REGISTRY:
         raise NMRestoreError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
-    model = _REGISTRY[name](scale=scale, **kwargs)
+    if scale is not None:
+        kwargs["scale"] = scale
+    model = _REGISTRY[name](**kwargs)
     model.model_name = name  # recorded in checkpoints so another model's weights are refused
     return model

@@ -1,12 +1,14 @@
 """Typed experiment recipes (YAML + pydantic) and ``a.b=value`` overrides."""
 
 from nmrestore.recipes.schema import (
+    BlurSpec,
     DataSource,
     DataSpec,
     EvalSpec,
     ModelSpec,
     Recipe,
     Schedule,
+    TaskSpec,
     TrainData,
     TrainSpec,
     apply_overrides,
@@ -17,12 +19,14 @@ from nmrestore.recipes.schema import (
 )
 
 __all__ = [
+    "BlurSpec",
     "DataSource",
     "DataSpec",
     "EvalSpec",
     "ModelSpec",
     "Recipe",
     "Schedule",
+    "TaskSpec",
     "TrainData",
     "TrainSpec",
     "apply_overrides",

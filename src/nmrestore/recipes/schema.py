@@ -9,6 +9,11 @@ A recipe is one readable file per experiment (BasicSR's habit), e.g.::
     train: {steps: 500, lr: 2.0e-4, init_from: runs/dense/checkpoints/best.safetensors}
     sparsity: {method: oneshot, n: 2, m: 4}
 
+The ``task`` section picks what is restored: ``{kind: sr}`` (the default, and what a recipe
+without the section means), ``{kind: deblur, blur: {...}}`` or ``{kind: denoise, sigma: 25}``.
+Deblurring and denoising default to ``model.scale: 1`` and to the RGB, no-crop metrics
+(``eval: {crop_border: 0, test_y_channel: false}``); explicit values win.
+
 ``load_recipe(path, overrides=["train.steps=100"])`` applies ``a.b=value`` overrides (values are
 parsed as YAML) before validation; any mistake raises :class:`RecipeError` naming the key and,
 for unknown keys, the allowed ones.
@@ -17,6 +22,7 @@ for unknown keys, the allowed ones.
 from __future__ import annotations
 
 import importlib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,11 +32,14 @@ from pydantic import (
     ConfigDict,
     Field,
     SerializeAsAny,
+    SerializerFunctionWrapHandler,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
+from nmrestore.data.degradations import Degradation, GaussianNoise, MotionBlur
 from nmrestore.errors import RecipeError, SparsityError
 from nmrestore.sparsity.api import NMConfig, method_config_type
 
@@ -105,17 +114,153 @@ class EvalSpec(_Strict):
     test_y_channel: bool = True
 
 
+class BlurSpec(_Strict):
+    """Synthetic motion blur (see :class:`nmrestore.data.degradations.MotionBlur`): one random kernel per sample."""
+
+    kernel_size: int = Field(17, ge=3, le=63, description="odd; the kernel is kernel_size x kernel_size")
+    trajectory: Literal["random_walk", "line"] = "random_walk"
+    length: tuple[float, float] = Field(
+        (0.3, 1.0), description="range of the path length, as a fraction of kernel_size - 1"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> BlurSpec:
+        if self.kernel_size % 2 == 0:
+            raise ValueError(f"blur.kernel_size must be odd, got {self.kernel_size}")
+        low, high = self.length
+        if not 0 <= low <= high <= 1:
+            raise ValueError(f"blur.length must satisfy 0 <= min <= max <= 1, got {list(self.length)}")
+        return self
+
+    def degradation(self) -> MotionBlur:
+        return MotionBlur(self.kernel_size, self.trajectory, self.length[0], self.length[1])
+
+
+#: A PNG task name that is a noise level: ``sigma25``, ``s25`` or ``25``.
+_NOISE_TASK = re.compile(r"(?:sigma|s)?(\d+(?:\.\d+)?)", re.IGNORECASE)
+
+
+class TaskSpec(_Strict):
+    """What is restored. ``sigma`` (0..255 scale) is for denoising, ``blur`` for deblurring only.
+
+    Inputs are made from the clean images by this degradation when the data source has none of its
+    own (built-in photos, HR-only folders); paired sources (GoPro, ``lq/`` + ``gt/``) are used as they are.
+    """
+
+    kind: Literal["sr", "deblur", "denoise"] = "sr"
+    sigma: float | None = Field(None, gt=0, le=255, description="denoise: noise std on the 0..255 scale (25)")
+    blur: BlurSpec | None = Field(None, description="deblur: the synthetic motion blur")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            value = dict(value)
+            if value.get("kind") == "denoise" and value.get("sigma") is None:
+                value["sigma"] = 25.0
+            if value.get("kind") == "deblur" and value.get("blur") is None:
+                value["blur"] = {}
+        return value
+
+    @model_validator(mode="after")
+    def _fields_match_kind(self) -> TaskSpec:
+        if self.sigma is not None and self.kind != "denoise":
+            raise ValueError(f"task.sigma is for kind 'denoise', not {self.kind!r}")
+        if self.blur is not None and self.kind != "deblur":
+            raise ValueError(f"task.blur is for kind 'deblur', not {self.kind!r}")
+        return self
+
+    @property
+    def restoration(self) -> bool:
+        """True for deblurring and denoising (scale 1, RGB metrics without a border crop)."""
+        return self.kind != "sr"
+
+    def degradation(self) -> Degradation | None:
+        """The synthetic degradation of this task (None for SR, whose inputs are bicubic LR)."""
+        if self.kind == "denoise":
+            assert self.sigma is not None
+            return GaussianNoise(float(self.sigma))
+        if self.kind == "deblur":
+            assert self.blur is not None
+            return self.blur.degradation()
+        return None
+
+    def for_png_task(self, name: str) -> TaskSpec:
+        """This task as PNG task ``name`` sees it: a denoising task named ``sigma15`` denoises sigma 15."""
+        if self.kind != "denoise":
+            return self
+        sigma = noise_task_sigma(name)
+        if sigma is None:
+            raise RecipeError(
+                f"PNG task {name!r} of a denoising recipe must name its noise level (e.g. sigma15, sigma25)"
+            )
+        return self.model_copy(update={"sigma": sigma})
+
+
+def noise_task_sigma(name: str) -> float | None:
+    """The noise level a PNG task name stands for (``sigma25`` -> 25.0), None if it names none."""
+    match = _NOISE_TASK.fullmatch(name.strip())
+    if match is None:
+        return None
+    sigma = float(match.group(1))
+    return sigma if 0 < sigma <= 255 else None
+
+
 class Recipe(_Strict):
     """One experiment: model, data, training, the sparsity method and evaluation."""
 
     name: str = "experiment"
     seed: int = 0
+    task: TaskSpec = Field(default_factory=TaskSpec)
     model: ModelSpec = Field(default_factory=ModelSpec)
     data: DataSpec = Field(default_factory=DataSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
     # SerializeAsAny: dump the method's own fields, not only NMConfig's
     sparsity: SerializeAsAny[NMConfig] | None = None
     eval: EvalSpec = Field(default_factory=EvalSpec)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_defaults(cls, value: Any) -> Any:
+        """Deblurring/denoising: scale 1 and RGB metrics without a crop, unless the recipe says otherwise.
+
+        Filled in before validation, so the saved recipe states them and a reloaded one matches.
+        """
+        if not isinstance(value, dict):
+            return value
+        task = value.get("task")
+        kind = task.get("kind") if isinstance(task, dict) else getattr(task, "kind", None)
+        if kind not in ("deblur", "denoise"):
+            return value
+        value = dict(value)
+        for key, defaults in (("model", {"scale": 1}), ("eval", {"crop_border": 0, "test_y_channel": False})):
+            section = value.get(key)
+            if section is None:
+                value[key] = dict(defaults)
+            elif isinstance(section, dict):
+                value[key] = {**defaults, **section}
+        return value
+
+    @model_validator(mode="after")
+    def _task_consistent(self) -> Recipe:
+        if self.task.restoration and self.model.scale != 1:
+            raise ValueError(f"task '{self.task.kind}' needs model.scale 1, got {self.model.scale}")
+        if self.task.kind == "denoise" and self.sparsity is not None and self.sparsity.method == "png":
+            for name in getattr(self.sparsity, "tasks", None) or ():
+                if noise_task_sigma(name) is None:
+                    raise ValueError(
+                        f"PNG task {name!r} of a denoising recipe must name its noise level (e.g. sigma15)"
+                    )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _omit_sr_task(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Leave the default ``task: {kind: sr}`` out of dumps: SR recipes (and the checkpoints and
+        benchmark-cache hashes made from them) stay byte-identical to those written before tasks existed."""
+        data = handler(self)
+        if isinstance(data, dict) and self.task == TaskSpec():
+            data.pop("task", None)
+        return data
 
     @field_validator("sparsity", mode="before")
     @classmethod
@@ -179,7 +324,7 @@ def _explain(exc: ValidationError, source: str) -> RecipeError:
         elif loc[:1] == ("sparsity",):
             messages.append(str(error["msg"]).removeprefix("Value error, "))
         else:
-            messages.append(f"{key}: {error['msg']}")
+            messages.append(f"{key}: {str(error['msg']).removeprefix('Value error, ')}")
     return RecipeError(f"{source}: " + "; ".join(messages))
 
 
