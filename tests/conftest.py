@@ -15,7 +15,13 @@ def tiny_recipe_dict(**sections: Any) -> dict[str, Any]:
         "seed": 3,
         "model": {"name": "edsr_small", "scale": 2, "kwargs": {"n_feats": 8, "n_blocks": 1}},
         "data": {
-            "train": {"source": "builtin", "patch_size": 8, "batch_size": 4, "samples_per_epoch": 16, "max_images": 2},
+            "train": {
+                "source": "builtin",
+                "patch_size": 8,
+                "batch_size": 4,
+                "samples_per_epoch": 16,
+                "max_images": 2,
+            },
             "val": {"source": "builtin", "split": "test", "max_images": 1},
         },
         "train": {"steps": 8, "lr": 1e-3, "val_every": 4, "ckpt_every": 2, "log_every": 2, "threads": 1},
@@ -44,3 +50,12 @@ def _restore_threads() -> Any:
 def _seeded() -> None:
     """Every test starts from the same RNG state, so a test's outcome never depends on test order."""
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread() -> Any:
+    """Tiny inputs gain nothing from threads, and OpenMP barriers stall when other jobs share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

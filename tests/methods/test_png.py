@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +37,8 @@ TINY = {"n_feats": 8, "n_blocks": 1}
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread: None) -> None:
+    """Every test here runs on one thread (see ``one_thread`` in tests/conftest.py)."""
 
 
 def _png_model(config: PNGConfig, name: str = "edsr_small_multiscale") -> tuple[nn.Module, PNGController]:

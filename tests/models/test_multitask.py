@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch.nn import functional as F
@@ -22,11 +20,8 @@ TINY = {"n_feats": 8, "n_blocks": 1}
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread: None) -> None:
+    """Every test here runs on one thread (see ``one_thread`` in tests/conftest.py)."""
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

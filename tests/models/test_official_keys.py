@@ -9,7 +9,6 @@ our modules, and filled with random tensors.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,12 +26,8 @@ Shapes = dict[str, tuple[int, ...]]
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors gain nothing from threads, and OpenMP barriers stall on a shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread: None) -> None:
+    """Every test here runs on one thread (see ``one_thread`` in tests/conftest.py)."""
 
 
 def _conv(shapes: Shapes, name: str, cin: int, cout: int, k: int) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -46,12 +45,8 @@ PARAM_TYPES = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.PReLU)
 
 
 @pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny inputs gain nothing from threads, and OpenMP barriers stall when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_thread: None) -> None:
+    """Every test here runs on one thread (see ``one_thread`` in tests/conftest.py)."""
 
 
 @functools.cache
