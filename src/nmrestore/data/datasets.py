@@ -125,7 +125,41 @@ def _pair_images(
     return triples
 
 
-class SRTrainDataset(Dataset):
+class EpochIndexedDataset(Dataset):
+    """Training samples that are pure functions of (seed, epoch, index), so resume and DDP replay them.
+
+    Subclasses set ``length`` and implement :meth:`sample`; an index is an int (the current epoch,
+    see :meth:`set_epoch`) or an ``(epoch, index)`` pair.
+    """
+
+    length: int
+    epoch: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch used for plain integer indices (the DistributedSampler convention)."""
+        self.epoch = operator.index(epoch)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, torch.Tensor | str]:
+        if isinstance(index, tuple):
+            epoch, i = (operator.index(v) for v in index)
+        else:
+            epoch, i = self.epoch, operator.index(index)
+        return self.sample(epoch, i)
+
+    def check_index(self, epoch: int, index: int) -> None:
+        if not 0 <= index < self.length:
+            raise IndexError(f"sample index {index} out of range 0..{self.length - 1}")
+        if epoch < 0:
+            raise IndexError(f"epoch must be non-negative, got {epoch}")
+
+    def sample(self, epoch: int, index: int) -> dict[str, torch.Tensor | str]:
+        raise NotImplementedError
+
+
+class SRTrainDataset(EpochIndexedDataset):
     """Random aligned LR/HR training patches; sample ``i`` of epoch ``e`` depends only on (seed, e, i).
 
     SR sets are small (the built-in one has 8 images), so ``length`` fixes the samples per epoch
@@ -175,26 +209,9 @@ class SRTrainDataset(Dataset):
                     f"x{patch_size * self.scale}) at scale {self.scale}"
                 )
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch used for plain integer indices (the DistributedSampler convention)."""
-        self.epoch = operator.index(epoch)
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, torch.Tensor | str]:
-        if isinstance(index, tuple):
-            epoch, i = (operator.index(v) for v in index)
-        else:
-            epoch, i = self.epoch, operator.index(index)
-        return self.sample(epoch, i)
-
     def sample(self, epoch: int, index: int) -> dict[str, torch.Tensor | str]:
         """The sample ``index`` of ``epoch``: a pure function of (seed, epoch, index)."""
-        if not 0 <= index < self.length:
-            raise IndexError(f"sample index {index} out of range 0..{self.length - 1}")
-        if epoch < 0:
-            raise IndexError(f"epoch must be non-negative, got {epoch}")
+        self.check_index(epoch, index)
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, epoch, index]))
         name, lr, hr = self.pairs[index % len(self.pairs)]
         lq_patch, gt_patch = random_crop_pair(lr, hr, self.patch_size, self.scale, rng, name=name)
@@ -343,7 +360,9 @@ def _gopro_split(root: Path, split: str | None) -> Path | None:
     """The GoPro split folder under ``root`` (or ``root`` itself when it is one); None if not GoPro."""
     if _gopro_sequences(root):
         return root
-    splits = {name: d for name in ("train", "test") if (d := _child(root, name)) is not None and _gopro_sequences(d)}
+    splits = {
+        name: d for name in ("train", "test") if (d := _child(root, name)) is not None and _gopro_sequences(d)
+    }
     if not splits:
         return None
     if split is not None:
@@ -396,7 +415,9 @@ def from_gopro(split_dir: str | os.PathLike[str]) -> ImagePairs:
         orphans = [f.name for f in sharp_files if f.stem not in blur_stems]
         if orphans:
             shown = ", ".join(orphans[:5]) + (f" and {len(orphans) - 5} more" if len(orphans) > 5 else "")
-            raise DatasetError(f"unpaired GoPro frames: {sharp_dir} has no blur partner in {blur_dir} for {shown}")
+            raise DatasetError(
+                f"unpaired GoPro frames: {sharp_dir} has no blur partner in {blur_dir} for {shown}"
+            )
     return ImagePairs(gt=gt, lq=lq)
 
 

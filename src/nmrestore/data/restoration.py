@@ -15,14 +15,13 @@ no degradation and use the SR classes at scale 1.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from nmrestore.data.datasets import ImageList
+from nmrestore.data.datasets import EpochIndexedDataset, ImageList
 from nmrestore.data.degradations import Degradation, degrade_image, image_seed
 from nmrestore.data.io import to_tensor
 from nmrestore.data.transforms import augment as augment_pair
@@ -44,7 +43,7 @@ def _check_images(images: Sequence[tuple[str, np.ndarray]]) -> list[tuple[str, n
     return list(images)
 
 
-class DegradedTrainDataset(Dataset):
+class DegradedTrainDataset(EpochIndexedDataset):
     """Random clean patches and their degraded versions; sample ``(epoch, i)`` depends only on (seed, epoch, i).
 
     A region ``patch_size + 2 * margin`` wide is cropped (and flipped/rotated), the degradation
@@ -84,26 +83,9 @@ class DegradedTrainDataset(Dataset):
                     f" patch needs ({degradation.describe()})"
                 )
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch used for plain integer indices (the DistributedSampler convention)."""
-        self.epoch = operator.index(epoch)
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, index: int | tuple[int, int]) -> dict[str, torch.Tensor | str]:
-        if isinstance(index, tuple):
-            epoch, i = (operator.index(v) for v in index)
-        else:
-            epoch, i = self.epoch, operator.index(index)
-        return self.sample(epoch, i)
-
     def sample(self, epoch: int, index: int) -> dict[str, torch.Tensor | str]:
         """The sample ``index`` of ``epoch``: a pure function of (seed, epoch, index)."""
-        if not 0 <= index < self.length:
-            raise IndexError(f"sample index {index} out of range 0..{self.length - 1}")
-        if epoch < 0:
-            raise IndexError(f"epoch must be non-negative, got {epoch}")
+        self.check_index(epoch, index)
         crop_seq, degrade_seq = np.random.SeedSequence([self.seed, epoch, index]).spawn(2)
         rng = np.random.default_rng(crop_seq)
         name, image = self.images[index % len(self.images)]
