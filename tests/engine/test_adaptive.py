@@ -348,3 +348,16 @@ def test_sls_searched_routes_quantile_labels_and_equal_split(tmp_path: Path) -> 
     # the search met its budget on the prunable MACs
     costs = final["route_costs"]
     assert costs["prunable_macs"][0] <= 0.5 * costs["prunable_dense_macs"] * (1 + 1e-9)
+
+
+def test_budget_labels_through_training_meet_the_target(tmp_path: Path) -> None:
+    data = _recipe_dict(labels="budget", target_macs_fraction=0.6, calibrate=False, joint_steps=0)
+    data["train"]["steps"] = 2
+    run = tmp_path / "run"
+    train_adaptive(recipe_from_dict(data), run, show_progress=False)
+    final = load_checkpoint(run / "checkpoints" / "best.safetensors").meta["adaptive"]
+    counts = final["labels"]["histogram"]
+    fractions = final["route_costs"]["route_fractions"]
+    average = sum(c * f for c, f in zip(counts, fractions, strict=True)) / sum(counts)
+    assert final["labels"]["rule"] == "budget"
+    assert average <= 0.6 + 1e-9 and sum(counts) == final["labels"]["patches"]

@@ -12,6 +12,7 @@ from nmrestore.errors import RecipeError
 from nmrestore.methods.classpruning import (
     ClassPruningConfig,
     RouteClassifier,
+    budget_labels,
     budget_loss,
     class_loss,
     classifier_macs,
@@ -166,6 +167,50 @@ def test_quantile_labels_split_by_full_route_psnr() -> None:
     assert quantile_labels(full, 3).tolist() == [1, 0, 2, 0, 2, 1]
     assert quantile_labels(torch.tensor([5.0, 5.0, 5.0, 5.0]), 2).tolist() == [0, 0, 1, 1]  # ties by index
     assert torch.bincount(quantile_labels(torch.rand(10), 3), minlength=3).tolist() == [4, 3, 3]
+
+
+def _psnr(mse: float) -> float:
+    return -10 * math.log10(mse)
+
+
+def test_budget_labels_spend_the_budget_where_the_error_is() -> None:
+    # Two patches, routes cost 0.25 / 0.5 / 1.0. Patch 0 is flat: the cheap route adds 1e-6 to its
+    # MSE (a big dB loss: 1e-6 -> 2e-6 is -3 dB). Patch 1 is textured: the cheap route adds 1e-4
+    # (0.41 dB of 1e-3 -> 1.1e-3). The middle route halves each extra error.
+    costs = [0.25, 0.5, 1.0]
+    mses = [[2e-6, 1.5e-6, 1e-6], [1.1e-3, 1.05e-3, 1e-3]]
+    psnrs = torch.tensor([[_psnr(v) for v in row] for row in mses], dtype=torch.float64)
+    # no budget pressure: the least error, cheapest on ties
+    assert budget_labels(psnrs, costs, 1.0).tolist() == [2, 2]
+    # average 0.625: the flat patch goes cheapest and the textured one stays on the full route,
+    # the opposite of a per-patch dB threshold (delta 0.5 dB would label them [2, 0])
+    assert budget_labels(psnrs, costs, 0.625).tolist() == [0, 2]
+    assert delta_labels(psnrs, 0.5).tolist() == [2, 0]
+    # 0.375: the textured patch drops to the middle route, never below the flat one's
+    assert budget_labels(psnrs, costs, 0.375).tolist() == [0, 1]
+    # below the cheapest route: the cheapest everywhere
+    assert budget_labels(psnrs, costs, 0.1).tolist() == [0, 0]
+    # a cheaper route as good as the full one is taken even without budget pressure
+    same = torch.tensor([[30.0, 30.0, 30.0]], dtype=torch.float64)
+    assert budget_labels(same, costs, 1.0).tolist() == [0]
+
+
+def test_budget_labels_meet_the_target_and_beat_uniform_routing() -> None:
+    gen = torch.Generator().manual_seed(0)
+    full = 1e-4 * torch.rand(200, generator=gen, dtype=torch.float64) ** 2 + 1e-6
+    extra = torch.stack([full * 0.8, full * 0.2, torch.zeros_like(full)], dim=1)
+    mse = full[:, None] + extra * torch.rand(200, 3, generator=gen, dtype=torch.float64)
+    psnrs = -10 * torch.log10(mse)
+    costs = torch.tensor([0.25, 0.5, 1.0], dtype=torch.float64)
+    for target in (0.3, 0.5, 0.7):
+        labels = budget_labels(psnrs, costs, target)
+        assert float(costs[labels].mean()) <= target + 1e-12
+        chosen = mse[torch.arange(200), labels].mean()
+        # any other assignment with the same route counts costs as much and errs at least as much
+        shuffled = labels[torch.randperm(200, generator=gen)]
+        assert chosen <= mse[torch.arange(200), shuffled].mean()
+    with pytest.raises(ValueError, match="costs"):
+        budget_labels(psnrs, [0.5, 1.0], 0.5)
 
 
 # -- losses on probabilities -----------------------------------------------------------------------

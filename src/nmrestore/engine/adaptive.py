@@ -70,6 +70,7 @@ from nmrestore.errors import RecipeError, SparsityError
 from nmrestore.methods.classpruning import (
     ClassPruningConfig,
     RouteCosts,
+    budget_labels,
     budget_loss,
     class_loss,
     delta_labels,
@@ -745,10 +746,14 @@ def route_psnrs(
     return out
 
 
-def make_labels(psnrs: Tensor, config: ClassPruningConfig) -> Tensor:
-    """The configured labelling rule on a (P, K) PSNR table."""
+def make_labels(psnrs: Tensor, config: ClassPruningConfig, costs: Sequence[float] | None = None) -> Tensor:
+    """The configured labelling rule on a (P, K) PSNR table (``costs``: each route's MACs fraction)."""
     if config.labels == "quantile":
         return quantile_labels(psnrs[:, -1], psnrs.shape[1])
+    if config.labels == "budget":
+        if costs is None:
+            raise SparsityError("labels: budget needs the routes' MAC costs")
+        return budget_labels(psnrs, costs, config.target_macs_fraction)
     return delta_labels(psnrs, config.delta)
 
 
@@ -1085,7 +1090,7 @@ def _label_patches(ctx: _Context, model: nn.Module) -> tuple[Tensor, Tensor, Ten
         if ctx.dist.is_main:
             cache.parent.mkdir(parents=True, exist_ok=True)
             cache.write_text(json.dumps({"psnr": psnrs.tolist()}))
-    labels = make_labels(psnrs, cfg)
+    labels = make_labels(psnrs, cfg, route_classifier(model).route_cost.tolist())
     return lq, psnrs, labels
 
 

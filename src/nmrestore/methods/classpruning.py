@@ -12,8 +12,9 @@ training stages and the patch-inference pipeline live in :mod:`nmrestore.engine.
   linear to K), plus two buffers: each route's MACs as a fraction of dense and a *cost shift*
   ``tau`` so that the decision is ``argmax_k(logit_k - tau * cost_k)`` (``tau`` is calibrated on
   held-out patches to meet the target average MACs, and is a run-time knob).
-* Labels: :func:`delta_labels` (the cheapest route within ``delta`` dB of the full route) and
-  :func:`quantile_labels` (ClassSR's PSNR terciles, for any K).
+* Labels: :func:`delta_labels` (the cheapest route within ``delta`` dB of the full route),
+  :func:`quantile_labels` (ClassSR's PSNR terciles, for any K) and :func:`budget_labels` (the
+  assignment with the least total squared error whose average MACs meet the target).
 * Losses on the routing probabilities: :func:`class_loss` (ClassSR's, generalised to K),
   :func:`equal_split_loss` (ClassSR's "average loss", generalised) and :func:`budget_loss`
   (expected MACs pulled towards a target).
@@ -92,7 +93,11 @@ class ClassPruningConfig(NMConfig):
     )
     refresh_every: int = Field(0, ge=0, description="stage A: recompute ranks every k steps (0: never)")
     # stage B
-    labels: Literal["delta", "quantile"] = "delta"
+    labels: Literal["delta", "quantile", "budget"] = Field(
+        "delta",
+        description="delta: cheapest route within delta dB; quantile: ClassSR's PSNR terciles; "
+        "budget: least total squared error at target_macs_fraction (Lagrangian)",
+    )
     delta: float = Field(
         0.1, ge=0, description="dB: a patch's label is the cheapest route this close to the full one"
     )
@@ -307,6 +312,49 @@ def quantile_labels(full_psnr: Tensor, num_routes: int) -> Tensor:
     return labels
 
 
+def budget_labels(psnrs: Tensor, costs: Sequence[float] | Tensor, target: float, iterations: int = 100) -> Tensor:
+    """Routes that minimise the patches' summed squared error at average cost <= ``target``.
+
+    An image's MSE is the mean of its equal-sized patches' MSEs, so the assignment that best keeps
+    image PSNR under a MAC budget is a knapsack with one choice per patch. Its Lagrangian
+    relaxation ``argmin_k(MSE_k + lam * cost_k)`` is solved by bisection on ``lam`` (the average
+    cost never rises as ``lam`` grows): the smallest ``lam`` whose assignment meets the target.
+    Unlike a per-patch dB threshold, this sends flat patches (tiny absolute error even when their
+    dB loss is large) to cheap routes and spends the budget where the error is. ``psnrs``: (P, K),
+    routes cheapest first; ``costs``: K fractions of dense. A target below the cheapest route gives
+    the cheapest route everywhere.
+    """
+    if psnrs.dim() != 2 or psnrs.shape[1] < 1:
+        raise ValueError(f"psnrs must be (patches, routes), got {tuple(psnrs.shape)}")
+    cost = torch.as_tensor(costs, dtype=torch.float64).flatten()
+    if cost.numel() != psnrs.shape[1]:
+        raise ValueError(f"{cost.numel()} costs for {psnrs.shape[1]} routes")
+    mse = torch.pow(10.0, -psnrs.double().clamp(max=PSNR_CAP) / 10)
+
+    def assign(lam: float) -> Tensor:
+        # ties (equal error) go to the cheaper route: a vanishing cost term breaks them
+        return (mse + (lam + 1e-12) * cost).argmin(dim=1)
+
+    def average(lam: float) -> float:
+        return float(cost[assign(lam)].mean())
+
+    if average(0.0) <= target:
+        return assign(0.0)
+    spread = float(mse.max() - mse.min())
+    gap = float((cost[1:] - cost[:-1]).abs().min()) if cost.numel() > 1 else 1.0
+    hi = 2 * spread / max(gap, 1e-9) + 1.0  # every patch is on its cheapest-cost route here
+    if average(hi) > target:
+        return assign(hi)
+    lo = 0.0
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        if average(mid) <= target:
+            hi = mid
+        else:
+            lo = mid
+    return assign(hi)
+
+
 # -- losses on routing probabilities ----------------------------------------------------------------
 def class_loss(probs: Tensor) -> Tensor:
     """ClassSR's class loss for K routes: ``(K - 1) - sum_{i<j} |p_i - p_j|``, batch mean.
@@ -415,6 +463,7 @@ __all__ = [
     "RouteClassifier",
     "RouteController",
     "RouteCosts",
+    "budget_labels",
     "budget_loss",
     "class_loss",
     "classifier_macs",
