@@ -19,6 +19,7 @@ from nmrestore.engine.adaptive import (
     calibrate_shift,
     class_map,
     grid_positions,
+    oracle_routes,
     patch_starts,
     patchwise_restore,
     save_class_map,
@@ -27,7 +28,7 @@ from nmrestore.engine.adaptive import (
 )
 from nmrestore.engine.checkpoint import load_checkpoint, save_checkpoint
 from nmrestore.engine.runner import model_from_checkpoint, train
-from nmrestore.errors import RecipeError
+from nmrestore.errors import RecipeError, SparsityError
 from nmrestore.methods.classpruning import ClassPruningConfig, is_adaptive, route_classifier
 from nmrestore.models import create_model
 from nmrestore.recipes import recipe_from_dict
@@ -108,6 +109,32 @@ def test_stitched_patch_inference_equals_each_patch_run_alone(blend: str) -> Non
     one_by_one = AdaptivePipeline(model, 16, 12, batch_size=1, blend=blend)(lq)
     assert torch.equal(one_by_one.routes, result.routes)
     assert torch.allclose(one_by_one.output, result.output, atol=1e-5)
+
+
+def test_given_routes_replace_the_classifier_and_the_oracle_meets_its_budget() -> None:
+    model = _model()
+    lq = _banded(37, 42)
+    pipeline = AdaptivePipeline(model, 16, 12, batch_size=5)
+    decided = pipeline(lq)
+    again = pipeline(lq, routes=decided.routes)
+    assert torch.equal(again.output, decided.output) and torch.equal(again.routes, decided.routes)
+    with pytest.raises(SparsityError, match="routes given"):
+        pipeline(lq, routes=decided.routes[:-1])
+    # the oracle on two images with ground truth (a 2x upscale of the input stands in for it)
+    samples = [
+        {"lq": lq[0], "gt": torch.nn.functional.interpolate(lq, scale_factor=2)[0]},
+        {"lq": lq[0, :, :30, :30], "gt": torch.nn.functional.interpolate(lq[..., :30, :30], scale_factor=2)[0]},
+    ]
+    fractions = torch.tensor(pipeline.costs((16, 16)).fractions())
+    for target in (0.0, float(fractions[1]), 1.5):
+        routes = oracle_routes(pipeline, samples, crop_border=2, test_y_channel=True, target=target)
+        assert [len(r) for r in routes] == [len(decided.routes), len(pipeline.patch_grid(30, 30)[1])]
+        average = float(fractions[torch.cat(routes)].mean())
+        assert average <= max(target, float(fractions[0])) + 1e-9
+        if target == 0.0:
+            assert all(int(r.max()) == 0 for r in routes)  # nothing is cheaper than the cheapest route
+        result = pipeline(samples[0]["lq"], routes=routes[0])
+        assert result.histogram == torch.bincount(routes[0], minlength=3).tolist()
 
 
 def test_forced_full_route_equals_patchwise_full_network() -> None:

@@ -68,6 +68,7 @@ from nmrestore.engine.task import LOSSES
 from nmrestore.engine.trainer import Trainer, TrainState
 from nmrestore.errors import RecipeError, SparsityError
 from nmrestore.methods.classpruning import (
+    PSNR_CAP,
     ClassPruningConfig,
     RouteCosts,
     budget_labels,
@@ -291,9 +292,23 @@ class AdaptivePipeline:
             return torch.full((patches.shape[0],), self.force_route, dtype=torch.int64, device=patches.device)
         return torch.cat([self.classifier.decide(c, self.shift) for c in patches.split(self.batch_size)])
 
+    def patch_grid(self, height: int, width: int) -> tuple[tuple[int, int], list[tuple[int, int]]]:
+        """Patch size and top-left positions this pipeline uses on an ``height`` x ``width`` LR image."""
+        size = (min(self.patch_size, height), min(self.patch_size, width))
+        positions = [
+            (t, s)
+            for t in patch_starts(height, size[0], self.stride)
+            for s in patch_starts(width, size[1], self.stride)
+        ]
+        return size, positions
+
     @torch.no_grad()
-    def __call__(self, lq: Tensor) -> AdaptiveResult:
-        """Restore one LR image (1, C, h, w) or (C, h, w)."""
+    def __call__(self, lq: Tensor, routes: Tensor | None = None) -> AdaptiveResult:
+        """Restore one LR image (1, C, h, w) or (C, h, w).
+
+        ``routes`` (one per patch of :meth:`patch_grid`) overrides the classifier, e.g. to score an
+        oracle's routing; the classifier's MACs are still counted.
+        """
         image = lq if lq.dim() == 4 else lq.unsqueeze(0)
         if image.shape[0] != 1:
             raise SparsityError(
@@ -301,17 +316,14 @@ class AdaptivePipeline:
             )
         image = image.to(_model_device(self.model))
         h, w = image.shape[-2:]
-        size = (min(self.patch_size, h), min(self.patch_size, w))
-        positions = [
-            (t, s)
-            for t in patch_starts(h, size[0], self.stride)
-            for s in patch_starts(w, size[1], self.stride)
-        ]
+        size, positions = self.patch_grid(h, w)
+        if routes is not None and routes.shape != (len(positions),):
+            raise SparsityError(f"{tuple(routes.shape)} routes given for {len(positions)} patches")
         was_training = self.model.training
         self.model.eval()
         try:
             patches = extract_patches(image, positions, size)
-            routes = self.classify(patches)
+            routes = self.classify(patches) if routes is None else routes.to(patches.device)
             outputs = self._run_routes(patches, routes)
         finally:
             self.model.train(was_training)
@@ -330,6 +342,53 @@ class AdaptivePipeline:
     def restore(self, lq: Tensor) -> Tensor:
         """Just the output (a ``Restorer`` for :func:`~nmrestore.engine.evaluate.evaluate_fn`)."""
         return self(lq).output
+
+
+@torch.no_grad()
+def oracle_routes(
+    pipeline: AdaptivePipeline,
+    samples: Sequence[dict[str, Any]],
+    crop_border: int,
+    test_y_channel: bool,
+    target: float,
+) -> list[Tensor]:
+    """Routes per patch of every image that lose the least mean per-image PSNR at ``target`` MACs.
+
+    Uses the ground truth: every patch runs on every route, its error is weighted by 1 / its
+    image's full-route MSE (first order of the mean per-image PSNR) and :func:`budget_labels`
+    assigns the routes over all images at once. A bound on what any classifier can reach with
+    these routes, not a method. Returns one (patches,) tensor per sample, for ``pipeline(lq, routes)``.
+    """
+    model = pipeline.model
+    was_training = model.training
+    model.eval()
+    psnrs, weights, counts = [], [], []
+    size = (0, 0)
+    try:
+        for sample in samples:
+            lq = sample["lq"] if sample["lq"].dim() == 4 else sample["lq"].unsqueeze(0)
+            gt = sample["gt"] if sample["gt"].dim() == 4 else sample["gt"].unsqueeze(0)
+            h, w = lq.shape[-2:]
+            size, positions = pipeline.patch_grid(h, w)
+            s = pipeline.scale
+            patches = extract_patches(lq.to(_model_device(model)), positions, size)
+            targets = torch.stack(
+                [gt[0, :, t * s : (t + size[0]) * s, c * s : (c + size[1]) * s] for t, c in positions]
+            )
+            table = torch.empty(len(positions), pipeline.num_routes, dtype=torch.float64)
+            for k in range(pipeline.num_routes):
+                with use_route(model, k):
+                    out = torch.cat([model(c).clamp(0, 1).cpu() for c in patches.split(pipeline.batch_size)])
+                table[:, k] = psnr_torch(out, targets, crop_border, test_y_channel).cpu()
+            full_mse = torch.pow(10.0, -table[:, -1].clamp(max=PSNR_CAP) / 10).mean()
+            psnrs.append(table)
+            weights.append(torch.full((len(positions),), 1.0 / float(full_mse.clamp(min=1e-12))))
+            counts.append(len(positions))
+    finally:
+        model.train(was_training)
+    fractions = pipeline.costs(size).fractions()
+    labels = budget_labels(torch.cat(psnrs), fractions, target, torch.cat(weights))
+    return list(labels.split(counts))
 
 
 @torch.no_grad()
@@ -1325,6 +1384,7 @@ __all__ = [
     "grid_positions",
     "has_progress",
     "make_labels",
+    "oracle_routes",
     "patch_starts",
     "patchwise_restore",
     "route_colors",

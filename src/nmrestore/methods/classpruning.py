@@ -312,7 +312,13 @@ def quantile_labels(full_psnr: Tensor, num_routes: int) -> Tensor:
     return labels
 
 
-def budget_labels(psnrs: Tensor, costs: Sequence[float] | Tensor, target: float, iterations: int = 100) -> Tensor:
+def budget_labels(
+    psnrs: Tensor,
+    costs: Sequence[float] | Tensor,
+    target: float,
+    weights: Tensor | None = None,
+    iterations: int = 100,
+) -> Tensor:
     """Routes that minimise the patches' summed squared error at average cost <= ``target``.
 
     An image's MSE is the mean of its equal-sized patches' MSEs, so the assignment that best keeps
@@ -321,8 +327,9 @@ def budget_labels(psnrs: Tensor, costs: Sequence[float] | Tensor, target: float,
     cost never rises as ``lam`` grows): the smallest ``lam`` whose assignment meets the target.
     Unlike a per-patch dB threshold, this sends flat patches (tiny absolute error even when their
     dB loss is large) to cheap routes and spends the budget where the error is. ``psnrs``: (P, K),
-    routes cheapest first; ``costs``: K fractions of dense. A target below the cheapest route gives
-    the cheapest route everywhere.
+    routes cheapest first; ``costs``: K fractions of dense. ``weights`` (P,) scale each patch's
+    error, e.g. ``1 / MSE`` of its image so the sum is the first-order loss of the *mean per-image*
+    PSNR. A target below the cheapest route gives the cheapest route everywhere.
     """
     if psnrs.dim() != 2 or psnrs.shape[1] < 1:
         raise ValueError(f"psnrs must be (patches, routes), got {tuple(psnrs.shape)}")
@@ -330,6 +337,8 @@ def budget_labels(psnrs: Tensor, costs: Sequence[float] | Tensor, target: float,
     if cost.numel() != psnrs.shape[1]:
         raise ValueError(f"{cost.numel()} costs for {psnrs.shape[1]} routes")
     mse = torch.pow(10.0, -psnrs.double().clamp(max=PSNR_CAP) / 10)
+    if weights is not None:
+        mse = mse * weights.double().reshape(-1, 1)
 
     def assign(lam: float) -> Tensor:
         # ties (equal error) go to the cheaper route: a vanishing cost term breaks them
