@@ -74,9 +74,10 @@ def test_every_registered_model_matches_its_dense_with_zeros_form(name: str) -> 
     engine = compile_sparse(model, SPARSE)
     x = torch.rand(1, int(getattr(model, "n_colors", 3) or 3), 12, 10)
     with torch.no_grad():
-        expected, got = reference(x), engine(x)
+        expected, got, again = reference(x), engine(x), engine(x)  # again: with the hand-off pairs
     assert got.shape == expected.shape
     assert (got - expected).abs().max() <= TOL
+    assert (again - expected).abs().max() <= TOL
     state = engine_state(engine)
     assert state is not None and state.kernel is not None
     used = [d for d in state.table() if d.choice == "sparse"]

@@ -46,6 +46,7 @@ def run_speed(
     repeats: int,
     route: int | None,
     config: EngineConfig,
+    warmup: int = 1,
 ) -> SpeedReport:
     if repeats < 1:
         raise NMRestoreError(f"--repeats must be at least 1, got {repeats}")
@@ -60,5 +61,12 @@ def run_speed(
             raise NMRestoreError(f"--route {route} does not exist (the model has {routes} route(s))")
     channels = int(getattr(model, "n_colors", 3) or 3)
     return measure_speed(
-        model, (1, channels, *size), threads=threads, repeats=repeats, config=config, name=label, route=route
+        model,
+        (1, channels, *size),
+        threads=threads,
+        repeats=repeats,
+        config=config,
+        name=label,
+        route=route,
+        warmup=warmup,
     )

@@ -17,7 +17,9 @@ the input shape, the thread count and the kernel build (which encodes the CPU), 
 process reuses them. A ReLU that directly follows a swapped layer in an ``nn.Sequential`` is fused
 into it, and so is the skip sum of the zoo's residual blocks (EDSR ``ResBlock``, CARN's residual
 block, MSRResNet's ``ResidualBlockNoBN``): the kernel applies them while the tile is in
-registers, saving a pass over the output for each.
+registers, saving a pass over the output for each; so is a ``nn.PixelShuffle`` after a sparse conv
+(the kernel writes the shuffled output). Consecutive sparse convs hand their activations over in
+the kernel's padded layout (see :mod:`nmrestore.runtime.layers`).
 """
 
 from __future__ import annotations
@@ -56,7 +58,10 @@ class EngineConfig(BaseModel):
     skips the timing and runs dense. ``timing_repeats``: timed runs of each tactic (after one
     warm-up each), the median decides. ``fuse_relu`` / ``fuse_residual``: let a sparse conv apply
     the following ReLU / the residual sum of the zoo's residual blocks (EDSR, CARN, MSRResNet) in
-    its epilogue. ``cache_file``: JSON file of timings shared across runs.
+    its epilogue. ``fuse_shuffle``: let a sparse conv followed by ``nn.PixelShuffle`` write the
+    shuffled output itself. ``handoff``: let a sparse conv write its output straight into the
+    zero-padded layout the next sparse conv reads (no padding pass per layer; the pairs are found
+    from the data flow on the first forward). ``cache_file``: JSON file of timings shared across runs.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -66,6 +71,8 @@ class EngineConfig(BaseModel):
     max_density: float = Field(0.75, gt=0, le=1)
     fuse_relu: bool = True
     fuse_residual: bool = True
+    fuse_shuffle: bool = True
+    handoff: bool = True
     cache_file: Path | None = None
 
 
@@ -205,6 +212,31 @@ def _fuse_relus(model: nn.Module) -> int:
     return fused
 
 
+def _fuse_shuffles(model: nn.Module) -> int:
+    """Fold ``nn.PixelShuffle`` that follows a sparse conv (after a fused ReLU) in an ``nn.Sequential``
+    into it: the kernel writes the shuffled high-resolution output directly."""
+    fused = 0
+    for seq in model.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        keys = list(seq._modules.keys())
+        for i, key in enumerate(keys):
+            conv = seq._modules[key]
+            if not isinstance(conv, SparseConv2d) or conv.shuffle > 1:
+                continue
+            j = i + 1
+            while j < len(keys) and isinstance(seq._modules[keys[j]], nn.Identity):
+                j += 1
+            nxt = seq._modules[keys[j]] if j < len(keys) else None
+            if isinstance(nxt, nn.PixelShuffle):
+                r = int(nxt.upscale_factor)
+                if 1 < r <= 4 and conv.out_channels % (r * r) == 0:
+                    conv.shuffle = r
+                    seq._modules[keys[j]] = nn.Identity()
+                    fused += 1
+    return fused
+
+
 class FusedResidual(nn.Module):
     """A residual block ``act(scale * last(head(x)) + x)`` whose last sparse conv adds the skip
     (and the ReLU after it) in its epilogue instead of two more passes over the output."""
@@ -221,7 +253,8 @@ class FusedResidual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.head(x)
-        return self.last.run(h, residual=x.contiguous(), scale=self.scale, post_relu=self.post_relu)
+        # x may be a hand-off view: the kernel reads the residual through its strides, no copy
+        return self.last.run(h, residual=x, scale=self.scale, post_relu=self.post_relu)
 
     def extra_repr(self) -> str:
         return f"fused residual: scale={self.scale:g}, relu after sum={self.post_relu}"
@@ -252,7 +285,7 @@ def _fuse_residuals(model: nn.Module) -> int:
         if pattern is None or not name:
             continue
         head, last, scale, post_relu = pattern
-        if isinstance(last, SparseConv2d) and not last.relu:
+        if isinstance(last, SparseConv2d) and not last.relu and last.shuffle == 1:
             _set_child(model, name, FusedResidual(module, head, last, scale, post_relu))
             fused += 1
     return fused
@@ -305,6 +338,8 @@ def compile_sparse(model: nn.Module, config: EngineConfig | None = None, inplace
         _set_child(target, name, new)
     if config.fuse_relu:
         _fuse_relus(target)
+    if config.fuse_shuffle:
+        _fuse_shuffles(target)
     if config.fuse_residual:
         _fuse_residuals(target)
     target.eval()

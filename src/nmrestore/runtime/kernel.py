@@ -18,6 +18,13 @@ feature flags, and written atomically (concurrent processes may race to build; o
 If anything fails (no compiler, a compile error, a library that will not load) the kernel is
 reported unavailable with the reason, logged once, and every caller falls back to dense PyTorch.
 ``NMRESTORE_DISABLE_KERNEL=1`` forces that fallback; ``NMRESTORE_CXX`` picks the compiler.
+
+**Hand-off layout.** A conv's output can be written straight into the zero-bordered
+(image, row, channel, column) buffer that the kernel otherwise builds by copying (padding) its
+input; the caller gets the valid region as an ordinary strided (B, C, H, W) view
+(:class:`HandoffLayout` tags it), and a following sparse conv reads that buffer in place. Chains
+of sparse convs (EDSR/RCAN residual bodies) then skip the per-layer padding pass, a full
+read+write of the activation, which at 2:32 costs more than the convolution itself.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -39,7 +47,7 @@ from torch import Tensor
 
 log = logging.getLogger("nmrestore.runtime")
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 SOURCE_NAME = "nm_kernels.cpp"
 #: Flag sets tried in order; the first that compiles and loads wins.
 FLAG_SETS: tuple[tuple[str, ...], ...] = (
@@ -75,6 +83,52 @@ class KernelStatus:
         )
 
 
+@dataclass(frozen=True)
+class HandoffLayout:
+    """Where a (B, C, H, W) hand-off view sits in its buffer of (B, rows, C, width) floats.
+
+    ``pad_h`` zero rows lie above the image and at least as many below it (down to ``rows``);
+    ``pad_w`` zero columns lie left of it and ``width - pad_w - W`` right of it.
+    """
+
+    pad_h: int
+    pad_w: int
+    rows: int
+    width: int
+
+    def strides(self, channels: int) -> tuple[int, int, int, int]:
+        return (self.rows * channels * self.width, self.width, channels * self.width, 1)
+
+
+#: Attribute of a hand-off view holding its :class:`HandoffLayout` (a plain Python attribute: any
+#: op that makes a new tensor drops it, so only the very view the kernel wrote carries it).
+LAYOUT_ATTR = "_nmk_layout"
+
+
+def handoff_layout(x: Tensor) -> HandoffLayout | None:
+    """The layout of a hand-off view that still has exactly its original strides, else None."""
+    layout: HandoffLayout | None = getattr(x, LAYOUT_ATTR, None)
+    if layout is None or x.dim() != 4 or x.stride() != layout.strides(x.shape[1]):
+        return None
+    return layout
+
+
+#: Output buffers kept per size, and distinct sizes kept, by :meth:`KernelLibrary._output_buffer`.
+POOL_PER_SIZE = 6
+POOL_SIZES = 24
+
+
+def _storage_use_count() -> Callable[[Tensor], int] | None:
+    """How many owners a tensor's storage has (None where this torch does not say)."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:  # pragma: no cover - older/newer torch: outputs are not pooled
+        return None
+    return lambda t: int(count(t.untyped_storage()._cdata))
+
+
+_use_count = _storage_use_count()
+
+
 class KernelLibrary:
     """The loaded library with typed entry points."""
 
@@ -87,26 +141,15 @@ class KernelLibrary:
             getattr(lib, name).argtypes = []
         lib.nmk_conv2d_workspace.restype = i64
         lib.nmk_conv2d_workspace.argtypes = [i64] * 12
-        lib.nmk_conv2d.restype = i32
-        lib.nmk_conv2d.argtypes = [
-            p,
-            p,
-            i64,
-            i64,
-            i64,
-            i64,
-            p,
-            p,
-            p,
-            p,
-            p,
-            *([i64] * 9),
-            i32,
-            p,
-            ctypes.c_float,
-            p,
-            i32,
-        ]
+        lib.nmk_conv2d_rows_read.restype = i64
+        lib.nmk_conv2d_rows_read.argtypes = [i64] * 5
+        lib.nmk_conv2d_tail_slack.restype = i64
+        lib.nmk_conv2d_tail_slack.argtypes = [i64]
+        lib.nmk_param_count.restype = i32
+        lib.nmk_param_count.argtypes = []
+        lib.nmk_conv2d_ex.restype = i32
+        lib.nmk_conv2d_ex.argtypes = [p, p, p, p, p, p, p, p, p, ctypes.c_float, p]
+        self._params = ctypes.c_int64 * int(lib.nmk_param_count())
         lib.nmk_linear.restype = i32
         lib.nmk_linear.argtypes = [p, i64, i64, p, p, p, p, i64, i32, p, i32]
         self.abi = int(lib.nmk_abi_version())
@@ -124,7 +167,72 @@ class KernelLibrary:
         return buf
 
     def release_workspace(self) -> None:
+        """Drop the scratch buffer and the output pool (their memory goes once no tensor uses it)."""
         self._local.buf = None
+        self._local.pool = None
+
+    def _output_buffer(self, floats: int) -> Tensor:
+        """A flat buffer for a conv output, reused once no tensor uses its memory any more.
+
+        Why: activations are tens of MB, which the allocator hands out as fresh pages; faulting
+        them in cost about 30% of an EDSR forward on the kernel (0.3 s of 1 s, 1 thread). A buffer
+        is reused only when its storage has no user but the pool (its use count is back to what
+        it was when the pool made it), so a tensor the caller still holds, or any view of it, is
+        never overwritten.
+        """
+        if _use_count is None:
+            return torch.empty(floats, dtype=torch.float32)
+        pool: dict[int, list[tuple[Tensor, int]]] | None = getattr(self._local, "pool", None)
+        if pool is None or len(pool) > POOL_SIZES:  # many shapes (patch batches): start over
+            pool = self._local.pool = {}
+        entries = pool.setdefault(floats, [])
+        for buf, idle in entries:
+            if _use_count(buf) == idle:
+                return buf
+        buf = torch.empty(floats, dtype=torch.float32)
+        if len(entries) < POOL_PER_SIZE:
+            entries.append((buf, _use_count(buf)))
+        return buf
+
+    def rows_read(self, h: int, kh: int, sh: int, ph: int, dh: int) -> int:
+        """Rows of padded input (per image, from its top) a conv reads, tile rounding included."""
+        return int(self._lib.nmk_conv2d_rows_read(h, kh, sh, ph, dh))
+
+    def accepts_handoff(
+        self,
+        x: Tensor,
+        kernel_size: tuple[int, int],
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+    ) -> bool:
+        """True when ``x`` is a hand-off view this conv can read in place (enough zero border)."""
+        layout = handoff_layout(x)
+        if layout is None or stride[1] != 1:
+            return False
+        (ph, pw), h, w = padding, x.shape[2], x.shape[3]
+        if ph > layout.pad_h or pw > layout.pad_w or layout.width - layout.pad_w - w < pw:
+            return False
+        below = layout.rows - layout.pad_h - h
+        need = self.rows_read(h, kernel_size[0], stride[0], ph, dilation[0])
+        return below >= ph and layout.pad_h - ph + need <= layout.rows
+
+    def handoff_empty(self, shape: tuple[int, int, int, int], pad: tuple[int, int]) -> Tensor:
+        """An uninitialised hand-off view of ``shape`` with ``pad`` zero border (zeroed by the
+        conv that writes it) and room for any conv's tile over-read."""
+        b, c, h, w = shape
+        ph, pw = pad
+        vf = self.vector_floats
+        left = -(-pw // vf) * vf  # a whole vector of zeros on the left: every row's valid part is
+        # 64-byte aligned, so full-tile stores never straddle two cache lines
+        width = -(-(left + w + pw) // vf) * vf
+        rows = h + 2 * ph + self.tile[0] + 1
+        layout = HandoffLayout(ph, left, rows, width)
+        slack = int(self._lib.nmk_conv2d_tail_slack(c * width))
+        buf = self._output_buffer(b * rows * c * width + slack)
+        view = buf.as_strided(shape, layout.strides(c), ph * c * width + left)
+        setattr(view, LAYOUT_ATTR, layout)
+        return view
 
     def conv2d(
         self,
@@ -143,53 +251,90 @@ class KernelLibrary:
         threads: int | None = None,
         residual: Tensor | None = None,
         res_scale: float = 1.0,
+        shuffle: int = 1,
+        out_pad: tuple[int, int] | None = None,
     ) -> Tensor:
-        """Sparse conv of a contiguous float32 (B, C, H, W) CPU tensor.
+        """Sparse conv of a float32 (B, C, H, W) CPU tensor (any strides; a hand-off view that
+        :meth:`accepts_handoff` is read in place, without the padding pass).
 
-        With ``residual`` (contiguous, the output's shape) the result is
-        ``act(res_scale * conv(x) + residual)``, act = ReLU when ``relu``.
+        With ``residual`` (the output's shape, any strides) the result is
+        ``act(res_scale * conv(x) + residual)``, act = ReLU when ``relu``. ``shuffle`` = r fuses a
+        following ``pixel_shuffle(r)`` (not with a residual). ``out_pad``: write the output as a
+        hand-off view with that zero border (for a following sparse conv), else a plain tensor.
         """
         b, c, h, w = x.shape
         kh, kw = kernel_size
         (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
         ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
         wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        out = torch.empty(b, out_channels, ho, wo, dtype=torch.float32)
-        if out.numel() == 0:
-            return out
-        if residual is not None and tuple(residual.shape) != tuple(out.shape):
-            raise ValueError(f"residual of shape {tuple(residual.shape)} for an output of {tuple(out.shape)}")
-        floats = self._lib.nmk_conv2d_workspace(b, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw)
-        ws = self._workspace(floats)
-        status = self._lib.nmk_conv2d(
-            x.data_ptr(),
-            ws.data_ptr(),
-            b,
-            c,
-            h,
-            w,
+        r = max(1, shuffle)
+        if r > 1 and (residual is not None or out_channels % (r * r) or r > 4):
+            raise ValueError(
+                f"fused pixel shuffle {r} needs no residual, r <= 4 and channels divisible by r^2"
+            )
+        shape = (b, out_channels // (r * r), ho * r, wo * r)
+        if min(shape) <= 0:
+            return torch.empty(shape, dtype=torch.float32)
+        if out_pad is not None:
+            out = self.handoff_empty(shape, out_pad)
+            layout = handoff_layout(out)
+            assert layout is not None
+            zero = (
+                out_pad[0],
+                layout.rows - out_pad[0] - shape[2],
+                out_pad[1],
+                layout.width - out_pad[1] - shape[3],
+            )
+        else:
+            out = self._output_buffer(shape[0] * shape[1] * shape[2] * shape[3]).view(shape)
+            zero = (0, 0, 0, 0)
+        if residual is not None:
+            if tuple(residual.shape) != tuple(out.shape):
+                raise ValueError(
+                    f"residual of shape {tuple(residual.shape)} for an output of {tuple(out.shape)}"
+                )
+            if residual.stride(3) != 1 or residual.dtype != torch.float32:
+                residual = residual.float().contiguous()
+        if self.accepts_handoff(x, kernel_size, stride, padding, dilation):
+            layout = handoff_layout(x)
+            assert layout is not None
+            row = c * layout.width
+            start = x.data_ptr() - 4 * (ph * row + pw)  # top-left of this conv's padded window
+            xs = (layout.rows * row, layout.width, row)
+            padded, ws_ptr = 1, None
+        else:
+            if x.stride(3) != 1 or x.dtype != torch.float32:
+                x = x.float().contiguous()
+            start, xs, padded = x.data_ptr(), (x.stride(0), x.stride(1), x.stride(2)), 0
+            ws_ptr = self._workspace(
+                self._lib.nmk_conv2d_workspace(b, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw)
+            ).data_ptr()
+        rs = (
+            (residual.stride(0), residual.stride(1), residual.stride(2))
+            if residual is not None
+            else (0, 0, 0)
+        )
+        params = self._params(
+            b, c, h, w, out_channels, kh, kw, sh, sw, ph, pw, dh, dw,
+            *xs, padded, int(relu), *rs,
+            out.stride(0), out.stride(1), out.stride(2), r, *zero,
+            threads or torch.get_num_threads(),
+        )  # fmt: skip
+        status = self._lib.nmk_conv2d_ex(
+            params,
+            start,
+            ws_ptr,
             rowptr.data_ptr(),
             cin.data_ptr(),
             kpos.data_ptr(),
             values.data_ptr(),
             bias.data_ptr() if bias is not None else None,
-            out_channels,
-            kh,
-            kw,
-            sh,
-            sw,
-            ph,
-            pw,
-            dh,
-            dw,
-            int(relu),
             residual.data_ptr() if residual is not None else None,
             float(res_scale),
             out.data_ptr(),
-            threads or torch.get_num_threads(),
         )
         if status != 0:
-            raise RuntimeError(f"nmk_conv2d rejected input {tuple(x.shape)} (status {status})")
+            raise RuntimeError(f"nmk_conv2d_ex rejected input {tuple(x.shape)} (status {status})")
         return out
 
     def linear(

@@ -9,6 +9,14 @@ Per (route, input shape, threads) the layer chooses a *tactic*, sparse kernel or
 like TensorRT's tactic selection: on first use it times both on the real input (interleaved,
 median of a few runs) and keeps the faster. Decisions are cached in memory and, with a cache
 file, on disk (see :mod:`nmrestore.runtime.engine`).
+
+**Hand-off between sparse convs.** Every sparse conv output carries its producer; a sparse conv
+that receives it (and has chosen the kernel) asks the producer for its padding, and from the next
+forward on the producer writes a zero-bordered hand-off view that this consumer reads in place
+(no padding pass; see :class:`~nmrestore.runtime.kernel.HandoffLayout`). So the pairs that use
+the hand-off are found from the real data flow, whatever the model's ``forward`` does; every other
+consumer just sees an ordinary strided tensor, and a consumer that cannot read it in place (a
+different padding, a column stride, a dense tactic) pads it as before.
 """
 
 from __future__ import annotations
@@ -27,6 +35,10 @@ from nmrestore.sparsity.parametrization import nm_mask_of
 
 if TYPE_CHECKING:
     from nmrestore.runtime.engine import EngineState
+
+
+#: Attribute of a sparse conv's output naming the layer that wrote it (for hand-off requests).
+PRODUCER_ATTR = "_nmk_producer"
 
 
 def _epilogue(y: Tensor, relu: bool, residual: Tensor | None, scale: float, post_relu: bool) -> Tensor:
@@ -168,10 +180,14 @@ class SparseLayer(nn.Module):
         key = (route, tuple(x.shape), torch.get_num_threads())
         choice = self._choices.by_key.get(key)
         if choice == "sparse":
+            self._ask_producer(x)
             return self._sparse(x, rw, *extra)
         if choice == "dense":
             return self._dense(x, rw, *extra)
         return self._decide(key, x, rw, extra)
+
+    def _ask_producer(self, x: Tensor) -> None:
+        """Hook for the hand-off: a sparse conv asks the conv that wrote ``x`` for its padding."""
 
     def _record(
         self,
@@ -215,6 +231,7 @@ class SparseLayer(nn.Module):
         state = self._state
         if state.config.tactic == "sparse":
             self._record(key, rw, "sparse", "forced")
+            self._ask_producer(x)
             return self._sparse(x, rw, *extra)
         signature = self.signature(key, rw) + f"|res{int(extra[0] is not None)}"
         cached = state.cached_timing(signature)
@@ -222,11 +239,15 @@ class SparseLayer(nn.Module):
             dense_ms, sparse_ms = cached
             choice = "sparse" if sparse_ms < dense_ms else "dense"
             self._record(key, rw, choice, "reused", dense_ms, sparse_ms)
+            if choice == "sparse":
+                self._ask_producer(x)
             return self._sparse(x, rw, *extra) if choice == "sparse" else self._dense(x, rw, *extra)
         outputs, dense_ms, sparse_ms = self._time_both(x, rw, state.config.timing_repeats, extra)
         choice = "sparse" if sparse_ms < dense_ms else "dense"
         state.store_timing(signature, dense_ms, sparse_ms)
         self._record(key, rw, choice, "timed", dense_ms, sparse_ms)
+        if choice == "sparse":
+            self._ask_producer(x)
         return outputs[choice]  # the chosen tactic's output: later calls give exactly this
 
     def _time_both(
@@ -276,9 +297,31 @@ class SparseConv2d(SparseLayer):
         self.groups = source.groups
         self.out_channels = source.out_channels
         self.kernel_size = tuple(source.kernel_size)
+        self.shuffle = 1  # > 1: a following PixelShuffle fused into the epilogue
+        self.out_pad: tuple[int, int] | None = None  # hand-off padding asked for by consumers
 
     def _geometry(self) -> str:
-        return f"k{self.kernel_size}s{self.stride}p{self.padding}d{self.dilation}g{self.groups}"
+        geometry = f"k{self.kernel_size}s{self.stride}p{self.padding}d{self.dilation}g{self.groups}"
+        return geometry + (f"|shuffle{self.shuffle}" if self.shuffle > 1 else "")
+
+    def _ask_producer(self, x: Tensor) -> None:
+        producer = getattr(x, PRODUCER_ATTR, None)
+        if not isinstance(producer, SparseConv2d) or not self._state.config.handoff or self.stride[1] != 1:
+            return
+        ph, pw = self.padding  # type: ignore[misc]
+        if ph == 0 and pw == 0:
+            return  # nothing to pad: a plain tensor is read without a copy anyway
+        kernel = self._state.kernel
+        if kernel is not None and kernel.accepts_handoff(
+            x,
+            self.kernel_size,  # type: ignore[arg-type]
+            self.stride,  # type: ignore[arg-type]
+            self.padding,  # type: ignore[arg-type]
+            self.dilation,  # type: ignore[arg-type]
+        ):
+            return
+        old = producer.out_pad or (0, 0)
+        producer.out_pad = (max(old[0], ph), max(old[1], pw))
 
     def _shape_ok(self, x: Tensor) -> bool:
         if x.dim() != 4 or x.shape[1] != self.routes[0].dense.shape[1] * self.groups:
@@ -297,6 +340,8 @@ class SparseConv2d(SparseLayer):
         post_relu: bool = False,
     ) -> Tensor:
         out = F.conv2d(x, rw.dense, self._bias, self.stride, self.padding, self.dilation, self.groups)
+        if self.shuffle > 1:  # ReLU and shuffle commute: the epilogue's ReLU may come after
+            out = F.pixel_shuffle(out, self.shuffle)
         return _epilogue(out, self.relu, residual, scale, post_relu)
 
     def _sparse(
@@ -310,10 +355,11 @@ class SparseConv2d(SparseLayer):
         kernel = self._state.kernel
         csr = rw.csr
         assert kernel is not None and csr is not None
-        if residual is not None and self.relu:  # relu(conv) + residual: not the kernel epilogue's order
+        if residual is not None and (self.relu or self.shuffle > 1):
+            # relu(conv) + residual is not the kernel epilogue's order; a shuffled output has none
             return _epilogue(self._sparse(x, rw), False, residual, scale, post_relu)
-        return kernel.conv2d(
-            x.contiguous(),
+        out = kernel.conv2d(
+            x,
             csr.rowptr,
             csr.cin,
             csr.kpos,
@@ -325,15 +371,21 @@ class SparseConv2d(SparseLayer):
             self.padding,  # type: ignore[arg-type]
             self.dilation,  # type: ignore[arg-type]
             relu=self.relu or post_relu,
-            residual=None if residual is None else residual.contiguous(),
+            residual=residual,
             res_scale=scale,
+            shuffle=self.shuffle,
+            out_pad=self.out_pad if self._state.config.handoff else None,
         )
+        setattr(out, PRODUCER_ATTR, self)
+        return out
 
     def extra_repr(self) -> str:
         nms = ",".join(f"{r.nm[0]}:{r.nm[1]}" if r.nm else "dense" for r in self.routes)
         return (
             f"{self.layer_name}: {tuple(self.routes[0].dense.shape)}, stride={self.stride}, "
             f"padding={self.padding}, routes=[{nms}], relu={self.relu}"
+            + (f", shuffle={self.shuffle}" if self.shuffle > 1 else "")
+            + (f", hand-off pad={self.out_pad}" if self.out_pad else "")
         )
 
 

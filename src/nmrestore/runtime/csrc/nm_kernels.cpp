@@ -89,11 +89,13 @@ struct Entry {
 };
 
 // Epilogue: out = act(res_scale * (conv + bias) + residual), act = ReLU or identity. Fusing the
-// residual sum and the ReLU saves a full pass over the output for each.
+// residual sum and the ReLU saves a full pass over the output for each. Output and residual rows
+// are strided (ostride / rstride_res floats apart), so either may be a plain (B, O, Ho, Wo) tensor
+// or the valid region of a padded hand-off buffer.
 template <bool RELU, bool RES, int NVX>
 inline void conv_tile(const float* __restrict xb, const Entry* __restrict ent, int64_t nnz, int64_t rstride,
-                      float bias, float* __restrict out, const float* __restrict res, float res_scale,
-                      int64_t Wo, int nrows, int ncols) {
+                      float bias, float* __restrict out, int64_t ostride, const float* __restrict res,
+                      int64_t res_stride, float res_scale, int nrows, int ncols) {
   vf acc[TR][NVX];
 #pragma GCC unroll 16
   for (int r = 0; r < TR; ++r)
@@ -109,10 +111,10 @@ inline void conv_tile(const float* __restrict xb, const Entry* __restrict ent, i
   }
   const vf z = vbcast(0.f), scale = vbcast(res_scale);
   for (int r = 0; r < nrows; ++r) {
-    float* o = out + r * Wo;
+    float* o = out + r * ostride;
     float tmp[NVX * VW];
     if (RES) {
-      const float* rr = res + r * Wo;
+      const float* rr = res + r * res_stride;
       if (ncols == NVX * VW) {
         for (int v = 0; v < NVX; ++v) acc[r][v] = acc[r][v] * scale + vload(rr + v * VW);
       } else {
@@ -123,6 +125,7 @@ inline void conv_tile(const float* __restrict xb, const Entry* __restrict ent, i
     }
     if (RELU)
       for (int v = 0; v < NVX; ++v) acc[r][v] = acc[r][v] > z ? acc[r][v] : z;
+    // Only the ncols valid columns are stored: a padded hand-off buffer keeps its zero border.
     if (ncols == NVX * VW) {
       for (int v = 0; v < NVX; ++v) std::memcpy(o + v * VW, &acc[r][v], sizeof(vf));
     } else {
@@ -132,29 +135,81 @@ inline void conv_tile(const float* __restrict xb, const Entry* __restrict ent, i
   }
 }
 
+// Strides (floats) of a 4-d (B, C, H, W) operand whose W axis is contiguous.
+struct Strides {
+  int64_t b, c, h;
+};
+
 // Every tile of one work item (image b, output rows y0.., column tiles [ct0, ct1) of width NVX*VW),
 // output channel innermost: a tile's input rows stay in L1/L2 while all output channels use them.
 template <bool RELU, bool RES, int NVX>
 void conv_item(const float* xrow, const Entry* ent, const int32_t* rowptr, const float* bias, int64_t O,
-               int64_t rstride, float* out_b, const float* res_b, float res_scale, int64_t Ho, int64_t Wo,
-               int64_t y0, int nrows, int64_t ct0, int64_t ct1) {
+               int64_t rstride, float* out_b, Strides os, const float* res_b, Strides rs, float res_scale,
+               int64_t Wo, int64_t y0, int nrows, int64_t ct0, int64_t ct1) {
   constexpr int TWX = NVX * VW;
   for (int64_t ct = ct0; ct < ct1; ++ct) {
     const int64_t x0 = ct * TWX;
     const int ncols = (int)std::min<int64_t>(TWX, Wo - x0);
     for (int64_t o = 0; o < O; ++o) {
-      const int64_t k0 = rowptr[o], at = (o * Ho + y0) * Wo + x0;
+      const int64_t k0 = rowptr[o];
       conv_tile<RELU, RES, NVX>(xrow + x0, ent + k0, rowptr[o + 1] - k0, rstride, bias ? bias[o] : 0.f,
-                                out_b + at, RES ? res_b + at : nullptr, res_scale, Wo, nrows, ncols);
+                                out_b + o * os.c + y0 * os.h + x0, os.h,
+                                RES ? res_b + o * rs.c + y0 * rs.h + x0 : nullptr, rs.h, res_scale, nrows,
+                                ncols);
+    }
+  }
+}
+
+// The same with a fused pixel shuffle of factor R: conv channel o = (c * R + i) * R + j at (y, x)
+// goes to out[c, y * R + i, x * R + j]. The R channels of one (c, i) are computed into a small
+// buffer and interleaved into HR rows, so PyTorch's separate (slow, strided) shuffle pass and the
+// LR-resolution output never exist.
+template <bool RELU, int NVX>
+void conv_item_shuffle(const float* xrow, const Entry* ent, const int32_t* rowptr, const float* bias,
+                       int64_t O, int64_t rstride, float* out_b, Strides os, int R, int64_t Wo, int64_t y0,
+                       int nrows, int64_t ct0, int64_t ct1) {
+  constexpr int TWX = NVX * VW;
+  alignas(64) float tmp[4][TR][TWX];  // R <= 4
+  for (int64_t ct = ct0; ct < ct1; ++ct) {
+    const int64_t x0 = ct * TWX;
+    const int ncols = (int)std::min<int64_t>(TWX, Wo - x0);
+    for (int64_t og = 0; og < O; og += R) {
+      for (int j = 0; j < R; ++j) {
+        const int64_t o = og + j, k0 = rowptr[o];
+        conv_tile<RELU, false, NVX>(xrow + x0, ent + k0, rowptr[o + 1] - k0, rstride, bias ? bias[o] : 0.f,
+                                    &tmp[j][0][0], TWX, nullptr, 0, 1.f, nrows, TWX);
+      }
+      const int64_t c = og / (R * R), i = (og / R) % R;
+      for (int r = 0; r < nrows; ++r) {
+        float* __restrict dst = out_b + c * os.c + ((y0 + r) * R + i) * os.h + x0 * R;
+        if (R == 2) {
+          const float* __restrict a = tmp[0][r];
+          const float* __restrict b = tmp[1][r];
+          for (int l = 0; l < ncols; ++l) {
+            dst[2 * l] = a[l];
+            dst[2 * l + 1] = b[l];
+          }
+        } else {
+          for (int l = 0; l < ncols; ++l)
+            for (int j = 0; j < R; ++j) dst[l * R + j] = tmp[j][r][l];
+        }
+      }
     }
   }
 }
 
 template <int NVX>
-void conv_item_any(bool relu, bool res, const float* xrow, const Entry* ent, const int32_t* rowptr,
-                   const float* bias, int64_t O, int64_t rstride, float* out_b, const float* res_b,
-                   float res_scale, int64_t Ho, int64_t Wo, int64_t y0, int nrows, int64_t ct0, int64_t ct1) {
-#define NMK_ITEM(R, S) conv_item<R, S, NVX>(xrow, ent, rowptr, bias, O, rstride, out_b, res_b, res_scale, Ho, Wo, y0, nrows, ct0, ct1)
+void conv_item_any(bool relu, bool res, int shuffle, const float* xrow, const Entry* ent, const int32_t* rowptr,
+                   const float* bias, int64_t O, int64_t rstride, float* out_b, Strides os, const float* res_b,
+                   Strides rs, float res_scale, int64_t Wo, int64_t y0, int nrows, int64_t ct0, int64_t ct1) {
+  if (shuffle > 1) {
+    if (relu)
+      conv_item_shuffle<true, NVX>(xrow, ent, rowptr, bias, O, rstride, out_b, os, shuffle, Wo, y0, nrows, ct0, ct1);
+    else
+      conv_item_shuffle<false, NVX>(xrow, ent, rowptr, bias, O, rstride, out_b, os, shuffle, Wo, y0, nrows, ct0, ct1);
+    return;
+  }
+#define NMK_ITEM(R, S) conv_item<R, S, NVX>(xrow, ent, rowptr, bias, O, rstride, out_b, os, res_b, rs, res_scale, Wo, y0, nrows, ct0, ct1)
   if (relu && res) NMK_ITEM(true, true);
   else if (relu) NMK_ITEM(true, false);
   else if (res) NMK_ITEM(false, true);
@@ -164,14 +219,29 @@ void conv_item_any(bool relu, bool res, const float* xrow, const Entry* ent, con
 
 float* align64(float* p) { return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63)); }
 
+// Parameters of nmk_conv2d_ex, one int64 array (one ctypes argument instead of thirty).
+enum Param {
+  P_B, P_C, P_H, P_W, P_O, P_KH, P_KW, P_SH, P_SW, P_PH, P_PW, P_DH, P_DW,
+  P_XSB, P_XSC, P_XSH,        // input strides (floats); W is contiguous
+  P_IN_PADDED,                // 1: x is already padded (see below)
+  P_RELU,
+  P_RSB, P_RSC, P_RSH,        // residual strides
+  P_OSB, P_OSC, P_OSH,        // output strides (of the final, shuffled tensor)
+  P_SHUFFLE,                  // pixel-shuffle factor (0/1: none)
+  P_ZT, P_ZB, P_ZL, P_ZR,     // zero border to write around the output: rows above/below, columns left/right
+  P_THREADS,
+  P_COUNT
+};
+
 }  // namespace
 
 extern "C" {
 
-int nmk_abi_version() { return 2; }
+int nmk_abi_version() { return 3; }
 int nmk_vector_floats() { return VW; }
 int nmk_tile_rows() { return TR; }
 int nmk_tile_cols() { return TW; }
+int nmk_param_count() { return P_COUNT; }
 int nmk_openmp() {
 #ifdef _OPENMP
   return 1;
@@ -180,58 +250,115 @@ int nmk_openmp() {
 #endif
 }
 
-// Floats of workspace nmk_conv2d needs (including 64-byte alignment slack).
+// Floats of workspace nmk_conv2d_ex needs for an input it pads itself (including alignment slack).
 int64_t nmk_conv2d_workspace(int64_t B, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t sh,
                              int64_t sw, int64_t ph, int64_t pw, int64_t dh, int64_t dw) {
   const Geometry g = geometry(B, C, H, W, KH, KW, sh, sw, ph, pw, dh, dw);
   return g.B * g.per_b + slack(g) + 16;
 }
 
-// x: (B, C, H, W) contiguous float32. Output channel o keeps the weights rowptr[o]..rowptr[o+1]-1,
-// each with its absolute input channel cin[k], kernel position kpos[k] = kh*KW + kw and value val[k].
-// bias may be null. residual: null, or a (B, O, Ho, Wo) tensor added as
-// out = act(res_scale * (conv + bias) + residual). out: (B, O, Ho, Wo) contiguous.
-// Returns 0, -1 on a bad geometry, -2 when the workspace is too large for 32-bit offsets.
-int nmk_conv2d(const float* x, float* workspace, int64_t B, int64_t C, int64_t H, int64_t W,
-               const int32_t* rowptr, const int32_t* cin, const int32_t* kpos, const float* val,
-               const float* bias, int64_t O, int64_t KH, int64_t KW, int64_t sh, int64_t sw, int64_t ph,
-               int64_t pw, int64_t dh, int64_t dw, int relu, const float* residual, float res_scale, float* out,
-               int nthreads) {
-  const Geometry g = geometry(B, C, H, W, KH, KW, sh, sw, ph, pw, dh, dw);
-  if (g.Ho <= 0 || g.Wo <= 0 || sh < 1 || sw < 1 || dh < 1 || dw < 1) return -1;
-  if (nthreads < 1) nthreads = 1;
-  float* xp = align64(workspace);
+// Rows (from the top of the padded input) a conv reads, tile rounding included: a pre-padded
+// input must have this many rows (zero below the image) for each image.
+int64_t nmk_conv2d_rows_read(int64_t H, int64_t KH, int64_t sh, int64_t ph, int64_t dh) {
+  const int64_t Ho = (H + 2 * ph - dh * (KH - 1) - 1) / sh + 1;
+  const int64_t rtiles = (Ho + TR - 1) / TR;
+  return std::max(H + 2 * ph, (rtiles * TR - 1) * sh + dh * (KH - 1) + 1);
+}
 
-  // 1. pad (and split stride phases) into the workspace, one (image, phase, row) per iteration.
-  const int64_t rows = B * sw * g.Hpa;
+// Floats a pre-padded input must have readable after its last image's last row.
+int64_t nmk_conv2d_tail_slack(int64_t row_floats) { return TW + row_floats + 2 * VW; }
+
+// Sparse conv. Output channel o keeps the weights rowptr[o]..rowptr[o+1]-1, each with its absolute
+// input channel cin[k], kernel position kpos[k] = kh*KW + kw and value val[k]; bias may be null.
+// x: (B, C, H, W) with strides P_XS*. With P_IN_PADDED = 0 it is padded (and, for a column stride
+// sw > 1, split into stride phases) into the workspace. With P_IN_PADDED = 1 (sw must be 1) x
+// points at the top-left of the conv's padded window inside a zero-bordered hand-off buffer laid
+// out (image, row, channel, column): P_XSC is its row width, P_XSH = C * P_XSC, and it has
+// nmk_conv2d_rows_read rows per image; no padding pass at all.
+// residual: null or (B, O, Ho, Wo) with strides P_RS*: out = act(res_scale * (conv + bias) + residual).
+// out: (B, O, Ho, Wo) (with P_SHUFFLE = R: (B, O/R^2, Ho*R, Wo*R)) with strides P_OS*. When P_Z* are
+// non-zero the output is the valid region of a hand-off buffer: that border around it is zeroed
+// (rows span C_out * P_OSC floats, so P_OSH must equal that).
+// Returns 0, -1 on a bad geometry, -2 when the workspace is too large for 32-bit offsets.
+int nmk_conv2d_ex(const int64_t* prm, const float* x, float* workspace, const int32_t* rowptr, const int32_t* cin,
+                  const int32_t* kpos, const float* val, const float* bias, const float* residual,
+                  float res_scale, float* out) {
+  const int64_t B = prm[P_B], C = prm[P_C], H = prm[P_H], W = prm[P_W], O = prm[P_O];
+  const int64_t KH = prm[P_KH], KW = prm[P_KW], sh = prm[P_SH], sw = prm[P_SW], ph = prm[P_PH], pw = prm[P_PW];
+  const int64_t dh = prm[P_DH], dw = prm[P_DW];
+  const bool padded = prm[P_IN_PADDED] != 0;
+  const int relu = (int)prm[P_RELU];
+  const int R = prm[P_SHUFFLE] > 1 ? (int)prm[P_SHUFFLE] : 1;
+  int nthreads = (int)prm[P_THREADS];
+  if (nthreads < 1) nthreads = 1;
+  Geometry g = geometry(B, C, H, W, KH, KW, sh, sw, ph, pw, dh, dw);
+  if (g.Ho <= 0 || g.Wo <= 0 || sh < 1 || sw < 1 || dh < 1 || dw < 1) return -1;
+  if (R > 4 || (R > 1 && (O % (R * R) != 0 || residual != nullptr))) return -1;
+  const Strides xs{prm[P_XSB], prm[P_XSC], prm[P_XSH]};
+  const Strides rs{prm[P_RSB], prm[P_RSC], prm[P_RSH]};
+  const Strides os{prm[P_OSB], prm[P_OSC], prm[P_OSH]};
+  const float* xp;
+  if (padded) {
+    if (sw != 1 || xs.h != C * xs.c) return -1;
+    g.Wq = xs.c;
+    g.plane = xs.b;
+    g.per_b = xs.b;
+    xp = x;
+  } else {
+    float* ws = align64(workspace);
+    xp = ws;
+    // 1. pad (and split stride phases) into the workspace, one (image, phase, row) per iteration.
+    const int64_t rows = B * sw * g.Hpa;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
-  for (int64_t i = 0; i < rows; ++i) {
-    const int64_t b = i / (sw * g.Hpa), rem = i % (sw * g.Hpa);
-    const int64_t p = rem / g.Hpa, r = rem % g.Hpa;
-    float* dst = xp + b * g.per_b + p * g.plane + r * C * g.Wq;
-    const int64_t ir = r - ph;
-    if (ir < 0 || ir >= H) {
-      std::memset(dst, 0, sizeof(float) * C * g.Wq);
-      continue;
-    }
-    for (int64_t c = 0; c < C; ++c) {
-      float* d = dst + c * g.Wq;
-      const float* s = x + ((b * C + c) * H + ir) * W;
-      if (sw == 1) {
-        std::memset(d, 0, sizeof(float) * pw);
-        std::memcpy(d + pw, s, sizeof(float) * W);
-        std::memset(d + pw + W, 0, sizeof(float) * (g.Wq - pw - W));
-      } else {
-        for (int64_t j = 0; j < g.Wq; ++j) {
-          const int64_t ic = j * sw + p - pw;
-          d[j] = (ic >= 0 && ic < W) ? s[ic] : 0.f;
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t b = i / (sw * g.Hpa), rem = i % (sw * g.Hpa);
+      const int64_t p = rem / g.Hpa, r = rem % g.Hpa;
+      float* dst = ws + b * g.per_b + p * g.plane + r * C * g.Wq;
+      const int64_t ir = r - ph;
+      if (ir < 0 || ir >= H) {
+        std::memset(dst, 0, sizeof(float) * C * g.Wq);
+        continue;
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        float* d = dst + c * g.Wq;
+        const float* s = x + b * xs.b + c * xs.c + ir * xs.h;
+        if (sw == 1) {
+          std::memset(d, 0, sizeof(float) * pw);
+          std::memcpy(d + pw, s, sizeof(float) * W);
+          std::memset(d + pw + W, 0, sizeof(float) * (g.Wq - pw - W));
+        } else {
+          for (int64_t j = 0; j < g.Wq; ++j) {
+            const int64_t ic = j * sw + p - pw;
+            d[j] = (ic >= 0 && ic < W) ? s[ic] : 0.f;
+          }
         }
       }
     }
+    std::memset(ws + B * g.per_b, 0, sizeof(float) * slack(g));
   }
-  std::memset(xp + B * g.per_b, 0, sizeof(float) * slack(g));
 
-  // 2. workspace offset of every kept weight (relative to the tile's top-left input position).
+  // 2. zero the border of a hand-off output buffer (the tiles write only valid positions).
+  const int64_t zt = prm[P_ZT], zb = prm[P_ZB], zl = prm[P_ZL], zr = prm[P_ZR];
+  if (zt || zb || zl || zr) {
+    const int64_t Cf = O / (R * R), Hf = g.Ho * R, Wf = g.Wo * R;
+    if (os.h != Cf * os.c || os.c < zl + Wf + zr) return -1;
+    const int64_t rows = B * (zt + Hf + zb);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t i = 0; i < rows; ++i) {
+      const int64_t b = i / (zt + Hf + zb), r = i % (zt + Hf + zb) - zt;
+      float* row = out + b * os.b + r * os.h - zl;
+      if (r < 0 || r >= Hf) {
+        std::memset(row, 0, sizeof(float) * os.h);
+        continue;
+      }
+      for (int64_t c = 0; c < Cf; ++c) {
+        std::memset(row + c * os.c, 0, sizeof(float) * zl);
+        std::memset(row + c * os.c + zl + Wf, 0, sizeof(float) * (os.c - zl - Wf));
+      }
+    }
+  }
+
+  // 3. workspace offset of every kept weight (relative to the tile's top-left input position).
   const int64_t nnz = rowptr[O];
   std::vector<Entry> ent(nnz);
   for (int64_t k = 0; k < nnz; ++k) {
@@ -242,7 +369,7 @@ int nmk_conv2d(const float* x, float* workspace, int64_t B, int64_t C, int64_t H
     ent[k] = Entry{(int32_t)off, val[k]};
   }
 
-  // 3. sparse accumulation, parallel over (image, row tile, column chunk). Narrow outputs (small
+  // 4. sparse accumulation, parallel over (image, row tile, column chunk). Narrow outputs (small
   // patches) use narrower tiles so no vector lane computes a column that does not exist.
   const int nvx = g.Wo <= VW ? 1 : (g.Wo <= 2 * VW || NV == 2 ? 2 : NV);
   const int64_t twx = nvx * VW;
@@ -259,9 +386,9 @@ int nmk_conv2d(const float* x, float* workspace, int64_t B, int64_t C, int64_t H
     const int nrows = (int)std::min<int64_t>(TR, g.Ho - y0);
     const int64_t ct0 = ch * per_chunk, ct1 = std::min<int64_t>(ctiles, ct0 + per_chunk);
     const float* xrow = xp + b * g.per_b + y0 * rstride;
-    float* out_b = out + b * O * g.Ho * g.Wo;
-    const float* res_b = residual ? residual + b * O * g.Ho * g.Wo : nullptr;
-#define NMK_RUN(N) conv_item_any<N>(relu, residual != nullptr, xrow, ent.data(), rowptr, bias, O, rstride, out_b, res_b, res_scale, g.Ho, g.Wo, y0, nrows, ct0, ct1)
+    float* out_b = out + b * os.b;
+    const float* res_b = residual ? residual + b * rs.b : nullptr;
+#define NMK_RUN(N) conv_item_any<N>(relu, residual != nullptr, R, xrow, ent.data(), rowptr, bias, O, rstride, out_b, os, res_b, rs, res_scale, g.Wo, y0, nrows, ct0, ct1)
     if (nvx == 1)
       NMK_RUN(1);
     else if (nvx == 2)
