@@ -388,3 +388,40 @@ def test_budget_labels_through_training_meet_the_target(tmp_path: Path) -> None:
     average = sum(c * f for c, f in zip(counts, fractions, strict=True)) / sum(counts)
     assert final["labels"]["rule"] == "budget"
     assert average <= 0.6 + 1e-9 and sum(counts) == final["labels"]["patches"]
+
+
+@pytest.mark.parametrize("scale", [1, 2, 3])
+def test_grid_patch_sources_name_the_image_of_every_patch(scale: int) -> None:
+    from nmrestore.engine.adaptive import grid_patch_pairs, grid_patch_sources
+
+    rng = np.random.default_rng(0)
+    images = [
+        ("a", rng.integers(0, 256, (40 * scale, 52 * scale, 3), dtype=np.uint8)),
+        ("small", rng.integers(0, 256, (10 * scale, 60 * scale, 3), dtype=np.uint8)),  # too small: no patch
+        ("b", rng.integers(0, 256, (33 * scale + 1, 33 * scale, 3), dtype=np.uint8)),
+    ]
+    lq, _ = grid_patch_pairs(images, None, scale, 16, 12)
+    sources = grid_patch_sources(images, scale, 16, 12)
+    assert len(sources) == len(lq)
+    assert sources.tolist() == [0] * len(grid_positions(40, 52, 16, 12)) + [2] * len(grid_positions(33, 33, 16, 12))
+
+
+def test_per_image_weights_and_budget_labels_follow_the_mean_per_image_psnr() -> None:
+    from nmrestore.engine.adaptive import make_labels, per_image_weights
+
+    def db(mse: float) -> float:
+        return -10 * float(np.log10(mse))
+
+    # image 0 is easy (full-route MSE 1e-5), image 1 hard (1e-3); the cheap route adds 2e-6 to a
+    # patch of either. Pooled, both errors are equal; per image, image 0 loses far more dB.
+    psnrs = torch.tensor(
+        [[db(1.2e-5), db(1e-5)], [db(1.2e-5), db(1e-5)], [db(1.002e-3), db(1e-3)], [db(1.002e-3), db(1e-3)]],
+        dtype=torch.float64,
+    )
+    sources = torch.tensor([0, 0, 1, 1])
+    assert per_image_weights(psnrs, sources).tolist() == pytest.approx([1e5, 1e5, 1e3, 1e3])
+    config = ClassPruningConfig(m=4, routes=(2, 4), labels="budget", target_macs_fraction=0.75)
+    # half the patches may take the cheap route: the hard image's, whose PSNR barely moves
+    assert make_labels(psnrs, config, [0.5, 1.0], sources).tolist() == [1, 1, 0, 0]
+    with pytest.raises(SparsityError, match="image index"):
+        make_labels(psnrs, config, [0.5, 1.0])

@@ -751,6 +751,33 @@ def grid_patch_pairs(
     return torch.stack(lqs), torch.stack(gts)
 
 
+def grid_patch_sources(gt: ImageList, scale: int, patch: int, stride: int, lq: ImageList | None = None) -> Tensor:
+    """Index of the image each patch of :func:`grid_patch_pairs` (same arguments) comes from: (P,)."""
+    sources: list[int] = []
+    for i, (_, hr) in enumerate(gt):
+        if lq is not None:
+            lh, lw = lq[i][1].shape[:2]
+        elif scale == 1:
+            lh, lw = hr.shape[:2]
+        else:
+            lh, lw = hr.shape[0] // scale, hr.shape[1] // scale
+        if lh >= patch and lw >= patch:
+            sources += [i] * len(grid_positions(lh, lw, patch, stride))
+    return torch.tensor(sources, dtype=torch.int64)
+
+
+def per_image_weights(psnrs: Tensor, sources: Tensor) -> Tensor:
+    """``1 / MSE`` of each patch's image on the full route (the mean of its patches' MSEs): (P,).
+
+    Weighting a patch's error by it makes a sum of errors the first-order loss of the *mean
+    per-image* PSNR, the SR protocol's score, in which an error on an easy image costs more dB.
+    """
+    mse = torch.pow(10.0, -psnrs[:, -1].double().clamp(max=PSNR_CAP) / 10)
+    count = torch.bincount(sources).clamp(min=1).double()
+    image_mse = torch.bincount(sources, weights=mse) / count
+    return 1.0 / image_mse[sources].clamp(min=1e-12)
+
+
 class PatchLabelDataset(Dataset):
     """Fixed LR patches with route labels; sample (epoch, i) = patch i % P under a seeded dihedral flip."""
 
@@ -805,14 +832,28 @@ def route_psnrs(
     return out
 
 
-def make_labels(psnrs: Tensor, config: ClassPruningConfig, costs: Sequence[float] | None = None) -> Tensor:
-    """The configured labelling rule on a (P, K) PSNR table (``costs``: each route's MACs fraction)."""
+def make_labels(
+    psnrs: Tensor,
+    config: ClassPruningConfig,
+    costs: Sequence[float] | None = None,
+    sources: Tensor | None = None,
+) -> Tensor:
+    """The configured labelling rule on a (P, K) PSNR table.
+
+    ``costs``: each route's MACs fraction; ``sources``: each patch's image index (for
+    ``budget_weights: image``).
+    """
     if config.labels == "quantile":
         return quantile_labels(psnrs[:, -1], psnrs.shape[1])
     if config.labels == "budget":
         if costs is None:
             raise SparsityError("labels: budget needs the routes' MAC costs")
-        return budget_labels(psnrs, costs, config.target_macs_fraction)
+        weights = None
+        if config.budget_weights == "image":
+            if sources is None:
+                raise SparsityError("budget_weights: image needs each patch's image index")
+            weights = per_image_weights(psnrs, sources)
+        return budget_labels(psnrs, costs, config.target_macs_fraction, weights)
     return delta_labels(psnrs, config.delta)
 
 
@@ -1149,7 +1190,8 @@ def _label_patches(ctx: _Context, model: nn.Module) -> tuple[Tensor, Tensor, Ten
         if ctx.dist.is_main:
             cache.parent.mkdir(parents=True, exist_ok=True)
             cache.write_text(json.dumps({"psnr": psnrs.tolist()}))
-    labels = make_labels(psnrs, cfg, route_classifier(model).route_cost.tolist())
+    sources = grid_patch_sources(ctx.train_gt, ctx.scale, cfg.patch_size, cfg.label_stride, ctx.train_lq)
+    labels = make_labels(psnrs, cfg, route_classifier(model).route_cost.tolist(), sources)
     return lq, psnrs, labels
 
 
@@ -1381,12 +1423,14 @@ __all__ = [
     "extract_patches",
     "format_adaptive",
     "grid_patch_pairs",
+    "grid_patch_sources",
     "grid_positions",
     "has_progress",
     "make_labels",
     "oracle_routes",
     "patch_starts",
     "patchwise_restore",
+    "per_image_weights",
     "route_colors",
     "route_psnrs",
     "save_class_map",

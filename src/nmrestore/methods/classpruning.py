@@ -101,6 +101,11 @@ class ClassPruningConfig(NMConfig):
     delta: float = Field(
         0.1, ge=0, description="dB: a patch's label is the cheapest route this close to the full one"
     )
+    budget_weights: Literal["image", "none"] = Field(
+        "image",
+        description="labels: budget: weigh each patch's error by 1 / its image's MSE (the mean "
+        "per-image PSNR) or not (the PSNR of all pixels pooled)",
+    )
     label_stride: int = Field(16, ge=1, description="LR stride of the labelled training patches")
     classifier_steps: int = Field(300, ge=0)
     classifier_lr: float = Field(1e-3, gt=0)
