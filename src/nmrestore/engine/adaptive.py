@@ -1446,14 +1446,15 @@ BENCH_SETTINGS: dict[str, Any] = {
     "method": "classpruning",
     "m": 32,
     "routes": [8, 16, 32],
-    "classifier_channels": 32,
+    "classifier_channels": 64,
     "classifier_convs": 3,
     "patch_size": 32,
     "stride": 28,
-    "labels": "delta",
-    "delta": 0.1,
+    "labels": "budget",
+    "budget_weights": "image",
     "label_stride": 16,
-    "classifier_lr": 1e-3,
+    "classifier_steps": 2000,
+    "classifier_lr": 3e-3,
     "classifier_batch": 64,
     "joint_lr": 5e-5,
     "class_weight": 0.01,
@@ -1467,14 +1468,13 @@ BENCH_SETTINGS: dict[str, Any] = {
 def bench_recipe(context: Any, settings: dict[str, Any] | None = None) -> Recipe:
     """The harness's fine-tune recipe turned into ClassPruning's: stage A + stage C = ``finetune_steps``.
 
-    A third of the SR-weight steps go to the joint stage (at least 1); the classifier gets
-    ``finetune_steps`` steps of its own (it does not touch the SR weights).
+    A third of the SR-weight steps go to the joint stage (at least 1); the classifier gets steps of
+    its own (it does not touch the SR weights; ``finetune_steps`` of them in the quick preset).
     """
     steps = int(context.config.finetune_steps)
     joint = max(1, steps // 3)
-    sparsity = {**BENCH_SETTINGS, "classifier_steps": steps, "joint_steps": joint, **(settings or {})}
-    if context.config.quick:
-        sparsity.setdefault("label_stride", 32)
+    quick = {"classifier_steps": steps, "label_stride": 32} if context.config.quick else {}
+    sparsity = {**BENCH_SETTINGS, "joint_steps": joint, **quick, **(settings or {})}
     base = context.finetune_recipe("classpruning", sparsity)
     a_steps = max(1, steps - int(sparsity["joint_steps"]))
     train = base.train.model_copy(
