@@ -14,6 +14,7 @@ indices) so that official checkpoints load by name, with two deliberate differen
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -130,6 +131,50 @@ class ResBlock(nn.Module):
         if self.res_scale != 1:
             res = res * self.res_scale
         return res + x
+
+
+def residual_trunk(
+    n_colors: int, n_feats: int, make_block: Callable[[], nn.Module], n_blocks: int
+) -> tuple[nn.Sequential, nn.Sequential]:
+    """EDSR's ``head`` (one conv) and ``body`` (``n_blocks`` blocks, then a conv; the caller adds
+    the long skip), built head first so seeded initialisation matches EDSR-PyTorch's order."""
+    head = nn.Sequential(default_conv(n_colors, n_feats, 3))
+    blocks = [make_block() for _ in range(n_blocks)]
+    body = nn.Sequential(*blocks, default_conv(n_feats, n_feats, 3))
+    return head, body
+
+
+class MeanShiftedSR(nn.Module):
+    """EDSR's layout, shared by EDSR and RCAN: ``sub_mean``, ``head.0``, ``body`` (blocks and a conv
+    under a long skip), ``tail.0`` (the upsampler; Identity at scale 1), ``tail.1``, ``add_mean``.
+
+    The names are EDSR-PyTorch's, so official weights load by name. Subclasses choose the block.
+    """
+
+    def __init__(
+        self,
+        scale: int,
+        n_feats: int,
+        n_colors: int,
+        rgb_range: float,
+        make_block: Callable[[], nn.Module],
+        n_blocks: int,
+    ) -> None:
+        super().__init__()
+        self.scale = scale
+        self.rgb_range = rgb_range
+        self.sub_mean = MeanShift(rgb_range, sign=-1)
+        self.head, self.body = residual_trunk(n_colors, n_feats, make_block, n_blocks)
+        # Scale 1 (denoising, deblurring): no upsampler; Identity keeps the last conv at ``tail.1``.
+        upsampler: nn.Module = Upsampler(scale, n_feats) if scale > 1 else nn.Identity()
+        self.tail = nn.Sequential(upsampler, default_conv(n_feats, n_colors, 3))
+        self.add_mean = MeanShift(rgb_range, sign=1)
+        self.nm_dense_layers: tuple[str, ...] = ("head.0", "tail.1")
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.head(self.sub_mean(x))
+        res = self.body(x) + x
+        return self.add_mean(self.tail(res))
 
 
 def count_params(model: nn.Module) -> int:

@@ -14,23 +14,20 @@ applies that rescaling; ``rgb_range=255`` here reproduces the official conventio
 
 from __future__ import annotations
 
+from functools import partial
 from typing import ClassVar
 
-from torch import Tensor, nn
-
 from nmrestore.models.common import (
-    MeanShift,
+    MeanShiftedSR,
     ResBlock,
-    Upsampler,
     check_positive_float,
     check_positive_int,
     check_scale,
-    default_conv,
 )
 from nmrestore.models.registry import register_model
 
 
-class EDSR(nn.Module):
+class EDSR(MeanShiftedSR):
     """EDSR: head conv, ``n_blocks`` residual blocks + conv with a long skip, sub-pixel tail."""
 
     arch: ClassVar[str] = "edsr"
@@ -45,29 +42,16 @@ class EDSR(nn.Module):
         rgb_range: float = 1.0,
         n_colors: int = 3,
     ) -> None:
-        super().__init__()
-        self.scale: int = check_scale(scale, self.supported_scales, "EDSR")
         n_feats = check_positive_int("n_feats", n_feats)
-        n_blocks = check_positive_int("n_blocks", n_blocks)
-        n_colors = check_positive_int("n_colors", n_colors)
-        self.rgb_range: float = check_positive_float("rgb_range", rgb_range)
         res_scale = check_positive_float("res_scale", res_scale)
-
-        self.sub_mean = MeanShift(self.rgb_range, sign=-1)
-        self.head = nn.Sequential(default_conv(n_colors, n_feats, 3))
-        body: list[nn.Module] = [ResBlock(n_feats, 3, res_scale) for _ in range(n_blocks)]
-        body.append(default_conv(n_feats, n_feats, 3))
-        self.body = nn.Sequential(*body)
-        # Scale 1 (denoising, deblurring): no upsampler; Identity keeps the last conv at ``tail.1``.
-        upsampler: nn.Module = Upsampler(self.scale, n_feats) if self.scale > 1 else nn.Identity()
-        self.tail = nn.Sequential(upsampler, default_conv(n_feats, n_colors, 3))
-        self.add_mean = MeanShift(self.rgb_range, sign=1)
-        self.nm_dense_layers: tuple[str, ...] = ("head.0", "tail.1")
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.head(self.sub_mean(x))
-        res = self.body(x) + x
-        return self.add_mean(self.tail(res))
+        super().__init__(
+            check_scale(scale, self.supported_scales, "EDSR"),
+            n_feats,
+            check_positive_int("n_colors", n_colors),
+            check_positive_float("rgb_range", rgb_range),
+            partial(ResBlock, n_feats, 3, res_scale),
+            check_positive_int("n_blocks", n_blocks),
+        )
 
 
 @register_model

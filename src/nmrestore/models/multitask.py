@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from functools import partial
 from typing import ClassVar
 
 import torch
@@ -37,6 +38,7 @@ from nmrestore.models.common import (
     check_positive_int,
     check_scale,
     default_conv,
+    residual_trunk,
 )
 from nmrestore.models.msrresnet import ResidualBlockNoBN, _scaled_kaiming_
 from nmrestore.models.rcan import ResidualGroup
@@ -197,10 +199,7 @@ class MultiScaleEDSR(_MeanShiftedSR):
         rgb_range = check_positive_float("rgb_range", rgb_range)
         res_scale = check_positive_float("res_scale", res_scale)
         self.sub_mean = MeanShift(rgb_range, sign=-1)
-        self.head = nn.Sequential(default_conv(n_colors, n_feats, 3))
-        body: list[nn.Module] = [ResBlock(n_feats, 3, res_scale) for _ in range(n_blocks)]
-        body.append(default_conv(n_feats, n_feats, 3))
-        self.body = nn.Sequential(*body)
+        self.head, self.body = residual_trunk(n_colors, n_feats, partial(ResBlock, n_feats, 3, res_scale), n_blocks)
         self._build_ends(list(self.task_scales.values()), n_feats, n_colors, rgb_range)
 
 
@@ -228,10 +227,9 @@ class MultiScaleRCAN(_MeanShiftedSR):
         n_colors = check_positive_int("n_colors", n_colors)
         rgb_range = check_positive_float("rgb_range", rgb_range)
         self.sub_mean = MeanShift(rgb_range, sign=-1)
-        self.head = nn.Sequential(default_conv(n_colors, n_feats, 3))
-        body: list[nn.Module] = [ResidualGroup(n_feats, reduction, n_blocks) for _ in range(n_groups)]
-        body.append(default_conv(n_feats, n_feats, 3))
-        self.body = nn.Sequential(*body)
+        self.head, self.body = residual_trunk(
+            n_colors, n_feats, partial(ResidualGroup, n_feats, reduction, n_blocks), n_groups
+        )
         self._build_ends(list(self.task_scales.values()), n_feats, n_colors, rgb_range)
 
 

@@ -10,13 +10,13 @@ to [0, 1] inputs also touches the attention's last conv, whose output feeds a si
 
 from __future__ import annotations
 
+from functools import partial
 from typing import ClassVar
 
 from torch import Tensor, nn
 
 from nmrestore.models.common import (
-    MeanShift,
-    Upsampler,
+    MeanShiftedSR,
     check_positive_float,
     check_positive_int,
     check_scale,
@@ -72,7 +72,7 @@ class ResidualGroup(nn.Module):
         return self.body(x) + x
 
 
-class RCAN(nn.Module):
+class RCAN(MeanShiftedSR):
     """Residual-in-residual network of channel-attention blocks with EDSR's head and tail."""
 
     arch: ClassVar[str] = "rcan"
@@ -88,30 +88,17 @@ class RCAN(nn.Module):
         rgb_range: float = 1.0,
         n_colors: int = 3,
     ) -> None:
-        super().__init__()
-        self.scale: int = check_scale(scale, self.supported_scales, "RCAN")
         n_feats = check_positive_int("n_feats", n_feats)
-        n_groups = check_positive_int("n_groups", n_groups)
-        n_blocks = check_positive_int("n_blocks", n_blocks)
         reduction = check_positive_int("reduction", reduction)
-        n_colors = check_positive_int("n_colors", n_colors)
-        self.rgb_range: float = check_positive_float("rgb_range", rgb_range)
-
-        self.sub_mean = MeanShift(self.rgb_range, sign=-1)
-        self.head = nn.Sequential(default_conv(n_colors, n_feats, 3))
-        body: list[nn.Module] = [ResidualGroup(n_feats, reduction, n_blocks) for _ in range(n_groups)]
-        body.append(default_conv(n_feats, n_feats, 3))
-        self.body = nn.Sequential(*body)
-        # Scale 1 (denoising, deblurring): no upsampler; Identity keeps the last conv at ``tail.1``.
-        upsampler: nn.Module = Upsampler(self.scale, n_feats) if self.scale > 1 else nn.Identity()
-        self.tail = nn.Sequential(upsampler, default_conv(n_feats, n_colors, 3))
-        self.add_mean = MeanShift(self.rgb_range, sign=1)
-        self.nm_dense_layers: tuple[str, ...] = ("head.0", "tail.1")
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.head(self.sub_mean(x))
-        res = self.body(x) + x
-        return self.add_mean(self.tail(res))
+        n_blocks = check_positive_int("n_blocks", n_blocks)
+        super().__init__(
+            check_scale(scale, self.supported_scales, "RCAN"),
+            n_feats,
+            check_positive_int("n_colors", n_colors),
+            check_positive_float("rgb_range", rgb_range),
+            partial(ResidualGroup, n_feats, reduction, n_blocks),
+            check_positive_int("n_groups", n_groups),
+        )
 
 
 @register_model
