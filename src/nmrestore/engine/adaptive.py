@@ -71,6 +71,7 @@ from nmrestore.methods.classpruning import (
     PSNR_CAP,
     ClassPruningConfig,
     RouteCosts,
+    bisect_multiplier,
     budget_labels,
     budget_loss,
     class_loss,
@@ -962,18 +963,9 @@ def calibrate_shift(
     gaps = costs[1:] - costs[:-1]
     spread = float(logits.max() - logits.min()) if logits.numel() else 0.0
     bound = 2 * spread / max(float(gaps.min()) if gaps.numel() else 1.0, 1e-6) + 1.0
-    if average(-bound) <= target:
-        return -bound, average(-bound)
-    if average(bound) > target:  # even the cheapest route everywhere is above target
-        return bound, average(bound)
-    lo, hi = -bound, bound  # average(lo) > target >= average(hi)
-    for _ in range(iterations):
-        mid = (lo + hi) / 2
-        if average(mid) <= target:
-            hi = mid
-        else:
-            lo = mid
-    return hi, average(hi)
+    # at +bound every patch takes the cheapest route (even that may stay above the target)
+    tau = bisect_multiplier(average, target, -bound, bound, iterations)
+    return tau, average(tau)
 
 
 @torch.no_grad()

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -354,21 +354,31 @@ def budget_labels(
     def average(lam: float) -> float:
         return float(cost[assign(lam)].mean())
 
-    if average(0.0) <= target:
-        return assign(0.0)
     spread = float(mse.max() - mse.min())
     gap = float((cost[1:] - cost[:-1]).abs().min()) if cost.numel() > 1 else 1.0
-    hi = 2 * spread / max(gap, 1e-9) + 1.0  # every patch is on its cheapest-cost route here
+    bound = 2 * spread / max(gap, 1e-9) + 1.0  # every patch is on its cheapest-cost route here
+    return assign(bisect_multiplier(average, target, 0.0, bound, iterations))
+
+
+def bisect_multiplier(
+    average: Callable[[float], float], target: float, lo: float, hi: float, iterations: int = 60
+) -> float:
+    """The smallest multiplier in [lo, hi] whose ``average`` (non-increasing in it) is <= ``target``.
+
+    ``lo`` when it already meets the target, ``hi`` when nothing in the range does. Both the
+    Lagrangian labels and the classifier's cost shift price MACs this way.
+    """
+    if average(lo) <= target:
+        return lo
     if average(hi) > target:
-        return assign(hi)
-    lo = 0.0
+        return hi
     for _ in range(iterations):
         mid = (lo + hi) / 2
         if average(mid) <= target:
             hi = mid
         else:
             lo = mid
-    return assign(hi)
+    return hi
 
 
 # -- losses on routing probabilities ----------------------------------------------------------------
@@ -479,6 +489,7 @@ __all__ = [
     "RouteClassifier",
     "RouteController",
     "RouteCosts",
+    "bisect_multiplier",
     "budget_labels",
     "budget_loss",
     "class_loss",
