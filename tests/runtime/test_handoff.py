@@ -21,66 +21,28 @@ from nmrestore.runtime import (
     SparseConv2d,
     compile_sparse,
     engine_state,
-    load_kernel,
     sparse_layers,
 )
 from nmrestore.runtime import kernel as kernel_module
-from nmrestore.runtime.kernel import KernelLibrary, handoff_layout
-from nmrestore.sparsity import NMConfig, nm, sparsify_, squash_
+from nmrestore.runtime.kernel import handoff_layout
+from nmrestore.sparsity import NMConfig, sparsify_, squash_
+from tests.runtime.kernel_helpers import kernel, nm_weight, sparse_conv
 
 TOL = 1e-4
 
 
-def _kernel() -> KernelLibrary:
-    lib = load_kernel()
-    if lib is None:  # pragma: no cover - only without a compiler
-        pytest.skip("sparse kernel unavailable on this machine")
-    return lib
-
-
 def _nm_weight(shape: tuple[int, ...], n: int, m: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(*shape, generator=g) * 0.3  # activations stay O(1) through a chain
-    return w * (nm.compute_ranks(w, m) < n)
-
-
-def _run(
-    lib: KernelLibrary,
-    w: torch.Tensor,
-    x: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    padding: int = 1,
-    dilation: int = 1,
-    stride: int = 1,
-    **kwargs: object,
-) -> torch.Tensor:
-    from nmrestore.runtime import csr_from_dense
-
-    csr = csr_from_dense(w)
-    return lib.conv2d(
-        x,
-        csr.rowptr,
-        csr.cin,
-        csr.kpos,
-        csr.values,
-        bias,
-        w.shape[0],
-        (w.shape[2], w.shape[3]),
-        (stride, stride),
-        (padding, padding),
-        (dilation, dilation),
-        **kwargs,  # type: ignore[arg-type]
-    )
+    return nm_weight(shape, n, m, seed, scale=0.3)  # activations stay O(1) through a chain
 
 
 @pytest.mark.parametrize("size", [(5, 7), (9, 70), (13, 33)])  # narrower and wider than a tile
 @pytest.mark.parametrize("relu", [False, True])
 def test_a_chain_of_convs_through_the_handoff_layout(size: tuple[int, int], relu: bool) -> None:
-    lib = _kernel()
+    lib = kernel()
     w1, w2 = _nm_weight((16, 8, 3, 3), 2, 8, 1), _nm_weight((16, 16, 3, 3), 1, 8, 2)
     b1, b2 = torch.randn(16), torch.randn(16)
     x = torch.randn(2, 8, *size)
-    h = _run(lib, w1, x, b1, relu=relu, out_pad=(1, 1))
+    h = sparse_conv(w1, x, b1, relu=relu, out_pad=(1, 1))
     layout = handoff_layout(h)
     assert layout is not None and not h.is_contiguous()  # a strided view of the padded buffer
     ref_h = F.conv2d(x, w1, b1, padding=1)
@@ -88,50 +50,50 @@ def test_a_chain_of_convs_through_the_handoff_layout(size: tuple[int, int], relu
     assert (h - ref_h).abs().max() <= TOL  # any PyTorch op reads it as an ordinary tensor
     assert lib.accepts_handoff(h, (3, 3), (1, 1), (1, 1), (1, 1))
     # in place, with the block input (itself a hand-off view) as the residual
-    y = _run(lib, w2, h, b2, residual=h, res_scale=0.5, out_pad=(1, 1))
+    y = sparse_conv(w2, h, b2, residual=h, res_scale=0.5, out_pad=(1, 1))
     ref_y = ref_h + 0.5 * F.conv2d(ref_h, w2, b2, padding=1)
     assert handoff_layout(y) is not None
     assert (y - ref_y).abs().max() <= TOL
-    z = _run(lib, w2, y, None)  # and back to a plain tensor
+    z = sparse_conv(w2, y, None)  # and back to a plain tensor
     assert z.is_contiguous() and handoff_layout(z) is None
     assert (z - F.conv2d(ref_y, w2, None, padding=1)).abs().max() <= TOL
 
 
 def test_the_border_stays_zero_whatever_the_buffer_held() -> None:
-    lib = _kernel()
+    kernel()
     w = _nm_weight((8, 8, 3, 3), 2, 4)
     x = torch.randn(1, 8, 6, 9)
     for _ in range(3):  # fresh buffers may reuse memory full of earlier values
         garbage = torch.full((1 << 16,), float("nan"))
         del garbage
-        h = _run(lib, w, x, out_pad=(2, 2))
-        y = _run(lib, w, h, padding=2, dilation=2)
+        h = sparse_conv(w, x, out_pad=(2, 2))
+        y = sparse_conv(w, h, padding=2, dilation=2)
         assert torch.isfinite(y).all()
         assert (y - F.conv2d(F.conv2d(x, w, padding=1), w, padding=2, dilation=2)).abs().max() <= TOL
 
 
 def test_a_wider_border_serves_a_smaller_padding_and_a_too_small_one_is_padded() -> None:
-    lib = _kernel()
+    lib = kernel()
     w3, w1 = _nm_weight((8, 8, 3, 3), 2, 4), _nm_weight((8, 8, 1, 1), 2, 4)
     x = torch.randn(1, 8, 7, 11)
     ref = F.conv2d(x, w3, padding=1)
-    wide = _run(lib, w3, x, out_pad=(2, 2))
+    wide = sparse_conv(w3, x, out_pad=(2, 2))
     assert lib.accepts_handoff(wide, (3, 3), (1, 1), (1, 1), (1, 1))  # pad 1 inside a border of 2
-    assert (_run(lib, w3, wide) - F.conv2d(ref, w3, padding=1)).abs().max() <= TOL
-    assert (_run(lib, w1, wide, padding=0) - F.conv2d(ref, w1)).abs().max() <= TOL
-    narrow = _run(lib, w3, x, out_pad=(1, 1))
+    assert (sparse_conv(w3, wide) - F.conv2d(ref, w3, padding=1)).abs().max() <= TOL
+    assert (sparse_conv(w1, wide, padding=0) - F.conv2d(ref, w1)).abs().max() <= TOL
+    narrow = sparse_conv(w3, x, out_pad=(1, 1))
     assert not lib.accepts_handoff(narrow, (5, 5), (1, 1), (2, 2), (1, 1))
     w5 = _nm_weight((8, 8, 5, 5), 2, 4)
-    assert (_run(lib, w5, narrow, padding=2) - F.conv2d(ref, w5, padding=2)).abs().max() <= TOL
+    assert (sparse_conv(w5, narrow, padding=2) - F.conv2d(ref, w5, padding=2)).abs().max() <= TOL
     # a column stride cannot read the layout in place: it pads (phases) from the strided view
     assert not lib.accepts_handoff(narrow, (3, 3), (2, 2), (1, 1), (1, 1))
-    assert (_run(lib, w3, narrow, stride=2) - F.conv2d(ref, w3, stride=2, padding=1)).abs().max() <= TOL
+    assert (sparse_conv(w3, narrow, stride=2) - F.conv2d(ref, w3, stride=2, padding=1)).abs().max() <= TOL
 
 
 def test_derived_tensors_lose_the_layout() -> None:
-    lib = _kernel()
+    kernel()
     w = _nm_weight((8, 8, 3, 3), 2, 4)
-    h = _run(lib, w, torch.randn(1, 8, 6, 6), out_pad=(1, 1))
+    h = sparse_conv(w, torch.randn(1, 8, 6, 6), out_pad=(1, 1))
     assert handoff_layout(h) is not None
     assert handoff_layout(h.contiguous()) is None and handoff_layout(h + 0) is None
     assert handoff_layout(h[:, :4]) is None
@@ -143,31 +105,31 @@ def test_derived_tensors_lose_the_layout() -> None:
 @pytest.mark.parametrize("size", [(4, 5), (7, 40)])
 @pytest.mark.parametrize("relu", [False, True])
 def test_fused_pixel_shuffle(r: int, size: tuple[int, int], relu: bool) -> None:
-    lib = _kernel()
+    kernel()
     w = _nm_weight((4 * r * r, 8, 3, 3), 2, 8, r)
     b = torch.randn(4 * r * r)
     x = torch.randn(2, 8, *size)
     ref = F.pixel_shuffle(F.conv2d(x, w, b, padding=1), r)
     ref = F.relu(ref) if relu else ref
-    out = _run(lib, w, x, b, relu=relu, shuffle=r)
+    out = sparse_conv(w, x, b, relu=relu, shuffle=r)
     assert out.shape == ref.shape and (out - ref).abs().max() <= TOL
-    padded = _run(lib, w, x, b, relu=relu, shuffle=r, out_pad=(1, 1))  # shuffled into a hand-off view
+    padded = sparse_conv(w, x, b, relu=relu, shuffle=r, out_pad=(1, 1))  # shuffled into a hand-off view
     assert handoff_layout(padded) is not None and (padded - ref).abs().max() <= TOL
     with pytest.raises(ValueError, match="shuffle"):
-        _run(lib, w, x, b, shuffle=r, residual=torch.zeros_like(ref))
+        sparse_conv(w, x, b, shuffle=r, residual=torch.zeros_like(ref))
 
 
 def test_strided_inputs_and_residuals_need_no_copy() -> None:
-    lib = _kernel()
+    kernel()
     w = _nm_weight((8, 8, 3, 3), 2, 4)
     big = torch.randn(2, 8, 9, 20)
     x = big[:, :, 1:8, 2:17]  # a non-contiguous view with a unit column stride
     res = torch.randn(2, 7, 15, 8).permute(0, 3, 1, 2)  # W not contiguous: copied
     ref = res + F.conv2d(x, w, padding=1)
-    out = _run(lib, w, x, residual=res)
+    out = sparse_conv(w, x, residual=res)
     assert (out - ref).abs().max() <= TOL
     res2 = torch.randn(2, 16, 7, 15)[:, ::2]  # channel stride only
-    assert (_run(lib, w, x, residual=res2) - (res2 + F.conv2d(x, w, padding=1))).abs().max() <= TOL
+    assert (sparse_conv(w, x, residual=res2) - (res2 + F.conv2d(x, w, padding=1))).abs().max() <= TOL
 
 
 # -- engine -----------------------------------------------------------------------------------
@@ -179,7 +141,7 @@ def _edsr(n: int = 1, m: int = 4, blocks: int = 3, scale: int = 2) -> nn.Module:
 
 
 def test_engine_finds_the_handoff_pairs_and_stays_exact() -> None:
-    _kernel()
+    kernel()
     model = _edsr()
     reference = squash_(copy.deepcopy(model))
     engine = compile_sparse(model, EngineConfig(tactic="sparse"))
@@ -202,7 +164,7 @@ def test_engine_finds_the_handoff_pairs_and_stays_exact() -> None:
 
 
 def test_engine_fuses_the_pixel_shuffle_on_both_tactics() -> None:
-    _kernel()
+    kernel()
     for scale in (2, 3, 4):
         model = _edsr(scale=scale, blocks=1)
         reference = squash_(copy.deepcopy(model))
@@ -224,7 +186,7 @@ def test_engine_fuses_the_pixel_shuffle_on_both_tactics() -> None:
 
 
 def test_fused_shuffle_after_a_fused_relu_carn_style() -> None:
-    _kernel()
+    kernel()
     torch.manual_seed(0)
     model = create_model("carn_small", scale=4)
     sparsify_(model, NMConfig(n=2, m=4))
@@ -240,7 +202,7 @@ def test_fused_shuffle_after_a_fused_relu_carn_style() -> None:
 
 
 def test_a_dense_consumer_never_asks_for_the_layout() -> None:
-    _kernel()
+    kernel()
     model = _edsr(n=2, m=4, blocks=2)
     engine = compile_sparse(model, EngineConfig(tactic="sparse"))
     consumer = engine.get_submodule("body.1.block.body.0")
@@ -259,7 +221,7 @@ def test_a_dense_consumer_never_asks_for_the_layout() -> None:
 
 
 def test_handoff_views_feed_pytorch_ops_and_batches() -> None:
-    _kernel()
+    kernel()
     model = _edsr(blocks=2)
     engine = compile_sparse(model, EngineConfig(tactic="sparse"))
     reference = squash_(copy.deepcopy(model))
@@ -276,20 +238,20 @@ def test_handoff_views_feed_pytorch_ops_and_batches() -> None:
 
 
 def test_pooled_outputs_are_never_overwritten_while_in_use() -> None:
-    lib = _kernel()
+    lib = kernel()
     w = _nm_weight((8, 8, 3, 3), 2, 4)
     x1, x2 = torch.randn(1, 8, 6, 7), torch.randn(1, 8, 6, 7)
     for pad in (None, (1, 1)):
-        a = _run(lib, w, x1, out_pad=pad)
+        a = sparse_conv(w, x1, out_pad=pad)
         kept = a[:, 2:5]  # only a view of it survives
         kept_ref = kept.clone()
         del a
-        b = _run(lib, w, x2, out_pad=pad)  # must not land in the memory the view still uses
+        b = sparse_conv(w, x2, out_pad=pad)  # must not land in the memory the view still uses
         assert torch.equal(kept, kept_ref)
         assert (b - F.conv2d(x2, w, padding=1)).abs().max() <= TOL
         ptr = b.data_ptr()
         del b
-        c = _run(lib, w, x2, out_pad=pad)
+        c = sparse_conv(w, x2, out_pad=pad)
         if kernel_module._use_count is not None:
             assert c.data_ptr() == ptr  # free memory is reused (no fresh pages per call)
         del kept

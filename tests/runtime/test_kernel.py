@@ -11,50 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from nmrestore.runtime import csr_from_dense, csr_from_packed, detect_nm, kernel_status, load_kernel
-from nmrestore.runtime.kernel import KernelLibrary
 from nmrestore.sparsity import nm
+from tests.runtime.kernel_helpers import kernel, nm_weight, sparse_conv
 
 TOL = 1e-4
-
-
-def _kernel() -> KernelLibrary:
-    lib = load_kernel()
-    if lib is None:  # pragma: no cover - only on a machine without a compiler
-        pytest.skip(kernel_status().reason)
-    return lib
-
-
-def _nm_weight(shape: tuple[int, ...], n: int, m: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(*shape, generator=g)
-    return w * (nm.compute_ranks(w, m) < n)
-
-
-def _conv(
-    w: torch.Tensor,
-    x: torch.Tensor,
-    bias: torch.Tensor | None,
-    stride: int,
-    padding: int,
-    dilation: int = 1,
-    groups: int = 1,
-    relu: bool = False,
-) -> torch.Tensor:
-    csr = csr_from_dense(w, groups)
-    return _kernel().conv2d(
-        x.contiguous(),
-        csr.rowptr,
-        csr.cin,
-        csr.kpos,
-        csr.values,
-        bias,
-        w.shape[0],
-        (w.shape[2], w.shape[3]),
-        (stride, stride),
-        (padding, padding),
-        (dilation, dilation),
-        relu=relu,
-    )
 
 
 @pytest.mark.parametrize("k", [1, 3, 5])
@@ -62,11 +22,11 @@ def _conv(
 @pytest.mark.parametrize("padding", [0, 1, 2])
 @pytest.mark.parametrize("bias", [True, False])
 def test_conv_geometry_matches_pytorch(k: int, stride: int, padding: int, bias: bool) -> None:
-    w = _nm_weight((6, 8, k, k), 2, 4)
+    w = nm_weight((6, 8, k, k), 2, 4)
     x = torch.rand(2, 8, 11, 13)  # odd sizes, a batch of 2
     b = torch.randn(6) if bias else None
     ref = F.conv2d(x, w, b, stride=stride, padding=padding)
-    out = _conv(w, x, b, stride, padding)
+    out = sparse_conv(w, x, b, stride, padding)
     assert out.shape == ref.shape
     assert (out - ref).abs().max() <= TOL
 
@@ -74,32 +34,32 @@ def test_conv_geometry_matches_pytorch(k: int, stride: int, padding: int, bias: 
 @pytest.mark.parametrize(("n", "m"), [(1, 4), (2, 4), (2, 8), (4, 32)])
 @pytest.mark.parametrize("size", [(7, 5), (9, 70), (33, 17)])  # narrower and wider than one tile
 def test_conv_nm_patterns(n: int, m: int, size: tuple[int, int]) -> None:
-    w = _nm_weight((16, 32, 3, 3), n, m, seed=n + m)
+    w = nm_weight((16, 32, 3, 3), n, m, seed=n + m)
     x = torch.randn(1, 32, *size)
     b = torch.randn(16)
     ref = F.conv2d(x, w, b, padding=1)
-    assert (_conv(w, x, b, 1, 1) - ref).abs().max() <= TOL
+    assert (sparse_conv(w, x, b, 1, 1) - ref).abs().max() <= TOL
 
 
 def test_conv_fused_relu_dilation_and_groups() -> None:
-    w = _nm_weight((8, 8, 3, 3), 2, 4)
+    w = nm_weight((8, 8, 3, 3), 2, 4)
     x = torch.randn(1, 8, 12, 10)
     ref = F.relu(F.conv2d(x, w, None, padding=2, dilation=2))
-    assert (_conv(w, x, None, 1, 2, dilation=2, relu=True) - ref).abs().max() <= TOL
-    wg = _nm_weight((8, 4, 3, 3), 1, 4)  # two groups of 4 input channels
+    assert (sparse_conv(w, x, None, 1, 2, dilation=2, relu=True) - ref).abs().max() <= TOL
+    wg = nm_weight((8, 4, 3, 3), 1, 4)  # two groups of 4 input channels
     ref = F.conv2d(x, wg, None, padding=1, groups=2)
-    assert (_conv(wg, x, None, 1, 1, groups=2) - ref).abs().max() <= TOL
+    assert (sparse_conv(wg, x, None, 1, 1, groups=2) - ref).abs().max() <= TOL
 
 
 @pytest.mark.parametrize("size", [(5, 7), (6, 70)])
 @pytest.mark.parametrize("relu", [False, True])
 def test_conv_residual_epilogue(size: tuple[int, int], relu: bool) -> None:
-    w = _nm_weight((8, 8, 3, 3), 2, 8)
+    w = nm_weight((8, 8, 3, 3), 2, 8)
     b = torch.randn(8)
     x = torch.randn(2, 8, *size)
     res = torch.randn(2, 8, *size)
     csr = csr_from_dense(w)
-    out = _kernel().conv2d(
+    out = kernel().conv2d(
         x,
         csr.rowptr,
         csr.cin,
@@ -121,18 +81,18 @@ def test_conv_residual_epilogue(size: tuple[int, int], relu: bool) -> None:
 
 
 def test_conv_of_a_one_pixel_input() -> None:
-    w = _nm_weight((4, 8, 1, 1), 2, 4)
+    w = nm_weight((4, 8, 1, 1), 2, 4)
     x = torch.randn(3, 8, 1, 1)
-    assert (_conv(w, x, None, 1, 0) - F.conv2d(x, w)).abs().max() <= TOL
+    assert (sparse_conv(w, x, None, 1, 0) - F.conv2d(x, w)).abs().max() <= TOL
 
 
 @pytest.mark.parametrize("relu", [False, True])
 def test_linear_matches_pytorch(relu: bool) -> None:
-    w = _nm_weight((10, 32), 2, 8)
+    w = nm_weight((10, 32), 2, 8)
     x = torch.randn(5, 32)
     b = torch.randn(10)
     csr = csr_from_dense(w)
-    out = _kernel().linear(x, csr.rowptr, csr.cin, csr.values, b, 10, relu=relu)
+    out = kernel().linear(x, csr.rowptr, csr.cin, csr.values, b, 10, relu=relu)
     ref = F.linear(x, w, b)
     ref = F.relu(ref) if relu else ref
     assert (out - ref).abs().max() <= TOL
@@ -151,8 +111,8 @@ def test_csr_from_packed_lists_exactly_the_kept_weights(shape: tuple[int, ...]) 
 
 
 def test_detect_nm_finds_the_sparsest_pattern() -> None:
-    assert detect_nm(_nm_weight((4, 32, 3, 3), 4, 32)) == (4, 32)
-    assert detect_nm(_nm_weight((4, 32, 3, 3), 2, 4)) == (2, 4)
+    assert detect_nm(nm_weight((4, 32, 3, 3), 4, 32)) == (4, 32)
+    assert detect_nm(nm_weight((4, 32, 3, 3), 2, 4)) == (2, 4)
     assert detect_nm(torch.randn(4, 32, 3, 3)) is None
     assert detect_nm(torch.randn(4, 3, 3, 3)) is None  # 3 channels: no group size fits
 
