@@ -52,6 +52,7 @@ from nmrestore.bench.harness import (  # noqa: E402
     plot_psnr_macs,
     run_benchmark,
 )
+from nmrestore.bench.routing_bound import RoutedScore, RoutingBound, routing_bound  # noqa: E402
 from nmrestore.cost import count_cost  # noqa: E402
 from nmrestore.engine.adaptive import (  # noqa: E402
     AdaptivePipeline,
@@ -61,13 +62,19 @@ from nmrestore.engine.adaptive import (  # noqa: E402
 )
 from nmrestore.engine.evaluate import evaluate_fn  # noqa: E402
 from nmrestore.engine.runner import model_from_checkpoint  # noqa: E402
+from nmrestore.methods.classpruning import layer_route_ns  # noqa: E402
 from nmrestore.sparsity.api import eligible_layers  # noqa: E402
+from nmrestore.sparsity.parametrization import use_route  # noqa: E402
 
 DOCS = ROOT / "docs"
 SECTION = "classpruning"
 PSNR_MARGIN = 0.05
 MACS_LIMIT = 0.60
 COLLAPSE_SHARE = 0.9
+
+
+def _fmt(value: Any, digits: int) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
 def static_n_for(dense_model: torch.nn.Module, fraction: float, m: int = 32) -> tuple[int, float]:
@@ -95,6 +102,110 @@ def label_rule(settings: dict[str, Any]) -> str:
     if cfg["labels"] == "quantile":
         return "ClassSR's PSNR terciles"
     return f"the cheapest route within {cfg['delta']} dB of the full one"
+
+
+def shared_route_rows(
+    adaptive: torch.nn.Module,
+    stage_a: torch.nn.Module,
+    eval_set: Any,
+    crop: int,
+    y_channel: bool,
+) -> list[dict[str, Any]]:
+    """Each shared route alone on whole images, after stage A and in the final model (what stage C cost)."""
+    rows = []
+    ns = {layer: n for layer, n in layer_route_ns(adaptive).items()}
+    per_route = list(zip(*ns.values(), strict=True)) if ns else []
+    with torch.no_grad():
+        for k, route_n in enumerate(per_route):
+            label = f"{route_n[0]}:32" if len(set(route_n)) == 1 else f"route {k}"
+            scores = []
+            for model in (stage_a, adaptive):
+                with use_route(model, k):
+                    scores.append(evaluate_fn(lambda x, m=model: m(x), eval_set, crop, y_channel))
+            rows.append(
+                {
+                    "method": f"ClassPruning route {k} ({label}) alone, whole image: after stage A / final",
+                    "psnr": f"{scores[0].psnr:.3f} / {scores[1].psnr:.3f}",
+                    "ssim": f"{scores[0].ssim:.4f} / {scores[1].ssim:.4f}",
+                }
+            )
+    return rows
+
+
+def ideal_routing_rows(
+    config: Any,
+    settings: dict[str, Any],
+    cp: dict[str, Any],
+    static_rows: list[dict[str, Any]],
+    pipeline: AdaptivePipeline,
+    samples: list[dict[str, Any]],
+    crop: int,
+    y_channel: bool,
+    work_dir: Path,
+    notes: list[str],
+    echo: Any,
+) -> tuple[list[dict[str, Any]], RoutingBound | None]:
+    """:func:`routing_bound` over SR-STE models at the routes' N (uniform routes only)."""
+    from nmrestore.engine.adaptive import BENCH_SETTINGS
+
+    cfg = {**BENCH_SETTINGS, **settings}
+    if cfg.get("route_budgets") or cfg.get("m", 32) != 32:
+        notes.append("routing bound skipped: it needs uniform N:32 routes")
+        return [], None
+    ns = [int(n) for n in cfg["routes"]]
+    cheaper = [n for n in ns if n < 32]
+    ideal_config = copy_config(
+        config,
+        methods=("srste",),
+        budgets=tuple(f"{n}:32" for n in cheaper),
+        finetune_steps=cp["finetune_steps"],
+        work_dir=work_dir / "ideal",
+    )
+    echo(f"routing bound: SR-STE at {', '.join(f'{n}:32' for n in cheaper)} as independent routes")
+    run_benchmark(ideal_config, notes, echo=echo)
+    paths = [work_dir / "ideal" / f"srste-{n}of32" / "checkpoints" / "last.safetensors" for n in cheaper]
+    if ns[-1] == 32:
+        paths.append(work_dir / "static" / "dense_ft" / "checkpoints" / "last.safetensors")
+    models = [model_from_checkpoint(p)[0].eval() for p in paths]
+    costs = pipeline.costs((pipeline.patch_size, pipeline.patch_size)).fractions()
+    bound = routing_bound(
+        models,
+        costs,
+        cp["macs_fraction"],
+        samples,
+        config.scale,
+        crop,
+        y_channel,
+        pipeline.patch_size,
+        pipeline.stride,
+        pipeline.blend,
+    )
+    names = [f"SR-STE {n}:32" if n < 32 else "dense fine-tuned" for n in ns]
+
+    def row(label: str, score: RoutedScore) -> dict[str, Any]:
+        return {
+            "routing": label,
+            "PSNR": f"{score.psnr:.3f}",
+            "SSIM": f"{score.ssim:.4f}",
+            "MACs %": f"{100 * score.macs_fraction:.2f}",
+            "routes": "/".join(map(str, score.histogram)),
+        }
+
+    rows = [row(f"every patch on {name}", s) for name, s in zip(names, bound.single_route, strict=True)]
+    rows.append(row("expected error (no ground truth)", bound.expected))
+    rows.append(row("ground-truth oracle", bound.oracle))
+    for r in static_rows:
+        if r["method"] in ("oneshot", "srste"):
+            rows.append(
+                {
+                    "routing": f"static {r['method']} {r['budget']}, whole image",
+                    "PSNR": f"{r['psnr']:.3f}",
+                    "SSIM": f"{r['ssim']:.4f}",
+                    "MACs %": f"{100 * r['macs_fraction']:.2f}",
+                    "routes": "-",
+                }
+            )
+    return rows, bound
 
 
 def wall_times(
@@ -166,12 +277,14 @@ def main(argv: list[str] | None = None) -> int:
     static_rows = run_benchmark(static_config, notes, echo=echo)
     rows += [r for r in static_rows if r["method"] not in ("bicubic", "dense")]
 
-    # references on patches, and the adaptive model's own full route
+    # references on patches, and the adaptive model's own routes on whole images
     adaptive, _ = model_from_checkpoint(args.work_dir / "classpruning" / "checkpoints" / "best.safetensors")
     adaptive.eval()
     from nmrestore.engine.runner import build_eval_dataset
 
-    eval_set = build_eval_dataset(dense_recipe(config).data.val, config.scale)
+    dense_cfg = dense_recipe(config)
+    eval_set = build_eval_dataset(dense_cfg.data.val, config.scale, dense_cfg.task)
+    crop, y_channel = (config.scale, True) if config.task == "sr" else (0, False)
     pipeline = AdaptivePipeline(adaptive)
     with torch.no_grad():
         dense_patches = evaluate_fn(
@@ -179,15 +292,17 @@ def main(argv: list[str] | None = None) -> int:
                 dense_model, x, pipeline.patch_size, pipeline.stride, blend=pipeline.blend
             ),
             eval_set,
-            config.scale,
+            crop,
+            y_channel,
         )
-        full_route = evaluate_fn(lambda x: adaptive(x), eval_set, config.scale)
-    # the routing bound: the same routes, patches routed by the ground truth at the same average MACs
+    stage_a, _ = model_from_checkpoint(args.work_dir / "classpruning" / "stage_a" / "checkpoints" / "last.safetensors")
+    route_rows = shared_route_rows(adaptive, stage_a.eval(), eval_set, crop, y_channel)
+    # the routing bound of these routes: patches routed by the ground truth at the same average MACs
     samples = [eval_set[i] for i in range(len(eval_set))]
-    oracle = oracle_routes(pipeline, samples, config.scale, True, cp["macs_fraction"])
+    oracle = oracle_routes(pipeline, samples, crop, y_channel, cp["macs_fraction"])
     routed = iter(oracle)
     with torch.no_grad():
-        oracle_eval = evaluate_fn(lambda x: pipeline(x, next(routed)).output, samples, config.scale)
+        oracle_eval = evaluate_fn(lambda x: pipeline(x, next(routed)).output, samples, crop, y_channel)
     oracle_hist = torch.bincount(torch.cat(oracle), minlength=len(cp["route_histogram"])).tolist()
     extra = [
         {
@@ -195,18 +310,19 @@ def main(argv: list[str] | None = None) -> int:
             "psnr": dense_patches.psnr,
             "ssim": dense_patches.ssim,
         },
+        *route_rows,
         {
-            "method": "ClassPruning full route only, whole image",
-            "psnr": full_route.psnr,
-            "ssim": full_route.ssim,
-        },
-        {
-            "method": f"oracle routing at the same MACs (ground truth picks the routes; a bound, not a method), "
-            f"routes {'/'.join(map(str, oracle_hist))}",
+            "method": f"oracle routing of these routes at the same MACs (ground truth picks the routes; a bound, "
+            f"not a method), routes {'/'.join(map(str, oracle_hist))}",
             "psnr": oracle_eval.psnr,
             "ssim": oracle_eval.ssim,
         },
     ]
+
+    # the bound of the idea: independently trained routes, routed by their expected error or the truth
+    bound_rows, bound = ideal_routing_rows(
+        config, settings, cp, static_rows, pipeline, samples, crop, y_channel, args.work_dir, notes, echo
+    )
 
     walls = wall_times(dense_model, adaptive, [eval_set[i] for i in range(len(eval_set))], args.wall_rounds)
     base = walls["dense, whole image"]
@@ -245,6 +361,18 @@ def main(argv: list[str] | None = None) -> int:
                     cp["psnr"] > row["psnr"],
                 )
             )
+    if bound is not None:
+        best = max((r for r in (oneshot, srste) if r is not None), key=lambda r: r["psnr"], default=None)
+        if best is not None:
+            checks.append(
+                (
+                    f"bound: independently trained routes with expected-error routing (no classifier, no "
+                    f"shared weights) reach {bound.expected.psnr:.3f} dB at {bound.expected.macs_fraction:.1%} "
+                    f"MACs, against {best['method']} {budget} {best['psnr']:.3f} dB: "
+                    f"{bound.expected.psnr - best['psnr']:+.3f} dB",
+                    bound.expected.psnr > best["psnr"],
+                )
+            )
     checks.append(
         (
             f"no collapse: the largest route holds {share:.0%} of patches ({'/'.join(map(str, hist))})",
@@ -254,7 +382,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print(format_table(rows))
     for row in extra:
-        print(f"{row['method']}: PSNR {row['psnr']:.3f} SSIM {row['ssim']:.4f}")
+        print(f"{row['method']}: PSNR {_fmt(row['psnr'], 3)} SSIM {_fmt(row['ssim'], 4)}")
+    for row in bound_rows:
+        print("  ".join(f"{k} {v}" for k, v in row.items()))
     for row in wall_rows:
         print(
             f"{row['mode']:<42} {row['seconds (3 images)']:.3f} s  x{row['ratio to whole-image dense']:.2f}"
@@ -279,17 +409,25 @@ def main(argv: list[str] | None = None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(
             json.dumps(
-                {"rows": rows, "extra": extra, "wall": wall_rows, "checks": checks, "notes": notes},
+                {
+                    "rows": rows,
+                    "extra": extra,
+                    "bound": bound_rows,
+                    "wall": wall_rows,
+                    "checks": checks,
+                    "notes": notes,
+                },
                 indent=2,
                 default=str,
             )
         )
     if not args.no_write:
-        key = SECTION + ("-quick" if config.quick else "")
+        key = SECTION + ("" if config.task == "sr" else f"-{config.task}") + ("-quick" if config.quick else "")
+        what = f"x{config.scale}" if config.task == "sr" else config.task
         plot = plot_psnr_macs(
             [r for r in rows if r["method"] != "bicubic"],
             DOCS / f"bench_{key.replace('-', '_')}_psnr_macs.png",
-            f"ClassPruning vs static N:M, {config.model} x{config.scale}",
+            f"ClassPruning vs static N:M, {config.model} {what}",
         )
         maps = sorted((args.work_dir / "classpruning" / "class_maps").glob("*_classmap.png"))
         copied = []
@@ -314,6 +452,21 @@ def main(argv: list[str] | None = None) -> int:
                     ["method", "psnr", "ssim"],
                 ),
                 "",
+                *(
+                    [
+                        "The bound of the idea on these images: each route an independently trained model "
+                        "(SR-STE at the route's N:32, the dense model fine-tuned as the full route, all with the "
+                        "same steps), the test patches routed at ClassPruning's average MACs (route costs as "
+                        "ClassPruning's, classifier included) by the error each cheaper route adds to the full "
+                        "route's output (what a perfect classifier would predict, no ground truth), or by the "
+                        "ground truth itself (which also exploits the test images' noise):",
+                        "",
+                        md_table(bound_rows, list(bound_rows[0])),
+                        "",
+                    ]
+                    if bound_rows
+                    else []
+                ),
                 "Per test image (ClassPruning):",
                 "",
                 md_table(per_image, list(per_image[0])),
@@ -334,7 +487,8 @@ def main(argv: list[str] | None = None) -> int:
                 *[f"![class map]({name})" for name in copied],
             ]
         )
-        write_section(key, "ClassPruning: input-adaptive N:M against static N:M of the same MACs", body)
+        title = "ClassPruning: input-adaptive N:M against static N:M of the same MACs"
+        write_section(key, title + ("" if config.task == "sr" else f" ({config.task})"), body)
         print(f"docs/BENCHMARKS.md section {key!r} written")
     return 0
 
