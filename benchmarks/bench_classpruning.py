@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         work_dir=args.work_dir / "static",
     )
     static_rows = run_benchmark(static_config, notes, echo=echo)
-    rows += [r for r in static_rows if r["method"] not in ("bicubic", "dense")]
+    rows += [r for r in static_rows if r["method"] not in ("bicubic", "input", "dense")]
 
     # references on patches, and the adaptive model's own routes on whole images
     adaptive, _ = model_from_checkpoint(args.work_dir / "classpruning" / "checkpoints" / "best.safetensors")
@@ -425,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         key = SECTION + ("" if config.task == "sr" else f"-{config.task}") + ("-quick" if config.quick else "")
         what = f"x{config.scale}" if config.task == "sr" else config.task
         plot = plot_psnr_macs(
-            [r for r in rows if r["method"] != "bicubic"],
+            [r for r in rows if r["method"] not in ("bicubic", "input")],
             DOCS / f"bench_{key.replace('-', '_')}_psnr_macs.png",
             f"ClassPruning vs static N:M, {config.model} {what}",
         )
