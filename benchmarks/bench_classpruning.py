@@ -113,7 +113,7 @@ def shared_route_rows(
 ) -> list[dict[str, Any]]:
     """Each shared route alone on whole images, after stage A and in the final model (what stage C cost)."""
     rows = []
-    ns = {layer: n for layer, n in layer_route_ns(adaptive).items()}
+    ns = layer_route_ns(adaptive)
     per_route = list(zip(*ns.values(), strict=True)) if ns else []
     with torch.no_grad():
         for k, route_n in enumerate(per_route):
