@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from nmrestore.engine.adaptive import extract_patches, grid_positions, stitch_patches
+from nmrestore.engine.adaptive import extract_patches, grid_positions, per_image_weights, stitch_patches
 from nmrestore.engine.evaluate import evaluate_fn
 from nmrestore.errors import SparsityError
-from nmrestore.methods.classpruning import PSNR_CAP, budget_labels
+from nmrestore.methods.classpruning import budget_labels
 from nmrestore.metrics import psnr_torch
 
 
@@ -154,16 +154,8 @@ def routing_bound(
         for m, flag in zip(route_models, was_training, strict=True):
             m.train(flag)
     gt_psnr = torch.cat([t.gt_psnr for t in tables])
-    weights = torch.cat(
-        [
-            torch.full(
-                (len(t.positions),),
-                1.0 / float(torch.pow(10.0, -t.gt_psnr[:, -1].clamp(max=PSNR_CAP) / 10).mean().clamp(min=1e-12)),
-                dtype=torch.float64,
-            )
-            for t in tables
-        ]
-    )
+    sources = torch.cat([torch.full((len(t.positions),), i, dtype=torch.int64) for i, t in enumerate(tables)])
+    weights = per_image_weights(gt_psnr, sources)
     expected = budget_labels(torch.cat([t.full_psnr for t in tables]), cost, target)
     oracle = budget_labels(gt_psnr, cost, target, weights)
 
