@@ -95,7 +95,7 @@ def sls_recipe(steps: int = SLS_STEPS, budget: float = SLS_BUDGET, quick: bool =
             "model": model,
             "data": {
                 "train": {"source": "builtin", "patch_size": 32, "batch_size": 8, "samples_per_epoch": 800},
-                "val": {"source": "builtin", "split": "test", "max_images": 1},
+                "val": {"source": "builtin", "split": "test", "max_images": 1, "test_data": True},
             },
             "train": {
                 "steps": steps,

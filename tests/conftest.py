@@ -22,7 +22,7 @@ def tiny_recipe_dict(**sections: Any) -> dict[str, Any]:
                 "samples_per_epoch": 16,
                 "max_images": 2,
             },
-            "val": {"source": "builtin", "split": "test", "max_images": 1},
+            "val": {"source": "builtin", "split": "test", "max_images": 1, "test_data": True},
         },
         "train": {"steps": 8, "lr": 1e-3, "val_every": 4, "ckpt_every": 2, "log_every": 2, "threads": 1},
     }

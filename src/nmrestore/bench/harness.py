@@ -1,9 +1,14 @@
-"""The benchmark harness: DESIGN.md §5's CPU protocol as one function, :func:`run_benchmark`.
+"""The benchmark harness: the CPU protocol (docs/ARCHITECTURE.md) as one function, :func:`run_benchmark`.
 
-One dense model per (architecture, scale, data, schedule) is trained once on the built-in training
-photos and cached under a hash of its recipe; every method is then fine-tuned from that checkpoint
-for the *same* number of steps and scored on the built-in test photos (Y PSNR/SSIM, crop = scale),
-next to bicubic and the dense model itself. Each row also carries the cost at a 1280x720 output
+One dense model per (architecture, scale, data, schedule) is trained once on the training photos
+(the built-in ones, or the ``train`` split of ``data_root`` such as the 2K photo set) and cached under
+a hash of its recipe; every method is then fine-tuned from that checkpoint for the *same* number of
+steps and scored on the test photos (Y PSNR/SSIM, crop = scale), next to bicubic and the dense model
+itself. Validation never uses the test photos: it runs on ``data_root``'s ``valid`` split, or on the
+held-out strips of the training photos, and only at the end (no checkpoint is selected). Each row
+keeps its per-image PSNR and the PSNR of every fixed ``ci_tile`` HR tile, from which
+:mod:`nmrestore.bench.evidence` computes paired 95% confidence intervals. A killed run continues:
+the dense model and each fine-tune resume from their last checkpoints. Each row also carries the cost at a 1280x720 output
 (effective MACs, whole-network and prunable-only fractions, non-zero params, packed bytes) and the
 training-step time relative to the dense model, measured in the same process, interleaved.
 With ``BenchConfig.task`` = ``deblur`` / ``denoise`` the same protocol runs at scale 1 on photos
@@ -39,6 +44,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
+from nmrestore.bench.evidence import attach_deltas, evidence_checks, format_delta
 from nmrestore.cost import CostReport, count_cost
 from nmrestore.data.datasets import SREvalDataset
 from nmrestore.engine.checkpoint import load_checkpoint
@@ -51,7 +57,7 @@ from nmrestore.engine.runner import (
     train,
 )
 from nmrestore.errors import NMRestoreError
-from nmrestore.recipes.schema import BlurSpec, Recipe, recipe_from_dict
+from nmrestore.recipes.schema import BlurSpec, DataSource, Recipe, recipe_from_dict
 from nmrestore.sparsity.api import Controller, eligible_layers, parse_nm
 
 log = logging.getLogger("nmrestore.bench")
@@ -110,6 +116,11 @@ class BenchConfig(BaseModel):
     samples_per_epoch: int = Field(800, ge=1)
     max_train_images: int | None = Field(None, ge=1)
     max_test_images: int | None = Field(None, ge=1)
+    data_root: Path | None = Field(
+        None, description="a DIV2K-style folder with train/valid/test splits (nmrestore data photos); None: built-in"
+    )
+    ci_tile: int | None = Field(96, ge=8, description="HR tile side of the paired bootstrap; None: no tiles")
+    timing: bool = True
     seed: int = Field(0, ge=0)
     quick: bool = False
     timing_rounds: int = Field(7, ge=1, description="interleaved timed steps per model (median taken)")
@@ -159,16 +170,26 @@ def default_cache_dir() -> Path:
 
 
 def _data(config: BenchConfig) -> dict[str, Any]:
-    return {
-        "train": {
-            "source": "builtin",
-            "patch_size": config.patch_size,
-            "batch_size": config.batch_size,
-            "samples_per_epoch": config.samples_per_epoch,
-            "max_images": config.max_train_images,
-        },
-        "val": {"source": "builtin", "split": "test", "max_images": config.max_test_images},
+    train = {
+        "patch_size": config.patch_size,
+        "batch_size": config.batch_size,
+        "samples_per_epoch": config.samples_per_epoch,
+        "max_images": config.max_train_images,
     }
+    if config.data_root is None:  # validation: the held-out bottom strips of the training photos
+        return {"train": {"source": "builtin", **train}}
+    root = str(config.data_root)
+    return {
+        "train": {"source": "folder", "root": root, "split": "train", **train},
+        "val": {"source": "folder", "root": root, "split": "valid"},
+    }
+
+
+def test_source(config: BenchConfig) -> DataSource:
+    """The images every row is scored on: the built-in test photos or ``data_root``'s test split."""
+    if config.data_root is None:
+        return DataSource(source="builtin", split="test", max_images=config.max_test_images)
+    return DataSource(source="folder", root=config.data_root, split="test", max_images=config.max_test_images)
 
 
 def _train_section(config: BenchConfig, steps: int, lr: float, milestones: list[float]) -> dict[str, Any]:
@@ -259,7 +280,7 @@ def ensure_dense(config: BenchConfig, echo: Echo | None = None) -> DenseCheckpoi
     summary = {
         "recipe": recipe.model_dump(mode="json"),
         "digest": digest,
-        "psnr": None if result.final is None else result.final.psnr,
+        "val_psnr": None if result.final is None else result.final.psnr,
         "seconds": time.perf_counter() - started,
     }
     done.write_text(json.dumps(summary, indent=2))
@@ -321,13 +342,20 @@ class BenchContext:
         return recipe_from_dict(data, f"benchmark recipe {label}")
 
     def finetune(self, label: str, sparsity: dict[str, Any] | None) -> RunResult:
-        """Fine-tune the dense model with ``sparsity`` (a recipe ``sparsity`` mapping) in a fresh folder."""
+        """Fine-tune the dense model with ``sparsity`` (a recipe ``sparsity`` mapping).
+
+        A folder left by an earlier call with the same recipe is resumed from its last checkpoint (a
+        finished one only reloads), so a killed benchmark continues where it stopped; any other
+        folder content is replaced.
+        """
         recipe = self.finetune_recipe(label, sparsity)
         run_dir = self.work_dir / label.replace(":", "of")
-        if run_dir.exists():
+        last = run_dir / "checkpoints" / "last.safetensors"
+        resume = last.is_file() and _same_recipe(last, recipe)
+        if run_dir.exists() and not resume:
             shutil.rmtree(run_dir)
-        self.say(f"fine-tuning {label} ({self.config.finetune_steps} steps)")
-        return train(recipe, run_dir, show_progress=self.config.show_progress)
+        self.say(f"{'resuming' if resume else 'fine-tuning'} {label} ({self.config.finetune_steps} steps)")
+        return train(recipe, run_dir, resume=resume, show_progress=self.config.show_progress)
 
     def row(
         self,
@@ -374,6 +402,7 @@ class BenchContext:
             "step_time_ratio": None,
             "finetune_steps": None,
             "note": note,
+            **per_image_columns(result),
         }
         if timed:
             self.timed[_row_key(row)] = Timed(model, controller)
@@ -383,6 +412,14 @@ class BenchContext:
         """Layers uniform N:M with group size ``m`` prunes on this model (first/last dense)."""
         layers, _ = eligible_layers(self.dense_model, m)
         return [layer.name for layer in layers]
+
+
+def _same_recipe(checkpoint: Path, recipe: Recipe) -> bool:
+    try:
+        saved = load_checkpoint(checkpoint).meta.get("recipe")
+    except NMRestoreError:
+        return False
+    return saved == json.loads(json.dumps(recipe.model_dump(mode="json")))
 
 
 def _row_key(row: Row) -> str:
@@ -455,12 +492,11 @@ def _finetuned_row(
 ) -> Row:
     label = method if budget is None else f"{method}-{budget}"
     result = context.finetune(label, sparsity)
-    assert result.final is not None
     row = context.row(
         method,
         budget if budget is not None else 1.0,
         result.model,
-        result.final,
+        _evaluate(context, result.model),  # the test photos; result.final is the validation score
         controller=result.controller,
         **kw,
     )
@@ -628,7 +664,16 @@ def measure_step_times(
 
 # -- the benchmark -------------------------------------------------------------------------------
 def _evaluate(context: BenchContext, model: nn.Module) -> EvalResult:
-    return evaluate_model(model, context.eval_set, context.crop, context.y_channel, with_ssim=True)
+    return evaluate_model(
+        model, context.eval_set, context.crop, context.y_channel, with_ssim=True, tile=context.config.ci_tile
+    )
+
+
+def per_image_columns(result: EvalResult) -> Row:
+    """``per_image`` (name, PSNR, SSIM of every test image) and ``tiles`` (every tile's PSNR, in order)."""
+    per_image = [{k: v for k, v in r.items() if k != "tiles"} for r in result.per_image]
+    tiles = [round(float(v), 4) for r in result.per_image for v in r.get("tiles", ())]
+    return {"per_image": per_image, "tiles": tiles or None}
 
 
 def run_benchmark(config: BenchConfig, notes: list[str] | None = None, echo: Echo | None = None) -> list[Row]:
@@ -657,7 +702,7 @@ def run_benchmark(config: BenchConfig, notes: list[str] | None = None, echo: Ech
     )
     dense_model.to(device)
     recipe = dense_recipe(config)
-    eval_set = build_eval_dataset(recipe.data.val, config.scale, recipe.task)
+    eval_set = build_eval_dataset(test_source(config), config.scale, recipe.task)
     temporary = config.work_dir is None
     work_dir = Path(tempfile.mkdtemp(prefix="nmrestore-bench-")) if temporary else Path(config.work_dir)  # type: ignore[arg-type]
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -669,7 +714,9 @@ def run_benchmark(config: BenchConfig, notes: list[str] | None = None, echo: Ech
         # the no-network baseline: bicubic upscaling for SR, the degraded input itself otherwise
         sr = config.task == "sr"
         baseline = bicubic_restorer(config.scale) if sr else (lambda lq: lq)
-        bicubic = evaluate_fn(baseline, eval_set, context.crop, context.y_channel, with_ssim=True)
+        bicubic = evaluate_fn(
+            baseline, eval_set, context.crop, context.y_channel, with_ssim=True, tile=config.ci_tile
+        )
         rows.append(
             {
                 **{key: None for key in ROW_KEYS},
@@ -684,6 +731,7 @@ def run_benchmark(config: BenchConfig, notes: list[str] | None = None, echo: Ech
                 "note": "MATLAB-style bicubic upscaling (MACs not counted)"
                 if sr
                 else f"the degraded input ({recipe.task.degradation().describe()})",  # type: ignore[union-attr]
+                **per_image_columns(bicubic),
             }
         )
         dense_row = context.row("dense", 1.0, dense_model, _evaluate(context, dense_model))
@@ -697,6 +745,9 @@ def run_benchmark(config: BenchConfig, notes: list[str] | None = None, echo: Ech
             for budget in budgets:
                 made = producer.fn(context, budget)
                 rows.extend([] if made is None else made if isinstance(made, list) else [made])
+        attach_deltas(rows)
+        if not config.timing:
+            return rows
         context.say(f"timing {len(context.timed)} models ({config.timing_rounds} interleaved rounds)")
         times = measure_step_times(
             context.timed,
@@ -746,7 +797,7 @@ def check_rows(rows: list[Row], tolerance: float = 0.02) -> list[tuple[str, bool
             results.append(
                 (f"sls {budget}: prunable MACs {row['prunable_macs_fraction']:.4f} <= {n / m:.4f}", ok)
             )
-    return results
+    return results + evidence_checks(rows)
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -775,6 +826,7 @@ TABLE_COLUMNS: tuple[tuple[str, str, int], ...] = (
     ("params_nonzero", "params (nz)", 0),
     ("packed_bytes", "packed B", 0),
     ("step_time_ratio", "step x", 3),
+    ("vs_dense", "Δ vs dense, 95% CI", 0),
 )
 
 
@@ -788,6 +840,8 @@ def _cell(row: Row, key: str, digits: int) -> str:
         return f"{value:.3f}"
     if key == "ssim" and isinstance(value, float):
         return f"{value:.4f}"
+    if key == "vs_dense":
+        return format_delta(value)
     return _fmt(value, digits or 4)
 
 
@@ -825,6 +879,19 @@ def describe(config: BenchConfig) -> str:
     """One paragraph: what was trained how long, on what."""
     train = "all" if config.max_train_images is None else str(config.max_train_images)
     test = "all" if config.max_test_images is None else str(config.max_test_images)
+    if config.data_root is None:
+        train_set, test_set = f"{train} built-in training images", f"{test} built-in test images"
+        val_set = "the held-out bottom strips of the training images"
+    else:
+        train_set = f"{train} training images of {config.data_root} (train split)"
+        test_set = f"{test} images of its test split"
+        val_set = "its valid split"
+    ci = (
+        f" 'Δ vs dense': mean paired difference of the PSNR of fixed {config.ci_tile}x{config.ci_tile} HR tiles"
+        " with its 95% bootstrap interval (BCa, 10,000 resamples, seed 0)."
+        if config.ci_tile
+        else ""
+    )
     if config.task == "sr":
         what, patch, metric = f"{config.model} x{config.scale}", "LR patch", f"Y-channel PSNR/SSIM, crop {config.scale}"
     else:
@@ -835,10 +902,10 @@ def describe(config: BenchConfig) -> str:
     return (
         f"{what}; dense: {config.dense_steps} steps at lr {config.dense_lr:g}; every method "
         f"fine-tuned {config.finetune_steps} steps at lr {config.finetune_lr:g} from it (batch {config.batch_size}, "
-        f"{patch} {config.patch_size}, {train} built-in training images); scored on {test} built-in test images, "
-        f"{metric}. MACs for a 1280x720 output; 'MACs %' of the dense whole "
+        f"{patch} {config.patch_size}, {train_set}; validated at the end only, on {val_set}); scored on "
+        f"{test_set}, {metric}; last checkpoints. MACs for a 1280x720 output; 'MACs %' of the dense whole "
         f"network, 'prunable %' of the layers N:M prunes; 'step x' = training-step time / dense, measured "
-        f"interleaved in the same process (median of {config.timing_rounds})."
+        f"interleaved in the same process (median of {config.timing_rounds}).{ci}"
     )
 
 

@@ -118,7 +118,13 @@ def png_recipe(config: BenchConfig, settings: PNGBenchSettings) -> Recipe:
                     "batch_size": config.batch_size,
                     "samples_per_epoch": config.samples_per_epoch,
                 },
-                "val": {"source": "builtin", "split": "test", "max_images": config.max_test_images},
+                # scored once at the end of each phase, for the logs and the rows; nothing is selected on it
+                "val": {
+                    "source": "builtin",
+                    "split": "test",
+                    "max_images": config.max_test_images,
+                    "test_data": True,
+                },
             },
             "train": {
                 "steps": 1,  # unused by PNG: the phases' steps are in sparsity.steps

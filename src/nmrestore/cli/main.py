@@ -300,6 +300,15 @@ def export(
     typer.echo(report.summary())
 
 
+def _add_subcommands() -> None:
+    from nmrestore.cli.data import data_app
+
+    app.add_typer(data_app, name="data")
+
+
+_add_subcommands()
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app()
 

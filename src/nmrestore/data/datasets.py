@@ -10,6 +10,7 @@ Samples are dicts ``{"lq": float C x H x W in [0, 1], "gt": same at scale x, "na
 
 from __future__ import annotations
 
+import math
 import operator
 import os
 import re
@@ -39,6 +40,7 @@ __all__ = [
     "from_paired_folders",
     "load_folder",
     "make_lr",
+    "split_holdout",
 ]
 
 #: A list of named uint8 ``H x W x 3`` images: what every dataset in nmrestore is built from.
@@ -240,6 +242,37 @@ class SREvalDataset(Dataset):
         return {"lq": to_tensor(lr), "gt": to_tensor(hr), "name": name}
 
 
+def split_holdout(
+    gt: ImageList, lq: ImageList | None, scale: int, fraction: float, min_rows: int
+) -> tuple[tuple[ImageList, ImageList | None], tuple[ImageList, ImageList | None]]:
+    """Cut the bottom ``fraction`` of every image (at least ``min_rows`` LR rows) into a held-out set.
+
+    Returns ``((train_gt, train_lq), (held_gt, held_lq))``. Images too small to give both parts
+    ``min_rows`` LR rows stay whole in the training part. LR images (if given) are cut at the
+    matching row, so pairs stay aligned.
+    """
+    train_gt: ImageList = []
+    held_gt: ImageList = []
+    train_lq: ImageList | None = [] if lq is not None else None
+    held_lq: ImageList | None = [] if lq is not None else None
+    for i, (name, hr) in enumerate(gt):
+        lr_rows = hr.shape[0] // scale
+        hold = max(math.ceil(fraction * lr_rows), min_rows) if fraction > 0 else 0
+        if hold == 0 or lr_rows - hold < min_rows:
+            train_gt.append((name, hr))
+            if lq is not None and train_lq is not None:
+                train_lq.append(lq[i])
+            continue
+        cut = lr_rows - hold
+        train_gt.append((name, np.ascontiguousarray(hr[: cut * scale])))
+        held_gt.append((name, np.ascontiguousarray(hr[cut * scale : lr_rows * scale])))
+        if lq is not None and train_lq is not None and held_lq is not None:
+            lname, lr = lq[i]
+            train_lq.append((lname, np.ascontiguousarray(lr[:cut])))
+            held_lq.append((lname, np.ascontiguousarray(lr[cut:lr_rows])))
+    return (train_gt, train_lq), (held_gt, held_lq)
+
+
 # --------------------------------------------------------------------------- folders
 
 
@@ -324,8 +357,11 @@ def from_paired_folders(
     return ImagePairs(gt=gt, lq=lq)
 
 
-_PREFIXED_HR = re.compile(r"(DIV2K_(?:train|valid)|Flickr2K|DF2K)_HR")
-_KIND_OF_PREFIX = {"DIV2K": "div2k", "Flickr2K": "flickr2k", "DF2K": "df2k"}
+#: ``PHOTOS_*`` is the photo set of :mod:`nmrestore.data.photos`, written in DIV2K's layout with a test split.
+_PREFIXED_HR = re.compile(r"((?:DIV2K|PHOTOS)_(?:train|valid|test)|Flickr2K|DF2K)_HR")
+_KIND_OF_PREFIX = {"DIV2K": "div2k", "PHOTOS": "div2k", "Flickr2K": "flickr2k", "DF2K": "df2k"}
+#: Split names people use for DIV2K's validation folder.
+_SPLIT_ALIASES = {"val": "valid", "validation": "valid"}
 
 
 def _child(parent: Path, name: str) -> Path | None:
@@ -444,13 +480,16 @@ def find_layout(root: str | os.PathLike[str], scale: int, split: str | None = No
     subdirs = sorted(d for d in r.iterdir() if d.is_dir())
     prefixed = [d for d in subdirs if _PREFIXED_HR.fullmatch(d.name)]
     if split is not None and prefixed:
-        # Only DIV2K names a split; Flickr2K/DF2K are training-only sets and always match.
-        prefixed = [d for d in prefixed if not d.name.startswith("DIV2K") or f"_{split}_HR" in d.name]
+        # Only DIV2K (and the photo set) name a split; Flickr2K/DF2K are training-only sets and always match.
+        split = _SPLIT_ALIASES.get(split, split)
+        prefixed = [
+            d for d in prefixed if not d.name.startswith(("DIV2K", "PHOTOS")) or f"_{split}_HR" in d.name
+        ]
         if not prefixed:
             raise DatasetError(f"{r}: no HR folder for split {split!r}")
     if len(prefixed) > 1:
         names = ", ".join(d.name for d in prefixed)
-        raise DatasetError(f"{r}: several HR folders ({names}); pass split='train' or 'valid' to choose")
+        raise DatasetError(f"{r}: several HR folders ({names}); pass split='train', 'valid' or 'test' to choose")
     if len(prefixed) == 1:
         hr_dir = prefixed[0]
         prefix = hr_dir.name[: -len("_HR")]

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from nmrestore.cost import count_cost
-from nmrestore.data.datasets import ImageList, SREvalDataset, SRTrainDataset, make_lr
+from nmrestore.data.datasets import ImageList, SREvalDataset, SRTrainDataset, make_lr, split_holdout
 from nmrestore.data.degradations import Degradation, degrade_image, image_seed
 from nmrestore.data.io import to_tensor, to_uint8, write_image
 from nmrestore.data.loader import build_train_loader
@@ -60,7 +60,7 @@ from nmrestore.engine.runner import (
     _images,
     apply_sparsity,
     base_model,
-    build_eval_dataset,
+    build_val_dataset,
     load_weights_from,
     seed_everything,
 )
@@ -686,37 +686,6 @@ def _pipeline_settings(model: nn.Module) -> tuple[int, int, str]:
 
 
 # =============================================================================== data
-def split_holdout(
-    gt: ImageList, lq: ImageList | None, scale: int, fraction: float, min_rows: int
-) -> tuple[tuple[ImageList, ImageList | None], tuple[ImageList, ImageList | None]]:
-    """Cut the bottom ``fraction`` of every image (at least ``min_rows`` LR rows) into a held-out set.
-
-    Returns ``((train_gt, train_lq), (held_gt, held_lq))``. Images too small to give both parts
-    ``min_rows`` LR rows stay whole in the training part. LR images (if given) are cut at the
-    matching row, so pairs stay aligned.
-    """
-    train_gt: ImageList = []
-    held_gt: ImageList = []
-    train_lq: ImageList | None = [] if lq is not None else None
-    held_lq: ImageList | None = [] if lq is not None else None
-    for i, (name, hr) in enumerate(gt):
-        lr_rows = hr.shape[0] // scale
-        hold = max(math.ceil(fraction * lr_rows), min_rows) if fraction > 0 else 0
-        if hold == 0 or lr_rows - hold < min_rows:
-            train_gt.append((name, hr))
-            if lq is not None and train_lq is not None:
-                train_lq.append(lq[i])
-            continue
-        cut = lr_rows - hold
-        train_gt.append((name, np.ascontiguousarray(hr[: cut * scale])))
-        held_gt.append((name, np.ascontiguousarray(hr[cut * scale : lr_rows * scale])))
-        if lq is not None and train_lq is not None and held_lq is not None:
-            lname, lr = lq[i]
-            train_lq.append((lname, np.ascontiguousarray(lr[:cut])))
-            held_lq.append((lname, np.ascontiguousarray(lr[cut:lr_rows])))
-    return (train_gt, train_lq), (held_gt, held_lq)
-
-
 def grid_patch_pairs(
     gt: ImageList,
     lq: ImageList | None,
@@ -1372,7 +1341,7 @@ def _train_adaptive(
     final: AdaptiveEvalResult | None = None
     total_steps = recipe.train.steps + config.classifier_steps + config.joint_steps
     if dist.is_main:
-        val_set = build_eval_dataset(recipe.data.val, recipe.model.scale, recipe.task)
+        val_set = build_val_dataset(recipe)
         final = evaluate_adaptive(pipeline, val_set, ctx.crop, recipe.eval.test_y_channel)
         metrics = {
             "val_psnr": final.psnr,
@@ -1548,6 +1517,7 @@ def bench_rows(context: Any, budget: str | None, settings: dict[str, Any] | None
     )
     row = context.row("classpruning", "adaptive", model, result.final, timed=False)
     row.update({k: v for k, v in adaptive_row.items() if k not in ("method", "budget")})
+    row.update(per_image=None, tiles=None)  # result.final scored the validation strips, not the test photos
     patch = (config.patch_size, config.patch_size)
     degradation = recipe.task.degradation()
     data: SRTrainDataset | DegradedTrainDataset = (

@@ -1,4 +1,4 @@
-"""Evaluation: the SR protocol (Y-channel PSNR/SSIM with ``scale`` pixels cropped, DESIGN.md §1) or,
+"""Evaluation: the SR protocol (Y-channel PSNR/SSIM with ``scale`` pixels cropped; docs/ARCHITECTURE.md) or,
 for deblurring/denoising, RGB PSNR/SSIM without crop; the recipe's ``eval`` section (filled in from its
 ``task``) gives ``crop_border`` and ``test_y_channel``."""
 
@@ -7,19 +7,21 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from nmrestore.metrics import psnr, ssim
 from nmrestore.metrics.imresize import imresize
+from nmrestore.metrics.psnr_ssim import tile_psnr
 
 
 @dataclass
 class EvalResult:
     """Per-image and mean PSNR/SSIM."""
 
-    per_image: list[dict[str, float | str]] = field(default_factory=list)
+    per_image: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def psnr(self) -> float:
@@ -45,8 +47,13 @@ def evaluate_fn(
     crop_border: int,
     test_y_channel: bool = True,
     with_ssim: bool = True,
+    tile: int | None = None,
 ) -> EvalResult:
-    """Score ``restore(lq) -> output`` (batched (1,C,h,w) float tensors) on whole images."""
+    """Score ``restore(lq) -> output`` (batched (1,C,h,w) float tensors) on whole images.
+
+    With ``tile``, each image's row also holds ``tiles``: the PSNR of every full ``tile x tile`` HR
+    tile (the units of the paired bootstrap in :mod:`nmrestore.metrics.paired`).
+    """
     result = EvalResult()
     for sample in samples:
         lq = sample["lq"]
@@ -62,6 +69,8 @@ def evaluate_fn(
         }
         if with_ssim:
             row["ssim"] = ssim(out, gt, crop_border=crop_border, test_y_channel=test_y_channel)
+        if tile is not None:
+            row["tiles"] = tile_psnr(out, gt, tile, crop_border=crop_border, test_y_channel=test_y_channel)
         result.per_image.append(row)
     return result
 
@@ -73,13 +82,14 @@ def evaluate_model(
     test_y_channel: bool = True,
     device: torch.device | None = None,
     with_ssim: bool = True,
+    tile: int | None = None,
 ) -> EvalResult:
     """Evaluate ``model`` in eval mode on ``device`` (restoring its train flag afterwards)."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        return evaluate_fn(lambda x: model(x.to(device)), samples, crop_border, test_y_channel, with_ssim)
+        return evaluate_fn(lambda x: model(x.to(device)), samples, crop_border, test_y_channel, with_ssim, tile)
     finally:
         model.train(was_training)
 

@@ -39,8 +39,8 @@ from nmrestore.engine.runner import (
     RunResult,
     apply_sparsity,
     base_model,
-    build_eval_dataset,
     build_train_dataset,
+    build_val_dataset,
     model_from_checkpoint,
     seed_everything,
 )
@@ -229,7 +229,7 @@ def _train_png(
         for t, s in zip(tasks, scales, strict=True)
     }
     val_sets = {
-        t: build_eval_dataset(recipe.data.val, s, recipe.task.for_png_task(t))
+        t: build_val_dataset(recipe, s, recipe.task.for_png_task(t))
         for t, s in zip(tasks, scales, strict=True)
     }
     state = TrainState()
@@ -357,7 +357,7 @@ def evaluate_tasks(
     results: dict[str, EvalResult] = {}
     for t, (task, scale) in enumerate(zip(tasks, scales, strict=True)):
         crop = recipe.eval.crop_border if recipe.eval.crop_border is not None else scale
-        dataset = build_eval_dataset(recipe.data.val, scale, recipe.task.for_png_task(task))
+        dataset = build_val_dataset(recipe, scale, recipe.task.for_png_task(task))
         previous = model.task_index if isinstance(model, MultiTaskSR) else 0
         select_task(model, t)
         try:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from nmrestore.data.builtin import load_builtin
-from nmrestore.data.datasets import ImageList, SREvalDataset, SRTrainDataset, load_folder
+from nmrestore.data.datasets import ImageList, SREvalDataset, SRTrainDataset, load_folder, split_holdout
 from nmrestore.data.loader import build_train_loader
 from nmrestore.data.restoration import DegradedEvalDataset, DegradedTrainDataset
 from nmrestore.engine.checkpoint import Checkpoint, check_compatible, load_checkpoint, load_model_state
@@ -24,7 +24,7 @@ from nmrestore.engine.distributed import DistInfo, init_distributed, shutdown
 from nmrestore.engine.evaluate import EvalResult, evaluate_model
 from nmrestore.engine.task import RestorationTask
 from nmrestore.engine.trainer import Trainer, TrainState
-from nmrestore.errors import CheckpointError, RecipeError
+from nmrestore.errors import CheckpointError, DatasetError, RecipeError
 from nmrestore.models import create_model
 from nmrestore.recipes.schema import DataSource, Recipe, TaskSpec, recipe_from_dict
 from nmrestore.sparsity.api import Controller, SparsifyReport, sparsify_, squash_
@@ -69,12 +69,41 @@ def build_train_dataset(recipe: Recipe) -> TrainDataset:
     source's own pairs (GoPro, ``lq/`` + ``gt/``) or the task's degradation applied on the fly."""
     spec = recipe.data.train
     gt, lq = _images(spec, recipe.model.scale, "train")
+    if recipe.data.val is None:  # the bottom strips are the validation set: never trained on
+        (gt, lq), _ = _holdout(recipe, gt, lq, recipe.model.scale)
     degradation = recipe.task.degradation()
     if degradation is not None and lq is None:
         return DegradedTrainDataset(gt, degradation, spec.patch_size, spec.samples_per_epoch, recipe.seed, spec.augment)
     return SRTrainDataset(
         gt, recipe.model.scale, spec.patch_size, spec.samples_per_epoch, recipe.seed, lr_images=lq, augment=spec.augment
     )
+
+
+def _holdout(
+    recipe: Recipe, gt: ImageList, lq: ImageList | None, scale: int
+) -> tuple[tuple[ImageList, ImageList | None], tuple[ImageList, ImageList | None]]:
+    # at least one LR patch of rows stays on each side, so every image still yields training patches
+    return split_holdout(gt, lq, scale, recipe.data.holdout, recipe.data.train.patch_size)
+
+
+def build_val_dataset(recipe: Recipe, scale: int | None = None, task: TaskSpec | None = None) -> EvalDataset:
+    """The recipe's validation images: ``data.val``, or else the held-out bottom strips of the training
+    images (``data.holdout``). ``scale``/``task`` default to the recipe's (PNG validates per task)."""
+    scale = recipe.model.scale if scale is None else scale
+    task = recipe.task if task is None else task
+    if recipe.data.val is not None:
+        return build_eval_dataset(recipe.data.val, scale, task)
+    gt, lq = _images(recipe.data.train, scale, "train")
+    _, (held_gt, held_lq) = _holdout(recipe, gt, lq, scale)
+    if not held_gt:
+        raise DatasetError(
+            f"data.holdout {recipe.data.holdout}: the training images are too small to hold out a strip of "
+            f"{recipe.data.train.patch_size} LR rows; give a data.val set instead"
+        )
+    degradation = task.degradation()
+    if degradation is not None and held_lq is None:
+        return DegradedEvalDataset(held_gt, degradation)
+    return SREvalDataset(held_gt, scale, lr_images=held_lq)
 
 
 def build_eval_dataset(source: DataSource, scale: int, task: TaskSpec | None = None) -> EvalDataset:
@@ -193,7 +222,7 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool, show_progress: bool, dis
     loader = build_train_loader(
         train_set, per_process, recipe.data.train.num_workers, recipe.seed, distributed=dist.distributed
     )
-    val_set = build_eval_dataset(recipe.data.val, recipe.model.scale, recipe.task)
+    val_set = build_val_dataset(recipe)
     crop = recipe.eval.crop_border if recipe.eval.crop_border is not None else recipe.model.scale
 
     def validate(m: nn.Module) -> EvalResult:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from nmrestore.errors import ImageError
 from nmrestore.metrics.color import rgb_to_y
 
-__all__ = ["PIXEL_MAX", "SSIM_WIN_SIZE", "psnr", "psnr_torch", "ssim", "ssim_torch"]
+__all__ = ["PIXEL_MAX", "SSIM_WIN_SIZE", "psnr", "psnr_torch", "ssim", "ssim_torch", "tile_psnr"]
 
 #: Peak value of the 8-bit grid on which every metric is computed.
 PIXEL_MAX: float = 255.0
@@ -163,3 +163,25 @@ def ssim_torch(
     """Per-image SSIM of a batch ``(N, C, H, W)`` in [0, 1]: a float64 tensor ``(N,)``; see :func:`ssim`."""
     a, b = _prepare_pair(x, y, crop_border, test_y_channel, single=False)
     return _ssim_batch(a, b)
+
+
+@torch.no_grad()
+def tile_psnr(
+    img: ImageLike, ref: ImageLike, tile: int, crop_border: int = 0, test_y_channel: bool = False
+) -> list[float]:
+    """PSNR of every full ``tile x tile`` tile (row-major, after the border crop) of one image pair.
+
+    The tiles are the fixed units a paired bootstrap resamples (see :mod:`nmrestore.metrics.paired`):
+    many per image, the same for every method. Partial tiles at the right and bottom edges are left
+    out. Same quantisation and conventions as :func:`psnr`; an identical tile gives ``inf``.
+    """
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
+        raise ValueError(f"tile must be a positive integer, got {tile!r}")
+    a, b = _prepare_pair(img, ref, crop_border, test_y_channel, single=True)
+    h, w = a.shape[-2:]
+    rows, cols = h // tile, w // tile
+    if rows == 0 or cols == 0:
+        raise ImageError(f"a {h}x{w} image (after cropping) holds no full {tile}x{tile} tile")
+    sq = (a - b).square()[0, :, : rows * tile, : cols * tile].mean(dim=0)
+    mse = sq.reshape(rows, tile, cols, tile).mean(dim=(1, 3))
+    return [float(v) for v in (10.0 * torch.log10(PIXEL_MAX**2 / mse)).flatten()]

@@ -79,9 +79,36 @@ class TrainData(DataSource):
     augment: bool = True
 
 
+class ValData(DataSource):
+    """A validation set of its own. ``test_data: true`` states that it is the test data (e.g. the
+    built-in ``test`` split): validation then picks checkpoints on the images that are scored."""
+
+    test_data: bool = False
+
+    @model_validator(mode="after")
+    def _test_split_is_declared(self) -> ValData:
+        if self.split is not None and self.split.lower() == "test" and not self.test_data:
+            raise ValueError(
+                "validation on the 'test' split picks checkpoints on the test images; leave data.val out "
+                "(a held-out part of the training images is used), name a val/valid split, or set "
+                "data.val.test_data: true to do it knowingly"
+            )
+        return self
+
+
 class DataSpec(_Strict):
+    """Training data and validation data. Without ``val``, the bottom ``holdout`` of every training
+    image is kept out of training and validated on: nothing validated on is trained on or tested on."""
+
     train: TrainData = Field(default_factory=TrainData)
-    val: DataSource = Field(default_factory=lambda: DataSource(split="test"))
+    val: ValData | None = None
+    holdout: float = Field(0.1, ge=0, le=0.5, description="fraction of each training image's height held out")
+
+    @model_validator(mode="after")
+    def _something_to_validate_on(self) -> DataSpec:
+        if self.val is None and self.holdout == 0:
+            raise ValueError("data.holdout is 0 and there is no data.val: nothing to validate on")
+        return self
 
 
 class Schedule(_Strict):

@@ -1,0 +1,119 @@
+"""What a benchmark table may claim: paired confidence intervals and the papers' relations.
+
+Rows carry ``tiles`` (the PSNR of fixed HR tiles of the test images, the same tiles for every row)
+and ``per_image`` PSNRs. :func:`attach_deltas` adds each row's paired difference from the dense model
+(``vs_dense``); :func:`evidence_checks` states the relations the papers report -- SR-STE above
+one-shot, SLS above the best uniform N:M at no more MACs, N:M above filter pruning -- as PASS only
+where the 95% interval of the paired difference excludes 0, and checks that every network is at
+least as good as bicubic on every test image.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nmrestore.metrics.paired import PairedDelta, paired_delta
+
+__all__ = ["attach_deltas", "compare", "evidence_checks", "format_delta"]
+
+Row = dict[str, Any]
+
+#: Rows that are not networks (no per-image check against bicubic).
+_BASELINES = ("bicubic", "input")
+
+
+def _find(rows: list[Row], method: str, budget: Any = None) -> Row | None:
+    return next(
+        (r for r in rows if r["method"] == method and (budget is None or r.get("budget") == budget)), None
+    )
+
+
+def compare(a: Row, b: Row) -> PairedDelta | None:
+    """The paired tile-PSNR difference ``a - b``, or None when either row has no tiles."""
+    if not a.get("tiles") or not b.get("tiles") or len(a["tiles"]) != len(b["tiles"]):
+        return None
+    return paired_delta(a["tiles"], b["tiles"])
+
+
+def attach_deltas(rows: list[Row], reference: str = "dense") -> None:
+    """Give every row with tiles its paired difference from the ``reference`` row (``vs_<reference>``)."""
+    ref = _find(rows, reference)
+    if ref is None:
+        return
+    for row in rows:
+        if row is ref:
+            continue
+        delta = compare(row, ref)
+        if delta is not None:
+            row[f"vs_{reference}"] = delta.to_dict()
+
+
+def format_delta(value: Any) -> str:
+    """``+0.123 [+0.101, +0.145]`` from a ``PairedDelta.to_dict()``; ``-`` when absent."""
+    if not isinstance(value, dict):
+        return "-"
+    return f"{value['mean']:+.3f} [{value['low']:+.3f}, {value['high']:+.3f}]"
+
+
+def _label(row: Row) -> str:
+    budget = row.get("budget")
+    return row["method"] if budget in (None, 1.0) else f"{row['method']} {budget}"
+
+
+def _relation(a: Row, b: Row, what: str) -> tuple[str, bool] | None:
+    delta = compare(a, b)
+    if delta is None:
+        return None
+    if delta.low > 0:
+        verdict = f"{_label(a)} beats {_label(b)}"
+    elif delta.high < 0:
+        verdict = f"reversed: {_label(b)} beats {_label(a)}"
+    else:
+        verdict = "not shown (the interval includes 0)"
+    return f"{what}: {_label(a)} - {_label(b)} = {delta} -> {verdict}", delta.low > 0
+
+
+def _no_worse_than_bicubic(rows: list[Row]) -> list[tuple[str, bool]]:
+    bicubic = _find(rows, "bicubic")
+    if bicubic is None or not bicubic.get("per_image"):
+        return []
+    reference = {str(r["name"]): float(r["psnr"]) for r in bicubic["per_image"]}
+    failures = []
+    for row in rows:
+        if row["method"] in _BASELINES or not row.get("per_image"):
+            continue
+        for image in row["per_image"]:
+            gap = float(image["psnr"]) - reference.get(str(image["name"]), float("-inf"))
+            if gap < 0:
+                failures.append(f"{_label(row)} on {image['name']} ({gap:+.2f} dB)")
+    networks = sum(1 for r in rows if r["method"] not in _BASELINES and r.get("per_image"))
+    text = f"every network ({networks}) at least as good as bicubic on every test image"
+    if failures:
+        shown = ", ".join(failures[:6]) + (f" and {len(failures) - 6} more" if len(failures) > 6 else "")
+        text += f"; below bicubic: {shown}"
+    return [(text, not failures)]
+
+
+def evidence_checks(rows: list[Row]) -> list[tuple[str, bool]]:
+    """The papers' relations with paired 95% CIs, per budget, and the per-image bicubic floor."""
+    checks = _no_worse_than_bicubic(rows)
+    budgets = list(dict.fromkeys(r["budget"] for r in rows if isinstance(r.get("budget"), str)))
+    for budget in budgets:
+        oneshot, srste = _find(rows, "oneshot", budget), _find(rows, "srste", budget)
+        sls, filt = _find(rows, "sls", budget), _find(rows, "filter", budget)
+        found: list[tuple[str, bool] | None] = []
+        if oneshot and srste:
+            found.append(_relation(srste, oneshot, "SR-STE vs one-shot"))
+        uniform = [r for r in (oneshot, srste) if r is not None]
+        if sls and uniform:
+            best = max(uniform, key=lambda r: r["psnr"])
+            check = _relation(sls, best, "SLS vs the best uniform N:M")
+            if check is not None:
+                fewer = sls["macs_g"] <= best["macs_g"] * (1 + 1e-9)
+                macs = f" (MACs {sls['macs_g']:.3g} vs {best['macs_g']:.3g} G{'' if fewer else ': MORE'})"
+                found.append((check[0] + macs, check[1] and fewer))
+        if filt and uniform:
+            best = max(uniform, key=lambda r: r["psnr"])
+            found.append(_relation(best, filt, "N:M vs filter pruning"))
+        checks += [c for c in found if c is not None]
+    return checks
