@@ -42,12 +42,25 @@ def markdown_table(rows: list[dict[str, object]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_section(key: str, title: str, body: str, doc: Path = DOC) -> None:
-    """Replace (or append) the section ``key`` of docs/BENCHMARKS.md."""
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+def write_section(
+    key: str,
+    title: str,
+    body: str,
+    doc: Path = DOC,
+    command_line: str | None = None,
+    date: str | None = None,
+    machine_line: str | None = None,
+) -> None:
+    """Replace (or append) the section ``key`` of docs/BENCHMARKS.md.
+
+    ``command_line``, ``date`` and ``machine_line`` default to this process's; a section rendered from
+    committed JSON rows passes the ones recorded with them.
+    """
+    stamp = date or datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     section = (
         f"<!-- section:{key} -->\n## {title}\n\n"
-        f"Command: `{command()}`  \nDate: {stamp}  \nMachine: {machine()}\n\n{body.strip()}\n"
+        f"Command: `{command_line or command()}`  \nDate: {stamp}  \n"
+        f"Machine: {machine_line or machine()}\n\n{body.strip()}\n"
         f"<!-- end:{key} -->"
     )
     text = doc.read_text() if doc.exists() else HEADER

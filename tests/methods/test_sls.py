@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
@@ -25,6 +26,7 @@ from nmrestore.methods.sls import (
 )
 from nmrestore.methods.srste import SRSTEConfig
 from nmrestore.sparsity import check_nm, nm_layers, sparsify_
+from nmrestore.sparsity.parametrization import dense_weight
 from tests.nets import TinyEDSR
 
 SIZE = (8, 8)  # LR input used for MAC counts and forwards: keeps every test fast
@@ -128,7 +130,9 @@ def run_search(model: nn.Module, controller: SLSController, steps: int, start: i
 
 def test_a_short_search_reaches_the_budget_and_freezes(caplog: pytest.LogCaptureFixture) -> None:
     model = make_model()
-    controller = sls(model, budget=0.5, lam=1.0, score_lr=0.01, anneal_interval=5, refresh_every=10)
+    controller = sls(
+        model, budget=0.5, lam=1.0, score_lr=0.01, anneal_interval=5, refresh_every=10, refresh_after_freeze=False
+    )
     assert [g["lr"] for g in controller.param_groups(model)] == [0.01]
     with caplog.at_level(logging.INFO, logger="nmrestore.methods.sls"):
         frozen_at = run_search(model, controller, 25)
@@ -431,7 +435,8 @@ def test_layer_table_text_and_plot(tmp_path: Path) -> None:
         {"input_size": (0, 8)},
         {"budget_kind": "flops"},
         {"unknown": 1},
-        {"refresh_after_freeze": True, "refresh_every": 0},
+        {"anneal_rule": "last_epoch", "anneal_interval": 1},
+        {"anneal_rule": "paper"},
     ],
 )
 def test_config_rejects_bad_values(bad: dict[str, object]) -> None:
@@ -449,7 +454,9 @@ def test_config_defaults_follow_the_paper() -> None:
         1.03,
     )
     assert config.budget_kind == "prunable_macs"
-    assert config.refresh_after_freeze is False  # the published code's fixed masks after freezing
+    # the published code: update_pruning_units() every epoch, frozen or not; anneal on the last epoch's growth
+    assert config.refresh_after_freeze is True and config.anneal_rule == "last_epoch"
+    assert (config.refresh_every, config.anneal_interval, config.anneal_threshold) == (1000, 2000, 0.2)
 
 
 @pytest.mark.parametrize("steps", [30, 300, 600])
@@ -458,9 +465,83 @@ def test_harness_settings_give_the_search_the_papers_annealing_budget(steps: int
 
     settings = sls_settings(steps, 2 / 32)
     config = SLSConfig(**{k: v for k, v in settings.items() if k != "method"})
-    intervals = config.search_steps / config.anneal_interval
-    # the anneal rule forces the paper's total compression-ratio growth (0.2 x 100 intervals) per search,
-    # enough for the smallest budget the harness asks for (2:32: ratio 16)
-    assert intervals * config.anneal_threshold == pytest.approx(SLS_RATIO_GROWTH)
+    epochs = config.search_steps / (config.anneal_interval // 2)
+    # the anneal rule asks for the published total compression-ratio growth (0.2 per epoch x 200 epochs)
+    # per search, enough for the smallest budget the harness asks for (2:32: ratio 16)
+    assert epochs * config.anneal_threshold == pytest.approx(SLS_RATIO_GROWTH)
+    assert config.refresh_every == config.anneal_interval // 2  # masks re-selected every epoch
     assert SLS_RATIO_GROWTH >= 32 / 2 - 1
     assert config.search_steps == max(1, steps // 2) and config.grad_mode.value == "hard"
+
+
+def test_masks_are_reselected_after_the_freeze_by_default_as_in_the_published_code() -> None:
+    model = make_model()
+    controller = sls(model, budget=0.5, lam=1.0, score_lr=0.01, anneal_interval=6, refresh_every=10)
+    assert controller.config.refresh_after_freeze and controller.config.anneal_rule == "last_epoch"
+    assert run_search(model, controller, 25) is not None
+    ns = controller.ns()
+    ranks = [mask.ranks.clone() for mask in controller.masks]
+    with torch.no_grad():  # the weights move (as fine-tuning moves them): the magnitude order changes
+        for module in controller.modules:
+            weight = dense_weight(module)
+            module.parametrizations.weight.original.copy_(torch.randn_like(weight))
+    run_search(model, controller, 3, start=100)  # step 100 is an epoch end: masks re-selected
+    assert controller.ns() == ns  # N stays frozen...
+    assert any(not torch.equal(m.ranks, r) for m, r in zip(controller.masks, ranks, strict=True))  # ...masks move
+    check_nm(model)
+
+
+def published_annealing(ratios: list[float], threshold: float = 0.2, alpha: float = 1.2) -> float:
+    """The specification: the published trainer's rule (JungHunOh/SLS_CVPR2022, trainer.py), transcribed.
+
+    ``ratios[e - 1]`` is the compression ratio at the end of epoch ``e``; the trainer appends it to a
+    list, and at every even epoch compares the list's last and first entries, then empties it.
+    """
+    coef, last2 = 1.0, []
+    for epoch, ratio in enumerate(ratios, start=1):
+        last2.append(ratio)
+        if epoch > 1 and epoch % 2 == 0:
+            if last2[-1] - last2[0] < threshold:
+                coef *= alpha
+            last2 = []
+    return coef
+
+
+def replay(rule: str, per_epoch: list[float], epoch_steps: int = 1000) -> float:
+    controller = sls(make_model(), anneal_interval=2 * epoch_steps, anneal_threshold=0.2, anneal_rule=rule)
+    ratio = 1.0
+    for epoch, growth in enumerate(per_epoch):
+        for k in range(1, epoch_steps + 1):  # the ratio rises steadily through each epoch
+            controller._anneal(epoch * epoch_steps + k, ratio + growth * k / epoch_steps)
+        ratio += growth
+    return controller.coef
+
+
+@pytest.mark.parametrize(
+    "per_epoch",
+    [
+        [0.15] * 20,  # the issue's case: every even epoch grew 0.15 < 0.2 -> 1.2 ** 10
+        [0.05, 0.3, 0.1, 0.25, 0.3, 0.1, 0.15, 0.15] * 2 + [0.5, 0.0],  # a slower, uneven search
+        [0.25] * 10,  # fast enough: never anneals
+    ],
+)
+def test_annealing_replays_the_published_rule(per_epoch: list[float]) -> None:
+    ends = list(np.cumsum([1.0, *per_epoch])[1:])
+    expected = published_annealing(ends)
+    assert replay("last_epoch", per_epoch) == pytest.approx(expected)
+    if per_epoch == [0.15] * 20:
+        assert expected == pytest.approx(1.2**10) and expected == pytest.approx(6.1917, abs=1e-4)
+        # the earlier nmrestore rule (growth over the whole 2-epoch interval, 0.3 >= 0.2) never anneals
+        assert replay("interval", per_epoch) == 1.0
+
+
+def test_annealing_state_survives_a_checkpoint() -> None:
+    first = sls(make_model(), anneal_interval=4, anneal_threshold=0.2)
+    for step in range(1, 3):
+        first._anneal(step, 1.0 + 0.01 * step)  # epoch 1 ends at step 2: its ratio is recorded
+    second = sls(make_model(), anneal_interval=4, anneal_threshold=0.2)
+    second.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    for controller in (first, second):
+        for step in range(3, 5):
+            controller._anneal(step, 1.0 + 0.01 * step)
+    assert first.coef == second.coef == pytest.approx(1.2)

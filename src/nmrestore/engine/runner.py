@@ -225,8 +225,12 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool, show_progress: bool, dis
     val_set = build_val_dataset(recipe)
     crop = recipe.eval.crop_border if recipe.eval.crop_border is not None else recipe.model.scale
 
+    validated: dict[int, EvalResult] = {}  # step -> score, so the final step is not scored twice
+
     def validate(m: nn.Module) -> EvalResult:
-        return evaluate_model(m, val_set, crop, recipe.eval.test_y_channel, dist.device, with_ssim=True)
+        result = evaluate_model(m, val_set, crop, recipe.eval.test_y_channel, dist.device, with_ssim=True)
+        validated[trainer.state.step] = result
+        return result
 
     meta: dict[str, Any] = {
         "recipe": recipe.model_dump(mode="json"),
@@ -252,7 +256,7 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool, show_progress: bool, dis
     write_artifacts = getattr(controller, "write_artifacts", None)
     if dist.is_main and callable(write_artifacts):
         write_artifacts(model, run_dir)  # method-specific tables and charts (e.g. SLS's N per layer)
-    final = validate(model) if dist.is_main else None
+    final = (validated.get(state.step) or validate(model)) if dist.is_main else None
     if dist.is_main and final is not None:
         summary = {
             "step": state.step,

@@ -1,4 +1,4 @@
-"""SLS: layer-wise N:M learned under a compute budget (Oh et al., CVPR 2022; DESIGN.md §3.2).
+"""SLS: layer-wise N:M learned under a compute budget (Oh et al., CVPR 2022).
 
 Every prunable layer learns its own N. It holds M-1 *priority scores* s (init 1);
 ``p = cumprod(clamp(s, 0, 1.03))`` and rank k >= 1 of every group of M is kept while p stays above
@@ -21,8 +21,9 @@ What this module fixes in the published code (github JungHunOh/SLS_CVPR2022):
 Design choices (see the docstrings of :class:`SLSConfig` and :class:`SLSController` for details):
 straight-through estimator with identity backward (the paper's); scores projected back into
 [0, score_clamp] after each step so the clamp never traps them with zero gradient; the cost is
-normalised (lambda does not depend on patch size or model size); after freezing the ranks are
-refreshed once and the masks stay fixed (unless ``refresh_after_freeze``).
+normalised (lambda does not depend on patch size or model size). As in the published code, the
+ranks keep being re-selected after N is frozen and the annealing looks at the last epoch's growth;
+the earlier nmrestore variants are options (``refresh_after_freeze=False``, ``anneal_rule="interval"``).
 """
 
 from __future__ import annotations
@@ -60,10 +61,19 @@ class SLSConfig(NMConfig):
     ``n`` and ``routes`` of the base config do not apply: every layer starts dense (N = M) and
     learns its N; a single route is supported.
 
-    Defaults follow the paper's recipe (M = 32; refresh every DIV2K epoch of 1000 steps at batch
-    16; anneal every 2 epochs by 1.2 when the compression ratio grew by less than 0.2; the best
-    model is picked after epoch 200 of 300, hence the 200k-step deadline). Short runs must set
-    ``search_steps`` (and usually ``anneal_interval``/``refresh_every``) to fit their length.
+    Defaults follow the published code (JungHunOh/SLS_CVPR2022, CARN x4: batch 16, LR patch 48,
+    an epoch of 1000 batches): M = 32; the masks ("pruning units") re-selected by magnitude at every
+    epoch, before and after N is frozen; every second epoch, ``coef *= 1.2`` if the compression
+    ratio grew by less than 0.2 *during the last epoch* (``anneal_rule="last_epoch"``; an epoch is
+    ``anneal_interval // 2`` steps); the best model is picked after epoch 200 of 300, hence the
+    200k-step deadline. Short runs must set ``search_steps`` (and usually
+    ``anneal_interval``/``refresh_every``) to fit their length.
+
+    Deviations, each a named option: ``anneal_rule="interval"`` compares the growth over the whole
+    ``anneal_interval`` (nmrestore's earlier rule: it anneals less, since a ratio rising 0.15 per
+    epoch grows 0.3 per interval and never triggers it); ``refresh_after_freeze=False`` keeps the
+    masks fixed once N is frozen (the fine-tuning then trains exactly the model that is saved, as
+    one-shot N:M does; the published code keeps re-selecting them).
 
     ``lam`` multiplies the *normalised* cost C / C_ref (in [1/M, 1]), so it does not depend on the
     model, the patch size or the batch. Its size only matters relative to the task loss's gradient
@@ -82,11 +92,11 @@ class SLSConfig(NMConfig):
     takes ~1000 steps -- fine for 300k-step runs, too slow for short ones. ``input_size`` is the LR
     input (height, width) for the MAC counts; None means the 1280x720-output convention.
 
-    ``refresh_after_freeze``: by default (the published code's ``weight * mask``) the ranks are
-    refreshed one last time when N is frozen and the masks then stay fixed for the fine-tuning. With
-    True the ranks keep being recomputed every ``refresh_every`` steps after freezing as well, so
-    with ``grad_mode="srste"`` and ``refresh_every=1`` the fine-tuning phase is exactly SR-STE's
-    training at the learned layer-wise N (the frozen *N* never changes, only which weights are kept).
+    ``refresh_after_freeze`` (default True, the published code's ``update_pruning_units()`` every
+    epoch whether frozen or not): the ranks keep being recomputed every ``refresh_every`` steps after
+    N is frozen; the frozen *N* never changes, only which weights are kept. With
+    ``grad_mode="srste"`` and ``refresh_every=1`` the fine-tuning phase is SR-STE's training at the
+    learned layer-wise N. False: refreshed once at the freeze, then fixed.
     """
 
     method: Literal["sls"] = "sls"  # type: ignore[assignment]
@@ -98,8 +108,9 @@ class SLSConfig(NMConfig):
     alpha: float = Field(1.2, ge=1)
     anneal_interval: int = Field(2000, ge=1)
     anneal_threshold: float = Field(0.2, ge=0)
-    refresh_every: int = Field(1000, ge=0)  # 0: ranks are only refreshed when N is frozen
-    refresh_after_freeze: bool = False
+    anneal_rule: Literal["last_epoch", "interval"] = "last_epoch"
+    refresh_every: int = Field(1000, ge=0)  # 0: ranks are only refreshed when N is frozen (once)
+    refresh_after_freeze: bool = True
     search_steps: int = Field(200_000, ge=0)
     score_init: float = Field(1.0, gt=0)
     score_clamp: float = Field(1.03, gt=KEEP_THRESHOLD)
@@ -116,8 +127,8 @@ class SLSConfig(NMConfig):
             )
         if self.input_size is not None and min(self.input_size) < 1:
             raise ValueError(f"input_size must be positive, got {self.input_size}")
-        if self.refresh_after_freeze and self.refresh_every == 0:
-            raise ValueError("refresh_after_freeze needs refresh_every >= 1 (how often to refresh)")
+        if self.anneal_rule == "last_epoch" and self.anneal_interval < 2:
+            raise ValueError("anneal_rule 'last_epoch' needs anneal_interval >= 2 (two epochs)")
         return self
 
 
@@ -327,14 +338,14 @@ class SLSController:
     The Trainer calls :meth:`step` after every optimizer step and adds :meth:`regularizer` to the
     loss. Policy:
 
-    * **refresh**: while searching, ranks are recomputed from the dense weights (magnitude) every
-      ``refresh_every`` steps; when N is frozen they are refreshed one last time and then the masks
-      stay fixed for fine-tuning, so the model evaluated and saved is the model fine-tuned. With
-      ``refresh_after_freeze`` the ranks keep being refreshed every ``refresh_every`` steps after
-      freezing too (SR-STE-style fine-tuning at the frozen N); the ranks are buffers of the masks,
-      so the checkpoint still holds exactly the mask that was evaluated.
-    * **annealing**: every ``anneal_interval`` steps, if the compression ratio C_ref / C grew by
-      less than ``anneal_threshold`` over the interval, ``coef *= alpha`` (the paper's rule).
+    * **refresh**: ranks are recomputed from the dense weights (magnitude) every ``refresh_every``
+      steps and once when N is frozen; with ``refresh_after_freeze`` (the published code's default)
+      they keep being refreshed after freezing, otherwise the masks stay fixed. The ranks are
+      buffers of the masks, so the checkpoint holds exactly the mask that was evaluated.
+    * **annealing** (``anneal_rule="last_epoch"``, the published code's): the ratio C_ref / C is
+      recorded at the end of every epoch of ``anneal_interval // 2`` steps; at the end of every
+      second epoch, ``coef *= alpha`` if it grew by less than ``anneal_threshold`` during that last
+      epoch. ``"interval"`` compares the growth over the whole ``anneal_interval`` instead.
     * **freezing**: as soon as the hard-N cost is within budget every layer's N is frozen and the
       cost term is dropped.
     * **deadline**: at ``step >= search_steps`` (or :meth:`finalize`), if the budget is not met,
@@ -362,6 +373,7 @@ class SLSController:
         self.coef = 1.0
         self.last_ratio: float | None = None  # compression ratio at the start of the interval
         self.interval_start: int | None = None
+        self.epoch_ratio: float | None = None  # "last_epoch": the ratio at the end of the previous epoch
         self.projected = False
         self.message = ""
         self.steps = 0
@@ -426,6 +438,7 @@ class SLSController:
             "coef": self.coef,
             "last_ratio": self.last_ratio,
             "interval_start": self.interval_start,
+            "epoch_ratio": self.epoch_ratio,
             "frozen": self.frozen,
             "frozen_at": self.frozen_at,
             "projected": self.projected,
@@ -438,6 +451,7 @@ class SLSController:
         self.coef = float(state["coef"])
         self.last_ratio = None if state.get("last_ratio") is None else float(state["last_ratio"])
         self.interval_start = None if state.get("interval_start") is None else int(state["interval_start"])
+        self.epoch_ratio = None if state.get("epoch_ratio") is None else float(state["epoch_ratio"])
         self.frozen_at = None if state.get("frozen_at") is None else int(state["frozen_at"])
         self.projected = bool(state.get("projected", False))
         self.message = str(state.get("message", ""))
@@ -491,6 +505,9 @@ class SLSController:
             mask.refresh(dense_weight(module))
 
     def _anneal(self, step: int, ratio: float) -> None:
+        if self.config.anneal_rule == "last_epoch":
+            self._anneal_last_epoch(step, ratio)
+            return
         if self.interval_start is None or self.last_ratio is None:
             self.interval_start, self.last_ratio = step, ratio
             return
@@ -499,6 +516,20 @@ class SLSController:
                 self.coef *= self.config.alpha
                 logger.debug("sls: compression ratio %.3f stalled; coef -> %.4g", ratio, self.coef)
             self.interval_start, self.last_ratio = step, ratio
+
+    def _anneal_last_epoch(self, step: int, ratio: float) -> None:
+        # The published trainer appends the ratio at every epoch end and, at every even epoch,
+        # compares the last two entries: the growth during that epoch alone.
+        epoch = self.config.anneal_interval // 2
+        if step % epoch:
+            return
+        if (step // epoch) % 2 == 0 and self.epoch_ratio is not None:
+            if ratio - self.epoch_ratio < self.config.anneal_threshold:
+                self.coef *= self.config.alpha
+                logger.debug("sls: compression ratio %.3f grew too little; coef -> %.4g", ratio, self.coef)
+            self.epoch_ratio = None
+        else:
+            self.epoch_ratio = ratio
 
     def _freeze(self, message: str, ns: list[int] | None = None) -> None:
         self._refresh()

@@ -1,0 +1,156 @@
+"""The photo study: every method against dense on 2K photographs, x4 and x2, with paired 95% CIs.
+
+The evidence the method comparisons rest on. Data: the photo set (``nmrestore data photos``; Debian's
+mate-backgrounds, 8 train / 1 valid / 3 test photographs, 1280-2560 px wide). Model: EDSR-baseline's
+family -- 64 channels, 8 residual blocks instead of 16 so that the whole study fits one background
+run of about 2 hours on 2 cores. A dense model is trained per scale on the train split (validated
+once at the end on the valid split; nothing is selected on any score), then every method (one-shot,
+SR-STE, filter, SLS at 2:4 / 8:32 / 4:32 / 2:32; SLS at the M = 32 budgets, MACs matched or lower) is
+fine-tuned from it for the same number of steps, plus a ``dense_ft`` control. Every row is scored on
+the three test photographs; each row keeps per-image PSNR and the PSNR of fixed 96x96 HR tiles, and
+the table gives each model's paired difference from dense with its 95% bootstrap interval. Checks say
+"A beats B" only when the interval of A - B excludes 0.
+
+The runs stay in ``--work-dir`` (default ``runs/photos-study``): ``dense/<hash>/`` and
+``x{scale}/<method>-<budget>/checkpoints/last.safetensors``, so anyone can score them on other images
+with ``nmrestore eval CKPT --hr-dir DIR``. A killed study continues where it stopped (the dense model
+and each fine-tune resume from their last checkpoints; finished rows are only re-scored).
+
+Rows go to ``docs/bench/photos_x{scale}.json`` (committed) and are rendered into the
+``photos-x{scale}`` sections of docs/BENCHMARKS.md; ``--render`` redraws the sections from the JSON::
+
+    .venv/bin/python benchmarks/bench_photos.py                  # x4 then x2 (about 2 hours, 2 cores)
+    .venv/bin/python benchmarks/bench_photos.py --scale 4 --methods dense_ft,oneshot
+    .venv/bin/python benchmarks/bench_photos.py --render         # sections from the committed JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _report import write_section  # noqa: E402
+from nmrestore.bench.harness import (  # noqa: E402
+    BenchConfig,
+    format_table,
+    plot_psnr_macs,
+    report_body,
+    run_benchmark,
+    write_json,
+)
+from nmrestore.data.photos import obtain_photos  # noqa: E402
+
+DOCS = ROOT / "docs"
+RESULTS = DOCS / "bench"
+
+#: The study's settings (the same for both scales): see the module docstring for why.
+STUDY: dict[str, Any] = {
+    "model": "edsr_baseline",
+    "model_kwargs": {"n_blocks": 8},
+    "dense_steps": 2500,
+    "dense_lr": 5e-4,
+    "finetune_steps": 300,
+    "finetune_lr": 1e-4,
+    "batch_size": 16,
+    "patch_size": 24,
+    "samples_per_epoch": 800,
+    "budgets": ("2:4", "8:32", "4:32", "2:32"),
+    "methods": ("dense_ft", "oneshot", "srste", "filter", "sls"),
+    "ci_tile": 96,
+    "timing_rounds": 3,
+    "timing_warmup": 1,
+    "threads": 2,
+}
+QUICK: dict[str, Any] = {"dense_steps": 20, "finetune_steps": 4, "budgets": ("2:4", "4:32"), "timing": False}
+
+
+def study_config(scale: int, data: Path, work_dir: Path, quick: bool, methods: tuple[str, ...] | None) -> BenchConfig:
+    values = {**STUDY, **(QUICK if quick else {})}
+    if methods:
+        values["methods"] = methods
+    return BenchConfig(
+        **values,
+        scale=scale,
+        data_root=data,
+        quick=quick,
+        cache_dir=work_dir / "dense",
+        work_dir=work_dir / f"x{scale}",
+    )
+
+
+def section_key(scale: int, quick: bool) -> str:
+    return f"photos-x{scale}" + ("-quick" if quick else "")
+
+
+def render(json_path: Path, key: str) -> None:
+    """Write the docs/BENCHMARKS.md section ``key`` (and its plot) from the committed rows."""
+    payload = json.loads(json_path.read_text())
+    config = BenchConfig(**payload["config"])
+    rows = payload["rows"]
+    plot = plot_psnr_macs(
+        rows, DOCS / f"bench_{key.replace('-', '_')}_psnr_macs.png", f"{config.model} (8 blocks) x{config.scale} on the photo set"
+    )
+    per_image = _per_image_table(rows)
+    body = report_body(rows, config, payload.get("notes", []), plot.name)
+    title = f"Photo study x{config.scale}: every method against dense on 2K photographs"
+    write_section(
+        key,
+        title,
+        body + "\n\nPer test image (PSNR, dB):\n\n" + per_image,
+        command_line=payload.get("command"),
+        date=payload.get("date"),
+        machine_line=payload.get("machine"),
+    )
+
+
+def _per_image_table(rows: list[dict[str, Any]]) -> str:
+    names = [str(r["name"]) for r in (rows[0].get("per_image") or [])]
+    lines = ["| method | budget | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
+    for row in rows:
+        images = {str(r["name"]): r["psnr"] for r in row.get("per_image") or []}
+        cells = [f"{images[n]:.3f}" if n in images else "-" for n in names]
+        budget = "-" if row["method"] in ("bicubic", "dense", "dense_ft") else str(row["budget"])
+        lines.append(f"| {row['method']} | {budget} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scale", type=int, action="append", help="4 and/or 2 (default: 4 then 2)")
+    parser.add_argument("--data", type=Path, default=Path("data/photos"), help="the photo set (made if missing)")
+    parser.add_argument("--work-dir", type=Path, default=Path("runs/photos-study"))
+    parser.add_argument("--methods", default=None, help="comma-separated subset of the methods")
+    parser.add_argument("--quick", action="store_true", help="a few steps only (smoke test of the script)")
+    parser.add_argument("--render", action="store_true", help="only redraw the sections from docs/bench/*.json")
+    args = parser.parse_args(argv)
+    scales = args.scale or [4, 2]
+    if args.render:
+        for scale in scales:
+            path = RESULTS / f"photos_x{scale}.json"
+            if path.is_file():
+                render(path, section_key(scale, False))
+        return 0
+    obtain_photos(args.data)
+    methods = tuple(args.methods.split(",")) if args.methods else None
+    for scale in scales:
+        config = study_config(scale, args.data, args.work_dir, args.quick, methods)
+        notes: list[str] = []
+        rows = run_benchmark(config, notes, echo=lambda line: print(line, file=sys.stderr, flush=True))
+        print(format_table(rows), flush=True)
+        key = section_key(scale, args.quick)
+        out = (RESULTS if not args.quick else args.work_dir) / f"{key.replace('-', '_')}.json"
+        write_json(rows, out, config, notes, command="python " + " ".join(["benchmarks/bench_photos.py", *sys.argv[1:]]))
+        if not args.quick:
+            render(out, key)
+        print(f"rows written to {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
