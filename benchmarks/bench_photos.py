@@ -70,8 +70,10 @@ STUDY: dict[str, Any] = {
 QUICK: dict[str, Any] = {"dense_steps": 20, "finetune_steps": 4, "budgets": ("2:4", "4:32"), "timing": False}
 
 
-def study_config(scale: int, data: Path, work_dir: Path, quick: bool, methods: tuple[str, ...] | None) -> BenchConfig:
-    values = {**STUDY, **(QUICK if quick else {})}
+def study_config(
+    scale: int, data: Path, work_dir: Path, quick: bool, methods: tuple[str, ...] | None, threads: int = 2
+) -> BenchConfig:
+    values = {**STUDY, **(QUICK if quick else {}), "threads": threads}
     if methods:
         values["methods"] = methods
     return BenchConfig(
@@ -127,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=Path("runs/photos-study"))
     parser.add_argument("--methods", default=None, help="comma-separated subset of the methods")
     parser.add_argument("--quick", action="store_true", help="a few steps only (smoke test of the script)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on a shared machine)")
     parser.add_argument("--render", action="store_true", help="only redraw the sections from docs/bench/*.json")
     args = parser.parse_args(argv)
     scales = args.scale or [4, 2]
@@ -139,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     obtain_photos(args.data)
     methods = tuple(args.methods.split(",")) if args.methods else None
     for scale in scales:
-        config = study_config(scale, args.data, args.work_dir, args.quick, methods)
+        config = study_config(scale, args.data, args.work_dir, args.quick, methods, args.threads)
         notes: list[str] = []
         rows = run_benchmark(config, notes, echo=lambda line: print(line, file=sys.stderr, flush=True))
         print(format_table(rows), flush=True)
