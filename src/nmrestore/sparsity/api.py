@@ -306,8 +306,7 @@ def check_nm(model: nn.Module, patterns: dict[str, tuple[int, int]] | None = Non
     results: list[PatternCheck] = []
     if patterns is None:
         for name, module, mask in nm_layers(model):
-            groups = nm.to_groups(mask.ranks.long(), mask.m, mask.in_axis)
-            perm_ok = bool((torch.sort(groups, dim=-1).values == torch.arange(mask.m)).all())
+            perm_ok = nm.ranks_are_permutations(mask.ranks, mask.m, mask.in_axis)
             dense = module.parametrizations.weight.original
             previous = mask.route
             for route in range(mask.num_routes):
