@@ -41,6 +41,7 @@ from nmrestore.engine.checkpoint import (
     integrity_digest,
     load_checkpoint,
     save_checkpoint,
+    upgrade_legacy_checkpoints,
 )
 from nmrestore.engine.runner import apply_sparsity, base_model, model_from_checkpoint
 from nmrestore.errors import CheckpointError, NMRestoreError
@@ -257,10 +258,16 @@ def test_a_legacy_checkpoint_is_refused_with_the_way_to_resave_it(valid: Path, t
     resaved = save_checkpoint(tmp_path / "new.safetensors", model, ckpt.meta)
     result = runner.invoke(app, ["eval", str(resaved)])
     assert result.exit_code == 0, result.output
-    tensors[next(k for k in tensors if k.endswith(".weight"))].zero_()  # the legacy path still checks tensors
+    cache = tmp_path / "cache"  # the benchmark's own caches are upgraded in place instead
+    cache.mkdir()
+    _write(cache / "last.safetensors", tensors, meta, rehash=False)
+    assert upgrade_legacy_checkpoints(cache) == [cache / "last.safetensors"]
+    assert load_checkpoint(cache / "last.safetensors").meta["step"] == 8
+    tensors[next(k for k in tensors if k.endswith(".original"))].zero_()  # the legacy path still checks tensors
     _write(path, tensors, meta, rehash=False)
     with pytest.raises(CheckpointError, match="checksum mismatch"):
         load_checkpoint(path, allow_legacy=True)
+    assert upgrade_legacy_checkpoints(tmp_path) == []  # a damaged legacy file is left for the loader to refuse
 
 
 # ----------------------------------------------------------------------------- N:M state, weights
