@@ -369,6 +369,8 @@ def mutated_metadata(draw: st.DrawFn, base: Meta) -> Any:
         if not isinstance(meta, dict):
             break
         paths = [p for p in _paths(meta) if p and p[0] != DIGEST_KEY]
+        if not paths:
+            break
         path = draw(st.sampled_from(paths))
         parent = meta
         for key in path[:-1]:

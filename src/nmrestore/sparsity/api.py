@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from nmrestore.errors import SparsityError
+from nmrestore.errors import SparsityError, short_repr
 from nmrestore.sparsity import nm
 from nmrestore.sparsity.parametrization import (
     SRSTE_LAMBDA,
@@ -161,7 +161,7 @@ def list_methods() -> list[str]:
 
 def method_config_type(name: str) -> type[NMConfig]:
     if name not in _METHODS:
-        raise SparsityError(f"unknown method {name!r}; known: {', '.join(list_methods())}")
+        raise SparsityError(f"unknown method {short_repr(name)}; known: {', '.join(list_methods())}")
     return _METHODS[name][0]
 
 
