@@ -59,6 +59,7 @@ CASES: list[tuple[str, str, str]] = [
     ("a-list", "- 1\n- 2\n", "a recipe must be a mapping of sections, not a list"),
     ("bad-yaml", "train: {steps: 3\nname: [x\n", "not valid YAML (expected ',' or '}', but got ':' at line 2, column 5)"),
     ("tab-indent", "train:\n\tsteps: 3\n", "not valid YAML (found character '\\t' that cannot start any token at line 2, column 1)"),
+    ("control-character", "name: a\x1fb\n", "not valid YAML (unacceptable character #x001f: special characters are not allowed)"),
     ("not-utf8", "name: caf\xe9\n", "not UTF-8 text"),
     ("num-workers-1000", _tiny(data={"train": {"num_workers": 1000}}), "num_workers: Input should be less than or equal to 32"),
     ("name-dotdot", _tiny(name="../escape"), "name: must be a plain name"),

@@ -106,8 +106,9 @@ def load_yaml(text: str | bytes, source: str = "recipe") -> Any:
             text = text.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise RecipeError(f"{source}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    loader = _LimitedLoader(text)
+    loader = None
     try:
+        loader = _LimitedLoader(text)  # its reader already refuses control characters
         node = loader.get_single_node()
         if node is None:
             return None
@@ -121,4 +122,5 @@ def load_yaml(text: str | bytes, source: str = "recipe") -> Any:
     except RecursionError:
         raise RecipeError(f"{source}: nested too deeply") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
