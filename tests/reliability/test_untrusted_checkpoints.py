@@ -181,7 +181,7 @@ CRAFTED: list[tuple[str, Callable[[Meta], None], str]] = [
     ("kwarg-scale", lambda m: _set(m, "recipe.model.kwargs", {"scale": 3}), "the scale is model.scale"),
     ("kwarg-wrong-type", lambda m: _set(m, "recipe.model.kwargs", {"n_feats": "eight"}), "n_feats must be a positive integer"),
     ("scale-2-to-3", lambda m: (_set(m, "recipe.model.scale", 3), _set(m, "model.scale", 3)), "does not fit this model"),
-    ("scale-disagrees", lambda m: _set(m, "model.scale", 3), "metadata says model 'edsr_small' x3"),
+    ("name-disagrees", lambda m: _set(m, "model.name", "carn_small"), "metadata says model 'carn_small' but"),
     ("recipe-schema", lambda m: _set(m, "recipe.train.steps", True), "train.steps: Input should be a valid integer"),
     ("recipe-unknown-key", lambda m: _set(m, "recipe.evil", 1), "unknown key 'evil'"),
     ("recipe-a-list", lambda m: _set(m, "recipe", [1, 2]), "metadata 'recipe' must be a JSON object"),

@@ -155,10 +155,11 @@ def model_from_checkpoint(ckpt: Checkpoint | str | Path, allow_large: bool = Fal
         raise CheckpointError(f"{ckpt.path} has no embedded recipe")
     recipe = recipe_from_dict(ckpt.meta["recipe"], f"{ckpt.path} (embedded recipe)")
     saved = ckpt.meta.get("model")
-    if isinstance(saved, dict) and (saved.get("name"), saved.get("scale")) != (recipe.model.name, recipe.model.scale):
+    # (the scale may differ: a PNG phase checkpoint records the scale of its task)
+    if isinstance(saved, dict) and saved.get("name", recipe.model.name) != recipe.model.name:
         raise CheckpointError(
-            f"{ckpt.path}: metadata says model {short_repr(saved.get('name'))} x{short_repr(saved.get('scale'))} "
-            f"but the embedded recipe {recipe.model.name!r} x{recipe.model.scale}"
+            f"{ckpt.path}: metadata says model {short_repr(saved.get('name'))} "
+            f"but the embedded recipe {recipe.model.name!r}"
         )
     try:
         if allow_large:
