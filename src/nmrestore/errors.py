@@ -38,3 +38,22 @@ class BudgetError(NMRestoreError):
 
 class TrainingError(NMRestoreError):
     """Training cannot go on (NaN/Inf loss); the last good checkpoint is kept."""
+
+
+def short_repr(value: object, limit: int = 80) -> str:
+    """A bounded ``repr`` for error messages about user data.
+
+    ``reprlib`` stops after a few items and levels, so a YAML alias bomb or a huge list in a
+    recipe or checkpoint costs nothing to describe (a plain ``repr`` once expanded one to 2.75 GB).
+    """
+    import reprlib
+
+    shortener = reprlib.Repr()
+    shortener.maxlevel = 3
+    shortener.maxstring = shortener.maxother = shortener.maxlong = limit
+    shortener.maxlist = shortener.maxtuple = shortener.maxdict = shortener.maxset = 6
+    try:
+        text = shortener.repr(value)
+    except (ValueError, RecursionError):  # e.g. an int of more than 4300 digits
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."

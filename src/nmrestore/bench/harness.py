@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from nmrestore.bench.evidence import attach_deltas, evidence_checks, format_delta
 from nmrestore.cost import CostReport, count_cost
 from nmrestore.data.datasets import SREvalDataset
-from nmrestore.engine.checkpoint import load_checkpoint
+from nmrestore.engine.checkpoint import load_checkpoint, upgrade_legacy_checkpoints
 from nmrestore.engine.evaluate import EvalResult, bicubic_restorer, evaluate_fn, evaluate_model
 from nmrestore.engine.runner import (
     RunResult,
@@ -262,6 +262,8 @@ def ensure_dense(config: BenchConfig, echo: Echo | None = None) -> DenseCheckpoi
     run_dir = (config.cache_dir or default_cache_dir()) / digest
     done = run_dir / "done.json"
     path = run_dir / "checkpoints" / "last.safetensors"
+    if run_dir.is_dir():
+        upgrade_legacy_checkpoints(run_dir)  # cached before checkpoints' digest covered metadata
     if done.is_file() and path.is_file():
         return DenseCheckpoint(path, run_dir, digest, reused=True)
     if path.is_file():  # a run killed half-way: resume it with the recipe it was started with

@@ -44,6 +44,7 @@ from nmrestore.bench.harness import (
     register_row_producer,
 )
 from nmrestore.cost import count_cost
+from nmrestore.engine.checkpoint import upgrade_legacy_checkpoints
 from nmrestore.engine.evaluate import EvalResult, evaluate_model
 from nmrestore.engine.png_runner import evaluate_tasks, png_schedule, task_recipe, train_png
 from nmrestore.engine.runner import build_eval_dataset, build_train_dataset, model_from_checkpoint
@@ -175,6 +176,8 @@ def dense_config(config: BenchConfig, scale: int, steps: int, sigma: float | Non
 def run_png(recipe: Recipe, show_progress: bool = False, cache_dir: Path | None = None) -> Path:
     """Train (or resume, or reuse from the cache) the PNG run; returns its folder."""
     run_dir = (cache_dir or default_cache_dir()) / f"png-{recipe_digest(recipe)}"
+    if run_dir.is_dir():
+        upgrade_legacy_checkpoints(run_dir)  # cached before checkpoints' digest covered metadata
     if not (run_dir / "final.json").is_file():
         train_png(recipe, run_dir, resume=True, show_progress=show_progress)
     return run_dir

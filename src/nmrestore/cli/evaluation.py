@@ -24,6 +24,7 @@ def evaluate_checkpoint(
     class_map_dir: Path | None = None,
     task: str | None = None,
     sparse_engine: bool = False,
+    allow_large: bool = False,
 ) -> dict[str, Any]:
     """Per-image and mean PSNR/SSIM plus cost; the recipe's eval protocol (SR: Y, crop = scale;
     deblurring/denoising: RGB, no crop). Without ``hr_dir`` the built-in test photos are used, made
@@ -33,10 +34,11 @@ def evaluate_checkpoint(
     A ClassPruning checkpoint is scored through its patch pipeline (route histogram, average MACs,
     a class map per image saved to ``class_map_dir``, by default ``<run>/class_maps``).
     ``sparse_engine``: run the N:M layers on the sparse CPU kernel (:mod:`nmrestore.runtime`);
-    the cost figures are still counted on the model itself.
+    the cost figures are still counted on the model itself. ``allow_large``: build a model above
+    the size limit for files (see :func:`~nmrestore.engine.runner.model_from_checkpoint`).
     """
     ckpt = load_any(checkpoint)  # a training or a packed checkpoint
-    model, recipe = model_from_checkpoint(ckpt)
+    model, recipe = model_from_checkpoint(ckpt, allow_large=allow_large)
     model_scale = recipe.model.scale
     task_spec = recipe.task
     if task is not None:  # a multi-task (PNG) model: score this task
@@ -159,6 +161,7 @@ def infer_images(
     stride: int | None = None,
     task: str | None = None,
     sparse_engine: bool = False,
+    allow_large: bool = False,
 ) -> list[Path]:
     """Restore each LR image with the checkpoint's model; returns the written paths.
 
@@ -166,7 +169,7 @@ def infer_images(
     (``<stem>_classmap.png``) beside each output. ``sparse_engine``: run the N:M layers on the
     sparse CPU kernel (:mod:`nmrestore.runtime`).
     """
-    model, recipe = model_from_checkpoint(load_any(checkpoint))
+    model, recipe = model_from_checkpoint(load_any(checkpoint), allow_large=allow_large)
     model.eval()
     if task is not None:  # a multi-task (PNG) model: run this task
         from nmrestore.methods.png import activate_task

@@ -150,6 +150,9 @@ def evaluate(
     sparse_engine: Annotated[
         bool, typer.Option("--sparse-engine", help="run the N:M layers on the sparse CPU kernel")
     ] = False,
+    allow_large: Annotated[
+        bool, typer.Option("--allow-large", help="load a model above the 1 GiB size limit for files")
+    ] = False,
 ) -> None:
     """PSNR/SSIM and cost of a checkpoint (SR: Y channel, crop = scale; deblur/denoise: RGB, no crop).
 
@@ -157,7 +160,9 @@ def evaluate(
     known layout (pairs such as GoPro or lq/ + gt/ are used as they are)."""
     from nmrestore.cli.evaluation import evaluate_checkpoint
 
-    result = evaluate_checkpoint(checkpoint, hr_dir, scale, class_maps, task=task, sparse_engine=sparse_engine)
+    result = evaluate_checkpoint(
+        checkpoint, hr_dir, scale, class_maps, task=task, sparse_engine=sparse_engine, allow_large=allow_large
+    )
     if json_out:
         typer.echo(json.dumps(result, indent=2, default=str))
         return
@@ -191,12 +196,15 @@ def infer(
     sparse_engine: Annotated[
         bool, typer.Option("--sparse-engine", help="run the N:M layers on the sparse CPU kernel")
     ] = False,
+    allow_large: Annotated[
+        bool, typer.Option("--allow-large", help="load a model above the 1 GiB size limit for files")
+    ] = False,
 ) -> None:
     """Restore images with a checkpoint; writes PNGs named after the inputs."""
     from nmrestore.cli.evaluation import infer_images
 
     for written in infer_images(
-        checkpoint, inputs, out, adaptive, patch, stride, task=task, sparse_engine=sparse_engine
+        checkpoint, inputs, out, adaptive, patch, stride, task=task, sparse_engine=sparse_engine, allow_large=allow_large
     ):
         typer.echo(str(written))
 
@@ -292,11 +300,14 @@ def export(
     route: Annotated[int | None, typer.Option(help="onnx: the route to export (default: the active one)")] = None,
     task: Annotated[str | None, typer.Option(help="onnx: the task of a multi-task model, e.g. x3")] = None,
     opset: Annotated[int, typer.Option(help="onnx: opset version (17 or newer)")] = 18,
+    allow_large: Annotated[
+        bool, typer.Option("--allow-large", help="load a model above the 1 GiB size limit for files")
+    ] = False,
 ) -> None:
     """Write a deployable file: a packed checkpoint (every route) or ONNX (one route, dense-with-zeros)."""
     from nmrestore.export import export_checkpoint
 
-    report = export_checkpoint(checkpoint, fmt, out, route, task, opset)
+    report = export_checkpoint(checkpoint, fmt, out, route, task, opset, allow_large=allow_large)
     typer.echo(report.summary())
 
 

@@ -2,9 +2,19 @@
 
 The ``.safetensors`` file is the source of truth and is written atomically (temp file in the same
 folder, fsync, ``os.replace``), so a kill at any moment leaves either the old or the new file.
-Its metadata holds the sidecar's JSON and a SHA-256 of the tensor bytes, checked on load; the
-``.json`` beside it repeats the metadata (recipe, step, metrics, sparsity state) for people and
-tools. Nothing is ever unpickled: untrusted checkpoints cannot run code.
+Its metadata holds the sidecar's JSON and a SHA-256 over the metadata *and* the tensor bytes
+(:func:`integrity_digest`, the scheme packed files use too), checked on load; the ``.json``
+beside it repeats the metadata (recipe, step, metrics, sparsity state) for people and tools and
+is never read back. Nothing is ever unpickled: untrusted checkpoints cannot run code.
+
+The digest detects damage and edits made without recomputing it; it is not a signature. What a
+loaded file may ask for is therefore checked as well: the embedded recipe goes through the recipe
+schema, the model's size is estimated before it is built, weights must be finite and N:M ranks
+must be a permutation of 0..M-1 in every group (:func:`load_model_state`).
+
+Format ``nmrestore-checkpoint/1`` (before the digest covered metadata) is refused with a message
+saying how to re-save it: ``load_checkpoint(path, allow_legacy=True)`` still reads it, checking
+the tensor digest only.
 """
 
 from __future__ import annotations
@@ -22,15 +32,20 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from nmrestore.errors import CheckpointError
+from nmrestore.errors import CheckpointError, short_repr
 
-FORMAT = "nmrestore-checkpoint/1"
+FORMAT = "nmrestore-checkpoint/2"
+#: Written before the digest covered the metadata: read only with ``allow_legacy=True``.
+LEGACY_FORMAT = "nmrestore-checkpoint/1"
+#: The metadata field holding :func:`integrity_digest` (excluded from what it covers).
+DIGEST_KEY = "sha256"
 MODEL_PREFIX = "model."
 OPTIM_PREFIX = "optim."
 RNG_KEY = "rng.torch"
 
 
 def _digest(tensors: dict[str, Tensor]) -> str:
+    """SHA-256 of the tensors alone (names, dtypes, shapes, bytes): half of :func:`integrity_digest`."""
     h = hashlib.sha256()
     for key in sorted(tensors):
         t = tensors[key].detach().cpu().contiguous()
@@ -38,6 +53,22 @@ def _digest(tensors: dict[str, Tensor]) -> str:
         h.update(str(t.dtype).encode())
         h.update(str(tuple(t.shape)).encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def canonical_json(meta: dict[str, Any]) -> str:
+    """The metadata as the digest sees it: sorted keys, the digest field left out."""
+    return json.dumps({k: v for k, v in meta.items() if k != DIGEST_KEY}, sort_keys=True)
+
+
+def integrity_digest(tensors: dict[str, Tensor], meta: dict[str, Any]) -> str:
+    """SHA-256 over the tensors and the metadata (canonical JSON without the digest field).
+
+    The one scheme of training and packed checkpoints: editing a recipe, a scale or an eval
+    protocol inside a file breaks it just as flipping a weight bit does.
+    """
+    h = hashlib.sha256(_digest(tensors).encode())
+    h.update(canonical_json(meta).encode())
     return h.hexdigest()
 
 
@@ -143,15 +174,52 @@ def save_checkpoint(
     if with_rng:
         tensors[RNG_KEY] = torch.get_rng_state()
     meta["format"] = FORMAT
-    meta["sha256"] = _digest(tensors)
-    text = json.dumps(meta, sort_keys=True, default=str)
+    meta.pop(DIGEST_KEY, None)
+    meta = json.loads(json.dumps(meta, default=str))  # exactly what a reader will parse and hash
+    meta[DIGEST_KEY] = integrity_digest(tensors, meta)
+    text = json.dumps(meta, sort_keys=True)
     _atomic_save_tensors(path, tensors, {"nmrestore": text})
     atomic_write_bytes(path.with_suffix(".json"), json.dumps(meta, indent=2, sort_keys=True, default=str).encode())
     return path
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read and verify a checkpoint; :class:`CheckpointError` for missing, foreign or tampered files."""
+def parse_metadata(path: Path, header: dict[str, str]) -> dict[str, Any]:
+    """The ``nmrestore`` JSON object of a safetensors header; :class:`CheckpointError` if absent or broken."""
+    if "nmrestore" not in header:
+        raise CheckpointError(f"{path} is not an nmrestore checkpoint (no 'nmrestore' metadata)")
+    try:
+        meta = json.loads(header["nmrestore"])
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
+        raise CheckpointError(f"{path}: corrupt metadata ({type(exc).__name__})") from exc
+    if not isinstance(meta, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(meta), "a number")
+        raise CheckpointError(f"{path}: corrupt metadata ({kind}, not a JSON object)")
+    return meta
+
+
+def check_metadata(path: Path, meta: dict[str, Any]) -> None:
+    """Refuse metadata of the wrong shape before anything reads it (it was only hashed so far)."""
+    step = meta.get("step", 0)
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{path}: metadata 'step' must be a non-negative integer, got {short_repr(step)}")
+    for key in ("model", "recipe", "optimizer", "train_state"):
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            raise CheckpointError(f"{path}: metadata {key!r} must be a JSON object, got {short_repr(meta[key])}")
+    model = meta.get("model") or {}
+    if "name" in model and not isinstance(model["name"], str):
+        raise CheckpointError(f"{path}: metadata model.name must be a string, got {short_repr(model['name'])}")
+    scale = model.get("scale", 1)
+    if isinstance(scale, bool) or not isinstance(scale, int):
+        raise CheckpointError(f"{path}: metadata model.scale must be an integer, got {short_repr(scale)}")
+
+
+def load_checkpoint(path: str | Path, allow_legacy: bool = False) -> Checkpoint:
+    """Read and verify a checkpoint; :class:`CheckpointError` for missing, foreign or tampered files.
+
+    ``allow_legacy=True`` also reads format ``nmrestore-checkpoint/1``, whose digest covers the
+    tensors only (its metadata is then trusted as it is): use it once, on a file you made, to
+    re-save it (``model_from_checkpoint`` then ``save_checkpoint``).
+    """
     path = Path(path)
     if path.is_dir():
         path = path / "checkpoints" / "best.safetensors" if (path / "checkpoints").is_dir() else path / "best.safetensors"
@@ -165,21 +233,59 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path} is not a readable safetensors checkpoint ({exc})") from exc
-    if "nmrestore" not in header:
-        raise CheckpointError(f"{path} is not an nmrestore checkpoint (no 'nmrestore' metadata)")
-    try:
-        meta = json.loads(header["nmrestore"])
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: corrupt metadata ({exc})") from exc
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: unsupported format {meta.get('format')!r} (expected {FORMAT})")
-    expected = meta.pop("sha256", None)
-    if expected != _digest(tensors):
+    meta = parse_metadata(path, header)
+    fmt = meta.get("format")
+    expected = meta.get(DIGEST_KEY)
+    if fmt == LEGACY_FORMAT and allow_legacy:
+        ok = expected == _digest(tensors)
+    elif fmt == LEGACY_FORMAT:
+        raise CheckpointError(
+            f"{path} was written by an older nmrestore ({LEGACY_FORMAT}) whose checksum does not cover "
+            "its metadata; if you trust it, re-save it: load_checkpoint(path, allow_legacy=True), "
+            "model_from_checkpoint, save_checkpoint"
+        )
+    elif fmt != FORMAT:
+        raise CheckpointError(f"{path}: unsupported format {short_repr(fmt)} (expected {FORMAT})")
+    else:
+        ok = isinstance(expected, str) and expected == integrity_digest(tensors, meta)
+    if not ok:
         raise CheckpointError(f"{path}: checksum mismatch, the file was modified or is damaged")
+    del meta[DIGEST_KEY]
+    check_metadata(path, meta)
     model_state = {k[len(MODEL_PREFIX) :]: v for k, v in tensors.items() if k.startswith(MODEL_PREFIX)}
     optim_meta = meta.pop("optimizer", None)
-    optimizer_state = _unflatten_optimizer(tensors, optim_meta) if optim_meta else None
+    try:
+        optimizer_state = _unflatten_optimizer(tensors, optim_meta) if optim_meta else None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: corrupt optimizer state ({type(exc).__name__})") from exc
     return Checkpoint(model_state, meta, optimizer_state, tensors.get(RNG_KEY), path)
+
+
+def upgrade_legacy_checkpoints(folder: Path) -> list[Path]:
+    """Re-save, in place, every format-/1 checkpoint under ``folder`` whose tensor digest verifies.
+
+    For caches this tool wrote itself (the benchmark's dense and PNG runs), which would otherwise
+    be retrained; never call it on files from elsewhere. Returns the files upgraded.
+    """
+    from safetensors import safe_open
+
+    upgraded = []
+    for path in sorted(Path(folder).rglob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = parse_metadata(path, f.metadata() or {})
+            if meta.get("format") != LEGACY_FORMAT:
+                continue
+            tensors = load_file(str(path))
+        except (CheckpointError, SafetensorError, OSError, ValueError, RuntimeError):
+            continue  # not ours, or damaged: the normal loader will say so
+        if meta.pop(DIGEST_KEY, None) != _digest(tensors):
+            continue
+        meta["format"] = FORMAT
+        meta[DIGEST_KEY] = integrity_digest(tensors, meta)
+        _atomic_save_tensors(path, tensors, {"nmrestore": json.dumps(meta, sort_keys=True)})
+        upgraded.append(path)
+    return upgraded
 
 
 def check_compatible(ckpt: Checkpoint, model_name: str, scale: int) -> None:
@@ -192,8 +298,40 @@ def check_compatible(ckpt: Checkpoint, model_name: str, scale: int) -> None:
         )
 
 
+def _check_finite(state: dict[str, Tensor], source: str) -> None:
+    """Refuse NaN/Inf weights: they would run and print ``nan`` figures or write black images."""
+    for key, value in state.items():
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise CheckpointError(f"{source}: tensor {key} holds NaN or Inf values")
+
+
+def _check_nm_state(model: nn.Module, source: str) -> None:
+    """Every N:M layer's ranks are a permutation of 0..M-1 per group and each route's N is in 1..M.
+
+    Anything else is a forged or damaged file: all-zero ranks keep every weight (a dense model
+    reported as 2:4), ranks >= M index past the keep table.
+    """
+    from nmrestore.sparsity import nm
+    from nmrestore.sparsity.parametrization import nm_layers
+
+    for name, _, mask in nm_layers(model):
+        if not nm.ranks_are_permutations(mask.ranks, mask.m, mask.in_axis):
+            raise CheckpointError(
+                f"{source}: layer {name}: N:M ranks are not a permutation of 0..{mask.m - 1} in every group"
+            )
+        route_n = mask.route_n
+        if route_n.numel() == 0 or bool(((route_n < 1) | (route_n > mask.m)).any()):
+            raise CheckpointError(
+                f"{source}: layer {name}: N per route must be in 1..M={mask.m}, got {short_repr(route_n.tolist())}"
+            )
+
+
 def load_model_state(model: nn.Module, state: dict[str, Tensor], source: str = "checkpoint") -> None:
-    """``load_state_dict`` with a one-line error for missing/unexpected keys or shape mismatches."""
+    """``load_state_dict`` with a one-line error for missing/unexpected keys or shape mismatches.
+
+    The state is checked as untrusted input: finite values before loading, and valid N:M ranks
+    and N after (the model is left half-loaded on an error; callers discard it).
+    """
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -203,9 +341,14 @@ def load_model_state(model: nn.Module, state: dict[str, Tensor], source: str = "
         if missing:
             parts.append(f"missing {len(missing)} key(s) e.g. {missing[0]}")
         if unexpected:
-            parts.append(f"unexpected {len(unexpected)} key(s) e.g. {unexpected[0]}")
+            parts.append(f"unexpected {len(unexpected)} key(s) e.g. {short_repr(unexpected[0])}")
         if mismatched:
             k = mismatched[0]
             parts.append(f"shape mismatch e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}")
         raise CheckpointError(f"{source} does not fit this model: " + "; ".join(parts))
-    model.load_state_dict(state)
+    _check_finite(state, source)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:  # e.g. a complex tensor where a float one belongs
+        raise CheckpointError(f"{source} does not fit this model ({str(exc)[:200]})") from exc
+    _check_nm_state(model, source)

@@ -24,8 +24,9 @@ from nmrestore.engine.distributed import DistInfo, init_distributed, shutdown
 from nmrestore.engine.evaluate import EvalResult, evaluate_model
 from nmrestore.engine.task import RestorationTask
 from nmrestore.engine.trainer import Trainer, TrainState
-from nmrestore.errors import CheckpointError, DatasetError, RecipeError
+from nmrestore.errors import CheckpointError, DatasetError, NMRestoreError, RecipeError, short_repr
 from nmrestore.models import create_model
+from nmrestore.models.registry import MAX_MODEL_BYTES, check_model_kwargs, check_model_size
 from nmrestore.recipes.schema import DataSource, Recipe, TaskSpec, recipe_from_dict
 from nmrestore.sparsity.api import Controller, SparsifyReport, sparsify_, squash_
 from nmrestore.sparsity.parametrization import nm_layers
@@ -140,14 +141,35 @@ def load_weights_from(model: nn.Module, recipe: Recipe, path: Path) -> None:
     load_model_state(model, source.state_dict(), str(path))
 
 
-def model_from_checkpoint(ckpt: Checkpoint | str | Path) -> tuple[nn.Module, Recipe]:
-    """Rebuild the exact model a checkpoint was saved from (architecture, masks, routes, N)."""
+def model_from_checkpoint(ckpt: Checkpoint | str | Path, allow_large: bool = False) -> tuple[nn.Module, Recipe]:
+    """Rebuild the exact model a checkpoint was saved from (architecture, masks, routes, N).
+
+    The file is untrusted: its embedded recipe is validated like a recipe file, the model's
+    keywords against its builder, and its size is estimated on the ``meta`` device and refused
+    above :data:`~nmrestore.models.registry.MAX_MODEL_BYTES` unless ``allow_large``, all before
+    any weight is allocated.
+    """
     if not isinstance(ckpt, Checkpoint):
         ckpt = load_checkpoint(ckpt)
+    if "recipe" not in ckpt.meta:
+        raise CheckpointError(f"{ckpt.path} has no embedded recipe")
+    recipe = recipe_from_dict(ckpt.meta["recipe"], f"{ckpt.path} (embedded recipe)")
+    saved = ckpt.meta.get("model")
+    # (the scale may differ: a PNG phase checkpoint records the scale of its task)
+    if isinstance(saved, dict) and saved.get("name", recipe.model.name) != recipe.model.name:
+        raise CheckpointError(
+            f"{ckpt.path}: metadata says model {short_repr(saved.get('name'))} "
+            f"but the embedded recipe {recipe.model.name!r}"
+        )
     try:
-        recipe = recipe_from_dict(ckpt.meta["recipe"], f"{ckpt.path} (embedded recipe)")
-    except KeyError as exc:
-        raise CheckpointError(f"{ckpt.path} has no embedded recipe") from exc
+        if allow_large:
+            check_model_kwargs(recipe.model.name, recipe.model.kwargs)
+        else:
+            check_model_size(recipe.model.name, recipe.model.scale, recipe.model.kwargs, MAX_MODEL_BYTES)
+    except NMRestoreError as exc:
+        if isinstance(exc, CheckpointError):
+            raise
+        raise CheckpointError(f"{ckpt.path} (embedded recipe): {exc}") from None
     model = base_model(recipe)
     if ckpt.is_sparse or getattr(recipe.sparsity, "changes_shapes", False):
         apply_sparsity(model, recipe)

@@ -35,6 +35,7 @@ def export_checkpoint(
     route: int | None = None,
     task: str | None = None,
     opset: int = DEFAULT_OPSET,
+    allow_large: bool = False,
 ) -> PackedReport | OnnxReport:
     """What ``nmrestore export`` does: a training (or packed) checkpoint to a packed file or ONNX.
 
@@ -51,9 +52,9 @@ def export_checkpoint(
             raise NMRestoreError(
                 "--route and --task apply to --format onnx; a packed file keeps every route and task"
             )
-        return pack_checkpoint(checkpoint, out)
+        return pack_checkpoint(checkpoint, out, allow_large=allow_large)
     ckpt = load_any(checkpoint)
-    model, _ = model_from_checkpoint(ckpt)
+    model, _ = model_from_checkpoint(ckpt, allow_large=allow_large)
     if out is None:
         assert ckpt.path is not None
         stem = ckpt.path.name.removesuffix(".safetensors").removesuffix(".packed")

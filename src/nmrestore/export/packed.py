@@ -36,7 +36,6 @@ every computation).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Iterator
@@ -56,9 +55,11 @@ from nmrestore.engine.checkpoint import (
 from nmrestore.engine.checkpoint import (
     Checkpoint,
     _atomic_save_tensors,
-    _digest,
+    check_metadata,
+    integrity_digest,
     load_checkpoint,
     load_model_state,
+    parse_metadata,
 )
 from nmrestore.errors import CheckpointError
 from nmrestore.export.onnx import select_task
@@ -159,10 +160,11 @@ def _check_order(order: Tensor, m: int, layer: str) -> None:
 
 
 def _packed_digest(tensors: dict[str, Tensor], header: dict[str, Any]) -> str:
-    """SHA-256 over the tensors *and* the header (whose layer table the decoding trusts)."""
-    h = hashlib.sha256(_digest(tensors).encode())
-    h.update(json.dumps({k: v for k, v in header.items() if k != "sha256"}, sort_keys=True).encode())
-    return h.hexdigest()
+    """SHA-256 over the tensors *and* the header (whose layer table the decoding trusts).
+
+    The same scheme as training checkpoints (:func:`~nmrestore.engine.checkpoint.integrity_digest`).
+    """
+    return integrity_digest(tensors, header)
 
 
 # -- per-layer analysis -----------------------------------------------------------------------
@@ -433,7 +435,7 @@ def save_packed(model: nn.Module, path: str | Path, meta: dict[str, Any] | None 
     )
 
 
-def pack_checkpoint(checkpoint: str | Path, out: str | Path | None = None) -> PackedReport:
+def pack_checkpoint(checkpoint: str | Path, out: str | Path | None = None, allow_large: bool = False) -> PackedReport:
     """Pack a training checkpoint (any method, any number of routes; a packed one is re-packed).
 
     ``out`` defaults to ``<checkpoint stem>.packed.safetensors`` beside the checkpoint.
@@ -441,7 +443,7 @@ def pack_checkpoint(checkpoint: str | Path, out: str | Path | None = None) -> Pa
     from nmrestore.engine.runner import model_from_checkpoint
 
     ckpt = load_any(checkpoint)
-    model, _ = model_from_checkpoint(ckpt)
+    model, _ = model_from_checkpoint(ckpt, allow_large=allow_large)
     assert ckpt.path is not None
     stem = ckpt.path.name.removesuffix(".safetensors").removesuffix(".packed")
     target = Path(out) if out is not None else ckpt.path.with_name(f"{stem}.packed.safetensors")
@@ -459,15 +461,7 @@ def _read_header(path: Path) -> dict[str, Any]:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from exc
-    if META_KEY not in metadata:
-        raise CheckpointError(f"{path} is not an nmrestore checkpoint (no 'nmrestore' metadata)")
-    try:
-        header = json.loads(metadata[META_KEY])
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{path}: corrupt metadata ({exc})") from exc
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt metadata (not a JSON object)")
-    return header
+    return parse_metadata(path, metadata)
 
 
 def is_packed(path: str | Path) -> bool:
@@ -593,6 +587,7 @@ def read_packed(path: str | Path) -> Checkpoint:
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
         raise CheckpointError(f"{path}: corrupt packed checkpoint ({type(exc).__name__}: {exc})") from exc
     meta = {k: v for k, v in header.items() if k not in ("sha256", "format")}
+    check_metadata(path, meta)
     return Checkpoint(state, meta, None, None, path)
 
 

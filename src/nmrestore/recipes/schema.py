@@ -17,6 +17,12 @@ Deblurring and denoising default to ``model.scale: 1`` and to the RGB, no-crop m
 ``load_recipe(path, overrides=["train.steps=100"])`` applies ``a.b=value`` overrides (values are
 parsed as YAML) before validation; any mistake raises :class:`RecipeError` naming the key and,
 for unknown keys, the allowed ones.
+
+Recipes are untrusted input (a file from elsewhere, or the recipe embedded in a checkpoint): YAML
+is read under size, depth and alias limits with duplicate keys refused
+(:mod:`nmrestore.recipes.yaml_safe`), counts are strict integers with upper bounds (``steps:
+true`` or ``1e29`` are not a number of steps), floats are finite, and ``name`` is one plain path
+component, since it names the run folder.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from __future__ import annotations
 import importlib
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -40,20 +46,41 @@ from pydantic import (
 )
 
 from nmrestore.data.degradations import Degradation, GaussianNoise, MotionBlur
-from nmrestore.errors import RecipeError, SparsityError
+from nmrestore.errors import RecipeError, SparsityError, short_repr
+from nmrestore.recipes.yaml_safe import MAX_BYTES, load_yaml
 from nmrestore.sparsity.api import NMConfig, method_config_type
+
+#: Upper bound of step counts and intervals: 10**9 steps is decades of training.
+MAX_STEPS = 10**9
+#: DataLoader worker processes (a constant, not this machine's core count: a recipe must mean the
+#: same everywhere; each worker is a process holding a copy of the dataset).
+MAX_WORKERS = 32
+#: What a run's ``name`` may be: one plain path component (it names the run folder).
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:+=,@-]{0,127}")
+
+
+def _count(default: int | None, ge: int, le: int, **kw: Any) -> Any:
+    """A strict integer field: booleans, floats and strings are refused, not coerced."""
+    return Field(default, ge=ge, le=le, strict=True, **kw)
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelSpec(_Strict):
     """Which network to build: ``create_model(name, scale=scale, **kwargs)``."""
 
-    name: str = "edsr_small"
-    scale: int = Field(2, ge=1, le=8)
+    name: str = Field("edsr_small", max_length=128)
+    scale: int = _count(2, 1, 8)
     kwargs: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("kwargs")
+    @classmethod
+    def _no_scale_in_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if "scale" in value:
+            raise ValueError("the scale is model.scale, not a model.kwargs entry")
+        return value
 
 
 class DataSource(_Strict):
@@ -61,8 +88,8 @@ class DataSource(_Strict):
 
     source: Literal["builtin", "folder"] = "builtin"
     root: Path | None = None
-    split: str | None = None  # e.g. "train" / "valid" for DIV2K
-    max_images: int | None = Field(None, ge=1)
+    split: str | None = Field(None, max_length=128)  # e.g. "train" / "valid" for DIV2K
+    max_images: int | None = _count(None, 1, MAX_STEPS)
 
     @model_validator(mode="after")
     def _folder_needs_root(self) -> DataSource:
@@ -72,10 +99,10 @@ class DataSource(_Strict):
 
 
 class TrainData(DataSource):
-    patch_size: int = Field(32, ge=4, description="LR patch size; the HR patch is patch_size * scale")
-    batch_size: int = Field(8, ge=1, description="total over all processes")
-    samples_per_epoch: int = Field(800, ge=1)
-    num_workers: int = Field(0, ge=0)
+    patch_size: int = _count(32, 4, 4096, description="LR patch size; the HR patch is patch_size * scale")
+    batch_size: int = _count(8, 1, 65536, description="total over all processes")
+    samples_per_epoch: int = _count(800, 1, MAX_STEPS)
+    num_workers: int = _count(0, 0, MAX_WORKERS)
     augment: bool = True
 
 
@@ -113,38 +140,38 @@ class DataSpec(_Strict):
 
 class Schedule(_Strict):
     kind: Literal["multistep", "cosine", "constant"] = "multistep"
-    milestones: tuple[float, ...] = (0.5,)  # fractions of train.steps (or absolute steps if > 1)
+    milestones: tuple[Annotated[float, Field(ge=0)], ...] = Field((0.5,), max_length=1000)  # fractions of train.steps (or absolute steps if > 1)
     gamma: float = Field(0.5, gt=0, le=1)
     min_lr: float = Field(0.0, ge=0)
 
 
 class TrainSpec(_Strict):
-    steps: int = Field(1000, ge=1)
+    steps: int = _count(1000, 1, MAX_STEPS)
     lr: float = Field(2e-4, gt=0, le=1e30)  # beyond ~1e30 Adam's step overflows fp32
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
     weight_decay: float = Field(0.0, ge=0)
     schedule: Schedule = Field(default_factory=Schedule)
     loss: Literal["l1", "mse", "charbonnier"] = "l1"
     grad_clip: float | None = Field(None, gt=0)
-    val_every: int = Field(250, ge=1)
-    ckpt_every: int = Field(250, ge=1)
-    log_every: int = Field(25, ge=1)
+    val_every: int = _count(250, 1, MAX_STEPS)
+    ckpt_every: int = _count(250, 1, MAX_STEPS)
+    log_every: int = _count(25, 1, MAX_STEPS)
     init_from: Path | None = None  # a checkpoint to start from (the dense model, for fine-tuning)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = False  # CUDA only
     tensorboard: bool = False
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = _count(None, 1, 1024)
 
 
 class EvalSpec(_Strict):
-    crop_border: int | None = Field(None, ge=0)  # None: the scale (SR protocol)
+    crop_border: int | None = _count(None, 0, 1024)  # None: the scale (SR protocol)
     test_y_channel: bool = True
 
 
 class BlurSpec(_Strict):
     """Synthetic motion blur (see :class:`nmrestore.data.degradations.MotionBlur`): one random kernel per sample."""
 
-    kernel_size: int = Field(17, ge=3, le=63, description="odd; the kernel is kernel_size x kernel_size")
+    kernel_size: int = _count(17, 3, 63, description="odd; the kernel is kernel_size x kernel_size")
     trajectory: Literal["random_walk", "line"] = "random_walk"
     length: tuple[float, float] = Field(
         (0.3, 1.0), description="range of the path length, as a fraction of kernel_size - 1"
@@ -219,7 +246,7 @@ class TaskSpec(_Strict):
         sigma = noise_task_sigma(name)
         if sigma is None:
             raise RecipeError(
-                f"PNG task {name!r} of a denoising recipe must name its noise level (e.g. sigma15, sigma25)"
+                f"PNG task {short_repr(name)} of a denoising recipe must name its noise level (e.g. sigma15, sigma25)"
             )
         return self.model_copy(update={"sigma": sigma})
 
@@ -237,7 +264,8 @@ class Recipe(_Strict):
     """One experiment: model, data, training, the sparsity method and evaluation."""
 
     name: str = "experiment"
-    seed: int = 0
+    seed: int = _count(0, 0, 2**31 - 1)  # numpy seeds must be below 2**32, and each rank adds its own
+
     task: TaskSpec = Field(default_factory=TaskSpec)
     model: ModelSpec = Field(default_factory=ModelSpec)
     data: DataSpec = Field(default_factory=DataSpec)
@@ -246,6 +274,16 @@ class Recipe(_Strict):
     sparsity: SerializeAsAny[NMConfig] | None = None
     eval: EvalSpec = Field(default_factory=EvalSpec)
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        # the run folder is runs/<name>: one path component, never "..", "/x" or "a/../../b"
+        if not _PLAIN_NAME.fullmatch(value):
+            raise ValueError(
+                f"must be a plain name (letters, digits and _ . : + = , @ -, not starting with '.' or '-', "
+                f"at most 128 characters), got {short_repr(value, 60)}"
+            )
+        return value
     @model_validator(mode="before")
     @classmethod
     def _task_defaults(cls, value: Any) -> Any:
@@ -276,7 +314,7 @@ class Recipe(_Strict):
             for name in getattr(self.sparsity, "tasks", None) or ():
                 if noise_task_sigma(name) is None:
                     raise ValueError(
-                        f"PNG task {name!r} of a denoising recipe must name its noise level (e.g. sigma15)"
+                        f"PNG task {short_repr(name)} of a denoising recipe must name its noise level (e.g. sigma15)"
                     )
         return self
 
@@ -299,7 +337,7 @@ class Recipe(_Strict):
         importlib.import_module("nmrestore.methods")  # registers every method
         method = value.get("method", "nm")
         if not isinstance(method, str):
-            raise ValueError(f"sparsity.method must be a method name (a string), got {method!r}")
+            raise ValueError(f"sparsity.method must be a method name (a string), got {short_repr(method)}")
         try:
             config_type = method_config_type(method)
         except SparsityError as exc:
@@ -309,14 +347,14 @@ class Recipe(_Strict):
         except ValidationError as exc:
             problems = []
             for error in exc.errors():
-                key = ".".join(str(p) for p in error["loc"])
+                key = _key(error["loc"])
                 if error["type"] == "extra_forbidden":
                     allowed = ", ".join(sorted(config_type.model_fields))
                     problems.append(f"unknown key 'sparsity.{key}' for method '{method}'; allowed: {allowed}")
                 else:
                     where = f"sparsity.{key}" if key else "sparsity"
-                    problems.append(f"{where}: {str(error['msg']).removeprefix('Value error, ')}")
-            raise ValueError("; ".join(problems)) from None
+                    problems.append(f"{where}: {_msg(error)}")
+            raise ValueError(_join(problems)) from None
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
@@ -339,40 +377,52 @@ def _allowed_keys(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[st
     return []
 
 
+def _key(loc: tuple[int | str, ...]) -> str:
+    """A dotted key path, each part cut short: keys come from the file and may be huge."""
+    return ".".join(str(p) if len(str(p)) <= 40 else str(p)[:37] + "..." for p in loc[:8])
+
+
+def _msg(error: Any) -> str:
+    return str(error["msg"]).removeprefix("Value error, ")[:300]
+
+
+def _join(messages: list[str], most: int = 5) -> str:
+    """At most ``most`` problems, so a file with thousands of mistakes still gives one short line."""
+    text = "; ".join(messages[:most])
+    return text + (f"; and {len(messages) - most} more" if len(messages) > most else "")
+
+
 def _explain(exc: ValidationError, source: str) -> RecipeError:
     messages = []
     for error in exc.errors():
         loc = tuple(p for p in error["loc"] if not (isinstance(p, str) and p.endswith("Config")))
-        key = ".".join(str(p) for p in loc) or "(top level)"
+        key = _key(loc) or "(top level)"
         if error["type"] == "extra_forbidden":
             allowed = _allowed_keys(Recipe, loc)
             hint = f"; allowed: {', '.join(allowed)}" if allowed else ""
             messages.append(f"unknown key '{key}'{hint}")
         elif loc[:1] == ("sparsity",):
-            messages.append(str(error["msg"]).removeprefix("Value error, "))
+            messages.append(_msg(error))
         else:
-            messages.append(f"{key}: {str(error['msg']).removeprefix('Value error, ')}")
-    return RecipeError(f"{source}: " + "; ".join(messages))
+            messages.append(f"{key}: {_msg(error)}")
+    return RecipeError(f"{source}: " + _join(messages))
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``a.b=value`` overrides (value parsed as YAML) to a nested dict, in place."""
     for item in overrides:
         if "=" not in item:
-            raise RecipeError(f"override {item!r} must look like key.path=value")
+            raise RecipeError(f"override {short_repr(item)} must look like key.path=value")
         path, raw = item.split("=", 1)
         keys = path.strip().split(".")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            raise RecipeError(f"override {item!r}: value is not valid YAML ({exc})") from exc
+        value = load_yaml(raw, f"override {short_repr(item)}: value")
         node = data
         for key in keys[:-1]:
             child = node.get(key)
             if child is None:
                 child = node[key] = {}
             if not isinstance(child, dict):
-                raise RecipeError(f"override {item!r}: '{key}' is not a section")
+                raise RecipeError(f"override {short_repr(item)}: {short_repr(key, 40)} is not a section")
             node = child
         node[keys[-1]] = value
     return data
@@ -389,13 +439,16 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a YAML recipe (a file, or the name of a built-in recipe) and validate it."""
     file = resolve_recipe_path(path)
     try:
-        data = yaml.safe_load(file.read_text()) or {}
-    except (OSError, UnicodeDecodeError) as exc:
+        with open(file, "rb") as f:
+            text = f.read(MAX_BYTES + 1)  # never more than the limit, whatever the file's size
+    except OSError as exc:
         raise RecipeError(f"cannot read recipe {file}: {exc}") from exc
-    except yaml.YAMLError as exc:
-        raise RecipeError(f"{file}: not valid YAML ({exc})") from exc
+    data = load_yaml(text, str(file))
+    if data is None or data == {}:
+        # an empty file used to mean "every default": 1000 steps of edsr_small nobody asked for
+        raise RecipeError(f"{file}: the recipe is empty; give at least a name and a model")
     if not isinstance(data, dict):
-        raise RecipeError(f"{file}: a recipe must be a mapping of sections")
+        raise RecipeError(f"{file}: a recipe must be a mapping of sections, not a {type(data).__name__}")
     apply_overrides(data, list(overrides or []))
     return recipe_from_dict(data, str(file))
 

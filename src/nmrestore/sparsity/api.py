@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from nmrestore.errors import SparsityError
+from nmrestore.errors import SparsityError, short_repr
 from nmrestore.sparsity import nm
 from nmrestore.sparsity.parametrization import (
     SRSTE_LAMBDA,
@@ -161,7 +161,7 @@ def list_methods() -> list[str]:
 
 def method_config_type(name: str) -> type[NMConfig]:
     if name not in _METHODS:
-        raise SparsityError(f"unknown method {name!r}; known: {', '.join(list_methods())}")
+        raise SparsityError(f"unknown method {short_repr(name)}; known: {', '.join(list_methods())}")
     return _METHODS[name][0]
 
 
@@ -306,8 +306,7 @@ def check_nm(model: nn.Module, patterns: dict[str, tuple[int, int]] | None = Non
     results: list[PatternCheck] = []
     if patterns is None:
         for name, module, mask in nm_layers(model):
-            groups = nm.to_groups(mask.ranks.long(), mask.m, mask.in_axis)
-            perm_ok = bool((torch.sort(groups, dim=-1).values == torch.arange(mask.m)).all())
+            perm_ok = nm.ranks_are_permutations(mask.ranks, mask.m, mask.in_axis)
             dense = module.parametrizations.weight.original
             previous = mask.route
             for route in range(mask.num_routes):

@@ -83,6 +83,15 @@ def compute_ranks(weight: Tensor, m: int, in_axis: int = 1, criterion: Criterion
         return ranks_from_scores(criterion(weight), m, in_axis)
 
 
+def ranks_are_permutations(ranks: Tensor, m: int, in_axis: int = 1) -> bool:
+    """True when every group of ``ranks`` holds each of 0..M-1 exactly once.
+
+    The one check of a rank tensor's validity (pattern checks and checkpoint loading use it).
+    """
+    groups = to_groups(ranks.long(), m, in_axis)
+    return bool((torch.sort(groups, dim=-1).values == torch.arange(m, device=groups.device)).all())
+
+
 def mask_from_ranks(ranks: Tensor, n: int) -> Tensor:
     """Boolean mask keeping the N best-ranked weights of every group: ``rank < N``."""
     return ranks < n
