@@ -14,7 +14,8 @@ the table gives each model's paired difference from dense with its 95% bootstrap
 The runs stay in ``--work-dir`` (default ``runs/photos-study``): ``dense/<hash>/`` and
 ``x{scale}/<method>-<budget>/checkpoints/last.safetensors``, so anyone can score them on other images
 with ``nmrestore eval CKPT --hr-dir DIR``. A killed study continues where it stopped (the dense model
-and each fine-tune resume from their last checkpoints; finished rows are only re-scored).
+and each fine-tune resume from their last checkpoints; finished rows are read from the committed row
+cache ``docs/bench/photos_x{scale}.rows.json`` and never retrained).
 
 Rows go to ``docs/bench/photos_x{scale}.json`` (committed) and are rendered into the
 ``photos-x{scale}`` sections of docs/BENCHMARKS.md; ``--render`` redraws the sections from the JSON::
@@ -83,6 +84,8 @@ def study_config(
         quick=quick,
         cache_dir=work_dir / "dense",
         work_dir=work_dir / f"x{scale}",
+        # finished rows are committed here, so a study spread over days never retrains one
+        row_cache=None if quick else RESULTS / f"photos_x{scale}.rows.json",
     )
 
 

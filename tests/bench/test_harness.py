@@ -200,3 +200,23 @@ def test_classpruning_row_comes_through_the_harness(cache: Path) -> None:
     assert row["budget"] == "adaptive" and len(row["route_histogram"]) == 3
     assert sum(row["route_histogram"]) > 0 and 0 < row["macs_fraction"] <= 1.2
     assert row["finetune_steps"] == 3 and row["step_time_ratio"] > 0
+
+
+def test_finished_rows_are_reused_from_the_row_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tiny(
+        tmp_path, budgets=("2:4",), methods=("oneshot", "filter"), row_cache=tmp_path / "rows.json", timing=False
+    )
+    first = run_benchmark(config)
+    cache = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    assert sorted(k.split(":")[0] for k in cache) == ["filter@2", "oneshot@2"]
+
+    def no_training(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a cached row was trained again")
+
+    monkeypatch.setattr("nmrestore.bench.harness.BenchContext.finetune", no_training)
+    again = run_benchmark(config)
+    by_first = {(r["method"], r["budget"]): r for r in first}
+    for row in again:
+        if row["method"] in ("oneshot", "filter"):
+            same = by_first[(row["method"], row["budget"])]
+            assert row["psnr"] == same["psnr"] and row["tiles"] == same["tiles"] and row["note"] == same["note"]

@@ -121,6 +121,9 @@ class BenchConfig(BaseModel):
     )
     ci_tile: int | None = Field(96, ge=8, description="HR tile side of the paired bootstrap; None: no tiles")
     timing: bool = True
+    row_cache: Path | None = Field(
+        None, description="a JSON file of finished fine-tune rows keyed by recipe hash: reused, not retrained"
+    )
     seed: int = Field(0, ge=0)
     quick: bool = False
     timing_rounds: int = Field(7, ge=1, description="interleaved timed steps per model (median taken)")
@@ -311,6 +314,7 @@ class BenchContext:
     notes: list[str] = field(default_factory=list)
     timed: dict[str, Timed] = field(default_factory=dict)
     echo: Echo | None = None
+    cached_rows: dict[str, Row] = field(default_factory=dict)
 
     @property
     def crop(self) -> int:
@@ -493,6 +497,11 @@ def _finetuned_row(
     context: BenchContext, method: str, budget: str | None, sparsity: dict[str, Any] | None, **kw: Any
 ) -> Row:
     label = method if budget is None else f"{method}-{budget}"
+    key = f"{method}@{budget}:{_row_digest(context.finetune_recipe(label, sparsity), context.dense.digest)}"
+    cached = context.cached_rows.get(key)
+    if cached is not None:  # finished in an earlier run (maybe on another day): same recipe, same row
+        context.say(f"reusing the cached row {label}")
+        return {**cached, "cache_key": key}
     result = context.finetune(label, sparsity)
     row = context.row(
         method,
@@ -503,6 +512,7 @@ def _finetuned_row(
         **kw,
     )
     row["finetune_steps"] = context.config.finetune_steps
+    row["cache_key"] = key
     return row
 
 
@@ -540,6 +550,8 @@ def _filter(context: BenchContext, budget: str | None) -> Row | None:
         {"method": "filter", "budget": budget},
         prunable_names=context.nm_prunable_names(m),
     )
+    if _row_key(row) not in context.timed:
+        return row  # a cached row: its note is already there
     controller = context.timed[_row_key(row)].controller
     report = getattr(controller, "report", None)
     if report is not None:
@@ -595,6 +607,8 @@ def _sls(context: BenchContext, budget: str | None) -> Row | None:
             context.notes.append(note)
         return None
     row = _finetuned_row(context, "sls", budget, sls_settings(context.config.finetune_steps, n / m))
+    if _row_key(row) not in context.timed:
+        return row  # a cached row: its note is already there
     controller = context.timed[_row_key(row)].controller
     message = str(getattr(controller, "message", "") or "")
     if getattr(controller, "projected", False):
@@ -602,6 +616,50 @@ def _sls(context: BenchContext, budget: str | None) -> Row | None:
     elif message:
         row["note"] = message
     return row
+
+
+# -- the row cache -------------------------------------------------------------------------------
+def _row_digest(recipe: Recipe, dense_digest: str) -> str:
+    """A fine-tune's identity: its recipe (as :func:`recipe_digest` sees it) with the dense checkpoint
+    named by its own digest, not by where the cache folder happens to be."""
+    data = recipe.model_dump(mode="json")
+    data.pop("name", None)
+    data["train"]["init_from"] = dense_digest
+    for key in _VOLATILE_TRAIN_KEYS:
+        data["train"].pop(key, None)
+    text = json.dumps({"version": CACHE_VERSION, "recipe": data}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _load_row_cache(config: BenchConfig) -> dict[str, Row]:
+    path = config.row_cache
+    if path is None or not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        return {str(k): dict(v) for k, v in data["rows"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise NMRestoreError(f"{path}: not a benchmark row cache ({type(exc).__name__}: {exc})") from None
+
+
+def _store_rows(config: BenchConfig, rows: list[Row]) -> None:
+    """Add the fine-tuned rows among ``rows`` to ``config.row_cache`` (written atomically)."""
+    path = config.row_cache
+    fresh = {r["cache_key"]: r for r in rows if r.get("cache_key")}
+    if path is None or not fresh:
+        return
+    cache = _load_row_cache(config)
+    cache.update({k: {key: v for key, v in r.items() if key != "cache_key"} for k, r in fresh.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"rows": cache}, fh, indent=1, default=str)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 # -- timing --------------------------------------------------------------------------------------
@@ -707,7 +765,15 @@ def run_benchmark(config: BenchConfig, notes: list[str] | None = None, echo: Ech
     work_dir = Path(tempfile.mkdtemp(prefix="nmrestore-bench-")) if temporary else Path(config.work_dir)  # type: ignore[arg-type]
     work_dir.mkdir(parents=True, exist_ok=True)
     context = BenchContext(
-        config, dense, dense_model, count_cost(dense_model), eval_set, work_dir, notes, echo=echo
+        config,
+        dense,
+        dense_model,
+        count_cost(dense_model),
+        eval_set,
+        work_dir,
+        notes,
+        echo=echo,
+        cached_rows=_load_row_cache(config),
     )
     try:
         rows: list[Row] = []
@@ -744,7 +810,9 @@ def run_benchmark(config: BenchConfig, notes: list[str] | None = None, echo: Ech
             budgets: Sequence[str | None] = config.budgets if producer.per_budget else [None]
             for budget in budgets:
                 made = producer.fn(context, budget)
-                rows.extend([] if made is None else made if isinstance(made, list) else [made])
+                made_rows = [] if made is None else made if isinstance(made, list) else [made]
+                rows.extend(made_rows)
+                _store_rows(config, made_rows)
         attach_deltas(rows)
         if not config.timing:
             return rows
@@ -762,6 +830,7 @@ def run_benchmark(config: BenchConfig, notes: list[str] | None = None, echo: Ech
             if samples and row.get("step_time_ratio") is None:  # a producer's own timing stands
                 row["step_ms"] = statistics.median(samples) * 1e3
                 row["step_time_ratio"] = statistics.median(samples) / base
+        _store_rows(config, rows)
         return rows
     finally:
         if temporary:
