@@ -60,7 +60,7 @@ def run_demo(out: Path, quick: bool = False, show_progress: bool = True) -> Path
             run_dir.glob("stage_*/**/last.safetensors")  # a ClassPruning run killed mid-stage
         )
         train(recipe, run_dir, resume=resume, show_progress=show_progress)
-        # the last checkpoint: validation runs on the test photos, so "best" would be picked on them
+        # the last checkpoint: the report compares runs as they ended, nothing picked on any score
         final = run_dir / "checkpoints" / "last.safetensors"
         runs.append((label, budget, final))
         return final
