@@ -51,6 +51,7 @@ from nmrestore.engine.runner import (
     train,
 )
 from nmrestore.errors import NMRestoreError
+from nmrestore.io_atomic import atomic_open, atomic_write_text
 from nmrestore.recipes.schema import BlurSpec, Recipe, recipe_from_dict
 from nmrestore.sparsity.api import Controller, eligible_layers, parse_nm
 
@@ -262,7 +263,7 @@ def ensure_dense(config: BenchConfig, echo: Echo | None = None) -> DenseCheckpoi
         "psnr": None if result.final is None else result.final.psnr,
         "seconds": time.perf_counter() - started,
     }
-    done.write_text(json.dumps(summary, indent=2))
+    atomic_write_text(done, json.dumps(summary, indent=2))
     return DenseCheckpoint(path, run_dir, digest, reused=False)
 
 
@@ -902,7 +903,8 @@ def plot_psnr_macs(rows: list[Row], path: str | Path, title: str | None = None) 
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_open(path) as f:
+        fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=120)
     plt.close(fig)
     return path
 
@@ -920,7 +922,7 @@ def write_json(
         "checks": [{"check": text, "ok": ok} for text, ok in check_rows(rows)],
         "rows": rows,
     }
-    path.write_text(json.dumps(payload, indent=2, default=str))
+    atomic_write_text(path, json.dumps(payload, indent=2, default=str))
     return path
 
 
@@ -959,7 +961,7 @@ def write_report(
     if command:
         header += f"Command: `{command}`  \n"
     header += f"Machine: {machine()}\n\n"
-    page.write_text(header + report_body(rows, config, notes, plot.name) + "\n")
+    atomic_write_text(page, header + report_body(rows, config, notes, plot.name) + "\n")
     return page
 
 
