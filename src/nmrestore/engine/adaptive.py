@@ -66,7 +66,7 @@ from nmrestore.engine.runner import (
 )
 from nmrestore.engine.task import LOSSES
 from nmrestore.engine.trainer import Trainer, TrainState
-from nmrestore.errors import RecipeError, SparsityError
+from nmrestore.errors import ImageError, RecipeError, SparsityError
 from nmrestore.io_atomic import atomic_write_text
 from nmrestore.methods.classpruning import (
     PSNR_CAP,
@@ -636,6 +636,17 @@ def infer_adaptive(
             f"--adaptive needs a ClassPruning checkpoint (method classpruning), not {method!r}"
         )
     pipeline = AdaptivePipeline(model, patch_size or config.patch_size, stride or config.stride, engine=engine)
+    # The route classifier's first conv (4x4, stride 4) needs that many pixels: refuse smaller
+    # images and patches up front instead of a conv traceback.
+    need = max((max(m.kernel_size) for m in route_classifier(model).modules() if isinstance(m, nn.Conv2d)), default=1)
+    if pipeline.patch_size < need:
+        raise SparsityError(f"--patch {pipeline.patch_size} is too small: the route classifier needs at least {need}")
+    for path, image in images:
+        if min(image.shape[:2]) < need:
+            raise ImageError(
+                f"{path}: {image.shape[1]}x{image.shape[0]} px is too small for --adaptive "
+                f"(the route classifier needs at least {need}x{need})"
+            )
     written: list[Path] = []
     for path, image in images:
         result = pipeline(to_tensor(image).unsqueeze(0))
