@@ -5,12 +5,13 @@ tens of GB at once. Here the image is cut into tiles of ``tile`` LR pixels, each
 ``overlap`` margin of context on every side (clipped at the image border), and only the tile's
 own part of the output is kept, written straight into an 8-bit output image.
 
-The overlap comes from the model itself: :func:`receptive_radius` changes one pixel of a random
-probe and finds how far the output moves. When the margin covers that radius, every kept output
-pixel saw exactly the input it sees in an untiled run, so the result equals the untiled one up to
-float rounding (tested within 1e-5). Models with a global operation (RCAN's channel attention,
-RFDN's pooled attention) reach the probe's edge; they get the largest margin and the output
-differs slightly from an untiled run near tile seams, as with any tiled restoration.
+The overlap comes from the model itself (:func:`choose_overlap`): one probe changes a single pixel
+and finds how far the output moves; a second changes every pixel beyond the proposed margin and
+checks the output block is bitwise unchanged. With such a margin every kept output pixel saw
+exactly the input it sees in an untiled run, so the result equals the untiled one up to float
+rounding (tested within 1e-5). Models with a global operation (RCAN's channel attention, RFDN's
+pooled attention) fail the second probe; they get the largest margin and their output differs
+slightly from an untiled run, as with any tiled restoration.
 """
 
 from __future__ import annotations
@@ -75,14 +76,49 @@ def receptive_radius(model: Model, channels: int, limit: int = MAX_OVERLAP) -> i
     return None if radius >= limit else radius
 
 
+@torch.no_grad()
+def _depends_beyond(model: Model, channels: int, margin: int) -> bool:
+    """Whether the central ALIGN x ALIGN block of the output changes when every input pixel more
+    than ``margin`` LR px away from that block changes (global pooling, attention over the image).
+
+    This is exactly what a tile needs: its kept part must not see past its margin.
+    """
+    side = ALIGN + 2 * (MAX_OVERLAP + ALIGN)
+    lo = MAX_OVERLAP + ALIGN
+    generator = torch.Generator().manual_seed(1)
+    probe = torch.rand(1, channels, side, side, generator=generator)
+    moved = torch.rand(1, channels, side, side, generator=generator)
+    keep = slice(lo - margin, lo + ALIGN + margin)
+    moved[..., keep, keep] = probe[..., keep, keep]
+    base, changed = model(probe), model(moved)
+    scale = base.shape[-1] // side
+    centre = slice(lo * scale, (lo + ALIGN) * scale)
+    return not torch.equal(base[..., centre, centre], changed[..., centre, centre])
+
+
 def choose_overlap(model: Model, channels: int) -> int:
-    """A margin (multiple of :data:`ALIGN`, :data:`MIN_OVERLAP`..:data:`MAX_OVERLAP`) covering the
-    model's receptive field, or the largest one (with a log line) for a global model."""
+    """A margin (multiple of :data:`ALIGN`, :data:`MIN_OVERLAP`..:data:`MAX_OVERLAP`) beyond which
+    the model's output does not depend on its input, or the largest one (with a log line) for a
+    model with a global operation.
+
+    The single-pixel probe (:func:`receptive_radius`) proposes a margin; a second probe changes
+    everything beyond it and checks that the output block is bitwise unchanged. That catches
+    global pooling too (RCAN's channel attention), whose single-pixel effect can round away.
+    """
     radius = receptive_radius(model, channels)
-    if radius is None:
-        log.info("the model's receptive field is global; tiles overlap by %d px (seams may differ slightly)", MAX_OVERLAP)
-        return MAX_OVERLAP
-    return min(MAX_OVERLAP, max(MIN_OVERLAP, _round_up(radius + 2, ALIGN)))
+    if radius is not None:
+        margin = min(MAX_OVERLAP, max(MIN_OVERLAP, _round_up(radius + 2, ALIGN)))
+        if not _depends_beyond(model, channels, margin):
+            return margin
+        if margin < MAX_OVERLAP and not _depends_beyond(model, channels, MAX_OVERLAP):
+            return MAX_OVERLAP
+    log.info("the model's receptive field is global; tiles overlap by %d px (seams may differ slightly)", MAX_OVERLAP)
+    return MAX_OVERLAP
+
+
+def is_global(model: Model, channels: int) -> bool:
+    """True when the output depends on input pixels beyond :data:`MAX_OVERLAP` (no exact tiling)."""
+    return _depends_beyond(model, channels, MAX_OVERLAP)
 
 
 def _spans(length: int, tile: int, overlap: int) -> Iterator[tuple[int, int, int, int]]:
