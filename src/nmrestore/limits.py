@@ -73,4 +73,6 @@ def check_threads(threads: int | None, option: str = "--threads") -> None:
         return
     cpus = available_cpus()
     if not 1 <= threads <= cpus:
-        raise NMRestoreError(f"{option} must be between 1 and {cpus} (the CPUs available here), got {threads}")
+        raise NMRestoreError(
+            f"{option} must be between 1 and {cpus} (the CPUs available here), got {threads}"
+        )

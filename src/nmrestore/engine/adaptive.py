@@ -638,9 +638,12 @@ def infer_adaptive(
     pipeline = AdaptivePipeline(model, patch_size or config.patch_size, stride or config.stride, engine=engine)
     # The route classifier's first conv (4x4, stride 4) needs that many pixels: refuse smaller
     # images and patches up front instead of a conv traceback.
-    need = max((max(m.kernel_size) for m in route_classifier(model).modules() if isinstance(m, nn.Conv2d)), default=1)
+    convs = [m for m in route_classifier(model).modules() if isinstance(m, nn.Conv2d)]
+    need = max((max(m.kernel_size) for m in convs), default=1)
     if pipeline.patch_size < need:
-        raise SparsityError(f"--patch {pipeline.patch_size} is too small: the route classifier needs at least {need}")
+        raise SparsityError(
+            f"--patch {pipeline.patch_size} is too small: the route classifier needs at least {need}"
+        )
     for path, image in images:
         if min(image.shape[:2]) < need:
             raise ImageError(

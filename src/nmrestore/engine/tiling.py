@@ -112,7 +112,10 @@ def choose_overlap(model: Model, channels: int) -> int:
             return margin
         if margin < MAX_OVERLAP and not _depends_beyond(model, channels, MAX_OVERLAP):
             return MAX_OVERLAP
-    log.info("the model's receptive field is global; tiles overlap by %d px (seams may differ slightly)", MAX_OVERLAP)
+    log.info(
+        "the model's receptive field is global; tiles overlap by %d px (seams may differ slightly)",
+        MAX_OVERLAP,
+    )
     return MAX_OVERLAP
 
 
@@ -151,7 +154,9 @@ def run_tiled(
             if out is None:
                 scale = result.shape[-1] // window.shape[-1]
                 if scale < 1 or result.shape[-1] != window.shape[-1] * scale:
-                    raise ValueError(f"the model's output {tuple(result.shape)} is not a multiple of its input")
+                    raise ValueError(
+                        f"the model's output {tuple(result.shape)} is not a multiple of its input"
+                    )
                 channels = result.shape[1]
                 out = (
                     np.empty((height * scale, width * scale, channels), dtype=np.uint8)
