@@ -57,6 +57,7 @@ from nmrestore.engine.runner import (
     train,
 )
 from nmrestore.errors import NMRestoreError
+from nmrestore.io_atomic import atomic_open, atomic_write_text
 from nmrestore.recipes.schema import BlurSpec, DataSource, Recipe, recipe_from_dict
 from nmrestore.sparsity.api import Controller, eligible_layers, parse_nm
 
@@ -288,7 +289,7 @@ def ensure_dense(config: BenchConfig, echo: Echo | None = None) -> DenseCheckpoi
         "val_psnr": None if result.final is None else result.final.psnr,
         "seconds": time.perf_counter() - started,
     }
-    done.write_text(json.dumps(summary, indent=2))
+    atomic_write_text(done, json.dumps(summary, indent=2))
     return DenseCheckpoint(path, run_dir, digest, reused=False)
 
 
@@ -651,15 +652,7 @@ def _store_rows(config: BenchConfig, rows: list[Row]) -> None:
     cache = _load_row_cache(config)
     cache.update({k: {key: v for key, v in r.items() if key != "cache_key"} for k, r in fresh.items()})
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"rows": cache}, fh, indent=1, default=str)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps({"rows": cache}, indent=1, default=str))
 
 
 # -- timing --------------------------------------------------------------------------------------
@@ -1038,7 +1031,8 @@ def plot_psnr_macs(rows: list[Row], path: str | Path, title: str | None = None) 
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_open(path) as f:
+        fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=120)
     plt.close(fig)
     return path
 
@@ -1064,7 +1058,7 @@ def write_json(
         "checks": [{"check": text, "ok": ok} for text, ok in check_rows(rows)],
         "rows": rows,
     }
-    path.write_text(json.dumps(payload, indent=2, default=str))
+    atomic_write_text(path, json.dumps(payload, indent=2, default=str))
     return path
 
 
@@ -1103,7 +1097,7 @@ def write_report(
     if command:
         header += f"Command: `{command}`  \n"
     header += f"Machine: {machine()}\n\n"
-    page.write_text(header + report_body(rows, config, notes, plot.name) + "\n")
+    atomic_write_text(page, header + report_body(rows, config, notes, plot.name) + "\n")
     return page
 
 

@@ -26,6 +26,7 @@ from nmrestore.data.datasets import SREvalDataset
 from nmrestore.data.io import to_uint8
 from nmrestore.engine.evaluate import bicubic_restorer, evaluate_fn, evaluate_model
 from nmrestore.engine.runner import model_from_checkpoint, train
+from nmrestore.io_atomic import atomic_write_text
 from nmrestore.recipes.schema import Recipe, load_recipe
 
 #: Overrides that turn every demo recipe into a smoke-test-sized run.
@@ -156,7 +157,7 @@ def run_demo(out: Path, quick: bool = False, show_progress: bool = True) -> Path
         *extra_md,
     ]
     report = out / "report.md"
-    report.write_text("\n".join(lines) + "\n")
+    atomic_write_text(report, "\n".join(lines) + "\n")
     write_json(out / "report.json", {"rows": rows, "elapsed_s": elapsed, "quick": quick, "plot": str(plot)})
     return report
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ from nmrestore.cost import count_cost
 from nmrestore.data.io import read_image, to_tensor, write_image
 from nmrestore.engine.evaluate import evaluate_model
 from nmrestore.engine.runner import build_eval_dataset, model_from_checkpoint
-from nmrestore.errors import CheckpointError, DatasetError
+from nmrestore.errors import CheckpointError, DatasetError, NMRestoreError
 from nmrestore.export.packed import load_any
 from nmrestore.recipes.schema import DataSource, TaskSpec
 from nmrestore.sparsity.parametrization import nm_layers
@@ -151,6 +152,61 @@ def _task_label(task: TaskSpec) -> str:
     return "sr"
 
 
+def plan_outputs(inputs: list[Path], out: Path, adaptive: bool = False) -> list[list[Path]]:
+    """The files ``infer`` will write for each input, checked before anything is read or written.
+
+    Refuses (one line, :class:`NMRestoreError`): ``--out`` naming a file; an output that is one of
+    the inputs (``infer x.png --out .`` used to overwrite ``x.png``); two inputs writing one name
+    (``a.png`` and ``a.jpg`` both become ``a.png``); an output path that is a folder. Refusing is
+    predictable where silently suffixing would make users guess the names.
+    """
+    if out.exists() and not out.is_dir():
+        raise NMRestoreError(f"--out {out} is a file; infer writes into a folder")
+    plans = [
+        [out / f"{path.stem}.png", *([out / f"{path.stem}_classmap.png"] if adaptive else [])] for path in inputs
+    ]
+    seen: dict[str, tuple[Path, Path]] = {}  # absolute output path -> (input, output as given)
+    for path, targets in zip(inputs, plans, strict=True):
+        for target in targets:
+            key = os.path.abspath(target)
+            if key in seen:
+                raise NMRestoreError(
+                    f"{seen[key][0]} and {path} would both be written to {target}; "
+                    "rename one of them or run them separately"
+                )
+            seen[key] = (path, target)
+            if target.is_dir():
+                raise NMRestoreError(f"{target} is a folder; infer cannot write its output there")
+    for path in inputs:
+        for _, target in seen.values():
+            if _same_file(path, target):
+                raise NMRestoreError(
+                    f"{target} would overwrite the input {path}; choose another --out folder"
+                )
+    return plans
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """``a`` and ``b`` are one file (same path, symlink or hard link)."""
+    if os.path.abspath(a) == os.path.abspath(b) or a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # b does not exist yet: it is no input
+        return False
+
+
+def _image_size(path: Path) -> tuple[int, int] | None:
+    """(height, width) from the header alone, or None (``read_image`` then names the problem)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.height, im.width
+    except Exception:  # any decoder error: left to read_image's precise message
+        return None
+
+
 @torch.no_grad()
 def infer_images(
     checkpoint: Path,
@@ -162,28 +218,53 @@ def infer_images(
     task: str | None = None,
     sparse_engine: bool = False,
     allow_large: bool = False,
+    tile: int | None = None,
 ) -> list[Path]:
     """Restore each LR image with the checkpoint's model; returns the written paths.
 
     ``adaptive``: a ClassPruning checkpoint runs its patch pipeline and writes a class map
     (``<stem>_classmap.png``) beside each output. ``sparse_engine``: run the N:M layers on the
-    sparse CPU kernel (:mod:`nmrestore.runtime`).
+    sparse CPU kernel (:mod:`nmrestore.runtime`). Images larger than one ``tile`` (LR pixels,
+    default ~1024 output pixels; 0 = never) run tile by tile (:mod:`nmrestore.engine.tiling`) with
+    a margin covering the model's receptive field, so memory stays bounded.
+
+    Nothing is written until every input is read and every output name checked
+    (:func:`plan_outputs`); outputs are written atomically with a plain ``open()``'s permissions.
     """
+    from nmrestore.engine.tiling import ALIGN, choose_overlap, default_tile, run_tiled
+    from nmrestore.limits import check_infer_size
+
+    if tile is not None and tile < 0:
+        raise NMRestoreError(f"--tile must be 0 (no tiling) or a positive LR size, got {tile}")
+    plans = plan_outputs(inputs, out, adaptive)
     model, recipe = model_from_checkpoint(load_any(checkpoint), allow_large=allow_large)
     model.eval()
+    scale = recipe.model.scale
     if task is not None:  # a multi-task (PNG) model: run this task
         from nmrestore.methods.png import activate_task
 
-        activate_task(model, task)
+        scale = activate_task(model, task)
+    for path in inputs:  # header sizes first: refuse a huge output before decoding anything
+        size = _image_size(path)
+        if size is not None:
+            check_infer_size(str(path), size, scale)
     images = [(path, read_image(path)) for path in inputs]  # read all first: fail before writing
-    written = []
     engine = _engine(model) if sparse_engine else None
     if adaptive:
         from nmrestore.engine.adaptive import infer_adaptive
 
         return infer_adaptive(model, recipe, images, out, patch_size, stride, engine=engine)
     runner = model if engine is None else engine
-    for path, image in images:
-        output = runner(to_tensor(image).unsqueeze(0)).clamp(0, 1)[0]
-        written.append(write_image(out / f"{path.stem}.png", output))
+    side = default_tile(scale) if tile is None else -(-tile // ALIGN) * ALIGN
+    overlap: int | None = None
+    written = []
+    for (_path, image), targets in zip(images, plans, strict=True):
+        x = to_tensor(image).unsqueeze(0)
+        if side and max(x.shape[-2:]) > side:
+            if overlap is None:  # measured once, only when some image needs tiles
+                overlap = choose_overlap(runner, x.shape[1])
+            output = run_tiled(runner, x, side, overlap)
+        else:
+            output = runner(x).clamp(0, 1)[0]
+        written.append(write_image(targets[0], output))
     return written

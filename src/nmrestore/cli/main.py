@@ -6,6 +6,7 @@ exit code 2, never a traceback.
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -43,10 +44,34 @@ def clean_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except NMRestoreError as exc:
             raise _fail(str(exc)) from None
-        except FileNotFoundError as exc:
-            raise _fail(f"{exc.filename}: no such file or directory") from None
+        except OSError as exc:  # permissions, full disk, read-only FS, a file where a folder is...
+            raise _fail(os_error_message(exc)) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+#: Plain words for the OS errors a user can cause or fix (errno -> what to tell them).
+_OS_HINTS = {
+    errno.ENOENT: "no such file or directory",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.ENOSPC: "no space left on device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EEXIST: "already exists (a file is in the way)",
+    errno.EISDIR: "is a folder, expected a file",
+    errno.ENOTDIR: "not a folder (a file is in the way)",
+    errno.EFBIG: "file too large",
+    errno.ENAMETOOLONG: "name too long",
+    errno.ENOTEMPTY: "folder is not empty",
+}
+
+
+def os_error_message(exc: OSError) -> str:
+    """One line for an OSError: the path(s) it names, then what went wrong."""
+    what = _OS_HINTS.get(exc.errno or -1) or (exc.strerror or str(exc) or type(exc).__name__).lower()
+    where = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+    return f"{where}: {what}" if where else what
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -56,14 +81,17 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _parse_size(text: str | None) -> tuple[int, int] | None:
-    """``320x180`` (width x height, as people write video sizes) -> (height, width)."""
-    if text is None:
-        return None
-    try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise NMRestoreError(f"--input must look like WIDTHxHEIGHT (e.g. 320x180), got {text!r}") from None
-    return height, width
+    """``320x180`` (width x height) -> (height, width), within :mod:`nmrestore.limits`."""
+    from nmrestore.limits import parse_size
+
+    return parse_size(text)
+
+
+def _too_small(model: str, size: tuple[int, int] | None, exc: RuntimeError) -> NMRestoreError:
+    """A model that cannot run at ``size`` (a kernel larger than the input...): one line."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    where = f"a {size[1]}x{size[0]} input" if size else "its default input"
+    return NMRestoreError(f"{model} cannot run on {where} ({first})")
 
 
 @app.command()
@@ -97,7 +125,11 @@ def cost(
     if sparsity:
         n, m = parse_nm(sparsity)
         report = sparsify_(net, NMConfig(n=n, m=m))
-    result = count_cost(net, _parse_size(input))
+    size = _parse_size(input)
+    try:
+        result = count_cost(net, size)
+    except RuntimeError as exc:  # e.g. a 3x3 conv on a 1x1 input without padding
+        raise _too_small(model, size, exc) from None
     if json_out:
         payload = result.to_dict()
         payload["model"] = {"name": model, "scale": getattr(net, "scale", scale), "sparsity": sparsity}
@@ -199,12 +231,25 @@ def infer(
     allow_large: Annotated[
         bool, typer.Option("--allow-large", help="load a model above the 1 GiB size limit for files")
     ] = False,
+    tile: Annotated[
+        int | None,
+        typer.Option(help="LR tile side for large images (default ~1024 output px; 0: never tile)"),
+    ] = None,
 ) -> None:
-    """Restore images with a checkpoint; writes PNGs named after the inputs."""
+    """Restore images with a checkpoint; writes PNGs named after the inputs (never over an input)."""
     from nmrestore.cli.evaluation import infer_images
 
     for written in infer_images(
-        checkpoint, inputs, out, adaptive, patch, stride, task=task, sparse_engine=sparse_engine, allow_large=allow_large
+        checkpoint,
+        inputs,
+        out,
+        adaptive,
+        patch,
+        stride,
+        task=task,
+        sparse_engine=sparse_engine,
+        allow_large=allow_large,
+        tile=tile,
     ):
         typer.echo(str(written))
 
@@ -242,7 +287,10 @@ def speed(
         config = EngineConfig(tactic=tactic, cache_file=tactic_cache)  # type: ignore[arg-type]
     except ValidationError:
         raise NMRestoreError(f"--tactic must be auto, sparse or dense, got {tactic!r}") from None
-    report = run_speed(model, scale, sparsity, checkpoint, size, threads, repeats, route, config)
+    try:
+        report = run_speed(model, scale, sparsity, checkpoint, size, threads, repeats, route, config)
+    except RuntimeError as exc:
+        raise _too_small(model, size, exc) from None
     if json_out:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from nmrestore.data.io import write_image
+from nmrestore.io_atomic import atomic_open, atomic_write_text
 
 
 def plot_psnr_vs_macs(rows: Sequence[dict[str, Any]], path: Path, title: str = "PSNR against MACs") -> Path:
@@ -37,8 +38,8 @@ def plot_psnr_vs_macs(rows: Sequence[dict[str, Any]], path: Path, title: str = "
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    with atomic_open(path) as f:
+        fig.savefig(f, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
     return path
 
@@ -81,6 +82,5 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, 
 
 
 def write_json(path: Path, payload: Any) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=str))
+    atomic_write_text(path, json.dumps(payload, indent=2, default=str))
     return path

@@ -7,6 +7,7 @@ from pathlib import Path
 from torch import nn
 
 from nmrestore.errors import NMRestoreError
+from nmrestore.limits import check_speed_size, check_threads
 from nmrestore.runtime import EngineConfig
 from nmrestore.runtime.speed import SpeedReport, measure_speed
 
@@ -50,9 +51,9 @@ def run_speed(
 ) -> SpeedReport:
     if repeats < 1:
         raise NMRestoreError(f"--repeats must be at least 1, got {repeats}")
-    if threads is not None and threads < 1:
-        raise NMRestoreError(f"--threads must be at least 1, got {threads}")
+    check_threads(threads)
     model, label = speed_model(name, scale, sparsity, checkpoint)
+    check_speed_size(size, int(getattr(model, "scale", scale) or 1))  # before any allocation
     if route is not None:
         from nmrestore.sparsity.parametrization import nm_layers
 

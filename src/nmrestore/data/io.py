@@ -10,7 +10,6 @@ tensors in ``[0, 1]`` only when a sample is built.
 from __future__ import annotations
 
 import os
-import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from nmrestore.errors import DatasetError, ImageError
+from nmrestore.io_atomic import atomic_open
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -214,7 +214,8 @@ def write_image(path: str | os.PathLike[str], image: np.ndarray | torch.Tensor) 
     Accepts a uint8 ``H x W x 3`` / ``H x W x 1`` / ``H x W`` array, or a float tensor ``C x H x W``
     (or ``1 x C x H x W``) in ``[0, 1]`` (converted by :func:`to_uint8`). The image goes to a temporary
     file in the same directory, then ``os.replace`` moves it into place, so a crash or a concurrent
-    reader never sees a half-written file. Parent directories are created.
+    reader never sees a half-written file. Parent directories are created; the file gets the
+    permissions of a plain ``open()``.
     """
     p = Path(path)
     arr = to_uint8(image) if isinstance(image, torch.Tensor) else np.asarray(image)
@@ -228,15 +229,8 @@ def write_image(path: str | os.PathLike[str], image: np.ndarray | torch.Tensor) 
     fmt = Image.registered_extensions().get(ext)
     if fmt is None:
         raise ImageError(f"{p}: unknown image extension {p.suffix!r}")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            Image.fromarray(np.ascontiguousarray(arr)).save(fh, format=fmt)
-        os.replace(tmp_name, p)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_open(p) as fh:  # temp + fsync + os.replace; mode as a plain open (0644)
+        Image.fromarray(np.ascontiguousarray(arr)).save(fh, format=fmt)
     return p
 
 

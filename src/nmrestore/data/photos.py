@@ -38,6 +38,7 @@ import numpy as np
 from nmrestore.data.datasets import make_lr
 from nmrestore.data.io import read_image, write_image
 from nmrestore.errors import DatasetError
+from nmrestore.io_atomic import atomic_write_bytes, atomic_write_text
 
 __all__ = [
     "PACKAGE",
@@ -177,8 +178,7 @@ def _copyright_entries(text: str) -> str:
 
 def _decode(name: str, blob: bytes, folder: Path) -> np.ndarray:
     """A JPEG from the package as an RGB array, read through the project's checked reader."""
-    path = folder / f"{name}.jpg"
-    path.write_bytes(blob)
+    path = atomic_write_bytes(folder / f"{name}.jpg", blob)
     try:
         return read_image(path)
     finally:
@@ -275,20 +275,21 @@ def obtain_photos(
                     images[f"{PHOTO_PREFIX}_{split}_LR_bicubic/X{scale}/{name}x{scale}.png"] = make_lr(hr, scale)
                 for rel, image in images.items():
                     write_image(staging / rel, image)
-                    (staging / rel).chmod(0o666 & ~umask)
                     files[rel] = _sha256(staging / rel)
         shutil.rmtree(scratch)
-        (staging / "LICENSE.txt").write_text(
+        atomic_write_text(
+            staging / "LICENSE.txt",
             "The photographs in this folder are from the Debian package mate-backgrounds and are\n"
             "distributed under the GNU General Public License, version 2 or later (GPL-2+).\n"
             "Converted from JPEG to PNG without other change. The package's copyright entries:\n\n"
             + _copyright_entries(copyright_text)
         )
-        (staging / "SOURCE.txt").write_text(
+        atomic_write_text(
+            staging / "SOURCE.txt",
             f"Source: {origin}\n"
             + "".join(f"{split}: {', '.join(names)}\n" for split, names in PHOTO_SPLITS.items())
         )
-        (staging / "manifest.json").write_text(json.dumps({"files": files}, indent=1) + "\n")
+        atomic_write_text(staging / "manifest.json", json.dumps({"files": files}, indent=1) + "\n")
         if target.is_dir():
             target.rmdir()  # empty (checked above)
         os.replace(staging, target)

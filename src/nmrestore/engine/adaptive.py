@@ -66,7 +66,8 @@ from nmrestore.engine.runner import (
 )
 from nmrestore.engine.task import LOSSES
 from nmrestore.engine.trainer import Trainer, TrainState
-from nmrestore.errors import RecipeError, SparsityError
+from nmrestore.errors import ImageError, RecipeError, SparsityError
+from nmrestore.io_atomic import atomic_write_text
 from nmrestore.methods.classpruning import (
     PSNR_CAP,
     ClassPruningConfig,
@@ -635,6 +636,20 @@ def infer_adaptive(
             f"--adaptive needs a ClassPruning checkpoint (method classpruning), not {method!r}"
         )
     pipeline = AdaptivePipeline(model, patch_size or config.patch_size, stride or config.stride, engine=engine)
+    # The route classifier's first conv (4x4, stride 4) needs that many pixels: refuse smaller
+    # images and patches up front instead of a conv traceback.
+    convs = [m for m in route_classifier(model).modules() if isinstance(m, nn.Conv2d)]
+    need = max((max(m.kernel_size) for m in convs), default=1)
+    if pipeline.patch_size < need:
+        raise SparsityError(
+            f"--patch {pipeline.patch_size} is too small: the route classifier needs at least {need}"
+        )
+    for path, image in images:
+        if min(image.shape[:2]) < need:
+            raise ImageError(
+                f"{path}: {image.shape[1]}x{image.shape[0]} px is too small for --adaptive "
+                f"(the route classifier needs at least {need}x{need})"
+            )
     written: list[Path] = []
     for path, image in images:
         result = pipeline(to_tensor(image).unsqueeze(0))
@@ -1092,8 +1107,7 @@ def _stage_routes(ctx: _Context, model: nn.Module, dense_state: dict[str, Tensor
     per_layer = {n: [nested[k][i] for k in range(len(budgets))] for i, n in enumerate(names)}
     set_layer_route_ns(model, per_layer)
     if ctx.dist.is_main:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"budgets": list(budgets), "layers": per_layer}, indent=2))
+        atomic_write_text(out, json.dumps({"budgets": list(budgets), "layers": per_layer}, indent=2))
 
 
 def _sr_loader(ctx: _Context, patch_size: int, offset: int) -> Any:
@@ -1149,8 +1163,7 @@ def _label_patches(ctx: _Context, model: nn.Module) -> tuple[Tensor, Tensor, Ten
     else:
         psnrs = route_psnrs(model, lq, gt, ctx.crop, ctx.recipe.eval.test_y_channel)
         if ctx.dist.is_main:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            cache.write_text(json.dumps({"psnr": psnrs.tolist()}))
+            atomic_write_text(cache, json.dumps({"psnr": psnrs.tolist()}))
     sources = grid_patch_sources(ctx.train_gt, ctx.scale, cfg.patch_size, cfg.label_stride, ctx.train_lq)
     labels = make_labels(psnrs, cfg, route_classifier(model).route_cost.tolist(), sources)
     return lq, psnrs, labels
@@ -1208,8 +1221,8 @@ def _train_adaptive(
     model.to(dist.device)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
-        (run_dir / "sparsity.txt").write_text(report.table() + "\n")
+        atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml())
+        atomic_write_text(run_dir / "sparsity.txt", report.table() + "\n")
 
     gt, lq = _images(recipe.data.train, recipe.model.scale, "train")
     (train_gt, train_lq), (held_gt, held_lq) = split_holdout(
@@ -1364,7 +1377,7 @@ def _train_adaptive(
             "elapsed_s": time.perf_counter() - started_at,
             **summary,
         }
-        (run_dir / "final.json").write_text(json.dumps(record, indent=2))
+        atomic_write_text(run_dir / "final.json", json.dumps(record, indent=2))
     barrier(dist)
     state = TrainState(step=total_steps, history=state_a.history + state_c.history)
     return RunResult(run_dir, model, state, report, report.controller, final)

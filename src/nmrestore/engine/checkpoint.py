@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from nmrestore.errors import CheckpointError, short_repr
+from nmrestore.io_atomic import as_os_error, atomic_path, atomic_write_bytes
 
 FORMAT = "nmrestore-checkpoint/2"
 #: Written before the digest covered the metadata: read only with ``allow_legacy=True``.
@@ -72,45 +71,13 @@ def integrity_digest(tensors: dict[str, Tensor], meta: dict[str, Any]) -> str:
     return h.hexdigest()
 
 
-def _readable_tmp(path: Path) -> str:
-    """A temp file beside ``path`` with the permissions a plain ``open()`` would give."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    return tmp
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old or the new content, never a part."""
-    tmp = _readable_tmp(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _atomic_save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
-    tmp = _readable_tmp(path)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        # safetensors writes through its own 0600 temp file: restore ordinary permissions
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # safetensors replaces the temp through its own 0600 file; atomic_path fixes the mode afterwards
+    with atomic_path(path) as tmp:
+        try:
+            save_file(tensors, str(tmp), metadata=metadata)
+        except SafetensorError as exc:  # a full disk etc. arrives wrapped: make it an OSError again
+            raise as_os_error(exc, path) from exc
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:

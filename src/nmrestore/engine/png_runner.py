@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +46,7 @@ from nmrestore.engine.runner import (
 from nmrestore.engine.task import RestorationTask
 from nmrestore.engine.trainer import Trainer, TrainState
 from nmrestore.errors import CheckpointError, RecipeError, SparsityError
+from nmrestore.io_atomic import atomic_write_bytes, atomic_write_text
 from nmrestore.methods.png import (
     Phase,
     PNGConfig,
@@ -214,9 +214,10 @@ def _train_png(
         )
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
-        (run_dir / "sparsity.txt").write_text(
-            report.table() + "\n(N stays M until a task is pruned; the finished run rewrites this file)\n"
+        atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml())
+        atomic_write_text(
+            run_dir / "sparsity.txt",
+            report.table() + "\n(N stays M until a task is pruned; the finished run rewrites this file)\n",
         )
 
     meta_base: dict[str, Any] = {
@@ -277,8 +278,8 @@ def _train_png(
             save_checkpoint(last, model, {**meta, "step": 0, "controller": controller.state_dict()})
         controller.end()
         if dist.is_main:
-            (phase_dir / "done.json").write_text(
-                json.dumps({"phase": spec.name, "steps": spec.steps}, indent=2)
+            atomic_write_text(
+                phase_dir / "done.json", json.dumps({"phase": spec.name, "steps": spec.steps}, indent=2)
             )
         barrier(dist)
         holds = spec.index
@@ -394,8 +395,8 @@ def _finish(
             "controller": controller.state_dict(),
         }
         last = save_checkpoint(run_dir / "checkpoints" / "last.safetensors", model, meta)
-        shutil.copyfile(last, last.with_name("best.safetensors"))
-        shutil.copyfile(last.with_suffix(".json"), last.with_name("best.json"))
+        atomic_write_bytes(last.with_name("best.safetensors"), last.read_bytes())
+        atomic_write_bytes(last.with_name("best.json"), last.with_suffix(".json").read_bytes())
         results = evaluate_tasks(model, recipe, dist.device)
         storage = png_storage(model)
         summary = {
@@ -417,10 +418,10 @@ def _finish(
         }
         first = next(iter(results.values()))
         summary.update({"val_psnr": first.psnr, "val_ssim": first.ssim})
-        (run_dir / "final.json").write_text(json.dumps(summary, indent=2))
-        (run_dir / "png_storage.txt").write_text(storage.table() + "\n")
+        atomic_write_text(run_dir / "final.json", json.dumps(summary, indent=2))
+        atomic_write_text(run_dir / "png_storage.txt", storage.table() + "\n")
         dense = "\n".join(f"  dense   {d.name:<32} {d.kind:<16} {d.reason}" for d in report.dense)
-        (run_dir / "sparsity.txt").write_text(f"method png\n{png_layer_table(model)}\n{dense}\n")
+        atomic_write_text(run_dir / "sparsity.txt", f"method png\n{png_layer_table(model)}\n{dense}\n")
         for name, r in results.items():
             log.info("PNG task %s: PSNR %.3f dB, SSIM %.4f", name, r.psnr, r.ssim)
     barrier(dist)

@@ -22,9 +22,11 @@ from nmrestore.data.restoration import DegradedEvalDataset, DegradedTrainDataset
 from nmrestore.engine.checkpoint import Checkpoint, check_compatible, load_checkpoint, load_model_state
 from nmrestore.engine.distributed import DistInfo, init_distributed, shutdown
 from nmrestore.engine.evaluate import EvalResult, evaluate_model
+from nmrestore.engine.runlock import run_lock
 from nmrestore.engine.task import RestorationTask
 from nmrestore.engine.trainer import Trainer, TrainState
 from nmrestore.errors import CheckpointError, DatasetError, NMRestoreError, RecipeError, short_repr
+from nmrestore.io_atomic import atomic_write_text
 from nmrestore.models import create_model
 from nmrestore.models.registry import MAX_MODEL_BYTES, check_model_kwargs, check_model_size
 from nmrestore.recipes.schema import DataSource, Recipe, TaskSpec, recipe_from_dict
@@ -193,7 +195,17 @@ def train(
     resume: bool = False,
     show_progress: bool = True,
 ) -> RunResult:
-    """Train ``recipe`` into ``run_dir`` (one process or under torchrun); resumable."""
+    """Train ``recipe`` into ``run_dir`` (one process or under torchrun); resumable.
+
+    The run folder is locked for the whole run (:mod:`nmrestore.engine.runlock`): a second run
+    into the same folder stops with :class:`~nmrestore.engine.runlock.RunInUseError` and changes
+    nothing.
+    """
+    with run_lock(run_dir):
+        return _dispatch(recipe, Path(run_dir), resume, show_progress)
+
+
+def _dispatch(recipe: Recipe, run_dir: Path, resume: bool, show_progress: bool) -> RunResult:
     if recipe.sparsity is not None and recipe.sparsity.method == "classpruning":
         from nmrestore.engine.adaptive import train_adaptive  # staged training (DESIGN.md §3.3)
 
@@ -202,7 +214,6 @@ def train(
         from nmrestore.engine.png_runner import train_png  # task-by-task schedule (DESIGN.md §3.4)
 
         return train_png(recipe, run_dir, resume, show_progress)
-    run_dir = Path(run_dir)
     dist = init_distributed(recipe.train.device)
     try:
         return _train(recipe, run_dir, resume, show_progress, dist)
@@ -235,9 +246,9 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool, show_progress: bool, dis
 
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "recipe.yaml").write_text(recipe.to_yaml())
+        atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml())
         if report is not None:
-            (run_dir / "sparsity.txt").write_text(report.table() + "\n")
+            atomic_write_text(run_dir / "sparsity.txt", report.table() + "\n")
 
     train_set = build_train_dataset(recipe)
     per_process = max(1, recipe.data.train.batch_size // dist.world_size)
@@ -288,5 +299,5 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool, show_progress: bool, dis
             "best_step": state.best_step,
             "layers_pruned": len(list(nm_layers(model))),
         }
-        (run_dir / "final.json").write_text(json.dumps(summary, indent=2))
+        atomic_write_text(run_dir / "final.json", json.dumps(summary, indent=2))
     return RunResult(run_dir, model, state, report, controller, final)

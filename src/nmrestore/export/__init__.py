@@ -11,7 +11,14 @@
 from pathlib import Path
 
 from nmrestore.errors import NMRestoreError
-from nmrestore.export.onnx import DEFAULT_OPSET, OnnxReport, deployable_copy, export_onnx, verify_onnx
+from nmrestore.export.onnx import (
+    DEFAULT_OPSET,
+    OnnxReport,
+    check_opset,
+    deployable_copy,
+    export_onnx,
+    verify_onnx,
+)
 from nmrestore.export.packed import (
     PACKED_FORMAT,
     PackedLayer,
@@ -53,6 +60,7 @@ def export_checkpoint(
                 "--route and --task apply to --format onnx; a packed file keeps every route and task"
             )
         return pack_checkpoint(checkpoint, out, allow_large=allow_large)
+    check_opset(opset)  # before loading anything: a bad opset is a one-line refusal
     ckpt = load_any(checkpoint)
     model, _ = model_from_checkpoint(ckpt, allow_large=allow_large)
     if out is None:

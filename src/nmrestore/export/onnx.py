@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from nmrestore.errors import NMRestoreError
+from nmrestore.io_atomic import atomic_path
 from nmrestore.sparsity.api import nm_patterns, squash_
 from nmrestore.sparsity.parametrization import nm_layers, set_route
 
@@ -178,8 +179,52 @@ def _export(model: nn.Module, example: Tensor, path: Path, opset: int) -> None:
                 )
             return
         except Exception as exc:  # the exporter raises many types; report the first
+            os_error = _os_error_in(exc)
+            if os_error is not None:  # disk full, read-only folder...: retrying cannot help
+                raise os_error from exc
             errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     raise NMRestoreError(f"ONNX export of {type(model).__name__} failed ({errors[0]})")
+
+
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError behind an exporter exception (it wraps them), if any."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def supported_opsets() -> tuple[int, int]:
+    """(lowest, highest) opset this installation can export: ours, up to what ``onnx`` knows."""
+    try:
+        import onnx
+    except ImportError as exc:
+        raise NMRestoreError("ONNX export needs the onnx package (pip install onnx onnxscript)") from exc
+    return MIN_OPSET, int(onnx.defs.onnx_opset_version())
+
+
+def check_opset(opset: int) -> None:
+    """Refuse an opset outside :func:`supported_opsets` before any work (no converter traceback)."""
+    low, high = supported_opsets()
+    if opset < low:
+        raise NMRestoreError(f"opset {opset} is too old; use {low} to {high} (default {DEFAULT_OPSET})")
+    if opset > high:
+        raise NMRestoreError(
+            f"opset {opset} is newer than the installed onnx supports; use {low} to {high} (default {DEFAULT_OPSET})"
+        )
+
+
+def _written_opset(path: Path) -> int | None:
+    """The default-domain opset recorded in an ONNX file (what a runtime will see)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    versions = [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")]
+    return int(versions[0]) if versions else None
 
 
 def export_onnx(
@@ -197,22 +242,32 @@ def export_onnx(
     With ``check`` (and onnxruntime installed) the file is run on CPU at another input size and
     the largest absolute difference to PyTorch is reported.
     """
-    if opset < MIN_OPSET:
-        raise NMRestoreError(f"opset {opset} is too old; use {MIN_OPSET} or newer (default {DEFAULT_OPSET})")
+    check_opset(opset)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise NMRestoreError(f"{path} is a folder; give the ONNX file name (e.g. {path / 'model.onnx'})")
     deployable, patterns = deployable_copy(model, route, task)
     channels = in_channels or _input_channels(deployable)
     generator = torch.Generator().manual_seed(0)
     example = torch.rand(2, channels, *TRACE_SIZE, generator=generator)
-    _export(deployable, example, path, opset)
     diff = None
-    if check:
-        try:
-            probe = torch.rand(1, channels, *CHECK_SIZE, generator=generator)
-            diff = verify_onnx(path, deployable, probe)
-        except ModuleNotFoundError:
-            diff = None
+    try:
+        # Export and check the temp file; only a complete, checked model replaces ``path``, so a
+        # kill or a full disk leaves the previous file as it was (and no 0-byte model.onnx).
+        with atomic_path(path) as tmp:
+            _export(deployable, example, tmp, opset)
+            written = _written_opset(tmp)
+            if written != opset:
+                raise NMRestoreError(f"the exporter wrote opset {written}, not the requested {opset}")
+            if check:
+                try:
+                    probe = torch.rand(1, channels, *CHECK_SIZE, generator=generator)
+                    diff = verify_onnx(tmp, deployable, probe)
+                except ModuleNotFoundError:
+                    diff = None
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise NMRestoreError(f"{path}: cannot write the ONNX file ({reason}); nothing was written") from exc
     return OnnxReport(path, opset, route, task, patterns, diff, path.stat().st_size)
 
 

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from nmrestore.cost import CostReport, count_cost
 from nmrestore.errors import BudgetError, SparsityError
+from nmrestore.io_atomic import atomic_open, atomic_write_text
 from nmrestore.sparsity import nm
 from nmrestore.sparsity.api import PRUNABLE_TYPES, LayerInfo, NMConfig, attach_masks, register_method
 from nmrestore.sparsity.parametrization import SRSTE_LAMBDA, GradMode, NMMask, dense_weight, nm_layers
@@ -490,9 +491,9 @@ class SLSController:
         text += f"\nachieved budget ({self.config.budget_kind}): {achieved_budget(model, self.config):.4f}"
         text += f" <= {self.config.budget:.4f}" + (f"\n{self.message}" if self.message else "")
         table = run_dir / "sls_layers.txt"
-        table.write_text(text + "\n")
+        atomic_write_text(table, text + "\n")
         data = run_dir / "sls_layers.json"
-        data.write_text(json.dumps({"layers": rows, "state": self.state_dict()}, indent=2, default=str))
+        atomic_write_text(data, json.dumps({"layers": rows, "state": self.state_dict()}, indent=2, default=str))
         return [table, data, plot_n_per_layer(model, run_dir / "sls_n_per_layer.png")]
 
     def metrics(self) -> dict[str, float]:
@@ -699,7 +700,8 @@ def plot_n_per_layer(model: nn.Module, path: str | Path, cost: CostReport | None
     ]
     fig.legend(handles=legend, loc="outside lower center", ncols=3, fontsize=8)
     ax.set_title("SLS: learned N per layer vs. share of MACs", fontsize=10)
-    fig.savefig(out, format="png", dpi=120)
+    with atomic_open(out) as f:
+        fig.savefig(f, format="png", dpi=120)
     return out
 
 

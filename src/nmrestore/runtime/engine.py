@@ -28,8 +28,6 @@ import copy
 import itertools
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -38,6 +36,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from nmrestore.io_atomic import atomic_write_text
 from nmrestore.runtime.kernel import KernelLibrary, kernel_status, load_kernel
 from nmrestore.runtime.layers import LayerDecision, RouteWeights, SparseConv2d, SparseLayer, SparseLinear
 from nmrestore.runtime.packing import CSRWeight, csr_from_dense, csr_from_packed, detect_nm
@@ -130,11 +129,7 @@ def _save_cache(path: Path, timings: dict[str, tuple[float, float]]) -> None:
     merged = {**_load_cache(path), **timings}
     payload = {"format": "nmrestore-tactics-1", "timings": {k: list(v) for k, v in sorted(merged.items())}}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tactics-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=1)
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(payload, indent=1))
     except OSError as exc:
         log.warning("could not write tactic cache %s (%s)", path, exc)
 

@@ -14,6 +14,8 @@ kernels' parallel regions run on torch's OpenMP runtime and follow ``torch.set_n
 Compiled libraries are cached under ``$NMRESTORE_KERNEL_CACHE`` (default
 ``$XDG_CACHE_HOME/nmrestore/kernels``), keyed by the source, the compiler, its flags and the CPU's
 feature flags, and written atomically (concurrent processes may race to build; one wins).
+Only a folder owned by the current user and not writable by others is used, and a library is
+loaded only if its SHA-256 matches the one recorded when it was built (:mod:`.kernel_cache`).
 
 If anything fails (no compiler, a compile error, a library that will not load) the kernel is
 reported unavailable with the reason, logged once, and every caller falls back to dense PyTorch.
@@ -44,6 +46,9 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from nmrestore.io_atomic import atomic_write_text
+from nmrestore.runtime.kernel_cache import kernel_dir, sha256_file, sidecar, verify_library
 
 log = logging.getLogger("nmrestore.runtime")
 
@@ -377,15 +382,6 @@ def _source() -> bytes:
     return resources.files("nmrestore.runtime").joinpath("csrc", SOURCE_NAME).read_bytes()
 
 
-def cache_dir() -> Path:
-    """Where compiled kernels live (``$NMRESTORE_KERNEL_CACHE`` or the user cache)."""
-    explicit = os.environ.get("NMRESTORE_KERNEL_CACHE")
-    if explicit:
-        return Path(explicit)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "nmrestore" / "kernels"
-
-
 def find_compiler() -> str | None:
     """``$NMRESTORE_CXX``, else ``$CXX``, else the first of c++/g++/clang++ on PATH."""
     for candidate in (os.environ.get("NMRESTORE_CXX"), os.environ.get("CXX")):
@@ -419,30 +415,17 @@ def _compiler_version(compiler: str) -> str:
         raise OSError(f"{compiler} --version failed: {exc}") from exc
 
 
-def _writable_cache() -> Path:
-    target = cache_dir()
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-        probe = target / f".probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-        return target
-    except OSError:
-        fallback = (
-            Path(tempfile.gettempdir()) / f"nmrestore-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}"
-        )
-        fallback.mkdir(parents=True, exist_ok=True)
-        return fallback
-
-
 def _build(compiler: str, flags: tuple[str, ...], source: bytes, version: str) -> Path:
     key = hashlib.sha256(
         b"\0".join([source, version.encode(), " ".join(flags).encode(), _cpu_flags().encode()])
     ).hexdigest()[:20]
-    target_dir = _writable_cache()
+    target_dir, trusted = kernel_dir()
     library = target_dir / f"nm_kernels-{key}.so"
-    if library.is_file():
-        return library
+    if library.exists():
+        problem = verify_library(library) if trusted else "the cache folder was not private"
+        if problem is None:
+            return library
+        log.warning("not loading %s (%s); rebuilding it", library, problem)
     with tempfile.TemporaryDirectory(dir=target_dir, prefix=".build-") as tmp:
         src = Path(tmp) / SOURCE_NAME
         src.write_bytes(source)
@@ -452,7 +435,10 @@ def _build(compiler: str, flags: tuple[str, ...], source: bytes, version: str) -
         if done.returncode != 0:
             tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
             raise OSError(f"`{' '.join(cmd[:-3])} ...` failed: {' | '.join(tail)}")
+        digest = sha256_file(out)
+        os.chmod(out, 0o755)  # never group/other-writable, whatever the umask
         os.replace(out, library)  # atomic: a concurrent builder either sees the old or the new file
+        atomic_write_text(sidecar(library), f"{digest}  {library.name}\n")
     return library
 
 
@@ -471,6 +457,9 @@ def _load() -> tuple[KernelLibrary | None, KernelStatus]:
     for flags in FLAG_SETS:
         try:
             path = _build(compiler, flags, source, version)
+            problem = verify_library(path)  # checked right before loading, whatever _build did
+            if problem is not None:
+                raise OSError(f"refusing to load {path}: {problem}")
             lib = KernelLibrary(ctypes.CDLL(str(path)))
         except (OSError, subprocess.SubprocessError, AttributeError) as exc:
             attempts.append(f"{' '.join(flags)}: {exc}")
