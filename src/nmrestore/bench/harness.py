@@ -57,6 +57,8 @@ from nmrestore.engine.runner import (
     train,
 )
 from nmrestore.errors import NMRestoreError
+from nmrestore.methods.filter import FilterController
+from nmrestore.methods.sls import SLSController
 from nmrestore.recipes.schema import BlurSpec, DataSource, Recipe, recipe_from_dict
 from nmrestore.sparsity.api import Controller, eligible_layers, parse_nm
 
@@ -539,8 +541,8 @@ def _filter(context: BenchContext, budget: str | None) -> Row | None:
         prunable_names=context.nm_prunable_names(m),
     )
     controller = context.timed[_row_key(row)].controller
-    report = getattr(controller, "report", None)
-    if report is not None:
+    if isinstance(controller, FilterController):
+        report = controller.report
         row["target_macs_fraction"] = report.target_fraction
         row["note"] = (
             f"target {report.target_fraction:.4f}, channels "
@@ -594,8 +596,8 @@ def _sls(context: BenchContext, budget: str | None) -> Row | None:
         return None
     row = _finetuned_row(context, "sls", budget, sls_settings(context.config.finetune_steps, n / m))
     controller = context.timed[_row_key(row)].controller
-    message = str(getattr(controller, "message", "") or "")
-    if getattr(controller, "projected", False):
+    message = controller.message if isinstance(controller, SLSController) else ""
+    if isinstance(controller, SLSController) and controller.projected:
         row["note"] = f"projected onto the budget: {message}"
     elif message:
         row["note"] = message

@@ -253,9 +253,8 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool, show_progress: bool, dis
         trainer.restore(saved)
         log.info("resumed %s at step %d", run_dir, saved.step)
     state = trainer.fit()
-    write_artifacts = getattr(controller, "write_artifacts", None)
-    if dist.is_main and callable(write_artifacts):
-        write_artifacts(model, run_dir)  # method-specific tables and charts (e.g. SLS's N per layer)
+    if dist.is_main and controller is not None:
+        controller.write_artifacts(model, run_dir)  # method-specific tables and charts (e.g. SLS's N per layer)
     final = (validated.get(state.step) or validate(model)) if dist.is_main else None
     if dist.is_main and final is not None:
         summary = {

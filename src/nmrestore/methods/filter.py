@@ -53,6 +53,7 @@ from nmrestore.cost import count_cost
 from nmrestore.errors import BudgetError, SparsityError
 from nmrestore.sparsity.api import (
     PRUNABLE_TYPES,
+    Controller,
     LayerInfo,
     NMConfig,
     eligible_layers,
@@ -174,7 +175,7 @@ class FilterReport:
         return self.table()
 
 
-class FilterController:
+class FilterController(Controller):
     """The Trainer-facing state of filter pruning: nothing to do per step; remembers the shapes.
 
     Its ``state_dict`` goes into every checkpoint's meta, so the pruned shapes are on record.

@@ -50,7 +50,14 @@ from nmrestore.cost import CostReport, count_cost
 from nmrestore.errors import SparsityError
 from nmrestore.models.multitask import MultiTaskSR
 from nmrestore.sparsity import nm
-from nmrestore.sparsity.api import LayerInfo, NMConfig, attach_masks, eligible_layers, register_method
+from nmrestore.sparsity.api import (
+    Controller,
+    LayerInfo,
+    NMConfig,
+    attach_masks,
+    eligible_layers,
+    register_method,
+)
 from nmrestore.sparsity.parametrization import GradMode, NMMask, nm_layers, set_route
 
 log = logging.getLogger(__name__)
@@ -424,7 +431,7 @@ class _ParamRole:
     mask: PNGMask | None  # the layer's mask when this is a masked weight
 
 
-class PNGController:
+class PNGController(Controller):
     """The schedule's state: which task and phase run, what is frozen, and the prunes.
 
     The PNG runner (:mod:`nmrestore.engine.png_runner`) calls :meth:`begin` before every phase's

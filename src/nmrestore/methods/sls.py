@@ -41,7 +41,14 @@ from torch import Tensor, nn
 from nmrestore.cost import CostReport, count_cost
 from nmrestore.errors import BudgetError, SparsityError
 from nmrestore.sparsity import nm
-from nmrestore.sparsity.api import PRUNABLE_TYPES, LayerInfo, NMConfig, attach_masks, register_method
+from nmrestore.sparsity.api import (
+    PRUNABLE_TYPES,
+    Controller,
+    LayerInfo,
+    NMConfig,
+    attach_masks,
+    register_method,
+)
 from nmrestore.sparsity.parametrization import SRSTE_LAMBDA, GradMode, NMMask, dense_weight, nm_layers
 
 logger = logging.getLogger(__name__)
@@ -332,7 +339,7 @@ def _meets(fraction: float, budget: float) -> bool:
 
 
 # -- the controller ----------------------------------------------------------------------------
-class SLSController:
+class SLSController(Controller):
     """Training-time state of SLS: cost term, annealing, rank refresh, freezing, projection.
 
     The Trainer calls :meth:`step` after every optimizer step and adds :meth:`regularizer` to the
