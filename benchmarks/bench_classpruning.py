@@ -29,9 +29,8 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import sys
-import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +62,7 @@ from nmrestore.engine.adaptive import (  # noqa: E402
 from nmrestore.engine.evaluate import evaluate_fn  # noqa: E402
 from nmrestore.engine.runner import model_from_checkpoint  # noqa: E402
 from nmrestore.methods.classpruning import layer_route_ns  # noqa: E402
+from nmrestore.runtime.timing import interleaved  # noqa: E402
 from nmrestore.sparsity.api import eligible_layers  # noqa: E402
 from nmrestore.sparsity.parametrization import use_route  # noqa: E402
 
@@ -221,18 +221,15 @@ def wall_times(
         "ClassPruning, patch at a time (ClassSR)": one_by_one.restore,
         "dense, patches batched": lambda x: patchwise_restore(dense, x, patch, stride, blend=batched.blend),
     }
-    keys = list(modes)
-    times: dict[str, list[float]] = {k: [] for k in keys}
     images = [s["lq"].unsqueeze(0) for s in samples]
+
+    def restore_all(mode: Any) -> None:
+        for x in images:
+            mode(x)
+
     with torch.no_grad():
-        for r in range(rounds + 1):  # round 0 warms up
-            for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
-                started = time.perf_counter()
-                for x in images:
-                    modes[key](x)
-                if r:
-                    times[key].append(time.perf_counter() - started)
-    return {k: statistics.median(v) for k, v in times.items()}
+        timings = interleaved({k: partial(restore_all, mode) for k, mode in modes.items()}, rounds, warmup=1)
+    return {k: timings.median(k) for k in modes}
 
 
 def main(argv: list[str] | None = None) -> int:

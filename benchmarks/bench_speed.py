@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
 import time
 from collections import defaultdict
@@ -53,11 +52,11 @@ from nmrestore.models import create_model  # noqa: E402
 from nmrestore.runtime import EngineConfig, compile_sparse, engine_state, kernel_status  # noqa: E402
 from nmrestore.runtime.speed import (  # noqa: E402
     SpeedReport,
-    interleaved_latency,
     measure_speed,
     profile_modules,
     torch_threads,
 )
+from nmrestore.runtime.timing import interleaved  # noqa: E402
 from nmrestore.sparsity import NMConfig, nm_layers, sparsify_, squash_  # noqa: E402
 
 SECTION = "speed"
@@ -153,10 +152,8 @@ def sls_summary(model: nn.Module) -> tuple[float, str]:
 
 def paired(report: SpeedReport) -> tuple[float, float, float]:
     """(dense ms, sparse ms, speed-up) from one report: medians of the runs and the median of the
-    per-round dense/sparse ratios (robust to the machine's slow phases)."""
-    ratios = [d / s for d, s in zip(report.dense_runs_ms, report.sparse_runs_ms, strict=True) if s > 0]
-    speedup = statistics.median(ratios) if ratios else report.speedup
-    return report.dense_ms, report.sparse_ms, speedup
+    per-round dense/sparse ratios (robust to the machine's slow phases; nmrestore.runtime.timing)."""
+    return report.dense_ms, report.sparse_ms, report.speedup
 
 
 def _row(label: str, model_name: str, nm: str, report: SpeedReport) -> dict[str, object]:
@@ -274,10 +271,10 @@ def _classpruning(size: tuple[int, int], repeats: int, kwargs: dict[str, object]
         reference = plain(lq)
         result = fast(lq)  # first call: the route layers choose their tactics here
         diff = float((reference.output - result.output).abs().max())
-        times = interleaved_latency(
-            {"whole": lambda: whole(lq), "plain": lambda: plain(lq), "engine": lambda: fast(lq)}, repeats
+        timings = interleaved(
+            {"whole": lambda: whole(lq), "plain": lambda: plain(lq), "engine": lambda: fast(lq)}, repeats, warmup=0
         )
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    med = {k: timings.median(k) * 1e3 for k in timings.samples}
     state = engine_state(engine)
     assert state is not None
     by_route: dict[int, list[str]] = defaultdict(list)

@@ -31,11 +31,11 @@ import math
 import os
 import platform
 import shutil
-import statistics
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -60,6 +60,7 @@ from nmrestore.errors import NMRestoreError
 from nmrestore.methods.filter import FilterController
 from nmrestore.methods.sls import SLSController
 from nmrestore.recipes.schema import BlurSpec, DataSource, Recipe, recipe_from_dict
+from nmrestore.runtime.timing import Timings, interleaved
 from nmrestore.sparsity.api import Controller, eligible_layers, parse_nm
 
 log = logging.getLogger("nmrestore.bench")
@@ -612,11 +613,6 @@ def _training_batch(config: BenchConfig) -> dict[str, Tensor]:
     return {key: torch.stack([s[key] for s in samples]) for key in ("lq", "gt")}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure_step_times(
     models: dict[str, Timed],
     batch: dict[str, Tensor],
@@ -624,42 +620,42 @@ def measure_step_times(
     warmup: int = 1,
     lr: float = 1e-6,
     first_step: int = 1,
-) -> dict[str, list[float]]:
-    """Seconds per training step of each model on the same batch, interleaved round-robin.
+) -> Timings:
+    """Seconds per training step of each model on the same batch, interleaved (:mod:`~nmrestore.runtime.timing`).
 
     A step is what the Trainer does: forward, L1 loss (+ the controller's regularizer), backward,
-    Adam step, ``controller.step`` (SR-STE's rank refresh happens here). Models take turns within
-    every round, in a rotating order, so drifts in machine load hit all of them alike.
+    Adam step, ``controller.step`` (SR-STE's rank refresh happens here).
     """
     optimizers = {
         key: torch.optim.Adam([p for p in t.model.parameters() if p.requires_grad], lr=lr)
         for key, t in models.items()
     }
-    keys = list(models)
-    times: dict[str, list[float]] = {key: [] for key in keys}
-    for r in range(warmup + rounds):
-        order = keys[r % len(keys) :] + keys[: r % len(keys)]
-        for key in order:
-            timed = models[key]
-            model = timed.model
-            device = next(model.parameters()).device
-            lq, gt = batch["lq"].to(device), batch["gt"].to(device)
-            model.train()
-            _sync(device)
-            started = time.perf_counter()
-            loss = F.l1_loss(model(lq), gt)
-            if timed.controller is not None:
-                for extra in timed.controller.regularizer().values():
-                    loss = loss + extra
-            optimizers[key].zero_grad(set_to_none=True)
-            loss.backward()
-            optimizers[key].step()
-            if timed.controller is not None:
-                timed.controller.step(first_step + r)
-            _sync(device)
-            if r >= warmup:
-                times[key].append(time.perf_counter() - started)
-    return times
+    steps = dict.fromkeys(models, first_step)  # each model steps once per round
+
+    def train_step(key: str) -> None:
+        timed = models[key]
+        model = timed.model
+        device = next(model.parameters()).device
+        lq, gt = batch["lq"].to(device), batch["gt"].to(device)
+        model.train()
+        loss = F.l1_loss(model(lq), gt)
+        if timed.controller is not None:
+            for extra in timed.controller.regularizer().values():
+                loss = loss + extra
+        optimizers[key].zero_grad(set_to_none=True)
+        loss.backward()
+        optimizers[key].step()
+        if timed.controller is not None:
+            timed.controller.step(steps[key])
+        steps[key] += 1
+
+    cuda = any(next(t.model.parameters()).device.type == "cuda" for t in models.values())
+    return interleaved(
+        {key: partial(train_step, key) for key in models},
+        rounds,
+        warmup,
+        sync=torch.cuda.synchronize if cuda else None,
+    )
 
 
 # -- the benchmark -------------------------------------------------------------------------------
@@ -749,19 +745,18 @@ def run_benchmark(config: BenchConfig, notes: list[str] | None = None, echo: Ech
         if not config.timing:
             return rows
         context.say(f"timing {len(context.timed)} models ({config.timing_rounds} interleaved rounds)")
-        times = measure_step_times(
+        timings = measure_step_times(
             context.timed,
             _training_batch(config),
             config.timing_rounds,
             config.timing_warmup,
             first_step=config.finetune_steps + 1,
         )
-        base = statistics.median(times[_row_key(dense_row)])
         for row in rows:
-            samples = times.get(_row_key(row))
-            if samples and row.get("step_time_ratio") is None:  # a producer's own timing stands
-                row["step_ms"] = statistics.median(samples) * 1e3
-                row["step_time_ratio"] = statistics.median(samples) / base
+            key = _row_key(row)
+            if timings.samples.get(key) and row.get("step_time_ratio") is None:  # a producer's own timing stands
+                row["step_ms"] = timings.median(key) * 1e3
+                row["step_time_ratio"] = timings.ratio(key, _row_key(dense_row))
         return rows
     finally:
         if temporary:

@@ -23,7 +23,6 @@ with PNG tasks ``sigma15``/``sigma25``/``sigma50``, each trained on its own nois
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -194,14 +193,16 @@ def step_times(png_model: nn.Module, recipe: Recipe, dense_x3: nn.Module, rounds
     batch = {k: torch.stack([s[k] for s in samples]) for k in ("lq", "gt")}
     select_task(png_model, 1)
     try:
-        times = measure_step_times(
+        timings = measure_step_times(
             {"dense": Timed(dense_x3), "png": Timed(png_model, controller)}, batch, rounds, warmup=2
         )
     finally:
         controller.end()
-    base = statistics.median(times["dense"])
-    png = statistics.median(times["png"])
-    return {"dense_ms": base * 1e3, "png_ms": png * 1e3, "ratio": png / base}
+    return {
+        "dense_ms": timings.median("dense") * 1e3,
+        "png_ms": timings.median("png") * 1e3,
+        "ratio": timings.ratio("png", "dense"),
+    }
 
 
 def png_rows(
