@@ -86,7 +86,8 @@ from nmrestore.engine.runner import (  # noqa: E402
 )
 from nmrestore.engine.task import RestorationTask  # noqa: E402
 from nmrestore.engine.trainer import Trainer  # noqa: E402
-from nmrestore.methods.sls import SLSController, sls_layer_table  # noqa: E402
+from nmrestore.methods.sls.controller import SLSController  # noqa: E402
+from nmrestore.methods.sls.report import sls_layer_table  # noqa: E402
 from nmrestore.models import create_model  # noqa: E402
 from nmrestore.recipes.schema import recipe_from_dict  # noqa: E402
 from nmrestore.sparsity.api import eligible_layers, parse_nm  # noqa: E402

@@ -169,7 +169,8 @@ def test_load_packed_rebuilds_from_the_embedded_recipe(tmp_path: Path) -> None:
 
 
 def test_sls_state_round_trips(tmp_path: Path) -> None:
-    from nmrestore.methods.sls import SLSConfig, sls_masks
+    from nmrestore.methods.sls import SLSConfig
+    from nmrestore.methods.sls.mask import sls_masks
 
     torch.manual_seed(0)
     model = create_model("edsr_small", scale=2, **SMALL["edsr_small"])

@@ -14,16 +14,10 @@ from torch import nn
 
 from nmrestore.cost import count_cost
 from nmrestore.errors import BudgetError
-from nmrestore.methods.sls import (
-    SLSConfig,
-    SLSController,
-    SLSMask,
-    achieved_budget,
-    format_sls_table,
-    plot_n_per_layer,
-    sls_layer_table,
-    sls_masks,
-)
+from nmrestore.methods.sls import SLSConfig
+from nmrestore.methods.sls.controller import SLSController
+from nmrestore.methods.sls.mask import SLSMask, sls_masks
+from nmrestore.methods.sls.report import achieved_budget, format_sls_table, plot_n_per_layer, sls_layer_table
 from nmrestore.methods.srste import SRSTEConfig
 from nmrestore.sparsity import check_nm, nm_layers, sparsify_
 from nmrestore.sparsity.parametrization import dense_weight

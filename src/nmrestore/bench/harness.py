@@ -58,7 +58,7 @@ from nmrestore.engine.runner import (
 )
 from nmrestore.errors import NMRestoreError
 from nmrestore.methods.filter import FilterController
-from nmrestore.methods.sls import SLSController
+from nmrestore.methods.sls.controller import SLSController
 from nmrestore.recipes.schema import BlurSpec, DataSource, Recipe, recipe_from_dict
 from nmrestore.runtime.timing import Timings, interleaved
 from nmrestore.sparsity.api import Controller, eligible_layers, parse_nm

@@ -107,7 +107,7 @@ def run_demo(out: Path, quick: bool = False, show_progress: bool = True) -> Path
     pictures = _crops(out, test_set, models, scale)
     extra_md = []
     if "sls" in models:
-        from nmrestore.methods.sls import plot_n_per_layer, sls_layer_table
+        from nmrestore.methods.sls.report import plot_n_per_layer, sls_layer_table
 
         chart = plot_n_per_layer(models["sls"], out / "sls_n_per_layer.png")
         table = [r for r in sls_layer_table(models["sls"]) if r.get("n") is not None]

@@ -81,7 +81,7 @@ def evaluate_checkpoint(
         ],
     }
     if recipe.sparsity is not None and recipe.sparsity.method == "sls":
-        from nmrestore.methods.sls import achieved_budget, format_sls_table, sls_layer_table
+        from nmrestore.methods.sls.report import achieved_budget, format_sls_table, sls_layer_table
 
         rows = sls_layer_table(model, cost)
         payload["sls_layers"] = rows
