@@ -34,16 +34,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _report import write_section  # noqa: E402
-from nmrestore.bench.harness import (  # noqa: E402
-    BenchConfig,
-    Row,
-    check_rows,
+from nmrestore.bench.config import BenchConfig, Row  # noqa: E402
+from nmrestore.bench.harness import check_rows, run_benchmark  # noqa: E402
+from nmrestore.bench.report import (  # noqa: E402
     describe,
     format_table,
     markdown_table,
     plot_psnr_macs,
     plot_title,
-    run_benchmark,
     write_json,
 )
 from nmrestore.recipes.schema import BlurSpec  # noqa: E402

@@ -61,20 +61,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _report import markdown_table, write_section  # noqa: E402
-from nmrestore.bench.harness import (  # noqa: E402
-    SLS_ANNEAL_INTERVALS,
-    SLS_RATIO_GROWTH,
-    BenchConfig,
-    BenchContext,
-    Row,
-    _data,
-    _train_section,
-    ensure_dense,
-    recipe_digest,
-    register_row_producer,
-    run_benchmark,
-    sls_settings,
-)
+from nmrestore.bench.config import BenchConfig, Row, _data, _train_section, ensure_dense, recipe_digest  # noqa: E402
+from nmrestore.bench.context import BenchContext, register_row_producer  # noqa: E402
+from nmrestore.bench.harness import SLS_ANNEAL_INTERVALS, run_benchmark  # noqa: E402
+from nmrestore.bench.sls import SLS_RATIO_GROWTH, sls_settings  # noqa: E402
 from nmrestore.cost import count_cost  # noqa: E402
 from nmrestore.data.loader import build_train_loader  # noqa: E402
 from nmrestore.engine.runner import (  # noqa: E402

@@ -81,7 +81,7 @@ def sls_recipe(steps: int = SLS_STEPS, budget: float = SLS_BUDGET, quick: bool =
     Speed depends only on the learned per-layer N, so there is no dense pre-training; the search
     itself (scores, cost penalty, annealing, projection onto the budget) is the real method's.
     """
-    from nmrestore.bench.harness import sls_settings
+    from nmrestore.bench.sls import sls_settings
     from nmrestore.recipes.schema import recipe_from_dict
 
     model: dict[str, object] = {"name": "edsr_baseline", "scale": 2}
@@ -113,7 +113,7 @@ def sls_recipe(steps: int = SLS_STEPS, budget: float = SLS_BUDGET, quick: bool =
 
 def ensure_sls(quick: bool = False) -> Path:
     """The cached SLS checkpoint (trained here on 1 thread on first use, resumable)."""
-    from nmrestore.bench.harness import default_cache_dir, recipe_digest
+    from nmrestore.bench.config import default_cache_dir, recipe_digest
     from nmrestore.engine.runner import train
 
     steps = 6 if quick else SLS_STEPS
@@ -240,14 +240,10 @@ def _profile(models: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> lis
 
 
 def _classpruning(size: tuple[int, int], repeats: int, kwargs: dict[str, object]) -> dict[str, object]:
-    from nmrestore.engine.adaptive import (
-        AdaptivePipeline,
-        calibrate_shift,
-        classifier_logits,
-        extract_patches,
-        grid_positions,
-    )
-    from nmrestore.methods.classpruning import ClassPruningConfig, route_classifier
+    from nmrestore.methods.classpruning import ClassPruningConfig
+    from nmrestore.methods.classpruning.classifier import calibrate_shift, classifier_logits, route_classifier
+    from nmrestore.methods.classpruning.patches import extract_patches, grid_positions
+    from nmrestore.methods.classpruning.pipeline import AdaptivePipeline
 
     torch.manual_seed(0)
     model = create_model("edsr_baseline", scale=2, **kwargs)

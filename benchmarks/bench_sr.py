@@ -26,15 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _report import write_section  # noqa: E402
-from nmrestore.bench.harness import (  # noqa: E402
-    config_from_overrides,
-    format_table,
-    plot_psnr_macs,
-    plot_title,
-    report_body,
-    run_benchmark,
-    write_json,
-)
+from nmrestore.bench.config import config_from_overrides  # noqa: E402
+from nmrestore.bench.harness import run_benchmark  # noqa: E402
+from nmrestore.bench.report import format_table, plot_psnr_macs, plot_title, report_body, write_json  # noqa: E402
 
 DOCS = ROOT / "docs"
 

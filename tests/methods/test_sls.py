@@ -455,7 +455,7 @@ def test_config_defaults_follow_the_paper() -> None:
 
 @pytest.mark.parametrize("steps", [30, 300, 600])
 def test_harness_settings_give_the_search_the_papers_annealing_budget(steps: int) -> None:
-    from nmrestore.bench.harness import SLS_RATIO_GROWTH, sls_settings
+    from nmrestore.bench.sls import SLS_RATIO_GROWTH, sls_settings
 
     settings = sls_settings(steps, 2 / 32)
     config = SLSConfig(**{k: v for k, v in settings.items() if k != "method"})

@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from nmrestore.engine.adaptive import extract_patches, grid_positions, per_image_weights, stitch_patches
 from nmrestore.engine.evaluate import evaluate_fn
 from nmrestore.errors import SparsityError
-from nmrestore.methods.classpruning import budget_labels
+from nmrestore.methods.classpruning.labels import budget_labels, per_image_weights
+from nmrestore.methods.classpruning.patches import extract_patches, grid_positions, stitch_patches
 from nmrestore.metrics import psnr_torch
 
 

@@ -87,7 +87,7 @@ def run_demo(out: Path, quick: bool = False, show_progress: bool = True) -> Path
         model.eval()
         models[label] = model
         if label == "classpruning":  # input-adaptive: scored through its patch pipeline, class maps saved
-            from nmrestore.engine.adaptive import adaptive_report_row
+            from nmrestore.methods.classpruning.program.evaluation import adaptive_report_row
 
             cp_row, _ = adaptive_report_row(model, test_set, scale, float(dense_macs or 1), out / "class_maps")
             rows.append({**cp_row, "checkpoint": str(ckpt)})
@@ -170,7 +170,7 @@ def _crops(out: Path, test_set: SREvalDataset, models: dict[str, torch.nn.Module
         panels = [("bicubic", to_uint8(bicubic_restorer(scale)(lq)[0].clamp(0, 1)))]
         for label, model in models.items():
             if label == "classpruning":  # the adaptive model restores through its patch pipeline
-                from nmrestore.engine.adaptive import AdaptivePipeline
+                from nmrestore.methods.classpruning.pipeline import AdaptivePipeline
 
                 panels.append((label, to_uint8(AdaptivePipeline(model).restore(lq)[0].clamp(0, 1))))
                 continue

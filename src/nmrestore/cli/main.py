@@ -267,7 +267,7 @@ def bench(
 ) -> None:
     """Benchmark every method against dense and bicubic on the built-in photos (DESIGN.md §5)."""
     from nmrestore.bench import config_from_overrides, format_table, run_benchmark, write_json, write_report
-    from nmrestore.bench.harness import copy_config
+    from nmrestore.bench.config import copy_config
 
     config = config_from_overrides(quick, set_ or [])
     config = copy_config(config, show_progress=progress, work_dir=config.work_dir or out / "runs")

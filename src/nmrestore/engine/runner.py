@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from nmrestore.engine.trainer import Trainer, TrainState
 from nmrestore.errors import CheckpointError, DatasetError, RecipeError
 from nmrestore.models import create_model
 from nmrestore.recipes.schema import DataSource, Recipe, TaskSpec, recipe_from_dict
-from nmrestore.sparsity.api import Controller, SparsifyReport, sparsify_, squash_
+from nmrestore.sparsity.api import Controller, NMConfig, SparsifyReport, sparsify_, squash_
 from nmrestore.sparsity.parametrization import nm_layers
 
 log = logging.getLogger("nmrestore")
@@ -155,6 +156,27 @@ def model_from_checkpoint(ckpt: Checkpoint | str | Path) -> tuple[nn.Module, Rec
     return model, recipe
 
 
+#: ``program(recipe, run_dir, resume, show_progress) -> RunResult``: a method's own training.
+TrainingProgram = Callable[[Recipe, str | Path, bool, bool], "RunResult"]
+
+
+def training_program(config: NMConfig | None) -> TrainingProgram | None:
+    """The training program a method config declares (``NMConfig.training_program``), or None.
+
+    The registry is the config class itself: it names its program as ``"module:function"`` and the
+    module is imported here on first use, so method cores never import the engine and the engine
+    never imports (or names) a method's program.
+    """
+    path = None if config is None else type(config).training_program
+    if path is None:
+        return None
+    module, _, name = path.partition(":")
+    program = getattr(importlib.import_module(module), name, None)
+    if not callable(program):
+        raise RecipeError(f"{type(config).__name__}.training_program = {path!r} names no function")
+    return program  # type: ignore[no-any-return]
+
+
 @dataclass
 class RunResult:
     run_dir: Path
@@ -171,15 +193,14 @@ def train(
     resume: bool = False,
     show_progress: bool = True,
 ) -> RunResult:
-    """Train ``recipe`` into ``run_dir`` (one process or under torchrun); resumable."""
-    if recipe.sparsity is not None and recipe.sparsity.method == "classpruning":
-        from nmrestore.engine.adaptive import train_adaptive  # staged training (DESIGN.md §3.3)
+    """Train ``recipe`` into ``run_dir`` (one process or under torchrun); resumable.
 
-        return train_adaptive(recipe, run_dir, resume, show_progress)
-    if recipe.sparsity is not None and recipe.sparsity.method == "png":
-        from nmrestore.engine.png_runner import train_png  # task-by-task schedule (DESIGN.md §3.4)
-
-        return train_png(recipe, run_dir, resume, show_progress)
+    A method whose config names a training program (ClassPruning's stages, PNG's task schedule) is
+    trained by that program; every other recipe by the plain Trainer loop below.
+    """
+    program = training_program(recipe.sparsity)
+    if program is not None:
+        return program(recipe, run_dir, resume, show_progress)
     run_dir = Path(run_dir)
     dist = init_distributed(recipe.train.device)
     try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -63,6 +63,11 @@ class NMConfig(BaseModel):
     grad_mode: GradMode = GradMode.HARD
     srste_lambda: float = Field(SRSTE_LAMBDA, ge=0)
     dense_first_last: bool = True
+
+    #: ``"module:function"`` of the method's own training program, which ``nmrestore.engine.train``
+    #: runs instead of the plain Trainer loop (None: the plain loop). A dotted path rather than the
+    #: function, so a method's core never imports its program (which imports the engine).
+    training_program: ClassVar[str | None] = None
 
     @model_validator(mode="after")
     def _ns_within_m(self) -> NMConfig:

@@ -23,6 +23,7 @@ with PNG tasks ``sigma15``/``sigma25``/``sigma50``, each trained on its own nois
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,23 +31,17 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from nmrestore.bench.harness import (
-    ROW_KEYS,
-    BenchConfig,
-    BenchContext,
-    Row,
-    Timed,
-    default_cache_dir,
-    ensure_dense,
-    measure_step_times,
-    recipe_digest,
-    register_row_producer,
-)
+from nmrestore.bench.config import ROW_KEYS, BenchConfig, Row, default_cache_dir, ensure_dense, recipe_digest
+from nmrestore.bench.context import BenchContext, register_row_producer
+from nmrestore.bench.steps import Timed, measure_step_times
 from nmrestore.cost import count_cost
 from nmrestore.engine.evaluate import EvalResult, evaluate_model
-from nmrestore.engine.png_runner import evaluate_tasks, png_schedule, task_recipe, train_png
 from nmrestore.engine.runner import build_eval_dataset, build_train_dataset, model_from_checkpoint
-from nmrestore.methods.png import PNGConfig, PNGController, png_storage, select_task
+from nmrestore.methods.png import PNGConfig
+from nmrestore.methods.png.controller import PNGController
+from nmrestore.methods.png.program import evaluate_tasks, png_schedule, task_recipe, train_png
+from nmrestore.methods.png.storage import png_storage
+from nmrestore.methods.png.tasks import select_task
 from nmrestore.recipes.schema import Recipe, recipe_from_dict
 from nmrestore.sparsity import check_nm
 
@@ -304,12 +299,13 @@ def bench_rows(
     for row in rows:
         if row["task"] == _row_task(recipe, second):
             row["step_ms"] = timing[f"{row['method']}_ms"]
-            row["step_time_ratio"] = timing[f"{row['method']}_ms"] / timing["dense_ms"]
+            row["step_time_ratio"] = timing["ratio"] if row["method"] == "png" else 1.0
     return rows
 
 
 def register_bench_rows(settings: PNGBenchSettings | None = None) -> None:
     """Register (or re-register with other ``settings``) :func:`bench_rows` as method ``png``."""
-    from functools import partial
-
     register_row_producer("png", per_budget=False, replace=True)(partial(bench_rows, settings=settings))
+
+
+register_bench_rows()

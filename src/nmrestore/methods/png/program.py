@@ -1,4 +1,4 @@
-"""The PNG schedule (DESIGN.md §3.4): task after task, phase after phase, resumable anywhere.
+"""The PNG schedule (docs/ARCHITECTURE.md): task after task, phase after phase, resumable anywhere.
 
 What ``nmrestore train`` runs for ``sparsity.method: png``. Phases, in order::
 
@@ -47,18 +47,16 @@ from nmrestore.engine.runner import (
 from nmrestore.engine.task import RestorationTask
 from nmrestore.engine.trainer import Trainer, TrainState
 from nmrestore.errors import CheckpointError, RecipeError, SparsityError
-from nmrestore.methods.png import (
-    Phase,
-    PNGConfig,
-    PNGController,
-    PNGStorage,
-    png_layer_table,
-    png_storage,
-    select_task,
-)
+from nmrestore.methods.png.config import Phase, PNGConfig
+from nmrestore.methods.png.controller import PNGController
+from nmrestore.methods.png.storage import PNGStorage, png_storage
+from nmrestore.methods.png.tasks import png_layer_table, select_task
 from nmrestore.models.multitask import MultiTaskSR, load_single_task_state
 from nmrestore.recipes.schema import Recipe, TrainSpec
-from nmrestore.sparsity.api import SparsifyReport, squash_
+from nmrestore.sparsity.api import (
+    SparsifyReport,
+    squash_,
+)
 
 log = logging.getLogger("nmrestore.png")
 
@@ -431,18 +429,3 @@ def _finish(
 def has_png_progress(run_dir: str | Path) -> bool:
     """True when ``run_dir`` holds (part of) a PNG run."""
     return (Path(run_dir) / "phases").is_dir()
-
-
-__all__ = [
-    "PNGRunResult",
-    "PhaseSpec",
-    "build_png_model",
-    "evaluate_tasks",
-    "has_png_progress",
-    "load_initial_weights",
-    "phase_train_spec",
-    "png_config",
-    "png_schedule",
-    "task_recipe",
-    "train_png",
-]
