@@ -1,4 +1,4 @@
-"""ClassPruning benchmark (DESIGN.md §3.3): input-adaptive N:M against dense and static N:M of equal MACs.
+"""ClassPruning benchmark (Zhou et al., arXiv 2211.05488; docs/ARCHITECTURE.md): input-adaptive N:M against dense and static N:M of equal MACs.
 
 Protocol, on the built-in photos (nothing is selected on the test images):
 

@@ -1,4 +1,4 @@
-"""PNG benchmark (DESIGN.md §3.4): one multi-task network for SR x2/x3/x4 against separate models.
+"""PNG benchmark (Jiang et al., CVPRW 2021; docs/ARCHITECTURE.md): one multi-task network for SR x2/x3/x4 against separate models.
 
 The rows come from the benchmark harness (method ``png``, :mod:`nmrestore.bench.png`); this
 script adds the storage report, the paper-scale storage bounds and the checks.

@@ -62,7 +62,7 @@ from nmrestore.sparsity import NMConfig, nm_layers, sparsify_, squash_  # noqa: 
 SECTION = "speed"
 TITLE = "Speed: N:M sparse inference on the CPU"
 UNIFORM = ("2:4", "8:32", "4:32", "2:32")
-SLS_STEPS = 150  # search in the first half, then fine-tune with N frozen (harness.sls_settings)
+SLS_STEPS = 150  # search in the first half, then fine-tune with N frozen (nmrestore.bench.sls.sls_settings)
 SLS_BUDGET = 0.125  # of the prunable MACs: the average of uniform 4:32
 WARMUP = 2  # untimed forwards of each model before the interleaved rounds
 

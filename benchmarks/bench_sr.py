@@ -1,4 +1,4 @@
-"""SR benchmark (DESIGN.md §5): every method against dense and bicubic on the built-in photos.
+"""SR benchmark (the protocol of docs/ARCHITECTURE.md, section 6): every method against dense and bicubic on the built-in photos.
 
 A thin script over :func:`nmrestore.bench.run_benchmark`: the dense model is trained once and cached
 (``~/.cache/nmrestore/bench/<recipe hash>``, or ``$NMRESTORE_BENCH_CACHE``), every method is

@@ -10,7 +10,7 @@ crop = scale; nothing is selected on the test images):
   tasks' positions frozen, prune, ``finetune`` steps.
 * **dense**: one single-task model per scale trained from scratch for the *same number of steps as
   PNG spent on that task* (x2: dense + finetune; x3, x4: grow + finetune), through the harness's
-  dense cache (:func:`~nmrestore.bench.harness.ensure_dense`).
+  dense cache (:func:`~nmrestore.bench.config.ensure_dense`).
 
 The producer returns six rows (``task`` = ``sr_x2``/``sr_x3``/``sr_x4``, method ``dense``/``png``);
 PNG rows carry ``psnr_minus_dense``. The x3 rows carry the training-step time of PNG (earlier tasks'

@@ -265,7 +265,7 @@ def bench(
     set_: Annotated[list[str] | None, typer.Option("--set", help="a setting, e.g. --set finetune_steps=50")] = None,
     progress: Annotated[bool, typer.Option(help="show training progress bars")] = False,
 ) -> None:
-    """Benchmark every method against dense and bicubic on the built-in photos (DESIGN.md §5)."""
+    """Benchmark every method against dense and bicubic on the built-in photos (protocol: docs/ARCHITECTURE.md)."""
     from nmrestore.bench import config_from_overrides, format_table, run_benchmark, write_json, write_report
     from nmrestore.bench.config import copy_config
 

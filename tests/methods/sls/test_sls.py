@@ -1,4 +1,4 @@
-"""SLS: learned layer-wise N under a compute budget (DESIGN.md §3.2)."""
+"""SLS: learned layer-wise N under a compute budget (Oh et al., CVPR 2022)."""
 
 from __future__ import annotations
 
