@@ -21,7 +21,8 @@ from nmrestore.engine.checkpoint import load_checkpoint
 from nmrestore.engine.runner import (
     train,
 )
-from nmrestore.recipes.schema import BlurSpec, DataSource, Recipe, recipe_from_dict
+from nmrestore.errors import RecipeError
+from nmrestore.recipes.schema import BlurSpec, DataSource, Recipe, apply_overrides, recipe_from_dict
 from nmrestore.sparsity.api import parse_nm
 
 log = logging.getLogger("nmrestore.bench")
@@ -258,9 +259,6 @@ def ensure_dense(config: BenchConfig, echo: Echo | None = None) -> DenseCheckpoi
 def config_from_overrides(quick: bool = False, overrides: Sequence[str] = ()) -> BenchConfig:
     """The quick or full preset with ``key=value`` overrides (values parsed as YAML), validated."""
     from pydantic import ValidationError
-
-    from nmrestore.errors import RecipeError
-    from nmrestore.recipes.schema import apply_overrides
 
     preset = quick_config() if quick else full_config()
     data = apply_overrides(preset.model_dump(), list(overrides))

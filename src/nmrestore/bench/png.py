@@ -37,6 +37,7 @@ from nmrestore.bench.steps import Timed, measure_step_times
 from nmrestore.cost import count_cost
 from nmrestore.engine.evaluate import EvalResult, evaluate_model
 from nmrestore.engine.runner import build_eval_dataset, build_train_dataset, model_from_checkpoint
+from nmrestore.errors import NMRestoreError
 from nmrestore.methods.png import PNGConfig
 from nmrestore.methods.png.controller import PNGController
 from nmrestore.methods.png.program import evaluate_tasks, png_schedule, task_recipe, train_png
@@ -86,8 +87,6 @@ def png_recipe(config: BenchConfig, settings: PNGBenchSettings) -> Recipe:
     sigma 15, 25, 50) with the harness's data and lr."""
     denoise = config.task == "denoise"
     if config.task not in ("sr", "denoise"):
-        from nmrestore.errors import NMRestoreError
-
         raise NMRestoreError(f"PNG benchmark rows cover SR scales and denoising levels, not task {config.task!r}")
     model: dict[str, Any] = (
         {"name": config.model, "scale": 1, "kwargs": dict(config.model_kwargs)}

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nmrestore.data.loader import build_train_loader
 from nmrestore.engine.checkpoint import Checkpoint, load_checkpoint, load_model_state, save_checkpoint
 from nmrestore.engine.distributed import DistInfo, barrier, distributed_run
 from nmrestore.engine.evaluate import EvalResult, evaluate_model
@@ -301,8 +302,6 @@ def _run_phase(
     show_progress: bool,
     dist: DistInfo,
 ) -> TrainState:
-    from nmrestore.data.loader import build_train_loader
-
     phase_recipe = task_recipe(recipe, spec.scale, seed_offset=spec.index, task=spec.task_name)
     train_set = build_train_dataset(phase_recipe)
     per_process = max(1, recipe.data.train.batch_size // dist.world_size)

@@ -46,6 +46,7 @@ from nmrestore.engine.runner import (
     load_weights_from,
     seed_everything,
 )
+from nmrestore.engine.task import RestorationTask
 from nmrestore.engine.trainer import Trainer, TrainState
 from nmrestore.errors import RecipeError
 from nmrestore.methods.classpruning.classifier import (
@@ -61,7 +62,9 @@ from nmrestore.methods.classpruning.pipeline import AdaptivePipeline
 from nmrestore.methods.classpruning.program.evaluation import AdaptiveEvalResult, evaluate_adaptive
 from nmrestore.methods.classpruning.program.tasks import ClassifierTask, JointTask, SandwichTask
 from nmrestore.methods.classpruning.routes import layer_route_ns, nested_route_ns, set_layer_route_ns
+from nmrestore.methods.sls import SLSConfig
 from nmrestore.recipes.schema import Recipe, Schedule
+from nmrestore.sparsity.api import sparsify_
 
 log = logging.getLogger("nmrestore.adaptive")
 
@@ -164,9 +167,6 @@ def _stage_routes(ctx: _Context, model: nn.Module, dense_state: dict[str, Tensor
         per_layer = json.loads(out.read_text())["layers"]
         set_layer_route_ns(model, per_layer)
         return
-    from nmrestore.methods.sls import SLSConfig
-    from nmrestore.sparsity.api import sparsify_
-
     names = list(layer_route_ns(model))
     per_route: list[list[int]] = []
     for k, budget in enumerate(budgets):
@@ -189,8 +189,6 @@ def _stage_routes(ctx: _Context, model: nn.Module, dense_state: dict[str, Tensor
         report = sparsify_(search, sls)
         search.to(ctx.dist.device)
         loader = _sr_loader(ctx, ctx.recipe.data.train.patch_size, offset=100 + k)
-        from nmrestore.engine.task import RestorationTask
-
         _run_stage(
             f"routes/route_{k}",
             ctx,
