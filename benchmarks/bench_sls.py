@@ -63,8 +63,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from _report import markdown_table, write_section  # noqa: E402
 from nmrestore.bench.config import BenchConfig, Row, _data, _train_section, ensure_dense, recipe_digest  # noqa: E402
 from nmrestore.bench.context import BenchContext, register_row_producer  # noqa: E402
-from nmrestore.bench.harness import SLS_ANNEAL_INTERVALS, run_benchmark  # noqa: E402
-from nmrestore.bench.sls import SLS_RATIO_GROWTH, sls_settings  # noqa: E402
+from nmrestore.bench.harness import run_benchmark  # noqa: E402
+from nmrestore.bench.sls import SLS_EPOCHS, SLS_RATIO_GROWTH, sls_settings  # noqa: E402
 from nmrestore.cost import count_cost  # noqa: E402
 from nmrestore.data.loader import build_train_loader  # noqa: E402
 from nmrestore.engine.runner import (  # noqa: E402
@@ -81,6 +81,10 @@ from nmrestore.methods.sls.report import sls_layer_table  # noqa: E402
 from nmrestore.models import create_model  # noqa: E402
 from nmrestore.recipes.schema import recipe_from_dict  # noqa: E402
 from nmrestore.sparsity.api import eligible_layers, parse_nm  # noqa: E402
+
+#: sls_settings anneals every second epoch of the search (this name was lost when the harness's
+#: SLS schedule moved to epochs).
+SLS_ANNEAL_INTERVALS = SLS_EPOCHS // 2
 
 SECTION = "sls"
 TITLE = "SLS: layer-wise N:M under a MAC budget against uniform N:M (one-shot, SR-STE)"
