@@ -1,6 +1,6 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   creates .venv, installs nmrestore, runs the main job on the built-in images
-#   make test   installs the dev extras and runs the whole test suite
+#   make test   installs the dev extras, checks the import layers and runs the whole test suite
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -28,6 +28,7 @@ demo: install
 	$(VENV)/bin/nmrestore demo --out runs/demo
 
 test: install-dev
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 lint: install-dev

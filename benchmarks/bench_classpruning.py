@@ -1,4 +1,4 @@
-"""ClassPruning benchmark (DESIGN.md §3.3): input-adaptive N:M against dense and static N:M of equal MACs.
+"""ClassPruning benchmark (Zhou et al., arXiv 2211.05488; docs/ARCHITECTURE.md): input-adaptive N:M against dense and static N:M of equal MACs.
 
 Protocol, on the built-in photos (nothing is selected on the test images):
 
@@ -29,9 +29,8 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import sys
-import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,26 +42,17 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _report import markdown_table as md_table  # noqa: E402
 from _report import write_section  # noqa: E402
-from nmrestore.bench.harness import (  # noqa: E402
-    config_from_overrides,
-    copy_config,
-    describe,
-    format_table,
-    markdown_table,
-    plot_psnr_macs,
-    run_benchmark,
-)
+from nmrestore.bench.classpruning import register_bench_rows  # noqa: E402
+from nmrestore.bench.config import config_from_overrides, copy_config  # noqa: E402
+from nmrestore.bench.harness import run_benchmark  # noqa: E402
+from nmrestore.bench.report import describe, format_table, markdown_table, plot_psnr_macs  # noqa: E402
 from nmrestore.bench.routing_bound import RoutedScore, RoutingBound, routing_bound  # noqa: E402
 from nmrestore.cost import count_cost  # noqa: E402
-from nmrestore.engine.adaptive import (  # noqa: E402
-    AdaptivePipeline,
-    oracle_routes,
-    patchwise_restore,
-    register_bench_rows,
-)
 from nmrestore.engine.evaluate import evaluate_fn  # noqa: E402
 from nmrestore.engine.runner import model_from_checkpoint  # noqa: E402
-from nmrestore.methods.classpruning import layer_route_ns  # noqa: E402
+from nmrestore.methods.classpruning.pipeline import AdaptivePipeline, oracle_routes, patchwise_restore  # noqa: E402
+from nmrestore.methods.classpruning.routes import layer_route_ns  # noqa: E402
+from nmrestore.runtime.timing import interleaved  # noqa: E402
 from nmrestore.sparsity.api import eligible_layers  # noqa: E402
 from nmrestore.sparsity.parametrization import use_route  # noqa: E402
 
@@ -91,7 +81,7 @@ def static_n_for(dense_model: torch.nn.Module, fraction: float, m: int = 32) -> 
 
 def label_rule(settings: dict[str, Any]) -> str:
     """The labelling rule of this run, in words."""
-    from nmrestore.engine.adaptive import BENCH_SETTINGS
+    from nmrestore.bench.classpruning import BENCH_SETTINGS
 
     cfg = {**BENCH_SETTINGS, **settings}
     if cfg["labels"] == "budget":
@@ -146,7 +136,7 @@ def ideal_routing_rows(
     echo: Any,
 ) -> tuple[list[dict[str, Any]], RoutingBound | None]:
     """:func:`routing_bound` over SR-STE models at the routes' N (uniform routes only)."""
-    from nmrestore.engine.adaptive import BENCH_SETTINGS
+    from nmrestore.bench.classpruning import BENCH_SETTINGS
 
     cfg = {**BENCH_SETTINGS, **settings}
     if cfg.get("route_budgets") or cfg.get("m", 32) != 32:
@@ -221,18 +211,15 @@ def wall_times(
         "ClassPruning, patch at a time (ClassSR)": one_by_one.restore,
         "dense, patches batched": lambda x: patchwise_restore(dense, x, patch, stride, blend=batched.blend),
     }
-    keys = list(modes)
-    times: dict[str, list[float]] = {k: [] for k in keys}
     images = [s["lq"].unsqueeze(0) for s in samples]
+
+    def restore_all(mode: Any) -> None:
+        for x in images:
+            mode(x)
+
     with torch.no_grad():
-        for r in range(rounds + 1):  # round 0 warms up
-            for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
-                started = time.perf_counter()
-                for x in images:
-                    modes[key](x)
-                if r:
-                    times[key].append(time.perf_counter() - started)
-    return {k: statistics.median(v) for k, v in times.items()}
+        timings = interleaved({k: partial(restore_all, mode) for k, mode in modes.items()}, rounds, warmup=1)
+    return {k: timings.median(k) for k in modes}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     dense_row = next(r for r in rows if r["method"] == "dense")
 
     # static N:M of (at least) the same average MACs, same number of SR-weight steps
-    from nmrestore.bench.harness import dense_recipe, ensure_dense
+    from nmrestore.bench.config import dense_recipe, ensure_dense
 
     dense_ckpt = ensure_dense(config)  # cached: no training here
     dense_model, _ = model_from_checkpoint(dense_ckpt.path)

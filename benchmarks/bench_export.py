@@ -134,7 +134,8 @@ def _png_model(seed: int) -> tuple[nn.Module, object]:
 def _png_row(folder: Path) -> dict[str, object]:
     """PNG x2/x3/x4 on the EDSR-baseline trunk, masks from magnitude (prune step only)."""
     from nmrestore.export import save_packed
-    from nmrestore.methods.png import png_masks, prune_choice, select_task
+    from nmrestore.methods.png.mask import prune_choice
+    from nmrestore.methods.png.tasks import png_masks, select_task
 
     model, config = _png_model(0)
     for task, n in enumerate(config.ns):  # type: ignore[attr-defined]
@@ -163,7 +164,8 @@ def _png_row(folder: Path) -> dict[str, object]:
 
 def _onnx_models() -> list[tuple[str, Callable[[], nn.Module], int | None, str | None]]:
     from nmrestore.methods.classpruning import ClassPruningConfig
-    from nmrestore.methods.png import png_masks, prune_choice
+    from nmrestore.methods.png.mask import prune_choice
+    from nmrestore.methods.png.tasks import png_masks
 
     def uniform(name: str, n: int, m: int) -> Callable[[], nn.Module]:
         def build() -> nn.Module:

@@ -37,14 +37,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _report import write_section  # noqa: E402
-from nmrestore.bench.harness import (  # noqa: E402
-    BenchConfig,
-    format_table,
-    plot_psnr_macs,
-    report_body,
-    run_benchmark,
-    write_json,
-)
+from nmrestore.bench.config import BenchConfig  # noqa: E402
+from nmrestore.bench.harness import run_benchmark  # noqa: E402
+from nmrestore.bench.report import format_table, plot_psnr_macs, report_body, write_json  # noqa: E402
 from nmrestore.data.photos import obtain_photos  # noqa: E402
 
 DOCS = ROOT / "docs"

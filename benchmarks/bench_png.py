@@ -1,6 +1,6 @@
-"""PNG benchmark (DESIGN.md §3.4): one multi-task network for SR x2/x3/x4 against separate models.
+"""PNG benchmark (Jiang et al., CVPRW 2021; docs/ARCHITECTURE.md): one multi-task network for SR x2/x3/x4 against separate models.
 
-The rows come from the benchmark harness (method ``png``, :mod:`nmrestore.bench.multitask`); this
+The rows come from the benchmark harness (method ``png``, :mod:`nmrestore.bench.png`); this
 script adds the storage report, the paper-scale storage bounds and the checks.
 
 Protocol, on the built-in photos (train split for training, test split for scoring, Y PSNR/SSIM,
@@ -44,8 +44,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _report import markdown_table, write_section  # noqa: E402
-from nmrestore.bench.harness import BenchConfig, Row, ensure_dense, run_benchmark  # noqa: E402
-from nmrestore.bench.multitask import (  # noqa: E402
+from nmrestore.bench.config import BenchConfig, Row, ensure_dense  # noqa: E402
+from nmrestore.bench.harness import run_benchmark  # noqa: E402
+from nmrestore.bench.png import (  # noqa: E402
     TASKS,
     PNGBenchSettings,
     dense_config,
@@ -55,9 +56,11 @@ from nmrestore.bench.multitask import (  # noqa: E402
     run_png,
     task_steps,
 )
-from nmrestore.engine.png_runner import png_schedule  # noqa: E402
 from nmrestore.engine.runner import model_from_checkpoint  # noqa: E402
-from nmrestore.methods.png import PNGConfig, png_storage, storage_bound, use_png_task  # noqa: E402
+from nmrestore.methods.png import PNGConfig  # noqa: E402
+from nmrestore.methods.png.program import png_schedule  # noqa: E402
+from nmrestore.methods.png.storage import png_storage, storage_bound  # noqa: E402
+from nmrestore.methods.png.tasks import use_png_task  # noqa: E402
 from nmrestore.models import create_model  # noqa: E402
 from nmrestore.models.multitask import MultiScaleRCAN  # noqa: E402
 from nmrestore.recipes.schema import Recipe  # noqa: E402

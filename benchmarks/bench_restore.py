@@ -1,6 +1,6 @@
 """Deblurring and denoising benchmark: N:M methods against dense on synthetically degraded built-in photos.
 
-The CPU-sized counterpart of the SLS paper's DMPHN deblurring table (ANCHORS.md), through the
+The CPU-sized counterpart of the SLS paper's DMPHN deblurring table (Oh et al., CVPR 2022), through the
 harness (:func:`nmrestore.bench.run_benchmark`) with ``BenchConfig.task`` set:
 
 * **deblur**: ``dmphn_small`` (DMPHN 1-2, 32 channels) on the built-in training photos blurred on the
@@ -34,16 +34,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _report import write_section  # noqa: E402
-from nmrestore.bench.harness import (  # noqa: E402
-    BenchConfig,
-    Row,
-    check_rows,
+from nmrestore.bench.config import BenchConfig, Row  # noqa: E402
+from nmrestore.bench.harness import check_rows, run_benchmark  # noqa: E402
+from nmrestore.bench.report import (  # noqa: E402
     describe,
     format_table,
     markdown_table,
     plot_psnr_macs,
     plot_title,
-    run_benchmark,
     write_json,
 )
 from nmrestore.recipes.schema import BlurSpec  # noqa: E402
@@ -62,7 +60,7 @@ DENOISE_GROUPS: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = (
     (("sls",), ("8:32",)),
 )
 
-#: The paper's DMPHN/GoPro figures (ANCHORS.md), for the prose only: never mixed into our table.
+#: The paper's DMPHN/GoPro figures (Oh et al., CVPR 2022), for the prose only: never mixed into our table.
 PAPER = {
     "dense": 31.22,
     "oneshot 2:4": 31.43,
@@ -159,7 +157,7 @@ def comparison(deblur: list[Row], denoise: list[Row]) -> str:
     """Prose: our measured relations next to the paper's DMPHN/GoPro ones. Only measured numbers."""
     dense, inp, dense_ft = _find(deblur, "dense"), _find(deblur, "input"), _find(deblur, "dense_ft")
     one24 = _find(deblur, "oneshot", "2:4")
-    lines = ["**Against the paper's deblurring table** (DMPHN on GoPro, ANCHORS.md; GPU, 3000 epochs):", ""]
+    lines = ["**Against the paper's deblurring table** (DMPHN on GoPro, Oh et al., CVPR 2022; GPU, 3000 epochs):", ""]
     if dense and inp:
         lines.append(
             f"- Dense `dmphn_small` restores only {dense['psnr'] - inp['psnr']:+.3f} dB over the blurry input "

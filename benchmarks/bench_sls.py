@@ -5,7 +5,7 @@ The paper's relation: at 25% of the MACs and below, SLS's learned layer-wise N b
 whether that holds at CPU size and what explains the outcome. Every fine-tune goes through the
 benchmark harness (:func:`nmrestore.bench.run_benchmark`, cached dense models, the same data and
 steps for every method); rows are scored on the built-in test photos, and *nothing* is selected on
-them: the SLS settings come from the harness (:func:`nmrestore.bench.harness.sls_settings`, scaled
+them: the SLS settings come from the harness (:func:`nmrestore.bench.sls.sls_settings`, scaled
 a priori and checked on the training run only, see part ``search``).
 
 Parts (``--only PART``, repeatable; every fine-tune's row is cached under ``runs/bench-sls/rows``
@@ -61,20 +61,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _report import markdown_table, write_section  # noqa: E402
-from nmrestore.bench.harness import (  # noqa: E402
-    SLS_ANNEAL_INTERVALS,
-    SLS_RATIO_GROWTH,
-    BenchConfig,
-    BenchContext,
-    Row,
-    _data,
-    _train_section,
-    ensure_dense,
-    recipe_digest,
-    register_row_producer,
-    run_benchmark,
-    sls_settings,
-)
+from nmrestore.bench.config import BenchConfig, Row, _data, _train_section, ensure_dense, recipe_digest  # noqa: E402
+from nmrestore.bench.context import BenchContext, register_row_producer  # noqa: E402
+from nmrestore.bench.harness import run_benchmark  # noqa: E402
+from nmrestore.bench.sls import SLS_EPOCHS, SLS_RATIO_GROWTH, sls_settings  # noqa: E402
 from nmrestore.cost import count_cost  # noqa: E402
 from nmrestore.data.loader import build_train_loader  # noqa: E402
 from nmrestore.engine.runner import (  # noqa: E402
@@ -86,10 +76,15 @@ from nmrestore.engine.runner import (  # noqa: E402
 )
 from nmrestore.engine.task import RestorationTask  # noqa: E402
 from nmrestore.engine.trainer import Trainer  # noqa: E402
-from nmrestore.methods.sls import SLSController, sls_layer_table  # noqa: E402
+from nmrestore.methods.sls.controller import SLSController  # noqa: E402
+from nmrestore.methods.sls.report import sls_layer_table  # noqa: E402
 from nmrestore.models import create_model  # noqa: E402
 from nmrestore.recipes.schema import recipe_from_dict  # noqa: E402
 from nmrestore.sparsity.api import eligible_layers, parse_nm  # noqa: E402
+
+#: sls_settings anneals every second epoch of the search (this name was lost when the harness's
+#: SLS schedule moved to epochs).
+SLS_ANNEAL_INTERVALS = SLS_EPOCHS // 2
 
 SECTION = "sls"
 TITLE = "SLS: layer-wise N:M under a MAC budget against uniform N:M (one-shot, SR-STE)"
@@ -795,10 +790,10 @@ def report(parts: dict[str, Any], wall: dict[str, float]) -> str:
     dense = next(r for r in first if r["method"] == "dense")
     bicubic = next(r for r in first if r["method"] == "bicubic")
     out = [
-        "Protocol: the benchmark harness (DESIGN.md §5): one cached dense model per net, every method fine-tuned "
+        "Protocol: the benchmark harness (docs/ARCHITECTURE.md, section 6): one cached dense model per net, every method fine-tuned "
         "from it for the same steps at lr 1e-4 (batch 16, LR patch 32, L1, lr halved at 2/3), scored on all "
         "built-in test photos (Y PSNR/SSIM, crop = scale); the last checkpoint is scored, nothing is selected "
-        "on the test images. SLS settings: `nmrestore.bench.harness.sls_settings` (M = 32, search in the first "
+        "on the test images. SLS settings: `nmrestore.bench.sls.sls_settings` (M = 32, search in the first "
         f"half, lam 0.01, score_lr 0.01, {SLS_ANNEAL_INTERVALS} anneal intervals per search with threshold "
         f"{SLS_RATIO_GROWTH:g}/intervals, refresh every 1/12 of the run). `sls` = the paper's training (hard "
         "gradients; masks refreshed periodically, fixed once N is frozen); `sls_srste` = the same search with "

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
 import time
 from collections import defaultdict
@@ -53,17 +52,17 @@ from nmrestore.models import create_model  # noqa: E402
 from nmrestore.runtime import EngineConfig, compile_sparse, engine_state, kernel_status  # noqa: E402
 from nmrestore.runtime.speed import (  # noqa: E402
     SpeedReport,
-    interleaved_latency,
     measure_speed,
     profile_modules,
     torch_threads,
 )
+from nmrestore.runtime.timing import interleaved  # noqa: E402
 from nmrestore.sparsity import NMConfig, nm_layers, sparsify_, squash_  # noqa: E402
 
 SECTION = "speed"
 TITLE = "Speed: N:M sparse inference on the CPU"
 UNIFORM = ("2:4", "8:32", "4:32", "2:32")
-SLS_STEPS = 150  # search in the first half, then fine-tune with N frozen (harness.sls_settings)
+SLS_STEPS = 150  # search in the first half, then fine-tune with N frozen (nmrestore.bench.sls.sls_settings)
 SLS_BUDGET = 0.125  # of the prunable MACs: the average of uniform 4:32
 WARMUP = 2  # untimed forwards of each model before the interleaved rounds
 
@@ -82,7 +81,7 @@ def sls_recipe(steps: int = SLS_STEPS, budget: float = SLS_BUDGET, quick: bool =
     Speed depends only on the learned per-layer N, so there is no dense pre-training; the search
     itself (scores, cost penalty, annealing, projection onto the budget) is the real method's.
     """
-    from nmrestore.bench.harness import sls_settings
+    from nmrestore.bench.sls import sls_settings
     from nmrestore.recipes.schema import recipe_from_dict
 
     model: dict[str, object] = {"name": "edsr_baseline", "scale": 2}
@@ -114,7 +113,7 @@ def sls_recipe(steps: int = SLS_STEPS, budget: float = SLS_BUDGET, quick: bool =
 
 def ensure_sls(quick: bool = False) -> Path:
     """The cached SLS checkpoint (trained here on 1 thread on first use, resumable)."""
-    from nmrestore.bench.harness import default_cache_dir, recipe_digest
+    from nmrestore.bench.config import default_cache_dir, recipe_digest
     from nmrestore.engine.runner import train
 
     steps = 6 if quick else SLS_STEPS
@@ -153,10 +152,8 @@ def sls_summary(model: nn.Module) -> tuple[float, str]:
 
 def paired(report: SpeedReport) -> tuple[float, float, float]:
     """(dense ms, sparse ms, speed-up) from one report: medians of the runs and the median of the
-    per-round dense/sparse ratios (robust to the machine's slow phases)."""
-    ratios = [d / s for d, s in zip(report.dense_runs_ms, report.sparse_runs_ms, strict=True) if s > 0]
-    speedup = statistics.median(ratios) if ratios else report.speedup
-    return report.dense_ms, report.sparse_ms, speedup
+    per-round dense/sparse ratios (robust to the machine's slow phases; nmrestore.runtime.timing)."""
+    return report.dense_ms, report.sparse_ms, report.speedup
 
 
 def _row(label: str, model_name: str, nm: str, report: SpeedReport) -> dict[str, object]:
@@ -243,14 +240,10 @@ def _profile(models: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> lis
 
 
 def _classpruning(size: tuple[int, int], repeats: int, kwargs: dict[str, object]) -> dict[str, object]:
-    from nmrestore.engine.adaptive import (
-        AdaptivePipeline,
-        calibrate_shift,
-        classifier_logits,
-        extract_patches,
-        grid_positions,
-    )
-    from nmrestore.methods.classpruning import ClassPruningConfig, route_classifier
+    from nmrestore.methods.classpruning import ClassPruningConfig
+    from nmrestore.methods.classpruning.classifier import calibrate_shift, classifier_logits, route_classifier
+    from nmrestore.methods.classpruning.patches import extract_patches, grid_positions
+    from nmrestore.methods.classpruning.pipeline import AdaptivePipeline
 
     torch.manual_seed(0)
     model = create_model("edsr_baseline", scale=2, **kwargs)
@@ -274,10 +267,10 @@ def _classpruning(size: tuple[int, int], repeats: int, kwargs: dict[str, object]
         reference = plain(lq)
         result = fast(lq)  # first call: the route layers choose their tactics here
         diff = float((reference.output - result.output).abs().max())
-        times = interleaved_latency(
-            {"whole": lambda: whole(lq), "plain": lambda: plain(lq), "engine": lambda: fast(lq)}, repeats
+        timings = interleaved(
+            {"whole": lambda: whole(lq), "plain": lambda: plain(lq), "engine": lambda: fast(lq)}, repeats, warmup=0
         )
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    med = {k: timings.median(k) * 1e3 for k in timings.samples}
     state = engine_state(engine)
     assert state is not None
     by_route: dict[int, list[str]] = defaultdict(list)

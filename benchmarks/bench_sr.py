@@ -1,4 +1,4 @@
-"""SR benchmark (DESIGN.md §5): every method against dense and bicubic on the built-in photos.
+"""SR benchmark (the protocol of docs/ARCHITECTURE.md, section 6): every method against dense and bicubic on the built-in photos.
 
 A thin script over :func:`nmrestore.bench.run_benchmark`: the dense model is trained once and cached
 (``~/.cache/nmrestore/bench/<recipe hash>``, or ``$NMRESTORE_BENCH_CACHE``), every method is
@@ -26,15 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _report import write_section  # noqa: E402
-from nmrestore.bench.harness import (  # noqa: E402
-    config_from_overrides,
-    format_table,
-    plot_psnr_macs,
-    plot_title,
-    report_body,
-    run_benchmark,
-    write_json,
-)
+from nmrestore.bench.config import config_from_overrides  # noqa: E402
+from nmrestore.bench.harness import run_benchmark  # noqa: E402
+from nmrestore.bench.report import format_table, plot_psnr_macs, plot_title, report_body, write_json  # noqa: E402
 
 DOCS = ROOT / "docs"
 

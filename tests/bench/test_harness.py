@@ -164,7 +164,7 @@ def test_classpruning_and_png_rows_come_through_the_harness_registry() -> None:
 
 @pytest.mark.slow
 def test_png_rows_one_per_task_and_method(cache: Path) -> None:
-    from nmrestore.bench.multitask import PNGBenchSettings, register_bench_rows
+    from nmrestore.bench.png import PNGBenchSettings, register_bench_rows
 
     register_bench_rows(PNGBenchSettings(dense=2, grow=2, finetune=1, m=8, ns=(4, 4, 4), max_grow=1))
     try:
@@ -187,7 +187,7 @@ def test_png_rows_one_per_task_and_method(cache: Path) -> None:
 
 @pytest.mark.slow
 def test_classpruning_row_comes_through_the_harness(cache: Path) -> None:
-    from nmrestore.engine.adaptive import register_bench_rows
+    from nmrestore.bench.classpruning import register_bench_rows
 
     tiny_cp = {"classifier_steps": 2, "joint_steps": 1, "label_stride": 32, "classifier_batch": 4}
     register_bench_rows(tiny_cp)

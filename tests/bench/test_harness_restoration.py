@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from nmrestore.bench import ROW_KEYS, BenchConfig, dense_recipe, format_table, run_benchmark
-from nmrestore.bench.harness import describe, recipe_digest
+from nmrestore.bench.config import recipe_digest
+from nmrestore.bench.report import describe
 from nmrestore.cost import count_cost
 from nmrestore.models import create_model
 from nmrestore.recipes.schema import BlurSpec
@@ -77,7 +78,7 @@ def test_deblur_rows(cache: Path) -> None:
 
 @pytest.mark.slow
 def test_png_rows_for_noise_levels(cache: Path) -> None:
-    from nmrestore.bench.multitask import PNGBenchSettings, register_bench_rows
+    from nmrestore.bench.png import PNGBenchSettings, register_bench_rows
 
     register_bench_rows(PNGBenchSettings(dense=2, grow=2, finetune=1, m=8, ns=(4, 4, 4), max_grow=1))
     try:

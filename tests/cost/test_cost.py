@@ -1,4 +1,4 @@
-"""MAC/param/byte accounting against the papers' anchors (../shared/ANCHORS.md)."""
+"""MAC/param/byte accounting against the published figures (docs/ARCHITECTURE.md, section 3)."""
 
 from __future__ import annotations
 

@@ -101,7 +101,7 @@ def test_png_tasks_on_deblur_and_denoise(task: str, tmp_path: Path) -> None:
     result = train(recipe, tmp_path / "run", show_progress=False)
     assert list(result.tasks) == names  # type: ignore[attr-defined]
     if task == "denoise":
-        from nmrestore.engine.png_runner import task_recipe
+        from nmrestore.methods.png.program import task_recipe
 
         noisy = [build_eval_dataset(recipe.data.val, 1, recipe.task.for_png_task(n))[0] for n in names]
         levels = [float(((s["lq"] - s["gt"]) * 255).std()) for s in noisy]

@@ -41,7 +41,9 @@ def _classpruning() -> nn.Module:
 
 
 def _png() -> nn.Module:
-    from nmrestore.methods.png import PNGConfig, png_masks, prune_choice
+    from nmrestore.methods.png import PNGConfig
+    from nmrestore.methods.png.mask import prune_choice
+    from nmrestore.methods.png.tasks import png_masks
     from nmrestore.sparsity import dense_weight
 
     config = PNGConfig(m=8, ns=(2, 3, 4), max_grow=None)

@@ -18,7 +18,8 @@ from nmrestore.engine.runner import apply_sparsity, base_model, model_from_check
 from nmrestore.errors import CheckpointError
 from nmrestore.export import load_any, load_packed, pack_checkpoint, read_packed, save_packed
 from nmrestore.export.onnx import deployable_copy
-from nmrestore.export.packed import _bitpack, _bitunpack, _packed_digest, is_packed
+from nmrestore.export.packed import is_packed
+from nmrestore.export.packed_layers import bitpack, bitunpack, packed_digest
 from nmrestore.models import create_model
 from nmrestore.recipes.schema import recipe_from_dict
 from nmrestore.sparsity import NMConfig, nm_layers, sparsify_, use_route
@@ -92,7 +93,7 @@ def test_round_trip_is_exact_for_every_route(config: NMConfig, name: str, seed: 
 def test_bit_streams_round_trip() -> None:
     for bits in range(1, 8):
         values = torch.randint(0, 2**bits, (1001,), dtype=torch.uint8)
-        assert torch.equal(_bitunpack(_bitpack(values, bits), values.numel(), bits), values)
+        assert torch.equal(bitunpack(bitpack(values, bits), values.numel(), bits), values)
 
 
 @pytest.mark.parametrize(("n", "m"), [(2, 4), (2, 32)])
@@ -169,7 +170,8 @@ def test_load_packed_rebuilds_from_the_embedded_recipe(tmp_path: Path) -> None:
 
 
 def test_sls_state_round_trips(tmp_path: Path) -> None:
-    from nmrestore.methods.sls import SLSConfig, sls_masks
+    from nmrestore.methods.sls import SLSConfig
+    from nmrestore.methods.sls.mask import sls_masks
 
     torch.manual_seed(0)
     model = create_model("edsr_small", scale=2, **SMALL["edsr_small"])
@@ -205,7 +207,9 @@ def test_classpruning_routes_round_trip(tmp_path: Path) -> None:
 
 
 def test_png_tasks_round_trip(tmp_path: Path) -> None:
-    from nmrestore.methods.png import PNGConfig, png_masks, prune_choice, select_task
+    from nmrestore.methods.png import PNGConfig
+    from nmrestore.methods.png.mask import prune_choice
+    from nmrestore.methods.png.tasks import png_masks, select_task
     from nmrestore.sparsity import dense_weight
 
     config = PNGConfig(m=8, ns=(2, 3, 4), max_grow=None)
@@ -276,7 +280,7 @@ def test_crafted_indices_with_a_valid_digest_are_rejected(tmp_path: Path) -> Non
     with safe_open(str(path), framework="pt") as f:
         header = json.loads(f.metadata()["nmrestore"])
     tensors["indices:body.0.body.0"] = torch.zeros_like(tensors["indices:body.0.body.0"])  # index 0 twice
-    header["sha256"] = _packed_digest(tensors, header)
+    header["sha256"] = packed_digest(tensors, header)
     save_file(tensors, str(path), metadata={"nmrestore": json.dumps(header)})
     with pytest.raises(CheckpointError, match="repeats inside a group"):
         read_packed(path)

@@ -239,14 +239,11 @@ def test_autograd_inputs_take_the_dense_path() -> None:
 
 def test_classpruning_patch_pipeline_runs_each_route_on_its_sparse_layers() -> None:
     _kernel_or_skip()
-    from nmrestore.engine.adaptive import (
-        AdaptivePipeline,
-        calibrate_shift,
-        classifier_logits,
-        extract_patches,
-    )
-    from nmrestore.engine.adaptive import grid_positions as grid
-    from nmrestore.methods.classpruning import ClassPruningConfig, route_classifier
+    from nmrestore.methods.classpruning import ClassPruningConfig
+    from nmrestore.methods.classpruning.classifier import calibrate_shift, classifier_logits, route_classifier
+    from nmrestore.methods.classpruning.patches import extract_patches
+    from nmrestore.methods.classpruning.patches import grid_positions as grid
+    from nmrestore.methods.classpruning.pipeline import AdaptivePipeline
 
     torch.manual_seed(0)
     model = create_model("edsr_small", scale=2, n_feats=8, n_blocks=1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import hypothesis.strategies as st
 import pytest
@@ -218,3 +219,16 @@ def test_squashing_a_deep_copy_leaves_the_original_working() -> None:
     torch.testing.assert_close(clone(x), before, rtol=0, atol=0)
     torch.testing.assert_close(model(x), before, rtol=0, atol=0)
     assert list(nm_layers(model))
+
+
+def test_controller_hooks_default_to_nothing(tmp_path: Path) -> None:
+    from nmrestore.sparsity.api import Controller
+
+    controller = Controller()
+    model = nn.Linear(4, 4)
+    controller.step(1)
+    controller.finalize()
+    controller.load_state_dict({})
+    assert controller.regularizer() == {} and controller.state_dict() == {} and controller.metrics() == {}
+    assert controller.param_groups(model) == [] and controller.write_artifacts(model, tmp_path) == []
+    assert controller.find_unused_parameters is False

@@ -1,6 +1,6 @@
 """How much can per-patch routing gain at all? The ceiling of input-adaptive N:M on given images.
 
-ClassPruning (DESIGN.md §3.3) loses PSNR in three places: its routes share one weight tensor,
+ClassPruning (:mod:`nmrestore.methods.classpruning`) loses PSNR in three places: its routes share one weight tensor,
 its classifier guesses, and the patch pipeline sees no context across patch borders. This module
 removes the first two to measure what is left, the idea itself: each route is an *independently*
 trained model (e.g. SR-STE at that route's N:M, the dense model fine-tuned for the full route),
@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from nmrestore.engine.adaptive import extract_patches, grid_positions, per_image_weights, stitch_patches
 from nmrestore.engine.evaluate import evaluate_fn
 from nmrestore.errors import SparsityError
-from nmrestore.methods.classpruning import budget_labels
+from nmrestore.methods.classpruning.labels import budget_labels, per_image_weights
+from nmrestore.methods.classpruning.patches import extract_patches, grid_positions, stitch_patches
 from nmrestore.metrics import psnr_torch
 
 

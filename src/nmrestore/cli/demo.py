@@ -88,7 +88,7 @@ def run_demo(out: Path, quick: bool = False, show_progress: bool = True) -> Path
         model.eval()
         models[label] = model
         if label == "classpruning":  # input-adaptive: scored through its patch pipeline, class maps saved
-            from nmrestore.engine.adaptive import adaptive_report_row
+            from nmrestore.methods.classpruning.program.evaluation import adaptive_report_row
 
             cp_row, _ = adaptive_report_row(model, test_set, scale, float(dense_macs or 1), out / "class_maps")
             rows.append({**cp_row, "checkpoint": str(ckpt)})
@@ -108,7 +108,7 @@ def run_demo(out: Path, quick: bool = False, show_progress: bool = True) -> Path
     pictures = _crops(out, test_set, models, scale)
     extra_md = []
     if "sls" in models:
-        from nmrestore.methods.sls import plot_n_per_layer, sls_layer_table
+        from nmrestore.methods.sls.report import plot_n_per_layer, sls_layer_table
 
         chart = plot_n_per_layer(models["sls"], out / "sls_n_per_layer.png")
         table = [r for r in sls_layer_table(models["sls"]) if r.get("n") is not None]
@@ -171,7 +171,7 @@ def _crops(out: Path, test_set: SREvalDataset, models: dict[str, torch.nn.Module
         panels = [("bicubic", to_uint8(bicubic_restorer(scale)(lq)[0].clamp(0, 1)))]
         for label, model in models.items():
             if label == "classpruning":  # the adaptive model restores through its patch pipeline
-                from nmrestore.engine.adaptive import AdaptivePipeline
+                from nmrestore.methods.classpruning.pipeline import AdaptivePipeline
 
                 panels.append((label, to_uint8(AdaptivePipeline(model).restore(lq)[0].clamp(0, 1))))
                 continue

@@ -43,7 +43,7 @@ def evaluate_checkpoint(
     model_scale = recipe.model.scale
     task_spec = recipe.task
     if task is not None:  # a multi-task (PNG) model: score this task
-        from nmrestore.methods.png import activate_task
+        from nmrestore.methods.png.tasks import activate_task
 
         model_scale = activate_task(model, task)
         task_spec = recipe.task.for_png_task(task)  # denoising: the task's own noise level
@@ -61,7 +61,7 @@ def evaluate_checkpoint(
     crop = recipe.eval.crop_border if recipe.eval.crop_border is not None else model_scale
     engine = _engine(model) if sparse_engine else None
     if recipe.sparsity is not None and recipe.sparsity.method == "classpruning":
-        from nmrestore.engine.adaptive import adaptive_eval_payload
+        from nmrestore.methods.classpruning.program.evaluation import adaptive_eval_payload
 
         payload = adaptive_eval_payload(ckpt, model, recipe, dataset, crop, class_map_dir, engine=engine)
         return _with_engine(payload, engine)
@@ -84,7 +84,7 @@ def evaluate_checkpoint(
         ],
     }
     if recipe.sparsity is not None and recipe.sparsity.method == "sls":
-        from nmrestore.methods.sls import achieved_budget, format_sls_table, sls_layer_table
+        from nmrestore.methods.sls.report import achieved_budget, format_sls_table, sls_layer_table
 
         rows = sls_layer_table(model, cost)
         payload["sls_layers"] = rows
@@ -95,7 +95,7 @@ def evaluate_checkpoint(
             f" <= {recipe.sparsity.budget:.4f}",  # type: ignore[attr-defined]
         ]
     if recipe.sparsity is not None and recipe.sparsity.method == "png":
-        from nmrestore.methods.png import png_eval_extras
+        from nmrestore.methods.png.storage import png_eval_extras
 
         payload.update(png_eval_extras(model, cost))
     return _with_engine(payload, engine)
@@ -134,10 +134,10 @@ def _with_engine(payload: dict[str, Any], engine: torch.nn.Module | None) -> dic
 
 def _active_png_task(model: torch.nn.Module) -> str:
     """Name of the task a PNG model runs now (its masks' route)."""
-    from nmrestore.methods.png import _route_of
+    from nmrestore.methods.png.tasks import active_route
 
     names = tuple(getattr(model, "png_tasks", ()))
-    route = _route_of(model)
+    route = active_route(model)
     if not names or route >= len(names):
         raise CheckpointError("this PNG checkpoint does not name its tasks; pass --task")
     return names[route]
@@ -241,7 +241,7 @@ def infer_images(
     model.eval()
     scale = recipe.model.scale
     if task is not None:  # a multi-task (PNG) model: run this task
-        from nmrestore.methods.png import activate_task
+        from nmrestore.methods.png.tasks import activate_task
 
         scale = activate_task(model, task)
     for path in inputs:  # header sizes first: refuse a huge output before decoding anything
@@ -251,7 +251,7 @@ def infer_images(
     images = [(path, read_image(path)) for path in inputs]  # read all first: fail before writing
     engine = _engine(model) if sparse_engine else None
     if adaptive:
-        from nmrestore.engine.adaptive import infer_adaptive
+        from nmrestore.methods.classpruning.program.evaluation import infer_adaptive
 
         return infer_adaptive(model, recipe, images, out, patch_size, stride, engine=engine)
     runner = model if engine is None else engine

@@ -321,9 +321,9 @@ def bench(
     set_: Annotated[list[str] | None, typer.Option("--set", help="a setting, e.g. --set finetune_steps=50")] = None,
     progress: Annotated[bool, typer.Option(help="show training progress bars")] = False,
 ) -> None:
-    """Benchmark every method against dense and bicubic on the built-in photos (DESIGN.md §5)."""
+    """Benchmark every method against dense and bicubic on the built-in photos (protocol: docs/ARCHITECTURE.md)."""
     from nmrestore.bench import config_from_overrides, format_table, run_benchmark, write_json, write_report
-    from nmrestore.bench.harness import copy_config
+    from nmrestore.bench.config import copy_config
 
     config = config_from_overrides(quick, set_ or [])
     config = copy_config(config, show_progress=progress, work_dir=config.work_dir or out / "runs")

@@ -2,7 +2,7 @@
 
 The dense per-module MACs come from PyTorch's own ``FlopCounterMode`` (FLOPs / 2), run under a
 ``FakeTensorMode`` so no real computation happens and a 720p EDSR costs milliseconds to count.
-Effective MACs of a pruned layer are its dense MACs x N/M (DESIGN.md §1). Counting never changes
+Effective MACs of a pruned layer are its dense MACs x N/M (docs/ARCHITECTURE.md, section 3). Counting never changes
 the model: its train/eval flags and mask caches are restored.
 """
 

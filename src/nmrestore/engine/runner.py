@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from nmrestore.io_atomic import atomic_write_text
 from nmrestore.models import create_model
 from nmrestore.models.registry import MAX_MODEL_BYTES, check_model_kwargs, check_model_size
 from nmrestore.recipes.schema import DataSource, Recipe, TaskSpec, recipe_from_dict
-from nmrestore.sparsity.api import Controller, SparsifyReport, sparsify_, squash_
+from nmrestore.sparsity.api import Controller, NMConfig, SparsifyReport, sparsify_, squash_
 from nmrestore.sparsity.parametrization import nm_layers
 
 log = logging.getLogger("nmrestore")
@@ -179,6 +180,27 @@ def model_from_checkpoint(ckpt: Checkpoint | str | Path, allow_large: bool = Fal
     return model, recipe
 
 
+#: ``program(recipe, run_dir, resume, show_progress) -> RunResult``: a method's own training.
+TrainingProgram = Callable[[Recipe, str | Path, bool, bool], "RunResult"]
+
+
+def training_program(config: NMConfig | None) -> TrainingProgram | None:
+    """The training program a method config declares (``NMConfig.training_program``), or None.
+
+    The registry is the config class itself: it names its program as ``"module:function"`` and the
+    module is imported here on first use, so method cores never import the engine and the engine
+    never imports (or names) a method's program.
+    """
+    path = None if config is None else type(config).training_program
+    if path is None:
+        return None
+    module, _, name = path.partition(":")
+    program = getattr(importlib.import_module(module), name, None)
+    if not callable(program):
+        raise RecipeError(f"{type(config).__name__}.training_program = {path!r} names no function")
+    return program  # type: ignore[no-any-return]
+
+
 @dataclass
 class RunResult:
     run_dir: Path
@@ -197,23 +219,19 @@ def train(
 ) -> RunResult:
     """Train ``recipe`` into ``run_dir`` (one process or under torchrun); resumable.
 
-    The run folder is locked for the whole run (:mod:`nmrestore.engine.runlock`): a second run
-    into the same folder stops with :class:`~nmrestore.engine.runlock.RunInUseError` and changes
-    nothing.
+    A method whose config names a training program (ClassPruning's stages, PNG's task schedule) is
+    trained by that program; every other recipe by the plain Trainer loop below. The run folder is
+    locked for the whole run (:mod:`nmrestore.engine.runlock`): a second run into the same folder
+    stops with :class:`~nmrestore.engine.runlock.RunInUseError` and changes nothing.
     """
     with run_lock(run_dir):
         return _dispatch(recipe, Path(run_dir), resume, show_progress)
 
 
 def _dispatch(recipe: Recipe, run_dir: Path, resume: bool, show_progress: bool) -> RunResult:
-    if recipe.sparsity is not None and recipe.sparsity.method == "classpruning":
-        from nmrestore.engine.adaptive import train_adaptive  # staged training (DESIGN.md §3.3)
-
-        return train_adaptive(recipe, run_dir, resume, show_progress)
-    if recipe.sparsity is not None and recipe.sparsity.method == "png":
-        from nmrestore.engine.png_runner import train_png  # task-by-task schedule (DESIGN.md §3.4)
-
-        return train_png(recipe, run_dir, resume, show_progress)
+    program = training_program(recipe.sparsity)
+    if program is not None:
+        return program(recipe, run_dir, resume, show_progress)
     dist = init_distributed(recipe.train.device)
     try:
         return _train(recipe, run_dir, resume, show_progress, dist)
@@ -286,9 +304,8 @@ def _train(recipe: Recipe, run_dir: Path, resume: bool, show_progress: bool, dis
         trainer.restore(saved)
         log.info("resumed %s at step %d", run_dir, saved.step)
     state = trainer.fit()
-    write_artifacts = getattr(controller, "write_artifacts", None)
-    if dist.is_main and callable(write_artifacts):
-        write_artifacts(model, run_dir)  # method-specific tables and charts (e.g. SLS's N per layer)
+    if dist.is_main and controller is not None:
+        controller.write_artifacts(model, run_dir)  # method-specific tables and charts (e.g. SLS's N per layer)
     final = (validated.get(state.step) or validate(model)) if dist.is_main else None
     if dist.is_main and final is not None:
         summary = {

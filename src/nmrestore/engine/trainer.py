@@ -108,7 +108,7 @@ class Trainer:
                 model,
                 device_ids=[self.dist.device.index] if self.dist.device.type == "cuda" else None,
                 # e.g. SLS scores leave the graph once N is frozen
-                find_unused_parameters=bool(getattr(controller, "find_unused_parameters", False)),
+                find_unused_parameters=controller is not None and controller.find_unused_parameters,
             )
         self._writer = self._tensorboard() if spec.tensorboard and self.dist.is_main else None
 
@@ -116,9 +116,8 @@ class Trainer:
     def _build_optimizer(self) -> torch.optim.Optimizer:
         groups: list[dict[str, Any]] = []
         special: set[int] = set()
-        param_groups = getattr(self.controller, "param_groups", None)
-        if callable(param_groups):
-            for group in param_groups(self.model):
+        if self.controller is not None:
+            for group in self.controller.param_groups(self.model):
                 groups.append(group)
                 special.update(id(p) for p in group["params"])
         rest = [p for p in self.model.parameters() if p.requires_grad and id(p) not in special]
@@ -245,9 +244,8 @@ class Trainer:
                 self.state.step += 1
                 if self.controller is not None:
                     self.controller.step(self.state.step)
-                    finalize = getattr(self.controller, "finalize", None)
-                    if self.state.step == spec.steps and callable(finalize):
-                        finalize()  # e.g. SLS: a run never ends above its budget
+                    if self.state.step == spec.steps:
+                        self.controller.finalize()  # e.g. SLS: a run never ends above its budget
                 window.append(float(total.item()))
                 step = self.state.step
                 if step % spec.log_every == 0 or step == spec.steps:

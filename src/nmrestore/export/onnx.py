@@ -24,6 +24,7 @@ from torch.nn.utils import parametrize
 
 from nmrestore.errors import NMRestoreError
 from nmrestore.io_atomic import atomic_path
+from nmrestore.methods.png.tasks import select_task
 from nmrestore.sparsity.api import nm_patterns, squash_
 from nmrestore.sparsity.parametrization import nm_layers, set_route
 
@@ -62,31 +63,6 @@ class OnnxReport:
             f"{self.path}: ONNX opset {self.opset}, {where}, {len(self.patterns)} N:M layer(s) as "
             f"dense-with-zeros weights, {self.file_bytes:,} bytes; {check}"
         )
-
-
-def select_task(model: nn.Module, task: int | str | None) -> None:
-    """Make ``task`` (a name such as ``"x3"`` or an index) active on a multi-task model.
-
-    PNG models switch both their task layers and their masks' route (``methods.png.select_task``);
-    any other model exposing ``set_task`` is asked directly. A model without tasks is an error
-    rather than silently exporting something else.
-    """
-    if task is None:
-        return
-    value: int | str = int(task) if isinstance(task, str) and task.isdigit() else task
-    try:
-        from nmrestore.methods import png
-    except ImportError:  # pragma: no cover - PNG is part of the package
-        png = None  # type: ignore[assignment]
-    if png is not None and (hasattr(model, "tasks") or png.png_masks(model)):
-        png.select_task(model, value)
-        return
-    setter = getattr(model, "set_task", None)
-    if not callable(setter):
-        raise NMRestoreError(
-            f"{type(model).__name__} has no tasks (no set_task method); --task only applies to multi-task models"
-        )
-    setter(value)
 
 
 def _num_routes(model: nn.Module) -> int:

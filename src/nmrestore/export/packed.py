@@ -43,7 +43,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
@@ -56,195 +55,43 @@ from nmrestore.engine.checkpoint import (
     Checkpoint,
     _atomic_save_tensors,
     check_metadata,
-    integrity_digest,
     load_checkpoint,
     load_model_state,
     parse_metadata,
 )
 from nmrestore.errors import CheckpointError
-from nmrestore.export.onnx import select_task
+from nmrestore.export.packed_layers import (
+    PackedLayer,
+    banded_cheaper,
+    bitpack,
+    bitunpack,
+    canonical_ranks,
+    check_order,
+    mask_index,
+    masks_per_route,
+    packed_digest,
+    prefix_sizes,
+    rank_cuts,
+    ranks_from_order,
+    small_int_bits,
+    state_keys,
+    top_k_by_rank,
+)
+from nmrestore.methods.png.tasks import select_task
 from nmrestore.sparsity import nm
 from nmrestore.sparsity.api import squash_
-from nmrestore.sparsity.parametrization import NMMask, nm_layers, set_route
+from nmrestore.sparsity.parametrization import nm_layers, set_route
 
 PACKED_FORMAT = "nmrestore-packed/1"
+
+
 META_KEY = "nmrestore"
+
+
 #: Header keys owned by the packed format (everything else is the source checkpoint's metadata).
 _OWN_KEYS = ("format", "sha256", "packed")
 
 
-# -- bit packing ------------------------------------------------------------------------------
-def _bitpack(indices: Tensor, bits: int) -> Tensor:
-    """Pack small non-negative ints (< 2**bits) into a uint8 stream, ``bits`` bits each.
-
-    Big-endian bit order, as :func:`numpy.packbits`; :func:`nm.unpack_indices` reads it back.
-    """
-    flat = indices.to(torch.uint8).cpu().numpy().reshape(-1, 1)
-    planes = np.unpackbits(flat, axis=1)[:, 8 - bits :]
-    return torch.from_numpy(np.packbits(planes.reshape(-1)).copy())
-
-
-def _bitunpack(stream: Tensor, count: int, bits: int) -> Tensor:
-    """Inverse of :func:`_bitpack`: ``count`` ints of ``bits`` bits each, as uint8."""
-    planes = np.unpackbits(stream.numpy())[: count * bits]
-    if planes.size != count * bits:
-        raise ValueError(f"bit stream too short for {count} values of {bits} bits")
-    full = np.zeros((count, 8), dtype=np.uint8)
-    full[:, 8 - bits :] = planes.reshape(count, bits)
-    return torch.from_numpy(np.packbits(full, axis=1).reshape(count))
-
-
-def _small_int_bits(t: Tensor) -> int | None:
-    """Bits per entry for a bool/uint8 tensor that fits in fewer than 8 (None: store it as is).
-
-    Masks' own state (ranks, per-task bit fields, flags) is small integers; bit-packing it is exact.
-    """
-    if t.dtype not in (torch.bool, torch.uint8) or t.numel() == 0:
-        return None
-    bits = max(1, int(t.max()).bit_length())
-    return bits if bits < 8 else None
-
-
-def _top_k_by_rank(ranks: Tensor, k: int, m: int, in_axis: int) -> Tensor:
-    """In-group positions of ranks 0..k-1, in rank order: ``(..., I/M, k)`` int64."""
-    groups = nm.to_groups(ranks.long(), m, in_axis)
-    return torch.sort(groups, dim=-1, stable=True).indices[..., :k]
-
-
-def _ranks_from_order(order: Tensor, m: int) -> Tensor:
-    """Group-view ranks whose first K positions are ``order`` (rank j at ``order[..., j]``).
-
-    The other positions get ranks K..M-1 in in-group index order.
-    """
-    k = order.shape[-1]
-    lead = order.shape[:-1]
-    ranks = torch.empty((*lead, m), dtype=torch.int64)
-    ranks.scatter_(-1, order, torch.arange(k).expand_as(order).contiguous())
-    if k < m:
-        taken = torch.zeros((*lead, m), dtype=torch.uint8)
-        taken.scatter_(-1, order, 1)
-        rest = torch.sort(taken, dim=-1, stable=True).indices[..., : m - k]
-        ranks.scatter_(-1, rest, torch.arange(k, m).expand_as(rest).contiguous())
-    return ranks
-
-
-def _canonical_ranks(band: Tensor, m: int, in_axis: int) -> Tensor:
-    """Ranks that list band 0 first, then band 1...; in-group index order inside a band (uint8)."""
-    order = torch.sort(nm.to_groups(band.long(), m, in_axis), dim=-1, stable=True).indices
-    return nm.from_groups(_ranks_from_order(order, m).to(torch.uint8), band.shape, in_axis)
-
-
-def _rank_cuts(ranks: Tensor, route_n: tuple[int, ...], m: int, in_axis: int) -> list[int] | None:
-    """The fewest cuts (from the routes' N) whose bands reproduce ``ranks`` canonically, or None.
-
-    PNG's ranks list a task's kept positions first, each part in index order: one cut, one bit.
-    """
-    values = sorted({n for n in route_n if 0 < n < m})
-    for cuts in [[c] for c in values] + ([values] if len(values) > 1 else []):
-        band = torch.bucketize(ranks.long(), torch.tensor(cuts), right=True)
-        if torch.equal(_canonical_ranks(band, m, in_axis), ranks):
-            return cuts
-    return None
-
-
-def _check_order(order: Tensor, m: int, layer: str) -> None:
-    """Refuse indices outside 0..M-1 or repeated inside a group (a damaged or crafted file)."""
-    if order.numel() == 0:
-        return
-    if int(order.max()) >= m:
-        raise CheckpointError(f"packed layer {layer!r}: an in-group index is >= M={m}")
-    if order.shape[-1] > 1:
-        sorted_order = torch.sort(order, dim=-1).values
-        if bool((sorted_order[..., 1:] == sorted_order[..., :-1]).any()):
-            raise CheckpointError(f"packed layer {layer!r}: an in-group index repeats inside a group")
-
-
-def _packed_digest(tensors: dict[str, Tensor], header: dict[str, Any]) -> str:
-    """SHA-256 over the tensors *and* the header (whose layer table the decoding trusts).
-
-    The same scheme as training checkpoints (:func:`~nmrestore.engine.checkpoint.integrity_digest`).
-    """
-    return integrity_digest(tensors, header)
-
-
-# -- per-layer analysis -----------------------------------------------------------------------
-@dataclass(frozen=True)
-class PackedLayer:
-    """How one masked layer is stored, and what it costs (bytes of its weight only)."""
-
-    name: str
-    encoding: str  # ranked | banded | full | union | dense
-    shape: tuple[int, ...]
-    m: int
-    route_n: tuple[int, ...]
-    kept: int  # K: positions per group stored (ranked/full); the most any group keeps (union)
-    in_axis: int
-    stored_bytes: int
-    dense_bytes: int
-
-
-def _state_keys(name: str, index: int) -> dict[str, str]:
-    """``state_dict`` keys of a masked layer's dense weight, ranks and per-route N."""
-    prefix = f"{name}." if name else ""
-    mask = f"{prefix}parametrizations.weight.{index}."
-    return {
-        "original": f"{prefix}parametrizations.weight.original",
-        "ranks": f"{mask}ranks",
-        "route_n": f"{mask}route_n",
-        "mask": mask,
-    }
-
-
-def _mask_index(module: nn.Module, mask: NMMask) -> int:
-    for index, p in enumerate(module.parametrizations.weight):
-        if p is mask:
-            return index
-    raise CheckpointError("an N:M mask is not on its layer's weight")  # pragma: no cover - defensive
-
-
-@torch.no_grad()
-def _route_masks(mask: NMMask) -> list[Tensor]:
-    """The boolean mask of every route (the layer's active route is restored afterwards)."""
-    previous = mask.route
-    out = []
-    try:
-        for route in range(mask.num_routes):
-            mask.set_route(route)
-            out.append((mask.mask().detach() != 0).cpu())
-    finally:
-        mask.set_route(previous)
-    return out
-
-
-def _prefix_sizes(mask: NMMask, route_masks: list[Tensor]) -> list[int] | None:
-    """N_r per route when every route's mask is exactly ``rank < N_r``; None otherwise."""
-    ranks = mask.ranks.long().cpu()
-    sizes = []
-    for keep in route_masks:
-        counts = nm.to_groups(keep, mask.m, mask.in_axis).sum(-1)
-        k = int(counts.flatten()[0]) if counts.numel() else 0
-        if not bool((counts == k).all()) or not torch.equal(keep, ranks < k):
-            return None
-        sizes.append(k)
-    return sizes
-
-
-def _banded_cheaper(original: Tensor, sizes: list[int], m: int) -> bool:
-    """True when dense values + a band id per weight are smaller than K values + K indices per group.
-
-    Happens when the largest route keeps (nearly) everything, e.g. ClassPruning's 8/16/32 of 32:
-    the ranked form would store 32 values and 32 five-bit indices per group, the banded one 32
-    values and 32 two-bit band ids.
-    """
-    kept, cuts = max(sizes), sorted(set(sizes))
-    band_bits = max(1, (len(cuts) - (1 if kept == m else 0)).bit_length())
-    groups = original.numel() // m
-    ranked = groups * kept * (original.element_size() * 8 + nm.index_bits(m))
-    banded = groups * m * (original.element_size() * 8 + band_bits)
-    return banded < ranked
-
-
-# -- writing ----------------------------------------------------------------------------------
 @dataclass
 class PackedReport:
     """What :func:`save_packed` wrote and how it compares with the dense fp32 checkpoint.
@@ -317,8 +164,8 @@ def save_packed(model: nn.Module, path: str | Path, meta: dict[str, Any] | None 
     layer_meta: dict[str, dict[str, Any]] = {}
     theory = 0
     for name, module, mask in nm_layers(model):
-        index = _mask_index(module, mask)
-        keys = _state_keys(name, index)
+        index = mask_index(module, mask)
+        keys = state_keys(name, index)
         original_key, ranks_key, route_n_key = keys["original"], keys["ranks"], keys["route_n"]
         mask_state.update(k for k in state if k.startswith(keys["mask"]))
         if route_n_key in state and state[route_n_key].dtype == torch.int64:
@@ -327,8 +174,8 @@ def save_packed(model: nn.Module, path: str | Path, meta: dict[str, Any] | None 
         m, in_axis = mask.m, mask.in_axis
         route_n = tuple(int(v) for v in mask.route_n)
         dense_bytes = _tensor_nbytes(original)
-        route_masks = _route_masks(mask)
-        sizes = _prefix_sizes(mask, route_masks)
+        route_masks = masks_per_route(mask)
+        sizes = prefix_sizes(mask, route_masks)
         entry: dict[str, Any] = {
             "shape": list(original.shape),
             "m": m,
@@ -347,7 +194,7 @@ def save_packed(model: nn.Module, path: str | Path, meta: dict[str, Any] | None 
             stored = dense_bytes
             theory += dense_bytes
             handled.update((original_key, ranks_key))
-        elif sizes is not None and _banded_cheaper(original, sizes, m):
+        elif sizes is not None and banded_cheaper(original, sizes, m):
             # every position is stored anyway: a band id per weight beats an index per weight
             encoding, kept = "banded", max(sizes)
             cuts = sorted(set(sizes))
@@ -357,17 +204,17 @@ def save_packed(model: nn.Module, path: str | Path, meta: dict[str, Any] | None 
                 band < len(cuts), original, torch.zeros((), dtype=original.dtype)
             ).contiguous()
             tensors[f"values:{name}"] = values
-            tensors[f"bands:{name}"] = _bitpack(band, band_bits)
+            tensors[f"bands:{name}"] = bitpack(band, band_bits)
             entry["cuts"], entry["band_bits"] = cuts, band_bits
             stored = _tensor_nbytes(values) + tensors[f"bands:{name}"].numel()
             theory += stored
             handled.update((original_key, ranks_key))
         elif sizes is not None:
             encoding, kept = "ranked", max(sizes)
-            order = _top_k_by_rank(state[ranks_key], kept, m, in_axis)
+            order = top_k_by_rank(state[ranks_key], kept, m, in_axis)
             values = torch.gather(nm.to_groups(original, m, in_axis), -1, order).contiguous()
             tensors[f"values:{name}"] = values
-            tensors[f"indices:{name}"] = _bitpack(order, bits)
+            tensors[f"indices:{name}"] = bitpack(order, bits)
             stored = _tensor_nbytes(values) + tensors[f"indices:{name}"].numel()
             theory += nm.packed_nbytes(original.numel(), kept, m, original.element_size())
             handled.update((original_key, ranks_key))
@@ -376,16 +223,16 @@ def save_packed(model: nn.Module, path: str | Path, meta: dict[str, Any] | None 
             union = torch.stack(route_masks).any(0)
             values = original[union].contiguous()
             tensors[f"values:{name}"] = values
-            tensors[f"union:{name}"] = _bitpack(union, 1)
+            tensors[f"union:{name}"] = bitpack(union, 1)
             stored = _tensor_nbytes(values) + tensors[f"union:{name}"].numel()
             theory += stored
             kept = int(nm.to_groups(union, m, in_axis).sum(-1).max())
             handled.add(original_key)  # the mask's own state goes in the small-int section
-            cuts = _rank_cuts(state[ranks_key], route_n, m, in_axis)
+            cuts = rank_cuts(state[ranks_key], route_n, m, in_axis)
             if cuts is not None:  # ranks that only order a few bands (PNG: kept first) cost a band id
                 band_bits = max(1, len(cuts).bit_length())
                 band = torch.bucketize(state[ranks_key].long(), torch.tensor(cuts), right=True)
-                tensors[f"rankbands:{name}"] = _bitpack(band, band_bits)
+                tensors[f"rankbands:{name}"] = bitpack(band, band_bits)
                 entry["rank_cuts"], entry["rank_bits"] = cuts, band_bits
                 handled.add(ranks_key)
         entry["encoding"] = encoding
@@ -400,9 +247,9 @@ def save_packed(model: nn.Module, path: str | Path, meta: dict[str, Any] | None 
     for key, value in state.items():
         if key in handled:
             continue
-        bits = _small_int_bits(value)
+        bits = small_int_bits(value)
         if bits is not None:
-            tensors[f"small:{key}"] = _bitpack(value, bits)
+            tensors[f"small:{key}"] = bitpack(value, bits)
             small_keys.append([key, list(value.shape), str(value.dtype).removeprefix("torch."), bits])
         else:
             tensors[f"dense:{key}"] = value.contiguous()
@@ -422,7 +269,7 @@ def save_packed(model: nn.Module, path: str | Path, meta: dict[str, Any] | None 
         },
     }
     header = json.loads(json.dumps(header, default=str))  # what a reader will parse
-    header["sha256"] = _packed_digest(tensors, header)
+    header["sha256"] = packed_digest(tensors, header)
     _atomic_save_tensors(path, tensors, {META_KEY: json.dumps(header, sort_keys=True)})
     return PackedReport(
         path,
@@ -452,7 +299,6 @@ def pack_checkpoint(checkpoint: str | Path, out: str | Path | None = None, allow
     return save_packed(model, target, ckpt.meta)
 
 
-# -- reading ----------------------------------------------------------------------------------
 def _read_header(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -480,10 +326,10 @@ def _restore_state(path: Path, header: dict[str, Any], tensors: dict[str, Tensor
             state[key[len("dense:") :]] = value
     for key, shape, dtype, bits in packed.get("small", []):
         shape = [int(v) for v in shape]
-        ints = _bitunpack(tensors[f"small:{key}"], math.prod(shape), int(bits)).reshape(shape)
+        ints = bitunpack(tensors[f"small:{key}"], math.prod(shape), int(bits)).reshape(shape)
         state[key] = ints.bool() if dtype == "bool" else ints
     for name, entry in packed["layers"].items():
-        keys = _state_keys(name, int(entry["mask"]))
+        keys = state_keys(name, int(entry["mask"]))
         if keys["route_n"] not in state:
             state[keys["route_n"]] = torch.tensor([int(n) for n in entry["route_n"]], dtype=torch.int64)
         encoding = entry["encoding"]
@@ -504,7 +350,7 @@ def _restore_state(path: Path, header: dict[str, Any], tensors: dict[str, Tensor
             state[keys["ranks"]] = nm.from_groups(order.to(torch.uint8), shape, in_axis)
             continue
         if encoding == "union":
-            union = _bitunpack(tensors[f"union:{name}"], math.prod(shape), 1).reshape(shape).bool()
+            union = bitunpack(tensors[f"union:{name}"], math.prod(shape), 1).reshape(shape).bool()
             values = tensors[f"values:{name}"]
             if values.dim() != 1 or values.numel() != int(union.sum()):
                 raise CheckpointError(
@@ -514,8 +360,8 @@ def _restore_state(path: Path, header: dict[str, Any], tensors: dict[str, Tensor
             original[union] = values
             state[keys["original"]] = original
             if "rank_cuts" in entry:
-                band = _bitunpack(tensors[f"rankbands:{name}"], math.prod(shape), int(entry["rank_bits"]))
-                state[keys["ranks"]] = _canonical_ranks(band.reshape(shape), m, in_axis)
+                band = bitunpack(tensors[f"rankbands:{name}"], math.prod(shape), int(entry["rank_bits"]))
+                state[keys["ranks"]] = canonical_ranks(band.reshape(shape), m, in_axis)
             continue
         if encoding == "banded":
             values = tensors[f"values:{name}"]
@@ -524,7 +370,7 @@ def _restore_state(path: Path, header: dict[str, Any], tensors: dict[str, Tensor
                     f"{path}: packed layer {name!r} has shape {tuple(values.shape)}, not {shape}"
                 )
             cuts = [int(c) for c in entry["cuts"]]
-            band = _bitunpack(tensors[f"bands:{name}"], values.numel(), int(entry["band_bits"])).reshape(
+            band = bitunpack(tensors[f"bands:{name}"], values.numel(), int(entry["band_bits"])).reshape(
                 shape
             )
             if int(band.max()) > len(cuts):
@@ -533,7 +379,7 @@ def _restore_state(path: Path, header: dict[str, Any], tensors: dict[str, Tensor
                 )
             state[keys["original"]] = values
             # ranks: band by band, in-group index order inside a band (every route's mask is a band prefix)
-            state[keys["ranks"]] = _canonical_ranks(band, m, in_axis)
+            state[keys["ranks"]] = canonical_ranks(band, m, in_axis)
             continue
         if encoding != "ranked":
             raise CheckpointError(f"{path}: packed layer {name!r} has an unknown encoding {encoding!r}")
@@ -544,15 +390,15 @@ def _restore_state(path: Path, header: dict[str, Any], tensors: dict[str, Tensor
                 f"{path}: packed layer {name!r} holds values of shape {tuple(values.shape)}"
             )
         order = (
-            _bitunpack(tensors[f"indices:{name}"], values.numel(), nm.index_bits(m))
+            bitunpack(tensors[f"indices:{name}"], values.numel(), nm.index_bits(m))
             .reshape(values.shape)
             .long()
         )
-        _check_order(order, m, name)
+        check_order(order, m, name)
         dense_groups = torch.zeros(groups_shape, dtype=values.dtype)
         dense_groups.scatter_(-1, order, values)
         state[keys["original"]] = nm.from_groups(dense_groups, shape, in_axis)
-        state[keys["ranks"]] = nm.from_groups(_ranks_from_order(order, m).to(torch.uint8), shape, in_axis)
+        state[keys["ranks"]] = nm.from_groups(ranks_from_order(order, m).to(torch.uint8), shape, in_axis)
     return state
 
 
@@ -578,7 +424,7 @@ def read_packed(path: str | Path) -> Checkpoint:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path} is not a readable safetensors file ({exc})") from exc
-    if header.get("sha256") != _packed_digest(tensors, header):
+    if header.get("sha256") != packed_digest(tensors, header):
         raise CheckpointError(f"{path}: checksum mismatch, the packed file was modified or is damaged")
     try:
         state = _restore_state(path, header, tensors)

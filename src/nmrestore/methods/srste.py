@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import Field
 from torch import Tensor, nn
 
-from nmrestore.sparsity.api import LayerInfo, NMConfig, attach_masks, register_method
+from nmrestore.sparsity.api import Controller, LayerInfo, NMConfig, attach_masks, register_method
 from nmrestore.sparsity.parametrization import GradMode, refresh_
 
 
@@ -25,7 +25,7 @@ class SRSTEConfig(NMConfig):
     freeze_at: int | None = Field(None, ge=0, description="step after which masks stay fixed (None: never)")
 
 
-class RefreshController:
+class RefreshController(Controller):
     """Recomputes every layer's ranks from its dense weight every ``refresh_every`` steps (0: never)."""
 
     def __init__(self, model: nn.Module, refresh_every: int, freeze_at: int | None = None) -> None:

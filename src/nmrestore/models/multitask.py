@@ -1,6 +1,6 @@
 """Multi-task SR networks: one shared trunk, per-task layers only where shapes differ.
 
-Built for PNG (DESIGN.md §3.4), after MDSR (Lim et al., CVPRW 2017): the head conv, the body and
+Built for PNG (Jiang et al., CVPRW 2021; :mod:`nmrestore.methods.png`), after MDSR (Lim et al., CVPRW 2017): the head conv, the body and
 the last conv have the same shape at every scale and are shared; only the sub-pixel upsampler
 differs per scale, so each task ``x2``/``x3``/``x4`` owns one upsampler. The shared layers are
 later split between tasks by N:M masks (:mod:`nmrestore.methods.png`).

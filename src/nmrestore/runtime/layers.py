@@ -21,9 +21,8 @@ different padding, a column stride, a dense tactic) pads it as before.
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nmrestore.runtime.packing import CSRWeight
+from nmrestore.runtime.timing import interleaved
 from nmrestore.sparsity.parametrization import nm_mask_of
 
 if TYPE_CHECKING:
@@ -255,15 +255,9 @@ class SparseLayer(nn.Module):
     ) -> tuple[dict[str, Tensor], float, float]:
         """Median ms of each tactic (with its fused epilogue), interleaved after one warm-up each."""
         outputs = {"sparse": self._sparse(x, rw, *extra), "dense": self._dense(x, rw, *extra)}
-        times: dict[str, list[float]] = {"dense": [], "sparse": []}
-        runs = {"dense": self._dense, "sparse": self._sparse}
-        for i in range(repeats):
-            order = ("dense", "sparse") if i % 2 == 0 else ("sparse", "dense")
-            for name in order:
-                start = time.perf_counter()
-                runs[name](x, rw, *extra)
-                times[name].append((time.perf_counter() - start) * 1e3)
-        return outputs, statistics.median(times["dense"]), statistics.median(times["sparse"])
+        runs = {"dense": partial(self._dense, x, rw, *extra), "sparse": partial(self._sparse, x, rw, *extra)}
+        timings = interleaved(runs, repeats, warmup=0)  # the outputs above were the warm-up
+        return outputs, timings.median("dense") * 1e3, timings.median("sparse") * 1e3
 
     def signature(self, key: tuple[int, tuple[int, ...], int], rw: RouteWeights) -> str:
         """What a timing depends on (structure, not values): the disk cache key."""

@@ -1,7 +1,7 @@
 """The kernels' weight form: the kept weights of each output channel as a compressed row.
 
 An N:M layer keeps N of every M consecutive input channels at each (output channel, kh, kw)
-(DESIGN.md §1). For the direct sparse convolution what matters per output channel is the list of
+(docs/ARCHITECTURE.md, section 2). For the direct sparse convolution what matters per output channel is the list of
 kept (input channel, kernel position, value), i.e. a CSR row: ``rowptr`` (O+1), ``cin`` (absolute
 input channel), ``kpos`` (``kh * KW + kw``) and ``values``. It is built either from a
 :class:`~nmrestore.sparsity.nm.PackedNM` (kept values + in-group indices: channel = group * M +

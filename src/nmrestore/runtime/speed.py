@@ -3,8 +3,8 @@
 :func:`measure_speed` is what ``nmrestore speed`` and ``benchmarks/bench_speed.py`` run: the
 dense reference is the model squashed to dense-with-zeros weights (plain ``F.conv2d``, oneDNN),
 the sparse one is :func:`~nmrestore.runtime.engine.compile_sparse` of the same model. After a
-warm-up (which makes the sparse layers choose their tactics), both run ``repeats`` times in
-alternating order and the medians are compared. :func:`profile_modules` splits one forward into
+warm-up (which makes the sparse layers choose their tactics), both run ``repeats`` interleaved
+rounds (:mod:`nmrestore.runtime.timing`); the speed-up is the median of the per-round ratios. :func:`profile_modules` splits one forward into
 its leaf modules (the per-layer "where does the time go" table).
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from nmrestore.runtime.engine import EngineConfig, compile_sparse, engine_state, format_decisions
 from nmrestore.runtime.layers import LayerDecision
+from nmrestore.runtime.timing import interleaved, paired_median
 from nmrestore.sparsity.api import squash_
 from nmrestore.sparsity.parametrization import use_route
 
@@ -36,19 +37,6 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def interleaved_latency(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
-    """Seconds of each callable, ``repeats`` times, the order rotated every round (no warm-up)."""
-    names = list(runs)
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(repeats):
-        shift = r % len(names)
-        for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
-            runs[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
 
 
 @dataclass
@@ -71,7 +59,8 @@ class SpeedReport:
 
     @property
     def speedup(self) -> float:
-        return self.dense_ms / self.sparse_ms if self.sparse_ms > 0 else float("nan")
+        """Median over rounds of dense / sparse time (:mod:`nmrestore.runtime.timing`'s definition)."""
+        return paired_median(self.dense_runs_ms, self.sparse_runs_ms)
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -97,7 +86,7 @@ class SpeedReport:
             f"{self.model}: input {shape}, {self.threads} threads, median of {self.repeats} interleaved runs",
             f"  dense PyTorch   {self.dense_ms:10.2f} ms",
             f"  sparse engine   {self.sparse_ms:10.2f} ms",
-            f"  speed-up        {self.speedup:10.2f} x   (max |diff| {self.max_abs_diff:.2e})",
+            f"  speed-up        {self.speedup:10.2f} x   (median of paired ratios; max |diff| {self.max_abs_diff:.2e})",
             f"  {self.kernel}",
             "",
             format_decisions(self.decisions),
@@ -140,7 +129,8 @@ def measure_speed(
                 dense(x)
                 output = sparse(x)
             diff = max(diff, float((reference - output).abs().max()))
-            times = interleaved_latency({"dense": lambda: dense(x), "sparse": lambda: sparse(x)}, repeats)
+            # warmed up above (the first sparse forward also checks the output)
+            timings = interleaved({"dense": lambda: dense(x), "sparse": lambda: sparse(x)}, repeats, warmup=0)
         used = torch.get_num_threads()
     state = engine_state(sparse)
     assert state is not None
@@ -154,14 +144,14 @@ def measure_speed(
         input_shape=tuple(input_shape),
         threads=used,
         repeats=repeats,
-        dense_ms=statistics.median(times["dense"]) * 1e3,
-        sparse_ms=statistics.median(times["sparse"]) * 1e3,
+        dense_ms=timings.median("dense") * 1e3,
+        sparse_ms=timings.median("sparse") * 1e3,
         max_abs_diff=diff,
         kernel=kernel,
         decisions=state.table(),
         untouched=[(u.layer, u.reason) for u in state.untouched],
-        dense_runs_ms=[t * 1e3 for t in times["dense"]],
-        sparse_runs_ms=[t * 1e3 for t in times["sparse"]],
+        dense_runs_ms=[t * 1e3 for t in timings.samples["dense"]],
+        sparse_runs_ms=[t * 1e3 for t in timings.samples["sparse"]],
         route=route,
     )
 

@@ -3,14 +3,15 @@
 A method is a typed config (a pydantic model with a ``method`` literal) plus a registered
 handler that attaches masks to the eligible layers and may return a *controller* for methods with
 training-time state (SLS scores, SR-STE's per-step refresh). The Trainer only knows the
-:class:`Controller` interface.
+:class:`Controller` base class and its hooks.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -63,6 +64,11 @@ class NMConfig(BaseModel):
     srste_lambda: float = Field(SRSTE_LAMBDA, ge=0)
     dense_first_last: bool = True
 
+    #: ``"module:function"`` of the method's own training program, which ``nmrestore.engine.train``
+    #: runs instead of the plain Trainer loop (None: the plain loop). A dotted path rather than the
+    #: function, so a method's core never imports its program (which imports the engine).
+    training_program: ClassVar[str | None] = None
+
     @model_validator(mode="after")
     def _ns_within_m(self) -> NMConfig:
         bad = [n for n in self.route_ns() if not 1 <= n <= self.m]
@@ -74,19 +80,45 @@ class NMConfig(BaseModel):
         return self.routes if self.routes else (self.n,)
 
 
-@runtime_checkable
-class Controller(Protocol):
-    """Training-time state of a method; the Trainer calls these and nothing else."""
+class Controller:
+    """Training-time state of a method: the one interface the Trainer, the runner and the harness call.
+
+    Subclass it and override what the method needs; every hook has a no-op default, so callers
+    call hooks directly and a method without, say, artifacts simply inherits the empty one.
+    """
+
+    #: DDP must look for parameters that leave the graph mid-run (SLS scores once N is frozen).
+    find_unused_parameters: bool = False
 
     def step(self, step: int) -> None:
         """Called after every optimizer step (refresh ranks, anneal, freeze...)."""
 
     def regularizer(self) -> dict[str, Tensor]:
         """Extra loss terms to add to the task loss (may be empty)."""
+        return {}
 
-    def state_dict(self) -> dict[str, Any]: ...
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint stores to resume the controller exactly."""
+        return {}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """Optimizer groups with their own settings (e.g. SLS scores at their own LR); the rest of the
+        trainable parameters form the default group."""
+        return []
+
+    def finalize(self) -> None:
+        """Called once after the last training step (SLS: a run never ends above its budget)."""
+
+    def write_artifacts(self, model: nn.Module, run_dir: Path) -> list[Path]:
+        """Write method-specific tables and charts into ``run_dir`` after training; returns the paths."""
+        return []
+
+    def metrics(self) -> dict[str, float]:
+        """Numbers worth logging about the method's state (e.g. SLS's cost fraction)."""
+        return {}
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Pure N:M tensor math: group views, ranks, masks, pattern checks, pack/unpack.
 
-Conventions (DESIGN.md §1), fixed here and nowhere else:
+Conventions (docs/ARCHITECTURE.md, section 2), fixed here and nowhere else:
 
 * A *group* is M consecutive **input** channels at a fixed output channel and kernel position.
   For ``Conv2d``/``Linear`` weights ``(O, I, ...)`` the input axis is 1; for ``ConvTranspose2d``

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from nmrestore.cli.main import app
 from nmrestore.engine.runner import model_from_checkpoint, train
-from nmrestore.methods.sls import achieved_budget
+from nmrestore.methods.sls.report import achieved_budget
 from nmrestore.recipes import recipe_from_dict
 from nmrestore.sparsity import check_nm, nm_layers
 from tests.conftest import tiny_recipe_dict

@@ -8,13 +8,9 @@ from pydantic import ValidationError
 
 from nmrestore.cost import count_cost
 from nmrestore.errors import BudgetError, SparsityError
-from nmrestore.methods.filter import (
-    FilterConfig,
-    FilterController,
-    filter_prune_,
-    nm_budget_fraction,
-    target_fraction_of,
-)
+from nmrestore.methods.filter import FilterConfig
+from nmrestore.methods.filter.controller import FilterController
+from nmrestore.methods.filter.prune import filter_prune_, nm_budget_fraction, target_fraction_of
 from nmrestore.models import create_model
 from nmrestore.sparsity import NMConfig, nm_layers, sparsify_
 from tests.nets import TinyEDSR

@@ -9,24 +9,17 @@ import torch
 
 from nmrestore.cost import count_cost
 from nmrestore.errors import RecipeError
-from nmrestore.methods.classpruning import (
-    ClassPruningConfig,
+from nmrestore.methods.classpruning import ClassPruningConfig
+from nmrestore.methods.classpruning.classifier import (
     RouteClassifier,
-    budget_labels,
-    budget_loss,
-    class_loss,
     classifier_macs,
-    delta_labels,
-    equal_split_loss,
-    expected_cost,
     is_adaptive,
-    layer_route_ns,
-    nested_route_ns,
-    quantile_labels,
     route_classifier,
     route_costs,
-    set_layer_route_ns,
 )
+from nmrestore.methods.classpruning.labels import budget_labels, delta_labels, quantile_labels
+from nmrestore.methods.classpruning.losses import budget_loss, class_loss, equal_split_loss, expected_cost
+from nmrestore.methods.classpruning.routes import layer_route_ns, nested_route_ns, set_layer_route_ns
 from nmrestore.models import create_model
 from nmrestore.recipes import load_recipe, recipe_from_dict
 from nmrestore.sparsity import check_nm, get_route, nm_layers, sparsify_, use_route

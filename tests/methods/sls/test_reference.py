@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from nmrestore.methods.sls import SLSConfig, SLSController
+from nmrestore.methods.sls import SLSConfig
+from nmrestore.methods.sls.controller import SLSController
 from nmrestore.models import create_model
 from nmrestore.sparsity import sparsify_
 from nmrestore.sparsity.parametrization import dense_weight

@@ -10,7 +10,7 @@ crop = scale; nothing is selected on the test images):
   tasks' positions frozen, prune, ``finetune`` steps.
 * **dense**: one single-task model per scale trained from scratch for the *same number of steps as
   PNG spent on that task* (x2: dense + finetune; x3, x4: grow + finetune), through the harness's
-  dense cache (:func:`~nmrestore.bench.harness.ensure_dense`).
+  dense cache (:func:`~nmrestore.bench.config.ensure_dense`).
 
 The producer returns six rows (``task`` = ``sr_x2``/``sr_x3``/``sr_x4``, method ``dense``/``png``);
 PNG rows carry ``psnr_minus_dense``. The x3 rows carry the training-step time of PNG (earlier tasks'
@@ -23,7 +23,7 @@ with PNG tasks ``sigma15``/``sigma25``/``sigma50``, each trained on its own nois
 
 from __future__ import annotations
 
-import statistics
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,24 +31,19 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from nmrestore.bench.harness import (
-    ROW_KEYS,
-    BenchConfig,
-    BenchContext,
-    Row,
-    Timed,
-    default_cache_dir,
-    ensure_dense,
-    measure_step_times,
-    recipe_digest,
-    register_row_producer,
-)
+from nmrestore.bench.config import ROW_KEYS, BenchConfig, Row, default_cache_dir, ensure_dense, recipe_digest
+from nmrestore.bench.context import BenchContext, register_row_producer
+from nmrestore.bench.steps import Timed, measure_step_times
 from nmrestore.cost import count_cost
 from nmrestore.engine.checkpoint import upgrade_legacy_checkpoints
 from nmrestore.engine.evaluate import EvalResult, evaluate_model
-from nmrestore.engine.png_runner import evaluate_tasks, png_schedule, task_recipe, train_png
 from nmrestore.engine.runner import build_eval_dataset, build_train_dataset, model_from_checkpoint
-from nmrestore.methods.png import PNGConfig, PNGController, png_storage, select_task
+from nmrestore.errors import NMRestoreError
+from nmrestore.methods.png import PNGConfig
+from nmrestore.methods.png.controller import PNGController
+from nmrestore.methods.png.program import evaluate_tasks, png_schedule, task_recipe, train_png
+from nmrestore.methods.png.storage import png_storage
+from nmrestore.methods.png.tasks import select_task
 from nmrestore.recipes.schema import Recipe, recipe_from_dict
 from nmrestore.sparsity import check_nm
 
@@ -93,8 +88,6 @@ def png_recipe(config: BenchConfig, settings: PNGBenchSettings) -> Recipe:
     sigma 15, 25, 50) with the harness's data and lr."""
     denoise = config.task == "denoise"
     if config.task not in ("sr", "denoise"):
-        from nmrestore.errors import NMRestoreError
-
         raise NMRestoreError(f"PNG benchmark rows cover SR scales and denoising levels, not task {config.task!r}")
     model: dict[str, Any] = (
         {"name": config.model, "scale": 1, "kwargs": dict(config.model_kwargs)}
@@ -197,14 +190,16 @@ def step_times(png_model: nn.Module, recipe: Recipe, dense_x3: nn.Module, rounds
     batch = {k: torch.stack([s[k] for s in samples]) for k in ("lq", "gt")}
     select_task(png_model, 1)
     try:
-        times = measure_step_times(
+        timings = measure_step_times(
             {"dense": Timed(dense_x3), "png": Timed(png_model, controller)}, batch, rounds, warmup=2
         )
     finally:
         controller.end()
-    base = statistics.median(times["dense"])
-    png = statistics.median(times["png"])
-    return {"dense_ms": base * 1e3, "png_ms": png * 1e3, "ratio": png / base}
+    return {
+        "dense_ms": timings.median("dense") * 1e3,
+        "png_ms": timings.median("png") * 1e3,
+        "ratio": timings.ratio("png", "dense"),
+    }
 
 
 def png_rows(
@@ -306,12 +301,13 @@ def bench_rows(
     for row in rows:
         if row["task"] == _row_task(recipe, second):
             row["step_ms"] = timing[f"{row['method']}_ms"]
-            row["step_time_ratio"] = timing[f"{row['method']}_ms"] / timing["dense_ms"]
+            row["step_time_ratio"] = timing["ratio"] if row["method"] == "png" else 1.0
     return rows
 
 
 def register_bench_rows(settings: PNGBenchSettings | None = None) -> None:
     """Register (or re-register with other ``settings``) :func:`bench_rows` as method ``png``."""
-    from functools import partial
-
     register_row_producer("png", per_budget=False, replace=True)(partial(bench_rows, settings=settings))
+
+
+register_bench_rows()

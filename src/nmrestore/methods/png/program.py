@@ -1,4 +1,4 @@
-"""The PNG schedule (DESIGN.md §3.4): task after task, phase after phase, resumable anywhere.
+"""The PNG schedule (docs/ARCHITECTURE.md): task after task, phase after phase, resumable anywhere.
 
 What ``nmrestore train`` runs for ``sparsity.method: png``. Phases, in order::
 
@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nmrestore.data.loader import build_train_loader
 from nmrestore.engine.checkpoint import Checkpoint, load_checkpoint, load_model_state, save_checkpoint
 from nmrestore.engine.distributed import DistInfo, barrier, distributed_run
 from nmrestore.engine.evaluate import EvalResult, evaluate_model
@@ -47,18 +48,16 @@ from nmrestore.engine.task import RestorationTask
 from nmrestore.engine.trainer import Trainer, TrainState
 from nmrestore.errors import CheckpointError, RecipeError, SparsityError
 from nmrestore.io_atomic import atomic_write_bytes, atomic_write_text
-from nmrestore.methods.png import (
-    Phase,
-    PNGConfig,
-    PNGController,
-    PNGStorage,
-    png_layer_table,
-    png_storage,
-    select_task,
-)
+from nmrestore.methods.png.config import Phase, PNGConfig
+from nmrestore.methods.png.controller import PNGController
+from nmrestore.methods.png.storage import PNGStorage, png_storage
+from nmrestore.methods.png.tasks import png_layer_table, select_task
 from nmrestore.models.multitask import MultiTaskSR, load_single_task_state
 from nmrestore.recipes.schema import Recipe, TrainSpec
-from nmrestore.sparsity.api import SparsifyReport, squash_
+from nmrestore.sparsity.api import (
+    SparsifyReport,
+    squash_,
+)
 
 log = logging.getLogger("nmrestore.png")
 
@@ -304,8 +303,6 @@ def _run_phase(
     show_progress: bool,
     dist: DistInfo,
 ) -> TrainState:
-    from nmrestore.data.loader import build_train_loader
-
     phase_recipe = task_recipe(recipe, spec.scale, seed_offset=spec.index, task=spec.task_name)
     train_set = build_train_dataset(phase_recipe)
     per_process = max(1, recipe.data.train.batch_size // dist.world_size)
@@ -432,18 +429,3 @@ def _finish(
 def has_png_progress(run_dir: str | Path) -> bool:
     """True when ``run_dir`` holds (part of) a PNG run."""
     return (Path(run_dir) / "phases").is_dir()
-
-
-__all__ = [
-    "PNGRunResult",
-    "PhaseSpec",
-    "build_png_model",
-    "evaluate_tasks",
-    "has_png_progress",
-    "load_initial_weights",
-    "phase_train_spec",
-    "png_config",
-    "png_schedule",
-    "task_recipe",
-    "train_png",
-]

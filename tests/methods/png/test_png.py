@@ -18,16 +18,11 @@ from nmrestore.data.io import read_image, write_image
 from nmrestore.engine.checkpoint import save_checkpoint
 from nmrestore.engine.runner import model_from_checkpoint, train
 from nmrestore.errors import RecipeError, SparsityError
-from nmrestore.methods.png import (
-    PNGConfig,
-    PNGController,
-    pack_png,
-    png_masks,
-    png_storage,
-    storage_bound,
-    unpack_png_,
-    use_png_task,
-)
+from nmrestore.methods.png import PNGConfig
+from nmrestore.methods.png.controller import PNGController
+from nmrestore.methods.png.packing import pack_png, unpack_png_
+from nmrestore.methods.png.storage import png_storage, storage_bound
+from nmrestore.methods.png.tasks import png_masks, use_png_task
 from nmrestore.models import count_params, create_model
 from nmrestore.recipes import load_recipe, recipe_from_dict
 from nmrestore.sparsity import NMConfig, check_nm, nm, sparsify_

@@ -12,24 +12,17 @@ import torch
 from typer.testing import CliRunner
 
 from nmrestore.cost import count_cost
-from nmrestore.engine.adaptive import (
-    AdaptivePipeline,
-    JointTask,
-    SandwichTask,
-    calibrate_shift,
-    class_map,
-    grid_positions,
-    oracle_routes,
-    patch_starts,
-    patchwise_restore,
-    save_class_map,
-    split_holdout,
-    train_adaptive,
-)
+from nmrestore.data.datasets import split_holdout
 from nmrestore.engine.checkpoint import load_checkpoint, save_checkpoint
 from nmrestore.engine.runner import model_from_checkpoint, train
 from nmrestore.errors import RecipeError, SparsityError
-from nmrestore.methods.classpruning import ClassPruningConfig, is_adaptive, route_classifier
+from nmrestore.methods.classpruning import ClassPruningConfig
+from nmrestore.methods.classpruning.classifier import calibrate_shift, is_adaptive, route_classifier
+from nmrestore.methods.classpruning.classmap import class_map, save_class_map
+from nmrestore.methods.classpruning.patches import grid_positions, patch_starts
+from nmrestore.methods.classpruning.pipeline import AdaptivePipeline, oracle_routes, patchwise_restore
+from nmrestore.methods.classpruning.program.stages import train_adaptive
+from nmrestore.methods.classpruning.program.tasks import JointTask, SandwichTask
 from nmrestore.models import create_model
 from nmrestore.recipes import recipe_from_dict
 from nmrestore.sparsity import sparsify_, use_route
@@ -71,7 +64,8 @@ def _banded(h: int, w: int) -> torch.Tensor:
 
 def _mixing_shift(model: torch.nn.Module, lq: torch.Tensor) -> float:
     """A cost shift that sends these patches to more than one route."""
-    from nmrestore.engine.adaptive import classifier_logits, extract_patches
+    from nmrestore.methods.classpruning.classifier import classifier_logits
+    from nmrestore.methods.classpruning.patches import extract_patches
 
     clf = route_classifier(model)
     patches = extract_patches(lq, grid_positions(lq.shape[2], lq.shape[3], 16, 12), (16, 16))
@@ -288,7 +282,7 @@ def test_training_runs_every_stage_and_reloads(trained: Path) -> None:
 def test_a_killed_stage_resumes_to_the_same_weights(
     trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from nmrestore.engine import adaptive
+    from nmrestore.methods.classpruning.program import tasks as adaptive
 
     recipe = recipe_from_dict(_recipe_dict())
     calls = {"n": 0}
@@ -363,7 +357,7 @@ def test_sls_searched_routes_quantile_labels_and_equal_split(tmp_path: Path) -> 
     ns = list(routes["layers"].values())
     assert all(len(n) == 2 and n[0] <= n[1] == 4 for n in ns)  # nested, the full route dense
     model, _ = model_from_checkpoint(run / "checkpoints" / "best.safetensors")
-    from nmrestore.methods.classpruning import layer_route_ns
+    from nmrestore.methods.classpruning.routes import layer_route_ns
 
     assert list(layer_route_ns(model).values()) == ns  # the searched N travel in the checkpoint
     final = load_checkpoint(run / "checkpoints" / "best.safetensors").meta["adaptive"]
@@ -392,7 +386,7 @@ def test_budget_labels_through_training_meet_the_target(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("scale", [1, 2, 3])
 def test_grid_patch_sources_name_the_image_of_every_patch(scale: int) -> None:
-    from nmrestore.engine.adaptive import grid_patch_pairs, grid_patch_sources
+    from nmrestore.methods.classpruning.patches import grid_patch_pairs, grid_patch_sources
 
     rng = np.random.default_rng(0)
     images = [
@@ -407,7 +401,7 @@ def test_grid_patch_sources_name_the_image_of_every_patch(scale: int) -> None:
 
 
 def test_per_image_weights_and_budget_labels_follow_the_mean_per_image_psnr() -> None:
-    from nmrestore.engine.adaptive import make_labels, per_image_weights
+    from nmrestore.methods.classpruning.labels import make_labels, per_image_weights
 
     def db(mse: float) -> float:
         return -10 * float(np.log10(mse))

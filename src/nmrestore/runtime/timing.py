@@ -1,0 +1,71 @@
+"""Interleaved timing: the one way nmrestore compares the speed of two or more things.
+
+Every contender runs once per round, the order rotated by one place every round, so a slow phase of
+the machine (another process, thermal throttling) hits all of them alike. The first ``warmup``
+rounds are run and discarded (allocator, caches, lazily chosen kernels).
+
+**Speed-up** (one definition, used by ``nmrestore speed``, the benchmark harness and every script in
+``benchmarks/``): the median over rounds of ``t_reference / t_candidate``, both times taken in the
+same round. A time *ratio* (e.g. a training step against the dense one) is the median over rounds
+of ``t_candidate / t_reference``. Pairing by round makes both robust to drifts that a ratio of two
+separately taken medians is not.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Seconds of every timed round, per contender, in round order."""
+
+    samples: dict[str, list[float]]
+
+    def median(self, key: str) -> float:
+        """Median seconds of ``key``."""
+        return statistics.median(self.samples[key])
+
+    def ratio(self, candidate: str, reference: str) -> float:
+        """Median over rounds of ``t_candidate / t_reference`` (1.5: the candidate takes 50% longer)."""
+        return paired_median(self.samples[candidate], self.samples[reference])
+
+    def speedup(self, candidate: str, reference: str) -> float:
+        """Median over rounds of ``t_reference / t_candidate`` (2.0: the candidate is twice as fast)."""
+        return paired_median(self.samples[reference], self.samples[candidate])
+
+
+def paired_median(numerators: list[float], denominators: list[float]) -> float:
+    """Median of the per-round ratios ``numerators[r] / denominators[r]`` (NaN when there is none)."""
+    ratios = [a / b for a, b in zip(numerators, denominators, strict=True) if b > 0]
+    return statistics.median(ratios) if ratios else float("nan")
+
+
+def interleaved(
+    runs: Mapping[str, Callable[[], object]],
+    rounds: int,
+    warmup: int = 1,
+    sync: Callable[[], None] | None = None,
+) -> Timings:
+    """Time every callable of ``runs`` once per round for ``warmup + rounds`` rounds, order rotating.
+
+    ``sync`` (e.g. ``torch.cuda.synchronize``) is called before the clock starts and before it
+    stops, so asynchronous devices are timed to completion.
+    """
+    keys = list(runs)
+    samples: dict[str, list[float]] = {key: [] for key in keys}
+    for r in range(warmup + rounds):
+        shift = r % len(keys)
+        for key in keys[shift:] + keys[:shift]:
+            if sync is not None:
+                sync()
+            started = time.perf_counter()
+            runs[key]()
+            if sync is not None:
+                sync()
+            if r >= warmup:
+                samples[key].append(time.perf_counter() - started)
+    return Timings(samples)
