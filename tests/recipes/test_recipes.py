@@ -123,3 +123,33 @@ def test_shipped_restoration_recipes(name: str, kind: str) -> None:
     recipe = load_recipe(name)
     assert recipe.task.kind == kind and recipe.model.scale == 1
     assert recipe.eval.crop_border == 0 and recipe.eval.test_y_channel is False
+
+
+# -- validation data: never the test split unless the recipe says so ------------------------------
+def test_validation_defaults_to_held_out_training_strips() -> None:
+    recipe = recipe_from_dict({"data": {"train": {"source": "builtin"}}})
+    assert recipe.data.val is None and recipe.data.holdout == 0.1
+
+
+@pytest.mark.parametrize(
+    "val",
+    [{"source": "builtin", "split": "test"}, {"source": "folder", "root": "data/photos", "split": "test"}],
+)
+def test_validating_on_a_test_split_must_be_declared(val: dict[str, object]) -> None:
+    with pytest.raises(RecipeError, match=r"data\.val.*test_data: true"):
+        recipe_from_dict({"data": {"val": val}})
+    declared = recipe_from_dict({"data": {"val": {**val, "test_data": True}}})
+    assert declared.data.val is not None and declared.data.val.test_data
+
+
+def test_a_valid_split_and_no_holdout_are_accepted_but_nothing_to_validate_is_not() -> None:
+    recipe = recipe_from_dict({"data": {"val": {"source": "folder", "root": "d", "split": "valid"}, "holdout": 0}})
+    assert recipe.data.val is not None and recipe.data.val.split == "valid"
+    with pytest.raises(RecipeError, match="nothing to validate on"):
+        recipe_from_dict({"data": {"holdout": 0}})
+
+
+def test_every_shipped_recipe_keeps_validation_off_the_test_images() -> None:
+    for name in builtin_recipes():
+        val = load_recipe(name).data.val
+        assert val is None or val.split != "test" or val.test_data, name
