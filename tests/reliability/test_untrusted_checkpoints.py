@@ -244,6 +244,10 @@ def test_allow_large_lifts_the_size_limit(valid: Path, tmp_path: Path, monkeypat
     out = tmp_path / "p.packed.safetensors"
     result = runner.invoke(app, ["export", str(valid), "--format", "packed", "--out", str(out), "--allow-large"])
     assert result.exit_code == 0 and out.is_file(), result.output
+    speed = ["speed", "--checkpoint", str(valid), "--input", "16x12", "--threads", "1", "--repeats", "1"]
+    _fails_cleanly(speed, "(limit 1000 bytes); pass allow_large (--allow-large)")
+    result = runner.invoke(app, [*speed, "--allow-large"])
+    assert result.exit_code == 0, result.output
 
 
 def test_a_legacy_checkpoint_is_refused_with_the_way_to_resave_it(valid: Path, tmp_path: Path) -> None:

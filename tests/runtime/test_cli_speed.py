@@ -103,6 +103,14 @@ def test_speed_eval_and_infer_with_a_checkpoint(checkpoint: Path, tmp_path: Path
     assert json.loads(result.output)["max_abs_diff"] <= 1e-4
     wrong = runner.invoke(app, ["speed", "carn", "--checkpoint", str(checkpoint)])
     assert wrong.exit_code == 2 and "edsr_small" in wrong.output
+    # the checkpoint names its model: no model argument needed
+    unnamed = runner.invoke(
+        app, ["speed", "--checkpoint", str(checkpoint), "--input", "16x12", "--threads", "1", "--repeats", "1", "--json"]
+    )
+    assert unnamed.exit_code == 0, unnamed.output
+    assert json.loads(unnamed.output)["model"].startswith("edsr_small x2")
+    nothing = runner.invoke(app, ["speed", "--sparsity", "2:4"])
+    assert nothing.exit_code == 2 and "model name" in nothing.output
 
     plain = json.loads(runner.invoke(app, ["eval", str(checkpoint), "--json"]).output)
     fast = runner.invoke(app, ["eval", str(checkpoint), "--json", "--sparse-engine"])

@@ -257,7 +257,9 @@ def infer(
 @app.command()
 @clean_errors
 def speed(
-    model: Annotated[str, typer.Argument(help="a registered model name (see `nmrestore models`)")],
+    model: Annotated[
+        str | None, typer.Argument(help="a registered model name (see `nmrestore models`); not needed with --checkpoint")
+    ] = None,
     scale: Annotated[int, typer.Option(help="SR scale (1 for denoising/deblurring nets)")] = 2,
     sparsity: Annotated[
         str | None, typer.Option(help="uniform N:M magnitude masks on the fresh model, e.g. 4:32")
@@ -273,6 +275,9 @@ def speed(
     tactic_cache: Annotated[Path | None, typer.Option(help="JSON file of per-layer timings to reuse")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
+    allow_large: Annotated[
+        bool, typer.Option("--allow-large", help="load a model above the 1 GiB size limit for files")
+    ] = False,
 ) -> None:
     """Dense PyTorch vs the N:M sparse CPU engine: latencies, speed-up and each layer's choice."""
     from pydantic import ValidationError
@@ -288,9 +293,11 @@ def speed(
     except ValidationError:
         raise NMRestoreError(f"--tactic must be auto, sparse or dense, got {tactic!r}") from None
     try:
-        report = run_speed(model, scale, sparsity, checkpoint, size, threads, repeats, route, config)
+        report = run_speed(
+            model, scale, sparsity, checkpoint, size, threads, repeats, route, config, allow_large=allow_large
+        )
     except RuntimeError as exc:
-        raise _too_small(model, size, exc) from None
+        raise _too_small(model or str(checkpoint), size, exc) from None
     if json_out:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:

@@ -13,19 +13,22 @@ from nmrestore.runtime.speed import SpeedReport, measure_speed
 
 
 def speed_model(
-    name: str, scale: int, sparsity: str | None, checkpoint: Path | None
+    name: str | None, scale: int, sparsity: str | None, checkpoint: Path | None, allow_large: bool = False
 ) -> tuple[nn.Module, str]:
-    """The model to time: a checkpoint's (any method, packed or not), or ``name`` with uniform
-    magnitude N:M masks on its initial weights (speed does not depend on training)."""
+    """The model to time: a checkpoint's (any method, packed or not; ``name`` optional, checked if
+    given), or ``name`` with uniform magnitude N:M masks on its initial weights (speed does not depend
+    on training)."""
     if checkpoint is not None:
         from nmrestore.engine.runner import model_from_checkpoint
         from nmrestore.export.packed import load_any
 
-        model, recipe = model_from_checkpoint(load_any(checkpoint))
-        if recipe.model.name != name:
+        model, recipe = model_from_checkpoint(load_any(checkpoint), allow_large=allow_large)
+        if name is not None and recipe.model.name != name:
             raise NMRestoreError(f"{checkpoint} holds a {recipe.model.name} model, not {name}")
         method = recipe.sparsity.method if recipe.sparsity is not None else "dense"
-        return model, f"{name} x{recipe.model.scale} ({method}, {checkpoint.name})"
+        return model, f"{recipe.model.name} x{recipe.model.scale} ({method}, {checkpoint.name})"
+    if name is None:
+        raise NMRestoreError("give a model name (see `nmrestore models`) or a --checkpoint")
     if sparsity is None:
         raise NMRestoreError("give --sparsity N:M (e.g. 4:32) or a --checkpoint")
     from nmrestore.models import create_model
@@ -38,7 +41,7 @@ def speed_model(
 
 
 def run_speed(
-    name: str,
+    name: str | None,
     scale: int,
     sparsity: str | None,
     checkpoint: Path | None,
@@ -48,11 +51,12 @@ def run_speed(
     route: int | None,
     config: EngineConfig,
     warmup: int = 1,
+    allow_large: bool = False,
 ) -> SpeedReport:
     if repeats < 1:
         raise NMRestoreError(f"--repeats must be at least 1, got {repeats}")
     check_threads(threads)
-    model, label = speed_model(name, scale, sparsity, checkpoint)
+    model, label = speed_model(name, scale, sparsity, checkpoint, allow_large)
     check_speed_size(size, int(getattr(model, "scale", scale) or 1))  # before any allocation
     if route is not None:
         from nmrestore.sparsity.parametrization import nm_layers
