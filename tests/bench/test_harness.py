@@ -137,7 +137,7 @@ def test_json_and_report_are_written(
 def test_cli_quick_writes_json_and_report(cache: Path, tmp_path: Path) -> None:
     overrides = [f"{key}={json.dumps(value)}" for key, value in TINY.items()]
     overrides += [f"cache_dir={cache}", 'budgets=["2:4"]', 'methods=["oneshot"]']
-    args = ["bench", "--quick", "--out", str(tmp_path / "out"), "--json", str(tmp_path / "rows.json")]
+    args = ["bench", "--quick", "--out", str(tmp_path / "out"), "--json-out", str(tmp_path / "rows.json")]
     for item in overrides:
         args += ["--set", item]
     result = CliRunner().invoke(app, args)
@@ -146,6 +146,10 @@ def test_cli_quick_writes_json_and_report(cache: Path, tmp_path: Path) -> None:
     rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
     assert [r["method"] for r in rows] == ["bicubic", "dense", "oneshot"]
     assert (tmp_path / "out" / "bench_sr.md").is_file()
+    # --json: stdout is the JSON document and nothing else (the table goes to stderr)
+    printed = CliRunner().invoke(app, [*args[:4], "--json", *args[6:]])
+    assert printed.exit_code == 0, printed.output
+    assert [r["method"] for r in json.loads(printed.stdout)["rows"]] == ["bicubic", "dense", "oneshot"]
 
 
 def test_bad_settings_fail_cleanly() -> None:

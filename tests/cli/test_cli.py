@@ -115,3 +115,12 @@ def test_demo_quick_writes_the_report(tmp_path: Path) -> None:
     assert methods[:3] == ["bicubic", "dense", "oneshot"]
     for name in ("report.md", "psnr_vs_macs.png", "crops_chelsea.png"):
         assert (tmp_path / "demo" / name).stat().st_size > 0
+
+
+def test_recipes_lists_every_built_in_recipe() -> None:
+    from nmrestore.recipes import builtin_recipes
+
+    result = CliRunner().invoke(app, ["recipes"])
+    assert result.exit_code == 0, result.output
+    listed = [line.split()[0] for line in result.output.strip().splitlines()]
+    assert listed == builtin_recipes() and "demo_dense" in listed

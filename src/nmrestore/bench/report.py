@@ -193,19 +193,13 @@ def plot_psnr_macs(rows: list[Row], path: str | Path, title: str | None = None) 
     return path
 
 
-def write_json(
-    rows: list[Row],
-    path: str | Path,
-    config: BenchConfig | None = None,
-    notes: list[str] | None = None,
-    command: str | None = None,
-) -> Path:
-    """The rows (and the config, notes, command and date) as JSON."""
+def json_payload(
+    rows: list[Row], config: BenchConfig | None = None, notes: list[str] | None = None, command: str | None = None
+) -> dict[str, Any]:
+    """The rows with the config, notes, checks, command, date and machine: what ``--json`` prints."""
     from datetime import datetime, timezone
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {
+    return {
         "command": command,
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "config": None if config is None else config.model_dump(mode="json"),
@@ -214,7 +208,19 @@ def write_json(
         "checks": [{"check": text, "ok": ok} for text, ok in check_rows(rows)],
         "rows": rows,
     }
-    atomic_write_text(path, json.dumps(payload, indent=2, default=str))
+
+
+def write_json(
+    rows: list[Row],
+    path: str | Path,
+    config: BenchConfig | None = None,
+    notes: list[str] | None = None,
+    command: str | None = None,
+) -> Path:
+    """:func:`json_payload` written to ``path`` (atomically)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(json_payload(rows, config, notes, command), indent=2, default=str))
     return path
 
 

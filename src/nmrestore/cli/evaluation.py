@@ -212,7 +212,7 @@ def infer_images(
     checkpoint: Path,
     inputs: list[Path],
     out: Path,
-    adaptive: bool = False,
+    adaptive: bool | None = None,
     patch_size: int | None = None,
     stride: int | None = None,
     task: str | None = None,
@@ -223,7 +223,8 @@ def infer_images(
     """Restore each LR image with the checkpoint's model; returns the written paths.
 
     ``adaptive``: a ClassPruning checkpoint runs its patch pipeline and writes a class map
-    (``<stem>_classmap.png``) beside each output. ``sparse_engine``: run the N:M layers on the
+    (``<stem>_classmap.png``) beside each output; None (the default) decides from the checkpoint,
+    as ``eval`` does (ClassPruning: adaptive; ``False`` runs its active route as a plain model). ``sparse_engine``: run the N:M layers on the
     sparse CPU kernel (:mod:`nmrestore.runtime`). Images larger than one ``tile`` (LR pixels,
     default ~1024 output pixels; 0 = never) run tile by tile (:mod:`nmrestore.engine.tiling`) with
     a margin covering the model's receptive field, so memory stays bounded.
@@ -236,8 +237,13 @@ def infer_images(
 
     if tile is not None and tile < 0:
         raise NMRestoreError(f"--tile must be 0 (no tiling) or a positive LR size, got {tile}")
+    ckpt = load_any(checkpoint)
+    sparsity = ckpt.meta.get("sparsity")
+    method = sparsity.get("method") if isinstance(sparsity, dict) else None
+    if adaptive is None:
+        adaptive = method == "classpruning"
     plans = plan_outputs(inputs, out, adaptive)
-    model, recipe = model_from_checkpoint(load_any(checkpoint), allow_large=allow_large)
+    model, recipe = model_from_checkpoint(ckpt, allow_large=allow_large)
     model.eval()
     scale = recipe.model.scale
     if task is not None:  # a multi-task (PNG) model: run this task

@@ -220,8 +220,12 @@ def infer(
     inputs: Annotated[list[Path], typer.Argument(help="LR images")],
     out: Annotated[Path, typer.Option(help="output folder")] = Path("outputs"),
     adaptive: Annotated[
-        bool, typer.Option("--adaptive", help="ClassPruning: patch pipeline + a class map per image")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--adaptive/--no-adaptive",
+            help="ClassPruning: patch pipeline + a class map per image (default: on for ClassPruning checkpoints)",
+        ),
+    ] = None,
     patch: Annotated[int | None, typer.Option(help="--adaptive: LR patch size (default: the recipe's)")] = None,
     stride: Annotated[int | None, typer.Option(help="--adaptive: LR patch stride (default: the recipe's)")] = None,
     task: Annotated[str | None, typer.Option(help="multi-task (PNG) model: the task to run, e.g. x3")] = None,
@@ -323,7 +327,8 @@ def demo(
 @clean_errors
 def bench(
     quick: Annotated[bool, typer.Option(help="the smoke-sized preset (minutes, not an hour)")] = False,
-    json_out: Annotated[Path | None, typer.Option("--json", help="write rows, config and checks as JSON")] = None,
+    json_stdout: Annotated[bool, typer.Option("--json", help="print rows, config and checks as JSON (only)")] = False,
+    json_out: Annotated[Path | None, typer.Option("--json-out", help="also write rows, config and checks as JSON")] = None,
     out: Annotated[Path, typer.Option(help="folder for the Markdown table, plot and runs")] = Path("runs/bench"),
     set_: Annotated[list[str] | None, typer.Option("--set", help="a setting, e.g. --set finetune_steps=50")] = None,
     progress: Annotated[bool, typer.Option(help="show training progress bars")] = False,
@@ -331,19 +336,24 @@ def bench(
     """Benchmark every method against dense and bicubic on the built-in photos (protocol: docs/ARCHITECTURE.md)."""
     from nmrestore.bench import config_from_overrides, format_table, run_benchmark, write_json, write_report
     from nmrestore.bench.config import copy_config
+    from nmrestore.bench.report import json_payload
 
     config = config_from_overrides(quick, set_ or [])
     config = copy_config(config, show_progress=progress, work_dir=config.work_dir or out / "runs")
     notes: list[str] = []
     rows = run_benchmark(config, notes, echo=lambda line: typer.echo(line, err=True))
-    typer.echo(format_table(rows))
+    say = (lambda line: typer.echo(line, err=True)) if json_stdout else typer.echo  # --json: stdout is JSON
+    say(format_table(rows))
     for note in notes:
-        typer.echo(f"note: {note}")
-    page = write_report(rows, config, out, notes, command="nmrestore " + " ".join(sys.argv[1:]))
-    typer.echo(f"report written to {page}")
+        say(f"note: {note}")
+    command = "nmrestore " + " ".join(sys.argv[1:])
+    page = write_report(rows, config, out, notes, command=command)
+    say(f"report written to {page}")
     if json_out is not None:
-        write_json(rows, json_out, config, notes)
-        typer.echo(f"rows written to {json_out}")
+        write_json(rows, json_out, config, notes, command=command)
+        say(f"rows written to {json_out}")
+    if json_stdout:
+        typer.echo(json.dumps(json_payload(rows, config, notes, command), default=str))
 
 
 @app.command("export")
@@ -364,6 +374,18 @@ def export(
 
     report = export_checkpoint(checkpoint, fmt, out, route, task, opset, allow_large=allow_large)
     typer.echo(report.summary())
+
+
+@app.command("recipes")
+@clean_errors
+def recipes() -> None:
+    """List the built-in recipes (`nmrestore train NAME` runs one), each with its first comment line."""
+    from nmrestore.recipes.schema import BUILTIN_DIR, builtin_recipes
+
+    for name in builtin_recipes():
+        lines = (BUILTIN_DIR / f"{name}.yaml").read_text().splitlines()
+        about = next((line.lstrip("# ").strip() for line in lines if line.startswith("#")), "")
+        typer.echo(f"{name:<40} {about[:90]}")
 
 
 def _add_subcommands() -> None:

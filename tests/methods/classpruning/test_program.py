@@ -328,6 +328,12 @@ def test_cli_eval_and_infer_adaptive(trained: Path, tmp_path: Path) -> None:
     result = runner.invoke(app, ["infer", str(trained), str(image), "--out", str(out), "--adaptive"])
     assert result.exit_code == 0, result.output
     assert (out / "lr.png").exists() and (out / "lr_classmap.png").exists()
+    # infer detects ClassPruning from the checkpoint, as eval does; --no-adaptive runs one route plainly
+    auto, plain = tmp_path / "auto", tmp_path / "plain"
+    assert runner.invoke(app, ["infer", str(trained), str(image), "--out", str(auto)]).exit_code == 0
+    assert sorted(p.name for p in auto.iterdir()) == ["lr.png", "lr_classmap.png"]
+    assert runner.invoke(app, ["infer", str(trained), str(image), "--out", str(plain), "--no-adaptive"]).exit_code == 0
+    assert sorted(p.name for p in plain.iterdir()) == ["lr.png"]
     # a checkpoint of another method is refused with one line
     recipe = recipe_from_dict(tiny_recipe_dict())
     dense = create_model("edsr_small", scale=2, n_feats=8, n_blocks=1)
