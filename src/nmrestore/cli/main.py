@@ -12,6 +12,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -28,6 +29,21 @@ app = typer.Typer(
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Tactic(str, Enum):
+    """How `speed` runs each N:M layer: timed per layer (auto), always the sparse kernel, or dense."""
+
+    auto = "auto"
+    sparse = "sparse"
+    dense = "dense"
+
+
+class ExportFormat(str, Enum):
+    """What `export` writes: a packed checkpoint (every route) or ONNX (one route, dense-with-zeros)."""
+
+    packed = "packed"
+    onnx = "onnx"
 
 
 def _fail(message: str) -> typer.Exit:
@@ -275,7 +291,7 @@ def speed(
     threads: Annotated[int | None, typer.Option(help="intra-op threads (default: torch's)")] = None,
     repeats: Annotated[int, typer.Option(help="timed runs of each model, interleaved; medians")] = 5,
     route: Annotated[int | None, typer.Option(help="route to time (ClassPruning/PNG); default the active one")] = None,
-    tactic: Annotated[str, typer.Option(help="auto (time per layer), sparse or dense")] = "auto",
+    tactic: Annotated[Tactic, typer.Option(help="auto (time per layer), sparse or dense")] = Tactic.auto,
     tactic_cache: Annotated[Path | None, typer.Option(help="JSON file of per-layer timings to reuse")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
@@ -293,7 +309,7 @@ def speed(
     size = _parse_size(input)
     assert size is not None
     try:
-        config = EngineConfig(tactic=tactic, cache_file=tactic_cache)  # type: ignore[arg-type]
+        config = EngineConfig(tactic=tactic.value, cache_file=tactic_cache)  # type: ignore[arg-type]
     except ValidationError:
         raise NMRestoreError(f"--tactic must be auto, sparse or dense, got {tactic!r}") from None
     try:
@@ -360,7 +376,9 @@ def bench(
 @clean_errors
 def export(
     checkpoint: Annotated[Path, typer.Argument(help="a .safetensors checkpoint, a run folder or a packed file")],
-    fmt: Annotated[str, typer.Option("--format", help="packed (kept values + indices) or onnx")] = "packed",
+    fmt: Annotated[
+        ExportFormat, typer.Option("--format", help="packed (kept values + indices) or onnx")
+    ] = ExportFormat.packed,
     out: Annotated[Path | None, typer.Option(help="output file (default: beside the checkpoint)")] = None,
     route: Annotated[int | None, typer.Option(help="onnx: the route to export (default: the active one)")] = None,
     task: Annotated[str | None, typer.Option(help="onnx: the task of a multi-task model, e.g. x3")] = None,
@@ -372,7 +390,7 @@ def export(
     """Write a deployable file: a packed checkpoint (every route) or ONNX (one route, dense-with-zeros)."""
     from nmrestore.export import export_checkpoint
 
-    report = export_checkpoint(checkpoint, fmt, out, route, task, opset, allow_large=allow_large)
+    report = export_checkpoint(checkpoint, fmt.value, out, route, task, opset, allow_large=allow_large)
     typer.echo(report.summary())
 
 
