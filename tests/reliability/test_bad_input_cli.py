@@ -37,6 +37,7 @@ from nmrestore.errors import (
 from nmrestore.export.packed import load_any
 from nmrestore.recipes import load_recipe
 from tests.conftest import tiny_recipe_dict
+from tests.reliability.helpers import fails_cleanly
 
 runner = CliRunner()
 NOISE = np.random.default_rng(10).integers(0, 256, size=(12, 10, 3), dtype=np.uint8)
@@ -86,17 +87,7 @@ def _huge_png() -> bytes:
     return png[:8] + chunk + png[8 + len(chunk) :]
 
 
-def _fails_cleanly(args: list[str], *needles: str) -> str:
-    result = runner.invoke(app, args)
-    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
-    message = result.output.strip()
-    assert "Traceback" not in message
-    assert len(message.splitlines()) == 1, message
-    assert message.startswith("error: "), message
-    for needle in needles:
-        assert needle in message, message
-    print(f"[{args[0]}] exit 2: {message}")  # shown with pytest -s (docs/RELIABILITY.md quotes these)
-    return message
+_fails_cleanly = fails_cleanly  # the shared helper; the name other test modules import
 
 
 def _recipe(path: Path, **sections: Any) -> Path:

@@ -49,7 +49,7 @@ from nmrestore.export.packed import load_any, pack_checkpoint
 from nmrestore.recipes import recipe_from_dict
 from tests.conftest import tiny_recipe_dict
 from tests.reliability.test_bad_input_cli import _fails_cleanly
-from tests.reliability.test_fuzz import VALUES, fuzz
+from tests.reliability.test_fuzz import VALUES, _paths, fuzz
 
 runner = CliRunner()
 Tensors = dict[str, torch.Tensor]
@@ -356,14 +356,6 @@ def test_a_packed_file_gets_the_same_checks(valid: Path, tmp_path: Path) -> None
 
 
 # ----------------------------------------------------------------------------- fuzzing
-
-
-def _paths(tree: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    out = [prefix]
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            out += _paths(v, (*prefix, k))
-    return out
 
 
 @st.composite
