@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
 from typer.testing import CliRunner
@@ -124,3 +125,27 @@ def test_recipes_lists_every_built_in_recipe() -> None:
     assert result.exit_code == 0, result.output
     listed = [line.split()[0] for line in result.output.strip().splitlines()]
     assert listed == builtin_recipes() and "demo_dense" in listed
+
+
+def test_eval_and_infer_take_a_device_and_show_progress_on_request(trained: Path, tmp_path: Path) -> None:
+    plain = json.loads(runner.invoke(app, ["eval", str(trained), "--json"]).output)
+    shown = runner.invoke(app, ["eval", str(trained), "--json", "--device", "cpu", "--progress"])
+    assert shown.exit_code == 0, shown.output
+    assert json.loads(shown.stdout)["psnr"] == plain["psnr"]  # the bar goes to stderr, stdout stays JSON
+    image = tmp_path / "lr.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (10, 12, 3), dtype=np.uint8)).save(image)
+    result = runner.invoke(app, ["infer", str(trained), str(image), "--out", str(tmp_path / "o"), "--progress", "--device", "auto"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "o" / "lr.png").is_file()
+    if not torch.cuda.is_available():
+        message = _fails_cleanly(["eval", str(trained), "--device", "cuda"], "no CUDA device")
+        assert len(message.splitlines()) == 1
+    message = _fails_cleanly(["eval", str(trained), "--device", "cpu", "--sparse-engine", "--device", "cuda"])
+    assert "Traceback" not in message
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_eval_on_cuda_matches_cpu(trained: Path) -> None:
+    cpu = json.loads(runner.invoke(app, ["eval", str(trained), "--json"]).output)
+    gpu = json.loads(runner.invoke(app, ["eval", str(trained), "--json", "--device", "cuda"]).output)
+    assert gpu["psnr"] == pytest.approx(cpu["psnr"], abs=1e-3)

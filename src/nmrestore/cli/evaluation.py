@@ -10,7 +10,7 @@ import torch
 
 from nmrestore.cost import count_cost
 from nmrestore.data.io import read_image, to_tensor, write_image
-from nmrestore.engine.evaluate import evaluate_model
+from nmrestore.engine.evaluate import evaluate_model, progress_over, resolve_device
 from nmrestore.engine.runner import build_eval_dataset, model_from_checkpoint
 from nmrestore.errors import CheckpointError, DatasetError, NMRestoreError
 from nmrestore.export.packed import load_any
@@ -26,6 +26,8 @@ def evaluate_checkpoint(
     task: str | None = None,
     sparse_engine: bool = False,
     allow_large: bool = False,
+    device: str = "cpu",
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Per-image and mean PSNR/SSIM plus cost; the recipe's eval protocol (SR: Y, crop = scale;
     deblurring/denoising: RGB, no crop). Without ``hr_dir`` the built-in test photos are used, made
@@ -37,7 +39,9 @@ def evaluate_checkpoint(
     ``sparse_engine``: run the N:M layers on the sparse CPU kernel (:mod:`nmrestore.runtime`);
     the cost figures are still counted on the model itself. ``allow_large``: build a model above
     the size limit for files (see :func:`~nmrestore.engine.runner.model_from_checkpoint`).
+    ``device``: auto, cpu or cuda; ``progress``: a bar over the images on stderr.
     """
+    target = _device(device, sparse_engine)
     ckpt = load_any(checkpoint)  # a training or a packed checkpoint
     model, recipe = model_from_checkpoint(ckpt, allow_large=allow_large)
     model_scale = recipe.model.scale
@@ -65,8 +69,9 @@ def evaluate_checkpoint(
 
         payload = adaptive_eval_payload(ckpt, model, recipe, dataset, crop, class_map_dir, engine=engine)
         return _with_engine(payload, engine)
-    runner = model if engine is None else engine
-    result = evaluate_model(runner, dataset, crop, recipe.eval.test_y_channel, torch.device("cpu"))
+    runner = model if engine is None else engine.to(target)
+    result = evaluate_model(runner, dataset, crop, recipe.eval.test_y_channel, target, progress=progress)
+    runner.to("cpu")  # the cost is counted on the CPU
     cost = count_cost(model)
     payload: dict[str, Any] = {
         "checkpoint": str(ckpt.path),
@@ -99,6 +104,13 @@ def evaluate_checkpoint(
 
         payload.update(png_eval_extras(model, cost))
     return _with_engine(payload, engine)
+
+
+def _device(name: str, sparse_engine: bool) -> torch.device:
+    target = resolve_device(name)
+    if sparse_engine and target.type != "cpu":
+        raise NMRestoreError("--sparse-engine runs on the CPU; use --device cpu (or auto without a GPU)")
+    return target
 
 
 def _engine(model: torch.nn.Module) -> torch.nn.Module:
@@ -219,6 +231,8 @@ def infer_images(
     sparse_engine: bool = False,
     allow_large: bool = False,
     tile: int | None = None,
+    device: str = "cpu",
+    progress: bool = False,
 ) -> list[Path]:
     """Restore each LR image with the checkpoint's model; returns the written paths.
 
@@ -237,6 +251,7 @@ def infer_images(
 
     if tile is not None and tile < 0:
         raise NMRestoreError(f"--tile must be 0 (no tiling) or a positive LR size, got {tile}")
+    target = _device(device, sparse_engine)
     ckpt = load_any(checkpoint)
     sparsity = ckpt.meta.get("sparsity")
     method = sparsity.get("method") if isinstance(sparsity, dict) else None
@@ -260,17 +275,17 @@ def infer_images(
         from nmrestore.methods.classpruning.program.evaluation import infer_adaptive
 
         return infer_adaptive(model, recipe, images, out, patch_size, stride, engine=engine)
-    runner = model if engine is None else engine
+    runner = (model if engine is None else engine).to(target)
     side = default_tile(scale) if tile is None else -(-tile // ALIGN) * ALIGN
     overlap: int | None = None
     written = []
-    for (_path, image), targets in zip(images, plans, strict=True):
-        x = to_tensor(image).unsqueeze(0)
+    for (_path, image), targets in progress_over(list(zip(images, plans, strict=True)), "infer", progress):
+        x = to_tensor(image).unsqueeze(0).to(target)
         if side and max(x.shape[-2:]) > side:
             if overlap is None:  # measured once, only when some image needs tiles
                 overlap = choose_overlap(runner, x.shape[1])
             output = run_tiled(runner, x, side, overlap)
         else:
             output = runner(x).clamp(0, 1)[0]
-        written.append(write_image(targets[0], output))
+        written.append(write_image(targets[0], output.cpu() if isinstance(output, torch.Tensor) else output))
     return written

@@ -39,6 +39,19 @@ class Tactic(str, Enum):
     dense = "dense"
 
 
+class Device(str, Enum):
+    """Where eval/infer run the model."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def _show_progress(flag: bool | None) -> bool:
+    """An explicit --progress/--no-progress, else a bar only when stderr is a terminal."""
+    return sys.stderr.isatty() if flag is None else flag
+
+
 class ExportFormat(str, Enum):
     """What `export` writes: a packed checkpoint (every route) or ONNX (one route, dense-with-zeros)."""
 
@@ -201,6 +214,10 @@ def evaluate(
     allow_large: Annotated[
         bool, typer.Option("--allow-large", help="load a model above the 1 GiB size limit for files")
     ] = False,
+    device: Annotated[Device, typer.Option(help="where the model runs (auto: CUDA when available)")] = Device.cpu,
+    progress: Annotated[
+        bool | None, typer.Option("--progress/--no-progress", help="a progress bar over the images (default: on a terminal)")
+    ] = None,
 ) -> None:
     """PSNR/SSIM and cost of a checkpoint (SR: Y channel, crop = scale; deblur/denoise: RGB, no crop).
 
@@ -209,7 +226,15 @@ def evaluate(
     from nmrestore.cli.evaluation import evaluate_checkpoint
 
     result = evaluate_checkpoint(
-        checkpoint, hr_dir, scale, class_maps, task=task, sparse_engine=sparse_engine, allow_large=allow_large
+        checkpoint,
+        hr_dir,
+        scale,
+        class_maps,
+        task=task,
+        sparse_engine=sparse_engine,
+        allow_large=allow_large,
+        device=device.value,
+        progress=_show_progress(progress),
     )
     if json_out:
         typer.echo(json.dumps(result, indent=2, default=str))
@@ -251,6 +276,10 @@ def infer(
     allow_large: Annotated[
         bool, typer.Option("--allow-large", help="load a model above the 1 GiB size limit for files")
     ] = False,
+    device: Annotated[Device, typer.Option(help="where the model runs (auto: CUDA when available)")] = Device.cpu,
+    progress: Annotated[
+        bool | None, typer.Option("--progress/--no-progress", help="a progress bar over the images (default: on a terminal)")
+    ] = None,
     tile: Annotated[
         int | None,
         typer.Option(help="LR tile side for large images (default ~1024 output px; 0: never tile)"),
@@ -270,6 +299,8 @@ def infer(
         sparse_engine=sparse_engine,
         allow_large=allow_large,
         tile=tile,
+        device=device.value,
+        progress=_show_progress(progress),
     ):
         typer.echo(str(written))
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,7 @@ class EvalResult:
 
 
 Restorer = Callable[[Tensor], Tensor]
+T = TypeVar("T")
 
 
 @torch.no_grad()
@@ -48,14 +49,17 @@ def evaluate_fn(
     test_y_channel: bool = True,
     with_ssim: bool = True,
     tile: int | None = None,
+    progress: bool = False,
 ) -> EvalResult:
     """Score ``restore(lq) -> output`` (batched (1,C,h,w) float tensors) on whole images.
+
+    ``progress`` shows a bar on stderr while the images are scored.
 
     With ``tile``, each image's row also holds ``tiles``: the PSNR of every full ``tile x tile`` HR
     tile (the units of the paired bootstrap in :mod:`nmrestore.metrics.paired`).
     """
     result = EvalResult()
-    for sample in samples:
+    for sample in progress_over(samples, "eval", progress):
         lq = sample["lq"]
         gt = sample["gt"]
         assert isinstance(lq, Tensor) and isinstance(gt, Tensor)
@@ -83,15 +87,42 @@ def evaluate_model(
     device: torch.device | None = None,
     with_ssim: bool = True,
     tile: int | None = None,
+    progress: bool = False,
 ) -> EvalResult:
     """Evaluate ``model`` in eval mode on ``device`` (restoring its train flag afterwards)."""
     device = device or next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
-        return evaluate_fn(lambda x: model(x.to(device)), samples, crop_border, test_y_channel, with_ssim, tile)
+        return evaluate_fn(
+            lambda x: model(x.to(device)), samples, crop_border, test_y_channel, with_ssim, tile, progress
+        )
     finally:
         model.train(was_training)
+
+
+def progress_over(items: Iterable[T], label: str, show: bool) -> Iterable[T]:
+    """``items`` with a transient progress bar on stderr when ``show`` (one step per item)."""
+    if not show:
+        return items
+    from rich.console import Console
+    from rich.progress import track
+
+    total = len(items) if hasattr(items, "__len__") else None  # type: ignore[arg-type]
+    return track(items, description=label, total=total, console=Console(stderr=True), transient=True)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` (CUDA when available, else CPU), ``cpu`` or ``cuda``; a missing GPU is one clear error."""
+    from nmrestore.errors import NMRestoreError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise NMRestoreError("--device cuda: no CUDA device is available here (use cpu or auto)")
+    if name not in ("cpu", "cuda"):
+        raise NMRestoreError(f"--device must be auto, cpu or cuda, got {name!r}")
+    return torch.device(name)
 
 
 def bicubic_restorer(scale: int) -> Restorer:
