@@ -67,11 +67,20 @@ QUICK: dict[str, Any] = {"dense_steps": 20, "finetune_steps": 4, "budgets": ("2:
 
 
 def study_config(
-    scale: int, data: Path, work_dir: Path, quick: bool, methods: tuple[str, ...] | None, threads: int = 2
+    scale: int,
+    data: Path,
+    work_dir: Path,
+    quick: bool,
+    methods: tuple[str, ...] | None,
+    threads: int = 2,
+    budgets: tuple[str, ...] | None = None,
+    cached_only: bool = False,
 ) -> BenchConfig:
-    values = {**STUDY, **(QUICK if quick else {}), "threads": threads}
+    values = {**STUDY, **(QUICK if quick else {}), "threads": threads, "cached_only": cached_only}
     if methods:
         values["methods"] = methods
+    if budgets:
+        values["budgets"] = budgets
     return BenchConfig(
         **values,
         scale=scale,
@@ -128,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=None, help="comma-separated subset of the methods")
     parser.add_argument("--quick", action="store_true", help="a few steps only (smoke test of the script)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on a shared machine)")
+    parser.add_argument("--budgets", default=None, help="comma-separated subset of the budgets (rows run first)")
+    parser.add_argument(
+        "--cached-only", action="store_true", help="report the finished rows only (a study still under way)"
+    )
     parser.add_argument("--render", action="store_true", help="only redraw the sections from docs/bench/*.json")
     args = parser.parse_args(argv)
     scales = args.scale or [4, 2]
@@ -140,7 +153,10 @@ def main(argv: list[str] | None = None) -> int:
     obtain_photos(args.data)
     methods = tuple(args.methods.split(",")) if args.methods else None
     for scale in scales:
-        config = study_config(scale, args.data, args.work_dir, args.quick, methods, args.threads)
+        budgets = tuple(args.budgets.split(",")) if args.budgets else None
+        config = study_config(
+            scale, args.data, args.work_dir, args.quick, methods, args.threads, budgets, args.cached_only
+        )
         notes: list[str] = []
         rows = run_benchmark(config, notes, echo=lambda line: print(line, file=sys.stderr, flush=True))
         print(format_table(rows), flush=True)

@@ -224,3 +224,16 @@ def test_finished_rows_are_reused_from_the_row_cache(tmp_path: Path, monkeypatch
         if row["method"] in ("oneshot", "filter"):
             same = by_first[(row["method"], row["budget"])]
             assert row["psnr"] == same["psnr"] and row["tiles"] == same["tiles"] and row["note"] == same["note"]
+
+
+def test_cached_only_reports_the_finished_rows_and_trains_nothing(tmp_path: Path) -> None:
+    rows_file = tmp_path / "rows.json"
+    run_benchmark(tiny(tmp_path, budgets=("2:4",), methods=("oneshot",), row_cache=rows_file, timing=False))
+    notes: list[str] = []
+    partial = run_benchmark(
+        tiny(tmp_path, budgets=("2:4", "8:32"), methods=("oneshot", "srste"), row_cache=rows_file, cached_only=True),
+        notes,
+    )
+    assert [(r["method"], r["budget"]) for r in partial] == [("bicubic", None), ("dense", 1.0), ("oneshot", "2:4")]
+    assert sorted(notes) == sorted(f"{m}-{b}: not finished yet (not in the row cache)" for m, b in
+                                   [("oneshot", "8:32"), ("srste", "2:4"), ("srste", "8:32")])

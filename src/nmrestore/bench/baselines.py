@@ -9,7 +9,7 @@ from nmrestore.sparsity.api import parse_nm
 
 
 @register_row_producer("dense_ft", per_budget=False)
-def _dense_ft(context: BenchContext, budget: str | None) -> Row:
+def _dense_ft(context: BenchContext, budget: str | None) -> Row | None:
     """The dense model fine-tuned for the same steps: the control for 'fine-tuning alone'."""
     return finetuned_row(context, "dense_ft", None, None)
 
@@ -39,7 +39,7 @@ def _filter(context: BenchContext, budget: str | None) -> Row | None:
         {"method": "filter", "budget": budget},
         prunable_names=context.nm_prunable_names(m),
     )
-    if row_key(row) not in context.timed:
+    if row is None or row_key(row) not in context.timed:
         return row  # a cached row: its note is already there
     controller = context.timed[row_key(row)].controller
     if isinstance(controller, FilterController):

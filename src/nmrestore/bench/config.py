@@ -95,6 +95,7 @@ class BenchConfig(BaseModel):
     row_cache: Path | None = Field(
         None, description="a JSON file of finished fine-tune rows keyed by recipe hash: reused, not retrained"
     )
+    cached_only: bool = Field(False, description="report only the rows the row cache holds; train nothing new")
     seed: int = Field(0, ge=0)
     quick: bool = False
     timing_rounds: int = Field(7, ge=1, description="interleaved timed steps per model (median taken)")

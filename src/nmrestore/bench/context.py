@@ -212,13 +212,18 @@ def list_row_producers() -> list[str]:
 
 def finetuned_row(
     context: BenchContext, method: str, budget: str | None, sparsity: dict[str, Any] | None, **kw: Any
-) -> Row:
+) -> Row | None:
+    """The row of ``method`` at ``budget`` fine-tuned from the dense model (or from the row cache;
+    None with ``cached_only`` when the cache does not hold it)."""
     label = method if budget is None else f"{method}-{budget}"
     key = f"{method}@{budget}:{row_digest(context.finetune_recipe(label, sparsity), context.dense.digest)}"
     cached = context.cached_rows.get(key)
     if cached is not None:  # finished in an earlier run (maybe on another day): same recipe, same row
         context.say(f"reusing the cached row {label}")
         return {**cached, "cache_key": key}
+    if context.config.cached_only:
+        context.notes.append(f"{label}: not finished yet (not in the row cache)")
+        return None
     result = context.finetune(label, sparsity)
     row = context.row(
         method,

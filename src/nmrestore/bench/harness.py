@@ -131,7 +131,7 @@ def run_benchmark(config: BenchConfig, notes: list[str] | None = None, echo: Ech
                 rows.extend(made_rows)
                 store_rows(config.row_cache, made_rows)
         attach_deltas(rows)
-        if not config.timing:
+        if not config.timing or config.cached_only:
             return rows
         context.say(f"timing {len(context.timed)} models ({config.timing_rounds} interleaved rounds)")
         timings = measure_step_times(

@@ -49,7 +49,7 @@ def _sls(context: BenchContext, budget: str | None) -> Row | None:
     if m != 32 or n == m:
         return None  # SLS rows are the M = 32 budgets (8:32, 4:32, 2:32), as in the paper
     row = finetuned_row(context, "sls", budget, sls_settings(context.config.finetune_steps, n / m))
-    if row_key(row) not in context.timed:
+    if row is None or row_key(row) not in context.timed:
         return row  # a cached row: its note is already there
     controller = context.timed[row_key(row)].controller
     message = controller.message if isinstance(controller, SLSController) else ""
