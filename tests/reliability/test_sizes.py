@@ -119,7 +119,7 @@ def test_an_8000x8000_png_is_refused_before_decoding(tmp_path: Path) -> None:
 def classpruning(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from nmrestore.engine.runner import train
     from nmrestore.recipes.schema import recipe_from_dict
-    from tests.engine.test_adaptive import _recipe_dict
+    from tests.methods.classpruning.test_program import _recipe_dict
 
     run = tmp_path_factory.mktemp("cp") / "run"
     train(recipe_from_dict(_recipe_dict()), run, show_progress=False)
