@@ -17,6 +17,7 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nmrestore.errors import NMRestoreError
@@ -149,6 +150,13 @@ class MeanShiftedSR(nn.Module):
     under a long skip), ``tail.0`` (the upsampler; Identity at scale 1), ``tail.1``, ``add_mean``.
 
     The names are EDSR-PyTorch's, so official weights load by name. Subclasses choose the block.
+
+    ``global_skip``: the network predicts a residual over the bicubic upscaled input (the input itself
+    at scale 1), as VDSR does, instead of the image. Its last conv starts at zero, so the untrained
+    model *is* bicubic, and a flat region stays as bicubic restores it unless training finds better:
+    without it a short CPU training leaves a colour offset of a few grey levels (measured on the photo
+    set's x4 dense model: -2.4 on Y, -4.2 on G), which costs more than bicubic's whole error on smooth
+    photographs (docs/BENCHMARKS.md).
     """
 
     def __init__(
@@ -159,9 +167,11 @@ class MeanShiftedSR(nn.Module):
         rgb_range: float,
         make_block: Callable[[], nn.Module],
         n_blocks: int,
+        global_skip: bool = False,
     ) -> None:
         super().__init__()
         self.scale = scale
+        self.global_skip = bool(global_skip)
         self.rgb_range = rgb_range
         self.sub_mean = MeanShift(rgb_range, sign=-1)
         self.head, self.body = residual_trunk(n_colors, n_feats, make_block, n_blocks)
@@ -170,11 +180,19 @@ class MeanShiftedSR(nn.Module):
         self.tail = nn.Sequential(upsampler, default_conv(n_feats, n_colors, 3))
         self.add_mean = MeanShift(rgb_range, sign=1)
         self.nm_dense_layers: tuple[str, ...] = ("head.0", "tail.1")
+        if self.global_skip:
+            last = self.tail[1]
+            nn.init.zeros_(last.weight)
+            if last.bias is not None:
+                nn.init.zeros_(last.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.head(self.sub_mean(x))
-        res = self.body(x) + x
-        return self.add_mean(self.tail(res))
+        features = self.head(self.sub_mean(x))
+        res = self.body(features) + features
+        if not self.global_skip:
+            return self.add_mean(self.tail(res))
+        base = x if self.scale == 1 else F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False)
+        return base + self.tail(res)
 
 
 def count_params(model: nn.Module) -> int:

@@ -41,6 +41,7 @@ class EDSR(MeanShiftedSR):
         res_scale: float = 1.0,
         rgb_range: float = 1.0,
         n_colors: int = 3,
+        global_skip: bool = False,
     ) -> None:
         n_feats = check_positive_int("n_feats", n_feats)
         res_scale = check_positive_float("res_scale", res_scale)
@@ -51,28 +52,32 @@ class EDSR(MeanShiftedSR):
             check_positive_float("rgb_range", rgb_range),
             partial(ResBlock, n_feats, 3, res_scale),
             check_positive_int("n_blocks", n_blocks),
+            global_skip,
         )
 
 
 @register_model
 def edsr_baseline(
-    scale: int = 2, n_feats: int = 64, n_blocks: int = 16, res_scale: float = 1.0, rgb_range: float = 1.0
+    scale: int = 2, n_feats: int = 64, n_blocks: int = 16, res_scale: float = 1.0, rgb_range: float = 1.0,
+    global_skip: bool = False,
 ) -> EDSR:
     """EDSR-baseline: 16 blocks, 64 channels (1.37M / 1.55M / 1.52M params at x2 / x3 / x4)."""
-    return EDSR(scale, n_feats, n_blocks, res_scale, rgb_range)
+    return EDSR(scale, n_feats, n_blocks, res_scale, rgb_range, global_skip=global_skip)
 
 
 @register_model
 def edsr(
-    scale: int = 2, n_feats: int = 256, n_blocks: int = 32, res_scale: float = 0.1, rgb_range: float = 1.0
+    scale: int = 2, n_feats: int = 256, n_blocks: int = 32, res_scale: float = 0.1, rgb_range: float = 1.0,
+    global_skip: bool = False,
 ) -> EDSR:
     """Full EDSR: 32 blocks, 256 channels, residual scaling 0.1 (40.7M params at x2, 43.1M at x4)."""
-    return EDSR(scale, n_feats, n_blocks, res_scale, rgb_range)
+    return EDSR(scale, n_feats, n_blocks, res_scale, rgb_range, global_skip=global_skip)
 
 
 @register_model
 def edsr_small(
-    scale: int = 2, n_feats: int = 32, n_blocks: int = 4, res_scale: float = 1.0, rgb_range: float = 1.0
+    scale: int = 2, n_feats: int = 32, n_blocks: int = 4, res_scale: float = 1.0, rgb_range: float = 1.0,
+    global_skip: bool = False,
 ) -> EDSR:
     """CPU preset for tests and demos: 4 blocks, 32 channels."""
-    return EDSR(scale, n_feats, n_blocks, res_scale, rgb_range)
+    return EDSR(scale, n_feats, n_blocks, res_scale, rgb_range, global_skip=global_skip)
