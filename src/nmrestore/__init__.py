@@ -8,6 +8,7 @@ layer is imported only when used::
     report = nmrestore.sparsify_(model, nmrestore.NMConfig(n=2, m=4))
     print(nmrestore.count_cost(model).table())
     nmrestore.squash_(model)
+    model, recipe = nmrestore.load("runs/x/checkpoints/last.safetensors")  # any checkpoint, packed or not
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ _EXPORTS = {
     "register_model": "nmrestore.models",
     "NMRestoreError": "nmrestore.errors",
     "load_packed": "nmrestore.export",
+    "load": "nmrestore.engine.loading",
 }
 
 __all__ = [*sorted(_EXPORTS), "__version__"]

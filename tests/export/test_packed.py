@@ -14,12 +14,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from nmrestore.engine.checkpoint import save_checkpoint
+from nmrestore.engine.loading import is_packed
+from nmrestore.engine.packed_format import bitpack, bitunpack, packed_digest
 from nmrestore.engine.runner import apply_sparsity, base_model, model_from_checkpoint
 from nmrestore.errors import CheckpointError
 from nmrestore.export import load_any, load_packed, pack_checkpoint, read_packed, save_packed
 from nmrestore.export.onnx import deployable_copy
-from nmrestore.export.packed import is_packed
-from nmrestore.export.packed_layers import bitpack, bitunpack, packed_digest
 from nmrestore.models import create_model
 from nmrestore.recipes.schema import recipe_from_dict
 from nmrestore.sparsity import NMConfig, nm_layers, sparsify_, use_route

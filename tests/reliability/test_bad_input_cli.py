@@ -26,6 +26,7 @@ from nmrestore.cli.main import app
 from nmrestore.data.datasets import load_folder
 from nmrestore.data.io import read_image
 from nmrestore.engine.checkpoint import load_checkpoint
+from nmrestore.engine.loading import load_any
 from nmrestore.errors import (
     BudgetError,
     CheckpointError,
@@ -34,7 +35,6 @@ from nmrestore.errors import (
     RecipeError,
     SparsityError,
 )
-from nmrestore.export.packed import load_any
 from nmrestore.recipes import load_recipe
 from tests.conftest import tiny_recipe_dict
 from tests.reliability.helpers import fails_cleanly

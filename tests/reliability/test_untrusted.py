@@ -22,8 +22,8 @@ from typer.testing import CliRunner
 import nmrestore
 from nmrestore.cli.main import app
 from nmrestore.engine.checkpoint import load_checkpoint
+from nmrestore.engine.loading import load_any
 from nmrestore.errors import CheckpointError
-from nmrestore.export.packed import load_any
 from nmrestore.models import create_model, load_official
 from nmrestore.models.official import read_checkpoint
 from tests.conftest import tiny_recipe_dict

@@ -43,9 +43,10 @@ from nmrestore.engine.checkpoint import (
     save_checkpoint,
     upgrade_legacy_checkpoints,
 )
+from nmrestore.engine.loading import load_any
 from nmrestore.engine.runner import apply_sparsity, base_model, model_from_checkpoint
 from nmrestore.errors import CheckpointError, NMRestoreError
-from nmrestore.export.packed import load_any, pack_checkpoint
+from nmrestore.export.packed import pack_checkpoint
 from nmrestore.recipes import recipe_from_dict
 from tests.conftest import tiny_recipe_dict
 from tests.reliability.test_bad_input_cli import _fails_cleanly

@@ -11,9 +11,9 @@ import torch
 from nmrestore.cost import count_cost
 from nmrestore.data.io import read_image, to_tensor, write_image
 from nmrestore.engine.evaluate import evaluate_model, progress_over, resolve_device
+from nmrestore.engine.loading import load_any
 from nmrestore.engine.runner import build_eval_dataset, model_from_checkpoint
 from nmrestore.errors import CheckpointError, DatasetError, NMRestoreError
-from nmrestore.export.packed import load_any
 from nmrestore.recipes.schema import DataSource, TaskSpec
 from nmrestore.sparsity.parametrization import nm_layers
 

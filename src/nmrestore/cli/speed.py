@@ -19,10 +19,9 @@ def speed_model(
     given), or ``name`` with uniform magnitude N:M masks on its initial weights (speed does not depend
     on training)."""
     if checkpoint is not None:
-        from nmrestore.engine.runner import model_from_checkpoint
-        from nmrestore.export.packed import load_any
+        from nmrestore.engine.loading import load
 
-        model, recipe = model_from_checkpoint(load_any(checkpoint), allow_large=allow_large)
+        model, recipe = load(checkpoint, allow_large=allow_large)
         if name is not None and recipe.model.name != name:
             raise NMRestoreError(f"{checkpoint} holds a {recipe.model.name} model, not {name}")
         method = recipe.sparsity.method if recipe.sparsity is not None else "dense"

@@ -10,6 +10,7 @@
 
 from pathlib import Path
 
+from nmrestore.engine.loading import PACKED_FORMAT, is_packed, load_any, read_packed
 from nmrestore.errors import NMRestoreError
 from nmrestore.export.onnx import (
     DEFAULT_OPSET,
@@ -20,14 +21,10 @@ from nmrestore.export.onnx import (
     verify_onnx,
 )
 from nmrestore.export.packed import (
-    PACKED_FORMAT,
     PackedLayer,
     PackedReport,
-    is_packed,
-    load_any,
     load_packed,
     pack_checkpoint,
-    read_packed,
     save_packed,
 )
 from nmrestore.export.semistructured import SemiStructuredReport, to_semi_structured_
