@@ -324,13 +324,22 @@ def speed(
     route: Annotated[int | None, typer.Option(help="route to time (ClassPruning/PNG); default the active one")] = None,
     tactic: Annotated[Tactic, typer.Option(help="auto (time per layer), sparse or dense")] = Tactic.auto,
     tactic_cache: Annotated[Path | None, typer.Option(help="JSON file of per-layer timings to reuse")] = None,
+    vs: Annotated[
+        str | None,
+        typer.Option(
+            "--vs",
+            help="also time deployment runtimes on the same model and input: onnxruntime, openvino "
+            "(comma-separated) or all (missing ones skipped)",
+        ),
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
     allow_large: Annotated[
         bool, typer.Option("--allow-large", help="load a model above the 1 GiB size limit for files")
     ] = False,
 ) -> None:
-    """Dense PyTorch vs the N:M sparse CPU engine: latencies, speed-up and each layer's choice."""
+    """Dense PyTorch vs the N:M sparse CPU engine (and, with --vs, ONNX Runtime and OpenVINO): latencies,
+    speed-ups and each layer's choice."""
     from pydantic import ValidationError
 
     from nmrestore.cli.speed import run_speed
@@ -345,7 +354,17 @@ def speed(
         raise NMRestoreError(f"--tactic must be auto, sparse or dense, got {tactic!r}") from None
     try:
         report = run_speed(
-            model, scale, sparsity, checkpoint, size, threads, repeats, route, config, allow_large=allow_large
+            model,
+            scale,
+            sparsity,
+            checkpoint,
+            size,
+            threads,
+            repeats,
+            route,
+            config,
+            allow_large=allow_large,
+            vs=vs,
         )
     except RuntimeError as exc:
         raise _too_small(model or str(checkpoint), size, exc) from None

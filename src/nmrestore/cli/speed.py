@@ -1,9 +1,12 @@
-"""``nmrestore speed``: dense PyTorch against the sparse engine on one model and input size."""
+"""``nmrestore speed``: dense PyTorch against the sparse engine on one model and input size, and with
+``--vs`` against the runtimes a user would deploy with (ONNX Runtime, OpenVINO: ``export/peers.py``)."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from nmrestore.errors import NMRestoreError
@@ -51,10 +54,20 @@ def run_speed(
     config: EngineConfig,
     warmup: int = 1,
     allow_large: bool = False,
+    vs: str | None = None,
 ) -> SpeedReport:
+    """Time the model; ``vs`` (``onnxruntime,openvino`` or ``all``) adds the peer runtimes to the
+    same interleaved rounds. Peers named explicitly must be installed; with ``all`` a missing one is
+    skipped with a note in the report."""
     if repeats < 1:
         raise NMRestoreError(f"--repeats must be at least 1, got {repeats}")
     check_threads(threads)
+    peer_names: list[str] = []
+    notes: list[str] = []
+    if vs is not None:
+        from nmrestore.export.peers import available_peers, parse_peers
+
+        peer_names, notes = available_peers(*parse_peers(vs))  # before any work: exit 2 at once
     model, label = speed_model(name, scale, sparsity, checkpoint, allow_large)
     check_speed_size(size, int(getattr(model, "scale", scale) or 1))  # before any allocation
     if route is not None:
@@ -64,13 +77,24 @@ def run_speed(
         if not 0 <= route < routes:
             raise NMRestoreError(f"--route {route} does not exist (the model has {routes} route(s))")
     channels = int(getattr(model, "n_colors", 3) or 3)
-    return measure_speed(
-        model,
-        (1, channels, *size),
-        threads=threads,
-        repeats=repeats,
-        config=config,
-        name=label,
-        route=route,
-        warmup=warmup,
-    )
+    shape = (1, channels, *size)
+    with contextlib.ExitStack() as stack:
+        peers = []
+        if peer_names:
+            from nmrestore.export.peers import open_peers
+
+            used = threads if threads is not None else torch.get_num_threads()
+            peers = stack.enter_context(open_peers(model, peer_names, used, shape, route))
+        report = measure_speed(
+            model,
+            shape,
+            threads=threads,
+            repeats=repeats,
+            config=config,
+            name=label,
+            route=route,
+            warmup=warmup,
+            peers=peers,
+        )
+    report.notes.extend(notes)
+    return report

@@ -4,22 +4,27 @@
 dense reference is the model squashed to dense-with-zeros weights (plain ``F.conv2d``, oneDNN),
 the sparse one is :func:`~nmrestore.runtime.engine.compile_sparse` of the same model. After a
 warm-up (which makes the sparse layers choose their tactics), both run ``repeats`` interleaved
-rounds (:mod:`nmrestore.runtime.timing`); the speed-up is the median of the per-round ratios. :func:`profile_modules` splits one forward into
+rounds (:mod:`nmrestore.runtime.timing`); the speed-up is the median of the per-round ratios.
+Peers (:class:`Peer`: other runtimes such as ONNX Runtime or OpenVINO, built by
+:mod:`nmrestore.export.peers`) join the same interleaved rounds; each gets an output check against
+the dense PyTorch f32 output on the same input. :func:`profile_modules` splits one forward into
 its leaf modules (the per-layer "where does the time go" table).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
+from nmrestore.runtime.cpu_features import cpu_features, describe_features
 from nmrestore.runtime.engine import EngineConfig, compile_sparse, engine_state, format_decisions
 from nmrestore.runtime.layers import LayerDecision
 from nmrestore.runtime.timing import interleaved, paired_median
@@ -39,6 +44,46 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+@dataclass(frozen=True)
+class Peer:
+    """Another runtime timed next to the dense and sparse models: ``run`` maps the input to the output.
+
+    ``name`` is the row's key (e.g. ``"openvino default"``), ``precision`` the inference precision
+    the runtime reports it uses (e.g. ``f32``, ``bf16``), ``version`` the runtime's version.
+    """
+
+    name: str
+    precision: str
+    version: str
+    run: Callable[[Tensor], Tensor]
+
+
+@dataclass
+class PeerRow:
+    """One peer's timing and output check (against dense PyTorch f32 on the same input)."""
+
+    name: str
+    precision: str
+    version: str
+    ms: float
+    runs_ms: list[float]
+    max_abs_diff: float
+    speedup: float  # median over rounds of t_dense_pytorch / t_peer
+    sparse_speedup: float  # median over rounds of t_peer / t_sparse: how much faster the engine is
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "name": self.name,
+            "precision": self.precision,
+            "version": self.version,
+            "ms": self.ms,
+            "runs_ms": self.runs_ms,
+            "max_abs_diff": self.max_abs_diff,
+            "speedup_vs_pytorch": self.speedup,
+            "sparse_engine_speedup": self.sparse_speedup,
+        }
+
+
 @dataclass
 class SpeedReport:
     """Dense vs sparse-engine latency of one model on one input, and each layer's tactic."""
@@ -56,6 +101,9 @@ class SpeedReport:
     dense_runs_ms: list[float] = field(default_factory=list)
     sparse_runs_ms: list[float] = field(default_factory=list)
     route: int | None = None
+    peers: list[PeerRow] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    cpu: dict[str, bool | None] = field(default_factory=cpu_features)
 
     @property
     def speedup(self) -> float:
@@ -78,6 +126,9 @@ class SpeedReport:
             "sparse_runs_ms": self.sparse_runs_ms,
             "layers": [d.to_dict() for d in self.decisions],
             "untouched": [{"layer": n, "reason": r} for n, r in self.untouched],
+            "peers": [p.to_dict() for p in self.peers],
+            "notes": self.notes,
+            "cpu": self.cpu,
         }
 
     def table(self) -> str:
@@ -88,9 +139,25 @@ class SpeedReport:
             f"  sparse engine   {self.sparse_ms:10.2f} ms",
             f"  speed-up        {self.speedup:10.2f} x   (median of paired ratios; max |diff| {self.max_abs_diff:.2e})",
             f"  {self.kernel}",
-            "",
-            format_decisions(self.decisions),
         ]
+        if self.peers:
+            lines += [
+                "",
+                f"  {'runtime':<22}{'precision':>10}{'ms':>11}{'vs PyTorch':>12}{'sparse vs it':>14}  max |diff|",
+                f"  {'PyTorch (dense)':<22}{'f32':>10}{self.dense_ms:11.2f}{1.0:11.2f}x{self.speedup:13.2f}x  0",
+            ]
+            lines += [
+                f"  {p.name:<22}{p.precision:>10}{p.ms:11.2f}{p.speedup:11.2f}x{p.sparse_speedup:13.2f}x  "
+                f"{p.max_abs_diff:.2e}"
+                for p in self.peers
+            ]
+            lines.append(
+                "  (speed-ups: medians of per-round ratios; max |diff| against PyTorch f32 on the same input)"
+            )
+        if self.peers or self.notes:
+            lines.append(f"  {describe_features(self.cpu)}")
+        lines += [f"  note: {note}" for note in self.notes]
+        lines += ["", format_decisions(self.decisions)]
         for name, reason in self.untouched:
             lines.append(f"{name:<28} left as is: {reason}")
         return "\n".join(lines)
@@ -107,12 +174,17 @@ def measure_speed(
     route: int | None = None,
     seed: int = 0,
     warmup: int = 1,
+    peers: Sequence[Peer] = (),
 ) -> SpeedReport:
     """Dense (squashed) vs :func:`compile_sparse` latency on a random input of ``input_shape``.
 
     The first sparse forward chooses the tactics (and finds the hand-off pairs), ``warmup`` more
     forwards of each model run untimed; ``max_abs_diff`` covers the first and the last of them (the
-    hand-off layout is in use from the second forward on)."""
+    hand-off layout is in use from the second forward on). Each of ``peers`` runs in the same
+    rounds; its ``max_abs_diff`` is against the dense output, on the first and the last warm-up run."""
+    names = [peer.name for peer in peers]
+    if len(set(names)) != len(names) or {"dense", "sparse"} & set(names):
+        raise ValueError(f"peer names must be unique and not 'dense' or 'sparse', got {names}")
     generator = torch.Generator().manual_seed(seed)
     x = torch.rand(*input_shape, generator=generator)
     model = model.eval()
@@ -129,8 +201,18 @@ def measure_speed(
                 dense(x)
                 output = sparse(x)
             diff = max(diff, float((reference - output).abs().max()))
+            peer_diffs = {peer.name: _diff(reference, peer.run(x)) for peer in peers}  # first run
+            for peer in peers:
+                last = None
+                for _ in range(warmup):
+                    last = peer.run(x)
+                if last is not None:
+                    peer_diffs[peer.name] = max(peer_diffs[peer.name], _diff(reference, last))
             # warmed up above (the first sparse forward also checks the output)
-            timings = interleaved({"dense": lambda: dense(x), "sparse": lambda: sparse(x)}, repeats, warmup=0)
+            runs: dict[str, Callable[[], object]] = {"dense": lambda: dense(x), "sparse": lambda: sparse(x)}
+            for peer in peers:
+                runs[peer.name] = functools.partial(peer.run, x)
+            timings = interleaved(runs, repeats, warmup=0)
         used = torch.get_num_threads()
     state = engine_state(sparse)
     assert state is not None
@@ -153,7 +235,28 @@ def measure_speed(
         dense_runs_ms=[t * 1e3 for t in timings.samples["dense"]],
         sparse_runs_ms=[t * 1e3 for t in timings.samples["sparse"]],
         route=route,
+        peers=[
+            PeerRow(
+                name=peer.name,
+                precision=peer.precision,
+                version=peer.version,
+                ms=timings.median(peer.name) * 1e3,
+                runs_ms=[t * 1e3 for t in timings.samples[peer.name]],
+                max_abs_diff=peer_diffs[peer.name],
+                speedup=timings.speedup(peer.name, "dense"),
+                sparse_speedup=timings.speedup("sparse", peer.name),
+            )
+            for peer in peers
+        ],
     )
+
+
+def _diff(reference: Tensor, output: Tensor) -> float:
+    """Largest |output - reference| (inf when the shapes differ, NaN-safe: a NaN counts as inf)."""
+    if tuple(output.shape) != tuple(reference.shape):
+        return float("inf")
+    diff = float((output.float() - reference).abs().max())
+    return float("inf") if diff != diff else diff
 
 
 @contextmanager
