@@ -18,6 +18,10 @@ back to back, so a slow phase of the machine hits both); the ms columns are the 
    cost shift is calibrated to send the image's patches to a mix of routes; whole-image wall time of
    the patch pipeline (32-pixel patches, stride 28) with PyTorch vs with the sparse engine, and
    the dense model on the whole image.
+   With ``--vs onnxruntime,openvino`` (or ``all``: the installed ones) each uniform row also times
+   the runtimes a user would deploy with, in the same interleaved rounds (``nmrestore speed --vs``:
+   ONNX Runtime f32, OpenVINO f32 and OpenVINO at its default precision, on the dense-with-zeros
+   ONNX export), each with its max abs diff to PyTorch f32; a second table lists them.
 4. **Profile.** Where the time goes in EDSR-baseline x2 (dense, 4:32 and 2:32 engines): per-module
    medians grouped into the first/last dense convs, the body convs, the upsampler conv, pixel
    shuffle, ReLU and the rest (residual sums, mean shifts, Python).
@@ -26,6 +30,7 @@ Run from the repository root::
 
     .venv/bin/python benchmarks/bench_speed.py            # rewrites section "speed"
     .venv/bin/python benchmarks/bench_speed.py --quick --no-write
+    .venv/bin/python benchmarks/bench_speed.py --quick --no-write --vs all
 
 The first run trains the SLS checkpoint (150 steps of EDSR-baseline x2 on 1 thread, a few minutes);
 later runs reuse it.
@@ -34,6 +39,7 @@ later runs reuse it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import sys
@@ -48,6 +54,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _report import markdown_table, write_section  # noqa: E402
+from nmrestore.errors import NMRestoreError  # noqa: E402
+from nmrestore.export.peers import available_peers, open_peers, parse_peers, peer_rows  # noqa: E402
 from nmrestore.models import create_model  # noqa: E402
 from nmrestore.runtime import EngineConfig, compile_sparse, engine_state, kernel_status  # noqa: E402
 from nmrestore.runtime.speed import (  # noqa: E402
@@ -306,7 +314,16 @@ def main() -> None:
     parser.add_argument(
         "--profile-only", action="store_true", help="only the per-module profile (section speed_profile)"
     )
+    parser.add_argument(
+        "--vs", default=None, help="peer runtimes for the uniform rows: onnxruntime,openvino or all (installed ones)"
+    )
     args = parser.parse_args()
+    try:
+        peer_names, peer_notes = available_peers(*parse_peers(args.vs))  # a missing named peer: stop now
+    except NMRestoreError as exc:
+        parser.exit(2, f"error: {exc}\n")
+    for note in peer_notes:
+        print(f"note: {note}", flush=True)
     width, height = (int(v) for v in args.input.lower().split("x"))
     size = (height, width)
     kwargs: dict[str, object] = {}
@@ -321,15 +338,34 @@ def main() -> None:
         _profile_only(args, size, kwargs, config, status.summary(), started)
         return
     rows: list[dict[str, object]] = []
+    peer_table_rows: list[dict[str, object]] = []
     with torch_threads(args.threads):
         for name, scale, kw in (("edsr_baseline", 2, kwargs), ("carn", 4, carn_kwargs)):
             for nm in UNIFORM:
                 model = _uniform(name, scale, nm, kw)
-                report = measure_speed(
-                    model, (1, 3, *size), None, args.repeats, config, f"{name} x{scale} {nm}", warmup=WARMUP
-                )
+                with contextlib.ExitStack() as stack:
+                    peers = stack.enter_context(
+                        open_peers(model, peer_names, torch.get_num_threads(), (1, 3, *size))
+                    )
+                    report = measure_speed(
+                        model,
+                        (1, 3, *size),
+                        None,
+                        args.repeats,
+                        config,
+                        f"{name} x{scale} {nm}",
+                        warmup=WARMUP,
+                        peers=peers,
+                    )
                 rows.append(_row(report.model, f"{name} x{scale}", nm, report))
+                peer_table_rows += peer_rows(report, f"{name} x{scale}", nm)
                 print(f"{report.model}: {_fmt_row(rows[-1])}", flush=True)
+                for peer in report.peers:
+                    print(
+                        f"  {peer.name} ({peer.precision}): {peer.ms:.1f} ms, {peer.speedup:.2f}x vs PyTorch, "
+                        f"sparse engine {peer.sparse_speedup:.2f}x vs it, max abs diff {peer.max_abs_diff:.1e}",
+                        flush=True,
+                    )
         sls_report, fraction, sls_text = _sls_row(args, size, config)
         rows.append(
             _row(
@@ -375,6 +411,19 @@ def main() -> None:
         ],
         ["run", "ms", "vs whole-image dense"],
     )
+    peers_text = ""
+    if peer_table_rows:
+        from nmrestore.runtime.cpu_features import cpu_features, describe_features
+
+        peer_cols = ["model", "N:M", "runtime", "precision", "ms", "vs PyTorch", "sparse engine vs it", "max abs diff"]
+        peers_text = (
+            "\n**Against the runtimes a user would deploy with** (same model, input, threads and interleaved\n"
+            "rounds; the peers run the dense-with-zeros ONNX export; speed-ups are medians of per-round ratios;\n"
+            f"max abs diff against PyTorch f32 on the same input; {describe_features(cpu_features())}):\n\n"
+            + markdown_table(peer_table_rows, peer_cols)
+            + "".join(f"\n\nNote: {note}" for note in peer_notes)
+            + "\n"
+        )
     h, w = size
     body = f"""
 Input {w}x{h} LR, {threads} threads, {WARMUP} warm-up forwards then {args.repeats} interleaved rounds per model
@@ -385,7 +434,7 @@ the layer/route/shape choices that went to the sparse kernel (the rest stayed de
 faster); "max abs diff" is between the two models' outputs.
 
 {table}
-
+{peers_text}
 SLS row: a real SLS search (method `sls`, M = 32, budget {SLS_BUDGET:g} of the prunable MACs,
 {SLS_STEPS} steps from scratch on the built-in photos, 1 thread; checkpoint {sls_report.model}), timed as
 `nmrestore speed edsr_baseline --scale 2 --checkpoint C`. Learned: {fraction:.1%} of the prunable MACs;

@@ -134,3 +134,17 @@ def _importable(name: str) -> bool:
     except ImportError:
         return False
     return True
+
+
+def test_benchmark_rows_for_the_peers() -> None:
+    pytest.importorskip("onnxruntime")
+    _needs_export()
+    from nmrestore.export.peers import peer_rows
+
+    model = _tiny_model()
+    with open_peers(model, ["onnxruntime"], threads=1, input_shape=SHAPE) as peers:
+        report = measure_speed(model, SHAPE, threads=1, repeats=1, config=EngineConfig(), peers=peers)
+    rows = peer_rows(report, "edsr_small x2", "2:4")
+    assert rows[0]["runtime"] == "PyTorch (dense)" and len(rows) == 2
+    assert rows[1]["runtime"].startswith("onnxruntime ") and rows[1]["precision"] == "f32"
+    assert peer_rows(measure_speed(model, SHAPE, threads=1, repeats=1), "m", "2:4") == []

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from nmrestore.errors import NMRestoreError
 from nmrestore.export.onnx import INPUT_NAME, export_onnx
-from nmrestore.runtime.speed import Peer
+from nmrestore.runtime.speed import Peer, SpeedReport
 
 #: Peer runtimes in table order, and the extra that installs each.
 PEERS = ("onnxruntime", "openvino")
@@ -144,3 +144,35 @@ def open_peers(
             elif name == "openvino":
                 peers.extend(_openvino_peers(path, threads, input_shape))
         yield peers
+
+
+def peer_rows(report: SpeedReport, model: str, nm: str) -> list[dict[str, object]]:
+    """A benchmark table's rows for the peers of ``report``, with dense PyTorch first."""
+    if not report.peers:
+        return []
+    rows: list[dict[str, object]] = [
+        {
+            "model": model,
+            "N:M": nm,
+            "runtime": "PyTorch (dense)",
+            "precision": "f32",
+            "ms": report.dense_ms,
+            "vs PyTorch": 1.0,
+            "sparse engine vs it": report.speedup,
+            "max abs diff": "0",
+        }
+    ]
+    for peer in report.peers:
+        rows.append(
+            {
+                "model": model,
+                "N:M": nm,
+                "runtime": f"{peer.name} {peer.version.split('-')[0]}",
+                "precision": peer.precision,
+                "ms": peer.ms,
+                "vs PyTorch": peer.speedup,
+                "sparse engine vs it": peer.sparse_speedup,
+                "max abs diff": f"{peer.max_abs_diff:.1e}",
+            }
+        )
+    return rows
