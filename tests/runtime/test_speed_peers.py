@@ -104,7 +104,8 @@ def test_all_skips_a_missing_peer_with_a_note(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setitem(sys.modules, "openvino", None)
     chosen, notes = available_peers(*parse_peers("all"))
     assert "openvino" not in chosen
-    assert len(notes) == 1 and "openvino skipped" in notes[0] and "nmrestore[openvino]" in notes[0]
+    ours = [note for note in notes if note.startswith("openvino skipped")]
+    assert len(ours) == 1 and "nmrestore[openvino]" in ours[0]
 
 
 def test_parse_peers() -> None:
@@ -148,3 +149,19 @@ def test_benchmark_rows_for_the_peers() -> None:
     assert rows[0]["runtime"] == "PyTorch (dense)" and len(rows) == 2
     assert rows[1]["runtime"].startswith("onnxruntime ") and rows[1]["precision"] == "f32"
     assert peer_rows(measure_speed(model, SHAPE, threads=1, repeats=1), "m", "2:4") == []
+
+
+def test_a_peer_that_cannot_load_the_export_is_one_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("onnxruntime")
+    _needs_export()
+    from nmrestore.export import peers as peers_module
+
+    def broken(path: Path, threads: int) -> object:
+        raise RuntimeError("[ONNXRuntimeError] : 10 : INVALID_GRAPH\nmore detail")
+
+    monkeypatch.setattr(peers_module, "_onnxruntime_peer", broken)
+    with (
+        pytest.raises(NMRestoreError, match=r"onnxruntime could not load the ONNX export \(RuntimeError: \["),
+        open_peers(_tiny_model(), ["onnxruntime"], threads=1, input_shape=SHAPE),
+    ):
+        pass

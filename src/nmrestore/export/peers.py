@@ -139,10 +139,16 @@ def open_peers(
         export_onnx(model, path, route=route, check=False, in_channels=input_shape[1])
         peers: list[Peer] = []
         for name in names:
-            if name == "onnxruntime":
-                peers.append(_onnxruntime_peer(path, threads))
-            elif name == "openvino":
-                peers.extend(_openvino_peers(path, threads, input_shape))
+            try:
+                if name == "onnxruntime":
+                    peers.append(_onnxruntime_peer(path, threads))
+                elif name == "openvino":
+                    peers.extend(_openvino_peers(path, threads, input_shape))
+            except Exception as exc:  # the runtimes raise their own types; one line names the peer
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise NMRestoreError(
+                    f"{name} could not load the ONNX export ({type(exc).__name__}: {first})"
+                ) from exc
         yield peers
 
 
