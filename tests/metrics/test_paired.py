@@ -74,4 +74,7 @@ def test_shifting_one_side_shifts_the_interval(diffs: list[float], shift: float)
     moved = paired_delta([v + shift for v in a], base)
     assert first.low <= first.mean <= first.high
     assert moved.mean == pytest.approx(first.mean + shift, abs=1e-9)
-    assert moved.low == pytest.approx(first.low + shift, abs=1e-6)
+    # BCa counts bootstrap means below the observed one: with many tied tiles a float ulp can move a
+    # tie across, so the interval shifts with the data up to a small tolerance, not to the last bit
+    assert moved.low == pytest.approx(first.low + shift, abs=1e-2)
+    assert moved.high == pytest.approx(first.high + shift, abs=1e-2)
