@@ -93,6 +93,13 @@ def markdown_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def _model_label(config: BenchConfig) -> str:
+    """The model's name with its non-default keywords, e.g. ``edsr_baseline (n_blocks=8, global_skip=True)``."""
+    if not config.model_kwargs:
+        return config.model
+    return f"{config.model} ({', '.join(f'{k}={v}' for k, v in config.model_kwargs.items())})"
+
+
 def describe(config: BenchConfig) -> str:
     """One paragraph: what was trained how long, on what."""
     train = "all" if config.max_train_images is None else str(config.max_train_images)
@@ -111,7 +118,7 @@ def describe(config: BenchConfig) -> str:
         else ""
     )
     if config.task == "sr":
-        what, patch, metric = f"{config.model} x{config.scale}", "LR patch", f"Y-channel PSNR/SSIM, crop {config.scale}"
+        what, patch, metric = f"{_model_label(config)} x{config.scale}", "LR patch", f"Y-channel PSNR/SSIM, crop {config.scale}"
     else:
         degradation = dense_recipe(config).task.degradation()
         assert degradation is not None
