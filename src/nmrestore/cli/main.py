@@ -47,6 +47,15 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+# Options shared by the commands that load a model (one definition, one help text).
+AllowLarge = Annotated[bool, typer.Option("--allow-large", help="load a model above the 1 GiB size limit for files")]
+DeviceOption = Annotated[Device, typer.Option(help="where the model runs (auto: CUDA when available)")]
+ProgressOption = Annotated[
+    bool | None,
+    typer.Option("--progress/--no-progress", help="a progress bar over the images (default: on a terminal)"),
+]
+
+
 def _show_progress(flag: bool | None) -> bool:
     """An explicit --progress/--no-progress, else a bar only when stderr is a terminal."""
     return sys.stderr.isatty() if flag is None else flag
@@ -211,13 +220,9 @@ def evaluate(
     sparse_engine: Annotated[
         bool, typer.Option("--sparse-engine", help="run the N:M layers on the sparse CPU kernel")
     ] = False,
-    allow_large: Annotated[
-        bool, typer.Option("--allow-large", help="load a model above the 1 GiB size limit for files")
-    ] = False,
-    device: Annotated[Device, typer.Option(help="where the model runs (auto: CUDA when available)")] = Device.cpu,
-    progress: Annotated[
-        bool | None, typer.Option("--progress/--no-progress", help="a progress bar over the images (default: on a terminal)")
-    ] = None,
+    allow_large: AllowLarge = False,
+    device: DeviceOption = Device.cpu,
+    progress: ProgressOption = None,
 ) -> None:
     """PSNR/SSIM and cost of a checkpoint (SR: Y channel, crop = scale; deblur/denoise: RGB, no crop).
 
@@ -273,13 +278,9 @@ def infer(
     sparse_engine: Annotated[
         bool, typer.Option("--sparse-engine", help="run the N:M layers on the sparse CPU kernel")
     ] = False,
-    allow_large: Annotated[
-        bool, typer.Option("--allow-large", help="load a model above the 1 GiB size limit for files")
-    ] = False,
-    device: Annotated[Device, typer.Option(help="where the model runs (auto: CUDA when available)")] = Device.cpu,
-    progress: Annotated[
-        bool | None, typer.Option("--progress/--no-progress", help="a progress bar over the images (default: on a terminal)")
-    ] = None,
+    allow_large: AllowLarge = False,
+    device: DeviceOption = Device.cpu,
+    progress: ProgressOption = None,
     tile: Annotated[
         int | None,
         typer.Option(help="LR tile side for large images (default ~1024 output px; 0: never tile)"),
@@ -334,9 +335,7 @@ def speed(
     ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
-    allow_large: Annotated[
-        bool, typer.Option("--allow-large", help="load a model above the 1 GiB size limit for files")
-    ] = False,
+    allow_large: AllowLarge = False,
 ) -> None:
     """Dense PyTorch vs the N:M sparse CPU engine (and, with --vs, ONNX Runtime and OpenVINO): latencies,
     speed-ups and each layer's choice."""
@@ -433,9 +432,7 @@ def export(
     route: Annotated[int | None, typer.Option(help="onnx: the route to export (default: the active one)")] = None,
     task: Annotated[str | None, typer.Option(help="onnx: the task of a multi-task model, e.g. x3")] = None,
     opset: Annotated[int, typer.Option(help="onnx: opset version (17 or newer)")] = 18,
-    allow_large: Annotated[
-        bool, typer.Option("--allow-large", help="load a model above the 1 GiB size limit for files")
-    ] = False,
+    allow_large: AllowLarge = False,
 ) -> None:
     """Write a deployable file: a packed checkpoint (every route) or ONNX (one route, dense-with-zeros)."""
     from nmrestore.export import export_checkpoint
