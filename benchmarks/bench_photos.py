@@ -61,7 +61,7 @@ STUDY: dict[str, Any] = {
     "patch_size": 24,
     "samples_per_epoch": 800,
     "budgets": ("2:4", "8:32", "4:32", "2:32"),
-    "methods": ("dense_ft", "oneshot", "srste", "filter", "sls"),
+    "methods": ("dense_ft", "oneshot", "srste", "filter", "sls", "uniform_ste"),
     "ci_tile": 96,
     "timing_rounds": 3,
     "timing_warmup": 1,

@@ -1,4 +1,4 @@
-"""The baseline rows: dense fine-tuned, one-shot N:M, SR-STE and filter pruning."""
+"""The baseline rows: dense fine-tuned, one-shot N:M, SR-STE, SLS's ablation and filter pruning."""
 
 from __future__ import annotations
 
@@ -26,6 +26,22 @@ def _srste(context: BenchContext, budget: str | None) -> Row | None:
     assert budget is not None
     n, m = parse_nm(budget)
     return finetuned_row(context, "srste", budget, {"method": "srste", "n": n, "m": m})
+
+
+@register_row_producer("uniform_ste")
+def _uniform_ste(context: BenchContext, budget: str | None) -> Row | None:
+    """SLS's training without its search: uniform N:M from step 0, hard STE, ranks re-selected every step.
+
+    The ablation row of SLS: it differs from an SLS row only by the search phase (SLS starts dense
+    and lowers N layer by layer until the budget holds) and from SR-STE only by the gradient (plain
+    straight-through instead of SR-STE's decay of the pruned weights). Run at the M = 32 budgets.
+    """
+    assert budget is not None
+    n, m = parse_nm(budget)
+    if m != 32 or n == m:
+        return None
+    sparsity = {"method": "srste", "n": n, "m": m, "grad_mode": "hard", "refresh_every": 1}
+    return finetuned_row(context, "uniform_ste", budget, sparsity)
 
 
 @register_row_producer("filter")

@@ -14,7 +14,7 @@ from typing import Any
 
 from nmrestore.metrics.paired import PairedDelta, paired_delta
 
-__all__ = ["attach_deltas", "compare", "evidence_checks", "format_delta"]
+__all__ = ["ablation_lines", "attach_deltas", "compare", "evidence_checks", "format_delta"]
 
 Row = dict[str, Any]
 
@@ -104,7 +104,8 @@ def evidence_checks(rows: list[Row]) -> list[tuple[str, bool]]:
         found: list[tuple[str, bool] | None] = []
         if oneshot and srste:
             found.append(_relation(srste, oneshot, "SR-STE vs one-shot"))
-        uniform = [r for r in (oneshot, srste) if r is not None]
+        ste = _find(rows, "uniform_ste", budget)
+        uniform = [r for r in (oneshot, srste, ste) if r is not None]
         if sls and uniform:
             best = max(uniform, key=lambda r: r["psnr"])
             check = _relation(sls, best, "SLS vs the best uniform N:M")
@@ -113,7 +114,37 @@ def evidence_checks(rows: list[Row]) -> list[tuple[str, bool]]:
                 macs = f" (MACs {sls['macs_g']:.3g} vs {best['macs_g']:.3g} G{'' if fewer else ': MORE'})"
                 found.append((check[0] + macs, check[1] and fewer))
         if filt and uniform:
-            best = max(uniform, key=lambda r: r["psnr"])
+            best = max((r for r in uniform if r is not ste), key=lambda r: r["psnr"])
             found.append(_relation(best, filt, "N:M vs filter pruning"))
         checks += [c for c in found if c is not None]
     return checks
+
+
+def _difference(a: Row, b: Row, what: str) -> str | None:
+    delta = compare(a, b)
+    if delta is None:
+        return None
+    verdict = "0 inside the interval" if delta.low <= 0 <= delta.high else "interval excludes 0"
+    return f"{what}: {_label(a)} - {_label(b)} = {delta} ({verdict})"
+
+
+def ablation_lines(rows: list[Row]) -> list[str]:
+    """What separates SLS from SR-STE, where the ablation row ``uniform_ste`` was run.
+
+    ``uniform_ste`` trains like SLS after its search (hard STE, ranks re-selected every step) at uniform
+    N from step 0: SLS - uniform_ste measures the search (its gradual start and layer-wise N),
+    uniform_ste - SR-STE the gradient (plain STE against SR-STE's decay of pruned weights). These are
+    findings, not claims, so they carry no PASS/FAIL.
+    """
+    lines: list[str] = []
+    for budget in dict.fromkeys(r["budget"] for r in rows if isinstance(r.get("budget"), str)):
+        ste = _find(rows, "uniform_ste", budget)
+        if ste is None:
+            continue
+        sls, srste = _find(rows, "sls", budget), _find(rows, "srste", budget)
+        found = [
+            _difference(sls, ste, "the search (gradual start, layer-wise N)") if sls else None,
+            _difference(ste, srste, "the gradient (plain STE vs SR-STE)") if srste else None,
+        ]
+        lines += [line for line in found if line is not None]
+    return lines

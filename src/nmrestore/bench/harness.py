@@ -163,7 +163,7 @@ def check_rows(rows: list[Row], tolerance: float = 0.02) -> list[tuple[str, bool
         results.append((f"one-shot 2:4 within 0.1 dB of dense (gap {gap:+.3f} dB)", gap <= 0.1))
     for row in rows:
         budget = row.get("budget")
-        if row["method"] in ("oneshot", "srste") and isinstance(budget, str):
+        if row["method"] in ("oneshot", "srste", "uniform_ste") and isinstance(budget, str):
             n, m = parse_nm(budget)
             ok = abs(row["prunable_macs_fraction"] - n / m) < 1e-9
             results.append(

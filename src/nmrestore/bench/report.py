@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from nmrestore.bench.config import BenchConfig, Row, dense_recipe
-from nmrestore.bench.evidence import format_delta
+from nmrestore.bench.evidence import ablation_lines, format_delta
 from nmrestore.bench.harness import check_rows
 from nmrestore.io_atomic import atomic_open, atomic_write_text
 
@@ -262,6 +262,9 @@ def report_body(rows: list[Row], config: BenchConfig, notes: Sequence[str], plot
     checks = check_rows(rows)
     if checks:
         parts += ["Checks:", ""] + [f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok in checks] + [""]
+    ablation = ablation_lines(rows)
+    if ablation:
+        parts += ["Ablation (paired 95% intervals; findings, not claims):", ""] + [f"- {a}" for a in ablation] + [""]
     if notes:
         parts += ["Notes:", ""] + [f"- {note}" for note in notes] + [""]
     if plot:
