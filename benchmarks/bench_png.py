@@ -10,9 +10,13 @@ crop = scale; nothing is selected on the test images):
   task), M = 8, N_t = 4 for every task, ``max_grow`` = 1. Task x2: ``dense`` steps dense, prune to
   4:8, ``finetune`` steps; x3 and x4: ``grow`` steps with the earlier tasks' positions frozen, prune,
   ``finetune`` steps.
-* **dense**: one single-task ``edsr_small`` per scale trained from scratch for the *same number of
-  steps as PNG spent on that task* (x2: dense + finetune; x3, x4: grow + finetune), through the
-  benchmark harness's cached dense models (:func:`nmrestore.bench.ensure_dense`).
+* **dense**: per task, the same network trained on that task alone from the *same start* as PNG
+  (PNG's x2 model after its dense phase) for the *same steps* PNG spends on the task after that
+  point (x2: its fine-tune; x3, x4: grow + fine-tune), cached like the harness's dense models.
+
+``--photos DIR`` runs it on the photo set (``nmrestore data photos``) with the photo study's model
+(EDSR-baseline family, 8 blocks, global bicubic skip), validated on the valid split and scored on
+the test split with paired 95% intervals.
 
 Printed and written to the ``png`` section of ``docs/BENCHMARKS.md``: per task PSNR/SSIM against
 the dense model (target: within 0.1 dB), MACs at 720p and the prunable fraction (= N_t/M); the
@@ -24,9 +28,8 @@ Run from the repository root (each part is cached/resumable, so the dense baseli
 can go in two processes first, then a last call assembles the report)::
 
     .venv/bin/python benchmarks/bench_png.py --quick --no-write     # smoke test, ~3 minutes
-    .venv/bin/python benchmarks/bench_png.py --only dense &          # the 3 dense baselines
-    .venv/bin/python benchmarks/bench_png.py --only png &            # the PNG schedule
-    .venv/bin/python benchmarks/bench_png.py                         # report (reuses both)
+    .venv/bin/python benchmarks/bench_png.py --only png              # the PNG schedule alone
+    .venv/bin/python benchmarks/bench_png.py                         # baselines and report
 """
 
 from __future__ import annotations
@@ -44,12 +47,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _report import markdown_table, write_section  # noqa: E402
-from nmrestore.bench.config import BenchConfig, Row, ensure_dense  # noqa: E402
+from nmrestore.bench.config import BenchConfig, Row  # noqa: E402
 from nmrestore.bench.harness import run_benchmark  # noqa: E402
 from nmrestore.bench.png import (  # noqa: E402
     TASKS,
     PNGBenchSettings,
-    dense_config,
     png_recipe,
     prepare,
     register_bench_rows,
@@ -78,15 +80,27 @@ QUICK = PNGBenchSettings(dense=40, grow=20, finetune=10)
 def bench_config(args: argparse.Namespace, settings: PNGBenchSettings) -> BenchConfig:
     """The harness run: its dense model is the x2 baseline (same steps as PNG spends on x2)."""
     per_task = task_steps(png_recipe(BenchConfig(), settings))
+    photos: dict[str, object] = {}
+    if args.photos is not None:  # the photo study's model and data (its x2 dense model is the harness's)
+        photos = {
+            "model": "edsr_baseline",
+            "model_kwargs": {"n_blocks": 8, "global_skip": True},
+            "patch_size": 24,
+            "data_root": args.photos,
+            "cache_dir": Path("runs/png-photos"),
+        }
     return BenchConfig(
-        model="edsr_small",
-        scale=2,
-        dense_steps=per_task["x2"],
-        methods=("png",),
-        max_test_images=1 if args.quick else None,
-        threads=args.threads,
-        timing_rounds=args.timing_rounds,
-        device="cpu",
+        **{
+            "model": "edsr_small",
+            "scale": 2,
+            "dense_steps": per_task["x2"],
+            "methods": ("png",),
+            "max_test_images": 1 if args.quick else None,
+            "threads": args.threads,
+            "timing_rounds": args.timing_rounds,
+            "device": "cpu",
+            **photos,
+        }
     )
 
 
@@ -174,7 +188,8 @@ def paper_scale_bounds(config: PNGConfig) -> list[dict[str, object]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny step counts (smoke test)")
-    parser.add_argument("--only", choices=["dense", "png"], default=None, help="train one part and stop")
+    parser.add_argument("--only", choices=["png"], default=None, help="train the PNG run and stop")
+    parser.add_argument("--photos", type=Path, default=None, help="the photo set (nmrestore data photos)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--timing-rounds", type=int, default=7)
     parser.add_argument("--json", type=Path, default=None, help="write rows, checks and storage as JSON")
@@ -185,13 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     config = bench_config(args, settings)
     started = time.perf_counter()
     if args.only is not None:
-        recipe = png_recipe(config, settings)
-        if args.only == "dense":
-            per_task = task_steps(recipe)
-            for task, scale in TASKS:
-                ensure_dense(dense_config(config, scale, per_task[task]), print)
-        else:
-            run_png(recipe)
+        run_png(png_recipe(config, settings), cache_dir=config.cache_dir)
         print(f"done in {time.perf_counter() - started:.0f} s")
         return 0
 

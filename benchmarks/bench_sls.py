@@ -61,7 +61,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _report import markdown_table, write_section  # noqa: E402
-from nmrestore.bench.config import BenchConfig, Row, _data, _train_section, ensure_dense, recipe_digest  # noqa: E402
+from nmrestore.bench.config import BenchConfig, Row, data_section, ensure_dense, recipe_digest, train_section  # noqa: E402
 from nmrestore.bench.context import BenchContext, register_row_producer  # noqa: E402
 from nmrestore.bench.harness import run_benchmark  # noqa: E402
 from nmrestore.bench.sls import SLS_EPOCHS, SLS_RATIO_GROWTH, sls_settings  # noqa: E402
@@ -321,13 +321,13 @@ def search_trace(config: BenchConfig, budget: str, sparsity: dict[str, Any]) -> 
     """The SLS search from the cached dense model, on the harness's training batches, until N freezes."""
     dense = ensure_dense(config)
     steps = config.finetune_steps
-    train = {**_train_section(config, steps, config.finetune_lr, [0.67]), "init_from": str(dense.path)}
+    train = {**train_section(config, steps, config.finetune_lr, [0.67]), "init_from": str(dense.path)}
     recipe = recipe_from_dict(
         {
             "name": f"sls-search-{budget}",
             "seed": config.seed,
             "model": {"name": config.model, "scale": config.scale, "kwargs": dict(config.model_kwargs)},
-            "data": _data(config),
+            "data": data_section(config),
             "train": train,
             "sparsity": sparsity,
         },

@@ -187,6 +187,29 @@ def test_png_rows_one_per_task_and_method(cache: Path) -> None:
             )
     x3 = [row for row in rows if row["task"] == "sr_x3"]
     assert all(row["step_time_ratio"] > 0 for row in x3)
+    for row in rows:  # scored per tile too: PNG's difference from its dense baseline has an interval
+        if row["method"] == "png":
+            assert row["vs_dense"]["low"] <= row["vs_dense"]["mean"] <= row["vs_dense"]["high"]
+
+
+@pytest.mark.slow
+def test_png_dense_baselines_start_from_png_s_own_dense_model(cache: Path) -> None:
+    """Same start, same steps: each dense baseline is initialised from PNG's first (dense) phase."""
+    from nmrestore.bench.png import PNGBenchSettings, dense_baseline_recipe, dense_start, png_recipe, prepare
+    from nmrestore.engine.checkpoint import load_checkpoint
+
+    config = tiny(cache, methods=("png",), dense_steps=3)
+    settings = PNGBenchSettings(dense=2, grow=3, finetune=2, m=8, ns=(4, 4, 4), max_grow=1)
+    recipe, run_dir, dense_paths = prepare(config, settings)
+    assert recipe.data.val is None and recipe.data.holdout > 0  # validated on held-out training data
+    start = dense_start(recipe, run_dir)
+    assert start.is_file() and "00-x2-train" in str(start)
+    for index, (task, steps) in enumerate([("x2", 2), ("x3", 5), ("x4", 5)]):
+        baseline = dense_baseline_recipe(config, recipe, run_dir, index)
+        assert baseline.train.init_from == start and baseline.train.steps == steps
+        assert baseline.model.name == recipe.model.name and baseline.model.scale == index + 2
+        assert baseline.sparsity is None
+        assert load_checkpoint(dense_paths[task]).meta["step"] == steps
 
 
 @pytest.mark.slow

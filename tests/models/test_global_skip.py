@@ -48,3 +48,22 @@ def test_the_sparse_engine_keeps_the_skip() -> None:
         reference = model(x)
         fast = compile_sparse(model)(x)
     assert torch.allclose(fast, reference, atol=1e-4)
+
+
+def test_a_multiscale_edsr_with_a_global_skip_is_bicubic_at_every_task_and_loads_its_single_task_model() -> None:
+    from nmrestore.models.multitask import load_single_task_state, use_task
+
+    model = create_model("edsr_small_multiscale", scale=2, tasks=(2, 3, 4), global_skip=True).eval()
+    x = torch.rand(1, 3, 10, 9)
+    for scale in (2, 3, 4):
+        with use_task(model, f"x{scale}"), torch.no_grad():
+            expected = F.interpolate(x, scale_factor=scale, mode="bicubic", align_corners=False)
+            assert torch.equal(model(x), expected)
+    torch.manual_seed(1)
+    single = create_model("edsr_small", scale=3, global_skip=True).eval()
+    with torch.no_grad():
+        single.tail[1].weight.normal_(0, 0.02)
+    load_single_task_state(model, single.state_dict(), "x3")
+    with use_task(model, "x3"), torch.no_grad():
+        assert torch.allclose(model(x), single(x), atol=1e-6)
+    assert not create_model("edsr_small_multiscale").global_skip  # the default is unchanged

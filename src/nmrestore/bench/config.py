@@ -143,7 +143,7 @@ def default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "nmrestore" / "bench"
 
 
-def _data(config: BenchConfig) -> dict[str, Any]:
+def data_section(config: BenchConfig) -> dict[str, Any]:
     train = {
         "patch_size": config.patch_size,
         "batch_size": config.batch_size,
@@ -166,7 +166,7 @@ def test_source(config: BenchConfig) -> DataSource:
     return DataSource(source="folder", root=config.data_root, split="test", max_images=config.max_test_images)
 
 
-def _train_section(config: BenchConfig, steps: int, lr: float, milestones: list[float]) -> dict[str, Any]:
+def train_section(config: BenchConfig, steps: int, lr: float, milestones: list[float]) -> dict[str, Any]:
     return {
         "steps": steps,
         "lr": lr,
@@ -198,8 +198,8 @@ def dense_recipe(config: BenchConfig) -> Recipe:
             "seed": config.seed,
             **task_section(config),
             "model": {"name": config.model, "scale": config.scale, "kwargs": dict(config.model_kwargs)},
-            "data": _data(config),
-            "train": _train_section(config, config.dense_steps, config.dense_lr, [0.6, 0.85]),
+            "data": data_section(config),
+            "train": train_section(config, config.dense_steps, config.dense_lr, [0.6, 0.85]),
         },
         "benchmark dense recipe",
     )
@@ -231,7 +231,11 @@ def ensure_dense(config: BenchConfig, echo: Echo | None = None) -> DenseCheckpoi
     A run killed half-way is resumed from its last checkpoint; a finished run is marked by
     ``done.json`` in its folder and reused as is.
     """
-    recipe = dense_recipe(config)
+    return ensure_trained(dense_recipe(config), config, echo)
+
+
+def ensure_trained(recipe: Recipe, config: BenchConfig, echo: Echo | None = None) -> DenseCheckpoint:
+    """Train ``recipe`` into ``config``'s cache unless it holds it already (see :func:`ensure_dense`)."""
     digest = recipe_digest(recipe)
     run_dir = (config.cache_dir or default_cache_dir()) / digest
     done = run_dir / "done.json"
@@ -250,7 +254,7 @@ def ensure_dense(config: BenchConfig, echo: Echo | None = None) -> DenseCheckpoi
     if config.threads:
         torch.set_num_threads(config.threads)
     if echo:
-        echo(f"training the dense {config.model} x{config.scale} ({config.dense_steps} steps) into {run_dir}")
+        echo(f"training {recipe.name} ({recipe.model.name} x{recipe.model.scale}, {recipe.train.steps} steps) into {run_dir}")
     started = time.perf_counter()
     result = train(recipe, run_dir, resume=True, show_progress=config.show_progress)
     summary = {

@@ -18,9 +18,9 @@ from nmrestore.bench.config import (
     DenseCheckpoint,
     Echo,
     Row,
-    _data,
-    _train_section,
+    data_section,
     task_section,
+    train_section,
 )
 from nmrestore.bench.rowcache import row_digest
 from nmrestore.bench.steps import Timed
@@ -75,9 +75,9 @@ class BenchContext:
             "seed": config.seed,
             **task_section(config),
             "model": {"name": config.model, "scale": config.scale, "kwargs": dict(config.model_kwargs)},
-            "data": _data(config),
+            "data": data_section(config),
             "train": {
-                **_train_section(config, config.finetune_steps, config.finetune_lr, [0.67]),
+                **train_section(config, config.finetune_steps, config.finetune_lr, [0.67]),
                 "init_from": str(self.dense.path),
             },
         }

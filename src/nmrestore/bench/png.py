@@ -1,19 +1,21 @@
 """PNG's benchmark rows (method ``png``): one multi-task network for SR x2/x3/x4 (or, with
 ``BenchConfig.task = "denoise"``, for Gaussian denoising at sigma 15/25/50) against separate models.
 
-Protocol, on the built-in photos (train split for training, test split for scoring, Y PSNR/SSIM,
-crop = scale; nothing is selected on the test images):
+Protocol: the harness's data (built-in photos, or ``data_root``'s train split); validated at the end
+of each phase on held-out training data (or the valid split), logs only; scored on the test images
+(Y PSNR/SSIM, crop = scale, per image and per fixed tile); nothing is selected on the test images.
 
 * **PNG**: ``<model>_multiscale`` (the harness model's trunk shared by x2/x3/x4, one upsampler per
   task), M = ``m``, N_t = ``ns``, ``max_grow`` free positions per group for later tasks. Task x2:
   ``dense`` steps dense, prune, ``finetune`` steps; x3 and x4: ``grow`` steps with the earlier
   tasks' positions frozen, prune, ``finetune`` steps.
-* **dense**: one single-task model per scale trained from scratch for the *same number of steps as
-  PNG spent on that task* (x2: dense + finetune; x3, x4: grow + finetune), through the harness's
-  dense cache (:func:`~nmrestore.bench.config.ensure_dense`).
+* **dense**: per task, the same network trained on that task alone from PNG's own dense start (its
+  weights after the x2 dense phase) for the steps PNG spends on the task after that point (x2: its
+  fine-tune; x3, x4: grow + fine-tune, with PNG's lr drops); see :func:`dense_baseline_recipe`. The
+  x3/x4 baselines thus get EDSR's practice (x3/x4 initialised from a trained x2 model), as PNG does.
 
 The producer returns six rows (``task`` = ``sr_x2``/``sr_x3``/``sr_x4``, method ``dense``/``png``);
-PNG rows carry ``psnr_minus_dense``. The x3 rows carry the training-step time of PNG (earlier tasks'
+PNG rows carry ``psnr_minus_dense`` and ``vs_dense``, the paired tile interval. The x3 rows carry the training-step time of PNG (earlier tasks'
 positions frozen) against the dense x3 model, measured interleaved in this process.
 
 Denoising: the harness model at scale 1 (no task-specific layers; every prunable layer is shared)
@@ -31,8 +33,20 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from nmrestore.bench.config import ROW_KEYS, BenchConfig, Row, default_cache_dir, ensure_dense, recipe_digest
-from nmrestore.bench.context import BenchContext, register_row_producer
+from nmrestore.bench.config import (
+    ROW_KEYS,
+    BenchConfig,
+    Row,
+    data_section,
+    default_cache_dir,
+    ensure_trained,
+    recipe_digest,
+    task_section,
+    test_source,
+    train_section,
+)
+from nmrestore.bench.context import BenchContext, per_image_columns, register_row_producer
+from nmrestore.bench.evidence import compare
 from nmrestore.bench.steps import Timed, measure_step_times
 from nmrestore.cost import count_cost
 from nmrestore.engine.checkpoint import upgrade_legacy_checkpoints
@@ -88,7 +102,9 @@ def png_recipe(config: BenchConfig, settings: PNGBenchSettings) -> Recipe:
     sigma 15, 25, 50) with the harness's data and lr."""
     denoise = config.task == "denoise"
     if config.task not in ("sr", "denoise"):
-        raise NMRestoreError(f"PNG benchmark rows cover SR scales and denoising levels, not task {config.task!r}")
+        raise NMRestoreError(
+            f"PNG benchmark rows cover SR scales and denoising levels, not task {config.task!r}"
+        )
     model: dict[str, Any] = (
         {"name": config.model, "scale": 1, "kwargs": dict(config.model_kwargs)}
         if denoise
@@ -105,21 +121,8 @@ def png_recipe(config: BenchConfig, settings: PNGBenchSettings) -> Recipe:
             "seed": config.seed,
             **extra,
             "model": model,
-            "data": {
-                "train": {
-                    "source": "builtin",
-                    "patch_size": config.patch_size,
-                    "batch_size": config.batch_size,
-                    "samples_per_epoch": config.samples_per_epoch,
-                },
-                # scored once at the end of each phase, for the logs and the rows; nothing is selected on it
-                "val": {
-                    "source": "builtin",
-                    "split": "test",
-                    "max_images": config.max_test_images,
-                    "test_data": True,
-                },
-            },
+            # validated at the end of each phase (logs only) on held-out training data or the valid split
+            "data": data_section(config),
             "train": {
                 "steps": 1,  # unused by PNG: the phases' steps are in sparsity.steps
                 "lr": config.dense_lr,
@@ -158,12 +161,47 @@ def task_steps(recipe: Recipe) -> dict[str, int]:
     return out
 
 
-def dense_config(config: BenchConfig, scale: int, steps: int, sigma: float | None = None) -> BenchConfig:
-    """The single-task dense baseline at ``scale`` (denoising: at ``sigma``), the harness's dense recipe and cache."""
-    update: dict[str, Any] = {"scale": scale, "dense_steps": steps}
-    if sigma is not None:
-        update["sigma"] = sigma
-    return config.model_copy(update=update)
+def dense_start(recipe: Recipe, run_dir: Path) -> Path:
+    """The checkpoint every dense baseline starts from: PNG's own first phase (task 1 trained dense)."""
+    tasks = recipe_tasks(recipe)
+    first = png_schedule(recipe, [n for n, _ in tasks], [s for _, s in tasks])[0]
+    return run_dir / "phases" / first.name / "checkpoints" / "last.safetensors"
+
+
+def dense_baseline_recipe(config: BenchConfig, png: Recipe, run_dir: Path, index: int) -> Recipe:
+    """Task ``index``'s dense baseline: PNG's network and dense start, trained on that task alone.
+
+    It starts from the weights PNG has after its first phase (task 1 trained dense) and gets the
+    steps and learning rates PNG spends on the task after that point: task 1 its fine-tune (at
+    the fine-tune lr), a later task its grow phase then its fine-tune (lr, then the fine-tune lr).
+    Same start, same steps, no pruning: what PNG's sharing and sparsity cost is the only difference.
+    """
+    assert isinstance(png.sparsity, PNGConfig)
+    steps = png.sparsity.steps
+    name, scale = recipe_tasks(png)[index]
+    if index == 0:  # PNG's fine-tune phase of task 1 without the prune: its steps, lr and schedule
+        train = train_section(
+            config, steps.finetune, config.dense_lr * steps.finetune_lr_factor, [0.6, 0.85]
+        )
+    else:  # the grow phase's steps and halvings, then a lower lr for as long as PNG fine-tunes
+        grow = steps.grow
+        train = train_section(
+            config, grow + steps.finetune, config.dense_lr, [0.6 * grow, 0.85 * grow, grow]
+        )
+    train["init_from"] = str(dense_start(png, run_dir))
+    sigma = png.task.for_png_task(name).sigma if png.task.kind == "denoise" else None
+    task = {"task": {"kind": "denoise", "sigma": sigma}} if sigma is not None else task_section(config)
+    return recipe_from_dict(
+        {
+            "name": f"bench-png-dense-{name}",
+            "seed": config.seed,
+            **task,
+            "model": {**png.model.model_dump(mode="json"), "scale": scale},
+            "data": data_section(config),
+            "train": train,
+        },
+        "benchmark PNG dense baseline recipe",
+    )
 
 
 def run_png(recipe: Recipe, show_progress: bool = False, cache_dir: Path | None = None) -> Path:
@@ -207,13 +245,15 @@ def png_rows(
     recipe: Recipe,
     dense_paths: dict[str, Path],
     per_task: dict[str, int],
-    dense_model_name: str,
+    config: BenchConfig,
 ) -> tuple[nn.Module, list[Row], dict[str, nn.Module]]:
-    """Rows (``ROW_KEYS`` + ``psnr_minus_dense``): dense and PNG per task, from the final checkpoint."""
+    """Rows (``ROW_KEYS`` + ``psnr_minus_dense`` + ``vs_dense``): dense and PNG per task, scored on the
+    benchmark's test images (per image and per fixed tile, for the paired interval)."""
     model, _ = model_from_checkpoint(run_dir / "checkpoints" / "last.safetensors")
     model.eval()
     check_nm(model)
-    results = evaluate_tasks(model, recipe)
+    test = test_source(config)
+    results = evaluate_tasks(model, recipe, source=test, tile=config.ci_tile)
     storage = png_storage(model)
     rows: list[Row] = []
     dense_models: dict[str, nn.Module] = {}
@@ -223,34 +263,37 @@ def png_rows(
         dense_model, _ = model_from_checkpoint(dense_paths[task])
         dense_model.eval()
         dense_models[task] = dense_model
-        val = build_eval_dataset(recipe.data.val, scale, recipe.task.for_png_task(task))
+        val = build_eval_dataset(test, scale, recipe.task.for_png_task(task))
         crop = scale if sr else 0
-        dense_result: EvalResult = evaluate_model(dense_model, val, crop, sr, with_ssim=True)
+        dense_result: EvalResult = evaluate_model(
+            dense_model, val, crop, sr, with_ssim=True, tile=config.ci_tile
+        )
         dense_cost = count_cost(dense_model)
         info = storage.tasks[t]
         png_result = results[task]
         base: Row = dict.fromkeys(ROW_KEYS)
         base.update({"task": _row_task(recipe, task), "scale": scale, "finetune_steps": per_task[task]})
+        dense_row: Row = {
+            **base,
+            **per_image_columns(dense_result),
+            "model": recipe.model.name,
+            "method": "dense",
+            "budget": 1.0,
+            "psnr": dense_result.psnr,
+            "ssim": dense_result.ssim,
+            "macs_g": dense_cost.macs() / 1e9,
+            "macs_fraction": 1.0,
+            "prunable_macs_fraction": 1.0,
+            "params": dense_cost.params,
+            "params_nonzero": dense_cost.nonzero_params(),
+            "packed_bytes": info.dense_model_bytes,
+            "note": f"trained on {task} alone from PNG's dense {tasks[0][0]} start, {per_task[task]} steps",
+        }
+        rows.append(dense_row)
         rows.append(
             {
                 **base,
-                "model": dense_model_name,
-                "method": "dense",
-                "budget": 1.0,
-                "psnr": dense_result.psnr,
-                "ssim": dense_result.ssim,
-                "macs_g": dense_cost.macs() / 1e9,
-                "macs_fraction": 1.0,
-                "prunable_macs_fraction": 1.0,
-                "params": dense_cost.params,
-                "params_nonzero": dense_cost.nonzero_params(),
-                "packed_bytes": info.dense_model_bytes,
-                "note": f"single-task, {per_task[task]} steps from scratch",
-            }
-        )
-        rows.append(
-            {
-                **base,
+                **per_image_columns(png_result),
                 "model": recipe.model.name,
                 "method": "png",
                 "budget": f"{info.n}:{info.m}",
@@ -263,6 +306,7 @@ def png_rows(
                 "params_nonzero": info.params_nonzero,
                 "packed_bytes": info.nm_model_bytes,
                 "psnr_minus_dense": png_result.psnr - dense_result.psnr,
+                "vs_dense": _paired(png_result, dense_row),
                 "note": f"one network for {'/'.join(name for name, _ in tasks)}, storage "
                 f"{storage.summary()['png_vs_one_dense']:.3f}x "
                 "one dense model; packed B = this task alone",
@@ -271,21 +315,25 @@ def png_rows(
     return model, rows, dense_models
 
 
+def _paired(result: EvalResult, reference: Row) -> dict[str, Any] | None:
+    delta = compare(per_image_columns(result), reference)
+    return None if delta is None else delta.to_dict()
+
+
 def prepare(
     config: BenchConfig, settings: PNGBenchSettings, echo: Any = None
 ) -> tuple[Recipe, Path, dict[str, Path]]:
-    """Train (or reuse) the three dense baselines and the PNG run; returns (recipe, run dir, dense paths)."""
+    """Train (or reuse) the PNG run, then the dense baselines from its dense start; returns
+    (recipe, run dir, dense paths)."""
     recipe = png_recipe(config, settings)
-    per_task = task_steps(recipe)
-    dense_paths = {
-        task: ensure_dense(
-            dense_config(config, scale, per_task[task], recipe.task.for_png_task(task).sigma), echo
-        ).path
-        for task, scale in recipe_tasks(recipe)
-    }
     if echo:
         echo(f"PNG run ({recipe.model.name}, M={settings.m}, N={settings.ns}, max_grow={settings.max_grow})")
-    return recipe, run_png(recipe, config.show_progress, config.cache_dir), dense_paths
+    run_dir = run_png(recipe, config.show_progress, config.cache_dir)
+    dense_paths = {
+        task: ensure_trained(dense_baseline_recipe(config, recipe, run_dir, index), config, echo).path
+        for index, (task, _) in enumerate(recipe_tasks(recipe))
+    }
+    return recipe, run_dir, dense_paths
 
 
 def bench_rows(
@@ -295,7 +343,7 @@ def bench_rows(
     config = context.config
     chosen = settings or (QUICK_SETTINGS if config.quick else PNGBenchSettings())
     recipe, run_dir, dense_paths = prepare(config, chosen, context.say)
-    model, rows, dense_models = png_rows(run_dir, recipe, dense_paths, task_steps(recipe), config.model)
+    model, rows, dense_models = png_rows(run_dir, recipe, dense_paths, task_steps(recipe), config)
     second = recipe_tasks(recipe)[1][0]
     timing = step_times(model, recipe, dense_models[second], config.timing_rounds)
     for row in rows:

@@ -255,10 +255,10 @@ def upgrade_legacy_checkpoints(folder: Path) -> list[Path]:
     return upgraded
 
 
-def check_compatible(ckpt: Checkpoint, model_name: str, scale: int) -> None:
-    """Refuse a checkpoint of another architecture or scale, naming both."""
+def check_compatible(ckpt: Checkpoint, model_name: str, scale: int | None) -> None:
+    """Refuse a checkpoint of another architecture or scale (None: any scale), naming both."""
     saved = ckpt.meta.get("model", {})
-    if saved.get("name") != model_name or int(saved.get("scale", -1)) != scale:
+    if saved.get("name") != model_name or (scale is not None and int(saved.get("scale", -1)) != scale):
         raise CheckpointError(
             f"{ckpt.path}: checkpoint is for model {saved.get('name')!r} x{saved.get('scale')}, "
             f"not {model_name!r} x{scale}"

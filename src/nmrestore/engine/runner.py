@@ -29,6 +29,7 @@ from nmrestore.engine.trainer import Trainer, TrainState
 from nmrestore.errors import CheckpointError, DatasetError, NMRestoreError, RecipeError, short_repr
 from nmrestore.io_atomic import atomic_write_text
 from nmrestore.models import create_model
+from nmrestore.models.multitask import is_multitask
 from nmrestore.models.registry import MAX_MODEL_BYTES, check_model_kwargs, check_model_size
 from nmrestore.recipes.schema import DataSource, Recipe, TaskSpec, recipe_from_dict
 from nmrestore.sparsity.api import Controller, NMConfig, SparsifyReport, sparsify_, squash_
@@ -138,7 +139,8 @@ def load_weights_from(model: nn.Module, recipe: Recipe, path: Path) -> None:
     one can fine-tune any method's result with another method.
     """
     ckpt = load_checkpoint(path)
-    check_compatible(ckpt, recipe.model.name, recipe.model.scale)
+    # a multi-task model's checkpoint holds every task; its scale only names the task that was active
+    check_compatible(ckpt, recipe.model.name, None if is_multitask(model) else recipe.model.scale)
     source, _ = model_from_checkpoint(ckpt)
     squash_(source)
     load_model_state(model, source.state_dict(), str(path))

@@ -163,10 +163,23 @@ class _MeanShiftedSR(MultiTaskSR):
         self.add_mean = MeanShift(rgb_range, sign=1)
         self.nm_dense_layers: tuple[str, ...] = ("head.0", "tail.0")
 
+    #: Predict a residual over the bicubic upscaled input (see ``EDSR``'s ``global_skip``); off by default.
+    global_skip: bool = False
+
+    def _zero_last_conv(self) -> None:
+        # with a global skip the untrained model is bicubic at every scale (the single-task EDSR's init)
+        last = self.tail[0]
+        nn.init.zeros_(last.weight)
+        if last.bias is not None:
+            nn.init.zeros_(last.bias)
+
     def forward(self, x: Tensor) -> Tensor:
-        x = self.head(self.sub_mean(x))
-        res = self.body(x) + x
-        return self.add_mean(self.tail(self.upsample[self.task](res)))
+        features = self.head(self.sub_mean(x))
+        res = self.body(features) + features
+        out = self.tail(self.upsample[self.task](res))
+        if not self.global_skip:
+            return self.add_mean(out)
+        return F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False) + out
 
     def single_task_key(self, key: str, task: str) -> str | None:
         # single-task EDSR/RCAN: tail.0 = upsampler, tail.1 = last conv
@@ -191,6 +204,7 @@ class MultiScaleEDSR(_MeanShiftedSR):
         res_scale: float = 1.0,
         rgb_range: float = 1.0,
         n_colors: int = 3,
+        global_skip: bool = False,
     ) -> None:
         super().__init__(tasks, scale)
         n_feats = check_positive_int("n_feats", n_feats)
@@ -201,6 +215,9 @@ class MultiScaleEDSR(_MeanShiftedSR):
         self.sub_mean = MeanShift(rgb_range, sign=-1)
         self.head, self.body = residual_trunk(n_colors, n_feats, partial(ResBlock, n_feats, 3, res_scale), n_blocks)
         self._build_ends(list(self.task_scales.values()), n_feats, n_colors, rgb_range)
+        self.global_skip = bool(global_skip)
+        if self.global_skip:
+            self._zero_last_conv()
 
 
 class MultiScaleRCAN(_MeanShiftedSR):
@@ -332,9 +349,13 @@ def edsr_baseline_multiscale(
     n_blocks: int = 16,
     res_scale: float = 1.0,
     rgb_range: float = 1.0,
+    global_skip: bool = False,
 ) -> MultiScaleEDSR:
-    """EDSR-baseline trunk (16 blocks, 64 channels) shared by x2/x3/x4, one upsampler per task."""
-    return MultiScaleEDSR(tasks, scale, n_feats, n_blocks, res_scale, rgb_range)
+    """EDSR-baseline trunk (16 blocks, 64 channels) shared by x2/x3/x4, one upsampler per task.
+
+    ``global_skip``: predict a residual over the bicubic upscaled input, as ``edsr_baseline`` can.
+    """
+    return MultiScaleEDSR(tasks, scale, n_feats, n_blocks, res_scale, rgb_range, global_skip=global_skip)
 
 
 @register_model
@@ -345,9 +366,10 @@ def edsr_small_multiscale(
     n_blocks: int = 4,
     res_scale: float = 1.0,
     rgb_range: float = 1.0,
+    global_skip: bool = False,
 ) -> MultiScaleEDSR:
     """CPU preset of :func:`edsr_baseline_multiscale` (edsr_small's trunk: 4 blocks, 32 channels)."""
-    return MultiScaleEDSR(tasks, scale, n_feats, n_blocks, res_scale, rgb_range)
+    return MultiScaleEDSR(tasks, scale, n_feats, n_blocks, res_scale, rgb_range, global_skip=global_skip)
 
 
 @register_model

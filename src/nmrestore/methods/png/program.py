@@ -39,6 +39,7 @@ from nmrestore.engine.runner import (
     RunResult,
     apply_sparsity,
     base_model,
+    build_eval_dataset,
     build_train_dataset,
     build_val_dataset,
     model_from_checkpoint,
@@ -53,7 +54,7 @@ from nmrestore.methods.png.controller import PNGController
 from nmrestore.methods.png.storage import PNGStorage, png_storage
 from nmrestore.methods.png.tasks import png_layer_table, select_task
 from nmrestore.models.multitask import MultiTaskSR, load_single_task_state
-from nmrestore.recipes.schema import Recipe, TrainSpec
+from nmrestore.recipes.schema import DataSource, Recipe, TrainSpec
 from nmrestore.sparsity.api import (
     SparsifyReport,
     squash_,
@@ -347,20 +348,26 @@ def phase_train_spec(train: TrainSpec, spec: PhaseSpec) -> TrainSpec:
 
 
 def evaluate_tasks(
-    model: nn.Module, recipe: Recipe, device: torch.device | None = None
+    model: nn.Module,
+    recipe: Recipe,
+    device: torch.device | None = None,
+    source: DataSource | None = None,
+    tile: int | None = None,
 ) -> dict[str, EvalResult]:
-    """Every task's PSNR/SSIM on the recipe's validation images at its own scale."""
+    """Every task's PSNR/SSIM at its own scale on the recipe's validation images, or on ``source``
+    (a benchmark's test images; ``tile``: also the PSNR of fixed HR tiles, for paired intervals)."""
     tasks = list(model.tasks) if isinstance(model, MultiTaskSR) else list(getattr(model, "png_tasks", ()))
     scales = task_scales(model, recipe, len(tasks))
     results: dict[str, EvalResult] = {}
     for t, (task, scale) in enumerate(zip(tasks, scales, strict=True)):
         crop = recipe.eval.crop_border if recipe.eval.crop_border is not None else scale
-        dataset = build_val_dataset(recipe, scale, recipe.task.for_png_task(task))
+        spec = recipe.task.for_png_task(task)
+        dataset = build_val_dataset(recipe, scale, spec) if source is None else build_eval_dataset(source, scale, spec)
         previous = model.task_index if isinstance(model, MultiTaskSR) else 0
         select_task(model, t)
         try:
             results[task] = evaluate_model(
-                model, dataset, crop, recipe.eval.test_y_channel, device, with_ssim=True
+                model, dataset, crop, recipe.eval.test_y_channel, device, with_ssim=True, tile=tile
             )
         finally:
             select_task(model, previous)
