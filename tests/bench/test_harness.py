@@ -195,7 +195,7 @@ def test_png_rows_one_per_task_and_method(cache: Path) -> None:
 @pytest.mark.slow
 def test_png_dense_baselines_start_from_png_s_own_dense_model(cache: Path) -> None:
     """Same start, same steps: each dense baseline is initialised from PNG's first (dense) phase."""
-    from nmrestore.bench.png import PNGBenchSettings, dense_baseline_recipe, dense_start, png_recipe, prepare
+    from nmrestore.bench.png import PNGBenchSettings, dense_baseline_recipe, dense_start, prepare
     from nmrestore.engine.checkpoint import load_checkpoint
 
     config = tiny(cache, methods=("png",), dense_steps=3)
