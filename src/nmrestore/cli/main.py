@@ -262,7 +262,9 @@ def evaluate(
 @app.command()
 @clean_errors
 def infer(
-    checkpoint: Annotated[Path, typer.Argument(help="a .safetensors checkpoint (or a run folder)")],
+    checkpoint: Annotated[
+        Path, typer.Argument(help="a .safetensors checkpoint (or a run folder) or a compiled file (`compile`)")
+    ],
     inputs: Annotated[list[Path], typer.Argument(help="LR images")],
     out: Annotated[Path, typer.Option(help="output folder")] = Path("outputs"),
     adaptive: Annotated[
@@ -286,9 +288,19 @@ def infer(
         typer.Option(help="LR tile side for large images (default ~1024 output px; 0: never tile)"),
     ] = None,
 ) -> None:
-    """Restore images with a checkpoint; writes PNGs named after the inputs (never over an input)."""
+    """Restore images with a checkpoint or a compiled file (`nmrestore compile`); writes PNGs named after
+    the inputs (never over an input)."""
     from nmrestore.cli.evaluation import infer_images
+    from nmrestore.runtime import is_compiled
 
+    if checkpoint.is_file() and is_compiled(checkpoint):  # the engine as saved: no --sparse-engine needed
+        from nmrestore.cli.compiled import infer_compiled
+
+        for written in infer_compiled(
+            checkpoint, inputs, out, adaptive, task, allow_large, tile, device.value, _show_progress(progress)
+        ):
+            typer.echo(str(written))
+        return
     for written in infer_images(
         checkpoint,
         inputs,
@@ -317,7 +329,8 @@ def speed(
         str | None, typer.Option(help="uniform N:M magnitude masks on the fresh model, e.g. 4:32")
     ] = None,
     checkpoint: Annotated[
-        Path | None, typer.Option(help="time this checkpoint's model instead (any method, packed or not)")
+        Path | None,
+        typer.Option(help="time this checkpoint's model instead (any method, packed or not, or a compiled file)"),
     ] = None,
     input: Annotated[str, typer.Option(help="LR input WIDTHxHEIGHT")] = "320x180",
     threads: Annotated[int | None, typer.Option(help="intra-op threads (default: torch's)")] = None,
@@ -371,6 +384,35 @@ def speed(
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
         typer.echo(report.table())
+
+
+@app.command("compile")
+@clean_errors
+def compile_(
+    checkpoint: Annotated[Path, typer.Argument(help="a .safetensors checkpoint (or a run folder) or a packed file")],
+    out: Annotated[
+        Path | None, typer.Option(help="output file (default: beside the checkpoint, NAME.nmc.safetensors)")
+    ] = None,
+    inputs: Annotated[
+        list[str] | None,
+        typer.Option("--input", "--shape", help="LR input WIDTHxHEIGHT to decide the tactics on (repeatable)"),
+    ] = None,
+    tactic: Annotated[Tactic, typer.Option(help="auto (time per layer), sparse or dense")] = Tactic.auto,
+    verbose: Annotated[bool, typer.Option("-v", "--verbose", help="print each layer's tactic choice")] = False,
+    allow_large: AllowLarge = False,
+) -> None:
+    """Save a checkpoint's model compiled for the sparse CPU engine (packed weights + tactic decisions);
+    `infer` and nmrestore.load run the file without re-packing, and without re-timing the given sizes."""
+    from nmrestore.cli.compiled import compile_checkpoint
+    from nmrestore.runtime import EngineConfig, format_decisions
+
+    _setup_logging(verbose)
+    sizes = [size for size in (_parse_size(text) for text in inputs or []) if size is not None]
+    config = EngineConfig(tactic=tactic.value)  # type: ignore[arg-type]
+    report = compile_checkpoint(checkpoint, out, sizes, config, allow_large=allow_large)
+    if verbose and report.decisions:
+        typer.echo(format_decisions(report.decisions))
+    typer.echo(report.summary())
 
 
 @app.command()

@@ -11,7 +11,7 @@ from torch import nn
 
 from nmrestore.errors import NMRestoreError
 from nmrestore.limits import check_speed_size, check_threads
-from nmrestore.runtime import EngineConfig
+from nmrestore.runtime import EngineConfig, is_compiled, read_compiled
 from nmrestore.runtime.speed import SpeedReport, measure_speed
 
 
@@ -42,6 +42,22 @@ def speed_model(
     return model, f"{name} x{scale} {n}:{m}"
 
 
+def _compiled_models(
+    path: Path, name: str | None, route: int | None, config: EngineConfig, allow_large: bool
+) -> tuple[nn.Module, nn.Module, str]:
+    """A compiled file: its dense-with-zeros reference, its engine as saved, and a label."""
+    if route is not None:
+        raise NMRestoreError(f"{path} is a compiled file of one route; --route needs the checkpoint")
+    if config.tactic != "auto":
+        raise NMRestoreError(f"{path} is a compiled file: it runs the tactics it was compiled with, not --tactic")
+    file = read_compiled(path)
+    build = file.build_spec
+    if name is not None and build.name != name:
+        raise NMRestoreError(f"{path} holds a {build.name} model, not {name}")
+    engine = file.build(allow_large=allow_large, cache_file=config.cache_file)
+    return file.dense_model(allow_large), engine, f"{build.name} x{build.scale} (compiled, {path.name})"
+
+
 def run_speed(
     name: str | None,
     scale: int,
@@ -68,7 +84,11 @@ def run_speed(
         from nmrestore.export.peers import available_peers, parse_peers
 
         peer_names, notes = available_peers(*parse_peers(vs))  # before any work: exit 2 at once
-    model, label = speed_model(name, scale, sparsity, checkpoint, allow_large)
+    engine = None
+    if checkpoint is not None and checkpoint.is_file() and is_compiled(checkpoint):
+        model, engine, label = _compiled_models(checkpoint, name, route, config, allow_large)
+    else:
+        model, label = speed_model(name, scale, sparsity, checkpoint, allow_large)
     check_speed_size(size, int(getattr(model, "scale", scale) or 1))  # before any allocation
     if route is not None:
         from nmrestore.sparsity.parametrization import nm_layers
@@ -95,6 +115,7 @@ def run_speed(
             route=route,
             warmup=warmup,
             peers=peers,
+            engine=engine,
         )
     report.notes.extend(notes)
     return report

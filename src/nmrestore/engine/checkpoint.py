@@ -19,7 +19,6 @@ the tensor digest only.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,44 +30,16 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from nmrestore.errors import CheckpointError, short_repr
+from nmrestore.integrity import DIGEST_KEY, canonical_json, integrity_digest  # noqa: F401 (re-exported; shared with compiled files)
+from nmrestore.integrity import tensor_digest as _digest
 from nmrestore.io_atomic import as_os_error, atomic_path, atomic_write_bytes
 
 FORMAT = "nmrestore-checkpoint/2"
 #: Written before the digest covered the metadata: read only with ``allow_legacy=True``.
 LEGACY_FORMAT = "nmrestore-checkpoint/1"
-#: The metadata field holding :func:`integrity_digest` (excluded from what it covers).
-DIGEST_KEY = "sha256"
 MODEL_PREFIX = "model."
 OPTIM_PREFIX = "optim."
 RNG_KEY = "rng.torch"
-
-
-def _digest(tensors: dict[str, Tensor]) -> str:
-    """SHA-256 of the tensors alone (names, dtypes, shapes, bytes): half of :func:`integrity_digest`."""
-    h = hashlib.sha256()
-    for key in sorted(tensors):
-        t = tensors[key].detach().cpu().contiguous()
-        h.update(key.encode())
-        h.update(str(t.dtype).encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-def canonical_json(meta: dict[str, Any]) -> str:
-    """The metadata as the digest sees it: sorted keys, the digest field left out."""
-    return json.dumps({k: v for k, v in meta.items() if k != DIGEST_KEY}, sort_keys=True)
-
-
-def integrity_digest(tensors: dict[str, Tensor], meta: dict[str, Any]) -> str:
-    """SHA-256 over the tensors and the metadata (canonical JSON without the digest field).
-
-    The one scheme of training and packed checkpoints: editing a recipe, a scale or an eval
-    protocol inside a file breaks it just as flipping a weight bit does.
-    """
-    h = hashlib.sha256(_digest(tensors).encode())
-    h.update(canonical_json(meta).encode())
-    return h.hexdigest()
 
 
 def _atomic_save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:

@@ -1,4 +1,4 @@
-"""Loading any checkpoint nmrestore writes: a training checkpoint or a packed file, as a model.
+"""Loading any checkpoint nmrestore writes: a training checkpoint, a packed or a compiled file, as a model.
 
 The one loader under every command that reads a model (eval, infer, export, speed) and the Python
 API: :func:`load` (model and recipe), :func:`load_any` (the verified
@@ -29,7 +29,8 @@ from nmrestore.engine.packed_format import (
 )
 from nmrestore.engine.runner import model_from_checkpoint
 from nmrestore.errors import CheckpointError
-from nmrestore.recipes.schema import Recipe
+from nmrestore.recipes.schema import ModelSpec, Recipe, recipe_from_dict
+from nmrestore.runtime.compiled import is_compiled, read_compiled
 from nmrestore.sparsity import nm
 
 __all__ = ["PACKED_FORMAT", "is_packed", "load", "load_any", "read_header", "read_packed"]
@@ -181,13 +182,38 @@ def load_any(path: str | Path) -> Checkpoint:
     candidate = Path(path)
     if candidate.is_file() and is_packed(candidate):
         return read_packed(candidate)
+    if candidate.is_file() and is_compiled(candidate):  # no masks or checkpoint inside: say what takes it
+        raise CheckpointError(
+            f"{candidate} is a compiled engine file: `nmrestore infer`, `nmrestore speed --checkpoint`, "
+            "nmrestore.load and load_compiled take it; other commands need the checkpoint it was compiled from"
+        )
     return load_checkpoint(candidate)
+
+
+def _load_compiled(path: Path, allow_large: bool) -> tuple[nn.Module, Recipe]:
+    """A compiled engine file: the engine, and the recipe it records (else one naming the model)."""
+    file = read_compiled(path)
+    build = file.build_spec
+    spec = {"name": build.name, "scale": build.scale, "kwargs": build.kwargs}
+    source = f"{path} (embedded recipe)"
+    if file.meta.get("recipe") is not None:
+        recipe = recipe_from_dict(file.meta["recipe"], source)
+    else:
+        recipe = Recipe(model=ModelSpec.model_validate(spec))
+    if recipe.model.model_dump(mode="json") != ModelSpec.model_validate(spec).model_dump(mode="json"):
+        raise CheckpointError(f"{path}: the embedded recipe's model differs from the one the file rebuilds")
+    return file.build(allow_large=allow_large), recipe
 
 
 def load(path: str | Path, allow_large: bool = False) -> tuple[nn.Module, Recipe]:
     """The model a checkpoint (training or packed, any method) was saved from, and its recipe.
 
     Everything read is verified first (digest over metadata and tensors, the embedded recipe, model
-    keywords and size, finite weights, N:M ranks); ``allow_large`` lifts the size limit.
+    keywords and size, finite weights, N:M ranks); ``allow_large`` lifts the size limit. A compiled
+    engine file (``nmrestore compile``, :func:`~nmrestore.runtime.save_compiled`) gives its engine,
+    ready to run, with tactic decisions as recorded.
     """
+    candidate = Path(path)
+    if candidate.is_file() and is_compiled(candidate):
+        return _load_compiled(candidate, allow_large)
     return model_from_checkpoint(load_any(path), allow_large=allow_large)

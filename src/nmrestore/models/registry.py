@@ -136,4 +136,6 @@ def create_model(name: str, scale: int | None = None, **kwargs: object) -> nn.Mo
     except (TypeError, ValueError, OverflowError, RuntimeError) as exc:  # a keyword of the wrong type or range
         raise NMRestoreError(f"cannot build model {name}: {type(exc).__name__}: {str(exc)[:200]}") from None
     model.model_name = name  # recorded in checkpoints so another model's weights are refused
+    # what rebuilds it: a compiled engine file (runtime/compiled.py) stores name, scale and these
+    model.model_kwargs = {k: v for k, v in kwargs.items() if k != "scale"}
     return model

@@ -4,8 +4,11 @@
 Linear layers run on a C++ kernel built at first use (:mod:`nmrestore.runtime.kernel`), each layer
 keeping dense PyTorch where that is faster for the input shape (timed on first use, cached).
 ``measure_speed`` compares it with the dense model, interleaved in one process.
+``save_compiled`` / ``load_compiled`` keep a compiled model (packed weights and tactic decisions) in
+one file that loads without re-packing or re-timing (:mod:`nmrestore.runtime.compiled`).
 """
 
+from nmrestore.runtime.compiled import ModelBuild, is_compiled, load_compiled, read_compiled, save_compiled
 from nmrestore.runtime.engine import (
     EngineConfig,
     EngineState,
@@ -28,6 +31,7 @@ __all__ = [
     "FusedResidual",
     "KernelStatus",
     "LayerDecision",
+    "ModelBuild",
     "SparseConv2d",
     "SparseLayer",
     "SparseLinear",
@@ -38,9 +42,13 @@ __all__ = [
     "detect_nm",
     "engine_state",
     "format_decisions",
+    "is_compiled",
     "kernel_status",
+    "load_compiled",
     "load_kernel",
+    "read_compiled",
     "reset_kernel",
     "reset_tactics",
+    "save_compiled",
     "sparse_layers",
 ]

@@ -175,8 +175,12 @@ def measure_speed(
     seed: int = 0,
     warmup: int = 1,
     peers: Sequence[Peer] = (),
+    engine: nn.Module | None = None,
 ) -> SpeedReport:
     """Dense (squashed) vs :func:`compile_sparse` latency on a random input of ``input_shape``.
+
+    ``engine``: an already compiled model to time instead (a loaded compiled file; ``model`` is then
+    its dense-with-zeros reference and ``config`` is not used).
 
     The first sparse forward chooses the tactics (and finds the hand-off pairs), ``warmup`` more
     forwards of each model run untimed; ``max_abs_diff`` covers the first and the last of them (the
@@ -190,7 +194,7 @@ def measure_speed(
     model = model.eval()
     with torch_threads(threads):
         dense = squash_(copy.deepcopy(model)).eval()
-        sparse = compile_sparse(model, config)
+        sparse = compile_sparse(model, config) if engine is None else engine
         with _maybe_route(model, route), _maybe_route(sparse, route):
             if route is not None:
                 dense = squash_(copy.deepcopy(model)).eval()  # the route's own weights
