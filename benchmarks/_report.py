@@ -1,22 +1,36 @@
-"""Shared output for benchmark scripts: a section of docs/BENCHMARKS.md per benchmark.
+"""Shared output for benchmark scripts: every section of docs/BENCHMARKS.md is rendered from committed JSON.
 
-Each benchmark owns one section, delimited by HTML comments, and rewrites only that section, so
-scripts run at different times never clobber each other's figures.
+A script measures, saves what it measured (rows, notes, its command, the date and the machine) to
+``docs/bench/<key>.json`` (committed) and renders its section from that file only, through its own
+``render(key, payload) -> (title, body)``: a pure function of the JSON, so ``--render`` redraws a
+section without computing anything and ``tests/bench/test_benchmarks_doc.py`` re-renders every
+section and fails on a hand edit. Each section is delimited by HTML comments and rewritten alone,
+so scripts run at different times never clobber each other's figures.
 """
 
 from __future__ import annotations
 
+import importlib
+import json
 import os
 import platform
 import re
 import sys
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import torch
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "BENCHMARKS.md"
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "BENCHMARKS.md"
+RESULTS = ROOT / "docs" / "bench"
 HEADER = "# Benchmarks\n\nEvery figure below was printed by a script in `benchmarks/`; each section says how to rerun it.\n"
+_SECTION = re.compile(r"<!-- section:(?P<key>[\w.-]+) -->.*?<!-- end:(?P=key) -->", re.S)
+
+#: ``render(key, payload) -> (title, body)``: a section from its JSON, nothing else.
+Renderer = Callable[[str, dict[str, Any]], tuple[str, str]]
 
 
 def machine() -> str:
@@ -27,8 +41,10 @@ def machine() -> str:
     )
 
 
-def command() -> str:
-    return "python " + " ".join(Path(a).as_posix() if i == 0 else a for i, a in enumerate(sys.argv))
+def command(argv: list[str] | None = None) -> str:
+    """This run's command line, as run from the repository root (``python benchmarks/NAME.py ...``)."""
+    argv = list(sys.argv if argv is None else argv)
+    return "python " + " ".join([f"benchmarks/{Path(argv[0]).name}", *argv[1:]])
 
 
 def markdown_table(rows: list[dict[str, object]], columns: list[str]) -> str:
@@ -42,27 +58,80 @@ def markdown_table(rows: list[dict[str, object]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_section(
-    key: str,
-    title: str,
-    body: str,
-    doc: Path = DOC,
-    command_line: str | None = None,
-    date: str | None = None,
-    machine_line: str | None = None,
-) -> None:
-    """Replace (or append) the section ``key`` of docs/BENCHMARKS.md.
+def results_path(key: str) -> Path:
+    """``docs/bench/<key>.json`` (dashes as underscores, as the photo study's files are named)."""
+    return RESULTS / f"{key.replace('-', '_')}.json"
 
-    ``command_line``, ``date`` and ``machine_line`` default to this process's; a section rendered from
-    committed JSON rows passes the ones recorded with them.
-    """
-    stamp = date or datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    section = (
+
+def save_results(key: str, data: dict[str, Any], command_line: str | None = None) -> dict[str, Any]:
+    """Write ``data`` with this run's command, date and machine to :func:`results_path`; returns it as read back.
+
+    Read back so that what is rendered now is exactly what a later ``--render`` sees (tuples become
+    lists, other objects their ``str``)."""
+    payload = {
+        "command": command_line or command(),
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        **data,
+    }
+    path = results_path(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    tmp.replace(path)
+    return load_results(key)
+
+
+def in_memory(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` as :func:`save_results` would store it, written nowhere (``--no-write`` runs)."""
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    payload = {"command": command(), "date": stamp, "machine": machine(), **data}
+    return json.loads(json.dumps(payload, default=str))  # type: ignore[no-any-return]
+
+
+def load_results(key: str) -> dict[str, Any]:
+    return json.loads(results_path(key).read_text())  # type: ignore[no-any-return]
+
+
+def script_of(payload: dict[str, Any]) -> str:
+    """The script that measured a payload (the module whose ``render`` draws its section), from its command."""
+    match = re.search(r"benchmarks/(\w+)\.py", str(payload.get("command", "")))
+    if match is None:
+        raise ValueError(f"no benchmarks/<script>.py in the recorded command {payload.get('command')!r}")
+    return match.group(1)
+
+
+def section_text(key: str, title: str, body: str, payload: dict[str, Any]) -> str:
+    """The whole ``<!-- section:key -->`` block: title, the recorded command/date/machine, body."""
+    return (
         f"<!-- section:{key} -->\n## {title}\n\n"
-        f"Command: `{command_line or command()}`  \nDate: {stamp}  \n"
-        f"Machine: {machine_line or machine()}\n\n{body.strip()}\n"
+        f"Command: `{payload['command']}`  \nDate: {payload['date']}  \n"
+        f"Machine: {payload['machine']}\n\n{body.strip()}\n"
         f"<!-- end:{key} -->"
     )
+
+
+def render_section(key: str, render: Renderer | None = None, payload: dict[str, Any] | None = None) -> str:
+    """Section ``key`` drawn from its committed JSON by ``render`` (default: that of the script that measured it)."""
+    payload = load_results(key) if payload is None else payload
+    if render is None:
+        if str(ROOT / "benchmarks") not in sys.path:
+            sys.path.insert(0, str(ROOT / "benchmarks"))
+        render = importlib.import_module(script_of(payload)).render
+    title, body = render(key, payload)
+    return section_text(key, title, body, payload)
+
+
+def doc_sections(text: str) -> dict[str, str]:
+    """Every section block of a BENCHMARKS.md text, by key."""
+    return {match["key"]: match[0] for match in _SECTION.finditer(text)}
+
+
+def publish(key: str, render: Renderer | None = None, doc: Path = DOC) -> None:
+    """Replace (or append) section ``key`` of docs/BENCHMARKS.md with its rendering from ``docs/bench/<key>.json``."""
+    if not results_path(key).is_file():
+        raise SystemExit(f"{results_path(key).relative_to(ROOT)} does not exist: run the benchmark without --render")
+    section = render_section(key, render)
     text = doc.read_text() if doc.exists() else HEADER
     pattern = re.compile(rf"<!-- section:{re.escape(key)} -->.*?<!-- end:{re.escape(key)} -->", re.S)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"

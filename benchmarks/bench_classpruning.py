@@ -16,8 +16,10 @@ Protocol, on the built-in photos (nothing is selected on the test images):
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/bench_classpruning.py               # writes section "classpruning"
+    .venv/bin/python benchmarks/bench_classpruning.py               # docs/bench/classpruning.json + section
     .venv/bin/python benchmarks/bench_classpruning.py --quick --no-write
+    .venv/bin/python benchmarks/bench_classpruning.py --render      # redraw the section from the JSON
+    .venv/bin/python benchmarks/bench_classpruning.py --set task=denoise --set scale=1   # "classpruning-denoise"
     .venv/bin/python benchmarks/bench_classpruning.py --set finetune_steps=450 --cp target_macs_fraction=0.5
 
 ``--set`` changes a harness setting (:class:`~nmrestore.bench.BenchConfig`), ``--cp`` a ClassPruning
@@ -40,10 +42,10 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from _report import in_memory, load_results, publish, results_path, save_results  # noqa: E402
 from _report import markdown_table as md_table  # noqa: E402
-from _report import write_section  # noqa: E402
 from nmrestore.bench.classpruning import register_bench_rows  # noqa: E402
-from nmrestore.bench.config import config_from_overrides, copy_config  # noqa: E402
+from nmrestore.bench.config import BenchConfig, config_from_overrides, copy_config, test_source  # noqa: E402
 from nmrestore.bench.harness import run_benchmark  # noqa: E402
 from nmrestore.bench.report import describe, format_table, markdown_table, plot_psnr_macs  # noqa: E402
 from nmrestore.bench.routing_bound import RoutedScore, RoutingBound, routing_bound  # noqa: E402
@@ -233,12 +235,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "bench-classpruning")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--no-write", action="store_true", help="do not touch docs/")
+    parser.add_argument("--render", action="store_true", help="only redraw the section from its docs/bench JSON")
     args = parser.parse_args(argv)
 
+    config = config_from_overrides(args.quick, [*args.set, "methods=[classpruning]"])
+    if args.render:
+        draw(section_key(config), load_results(section_key(config)))
+        publish(section_key(config), render)
+        return 0
     settings = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.cp)}
     register_bench_rows(settings)
     echo = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-    config = config_from_overrides(args.quick, [*args.set, "methods=[classpruning]"])
     config = copy_config(config, work_dir=args.work_dir)
     notes: list[str] = []
     rows = run_benchmark(config, notes, echo=echo)
@@ -270,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     from nmrestore.engine.runner import build_eval_dataset
 
     dense_cfg = dense_recipe(config)
-    eval_set = build_eval_dataset(dense_cfg.data.val, config.scale, dense_cfg.task)
+    # the images the harness scored the rows on (the dense recipe validates on held-out strips now)
+    eval_set = build_eval_dataset(test_source(config), config.scale, dense_cfg.task)
     crop, y_channel = (config.scale, True) if config.task == "sr" else (0, False)
     pipeline = AdaptivePipeline(adaptive)
     with torch.no_grad():
@@ -392,93 +400,119 @@ def main(argv: list[str] | None = None) -> int:
         }
         for r in cp["per_image"]
     ]
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(
-            json.dumps(
-                {
-                    "rows": rows,
-                    "extra": extra,
-                    "bound": bound_rows,
-                    "wall": wall_rows,
-                    "checks": checks,
-                    "notes": notes,
-                },
-                indent=2,
-                default=str,
-            )
-        )
+    key = section_key(config)
+    copied = []
     if not args.no_write:
-        key = SECTION + ("" if config.task == "sr" else f"-{config.task}") + ("-quick" if config.quick else "")
-        what = f"x{config.scale}" if config.task == "sr" else config.task
-        plot = plot_psnr_macs(
-            [r for r in rows if r["method"] not in ("bicubic", "input")],
-            DOCS / f"bench_{key.replace('-', '_')}_psnr_macs.png",
-            f"ClassPruning vs static N:M, {config.model} {what}",
-        )
-        maps = sorted((args.work_dir / "classpruning" / "class_maps").glob("*_classmap.png"))
-        copied = []
-        for path in maps:
+        for path in sorted((args.work_dir / "classpruning" / "class_maps").glob("*_classmap.png")):
             target = DOCS / f"bench_{key.replace('-', '_')}_{path.name}"
             shutil.copyfile(path, target)
             copied.append(target.name)
-        body = "\n".join(
-            [
-                describe(static_config),
-                "",
-                f"ClassPruning: routes {cp['routes']} over one weight tensor, classifier on 32x32 LR patches "
-                f"(stride 28), labels: {label_rule(settings)}; {cp['note']}. "
-                f"'MACs %' of ClassPruning is the average over every patch of the test images, classifier "
-                f"included, against the dense net on the same patches; the static budget {budget} is the smallest "
-                f"uniform N:32 with at least as many MACs.",
-                "",
-                markdown_table(rows),
-                "",
-                md_table(
-                    [{k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items()} for r in extra],
-                    ["method", "psnr", "ssim"],
-                ),
-                "",
-                *(
-                    [
-                        "The bound of the idea on these images: each route an independently trained model "
-                        "(SR-STE at the route's N:32, the dense model fine-tuned as the full route, all with the "
-                        "same steps), the test patches routed at ClassPruning's average MACs (route costs as "
-                        "ClassPruning's, classifier included) by the error each cheaper route adds to the full "
-                        "route's output (what a perfect classifier would predict, no ground truth), or by the "
-                        "ground truth itself (which also exploits the test images' noise):",
-                        "",
-                        md_table(bound_rows, list(bound_rows[0])),
-                        "",
-                    ]
-                    if bound_rows
-                    else []
-                ),
-                "Per test image (ClassPruning):",
-                "",
-                md_table(per_image, list(per_image[0])),
-                "",
-                "Inference wall time on the 3 test images (median of "
-                f"{args.wall_rounds} interleaved rounds, this machine, same run; masked weights run dense, so "
-                "wall time shows batching, not sparsity):",
-                "",
-                md_table(wall_rows, list(wall_rows[0])),
-                "",
-                "Checks:",
-                "",
-                *[f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok in checks],
-                "",
-                *([("Notes:"), "", *[f"- {n}" for n in notes], ""] if notes else []),
-                f"![PSNR against MACs]({plot.name})",
-                "",
-                *[f"![class map]({name})" for name in copied],
-            ]
-        )
-        title = "ClassPruning: input-adaptive N:M against static N:M of the same MACs"
-        write_section(key, title + ("" if config.task == "sr" else f" ({config.task})"), body)
-        print(f"docs/BENCHMARKS.md section {key!r} written")
+    data = {
+        "config": static_config.model_dump(mode="json"),
+        "routes": cp["routes"],
+        "cp_note": cp["note"],
+        "label_rule": label_rule(settings),
+        "budget": budget,
+        "rows": rows,
+        "extra": extra,
+        "bound": bound_rows,
+        "per_image": per_image,
+        "wall": wall_rows,
+        "wall_rounds": args.wall_rounds,
+        "checks": [{"check": text, "ok": ok} for text, ok in checks],
+        "notes": notes,
+        "class_maps": copied,
+    }
+    payload = in_memory(data) if args.no_write else save_results(key, data)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(payload, indent=2, default=str))
+    print(render(key, payload)[1])
+    if not args.no_write:
+        draw(key, payload)
+        publish(key, render)
+        print(f"{results_path(key).relative_to(ROOT)} and docs/BENCHMARKS.md section {key!r} written")
     return 0
 
+
+def section_key(config: BenchConfig) -> str:
+    return SECTION + ("" if config.task == "sr" else f"-{config.task}") + ("-quick" if config.quick else "")
+
+
+def _plot_path(key: str) -> Path:
+    return DOCS / f"bench_{key.replace('-', '_')}_psnr_macs.png"
+
+
+def draw(key: str, payload: dict[str, Any]) -> None:
+    """The PSNR-against-MACs plot, from the saved rows (the class maps are copied by the run itself)."""
+    config = BenchConfig(**payload["config"])
+    what = f"x{config.scale}" if config.task == "sr" else config.task
+    plot_psnr_macs(
+        [r for r in payload["rows"] if r["method"] not in ("bicubic", "input")],
+        _plot_path(key),
+        f"ClassPruning vs static N:M, {config.model} {what}",
+    )
+
+
+def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
+    """The section from the saved rows (``docs/bench/classpruning*.json``)."""
+    config = BenchConfig(**payload["config"])
+    extra, bound_rows, per_image, wall_rows = payload["extra"], payload["bound"], payload["per_image"], payload["wall"]
+    notes, budget = payload["notes"], payload["budget"]
+    body = "\n".join(
+        [
+            describe(config),
+            "",
+            f"ClassPruning: routes {payload['routes']} over one weight tensor, classifier on 32x32 LR patches "
+            f"(stride 28), labels: {payload['label_rule']}; {payload['cp_note']}. "
+            f"'MACs %' of ClassPruning is the average over every patch of the test images, classifier "
+            f"included, against the dense net on the same patches; the static budget {budget} is the smallest "
+            f"uniform N:32 with at least as many MACs.",
+            "",
+            markdown_table(payload["rows"]),
+            "",
+            md_table(
+                [{k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in r.items()} for r in extra],
+                ["method", "psnr", "ssim"],
+            ),
+            "",
+            *(
+                [
+                    "The bound of the idea on these images: each route an independently trained model "
+                    "(SR-STE at the route's N:32, the dense model fine-tuned as the full route, all with the "
+                    "same steps), the test patches routed at ClassPruning's average MACs (route costs as "
+                    "ClassPruning's, classifier included) by the error each cheaper route adds to the full "
+                    "route's output (what a perfect classifier would predict, no ground truth), or by the "
+                    "ground truth itself (which also exploits the test images' noise):",
+                    "",
+                    md_table(bound_rows, list(bound_rows[0])),
+                    "",
+                ]
+                if bound_rows
+                else []
+            ),
+            "Per test image (ClassPruning):",
+            "",
+            md_table(per_image, list(per_image[0])),
+            "",
+            "Inference wall time on the 3 test images (median of "
+            f"{payload['wall_rounds']} interleaved rounds, this machine, same run; masked weights run dense, so "
+            "wall time shows batching, not sparsity):",
+            "",
+            md_table(wall_rows, list(wall_rows[0])),
+            "",
+            "Checks:",
+            "",
+            *[f"- {'PASS' if c['ok'] else 'FAIL'}: {c['check']}" for c in payload["checks"]],
+            "",
+            *([("Notes:"), "", *[f"- {n}" for n in notes], ""] if notes else []),
+            f"![PSNR against MACs]({_plot_path(key).name})",
+            "",
+            *[f"![class map]({name})" for name in payload["class_maps"]],
+        ]
+    )
+    title = "ClassPruning: input-adaptive N:M against static N:M of the same MACs"
+    return title + ("" if config.task == "sr" else f" ({config.task})"), body
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -14,11 +14,13 @@ The target is a masked step (hard and ste) at most 1.15x the dense one.
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/bench_core.py            # full run, rewrites section "core"
+    .venv/bin/python benchmarks/bench_core.py            # full run: docs/bench/core.json + section "core"
     .venv/bin/python benchmarks/bench_core.py --quick    # fewer rounds (smoke test)
     .venv/bin/python benchmarks/bench_core.py --model edsr_baseline --batch 4 --patch 48 --no-write
+    .venv/bin/python benchmarks/bench_core.py --render   # redraw the section from the JSON
 
-The section "core" of docs/BENCHMARKS.md is rewritten unless ``--no-write`` is given. Run it on an
+The timings go to ``docs/bench/core.json`` and section "core" of docs/BENCHMARKS.md is rendered from
+it unless ``--no-write`` is given. Run it on an
 otherwise idle machine: the CPU time other processes used during the run is printed and recorded,
 and the figures are flagged when it (or the spread of the step times) is too high.
 """
@@ -35,6 +37,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -42,7 +45,7 @@ from torch import Tensor, nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _report import markdown_table, write_section  # noqa: E402
+from _report import in_memory, markdown_table, publish, results_path, save_results  # noqa: E402
 from nmrestore.sparsity import GradMode, NMConfig, nm_layers, refresh_, sparsify_  # noqa: E402
 
 TARGET = 1.15
@@ -203,8 +206,12 @@ def main(argv: list[str] | None = None) -> int:
         "--refresh-runs", type=int, default=None, help="refresh_ repeats (default 20, --quick 5)"
     )
     parser.add_argument("--quick", action="store_true", help="fewer rounds and repeats")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
+    parser.add_argument("--render", action="store_true", help="only redraw the section from docs/bench/core.json")
     args = parser.parse_args(argv)
+    if args.render:
+        publish(SECTION, render)
+        return 0
     rounds = args.rounds or (3 if args.quick else 12)
     refresh_runs = args.refresh_runs or (5 if args.quick else 20)
     warmup = 1 if args.quick else 2
@@ -219,15 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     with OtherCpu() as other:
         # 1. rank refresh
         refresh_rows = [time_refresh(base, n, m, refresh_runs) for n, m in ((2, 4), (8, 32))]
-        refresh_cols = [
-            "pattern",
-            "layers",
-            "masked weights",
-            "refresh_ median (ms)",
-            "min (ms)",
-            "per layer (ms)",
-        ]
-        refresh_table = markdown_table(refresh_rows, refresh_cols)
+        refresh_table = markdown_table(refresh_rows, REFRESH_COLUMNS)
         print(f"\nrank refresh (refresh_ over all layers, median of {refresh_runs})\n{refresh_table}")
 
         # 2. training step, round-robin
@@ -267,56 +266,69 @@ def main(argv: list[str] | None = None) -> int:
                 "ratio to dense": f"{ms / dense_ms:.3f}x",
             }
         )
-    step_cols = ["configuration", "median step (ms)", "min (ms)", "± IQR/2 (%)", "ratio to dense"]
-    step_table = markdown_table(step_rows, step_cols)
     ratios = {cfg.name: median_ms(samples[cfg.name]) / dense_ms for cfg in configs}
+    setup = (
+        f"training step = forward + L1 loss + backward + Adam step; batch {args.batch}x3x{args.patch}x{args.patch} LR "
+        f"→ {args.patch * args.scale}x{args.patch * args.scale} HR, {torch.get_num_threads()} threads, "
+        f"{rounds} round-robin rounds after {warmup} warm-up step(s) per configuration"
+    )
+    data = {
+        "model": source,
+        "quick": args.quick,
+        "other_cpu": "n/a" if other.cores is None else f"{other.cores:.2f} cores",
+        "load_before": load_before,
+        "load_after": load_after,
+        "refresh_runs": refresh_runs,
+        "refresh_rows": refresh_rows,
+        "setup": setup,
+        "step_rows": step_rows,
+        "ratios": {name: ratios[name] for name in ("2:4 hard", "2:4 ste")},
+        "noisy": noise_warning(other.cores, max(spreads)),
+    }
+    payload = in_memory(data) if args.no_write else save_results(SECTION, data)
+    print(render(SECTION, payload)[1])
+    if not args.no_write:
+        publish(SECTION, render)
+        print(f"\nwrote {results_path(SECTION).relative_to(ROOT)} and section {SECTION!r} of docs/BENCHMARKS.md")
+    return 0
+
+
+REFRESH_COLUMNS = ["pattern", "layers", "masked weights", "refresh_ median (ms)", "min (ms)", "per layer (ms)"]
+STEP_COLUMNS = ["configuration", "median step (ms)", "min (ms)", "± IQR/2 (%)", "ratio to dense"]
+
+
+def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
+    """The section from the saved timings (``docs/bench/core.json``)."""
+    ratios, setup, noisy = payload["ratios"], payload["setup"], payload["noisy"]
     worst = max(ratios["2:4 hard"], ratios["2:4 ste"])
     verdict = (
         f"**Verdict: {'PASS' if worst <= TARGET else 'MISS'}** — masked 2:4 step is "
         f"{ratios['2:4 hard']:.3f}x (hard) and {ratios['2:4 ste']:.3f}x (ste) the dense step "
         f"(target ≤ {TARGET:.2f}x)."
     )
-    setup = (
-        f"training step = forward + L1 loss + backward + Adam step; batch {args.batch}x3x{args.patch}x{args.patch} LR "
-        f"→ {args.patch * args.scale}x{args.patch * args.scale} HR, {torch.get_num_threads()} threads, "
-        f"{rounds} round-robin rounds after {warmup} warm-up step(s) per configuration"
+    body = "\n".join(
+        [
+            f"Model: {payload['model']}, N:M masks on every eligible conv (first/last dense); "
+            f"{'quick mode' if payload['quick'] else 'full mode'}. "
+            f"CPU used by other processes during the run: {payload['other_cpu']} (load average 1/5/15 min "
+            f"before: {payload['load_before']}, after: {payload['load_after']}).",
+            "",
+            f"### Rank refresh (`refresh_` over all layers, median of {payload['refresh_runs']} runs)",
+            "",
+            markdown_table(payload["refresh_rows"], REFRESH_COLUMNS),
+            "",
+            "### Training step, dense vs masked 2:4",
+            "",
+            f"{setup[0].upper()}{setup[1:]}. Medians per configuration; ratio to the dense median "
+            "of the same run. `± IQR/2` is half the inter-quartile range relative to the median.",
+            "",
+            markdown_table(payload["step_rows"], STEP_COLUMNS),
+            "",
+            verdict,
+            *([f"\n> **Warning:** {noisy}"] if noisy else []),
+        ]
     )
-    other_cpu = "n/a" if other.cores is None else f"{other.cores:.2f} cores"
-    noisy = noise_warning(other.cores, max(spreads))
-    print(f"\n{setup}\n{step_table}\n\n{verdict}")
-    print(
-        f"CPU used by other processes during the run: {other_cpu}; load average {load_before} → {load_after}"
-    )
-    if noisy:
-        print(f"WARNING: {noisy}")
-
-    if not args.no_write:
-        body = "\n".join(
-            [
-                f"Model: {source}, N:M masks on every eligible conv (first/last dense); "
-                f"{'quick mode' if args.quick else 'full mode'}. "
-                f"CPU used by other processes during the run: {other_cpu} (load average 1/5/15 min "
-                f"before: {load_before}, after: {load_after}).",
-                "",
-                f"### Rank refresh (`refresh_` over all layers, median of {refresh_runs} runs)",
-                "",
-                refresh_table,
-                "",
-                "### Training step, dense vs masked 2:4",
-                "",
-                f"{setup[0].upper()}{setup[1:]}. Medians per configuration; ratio to the dense median "
-                "of the same run. `± IQR/2` is half the inter-quartile range relative to the median.",
-                "",
-                step_table,
-                "",
-                verdict,
-                *([f"\n> **Warning:** {noisy}"] if noisy else []),
-            ]
-        )
-        write_section(SECTION, TITLE, body)
-        print(f"\nwrote section {SECTION!r} of docs/BENCHMARKS.md")
-    return 0
-
+    return TITLE, body
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -12,8 +12,9 @@
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/bench_export.py            # rewrites section "export"
-    .venv/bin/python benchmarks/bench_export.py --no-write
+    .venv/bin/python benchmarks/bench_export.py            # docs/bench/export.json + section "export"
+    .venv/bin/python benchmarks/bench_export.py --no-write # print only
+    .venv/bin/python benchmarks/bench_export.py --render   # redraw the section from the JSON
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,7 +33,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _report import markdown_table, write_section  # noqa: E402
+from _report import in_memory, markdown_table, publish, results_path, save_results  # noqa: E402
 from nmrestore.engine.checkpoint import save_checkpoint  # noqa: E402
 from nmrestore.export import export_onnx, load_packed, pack_checkpoint, verify_onnx  # noqa: E402
 from nmrestore.export.onnx import deployable_copy  # noqa: E402
@@ -231,31 +233,22 @@ def onnx_rows(folder: Path) -> list[dict[str, object]]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
-    args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        packed = packed_rows(folder)
-        packed_table = markdown_table(
-            packed,
-            [
-                "model",
-                "sparsity",
-                "file bytes",
-                "% of dense file",
-                "theory %",
-                "training ckpt bytes",
-                "encoding",
-                "every route exact",
-            ],
-        )
-        print(packed_table, flush=True)
-        onnx = onnx_rows(folder)
-    onnx_table = markdown_table(onnx, list(onnx[0]))
-    print(onnx_table)
+PACKED_COLUMNS = [
+    "model",
+    "sparsity",
+    "file bytes",
+    "% of dense file",
+    "theory %",
+    "training ckpt bytes",
+    "encoding",
+    "every route exact",
+]
+
+
+def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
+    """The section from the saved rows (``docs/bench/export.json``)."""
+    packed_table = markdown_table(payload["packed"], PACKED_COLUMNS)
+    onnx_table = markdown_table(payload["onnx"], list(payload["onnx"][0]))
     body = f"""
 Packed checkpoints (`nmrestore export CKPT --format packed`) against the dense fp32 checkpoint file of
 the same network (`save_checkpoint`, no optimizer/RNG state). *theory %* = fp32 values + ceil(log2 M)-bit
@@ -280,9 +273,32 @@ measured on a shared machine under load.
 
 {onnx_table}
 """
-    if not args.no_write:
-        write_section(SECTION, TITLE, body)
-        print(f"wrote section {SECTION!r} of docs/BENCHMARKS.md")
+    return TITLE, body
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--no-write", action="store_true", help="print only; leave docs/ (JSON and BENCHMARKS.md) alone"
+    )
+    parser.add_argument("--render", action="store_true", help="only redraw the section from docs/bench/export.json")
+    args = parser.parse_args()
+    if args.render:
+        publish(SECTION, render)
+        return
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        packed = packed_rows(folder)
+        print(markdown_table(packed, PACKED_COLUMNS), flush=True)
+        onnx = onnx_rows(folder)
+    data = {"packed": packed, "onnx": onnx}
+    if args.no_write:
+        print(render(SECTION, in_memory(data))[1])
+        return
+    save_results(SECTION, data)
+    publish(SECTION, render)
+    print(f"wrote {results_path(SECTION).relative_to(ROOT)} and section {SECTION!r} of docs/BENCHMARKS.md")
 
 
 if __name__ == "__main__":

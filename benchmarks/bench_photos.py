@@ -20,8 +20,9 @@ with ``nmrestore eval CKPT --hr-dir DIR``. A killed study continues where it sto
 and each fine-tune resume from their last checkpoints; finished rows are read from the committed row
 cache ``docs/bench/photos_x{scale}.rows.json`` and never retrained).
 
-Rows go to ``docs/bench/photos_x{scale}.json`` (committed) and are rendered into the
-``photos-x{scale}`` sections of docs/BENCHMARKS.md; ``--render`` redraws the sections from the JSON::
+Rows go to ``docs/bench/photos_x{scale}.json`` (committed) and the ``photos-x{scale}`` sections of
+docs/BENCHMARKS.md are rendered from it alone (:func:`render`); ``--render`` redraws the sections and
+plots from the JSON::
 
     .venv/bin/python benchmarks/bench_photos.py                  # x4 then x2 (about 2 hours, 2 cores)
     .venv/bin/python benchmarks/bench_photos.py --scale 4 --methods dense_ft,oneshot
@@ -31,7 +32,6 @@ Rows go to ``docs/bench/photos_x{scale}.json`` (committed) and are rendered into
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -40,14 +40,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _report import write_section  # noqa: E402
+from _report import load_results, publish, results_path  # noqa: E402
 from nmrestore.bench.config import BenchConfig  # noqa: E402
 from nmrestore.bench.harness import run_benchmark  # noqa: E402
 from nmrestore.bench.report import format_table, plot_psnr_macs, report_body, write_json  # noqa: E402
 from nmrestore.data.photos import obtain_photos  # noqa: E402
 
 DOCS = ROOT / "docs"
-RESULTS = DOCS / "bench"
+RESULTS = DOCS / "bench"  # also the row caches (photos_x{scale}.rows.json)
 
 #: The study's settings (the same for both scales): see the module docstring for why.
 STUDY: dict[str, Any] = {
@@ -126,31 +126,29 @@ def section_key(scale: int, quick: bool) -> str:
     return f"photos-x{scale}" + ("-quick" if quick else "")
 
 
-def render(json_path: Path, key: str) -> None:
-    """Write the docs/BENCHMARKS.md section ``key`` (and its plot) from the committed rows."""
-    payload = json.loads(json_path.read_text())
+def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
+    """Section ``key``'s title and body from its committed rows (and the SLS charts copied beside them)."""
     config = BenchConfig(**payload["config"])
     rows = payload["rows"]
-    plot = plot_psnr_macs(
-        rows, DOCS / f"bench_{key.replace('-', '_')}_psnr_macs.png", f"{config.model} (8 blocks) x{config.scale} on the photo set"
-    )
-    per_image = _per_image_table(rows)
     notes = [*payload.get("notes", []), *STUDY_NOTES, *SCALE_NOTES.get(config.scale, ())]
-    body = report_body(rows, config, notes, plot.name)
+    body = report_body(rows, config, notes, _plot_path(key).name)
     charts = sorted(DOCS.glob(f"bench_{key.replace('-', '_')}_sls_*_n_per_layer.png"))
     if charts:
         body += "\n\nSLS: N learned per layer (from the runs' `sls_n_per_layer.png`):\n\n" + "\n".join(
             f"![{c.stem}]({c.name})" for c in charts
         )
     title = f"Photo study x{config.scale}: every method against dense on 2K photographs"
-    write_section(
-        key,
-        title,
-        body + "\n\nPer test image (PSNR, dB):\n\n" + per_image,
-        command_line=payload.get("command"),
-        date=payload.get("date"),
-        machine_line=payload.get("machine"),
-    )
+    return title, body + "\n\nPer test image (PSNR, dB):\n\n" + _per_image_table(rows)
+
+
+def _plot_path(key: str) -> Path:
+    return DOCS / f"bench_{key.replace('-', '_')}_psnr_macs.png"
+
+
+def draw(key: str, payload: dict[str, Any]) -> None:
+    """The section's PSNR-against-MACs plot, from the same rows."""
+    config = BenchConfig(**payload["config"])
+    plot_psnr_macs(payload["rows"], _plot_path(key), f"{config.model} (8 blocks) x{config.scale} on the photo set")
 
 
 def _per_image_table(rows: list[dict[str, Any]]) -> str:
@@ -181,9 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     scales = args.scale or [4, 2]
     if args.render:
         for scale in scales:
-            path = RESULTS / f"photos_x{scale}.json"
-            if path.is_file():
-                render(path, section_key(scale, False))
+            key = section_key(scale, False)
+            if results_path(key).is_file():
+                draw(key, load_results(key))
+                publish(key, render)
         return 0
     obtain_photos(args.data)
     methods = tuple(args.methods.split(",")) if args.methods else None
@@ -196,12 +195,13 @@ def main(argv: list[str] | None = None) -> int:
         rows = run_benchmark(config, notes, echo=lambda line: print(line, file=sys.stderr, flush=True))
         print(format_table(rows), flush=True)
         key = section_key(scale, args.quick)
-        out = (RESULTS if not args.quick else args.work_dir) / f"{key.replace('-', '_')}.json"
+        out = results_path(key) if not args.quick else args.work_dir / f"{key.replace('-', '_')}.json"
         write_json(rows, out, config, notes, command="python " + " ".join(["benchmarks/bench_photos.py", *sys.argv[1:]]))
         if not args.quick:
             for chart in sorted(config.work_dir.glob("sls-*/sls_n_per_layer.png")):  # type: ignore[union-attr]
                 shutil.copyfile(chart, DOCS / f"bench_{key.replace('-', '_')}_{chart.parent.name}_n_per_layer.png")
-            render(out, key)
+            draw(key, load_results(key))
+            publish(key, render)
         print(f"rows written to {out}", flush=True)
     return 0
 

@@ -18,7 +18,8 @@ crop = scale; nothing is selected on the test images):
 (EDSR-baseline family, 8 blocks, global bicubic skip), validated on the valid split and scored on
 the test split with paired 95% intervals.
 
-Printed and written to the ``png`` section of ``docs/BENCHMARKS.md``: per task PSNR/SSIM against
+Printed, saved to ``docs/bench/png.json`` and rendered from it into the ``png`` section of
+``docs/BENCHMARKS.md`` (``--render`` redraws the section from the JSON): per task PSNR/SSIM against
 the dense model (target: within 0.1 dB), MACs at 720p and the prunable fraction (= N_t/M); the
 storage of the multi-task model measured on its packed form against T dense and T N:M models;
 the guaranteed worst-case storage of the same PNG setting at paper scale; and checks (earlier tasks
@@ -30,6 +31,7 @@ can go in two processes first, then a last call assembles the report)::
     .venv/bin/python benchmarks/bench_png.py --quick --no-write     # smoke test, ~3 minutes
     .venv/bin/python benchmarks/bench_png.py --only png              # the PNG schedule alone
     .venv/bin/python benchmarks/bench_png.py                         # baselines and report
+    .venv/bin/python benchmarks/bench_png.py --render                # redraw the section from the JSON
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -46,7 +49,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _report import markdown_table, write_section  # noqa: E402
+from _report import in_memory, markdown_table, publish, results_path, save_results  # noqa: E402
 from nmrestore.bench.config import BenchConfig, Row  # noqa: E402
 from nmrestore.bench.harness import run_benchmark  # noqa: E402
 from nmrestore.bench.png import (  # noqa: E402
@@ -193,8 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--timing-rounds", type=int, default=7)
     parser.add_argument("--json", type=Path, default=None, help="write rows, checks and storage as JSON")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/BENCHMARKS.md alone")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
+    parser.add_argument("--render", action="store_true", help="only redraw the section from docs/bench/png.json")
     args = parser.parse_args(argv)
+    if args.render:
+        publish(SECTION + ("-quick" if args.quick else ""), render)
+        return 0
     torch.set_num_threads(args.threads)
     settings = QUICK if args.quick else FULL
     config = bench_config(args, settings)
@@ -257,25 +264,65 @@ def main(argv: list[str] | None = None) -> int:
         ("3 separate dense models", storage.separate_dense_bytes),
         ("3 separate 4:8 models (packed)", storage.separate_nm_bytes),
     ]
-    storage_rows = [
-        {"what": what, "bytes": size, "x one dense": size / storage.one_dense_bytes} for what, size in parts
-    ]
-    bounds = paper_scale_bounds(png_config)
-    table = markdown_table([display_row(r) for r in rows], list(DISPLAY))
-    storage_table = markdown_table(storage_rows, ["what", "bytes", "x one dense"])
+    data = {
+        "quick": args.quick,
+        "settings": settings.model_dump(mode="json"),
+        "png": {
+            "m": png_config.m,
+            "ns": list(png_config.ns),
+            "max_grow": png_config.max_grow,
+            "union_bound": png_config.union_bound(),
+        },
+        "test_images": config.max_test_images,
+        "rows": rows,
+        "storage": {
+            "summary": summary,
+            "one_dense_bytes": storage.one_dense_bytes,
+            "union_fraction": storage.union_fraction,
+            "smallest_dense_bytes": min(t.dense_model_bytes for t in storage.tasks),
+            "task_bytes": storage.task_bytes,
+            "parts": [
+                {"what": what, "bytes": size, "x one dense": size / storage.one_dense_bytes} for what, size in parts
+            ],
+        },
+        "bounds": paper_scale_bounds(png_config),
+        "timing": {**timing, "rounds": args.timing_rounds},
+        "checks": [{"check": c, "ok": ok} for c, ok in checks],
+    }
+    key = SECTION + ("-quick" if args.quick else "")
+    payload = in_memory(data) if args.no_write else save_results(key, data)
+    print(render(key, payload)[1])
+    print(storage.table())
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(payload, indent=2, default=str))
+    if not args.no_write:
+        publish(key, render)
+        print(f"{results_path(key).relative_to(ROOT)} and section {key!r} of docs/BENCHMARKS.md written")
+    print(f"done in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
+    """The section from the saved rows and storage report (``docs/bench/png.json``)."""
+    settings, png, storage, timing = payload["settings"], payload["png"], payload["storage"], payload["timing"]
+    summary = storage["summary"]
+    table = markdown_table([display_row(r) for r in payload["rows"]], list(DISPLAY))
+    storage_table = markdown_table(storage["parts"], ["what", "bytes", "x one dense"])
     bound_table = markdown_table(
-        bounds, ["model", "one dense (MB)", "PNG worst case (MB)", "x one dense (mean)", "x smallest dense"]
+        payload["bounds"], ["model", "one dense (MB)", "PNG worst case (MB)", "x one dense (mean)", "x smallest dense"]
     )
-    check_lines = "\n".join(f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok in checks)
+    check_lines = "\n".join(f"- {'PASS' if c['ok'] else 'FAIL'}: {c['check']}" for c in payload["checks"])
+    test_images = "all" if payload["test_images"] is None else payload["test_images"]
     body = f"""
 Setup: PNG on `edsr_small_multiscale` (edsr_small's trunk, 4 blocks x 32 channels, shared by x2/x3/x4;
-one upsampler per task), M = {png_config.m}, N = {"/".join(map(str, png_config.ns))} (x2/x3/x4), max_grow = {png_config.max_grow}
-(a later task claims at most {png_config.max_grow} free position per group of {png_config.m}, so the union of kept shared
-positions is at most {png_config.union_bound()}/{png_config.m} of the shared weights whatever training does). Steps: x2
-{settings.dense} dense + {settings.finetune} fine-tune after the prune; x3 and x4 {settings.grow} grow + {settings.finetune}
+one upsampler per task), M = {png["m"]}, N = {"/".join(map(str, png["ns"]))} (x2/x3/x4), max_grow = {png["max_grow"]}
+(a later task claims at most {png["max_grow"]} free position per group of {png["m"]}, so the union of kept shared
+positions is at most {png["union_bound"]}/{png["m"]} of the shared weights whatever training does). Steps: x2
+{settings["dense"]} dense + {settings["finetune"]} fine-tune after the prune; x3 and x4 {settings["grow"]} grow + {settings["finetune"]}
 fine-tune; lr 5e-4 (fine-tune 1e-4), batch 16, LR patch 32, L1. Dense: one single-task `edsr_small` per scale,
 trained from scratch with the same number of steps for that task (the harness's dense recipe: lr 5e-4, milestones
-0.6/0.85). Scored on {"all" if config.max_test_images is None else config.max_test_images} built-in test
+0.6/0.85). Scored on {test_images} built-in test
 images, Y PSNR/SSIM, crop = scale; the last checkpoints are used (nothing selected on test images). MACs for a
 1280x720 output; "prunable %" = effective / dense MACs of the layers the task runs under N:M.
 
@@ -283,43 +330,30 @@ images, Y PSNR/SSIM, crop = scale; the last checkpoints are used (nothing select
 
 Storage (fp32 values; masks as bitmaps or packed in-group indices, whichever is smaller; measured on the packed
 form that `unpack_png_` restores bit-exactly; "one dense model" = the mean of the three single-task dense models,
-{storage.one_dense_bytes:,.0f} B; union of kept shared positions: {storage.union_fraction:.1%}):
+{storage["one_dense_bytes"]:,.0f} B; union of kept shared positions: {storage["union_fraction"]:.1%}):
 
 {storage_table}
 
-Against the *smallest* single-task model (x2, {min(t.dense_model_bytes for t in storage.tasks):,} B) PNG is
+Against the *smallest* single-task model (x2, {storage["smallest_dense_bytes"]:,} B) PNG is
 {summary["png_vs_smallest_dense"]:.3f}x. At this CPU size the three upsamplers dominate: edsr_small's trunk is 9 convs
 of 32x32x3x3, the x2+x3+x4 upsamplers weigh as much as 21 of them, so the task layers alone (4:8 packed) are
-{storage.task_bytes / storage.one_dense_bytes:.2f}x one dense model. With EDSR-baseline's 16-block trunk (33 such
+{storage["task_bytes"] / storage["one_dense_bytes"]:.2f}x one dense model. With EDSR-baseline's 16-block trunk (33 such
 convs) the same setting is bounded by 1.055x the x2 model whatever training does (below).
 
-Worst case of the same setting (M = {png_config.m}, N = 4/4/4, max_grow = {png_config.max_grow}) at paper scale, from shapes
+Worst case of the same setting (M = {png["m"]}, N = 4/4/4, max_grow = {png["max_grow"]}) at paper scale, from shapes
 alone (holds for any training; "smallest" = the x2 model):
 
 {bound_table}
 
 Training-step time, task x3 with the earlier tasks' positions frozen (hook + restore after each step) vs the dense
-x3 model, same batch, interleaved (median of {args.timing_rounds}): dense {timing["dense_ms"]:.0f} ms, PNG
+x3 model, same batch, interleaved (median of {timing["rounds"]}): dense {timing["dense_ms"]:.0f} ms, PNG
 {timing["png_ms"]:.0f} ms ({timing["ratio"]:.2f}x).
 
 Checks:
 
 {check_lines}
 """
-    print(body)
-    print(storage.table())
-    if args.json is not None:
-        payload = {"rows": rows, "checks": [{"check": c, "ok": ok} for c, ok in checks], "storage": summary}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(payload, indent=2, default=str))
-    if not args.no_write:
-        write_section(
-            SECTION + ("-quick" if args.quick else ""), TITLE + (" (quick)" if args.quick else ""), body
-        )
-        print("section written to docs/BENCHMARKS.md")
-    print(f"done in {time.perf_counter() - started:.0f} s")
-    return 0
-
+    return TITLE + (" (quick)" if payload["quick"] else ""), body
 
 if __name__ == "__main__":
     sys.exit(main())

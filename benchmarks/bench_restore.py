@@ -13,13 +13,15 @@ harness (:func:`nmrestore.bench.run_benchmark`) with ``BenchConfig.task`` set:
 
 Every method is fine-tuned from the same cached dense model for the same number of steps; metrics
 are RGB PSNR/SSIM without border crop; MACs for a 1280x720 input. The table goes to stdout and to
-the ``restore`` section of docs/BENCHMARKS.md (with a prose comparison to the paper's relations),
-the plots to docs/bench_restore_{deblur,denoise}_psnr_macs.png.
+``docs/bench/restore.json``, from which the ``restore`` section of docs/BENCHMARKS.md (with a prose
+comparison to the paper's relations) and the plots docs/bench_restore_{deblur,denoise}_psnr_macs.png
+are drawn.
 
 Run from the repository root::
 
     .venv/bin/python benchmarks/bench_restore.py            # about 15-25 minutes on 2 cores, 1 thread
     .venv/bin/python benchmarks/bench_restore.py --quick    # smoke run, a few minutes
+    .venv/bin/python benchmarks/bench_restore.py --render   # redraw section and plots from the JSON
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _report import write_section  # noqa: E402
+from _report import in_memory, load_results, publish, results_path, save_results  # noqa: E402
 from nmrestore.bench.config import BenchConfig, Row  # noqa: E402
 from nmrestore.bench.harness import check_rows, run_benchmark  # noqa: E402
 from nmrestore.bench.report import (  # noqa: E402
@@ -239,22 +241,34 @@ def comparison(deblur: list[Row], denoise: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def section_body(
-    configs_used: dict[str, BenchConfig], results: dict[str, list[Row]], notes: list[str], seconds: float
-) -> str:
+def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
+    """The section from the saved rows (``docs/bench/restore.json``)."""
+    results = {task: part["rows"] for task, part in payload["tasks"].items()}
     parts = []
     for task, rows in results.items():
-        config = configs_used[task]
+        config = BenchConfig(**payload["tasks"][task]["config"])
         parts += [f"### {task}", "", describe(config), "", markdown_table(rows), ""]
         checks = check_rows(rows)
         if checks:
             parts += ["Checks:", ""] + [f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok in checks] + [""]
-        parts += [f"![PSNR against MACs, {task}](bench_restore_{task}_psnr_macs.png)", ""]
+        parts += [f"![PSNR against MACs, {task}]({_plot_path(task).name})", ""]
     parts += [comparison(results.get("deblur", []), results.get("denoise", [])), ""]
+    notes = payload["notes"]
     if notes:
         parts += ["Notes:", ""] + [f"- {note}" for note in dict.fromkeys(notes)] + [""]
-    parts.append(f"Wall time of the whole script: {seconds / 60:.1f} min.")
-    return "\n".join(parts)
+    parts.append(f"Wall time of the whole script: {payload['seconds'] / 60:.1f} min.")
+    title = "Deblurring and denoising: N:M methods against dense" + (" (quick)" if payload["quick"] else "")
+    return title, "\n".join(parts)
+
+
+def _plot_path(task: str) -> Path:
+    return DOCS / f"bench_restore_{task}_psnr_macs.png"
+
+
+def draw(payload: dict[str, Any]) -> None:
+    """The PSNR-against-MACs plot of each task, from the same rows."""
+    for task, part in payload["tasks"].items():
+        plot_psnr_macs(part["rows"], _plot_path(task), plot_title(BenchConfig(**part["config"])))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,12 +276,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke-sized run")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--only", choices=["deblur", "denoise"], default=None)
-    parser.add_argument("--json", type=Path, default=None, help="write the rows as JSON (one file per task)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON (one file per task)")
     parser.add_argument(
         "--work-dir", type=Path, default=ROOT / "runs" / "bench-restore", help="fine-tune runs"
     )
     parser.add_argument("--no-write", action="store_true", help="do not touch docs/")
+    parser.add_argument("--render", action="store_true", help="only redraw the section from docs/bench/restore.json")
     args = parser.parse_args(argv)
+    key = SECTION + ("-quick" if args.quick else "")
+    if args.render:
+        draw(load_results(key))
+        publish(key, render)
+        return 0
 
     started = time.perf_counter()
     chosen = configs(args.quick, args.threads)
@@ -285,16 +305,20 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - started
     for note in dict.fromkeys(notes):
         print(f"note: {note}")
-    print()
-    print(comparison(results.get("deblur", []), results.get("denoise", [])))
-    print(f"\nwall time {seconds / 60:.1f} min")
+    data = {
+        "quick": args.quick,
+        "tasks": {
+            task: {"config": chosen[task].model_dump(mode="json"), "rows": rows} for task, rows in results.items()
+        },
+        "notes": notes,
+        "seconds": seconds,
+    }
+    payload = in_memory(data) if args.no_write else save_results(key, data)
+    print(f"\n{render(key, payload)[1]}")
     if not args.no_write:
-        for task, rows in results.items():
-            plot_psnr_macs(rows, DOCS / f"bench_restore_{task}_psnr_macs.png", plot_title(chosen[task]))
-        title = "Deblurring and denoising: N:M methods against dense" + (" (quick)" if args.quick else "")
-        key = SECTION + ("-quick" if args.quick else "")
-        write_section(key, title, section_body(chosen, results, notes, seconds))
-        print(f"docs/BENCHMARKS.md section {key!r} written")
+        draw(payload)
+        publish(key, render)
+        print(f"{results_path(key).relative_to(ROOT)} and docs/BENCHMARKS.md section {key!r} written")
     return 0
 
 

@@ -28,7 +28,9 @@ back to back, so a slow phase of the machine hits both); the ms columns are the 
 
 Run from the repository root::
 
-    .venv/bin/python benchmarks/bench_speed.py            # rewrites section "speed"
+    .venv/bin/python benchmarks/bench_speed.py            # docs/bench/speed.json + section "speed"
+    .venv/bin/python benchmarks/bench_speed.py --profile-only --repeats 3   # section "speed_profile"
+    .venv/bin/python benchmarks/bench_speed.py --render   # redraw "speed" from the JSON (no timing)
     .venv/bin/python benchmarks/bench_speed.py --quick --no-write
     .venv/bin/python benchmarks/bench_speed.py --quick --no-write --vs all
 
@@ -46,6 +48,7 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,7 +56,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _report import markdown_table, write_section  # noqa: E402
+from _report import in_memory, markdown_table, publish, results_path, save_results  # noqa: E402
 from nmrestore.errors import NMRestoreError  # noqa: E402
 from nmrestore.export.peers import available_peers, open_peers, parse_peers, peer_rows  # noqa: E402
 from nmrestore.models import create_model  # noqa: E402
@@ -317,7 +320,13 @@ def main() -> None:
     parser.add_argument(
         "--vs", default=None, help="peer runtimes for the uniform rows: onnxruntime,openvino or all (installed ones)"
     )
+    parser.add_argument(
+        "--render", action="store_true", help="only redraw the section (speed, or speed_profile) from its JSON"
+    )
     args = parser.parse_args()
+    if args.render:
+        publish("speed_profile" if args.profile_only else SECTION, render)
+        return
     try:
         peer_names, peer_notes = available_peers(*parse_peers(args.vs))  # a missing named peer: stop now
     except NMRestoreError as exc:
@@ -390,11 +399,55 @@ def main() -> None:
         threads = torch.get_num_threads()
     wall = time.perf_counter() - started
 
-    table = markdown_table(
-        rows, ["model", "N:M", "dense ms", "sparse ms", "speed-up", "layers on kernel", "max abs diff"]
-    )
-    profile_cols = ["part", "dense ms", "4:32 engine ms", "2:32 engine ms"]
-    profile_table = markdown_table(profile, profile_cols)
+    features = None
+    if peer_table_rows:
+        from nmrestore.runtime.cpu_features import cpu_features, describe_features
+
+        features = describe_features(cpu_features())
+    data = {
+        "size": list(size),
+        "threads": threads,
+        "warmup": WARMUP,
+        "repeats": args.repeats,
+        "kernel": status.summary(),
+        "wall_s": wall,
+        "rows": rows,
+        "peer_rows": peer_table_rows,
+        "peer_notes": peer_notes,
+        "cpu_features": features,
+        "sls": {
+            "budget": SLS_BUDGET,
+            "steps": SLS_STEPS,
+            "checkpoint": sls_report.model,
+            "fraction": fraction,
+            "layers": sls_text,
+        },
+        "profile": profile,
+        "classpruning": cp,
+    }
+    _finish(args, SECTION, data, render)
+
+
+def _finish(args: argparse.Namespace, key: str, data: dict[str, Any], renderer: Any) -> None:
+    """Print the section; save its JSON and publish it unless ``--no-write`` or ``--quick``."""
+    write = not args.no_write and not args.quick
+    payload = save_results(key, data) if write else in_memory(data)
+    print(renderer(key, payload)[1])
+    if write:
+        publish(key, renderer)
+        print(f"{results_path(key).relative_to(ROOT)} and section {key!r} of docs/BENCHMARKS.md written")
+
+
+UNIFORM_COLUMNS = ["model", "N:M", "dense ms", "sparse ms", "speed-up", "layers on kernel", "max abs diff"]
+PROFILE_COLUMNS = ["part", "dense ms", "4:32 engine ms", "2:32 engine ms"]
+PEER_COLUMNS = ["model", "N:M", "runtime", "precision", "ms", "vs PyTorch", "sparse engine vs it", "max abs diff"]
+
+
+def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
+    """Section "speed" from the saved timings (``docs/bench/speed.json``)."""
+    if key == "speed_profile":
+        return render_profile(key, payload)
+    cp, sls = payload["classpruning"], payload["sls"]
     cp_table = markdown_table(
         [
             {"run": "dense model, whole image", "ms": cp["whole_ms"], "vs whole-image dense": 1.0},
@@ -412,50 +465,59 @@ def main() -> None:
         ["run", "ms", "vs whole-image dense"],
     )
     peers_text = ""
-    if peer_table_rows:
-        from nmrestore.runtime.cpu_features import cpu_features, describe_features
-
-        peer_cols = ["model", "N:M", "runtime", "precision", "ms", "vs PyTorch", "sparse engine vs it", "max abs diff"]
+    if payload["peer_rows"]:
         peers_text = (
             "\n**Against the runtimes a user would deploy with** (same model, input, threads and interleaved\n"
             "rounds; the peers run the dense-with-zeros ONNX export; speed-ups are medians of per-round ratios;\n"
-            f"max abs diff against PyTorch f32 on the same input; {describe_features(cpu_features())}):\n\n"
-            + markdown_table(peer_table_rows, peer_cols)
-            + "".join(f"\n\nNote: {note}" for note in peer_notes)
+            f"max abs diff against PyTorch f32 on the same input; {payload['cpu_features']}):\n\n"
+            + markdown_table(payload["peer_rows"], PEER_COLUMNS)
+            + "".join(f"\n\nNote: {note}" for note in payload["peer_notes"])
             + "\n"
         )
-    h, w = size
+    route_layers = ", ".join(f"route {route}: {choices}" for route, choices in cp["route_layers"].items())
+    h, w = payload["size"]
     body = f"""
-Input {w}x{h} LR, {threads} threads, {WARMUP} warm-up forwards then {args.repeats} interleaved rounds per model
+Input {w}x{h} LR, {payload["threads"]} threads, {payload["warmup"]} warm-up forwards then {payload["repeats"]} interleaved rounds per model
 in one process; speed-up = median of the per-round dense/sparse ratios, ms = medians;
-{status.summary()}. Wall time of the whole benchmark: {wall:.0f} s.
+{payload["kernel"]}. Wall time of the whole benchmark: {payload["wall_s"]:.0f} s.
 The dense reference is PyTorch's own CPU conv (oneDNN) on the squashed model; "layers on kernel" counts
 the layer/route/shape choices that went to the sparse kernel (the rest stayed dense because dense timed
 faster); "max abs diff" is between the two models' outputs.
 
-{table}
+{markdown_table(payload["rows"], UNIFORM_COLUMNS)}
 {peers_text}
-SLS row: a real SLS search (method `sls`, M = 32, budget {SLS_BUDGET:g} of the prunable MACs,
-{SLS_STEPS} steps from scratch on the built-in photos, 1 thread; checkpoint {sls_report.model}), timed as
-`nmrestore speed edsr_baseline --scale 2 --checkpoint C`. Learned: {fraction:.1%} of the prunable MACs;
-{sls_text}.
+SLS row: a real SLS search (method `sls`, M = 32, budget {sls["budget"]:g} of the prunable MACs,
+{sls["steps"]} steps from scratch on the built-in photos, 1 thread; checkpoint {sls["checkpoint"]}), timed as
+`nmrestore speed edsr_baseline --scale 2 --checkpoint C`. Learned: {sls["fraction"]:.1%} of the prunable MACs;
+{sls["layers"]}.
 
-**Where the time goes** (EDSR-baseline x2, one forward, median per module over {args.repeats} runs;
+**Where the time goes** (EDSR-baseline x2, one forward, median per module over {payload["repeats"]} runs;
 module hooks add a little overhead, so parts do not add up exactly to the end-to-end figures above):
 
-{profile_table}
+{markdown_table(payload["profile"], PROFILE_COLUMNS)}
 
 **ClassPruning** (EDSR-baseline x2, routes 8/16/32 of 32, untrained classifier calibrated to
 {cp["macs_fraction"]:.0%} of the patches' dense MACs, route histogram {cp["histogram"]}, patches 32/28,
-batch 64): route layers on the kernel {cp["route_layers"]} (route: sparse/all choices); max abs diff
+batch 64): route layers on the kernel ({route_layers}; sparse/all choices); max abs diff
 between the two pipelines {cp["diff"]:.1e}.
 
 {cp_table}
 """
-    print(body)
-    if not args.no_write and not args.quick:
-        write_section(SECTION, TITLE, body)
+    return TITLE, body
 
+
+def render_profile(key: str, payload: dict[str, Any]) -> tuple[str, str]:
+    """Section "speed_profile" from the saved timings (``docs/bench/speed_profile.json``)."""
+    h, w = payload["size"]
+    body = f"""
+Where the time goes in EDSR-baseline x2 (magnitude masks on a fresh model), input {w}x{h} LR,
+{payload["threads"]} threads; median per module over {payload["repeats"]} forwards of each model (run one after the
+other, not interleaved; module hooks add a little overhead). Residual blocks are timed whole
+(2 convs, ReLU, skip sum), fused by the engine or not. {payload["kernel"]}. Wall time {payload["wall_s"]:.0f} s.
+
+{markdown_table(payload["profile"], PROFILE_COLUMNS)}
+"""
+    return "Speed: where the time goes (EDSR-baseline x2)", body
 
 def _profile_models(kwargs: dict[str, object], config: EngineConfig) -> dict[str, nn.Module]:
     base = _uniform("edsr_baseline", 2, "4:32", kwargs)
@@ -478,20 +540,15 @@ def _profile_only(
         x = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0))
         profile = _profile(_profile_models(kwargs, config), x, args.repeats)
         threads = torch.get_num_threads()
-    table = markdown_table(profile, ["part", "dense ms", "4:32 engine ms", "2:32 engine ms"])
-    h, w = size
-    body = f"""
-Where the time goes in EDSR-baseline x2 (magnitude masks on a fresh model), input {w}x{h} LR,
-{threads} threads; median per module over {args.repeats} forwards of each model (run one after the
-other, not interleaved; module hooks add a little overhead). Residual blocks are timed whole
-(2 convs, ReLU, skip sum), fused by the engine or not. {kernel}. Wall time {time.perf_counter() - started:.0f} s.
-
-{table}
-"""
-    print(body)
-    if not args.no_write and not args.quick:
-        write_section("speed_profile", "Speed: where the time goes (EDSR-baseline x2)", body)
-
+    data = {
+        "size": list(size),
+        "threads": threads,
+        "repeats": args.repeats,
+        "kernel": kernel,
+        "wall_s": time.perf_counter() - started,
+        "profile": profile,
+    }
+    _finish(args, "speed_profile", data, render)
 
 if __name__ == "__main__":
     main()

@@ -126,8 +126,9 @@ def bench_rows(context: BenchContext, budget: str | None, settings: dict[str, An
         test_y_channel=context.y_channel,
     )
     row = context.row("classpruning", "adaptive", model, result.final, timed=False)
-    row.update({k: v for k, v in adaptive_row.items() if k not in ("method", "budget")})
     row.update(per_image=None, tiles=None)  # result.final scored the validation strips, not the test photos
+    # the patch pipeline's scores on the test photos (per image too) replace them
+    row.update({k: v for k, v in adaptive_row.items() if k not in ("method", "budget")})
     patch = (config.patch_size, config.patch_size)
     degradation = recipe.task.degradation()
     data: SRTrainDataset | DegradedTrainDataset = (

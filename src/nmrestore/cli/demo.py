@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from nmrestore.data.builtin import load_builtin
 from nmrestore.data.datasets import SREvalDataset
 from nmrestore.data.io import to_uint8
 from nmrestore.engine.evaluate import bicubic_restorer, evaluate_fn, evaluate_model
+from nmrestore.engine.hooks import method_hooks
 from nmrestore.engine.runner import model_from_checkpoint, train
 from nmrestore.io_atomic import atomic_write_text
 from nmrestore.recipes.schema import Recipe, load_recipe
@@ -82,16 +84,18 @@ def run_demo(out: Path, quick: bool = False, show_progress: bool = True) -> Path
     rows.append({"method": "bicubic", "budget": "-", "psnr": bicubic.psnr, "ssim": bicubic.ssim, "macs_g": 0.0,
                  "macs_fraction": 0.0, "params_nonzero": 0, "packed_bytes": 0, "per_image": bicubic.per_image})
     models: dict[str, torch.nn.Module] = {}
+    restorers: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     dense_macs = None
     for label, budget, ckpt in runs:
-        model, _ = model_from_checkpoint(ckpt)
+        model, recipe = model_from_checkpoint(ckpt)
         model.eval()
         models[label] = model
-        if label == "classpruning":  # input-adaptive: scored through its patch pipeline, class maps saved
-            from nmrestore.methods.classpruning.program.evaluation import adaptive_report_row
-
-            cp_row, _ = adaptive_report_row(model, test_set, scale, float(dense_macs or 1), out / "class_maps")
-            rows.append({**cp_row, "checkpoint": str(ckpt)})
+        hooks = method_hooks(recipe.sparsity)
+        restorers[label] = hooks.restorer(model)
+        # a method scored its own way (ClassPruning: patch by patch, class maps saved)
+        own = hooks.report_row(model, test_set, scale, float(dense_macs or 1), out / "class_maps")
+        if own is not None:
+            rows.append({**own, "checkpoint": str(ckpt)})
             continue
         result = evaluate_model(model, test_set, scale, True, torch.device("cpu"))
         cost = count_cost(model).summary()
@@ -105,7 +109,7 @@ def run_demo(out: Path, quick: bool = False, show_progress: bool = True) -> Path
         })
 
     plot = plot_psnr_vs_macs(rows, out / "psnr_vs_macs.png", "edsr_small x2, built-in test photos")
-    pictures = _crops(out, test_set, models, scale)
+    pictures = _crops(out, test_set, restorers, scale)
     extra_md = []
     if "sls" in models:
         from nmrestore.methods.sls.report import plot_n_per_layer, sls_layer_table
@@ -121,8 +125,8 @@ def run_demo(out: Path, quick: bool = False, show_progress: bool = True) -> Path
             )
         )
 
-    if "classpruning" in models:
-        cp = next(r for r in rows if r["method"] == "classpruning")
+    if "classpruning" in models:  # the demo's own ClassPruning run: its routes and class maps
+        cp = {row["method"]: row for row in rows}["classpruning"]
         shares = ", ".join(f"route {k}: {n}" for k, n in enumerate(cp["route_histogram"]))
         extra_md.append(
             f"\n## ClassPruning: routes {cp['routes']} per 32x32 patch\n\nPatches per route ({shares}); average "
@@ -163,19 +167,16 @@ def run_demo(out: Path, quick: bool = False, show_progress: bool = True) -> Path
 
 
 @torch.no_grad()
-def _crops(out: Path, test_set: SREvalDataset, models: dict[str, torch.nn.Module], scale: int) -> list[Path]:
+def _crops(
+    out: Path, test_set: SREvalDataset, restorers: dict[str, Callable[[torch.Tensor], torch.Tensor]], scale: int
+) -> list[Path]:
     pictures = []
     for index in range(len(test_set)):
         sample = test_set[index]
         lq = sample["lq"].unsqueeze(0)  # type: ignore[union-attr]
         panels = [("bicubic", to_uint8(bicubic_restorer(scale)(lq)[0].clamp(0, 1)))]
-        for label, model in models.items():
-            if label == "classpruning":  # the adaptive model restores through its patch pipeline
-                from nmrestore.methods.classpruning.pipeline import AdaptivePipeline
-
-                panels.append((label, to_uint8(AdaptivePipeline(model).restore(lq)[0].clamp(0, 1))))
-                continue
-            panels.append((label, to_uint8(model(lq)[0].clamp(0, 1))))
+        for label, restore in restorers.items():  # (an adaptive model restores patch by patch)
+            panels.append((label, to_uint8(restore(lq)[0].clamp(0, 1))))
         panels.append(("ground truth", to_uint8(sample["gt"])))  # type: ignore[arg-type]
         pictures.append(side_by_side(panels, out / f"crops_{sample['name']}.png"))
     return pictures

@@ -11,6 +11,7 @@ import torch
 from nmrestore.cost import count_cost
 from nmrestore.data.io import read_image, to_tensor, write_image
 from nmrestore.engine.evaluate import evaluate_model, progress_over, resolve_device
+from nmrestore.engine.hooks import hooks_for_method, method_hooks
 from nmrestore.engine.loading import load_any
 from nmrestore.engine.runner import build_eval_dataset, model_from_checkpoint
 from nmrestore.errors import CheckpointError, DatasetError, NMRestoreError
@@ -44,15 +45,11 @@ def evaluate_checkpoint(
     target = _device(device, sparse_engine)
     ckpt = load_any(checkpoint)  # a training or a packed checkpoint
     model, recipe = model_from_checkpoint(ckpt, allow_large=allow_large)
+    hooks = method_hooks(recipe.sparsity)
     model_scale = recipe.model.scale
-    task_spec = recipe.task
-    if task is not None:  # a multi-task (PNG) model: score this task
-        from nmrestore.methods.png.tasks import activate_task
-
-        model_scale = activate_task(model, task)
-        task_spec = recipe.task.for_png_task(task)  # denoising: the task's own noise level
-    elif recipe.task.kind == "denoise" and recipe.sparsity is not None and recipe.sparsity.method == "png":
-        task_spec = recipe.task.for_png_task(_active_png_task(model))
+    if task is not None:  # a multi-task model (PNG): score this task
+        model_scale = hooks.activate_task(model, task)
+    task_spec = hooks.eval_task(model, recipe.task, task)
     if scale is not None and scale != model_scale:
         raise CheckpointError(f"{ckpt.path} is a x{model_scale} model; --scale {scale} does not match")
     if hr_dir is None:
@@ -64,11 +61,9 @@ def evaluate_checkpoint(
     dataset = build_eval_dataset(source, model_scale, task_spec)
     crop = recipe.eval.crop_border if recipe.eval.crop_border is not None else model_scale
     engine = _engine(model) if sparse_engine else None
-    if recipe.sparsity is not None and recipe.sparsity.method == "classpruning":
-        from nmrestore.methods.classpruning.program.evaluation import adaptive_eval_payload
-
-        payload = adaptive_eval_payload(ckpt, model, recipe, dataset, crop, class_map_dir, engine=engine)
-        return _with_engine(payload, engine)
+    own = hooks.evaluate(ckpt, model, recipe, dataset, crop, class_map_dir, engine)
+    if own is not None:  # the method scores its own way (ClassPruning: patch by patch)
+        return _with_engine(own, engine)
     runner = model if engine is None else engine.to(target)
     result = evaluate_model(runner, dataset, crop, recipe.eval.test_y_channel, target, progress=progress)
     runner.to("cpu")  # the cost is counted on the CPU
@@ -88,21 +83,7 @@ def evaluate_checkpoint(
             for name, _, mask in nm_layers(model)
         ],
     }
-    if recipe.sparsity is not None and recipe.sparsity.method == "sls":
-        from nmrestore.methods.sls.report import achieved_budget, format_sls_table, sls_layer_table
-
-        rows = sls_layer_table(model, cost)
-        payload["sls_layers"] = rows
-        payload["sls_achieved_budget"] = achieved_budget(model, recipe.sparsity)  # type: ignore[arg-type]
-        payload["extra_lines"] = [
-            format_sls_table(rows),
-            f"SLS budget ({recipe.sparsity.budget_kind}): achieved {payload['sls_achieved_budget']:.4f}"  # type: ignore[attr-defined]
-            f" <= {recipe.sparsity.budget:.4f}",  # type: ignore[attr-defined]
-        ]
-    if recipe.sparsity is not None and recipe.sparsity.method == "png":
-        from nmrestore.methods.png.storage import png_eval_extras
-
-        payload.update(png_eval_extras(model, cost))
+    payload.update(hooks.eval_extras(model, recipe, cost))
     return _with_engine(payload, engine)
 
 
@@ -142,17 +123,6 @@ def _with_engine(payload: dict[str, Any], engine: torch.nn.Module | None) -> dic
     else:
         lines.append(f"sparse engine: {used} layer(s) on the sparse kernel, the rest dense PyTorch")
     return payload
-
-
-def _active_png_task(model: torch.nn.Module) -> str:
-    """Name of the task a PNG model runs now (its masks' route)."""
-    from nmrestore.methods.png.tasks import active_route
-
-    names = tuple(getattr(model, "png_tasks", ()))
-    route = active_route(model)
-    if not names or route >= len(names):
-        raise CheckpointError("this PNG checkpoint does not name its tasks; pass --task")
-    return names[route]
 
 
 def _task_label(task: TaskSpec) -> str:
@@ -253,18 +223,17 @@ def infer_images(
         raise NMRestoreError(f"--tile must be 0 (no tiling) or a positive LR size, got {tile}")
     target = _device(device, sparse_engine)
     ckpt = load_any(checkpoint)
-    sparsity = ckpt.meta.get("sparsity")
-    method = sparsity.get("method") if isinstance(sparsity, dict) else None
+    sparsity = ckpt.meta.get("sparsity")  # the method, before any model is built
+    hooks = hooks_for_method(sparsity.get("method") if isinstance(sparsity, dict) else None)
     if adaptive is None:
-        adaptive = method == "classpruning"
+        adaptive = hooks.adaptive_by_default
     plans = plan_outputs(inputs, out, adaptive)
     model, recipe = model_from_checkpoint(ckpt, allow_large=allow_large)
     model.eval()
+    hooks = method_hooks(recipe.sparsity)
     scale = recipe.model.scale
-    if task is not None:  # a multi-task (PNG) model: run this task
-        from nmrestore.methods.png.tasks import activate_task
-
-        scale = activate_task(model, task)
+    if task is not None:  # a multi-task model (PNG): run this task
+        scale = hooks.activate_task(model, task)
     for path in inputs:  # header sizes first: refuse a huge output before decoding anything
         size = _image_size(path)
         if size is not None:
@@ -272,9 +241,7 @@ def infer_images(
     images = [(path, read_image(path)) for path in inputs]  # read all first: fail before writing
     engine = _engine(model) if sparse_engine else None
     if adaptive:
-        from nmrestore.methods.classpruning.program.evaluation import infer_adaptive
-
-        return infer_adaptive(model, recipe, images, out, patch_size, stride, engine=engine)
+        return hooks.infer_adaptive(model, recipe, images, out, patch_size, stride, engine)
     runner = (model if engine is None else engine).to(target)
     side = default_tile(scale) if tile is None else -(-tile // ALIGN) * ALIGN
     overlap: int | None = None

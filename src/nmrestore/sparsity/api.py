@@ -68,6 +68,9 @@ class NMConfig(BaseModel):
     #: runs instead of the plain Trainer loop (None: the plain loop). A dotted path rather than the
     #: function, so a method's core never imports its program (which imports the engine).
     training_program: ClassVar[str | None] = None
+    #: ``"module:Class"`` of the method's eval/infer hooks (``nmrestore.engine.hooks.MethodHooks``
+    #: subclass; None: the plain model's behaviour), named for the same reason.
+    eval_hooks: ClassVar[str | None] = None
 
     @model_validator(mode="after")
     def _ns_within_m(self) -> NMConfig:

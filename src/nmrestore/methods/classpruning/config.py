@@ -38,6 +38,7 @@ class ClassPruningConfig(NMConfig):
 
     method: Literal["classpruning"] = "classpruning"  # type: ignore[assignment]
     training_program: ClassVar[str | None] = "nmrestore.methods.classpruning.program.stages:train_adaptive"
+    eval_hooks: ClassVar[str | None] = "nmrestore.methods.classpruning.program.hooks:ClassPruningHooks"
     m: int = Field(32, ge=2, le=255)
     routes: tuple[int, ...] | None = (8, 16, 32)
     grad_mode: GradMode = GradMode.HARD

@@ -48,6 +48,7 @@ class PNGConfig(NMConfig):
 
     method: Literal["png"] = "png"  # type: ignore[assignment]
     training_program: ClassVar[str | None] = "nmrestore.methods.png.program:train_png"
+    eval_hooks: ClassVar[str | None] = "nmrestore.methods.png.program:PNGHooks"
     m: int = Field(8, ge=2, le=255)
     ns: tuple[int, ...] = (4, 4, 4)
     tasks: tuple[str, ...] | None = None

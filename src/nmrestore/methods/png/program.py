@@ -31,10 +31,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from nmrestore.cost import CostReport
 from nmrestore.data.loader import build_train_loader
 from nmrestore.engine.checkpoint import Checkpoint, load_checkpoint, load_model_state, save_checkpoint
 from nmrestore.engine.distributed import DistInfo, barrier, distributed_run
 from nmrestore.engine.evaluate import EvalResult, evaluate_model
+from nmrestore.engine.hooks import MethodHooks
 from nmrestore.engine.runner import (
     RunResult,
     apply_sparsity,
@@ -51,10 +53,10 @@ from nmrestore.errors import CheckpointError, RecipeError, SparsityError
 from nmrestore.io_atomic import atomic_write_bytes, atomic_write_text
 from nmrestore.methods.png.config import Phase, PNGConfig
 from nmrestore.methods.png.controller import PNGController
-from nmrestore.methods.png.storage import PNGStorage, png_storage
-from nmrestore.methods.png.tasks import png_layer_table, select_task
+from nmrestore.methods.png.storage import PNGStorage, png_eval_extras, png_storage
+from nmrestore.methods.png.tasks import activate_task, active_route, png_layer_table, select_task
 from nmrestore.models.multitask import MultiTaskSR, load_single_task_state
-from nmrestore.recipes.schema import DataSource, Recipe, TrainSpec
+from nmrestore.recipes.schema import DataSource, Recipe, TaskSpec, TrainSpec
 from nmrestore.sparsity.api import (
     SparsifyReport,
     squash_,
@@ -436,3 +438,27 @@ def _finish(
 def has_png_progress(run_dir: str | Path) -> bool:
     """True when ``run_dir`` holds (part of) a PNG run."""
     return (Path(run_dir) / "phases").is_dir()
+
+
+class PNGHooks(MethodHooks):
+    """``--task`` switches task layers and masks; a denoising task is scored at its own noise level."""
+
+    def activate_task(self, model: nn.Module, task: str) -> int:
+        return activate_task(model, task)
+
+    def eval_task(self, model: nn.Module, spec: TaskSpec, task: str | None) -> TaskSpec:
+        if spec.kind != "denoise":
+            return spec
+        return spec.for_png_task(task if task is not None else _active_task_name(model))
+
+    def eval_extras(self, model: nn.Module, recipe: Recipe, cost: CostReport) -> dict[str, Any]:
+        return png_eval_extras(model, cost)
+
+
+def _active_task_name(model: nn.Module) -> str:
+    """Name of the task a PNG model runs now (its masks' route)."""
+    names = tuple(getattr(model, "png_tasks", ()))
+    route = active_route(model)
+    if not names or route >= len(names):
+        raise CheckpointError("this PNG checkpoint does not name its tasks; pass --task")
+    return names[route]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -63,6 +63,7 @@ class SLSConfig(NMConfig):
     """
 
     method: Literal["sls"] = "sls"  # type: ignore[assignment]
+    eval_hooks: ClassVar[str | None] = "nmrestore.methods.sls.program:SLSHooks"
     m: int = Field(32, ge=2, le=255)
     grad_mode: GradMode = GradMode.HARD
     budget: float = Field(0.25, gt=0, le=1)
