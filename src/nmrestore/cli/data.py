@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from nmrestore.cli.errors import clean_errors
+
 data_app = typer.Typer(help="Obtain data sets (the 2K photo set from Debian's mate-backgrounds).", no_args_is_help=True)
 
 
@@ -23,7 +25,6 @@ def photos(
     mate-backgrounds` (no root, nothing installed) or read from --deb FILE or the installed package.
     A second run on a complete folder does nothing.
     """
-    from nmrestore.cli.main import clean_errors
     from nmrestore.data.photos import obtain_photos
 
     result = clean_errors(obtain_photos)(out, deb)
