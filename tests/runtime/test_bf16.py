@@ -257,7 +257,14 @@ def test_forced_tactics_at_bf16_and_the_fused_block_hand_off() -> None:
     with torch.no_grad():
         engine(x), engine(x)
         assert conv1.bf16_sole and conv1.bf16_pad == (1, 1)
-        assert conv1(torch.rand(1, 32, 10, 70)).dtype == torch.bfloat16  # a bf16-only hand-off now
+        h = conv1(torch.rand(1, 32, 10, 70))
+        assert h.dtype == torch.bfloat16 and handoff_layout(h) is not None  # a bf16-only hand-off now
+    engine = compile_sparse(model, EngineConfig(precision="bf16", tactic="dense"))
+    conv1 = engine.body[0].head[0]  # type: ignore[index]
+    with torch.no_grad():
+        engine(x), engine(x)
+        h = conv1(torch.rand(1, 32, 10, 70))
+    assert conv1.bf16_cl_out and h.dtype == torch.bfloat16 and h.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_f32_engines_keep_the_old_cache_format_readable(tmp_path: Path) -> None:

@@ -45,12 +45,20 @@ PRODUCER_ATTR = "_nmk_producer"
 
 
 def _epilogue(y: Tensor, relu: bool, residual: Tensor | None, scale: float, post_relu: bool) -> Tensor:
-    """``post(scale * pre(y) + residual)``: pre = ReLU when ``relu``, post = ReLU when ``post_relu``."""
+    """``post(scale * pre(y) + residual)``: pre = ReLU when ``relu``, post = ReLU when ``post_relu``.
+
+    ``y`` is the layer's own fresh output, so this works in place on it (each new activation
+    tensor is tens of MB of fresh pages), except where autograd records the ops."""
+    y = y.float() if y.dtype == torch.bfloat16 else y
+    inplace = not (torch.is_grad_enabled() and y.requires_grad)
     if relu:
-        y = F.relu(y)
+        y = F.relu(y, inplace=inplace)
     if residual is not None:
-        y = torch.add(residual, y, alpha=scale)
-    return F.relu(y) if post_relu else y
+        if inplace and residual.dtype == y.dtype and residual.shape == y.shape:
+            y = (y.mul_(scale) if scale != 1.0 else y).add_(residual)
+        else:
+            y = torch.add(residual, y, alpha=scale)
+    return F.relu(y, inplace=inplace) if post_relu else y
 
 
 @dataclass
@@ -120,6 +128,9 @@ class LayerDecision:
 Extra = tuple["Tensor | None", float, bool]  # (residual, scale, post_relu) of a fused epilogue
 #: The tactics a layer chooses among: PyTorch or the sparse kernel, each in f32 or bf16.
 TACTICS = ("dense", "dense_bf16", "sparse", "sparse_bf16")
+#: The input form each tactic asks its producer for: an f32 or a bf16 hand-off view (padded
+#: (row, channel, column) layout), or bf16 channels-last (oneDNN's layout).
+WANTS = {"sparse": "f32", "sparse_bf16": "bf16", "dense_bf16": "bf16_cl"}
 
 
 @dataclass
@@ -243,16 +254,13 @@ class SparseLayer(nn.Module):
         return self._run_tactic(choice, x, rw, extra)
 
     def _run_tactic(self, choice: str, x: Tensor, rw: RouteWeights, extra: Extra) -> Tensor:
-        if choice == "sparse" or choice == "sparse_bf16":
-            bf16 = choice == "sparse_bf16"
-            self._ask_producer(x, bf16)
-            return self._sparse(x, rw, *extra, bf16=bf16)
-        if choice == "dense_bf16":
-            return self._dense_bf16(x, rw, *extra)
-        return self._dense(x, rw, *extra)
+        if choice != "dense":
+            self._ask_producer(x, WANTS[choice])
+        return self._run_tactic_plain(choice, x, rw, extra)
 
-    def _ask_producer(self, x: Tensor, bf16: bool = False) -> None:
-        """Hook for the hand-off: a sparse conv asks the conv that wrote ``x`` for its padding."""
+    def _ask_producer(self, x: Tensor, want: str = "f32") -> None:
+        """Hook for the hand-off: a conv asks the conv that wrote ``x`` for the input form it reads
+        fastest (``WANTS``)."""
 
     def _record(
         self,
@@ -309,8 +317,8 @@ class SparseLayer(nn.Module):
         choice = min(times, key=times.__getitem__)
         state.store_times(signature, times)
         self._record(key, rw, choice, "timed", times)
-        if choice.startswith("sparse"):
-            self._ask_producer(x, choice == "sparse_bf16")
+        if choice != "dense":
+            self._ask_producer(x, WANTS[choice])
         return outputs[choice]  # the chosen tactic's output: later calls give exactly this
 
     def _time_all(
@@ -364,6 +372,8 @@ class SparseConv2d(SparseLayer):
         self.out_pad: tuple[int, int] | None = None  # hand-off padding asked for by consumers
         self.bf16_pad: tuple[int, int] | None = None  # bf16 hand-off padding asked for by bf16 consumers
         self.bf16_sole = False  # its output goes only to the conv that asks (a fused block's head)
+        self.bf16_cl_out = False  # that conv runs PyTorch's bf16 conv: give it bf16 channels-last
+        self._bias16: Tensor | None = None if self._bias is None else self._bias.to(torch.bfloat16)
 
     bf16_capable = True
 
@@ -371,10 +381,16 @@ class SparseConv2d(SparseLayer):
         geometry = f"k{self.kernel_size}s{self.stride}p{self.padding}d{self.dilation}g{self.groups}"
         return geometry + (f"|shuffle{self.shuffle}" if self.shuffle > 1 else "")
 
-    def _ask_producer(self, x: Tensor, bf16: bool = False) -> None:
+    def _ask_producer(self, x: Tensor, want: str = "f32") -> None:
         producer = getattr(x, PRODUCER_ATTR, None)
-        if not isinstance(producer, SparseConv2d) or not self._state.config.handoff or self.stride[1] != 1:
+        if not isinstance(producer, SparseConv2d) or not self._state.config.handoff:
             return
+        if want == "bf16_cl":
+            producer.bf16_cl_out = True  # used only by a sole-consumer producer on PyTorch's bf16 conv
+            return
+        if self.stride[1] != 1:
+            return
+        bf16 = want == "bf16"
         ph, pw = self.padding  # type: ignore[misc]
         if ph == 0 and pw == 0 and not bf16:
             return  # nothing to pad: a plain f32 tensor is read without a copy anyway
@@ -424,14 +440,21 @@ class SparseConv2d(SparseLayer):
         """PyTorch's conv in bf16 on channels-last tensors (oneDNN: AMX or AVX512-BF16 where the CPU
         has them; f32 accumulation), the epilogue in f32. Channels-last because oneDNN's NCHW bf16
         conv was 4x slower than its NHWC one here (EDSR 64->64 3x3, 320x180, 2 threads)."""
-        xb = x.to(torch.bfloat16, memory_format=torch.channels_last)
-        out = F.conv2d(xb, rw.dense_bf16(), None, self.stride, self.padding, self.dilation, self.groups)
-        out = out.float()  # stays channels-last: converting to NCHW cost 4x more than the cast
-        if self._bias is not None:
-            out = out.add_(self._bias.view(1, -1, 1, 1))
+        xb = x.to(torch.bfloat16, memory_format=torch.channels_last)  # no copy for such an input
+        # the bias goes in as bf16 (oneDNN adds it in f32 before rounding the output): no extra pass
+        out = F.conv2d(
+            xb, rw.dense_bf16(), self._bias16, self.stride, self.padding, self.dilation, self.groups
+        )
         if self.shuffle > 1:
             out = F.pixel_shuffle(out, self.shuffle)
-        return _epilogue(out, self.relu, residual, scale, post_relu)
+        if self.bf16_sole and self.bf16_cl_out and residual is None and not post_relu:
+            # a fused block's head whose last conv also runs bf16: hand it bf16 channels-last as is
+            out = F.relu(out, inplace=True) if self.relu else out  # ReLU commutes with the rounding
+        else:
+            out = _epilogue(out.float(), self.relu, residual, scale, post_relu)  # f32, channels-last:
+            # converting to NCHW cost 4x more than the cast
+        setattr(out, PRODUCER_ATTR, self)
+        return out
 
     def _sparse(
         self,
