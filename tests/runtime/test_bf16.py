@@ -103,7 +103,11 @@ def test_bf16_kernel_epilogue_residual_relu_and_shuffle(relu: bool) -> None:
     _close(_conv16(w, x, b, relu=relu, residual=res, res_scale=0.1), F.relu(ref) if relu else ref)
     ws = nm_weight((32, 8, 3, 3), 2, 8)
     ref = F.pixel_shuffle(_reference(ws, x, None, padding=1), 2)
-    _close(_conv16(ws, x, None, relu=relu, shuffle=2), F.relu(ref) if relu else ref)
+    ref = F.relu(ref) if relu else ref
+    out = _conv16(ws, x, None, relu=relu, shuffle=2, bf16_pad=(1, 1))  # with a bf16 copy of the HR output
+    _close(out, ref)
+    shadow = bf16_shadow(out)
+    assert shadow is not None and torch.equal(shadow, out.to(torch.bfloat16))
 
 
 def test_bf16_handoff_only_and_shadow_forms() -> None:
