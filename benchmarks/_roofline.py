@@ -5,9 +5,10 @@ a 64 MB f32 tensor (bytes read + written per second) and a dense 2048^3 matrix p
 in bf16 (oneDNN; AMX where the CPU has it). The roofline time of a part of the network is
 ``max(MACs / peak, bytes / bandwidth)``: MACs are the convs' multiply-adds (x N/M for a pruned conv),
 bytes the activations a conv must read and write once (input, output, a fused residual), 4 per
-value in f32 and 2 per value in bf16 (the ideal a bf16 engine could reach). The dense f32 GEMM
-rate is the f32 ceiling even for the sparse kernel (a direct sparse conv cannot beat a dense
-product's arithmetic rate); for bf16 tactics, the bf16 GEMM rate.
+value in f32 and 2 per value in bf16 (the ideal a bf16 engine could reach). The compute ceiling of
+the sparse kernels, f32 or bf16, is the dense f32 GEMM rate: both run on AVX-512 (no sparse AMX),
+and AVX512-BF16's dot product has no higher MAC rate than f32 FMA (measured: one vdpbf16ps of 32
+MACs per ~1.9 cycles, two 16-MAC FMAs per cycle). Dense bf16 (oneDNN, AMX) gets the bf16 GEMM rate.
 """
 
 from __future__ import annotations
@@ -99,6 +100,6 @@ def part_costs(
 def roof_ms(cost: PartCost, ceilings: Ceilings, sparse: bool, bf16: bool) -> float:
     """The roofline time of a part: compute or memory, whichever is slower."""
     macs = cost.eff_macs if sparse else cost.macs
-    rate = ceilings.gemm_bf16_gmacs if bf16 else ceilings.gemm_f32_gmacs
+    rate = ceilings.gemm_bf16_gmacs if bf16 and not sparse else ceilings.gemm_f32_gmacs
     bytes_ = cost.values * (2 if bf16 else 4)
     return max(macs / rate / 1e6, bytes_ / ceilings.copy_gbs / 1e6)

@@ -233,6 +233,7 @@ def _sls_row(
 
 BF16_ENGINE = "nmrestore bf16 engine"
 _BF16_DECISIONS: list[list[LayerDecision]] = []  # the last bf16 engine's per-layer choices (printed)
+_BF16_PLANS: list[str] = []  # and the whole-model plan it kept
 
 
 def _bf16_engine_peer(model: nn.Module) -> Peer:
@@ -245,6 +246,7 @@ def _bf16_engine_peer(model: nn.Module) -> Peer:
         state = engine_state(engine)
         if state is not None:
             _BF16_DECISIONS[:] = [state.table()]
+            _BF16_PLANS[:] = state.plans
         return out
 
     return Peer(BF16_ENGINE, "bf16", __version__, run)
@@ -401,6 +403,14 @@ def main() -> None:
         "--roofline", action="store_true", help="only the roofline table (section speed_roofline)"
     )
     parser.add_argument(
+        "--quality",
+        default=None,
+        help="only the PSNR of the f32 and bf16 engines: comma-separated checkpoints, scored on --photos; print",
+    )
+    parser.add_argument(
+        "--photos", default="data/photos", help="photo set folder for --quality (nmrestore data photos)"
+    )
+    parser.add_argument(
         "--coarse",
         action="store_true",
         help="only the coarse (16-channel-block) N:M AMX prototype, one body conv; print",
@@ -425,6 +435,13 @@ def main() -> None:
     config = EngineConfig(tactic="auto", timing_repeats=3, precision=precision)
     if args.roofline:
         _roofline_only(args, size, kwargs, status.summary(), started)
+        return
+    if args.quality:
+        from _quality import run_quality
+
+        with torch_threads(args.threads):
+            quality_rows = run_quality([Path(p) for p in args.quality.split(",")], Path(args.photos))
+        print(markdown_table(quality_rows, list(dict.fromkeys(k for r in quality_rows for k in r))))
         return
     if args.coarse:
         from _coarse import run_coarse
@@ -474,6 +491,7 @@ def main() -> None:
                     )
                 if args.precision != "f32":
                     print(format_decisions(_BF16_DECISIONS.pop() if _BF16_DECISIONS else report.decisions))
+                    print(f"whole-model plan of the bf16 engine: {', '.join(_BF16_PLANS) or '-'}", flush=True)
         if args.uniform_only:
             print(_ratio_text(ratio_rows))
             return
@@ -677,7 +695,8 @@ Empirical ceilings ({threads} threads, medians of {args.repeats} interleaved rou
 {ceilings.gemm_bf16_gmacs:.0f} GMAC/s in bf16. EDSR-baseline x2, input {w}x{h} LR, magnitude masks on a fresh model;
 "ms" = median per part over {args.repeats} forwards of each model (run one after the other, module hooks add a
 little); "roof" = max(MACs / GEMM rate, bytes / copy bandwidth) with MACs x N/M on pruned convs and 4 (f32) or
-2 (bf16) bytes per activation value read or written (benchmarks/_roofline.py). {kernel}.
+2 (bf16) bytes per activation value read or written; sparse kernels (f32 or bf16) get the f32 GEMM rate
+(benchmarks/_roofline.py). {kernel}.
 Wall time {time.perf_counter() - started:.0f} s.
 
 {markdown_table(rows, cols)}

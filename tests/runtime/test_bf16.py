@@ -218,7 +218,8 @@ def test_the_tactic_choice_picks_the_fastest_of_all_four(
     monkeypatch.setattr(SparseLayer, "_time_all", fake)
     model = _edsr()
     cache = tmp_path / "tactics.json"
-    engine = compile_sparse(model, EngineConfig(precision="bf16", timing_repeats=1, cache_file=cache))
+    config = EngineConfig(precision="bf16", timing_repeats=1, cache_file=cache, refine=False)
+    engine = compile_sparse(model, config)
     x = torch.rand(1, 3, 9, 11)
     with torch.no_grad():
         first, again = engine(x), engine(x)  # the second forward runs the bf16 hand-off pairs
@@ -235,10 +236,45 @@ def test_the_tactic_choice_picks_the_fastest_of_all_four(
     reference = squash_(copy.deepcopy(model))(x)
     assert (first - reference).abs().max() <= (1e-4 if winner in ("dense", "sparse") else 3e-2)
     assert json.loads(cache.read_text())["format"] == "nmrestore-tactics-2"
-    second = compile_sparse(model, EngineConfig(precision="bf16", timing_repeats=1, cache_file=cache))
+    second = compile_sparse(model, config)
     with torch.no_grad():
         second(x)
     assert {d.reason for d in engine_state(second).table()} == {"reused"}  # type: ignore[union-attr]
+
+
+def test_a_whole_model_plan_overrides_a_greedy_mix(monkeypatch: pytest.MonkeyPatch) -> None:
+    _bf16_kernel()
+    from nmrestore.runtime import plans
+    from nmrestore.runtime.timing import Timings
+
+    def fake_layer_times(
+        self: SparseLayer, x: torch.Tensor, rw: RouteWeights, cands: list[str], repeats: int, extra: Extra
+    ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:  # greedy: the bf16 kernel everywhere
+        outputs = {c: self._run_tactic_plain(c, x, rw, extra) for c in cands}
+        return outputs, {c: {"sparse_bf16": 1.0, "dense_bf16": 2.0}.get(c, 3.0) for c in cands}
+
+    seen: list[str] = []
+
+    def fake_interleaved(runs: dict, rounds: int, warmup: int = 1) -> Timings:  # type: ignore[type-arg]
+        seen.extend(runs)
+        for run in runs.values():
+            run()  # every plan really runs
+        return Timings({k: [1.0 if k == "bf16 dense" else 2.0] for k in runs})
+
+    monkeypatch.setattr(SparseLayer, "_time_all", fake_layer_times)
+    monkeypatch.setattr(plans, "interleaved", fake_interleaved)
+    model = _edsr()
+    engine = compile_sparse(model, EngineConfig(precision="bf16", timing_repeats=1))
+    x = torch.rand(1, 3, 9, 11)
+    with torch.no_grad():
+        outs = [engine(x) for _ in range(3)]
+    state = engine_state(engine)
+    assert state is not None and state.plans == ["bf16 dense"]
+    assert set(seen) == {"per-layer", "f32", "bf16 dense"}  # identical plans are timed once
+    body = [d for d in state.table() if d.nm == "4:32"]
+    assert all(d.choice == "dense_bf16" and "whole-model plan 'bf16 dense'" in d.reason for d in body)
+    assert torch.equal(outs[1], outs[2])  # decided once per shape: no further timing
+    assert (outs[2] - squash_(copy.deepcopy(model))(x)).abs().max() <= 3e-2
 
 
 def test_forced_tactics_at_bf16_and_the_fused_block_hand_off() -> None:
@@ -268,7 +304,9 @@ def test_forced_tactics_at_bf16_and_the_fused_block_hand_off() -> None:
     with torch.no_grad():
         engine(x), engine(x)
         h = conv1(torch.rand(1, 32, 10, 70))
-    assert conv1.bf16_cl_out and h.dtype == torch.bfloat16 and h.is_contiguous(memory_format=torch.channels_last)
+    assert (
+        conv1.bf16_cl_out and h.dtype == torch.bfloat16 and h.is_contiguous(memory_format=torch.channels_last)
+    )
 
 
 def test_f32_engines_keep_the_old_cache_format_readable(tmp_path: Path) -> None:

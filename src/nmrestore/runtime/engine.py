@@ -33,6 +33,7 @@ The default stays ``"f32"``: bf16 rounds activations and weights (about 3 signif
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import json
 import logging
@@ -49,6 +50,7 @@ from nmrestore.runtime.cpu_features import cpu_features
 from nmrestore.runtime.kernel import KernelLibrary, kernel_status, load_kernel
 from nmrestore.runtime.layers import LayerDecision, RouteWeights, SparseConv2d, SparseLayer, SparseLinear
 from nmrestore.runtime.packing import CSRWeight, csr_from_dense, csr_from_packed, detect_nm
+from nmrestore.runtime.plans import refine
 from nmrestore.sparsity import nm
 from nmrestore.sparsity.parametrization import NMMask, dense_weight, nm_mask_of
 
@@ -71,6 +73,12 @@ class EngineConfig(BaseModel):
     shuffled output itself. ``handoff``: let a sparse conv write its output straight into the
     zero-padded layout the next sparse conv reads (no padding pass per layer; the pairs are found
     from the data flow on the first forward). ``cache_file``: JSON file of timings shared across runs.
+    ``precision``: ``f32`` (every tactic in f32), ``bf16`` (conv layers may also run in bf16: the
+    sparse kernel's bf16 form where it is built, PyTorch's bf16 conv; the timed choice decides) or
+    ``auto`` (``bf16`` on a CPU with AVX512-BF16 or AMX, else ``f32``). ``refine`` (bf16 engines,
+    tactic ``auto``): after the first forward of an input shape has chosen every layer's tactic,
+    time a few consistent whole-model plans end to end and keep the fastest
+    (:mod:`nmrestore.runtime.plans`); later outputs may then differ from the first by bf16 rounding.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -84,6 +92,7 @@ class EngineConfig(BaseModel):
     handoff: bool = True
     cache_file: Path | None = None
     precision: Precision = "f32"
+    refine: bool = True
 
 
 def bf16_allowed(precision: Precision) -> bool:
@@ -115,6 +124,9 @@ class EngineState:
     untouched: list[UntouchedLayer] = field(default_factory=list)
     timings: dict[str, dict[str, float]] = field(default_factory=dict)  # signature -> {tactic: ms}
     bf16: bool = False  # the bf16 tactics may be chosen (precision bf16, or auto on such a CPU)
+    fresh: list[tuple[SparseLayer, tuple[int, tuple[int, ...], int]]] = field(default_factory=list)
+    refining: bool = False
+    plans: list[str] = field(default_factory=list)  # the whole-model plans chosen, in order
 
     def record(self, decision: LayerDecision) -> None:
         key = (decision.layer, decision.route, decision.input_shape, decision.threads)
@@ -387,7 +399,33 @@ def compile_sparse(model: nn.Module, config: EngineConfig | None = None, inplace
         _fuse_residuals(target)
     target.eval()
     target.sparse_engine = state  # type: ignore[assignment]  # plain attribute: not a module or buffer
+    if state.bf16 and config.tactic == "auto" and config.refine:
+        target.register_forward_hook(_refine_plans, with_kwargs=True)
     return target
+
+
+def _refine_plans(
+    module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object], output: object
+) -> None:
+    """After a forward that chose tactics: time the whole-model plans on the same input, keep the best."""
+    state = engine_state(module)
+    if state is None or state.refining:
+        return
+    fresh = list(state.fresh)
+    state.fresh.clear()
+    if not fresh:
+        return
+    state.refining = True
+    try:
+        with torch.no_grad():
+            run = functools.partial(module, *args, **kwargs)
+            best = refine(fresh, state.decisions, run, state.config.timing_repeats, sparse_layers(module))
+    finally:
+        state.refining = False
+        state.fresh.clear()
+    if best is not None:
+        state.plans.append(best)
+        log.info("whole-model plan %r kept", best)
 
 
 def engine_state(model: nn.Module) -> EngineState | None:

@@ -274,6 +274,8 @@ class SparseLayer(nn.Module):
         nm_text = f"{rw.nm[0]}:{rw.nm[1]}" if rw.nm else "-"
         times = times or {}
         self._choices.by_key[key] = choice
+        if len(times) > 1 and self._state.bf16:
+            self._state.fresh.append((self, key))  # for the whole-model plans (runtime/plans.py)
         self._state.record(
             LayerDecision(
                 self.layer_name,
@@ -348,6 +350,9 @@ class SparseLayer(nn.Module):
     def _geometry(self) -> str:
         return ""
 
+    def reset_handoff(self) -> None:
+        """Forget what consumers asked this layer to write (they ask again on the next forward)."""
+
     def decisions(self) -> dict[tuple[int, tuple[int, ...], int], str]:
         return dict(self._choices.by_key)
 
@@ -376,6 +381,10 @@ class SparseConv2d(SparseLayer):
         self._bias16: Tensor | None = None if self._bias is None else self._bias.to(torch.bfloat16)
 
     bf16_capable = True
+
+    def reset_handoff(self) -> None:
+        self.out_pad = self.bf16_pad = None
+        self.bf16_cl_out = False
 
     def _geometry(self) -> str:
         geometry = f"k{self.kernel_size}s{self.stride}p{self.padding}d{self.dilation}g{self.groups}"
