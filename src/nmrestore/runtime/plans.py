@@ -4,10 +4,12 @@ timed end to end and the fastest is kept.
 Why: a layer's timing sees its own input as it arrived, not what its choice costs its neighbours.
 With four tactics, a greedy per-layer choice can alternate layouts (a bf16 kernel whose output is
 an f32 NCHW tensor, then PyTorch's bf16 conv that wants bf16 channels-last, then the kernel again,
-...), and every switch is a full transposing pass over the activation. Measured on EDSR-baseline
-x2 at 4:32 (320x180, 1 thread): the greedy mix ran 2.9x slower than every conv on PyTorch's bf16
-conv. The plans are each layer's fastest tactic within a set: all four (the greedy choice), the
-f32 ones, the bf16 ones, PyTorch's bf16 conv only, and the bf16 kernel wherever it applies.
+...), and every switch is a full transposing pass over the activation. Seen on EDSR-baseline x2
+at 4:32 (320x180, 1 thread, a loaded machine): with such a mix (first conv of each block on the
+bf16 kernel, second on PyTorch's bf16 conv) the bf16 engine ran 0.7x the speed of the f32 engine;
+in another session, whose per-layer choices were consistent, 2.0x. The plans are each layer's
+fastest tactic within a set: all four (the greedy choice), the f32 ones, the bf16 ones, PyTorch's
+bf16 conv only, and the bf16 kernel wherever it applies.
 Timed like everything else (:mod:`nmrestore.runtime.timing`): interleaved rounds, the median.
 """
 
