@@ -128,6 +128,9 @@ class EngineState:
     refining: bool = False
     plans: list[str] = field(default_factory=list)  # the whole-model plans chosen, in order
 
+    def __post_init__(self) -> None:
+        self.bf16 = self.bf16 or bf16_allowed(self.config.precision)  # whoever builds the state
+
     def record(self, decision: LayerDecision) -> None:
         key = (decision.layer, decision.route, decision.input_shape, decision.threads)
         self.decisions[key] = decision
@@ -357,7 +360,7 @@ def compile_sparse(model: nn.Module, config: EngineConfig | None = None, inplace
     status = kernel_status() if config.tactic != "dense" else None
     reason = "tactic forced to dense" if status is None else status.reason
     kernel_id = status.library.name if status is not None and status.library is not None else "none"
-    state = EngineState(config, kernel, reason, kernel_id, bf16=bf16_allowed(config.precision))
+    state = EngineState(config, kernel, reason, kernel_id)
     if config.cache_file is not None:
         state.timings.update(_load_cache(config.cache_file))
     candidates = [

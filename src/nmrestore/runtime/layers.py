@@ -268,11 +268,16 @@ class SparseLayer(nn.Module):
         rw: RouteWeights,
         choice: str,
         reason: str,
+        dense_ms: float | None = None,
+        sparse_ms: float | None = None,
         times: dict[str, float] | None = None,
     ) -> None:
+        """Keep a choice. ``dense_ms``/``sparse_ms``: the f32 timings alone (the form callers that
+        restore decisions use); ``times``: every timed tactic."""
         route, shape, threads = key
         nm_text = f"{rw.nm[0]}:{rw.nm[1]}" if rw.nm else "-"
-        times = times or {}
+        f32 = {"dense": dense_ms, "sparse": sparse_ms}
+        times = times or {k: v for k, v in f32.items() if v is not None}
         self._choices.by_key[key] = choice
         if len(times) > 1 and self._state.bf16:
             self._state.fresh.append((self, key))  # for the whole-model plans (runtime/plans.py)
@@ -313,12 +318,12 @@ class SparseLayer(nn.Module):
         if cached is not None and set(cands) <= set(cached):
             times = {c: cached[c] for c in cands}
             choice = min(times, key=times.__getitem__)
-            self._record(key, rw, choice, "reused", times)
+            self._record(key, rw, choice, "reused", times=times)
             return self._run_tactic(choice, x, rw, extra)
         outputs, times = self._time_all(x, rw, cands, state.config.timing_repeats, extra)
         choice = min(times, key=times.__getitem__)
         state.store_times(signature, times)
-        self._record(key, rw, choice, "timed", times)
+        self._record(key, rw, choice, "timed", times=times)
         if choice != "dense":
             self._ask_producer(x, WANTS[choice])
         return outputs[choice]  # the chosen tactic's output: later calls give exactly this
