@@ -25,6 +25,13 @@ back to back, so a slow phase of the machine hits both); the ms columns are the 
 4. **Profile.** Where the time goes in EDSR-baseline x2 (dense, 4:32 and 2:32 engines): per-module
    medians grouped into the first/last dense convs, the body convs, the upsampler conv, pixel
    shuffle, ReLU and the rest (residual sums, mean shifts, Python).
+5. **Precision.** ``--precision bf16`` (or ``auto``) runs the engine with ``EngineConfig(precision=...)``
+   (bf16 sparse kernel and PyTorch's bf16 conv join each conv's timed tactic choice);
+   ``--precision both`` keeps the f32 engine and times a bf16 engine next to it in the same rounds,
+   then prints the ratio table engine f32 / engine bf16 against PyTorch dense and the ``--vs`` peers.
+6. **Roofline** (``--roofline``): measured copy bandwidth and dense GEMM rates (f32, bf16), and per
+   part of EDSR-baseline x2 the measured ms of dense f32, dense bf16 and the f32/bf16 engines at
+   4:32 and 2:32 next to ``max(MACs / GEMM rate, bytes / copy bandwidth)`` (``benchmarks/_roofline.py``).
 
 Run from the repository root::
 
@@ -33,6 +40,8 @@ Run from the repository root::
     .venv/bin/python benchmarks/bench_speed.py --render   # redraw "speed" from the JSON (no timing)
     .venv/bin/python benchmarks/bench_speed.py --quick --no-write
     .venv/bin/python benchmarks/bench_speed.py --quick --no-write --vs all
+    .venv/bin/python benchmarks/bench_speed.py --models edsr_baseline --uniform-only --precision both --vs openvino
+    .venv/bin/python benchmarks/bench_speed.py --roofline --no-write
 
 The first run trains the SLS checkpoint (150 steps of EDSR-baseline x2 on 1 thread, a few minutes);
 later runs reuse it.
@@ -44,6 +53,7 @@ import argparse
 import contextlib
 import copy
 import json
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -57,17 +67,26 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _report import in_memory, markdown_table, publish, results_path, save_results  # noqa: E402
+from nmrestore import __version__  # noqa: E402
 from nmrestore.errors import NMRestoreError  # noqa: E402
 from nmrestore.export.peers import available_peers, open_peers, parse_peers, peer_rows  # noqa: E402
 from nmrestore.models import create_model  # noqa: E402
-from nmrestore.runtime import EngineConfig, compile_sparse, engine_state, kernel_status  # noqa: E402
+from nmrestore.runtime import (  # noqa: E402
+    EngineConfig,
+    LayerDecision,
+    compile_sparse,
+    engine_state,
+    format_decisions,
+    kernel_status,
+)
 from nmrestore.runtime.speed import (  # noqa: E402
+    Peer,
     SpeedReport,
     measure_speed,
     profile_modules,
     torch_threads,
 )
-from nmrestore.runtime.timing import interleaved  # noqa: E402
+from nmrestore.runtime.timing import interleaved, paired_median  # noqa: E402
 from nmrestore.sparsity import NMConfig, nm_layers, sparsify_, squash_  # noqa: E402
 
 SECTION = "speed"
@@ -215,6 +234,53 @@ def _sls_row(
     return report, fraction, text
 
 
+BF16_ENGINE = "nmrestore bf16 engine"
+_BF16_DECISIONS: list[list[LayerDecision]] = []  # the last bf16 engine's per-layer choices (printed)
+_BF16_PLANS: list[str] = []  # and the whole-model plan it kept
+
+
+def _bf16_engine_peer(model: nn.Module) -> Peer:
+    """The engine at precision bf16, as a contender in measure_speed's rounds (its first run, the
+    output check, chooses its tactics)."""
+    engine = compile_sparse(model, EngineConfig(tactic="auto", timing_repeats=3, precision="bf16"))
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        out = engine(x)
+        state = engine_state(engine)
+        if state is not None:
+            _BF16_DECISIONS[:] = [state.table()]
+            _BF16_PLANS[:] = state.plans
+        return out
+
+    return Peer(BF16_ENGINE, "bf16", __version__, run)
+
+
+def _ratio_row(model: str, nm: str, report: SpeedReport) -> dict[str, object]:
+    """ms of every contender and the two engines' speed-ups against each (medians of per-round ratios)."""
+    runs = {"PyTorch dense": report.dense_runs_ms, "engine f32": report.sparse_runs_ms}
+    runs |= {("engine bf16" if p.name == BF16_ENGINE else p.name): p.runs_ms for p in report.peers}
+    row: dict[str, object] = {"model": model, "N:M": nm}
+    row |= {f"{k} ms": statistics.median(v) for k, v in runs.items()}
+    for engine in ("engine f32", "engine bf16"):
+        if engine not in runs:
+            continue
+        for other, samples in runs.items():
+            if other != engine:
+                row[f"{engine} vs {other}"] = paired_median(samples, runs[engine])
+    return row
+
+
+def _ratio_text(rows: list[dict[str, object]]) -> str:
+    """The ratio table: speed-ups > 1 mean the engine is faster."""
+    if not rows:
+        return ""
+    cols = list(dict.fromkeys(k for row in rows for k in row))
+    return (
+        "\n**Engines against dense PyTorch and the peers** (speed-up = median over rounds of t_other / t_engine):\n\n"
+        + (markdown_table(rows, cols) + "\n")
+    )
+
+
 def _group(name: str, kind: str, model: str) -> str:
     if kind == "ReLU":
         return "ReLU"
@@ -279,7 +345,9 @@ def _classpruning(size: tuple[int, int], repeats: int, kwargs: dict[str, object]
         result = fast(lq)  # first call: the route layers choose their tactics here
         diff = float((reference.output - result.output).abs().max())
         timings = interleaved(
-            {"whole": lambda: whole(lq), "plain": lambda: plain(lq), "engine": lambda: fast(lq)}, repeats, warmup=0
+            {"whole": lambda: whole(lq), "plain": lambda: plain(lq), "engine": lambda: fast(lq)},
+            repeats,
+            warmup=0,
         )
     med = {k: timings.median(k) * 1e3 for k in timings.samples}
     state = engine_state(engine)
@@ -318,7 +386,37 @@ def main() -> None:
         "--profile-only", action="store_true", help="only the per-module profile (section speed_profile)"
     )
     parser.add_argument(
-        "--vs", default=None, help="peer runtimes for the uniform rows: onnxruntime,openvino or all (installed ones)"
+        "--vs",
+        default=None,
+        help="peer runtimes for the uniform rows: onnxruntime,openvino or all (installed ones)",
+    )
+    parser.add_argument(
+        "--precision",
+        choices=("f32", "bf16", "auto", "both"),
+        default="f32",
+        help="the engine's precision; both: the f32 engine and a bf16 engine timed in the same rounds",
+    )
+    parser.add_argument("--models", default="edsr_baseline,carn", help="uniform rows for these models")
+    parser.add_argument(
+        "--uniform-only",
+        action="store_true",
+        help="only the uniform rows (no SLS, profile, ClassPruning); print only",
+    )
+    parser.add_argument(
+        "--roofline", action="store_true", help="only the roofline table (section speed_roofline)"
+    )
+    parser.add_argument(
+        "--quality",
+        default=None,
+        help="only the PSNR of the f32 and bf16 engines: comma-separated checkpoints, scored on --photos; print",
+    )
+    parser.add_argument(
+        "--photos", default="data/photos", help="photo set folder for --quality (nmrestore data photos)"
+    )
+    parser.add_argument(
+        "--coarse",
+        action="store_true",
+        help="only the coarse (16-channel-block) N:M AMX prototype, one body conv; print",
     )
     parser.add_argument(
         "--render", action="store_true", help="only redraw the section (speed, or speed_profile) from its JSON"
@@ -342,20 +440,44 @@ def main() -> None:
     started = time.perf_counter()
     status = kernel_status()
     print(status.summary(), flush=True)
-    config = EngineConfig(tactic="auto", timing_repeats=3)
+    precision = "f32" if args.precision == "both" else args.precision
+    config = EngineConfig(tactic="auto", timing_repeats=3, precision=precision)
+    if args.roofline:
+        _roofline_only(args, size, kwargs, status.summary(), started)
+        return
+    if args.quality:
+        from _quality import run_quality
+
+        with torch_threads(args.threads):
+            quality_rows = run_quality([Path(p) for p in args.quality.split(",")], Path(args.photos))
+        print(markdown_table(quality_rows, list(dict.fromkeys(k for r in quality_rows for k in r))))
+        return
+    if args.coarse:
+        from _coarse import run_coarse
+
+        with torch_threads(args.threads):
+            coarse_rows = run_coarse(size, args.repeats, UNIFORM)
+        if coarse_rows:
+            print(markdown_table(coarse_rows, list(dict.fromkeys(k for r in coarse_rows for k in r))))
+        return
     if args.profile_only:
         _profile_only(args, size, kwargs, config, status.summary(), started)
         return
     rows: list[dict[str, object]] = []
     peer_table_rows: list[dict[str, object]] = []
+    ratio_rows: list[dict[str, object]] = []
+    uniform = {"edsr_baseline": (2, kwargs), "carn": (4, carn_kwargs)}
     with torch_threads(args.threads):
-        for name, scale, kw in (("edsr_baseline", 2, kwargs), ("carn", 4, carn_kwargs)):
+        for name in args.models.split(","):
+            scale, kw = uniform[name]
             for nm in UNIFORM:
                 model = _uniform(name, scale, nm, kw)
                 with contextlib.ExitStack() as stack:
                     peers = stack.enter_context(
                         open_peers(model, peer_names, torch.get_num_threads(), (1, 3, *size))
                     )
+                    if args.precision == "both":  # the bf16 engine joins the same rounds as a peer
+                        peers = [_bf16_engine_peer(model), *peers]
                     report = measure_speed(
                         model,
                         (1, 3, *size),
@@ -368,6 +490,7 @@ def main() -> None:
                     )
                 rows.append(_row(report.model, f"{name} x{scale}", nm, report))
                 peer_table_rows += peer_rows(report, f"{name} x{scale}", nm)
+                ratio_rows.append(_ratio_row(f"{name} x{scale}", nm, report))
                 print(f"{report.model}: {_fmt_row(rows[-1])}", flush=True)
                 for peer in report.peers:
                     print(
@@ -375,6 +498,12 @@ def main() -> None:
                         f"sparse engine {peer.sparse_speedup:.2f}x vs it, max abs diff {peer.max_abs_diff:.1e}",
                         flush=True,
                     )
+                if args.precision != "f32":
+                    print(format_decisions(_BF16_DECISIONS.pop() if _BF16_DECISIONS else report.decisions))
+                    print(f"whole-model plan of the bf16 engine: {', '.join(_BF16_PLANS) or '-'}", flush=True)
+        if args.uniform_only:
+            print(_ratio_text(ratio_rows))
+            return
         sls_report, fraction, sls_text = _sls_row(args, size, config)
         rows.append(
             _row(
@@ -415,6 +544,8 @@ def main() -> None:
         "peer_rows": peer_table_rows,
         "peer_notes": peer_notes,
         "cpu_features": features,
+        "precision": args.precision,
+        "ratio_rows": ratio_rows,
         "sls": {
             "budget": SLS_BUDGET,
             "steps": SLS_STEPS,
@@ -447,6 +578,8 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
     """Section "speed" from the saved timings (``docs/bench/speed.json``)."""
     if key == "speed_profile":
         return render_profile(key, payload)
+    if key == "speed_roofline":
+        return render_roofline(key, payload)
     cp, sls = payload["classpruning"], payload["sls"]
     cp_table = markdown_table(
         [
@@ -464,9 +597,9 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
         ],
         ["run", "ms", "vs whole-image dense"],
     )
-    peers_text = ""
+    peers_text = _ratio_text(payload["ratio_rows"]) if payload.get("precision") == "both" else ""
     if payload["peer_rows"]:
-        peers_text = (
+        peers_text += (
             "\n**Against the runtimes a user would deploy with** (same model, input, threads and interleaved\n"
             "rounds; the peers run the dense-with-zeros ONNX export; speed-ups are medians of per-round ratios;\n"
             f"max abs diff against PyTorch f32 on the same input; {payload['cpu_features']}):\n\n"
@@ -549,6 +682,99 @@ def _profile_only(
         "profile": profile,
     }
     _finish(args, "speed_profile", data, render)
+
+def _conv_part(name: str) -> str:
+    """The profile part (``_group``'s label) a conv of EDSR-baseline belongs to."""
+    if name.startswith("body.") and ".body." in name:
+        return _group(name, "ResBlock", "edsr")
+    return _group(name, "Conv2d", "edsr")
+
+
+def _roofline_only(
+    args: argparse.Namespace, size: tuple[int, int], kwargs: dict[str, object], kernel: str, started: float
+) -> None:
+    from _roofline import measure_ceilings, part_costs, roof_ms
+
+    variants = [("dense f32", None, "f32"), ("dense bf16", None, "bf16")]
+    variants += [(f"{nm} engine {p}", nm, p) for nm in ("4:32", "2:32") for p in ("f32", "bf16")]
+    with torch_threads(args.threads):
+        ceilings = measure_ceilings(args.repeats)
+        x = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0))
+        models: dict[str, nn.Module] = {}
+        densities: dict[str, float] = {}
+        for label, nm, precision in variants:
+            base = _uniform("edsr_baseline", 2, nm or "4:32", kwargs)
+            if nm is None:  # PyTorch dense, f32 or bf16 (the bf16 engine forced dense: oneDNN bf16 convs)
+                dense = squash_(copy.deepcopy(base)).eval()
+                models[label] = (
+                    dense
+                    if precision == "f32"
+                    else compile_sparse(base, EngineConfig(tactic="dense", precision="bf16"))
+                )
+            else:
+                models[label] = compile_sparse(base, EngineConfig(timing_repeats=3, precision=precision))
+                n, m = (int(v) for v in nm.split(":"))
+                densities[nm] = n / m
+        probe = squash_(_uniform("edsr_baseline", 2, "4:32", kwargs))
+        costs = part_costs(probe, x, _conv_part, lambda name: 1.0)
+        sparse_costs = {
+            nm: part_costs(probe, x, _conv_part, lambda name, d=d: 1.0 if name in ("head.0", "tail.1") else d)
+            for nm, d in densities.items()
+        }
+        profile = _profile(models, x, args.repeats)
+        threads = torch.get_num_threads()
+    rows = []
+    for row in profile:
+        part = str(row["part"])
+        out: dict[str, object] = {"part": part}
+        for label, nm, precision in variants:
+            out[f"{label} ms"] = row.get(f"{label} ms", "")
+            cost = (sparse_costs[nm] if nm else costs).get(part)
+            if cost is not None:
+                out[f"{label} roof"] = roof_ms(
+                    cost, ceilings, sparse=nm is not None, bf16=precision == "bf16"
+                )
+        if part in costs:
+            out["dense GMAC"] = costs[part].macs / 1e9
+            out["MB moved (f32)"] = costs[part].values * 4 / 1e6
+        rows.append(out)
+    cols = ["part", "dense GMAC", "MB moved (f32)"]
+    cols += [f"{label} {what}" for label, _, _ in variants for what in ("ms", "roof")]
+    data = {
+        "threads": threads,
+        "repeats": args.repeats,
+        "size": list(size),
+        "kernel": kernel,
+        "wall_s": time.perf_counter() - started,
+        "ceilings": {
+            "copy_gbs": ceilings.copy_gbs,
+            "gemm_f32_gmacs": ceilings.gemm_f32_gmacs,
+            "gemm_bf16_gmacs": ceilings.gemm_bf16_gmacs,
+        },
+        "columns": cols,
+        "rows": rows,
+    }
+    _finish(args, "speed_roofline", data, render_roofline)
+
+
+def render_roofline(key: str, payload: dict[str, Any]) -> tuple[str, str]:
+    """Section "speed_roofline" from the saved measurements (``docs/bench/speed_roofline.json``)."""
+    ceilings, threads, repeats, kernel = payload["ceilings"], payload["threads"], payload["repeats"], payload["kernel"]
+    h, w = payload["size"]
+    body = f"""
+Empirical ceilings ({threads} threads, medians of {repeats} interleaved rounds): copy of a 64 MB f32 tensor
+{ceilings["copy_gbs"]:.1f} GB/s (read + write), dense 2048^3 GEMM {ceilings["gemm_f32_gmacs"]:.0f} GMAC/s in f32 and
+{ceilings["gemm_bf16_gmacs"]:.0f} GMAC/s in bf16. EDSR-baseline x2, input {w}x{h} LR, magnitude masks on a fresh model;
+"ms" = median per part over {repeats} forwards of each model (run one after the other, module hooks add a
+little); "roof" = max(MACs / GEMM rate, bytes / copy bandwidth) with MACs x N/M on pruned convs and 4 (f32) or
+2 (bf16) bytes per activation value read or written; sparse kernels (f32 or bf16) get the f32 GEMM rate
+(benchmarks/_roofline.py). {kernel}.
+Wall time {payload["wall_s"]:.0f} s.
+
+{markdown_table(payload["rows"], payload["columns"])}
+"""
+    return "Speed: measured against a roofline (EDSR-baseline x2)", body
+
 
 if __name__ == "__main__":
     main()

@@ -36,6 +36,14 @@ class Tactic(str, Enum):
     dense = "dense"
 
 
+class Precision(str, Enum):
+    """What `speed`'s engine may run in: f32 only, bf16 too (timed per layer), or bf16 where the CPU has it."""
+
+    f32 = "f32"
+    bf16 = "bf16"
+    auto = "auto"
+
+
 class Device(str, Enum):
     """Where eval/infer run the model."""
 
@@ -291,6 +299,9 @@ def speed(
     route: Annotated[int | None, typer.Option(help="route to time (ClassPruning/PNG); default the active one")] = None,
     tactic: Annotated[Tactic, typer.Option(help="auto (time per layer), sparse or dense")] = Tactic.auto,
     tactic_cache: Annotated[Path | None, typer.Option(help="JSON file of per-layer timings to reuse")] = None,
+    precision: Annotated[
+        Precision, typer.Option(help="f32; bf16 (convs may also run in bf16, timed per layer); auto (bf16 on AVX512-BF16/AMX)")
+    ] = Precision.f32,
     vs: Annotated[
         str | None,
         typer.Option(
@@ -314,7 +325,7 @@ def speed(
     size = _parse_size(input)
     assert size is not None
     try:
-        config = EngineConfig(tactic=tactic.value, cache_file=tactic_cache)  # type: ignore[arg-type]
+        config = EngineConfig(tactic=tactic.value, cache_file=tactic_cache, precision=precision.value)  # type: ignore[arg-type]
     except ValidationError:
         raise NMRestoreError(f"--tactic must be auto, sparse or dense, got {tactic!r}") from None
     try:

@@ -20,11 +20,20 @@ block, MSRResNet's ``ResidualBlockNoBN``): the kernel applies them while the til
 registers, saving a pass over the output for each; so is a ``nn.PixelShuffle`` after a sparse conv
 (the kernel writes the shuffled output). Consecutive sparse convs hand their activations over in
 the kernel's padded layout (see :mod:`nmrestore.runtime.layers`).
+
+**Precision.** ``EngineConfig(precision="bf16")`` (or ``"auto"``: bf16 where the CPU has
+AVX512-BF16 or AMX) adds two tactics per conv to the timed choice: the bf16 sparse kernel (bf16
+activations and weights, f32 accumulation) and PyTorch's bf16 channels-last conv (oneDNN, AMX);
+convs without an N:M pattern (the first and last) are then wrapped too, to choose between dense
+f32 and dense bf16. Inside a fused residual block the first conv hands its output to the second
+in bf16 only; elsewhere a bf16 kernel output is f32 with a bf16 copy for a bf16 consumer.
+The default stays ``"f32"``: bf16 rounds activations and weights (about 3 significant digits).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import json
 import logging
@@ -37,15 +46,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from nmrestore.io_atomic import atomic_write_text
+from nmrestore.runtime.cpu_features import cpu_features
 from nmrestore.runtime.kernel import KernelLibrary, kernel_status, load_kernel
 from nmrestore.runtime.layers import LayerDecision, RouteWeights, SparseConv2d, SparseLayer, SparseLinear
 from nmrestore.runtime.packing import CSRWeight, csr_from_dense, csr_from_packed, detect_nm
+from nmrestore.runtime.plans import refine
 from nmrestore.sparsity import nm
 from nmrestore.sparsity.parametrization import NMMask, dense_weight, nm_mask_of
 
 log = logging.getLogger("nmrestore.runtime")
 
 Tactic = Literal["auto", "sparse", "dense"]
+Precision = Literal["f32", "bf16", "auto"]
 
 
 class EngineConfig(BaseModel):
@@ -61,6 +73,12 @@ class EngineConfig(BaseModel):
     shuffled output itself. ``handoff``: let a sparse conv write its output straight into the
     zero-padded layout the next sparse conv reads (no padding pass per layer; the pairs are found
     from the data flow on the first forward). ``cache_file``: JSON file of timings shared across runs.
+    ``precision``: ``f32`` (every tactic in f32), ``bf16`` (conv layers may also run in bf16: the
+    sparse kernel's bf16 form where it is built, PyTorch's bf16 conv; the timed choice decides) or
+    ``auto`` (``bf16`` on a CPU with AVX512-BF16 or AMX, else ``f32``). ``refine`` (bf16 engines,
+    tactic ``auto``): after the first forward of an input shape has chosen every layer's tactic,
+    time a few consistent whole-model plans end to end and keep the fastest
+    (:mod:`nmrestore.runtime.plans`); later outputs may then differ from the first by bf16 rounding.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -73,6 +91,16 @@ class EngineConfig(BaseModel):
     fuse_shuffle: bool = True
     handoff: bool = True
     cache_file: Path | None = None
+    precision: Precision = "f32"
+    refine: bool = True
+
+
+def bf16_allowed(precision: Precision) -> bool:
+    """Whether an engine of this precision may run bf16 tactics here."""
+    if precision == "auto":
+        features = cpu_features()
+        return bool(features.get("avx512_bf16") or features.get("amx_bf16"))
+    return precision == "bf16"
 
 
 @dataclass(frozen=True)
@@ -94,29 +122,57 @@ class EngineState:
     kernel_id: str
     decisions: dict[tuple[str, int, tuple[int, ...], int], LayerDecision] = field(default_factory=dict)
     untouched: list[UntouchedLayer] = field(default_factory=list)
-    timings: dict[str, tuple[float, float]] = field(default_factory=dict)
+    timings: dict[str, dict[str, float]] = field(default_factory=dict)  # signature -> {tactic: ms}
+    bf16: bool = False  # the bf16 tactics may be chosen (precision bf16, or auto on such a CPU)
+    fresh: list[tuple[SparseLayer, tuple[int, tuple[int, ...], int]]] = field(default_factory=list)
+    refining: bool = False
+    plans: list[str] = field(default_factory=list)  # the whole-model plans chosen, in order
+
+    def __post_init__(self) -> None:
+        self.bf16 = self.bf16 or bf16_allowed(self.config.precision)  # whoever builds the state
 
     def record(self, decision: LayerDecision) -> None:
         key = (decision.layer, decision.route, decision.input_shape, decision.threads)
         self.decisions[key] = decision
 
-    def cached_timing(self, signature: str) -> tuple[float, float] | None:
+    def cached_times(self, signature: str) -> dict[str, float] | None:
+        """``{tactic: ms}`` timed before for this structure (this process or the cache file)."""
         return self.timings.get(f"{self.kernel_id}|{signature}")
 
-    def store_timing(self, signature: str, dense_ms: float, sparse_ms: float) -> None:
-        self.timings[f"{self.kernel_id}|{signature}"] = (dense_ms, sparse_ms)
+    def store_times(self, signature: str, times: dict[str, float]) -> None:
+        self.timings[f"{self.kernel_id}|{signature}"] = dict(times)
         if self.config.cache_file is not None:
             _save_cache(self.config.cache_file, self.timings)
+
+    def cached_timing(self, signature: str) -> tuple[float, float] | None:
+        """(dense ms, sparse ms) of the f32 tactics, as before there were bf16 ones."""
+        times = self.cached_times(signature)
+        return (
+            None
+            if times is None or not {"dense", "sparse"} <= set(times)
+            else (times["dense"], times["sparse"])
+        )
+
+    def store_timing(self, signature: str, dense_ms: float, sparse_ms: float) -> None:
+        self.store_times(signature, {"dense": dense_ms, "sparse": sparse_ms})
 
     def table(self) -> list[LayerDecision]:
         return list(self.decisions.values())
 
 
 # -- disk cache -------------------------------------------------------------------------------
-def _load_cache(path: Path) -> dict[str, tuple[float, float]]:
+def _times(value: object) -> dict[str, float]:
+    """One cache entry: ``{tactic: ms}`` (format 2) or ``[dense ms, sparse ms]`` (format 1)."""
+    if isinstance(value, dict):
+        return {str(k): float(v) for k, v in value.items()}
+    dense, sparse = value  # type: ignore[misc]
+    return {"dense": float(dense), "sparse": float(sparse)}
+
+
+def _load_cache(path: Path) -> dict[str, dict[str, float]]:
     try:
         raw = json.loads(path.read_text())
-        return {str(k): (float(v[0]), float(v[1])) for k, v in raw.get("timings", {}).items()}
+        return {str(k): _times(v) for k, v in raw.get("timings", {}).items()}
     except FileNotFoundError:
         return {}
     except (OSError, ValueError, TypeError, IndexError, AttributeError) as exc:
@@ -124,10 +180,10 @@ def _load_cache(path: Path) -> dict[str, tuple[float, float]]:
         return {}
 
 
-def _save_cache(path: Path, timings: dict[str, tuple[float, float]]) -> None:
+def _save_cache(path: Path, timings: dict[str, dict[str, float]]) -> None:
     # Merge with what another process may have written meanwhile, then replace atomically.
     merged = {**_load_cache(path), **timings}
-    payload = {"format": "nmrestore-tactics-1", "timings": {k: list(v) for k, v in sorted(merged.items())}}
+    payload = {"format": "nmrestore-tactics-2", "timings": dict(sorted(merged.items()))}
     try:
         atomic_write_text(path, json.dumps(payload, indent=1))
     except OSError as exc:
@@ -283,6 +339,9 @@ def _fuse_residuals(model: nn.Module) -> int:
         if isinstance(last, SparseConv2d) and not last.relu and last.shuffle == 1:
             _set_child(model, name, FusedResidual(module, head, last, scale, post_relu))
             fused += 1
+            convs = [m for m in head.children() if not isinstance(m, nn.Identity)]
+            if len(convs) == 1 and isinstance(convs[0], SparseConv2d):
+                convs[0].bf16_sole = True  # head(x) goes only to `last`: a bf16-only hand-off is safe
     return fused
 
 
@@ -321,6 +380,10 @@ def compile_sparse(model: nn.Module, config: EngineConfig | None = None, inplace
             routes = _route_weights_masked(module, mask)
         else:
             found, why = _route_weights_plain(module)
+            if found is None and state.bf16 and isinstance(module, nn.Conv2d):
+                # no N:M pattern (the first/last conv): wrapped to choose dense f32 or dense bf16
+                weight = module.weight.detach().float().clone().contiguous()
+                found = [RouteWeights(weight, None, None, why)]
             if found is None:
                 state.untouched.append(UntouchedLayer(name, kind, why))
                 continue
@@ -339,7 +402,33 @@ def compile_sparse(model: nn.Module, config: EngineConfig | None = None, inplace
         _fuse_residuals(target)
     target.eval()
     target.sparse_engine = state  # type: ignore[assignment]  # plain attribute: not a module or buffer
+    if state.bf16 and config.tactic == "auto" and config.refine:
+        target.register_forward_hook(_refine_plans, with_kwargs=True)
     return target
+
+
+def _refine_plans(
+    module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object], output: object
+) -> None:
+    """After a forward that chose tactics: time the whole-model plans on the same input, keep the best."""
+    state = engine_state(module)
+    if state is None or state.refining:
+        return
+    fresh = list(state.fresh)
+    state.fresh.clear()
+    if not fresh:
+        return
+    state.refining = True
+    try:
+        with torch.no_grad():
+            run = functools.partial(module, *args, **kwargs)
+            best = refine(fresh, state.decisions, run, state.config.timing_repeats, sparse_layers(module))
+    finally:
+        state.refining = False
+        state.fresh.clear()
+    if best is not None:
+        state.plans.append(best)
+        log.info("whole-model plan %r kept", best)
 
 
 def engine_state(model: nn.Module) -> EngineState | None:
@@ -364,15 +453,23 @@ def reset_tactics(model: nn.Module) -> None:
 
 
 def format_decisions(decisions: list[LayerDecision]) -> str:
-    """The per-layer choice table as text."""
-    header = f"{'layer':<28} {'kind':<7} {'route':>5} {'input':<18} {'N:M':>6} {'dense ms':>9} {'sparse ms':>9}  choice"
+    """The per-layer choice table as text (with bf16 columns when a bf16 tactic was timed)."""
+    bf16 = any(k.endswith("bf16") for d in decisions for k in d.times_ms)
+    extra = f" {'dense16':>9} {'sparse16':>9}" if bf16 else ""
+    header = (
+        f"{'layer':<28} {'kind':<7} {'route':>5} {'input':<18} {'N:M':>6} {'dense ms':>9} {'sparse ms':>9}"
+        f"{extra}  choice"
+    )
     lines = [header, "-" * len(header)]
+
+    def ms(value: float | None) -> str:
+        return f"{value:9.2f}" if value is not None else f"{'-':>9}"
+
     for d in decisions:
-        dense = f"{d.dense_ms:9.2f}" if d.dense_ms is not None else f"{'-':>9}"
-        sparse = f"{d.sparse_ms:9.2f}" if d.sparse_ms is not None else f"{'-':>9}"
+        cols = f"{ms(d.dense_ms)} {ms(d.sparse_ms)}"
+        if bf16:
+            cols += f" {ms(d.times_ms.get('dense_bf16'))} {ms(d.times_ms.get('sparse_bf16'))}"
         shape = "x".join(str(s) for s in d.input_shape)
         note = "" if d.reason in ("timed",) else f" ({d.reason})"
-        lines.append(
-            f"{d.layer:<28} {d.kind:<7} {d.route:>5} {shape:<18} {d.nm:>6} {dense} {sparse}  {d.choice}{note}"
-        )
+        lines.append(f"{d.layer:<28} {d.kind:<7} {d.route:>5} {shape:<18} {d.nm:>6} {cols}  {d.choice}{note}")
     return "\n".join(lines)

@@ -18,14 +18,7 @@
 // columns (AVX-512) was best at 4:32 and 8:32 and close to best at 2:32.
 // OpenMP: torch's wheel ships libgomp.so.1 and loads it first, so this library's parallel regions
 // run on the same runtime and pool as torch's own ops (no second pool spinning against it).
-#include <algorithm>
-#include <climits>
-#include <cstdint>
-#include <cstring>
-#include <vector>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+#include "nm_common.h"
 
 #if defined(NMK_VB)
 // tile shape given on the command line (experiments)
@@ -55,27 +48,13 @@ constexpr int TW = NV * VW;         // output columns per tile
 inline vf vload(const float* p) { return *reinterpret_cast<const vf*>(p); }
 inline vf vbcast(float v) { return vf{} + v; }
 
-struct Geometry {
-  int64_t B, C, H, W, KH, KW, sh, sw, ph, pw, dh, dw;
-  int64_t Hp, Wp, Ho, Wo, Wq, rtiles, ctiles, Hpa, plane, per_b;
-};
+using nmk::Geometry;
+using nmk::Strides;
+using namespace nmk;  // Param indices
 
-Geometry geometry(int64_t B, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t sh, int64_t sw,
-                  int64_t ph, int64_t pw, int64_t dh, int64_t dw) {
-  Geometry g{B, C, H, W, KH, KW, sh, sw, ph, pw, dh, dw, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
-  g.Hp = H + 2 * ph;
-  g.Wp = W + 2 * pw;
-  g.Ho = (g.Hp - dh * (KH - 1) - 1) / sh + 1;
-  g.Wo = (g.Wp - dw * (KW - 1) - 1) / sw + 1;
-  // Columns per phase, rounded to whole vectors so every padded row starts vector-aligned.
-  g.Wq = ((g.Wp + sw - 1) / sw + VW - 1) / VW * VW;
-  g.rtiles = (g.Ho + TR - 1) / TR;
-  g.ctiles = (g.Wo + TW - 1) / TW;
-  // Extra zero rows so the last row tile never reads past its phase plane.
-  g.Hpa = std::max(g.Hp, (g.rtiles * TR - 1) * sh + dh * (KH - 1) + 1);
-  g.plane = g.Hpa * C * g.Wq;  // one phase: Hpa rows of C channels of Wq columns
-  g.per_b = sw * g.plane;
-  return g;
+inline Geometry geometry(int64_t B, int64_t C, int64_t H, int64_t W, int64_t KH, int64_t KW, int64_t sh, int64_t sw,
+                         int64_t ph, int64_t pw, int64_t dh, int64_t dw) {
+  return nmk::geometry(B, C, H, W, KH, KW, sh, sw, ph, pw, dh, dw, VW, TR);
 }
 
 // Slack after the last image: a tile's last vector may read up to TW + Wq floats past a row.
@@ -134,11 +113,6 @@ inline void conv_tile(const float* __restrict xb, const Entry* __restrict ent, i
     }
   }
 }
-
-// Strides (floats) of a 4-d (B, C, H, W) operand whose W axis is contiguous.
-struct Strides {
-  int64_t b, c, h;
-};
 
 // Every tile of one work item (image b, output rows y0.., column tiles [ct0, ct1) of width NVX*VW),
 // output channel innermost: a tile's input rows stay in L1/L2 while all output channels use them.
@@ -217,27 +191,11 @@ void conv_item_any(bool relu, bool res, int shuffle, const float* xrow, const En
 #undef NMK_ITEM
 }
 
-float* align64(float* p) { return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63)); }
-
-// Parameters of nmk_conv2d_ex, one int64 array (one ctypes argument instead of thirty).
-enum Param {
-  P_B, P_C, P_H, P_W, P_O, P_KH, P_KW, P_SH, P_SW, P_PH, P_PW, P_DH, P_DW,
-  P_XSB, P_XSC, P_XSH,        // input strides (floats); W is contiguous
-  P_IN_PADDED,                // 1: x is already padded (see below)
-  P_RELU,
-  P_RSB, P_RSC, P_RSH,        // residual strides
-  P_OSB, P_OSC, P_OSH,        // output strides (of the final, shuffled tensor)
-  P_SHUFFLE,                  // pixel-shuffle factor (0/1: none)
-  P_ZT, P_ZB, P_ZL, P_ZR,     // zero border to write around the output: rows above/below, columns left/right
-  P_THREADS,
-  P_COUNT
-};
-
 }  // namespace
 
 extern "C" {
 
-int nmk_abi_version() { return 3; }
+int nmk_abi_version() { return 4; }
 int nmk_vector_floats() { return VW; }
 int nmk_tile_rows() { return TR; }
 int nmk_tile_cols() { return TW; }
@@ -260,9 +218,7 @@ int64_t nmk_conv2d_workspace(int64_t B, int64_t C, int64_t H, int64_t W, int64_t
 // Rows (from the top of the padded input) a conv reads, tile rounding included: a pre-padded
 // input must have this many rows (zero below the image) for each image.
 int64_t nmk_conv2d_rows_read(int64_t H, int64_t KH, int64_t sh, int64_t ph, int64_t dh) {
-  const int64_t Ho = (H + 2 * ph - dh * (KH - 1) - 1) / sh + 1;
-  const int64_t rtiles = (Ho + TR - 1) / TR;
-  return std::max(H + 2 * ph, (rtiles * TR - 1) * sh + dh * (KH - 1) + 1);
+  return nmk::rows_read(H, KH, sh, ph, dh, TR);
 }
 
 // Floats a pre-padded input must have readable after its last image's last row.
@@ -307,65 +263,21 @@ int nmk_conv2d_ex(const int64_t* prm, const float* x, float* workspace, const in
   } else {
     float* ws = align64(workspace);
     xp = ws;
-    // 1. pad (and split stride phases) into the workspace, one (image, phase, row) per iteration.
-    const int64_t rows = B * sw * g.Hpa;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t i = 0; i < rows; ++i) {
-      const int64_t b = i / (sw * g.Hpa), rem = i % (sw * g.Hpa);
-      const int64_t p = rem / g.Hpa, r = rem % g.Hpa;
-      float* dst = ws + b * g.per_b + p * g.plane + r * C * g.Wq;
-      const int64_t ir = r - ph;
-      if (ir < 0 || ir >= H) {
-        std::memset(dst, 0, sizeof(float) * C * g.Wq);
-        continue;
-      }
-      for (int64_t c = 0; c < C; ++c) {
-        float* d = dst + c * g.Wq;
-        const float* s = x + b * xs.b + c * xs.c + ir * xs.h;
-        if (sw == 1) {
-          std::memset(d, 0, sizeof(float) * pw);
-          std::memcpy(d + pw, s, sizeof(float) * W);
-          std::memset(d + pw + W, 0, sizeof(float) * (g.Wq - pw - W));
-        } else {
-          for (int64_t j = 0; j < g.Wq; ++j) {
-            const int64_t ic = j * sw + p - pw;
-            d[j] = (ic >= 0 && ic < W) ? s[ic] : 0.f;
-          }
-        }
-      }
-    }
-    std::memset(ws + B * g.per_b, 0, sizeof(float) * slack(g));
+    // 1. pad (and split stride phases) into the workspace.
+    pad_input(g, x, xs, ws, slack(g), nthreads, convert_row<float, float>);
   }
 
   // 2. zero the border of a hand-off output buffer (the tiles write only valid positions).
-  const int64_t zt = prm[P_ZT], zb = prm[P_ZB], zl = prm[P_ZL], zr = prm[P_ZR];
-  if (zt || zb || zl || zr) {
-    const int64_t Cf = O / (R * R), Hf = g.Ho * R, Wf = g.Wo * R;
-    if (os.h != Cf * os.c || os.c < zl + Wf + zr) return -1;
-    const int64_t rows = B * (zt + Hf + zb);
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t i = 0; i < rows; ++i) {
-      const int64_t b = i / (zt + Hf + zb), r = i % (zt + Hf + zb) - zt;
-      float* row = out + b * os.b + r * os.h - zl;
-      if (r < 0 || r >= Hf) {
-        std::memset(row, 0, sizeof(float) * os.h);
-        continue;
-      }
-      for (int64_t c = 0; c < Cf; ++c) {
-        std::memset(row + c * os.c, 0, sizeof(float) * zl);
-        std::memset(row + c * os.c + zl + Wf, 0, sizeof(float) * (os.c - zl - Wf));
-      }
-    }
-  }
+  const int64_t Cf = O / (R * R);
+  if (!zero_border(out, os, B, Cf, g.Ho * R, g.Wo * R, prm[P_ZT], prm[P_ZB], prm[P_ZL], prm[P_ZR], nthreads))
+    return -1;
 
   // 3. workspace offset of every kept weight (relative to the tile's top-left input position).
   const int64_t nnz = rowptr[O];
   std::vector<Entry> ent(nnz);
   for (int64_t k = 0; k < nnz; ++k) {
-    const int64_t kh = kpos[k] / KW, kw = kpos[k] % KW;
-    const int64_t phase = (kw * dw) % sw, q = (kw * dw) / sw;
-    const int64_t off = phase * g.plane + (kh * dh * C + cin[k]) * g.Wq + q;
-    if (off > INT32_MAX) return -2;  // workspace beyond 8 GB: the caller runs dense
+    const int64_t off = entry_offset(g, cin[k], kpos[k]);
+    if (off < 0) return -2;  // workspace beyond 8 GB: the caller runs dense
     ent[k] = Entry{(int32_t)off, val[k]};
   }
 

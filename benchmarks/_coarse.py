@@ -1,0 +1,176 @@
+"""``bench_speed.py --coarse``: the coarse N:M prototype (``proto/coarse_amx.cpp``) against the
+engine's per-channel N:M kernels and dense PyTorch, one EDSR body conv (64->64, 3x3), speed only.
+
+"Coarse" N:M: the 16 output channels of a block keep the same N of every M input channels at each
+kernel position (chosen here by the block's summed magnitudes), so the block's kept inputs form a
+dense K axis an AMX tile product can use. Per-channel N:M (what nmrestore trains) keeps a different
+set per output channel. Both keep N/M of the weights; only the pattern differs. The prototype is
+compiled here with the machine's compiler and never used by nmrestore itself.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from nmrestore.runtime import csr_from_dense, load_kernel
+from nmrestore.runtime.cpu_features import cpu_features
+from nmrestore.runtime.kernel import find_compiler
+from nmrestore.runtime.timing import interleaved
+from nmrestore.sparsity import nm
+
+SOURCE = Path(__file__).resolve().parent / "proto" / "coarse_amx.cpp"
+LEFT, PAD_RIGHT = 32, 32  # zero columns left/right of the prototype's bf16 input rows
+
+
+def build(folder: Path) -> ctypes.CDLL | str:
+    """The compiled prototype, or why not."""
+    features = cpu_features()
+    if not (features.get("amx_tile") and features.get("amx_bf16")):
+        return "the CPU has no AMX-BF16"
+    compiler = find_compiler()
+    if compiler is None:
+        return "no C++ compiler"
+    out = folder / "coarse_amx.so"
+    cmd = [
+        compiler,
+        "-O3",
+        "-march=native",
+        "-fopenmp",
+        "-shared",
+        "-fPIC",
+        "-std=c++17",
+        "-o",
+        str(out),
+        str(SOURCE),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if done.returncode != 0:
+        return f"compile failed: {done.stderr.strip().splitlines()[-1:]}"
+    lib = ctypes.CDLL(str(out))
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.coarse_conv3x3.restype = ctypes.c_int
+    lib.coarse_conv3x3.argtypes = [p, i64, i64, i64, i64, i64, p, p, i64, i64, p, p, ctypes.c_int]
+    return lib
+
+
+def coarse_weight(w: torch.Tensor, n: int, m: int, block: int = 16) -> torch.Tensor:
+    """``w`` pruned to N:M with one mask per block of ``block`` output channels (summed |w| ranks)."""
+    o, c, kh, kw = w.shape
+    score = w.abs().view(o // block, block, c, kh, kw).sum(1, keepdim=True).expand(-1, block, -1, -1, -1)
+    keep = nm.compute_ranks(score.reshape(o, c, kh, kw), m) < n
+    return w * keep
+
+
+def pack(wc: torch.Tensor, block: int = 16) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(kept-input index per block, padded to a multiple of 32; A tiles [16 o][32 k] bf16; kpad)."""
+    o, c, _, kw = wc.shape
+    blocks = []
+    for b in range(o // block):
+        wb = wc[b * block : (b + 1) * block]  # (16, C, 3, 3)
+        kept = (wb != 0).any(0).permute(1, 0, 2)  # (kh, C, kw): the kernel's address order
+        kh_i, c_i, kw_i = kept.nonzero(as_tuple=True)
+        blocks.append((kh_i, c_i, kw_i))
+    kpad = -(-max(len(k[0]) for k in blocks) // 32) * 32
+    kidx = torch.zeros(o // block, kpad, dtype=torch.int32)
+    apack = torch.zeros(o // block, kpad // 32, block, 32, dtype=torch.bfloat16)
+    for b, (kh_i, c_i, kw_i) in enumerate(blocks):
+        k = len(kh_i)
+        idx = (kh_i * kw + kw_i) * c + c_i
+        kidx[b, :k] = idx.int()
+        kidx[b, k:] = int(idx[0])  # padded entries: a valid input, zero weight
+        vals = torch.zeros(block, kpad)
+        vals[:, :k] = wc[b * block : (b + 1) * block, c_i, kh_i, kw_i]
+        apack[b] = vals.view(block, kpad // 32, 32).permute(1, 0, 2).to(torch.bfloat16)
+    return kidx.contiguous(), apack.contiguous(), kpad
+
+
+def padded_bf16(x: torch.Tensor) -> torch.Tensor:
+    """(C, H, W) f32 -> the prototype's bf16 (row, channel, column) input with its zero border."""
+    c, h, w = x.shape[1:]
+    buf = torch.zeros(h + 3, c, LEFT + w + PAD_RIGHT, dtype=torch.bfloat16)
+    buf[1 : h + 1, :, LEFT : LEFT + w] = x[0].permute(1, 0, 2).to(torch.bfloat16)
+    return buf
+
+
+def run_coarse(size: tuple[int, int], repeats: int, nms: tuple[str, ...]) -> list[dict[str, object]]:
+    """Per N:M: ms of the prototype and of the contenders (interleaved), the prototype's speed-ups."""
+    kernel = load_kernel()
+    rows: list[dict[str, object]] = []
+    with tempfile.TemporaryDirectory(prefix="nmrestore-coarse-") as folder:
+        lib = build(Path(folder))
+        if isinstance(lib, str):
+            print(f"coarse prototype skipped: {lib}")
+            return []
+        h, w = size
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(1, 64, h, w, generator=g)
+        weight = torch.randn(64, 64, 3, 3, generator=g) * 0.05
+        bias = torch.randn(64, generator=g)
+        xpad = padded_bf16(x)
+        xb_cl = x.to(torch.bfloat16, memory_format=torch.channels_last)
+        wb_cl = weight.to(torch.bfloat16, memory_format=torch.channels_last)
+        geometry = ((3, 3), (1, 1), (1, 1), (1, 1))
+        for text in nms:
+            n, m = (int(v) for v in text.split(":"))
+            wc = coarse_weight(weight, n, m)
+            kidx, apack, kpad = pack(wc)
+            out = torch.empty(64, h, w)
+
+            def coarse(out: torch.Tensor = out, kidx: torch.Tensor = kidx, apack: torch.Tensor = apack,
+                       kpad: int = kpad) -> int:  # fmt: skip
+                return int(
+                    lib.coarse_conv3x3(
+                        xpad.data_ptr(), 64, h, w, xpad.shape[2], LEFT, kidx.data_ptr(), apack.data_ptr(),
+                        64, kpad, bias.data_ptr(), out.data_ptr(), torch.get_num_threads(),
+                    )
+                )  # fmt: skip
+
+            if coarse() != 0:
+                print("coarse prototype: AMX not permitted here")
+                return []
+            ref = F.conv2d(x.bfloat16().float(), wc.bfloat16().float(), bias, padding=1)[0]
+            diff = float((out - ref).abs().max())
+            runs = {"coarse AMX": coarse, "dense f32": lambda: F.conv2d(x, weight, bias, padding=1)}
+            runs["dense bf16 (oneDNN)"] = lambda: F.conv2d(xb_cl, wb_cl, bias.bfloat16(), padding=1)
+            if kernel is not None:
+                wp = weight * (nm.compute_ranks(weight, m) < n)  # per-channel N:M, same N/M
+                csr = csr_from_dense(wp)
+                hf = kernel.conv2d(
+                    x, csr.rowptr, csr.cin, csr.kpos, csr.values, bias, 64, *geometry, out_pad=(1, 1)
+                )
+                runs["per-channel f32 kernel"] = lambda hf=hf, csr=csr: kernel.conv2d(
+                    hf, csr.rowptr, csr.cin, csr.kpos, csr.values, bias, 64, *geometry, out_pad=(1, 1)
+                )
+                if kernel.has_bf16:
+                    v16 = csr.values.bfloat16()
+                    hb = kernel.conv2d(x, csr.rowptr, csr.cin, csr.kpos, v16, bias, 64, *geometry,
+                                       bf16_pad=(1, 1), bf16_only=True)  # fmt: skip
+                    runs["per-channel bf16 kernel"] = lambda hb=hb, csr=csr, v16=v16: kernel.conv2d(
+                        hb,
+                        csr.rowptr,
+                        csr.cin,
+                        csr.kpos,
+                        v16,
+                        bias,
+                        64,
+                        *geometry,
+                        bf16_pad=(1, 1),
+                        bf16_only=True,
+                    )
+            t = interleaved(runs, repeats, warmup=1)
+            row: dict[str, object] = {
+                "N:M": text,
+                "K kept/padded": f"{kpad if n == m else int((wc[:16] != 0).any(0).sum())}/{kpad}",
+            }
+            row |= {f"{k} ms": t.median(k) * 1e3 for k in runs}
+            row |= {f"coarse vs {k}": t.speedup("coarse AMX", k) for k in runs if k != "coarse AMX"}
+            row["max abs diff vs bf16 ref"] = f"{diff:.1e}"
+            rows.append(row)
+            print(row, flush=True)
+    return rows

@@ -1,0 +1,47 @@
+"""``bench_speed.py --quality``: what bf16 costs in PSNR, on trained checkpoints and real photos.
+
+Each checkpoint's model is run on the test images three ways: the f32 engine, the bf16 engine with
+every conv forced onto its bf16 sparse kernel (first/last convs: PyTorch's bf16 conv), and the bf16
+engine forced dense (every conv PyTorch's bf16 conv). The forced tactics make the rows independent
+of timing noise; an ``auto`` engine mixes these, so its PSNR lies within their range. PSNR follows
+the project's SR protocol (Y channel, crop = scale, 8-bit grid; ``metrics/psnr_ssim.py``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nmrestore.data.datasets import SREvalDataset, load_folder
+from nmrestore.engine.evaluate import evaluate_model
+from nmrestore.engine.loading import load
+from nmrestore.runtime import EngineConfig, compile_sparse
+
+VARIANTS = {
+    "f32 engine": EngineConfig(tactic="sparse", precision="f32"),
+    "bf16 engine, sparse kernels": EngineConfig(tactic="sparse", precision="bf16"),
+    "bf16 engine, dense (oneDNN)": EngineConfig(tactic="dense", precision="bf16"),
+}
+
+
+def run_quality(checkpoints: list[Path], photos: Path, split: str = "test") -> list[dict[str, object]]:
+    """One row per checkpoint: mean PSNR of each variant and the bf16 - f32 differences (dB)."""
+    rows: list[dict[str, object]] = []
+    for path in checkpoints:
+        model, recipe = load(path)
+        scale = int(recipe.model.scale)
+        pairs = load_folder(photos, scale, split=split)
+        samples = list(SREvalDataset(pairs.gt, scale, pairs.lq))
+        row: dict[str, object] = {"checkpoint": f"{path.parent.parent.name}/{path.name}", "x": scale}
+        per_image: dict[str, list[float]] = {}
+        for label, config in VARIANTS.items():
+            engine = compile_sparse(model.eval(), config)
+            result = evaluate_model(engine, samples, crop_border=scale, with_ssim=False)
+            per_image[label] = [float(r["psnr"]) for r in result.per_image]
+            row[f"{label} dB"] = sum(per_image[label]) / len(per_image[label])
+        base = per_image["f32 engine"]
+        for label in list(VARIANTS)[1:]:
+            diffs = [a - b for a, b in zip(per_image[label], base, strict=True)]
+            row[f"{label} - f32 (mean, worst image)"] = f"{sum(diffs) / len(diffs):+.4f}, {min(diffs):+.4f}"
+        rows.append(row)
+        print(row, flush=True)
+    return rows

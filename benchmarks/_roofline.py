@@ -1,0 +1,105 @@
+"""Empirical ceilings and a per-part roofline for ``bench_speed.py --roofline``.
+
+Ceilings are measured on this machine with PyTorch, in interleaved rounds: a STREAM-like copy of
+a 64 MB f32 tensor (bytes read + written per second) and a dense 2048^3 matrix product in f32 and
+in bf16 (oneDNN; AMX where the CPU has it). The roofline time of a part of the network is
+``max(MACs / peak, bytes / bandwidth)``: MACs are the convs' multiply-adds (x N/M for a pruned conv),
+bytes the activations a conv must read and write once (input, output, a fused residual), 4 per
+value in f32 and 2 per value in bf16 (the ideal a bf16 engine could reach). The compute ceiling of
+the sparse kernels, f32 or bf16, is the dense f32 GEMM rate: both run on AVX-512 (no sparse AMX),
+and AVX512-BF16's dot product has no higher MAC rate than f32 FMA (measured: one vdpbf16ps of 32
+MACs per ~1.9 cycles, two 16-MAC FMAs per cycle). Dense bf16 (oneDNN, AMX) gets the bf16 GEMM rate.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from nmrestore.runtime.timing import interleaved
+
+
+@dataclass(frozen=True)
+class Ceilings:
+    copy_gbs: float  # bytes read + written per second, in GB/s
+    gemm_f32_gmacs: float  # multiply-adds per second, in G
+    gemm_bf16_gmacs: float
+
+
+def measure_ceilings(rounds: int = 5) -> Ceilings:
+    """Copy bandwidth and dense GEMM rates with the current thread count (medians of interleaved rounds)."""
+    a = torch.rand(16 * 2**20)  # 64 MB
+    b = torch.empty_like(a)
+    n = 2048
+    x, y = torch.rand(n, n), torch.rand(n, n)
+    xb, yb = x.bfloat16(), y.bfloat16()
+    runs: dict[str, Callable[[], object]] = {
+        "copy": lambda: b.copy_(a),
+        "f32": lambda: torch.mm(x, y),
+        "bf16": lambda: torch.mm(xb, yb),
+    }
+    t = interleaved(runs, rounds, warmup=1)
+    return Ceilings(
+        copy_gbs=2 * a.numel() * 4 / t.median("copy") / 1e9,
+        gemm_f32_gmacs=n**3 / t.median("f32") / 1e9,
+        gemm_bf16_gmacs=n**3 / t.median("bf16") / 1e9,
+    )
+
+
+@dataclass
+class PartCost:
+    """Dense MACs, N:M-effective MACs and activation values moved by one part of the network."""
+
+    macs: float = 0.0
+    eff_macs: float = 0.0
+    values: float = 0.0  # activation values read + written (x 4 bytes in f32, x 2 in bf16)
+
+
+def part_costs(
+    model: nn.Module, x: torch.Tensor, group: Callable[[str], str], density: Callable[[str], float]
+) -> dict[str, PartCost]:
+    """Per part (``group(conv name)``): the convs' MACs on input ``x`` and the values they move.
+
+    ``density(conv name)`` is the kept fraction (N/M, 1 for a dense conv). A conv reads its input
+    and writes its output once; a conv whose output is added to a skip (EDSR's residual blocks)
+    reads one more output-sized tensor.
+    """
+    costs: dict[str, PartCost] = defaultdict(PartCost)
+    handles = []
+
+    def hook(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]:
+        def record(module: nn.Module, args: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+            conv = module
+            assert isinstance(conv, nn.Conv2d)
+            k = conv.kernel_size[0] * conv.kernel_size[1] * conv.in_channels // conv.groups
+            macs = float(out.numel() * k)
+            part = costs[group(name)]
+            part.macs += macs
+            part.eff_macs += macs * density(name)
+            residual = name.endswith("body.2")  # the last conv of an EDSR block adds the skip
+            part.values += args[0].numel() + out.numel() * (2 if residual else 1)
+
+        return record
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d) and name:
+            handles.append(module.register_forward_hook(hook(name)))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return dict(costs)
+
+
+def roof_ms(cost: PartCost, ceilings: Ceilings, sparse: bool, bf16: bool) -> float:
+    """The roofline time of a part: compute or memory, whichever is slower."""
+    macs = cost.eff_macs if sparse else cost.macs
+    rate = ceilings.gemm_bf16_gmacs if bf16 and not sparse else ceilings.gemm_f32_gmacs
+    bytes_ = cost.values * (2 if bf16 else 4)
+    return max(macs / rate / 1e6, bytes_ / ceilings.copy_gbs / 1e6)

@@ -1,0 +1,324 @@
+// bf16 N:M-sparse Conv2d: the direct sparse convolution of nm_kernels.cpp with bf16 activations and
+// weights and f32 accumulation (AVX512-BF16 `vdpbf16ps`). Compiled in only when the compiler targets
+// AVX512-BF16 (-march=native on such a CPU, and nmrestore.runtime.kernel asked for it); otherwise
+// nmk_has_bf16() is 0 and the engine runs its f32 kernel.
+//
+// Why bf16 here, measured on a Xeon with AVX512-BF16/AMX (one 64->64 3x3 conv, 1 thread): the f32
+// kernel reaches ~15 GMAC/s at 2:4, half of the ~30 GMAC/s it reaches when its input tile fits
+// in L1: a 2x64 tile's input rows (4 rows x 64 channels x 66 columns x 4 B = 67 KB) do not fit the
+// 48 KB L1. In bf16 they do (34 KB), so the same loop order moves half the bytes and hits L1.
+// `vdpbf16ps` itself is no faster than f32 FMA per MAC on that CPU (one per ~2 cycles, 32 MACs,
+// against two 16-MAC FMAs per cycle), so the gain is the memory traffic, largest at 2:4/8:32.
+//
+// Inner loop: the kept weights of an output channel are taken in pairs (a, b) (a zero weight pads
+// an odd count). vdpbf16ps needs each f32 lane's two bf16 operands side by side, so 32 columns of
+// input a and of input b are interleaved with vpunpck{l,h}wd: lane i of the low half holds columns
+// {0-3, 8-11, 16-19, 24-27}, the high half {4-7, 12-15, 20-23, 28-31}; the epilogue puts the
+// columns back in order with one vpermt2ps per 16 columns, then adds bias/residual, applies the
+// ReLU in f32, and writes an f32 output, a bf16 hand-off output (the next bf16 conv reads it in
+// place), or both.
+#include "nm_common.h"
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512F__) && !defined(NMK_NO_BF16)
+#define NMK_BF16 1
+#include <immintrin.h>
+#else
+#define NMK_BF16 0
+#endif
+
+namespace {
+
+using namespace nmk;
+
+#ifndef NMK_BTR  // tile shape (overridable for experiments)
+#define NMK_BTR 2
+#define NMK_BNV 2
+#endif
+constexpr int BV = 32;         // bf16 columns per 512-bit vector
+constexpr int BTR = NMK_BTR;   // output rows per tile
+constexpr int BNV = NMK_BNV;   // vectors per tile row
+constexpr int BTW = BV * BNV;  // output columns per tile
+
+Geometry geometry_bf16(const int64_t* prm) {
+  return geometry(prm[P_B], prm[P_C], prm[P_H], prm[P_W], prm[P_KH], prm[P_KW], prm[P_SH], prm[P_SW], prm[P_PH],
+                  prm[P_PW], prm[P_DH], prm[P_DW], BV, BTR);
+}
+
+// Slack after the last image: a tile's last vector may read up to BTW + Wq elements past a row.
+inline int64_t slack_bf16(const Geometry& g) { return BTW + g.Wq + 2 * BV; }
+
+#if NMK_BF16
+
+// Two kept weights of one output channel: their workspace offsets and their bf16 values (a low).
+struct Pair {
+  int32_t offa, offb;
+  uint32_t w;
+};
+
+// Where a tile's results go: an f32 and/or a bf16 image (row strides in elements), with an
+// optional f32 residual read through its own row stride.
+struct Sink {
+  float* f32;
+  int64_t fstride;
+  uint16_t* b16;
+  int64_t bstride;
+  const float* res;
+  int64_t rstride;
+};
+
+template <bool RELU, bool RES, int NVX>
+inline void tile(const uint16_t* __restrict xb, const Pair* __restrict pr, int64_t npairs, int64_t xstride,
+                 float bias, const Sink& s, float res_scale, int nrows, int ncols) {
+  __m512 lo[BTR][NVX], hi[BTR][NVX];
+#pragma GCC unroll 8
+  for (int r = 0; r < BTR; ++r)
+#pragma GCC unroll 8
+    for (int v = 0; v < NVX; ++v) lo[r][v] = hi[r][v] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < npairs; ++k) {
+    const uint16_t* pa = xb + pr[k].offa;
+    const uint16_t* pb = xb + pr[k].offb;
+    const __m512bh w = (__m512bh)_mm512_set1_epi32((int)pr[k].w);
+#pragma GCC unroll 8
+    for (int r = 0; r < BTR; ++r)
+#pragma GCC unroll 8
+      for (int v = 0; v < NVX; ++v) {
+        const __m512i a = _mm512_loadu_si512(pa + r * xstride + v * BV);
+        const __m512i b = _mm512_loadu_si512(pb + r * xstride + v * BV);
+        lo[r][v] = _mm512_dpbf16_ps(lo[r][v], (__m512bh)_mm512_unpacklo_epi16(a, b), w);
+        hi[r][v] = _mm512_dpbf16_ps(hi[r][v], (__m512bh)_mm512_unpackhi_epi16(a, b), w);
+      }
+  }
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  const __m512 vb = _mm512_set1_ps(bias), vs = _mm512_set1_ps(res_scale), zero = _mm512_setzero_ps();
+  for (int r = 0; r < nrows; ++r)
+    for (int v = 0; v < NVX; ++v)
+      for (int h = 0; h < 2; ++h) {
+        const int c0 = v * BV + h * 16;
+        if (c0 >= ncols) break;
+        const int n = std::min(16, ncols - c0);
+        const __mmask16 m = (__mmask16)(n == 16 ? 0xffff : (1u << n) - 1);
+        __m512 y = _mm512_add_ps(_mm512_permutex2var_ps(lo[r][v], h ? second : first, hi[r][v]), vb);
+        if (RES) y = _mm512_fmadd_ps(y, vs, _mm512_maskz_loadu_ps(m, s.res + r * s.rstride + c0));
+        if (RELU) y = _mm512_max_ps(y, zero);
+        if (s.f32) _mm512_mask_storeu_ps(s.f32 + r * s.fstride + c0, m, y);
+        if (s.b16) _mm256_mask_storeu_epi16(s.b16 + r * s.bstride + c0, m, (__m256i)_mm512_cvtneps_pbh(y));
+      }
+}
+
+struct Item {
+  const uint16_t* xrow;
+  const Pair* pairs;
+  const int64_t* prow;  // pairs of output channel o: prow[o]..prow[o+1]-1
+  const float* bias;
+  int64_t O, xstride, Wo, y0;
+  int nrows;
+  int64_t ct0, ct1;
+};
+
+// Every tile of one work item, output channel innermost (the input rows stay in L1 meanwhile).
+template <bool RELU, bool RES, int NVX>
+void item(const Item& it, float* out_b, Strides os, uint16_t* out2_b, Strides o2s, const float* res_b, Strides rs,
+          float res_scale) {
+  constexpr int TWX = NVX * BV;
+  for (int64_t ct = it.ct0; ct < it.ct1; ++ct) {
+    const int64_t x0 = ct * TWX;
+    const int ncols = (int)std::min<int64_t>(TWX, it.Wo - x0);
+    for (int64_t o = 0; o < it.O; ++o) {
+      const int64_t k0 = it.prow[o];
+      const Sink s{out_b ? out_b + o * os.c + it.y0 * os.h + x0 : nullptr, os.h,
+                   out2_b ? out2_b + o * o2s.c + it.y0 * o2s.h + x0 : nullptr, o2s.h,
+                   RES ? res_b + o * rs.c + it.y0 * rs.h + x0 : nullptr, rs.h};
+      tile<RELU, RES, NVX>(it.xrow + x0, it.pairs + k0, it.prow[o + 1] - k0, it.xstride,
+                           it.bias ? it.bias[o] : 0.f, s, res_scale, it.nrows, ncols);
+    }
+  }
+}
+
+// With a fused pixel shuffle of factor R (see nm_kernels.cpp): the R channels of one (c, i) are
+// computed into a small f32 buffer, then interleaved into the high-resolution rows.
+template <bool RELU, int NVX>
+void item_shuffle(const Item& it, int R, float* out_b, Strides os, uint16_t* out2_b, Strides o2s) {
+  constexpr int TWX = NVX * BV;
+  alignas(64) float tmp[4][BTR][TWX];  // R <= 4
+  for (int64_t ct = it.ct0; ct < it.ct1; ++ct) {
+    const int64_t x0 = ct * TWX;
+    const int ncols = (int)std::min<int64_t>(TWX, it.Wo - x0);
+    for (int64_t og = 0; og < it.O; og += R) {
+      for (int j = 0; j < R; ++j) {
+        const int64_t o = og + j, k0 = it.prow[o];
+        const Sink s{&tmp[j][0][0], TWX, nullptr, 0, nullptr, 0};
+        tile<RELU, false, NVX>(it.xrow + x0, it.pairs + k0, it.prow[o + 1] - k0, it.xstride,
+                               it.bias ? it.bias[o] : 0.f, s, 1.f, it.nrows, TWX);
+      }
+      const int64_t c = og / (R * R), i = (og / R) % R;
+      for (int r = 0; r < it.nrows; ++r) {
+        const int64_t hr = (it.y0 + r) * R + i;
+        float* df = out_b ? out_b + c * os.c + hr * os.h + x0 * R : nullptr;
+        uint16_t* db = out2_b ? out2_b + c * o2s.c + hr * o2s.h + x0 * R : nullptr;
+        int l = 0;
+        if (R == 2) {  // the common x2 upsampler: interleave 16 + 16 columns with two permutes
+          const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+          const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+          for (; l + 16 <= ncols; l += 16) {
+            const __m512 a = _mm512_load_ps(&tmp[0][r][l]), b = _mm512_load_ps(&tmp[1][r][l]);
+            const __m512 u = _mm512_permutex2var_ps(a, lo, b), w = _mm512_permutex2var_ps(a, hi, b);
+            if (df) _mm512_storeu_ps(df + 2 * l, u), _mm512_storeu_ps(df + 2 * l + 16, w);
+            if (db) {
+              _mm256_storeu_si256((__m256i*)(db + 2 * l), (__m256i)_mm512_cvtneps_pbh(u));
+              _mm256_storeu_si256((__m256i*)(db + 2 * l + 16), (__m256i)_mm512_cvtneps_pbh(w));
+            }
+          }
+        }
+        for (; l < ncols; ++l)
+          for (int j = 0; j < R; ++j) {
+            const float v = tmp[j][r][l];
+            if (df) df[l * R + j] = v;
+            if (db) db[l * R + j] = to_bf16(v);
+          }
+      }
+    }
+  }
+}
+
+template <int NVX>
+void item_any(const Item& it, bool relu, int R, float* out_b, Strides os, uint16_t* out2_b, Strides o2s,
+              const float* res_b, Strides rs, float res_scale) {
+  if (R > 1) {
+    if (relu)
+      item_shuffle<true, NVX>(it, R, out_b, os, out2_b, o2s);
+    else
+      item_shuffle<false, NVX>(it, R, out_b, os, out2_b, o2s);
+    return;
+  }
+#define NMK_ITEM(A, B) item<A, B, NVX>(it, out_b, os, out2_b, o2s, res_b, rs, res_scale)
+  if (relu && res_b) NMK_ITEM(true, true);
+  else if (relu) NMK_ITEM(true, false);
+  else if (res_b) NMK_ITEM(false, true);
+  else NMK_ITEM(false, false);
+#undef NMK_ITEM
+}
+
+// f32 -> bf16 row conversion, 16 at a time (round to nearest even, as torch's .to(bfloat16)).
+void f32_row_to_bf16(uint16_t* dst, const float* src, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm256_storeu_si256((__m256i*)(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(src + i)));
+  if (i < n) {
+    const __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+    _mm256_mask_storeu_epi16(dst + i, m, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, src + i)));
+  }
+}
+
+#endif  // NMK_BF16
+
+}  // namespace
+
+extern "C" {
+
+int nmk_has_bf16() { return NMK_BF16; }
+int nmk_bf16_tile_rows() { return BTR; }
+int nmk_bf16_tile_cols() { return BTW; }
+
+// bf16 elements of workspace nmk_conv2d_bf16 needs for an input it pads itself (64-byte aligned).
+int64_t nmk_bf16_workspace(const int64_t* prm) {
+  const Geometry g = geometry_bf16(prm);
+  return g.B * g.per_b + slack_bf16(g) + 64;
+}
+
+int64_t nmk_bf16_rows_read(int64_t H, int64_t KH, int64_t sh, int64_t ph, int64_t dh) {
+  return rows_read(H, KH, sh, ph, dh, BTR);
+}
+
+int64_t nmk_bf16_tail_slack(int64_t row_elems) { return BTW + row_elems + 2 * BV; }
+
+// The bf16 sparse conv: nmk_conv2d_ex's parameters (nm_common.h) and CSR weights, with bf16
+// values. x is f32 or bf16 (P_IN_BF16) with strides P_XS*; it is converted and padded into the
+// bf16 workspace, unless P_IN_PADDED: then it is a bf16 hand-off view read in place (as in
+// nmk_conv2d_ex, with rows of nmk_bf16_rows_read). Output: out (f32, strides P_OS*, zero border
+// P_Z*) when P_OUT_F32, and/or out2 (bf16, strides P_O2S*, zero border P_Z2*) when not null.
+// Returns 0; -1 on a bad geometry; -2 when the workspace needs offsets beyond 32 bits; -3 when
+// this build has no bf16 kernels.
+int nmk_conv2d_bf16(const int64_t* prm, const void* x, void* workspace, const int32_t* rowptr, const int32_t* cin,
+                    const int32_t* kpos, const uint16_t* val, const float* bias, const float* residual,
+                    float res_scale, float* out, uint16_t* out2) {
+#if !NMK_BF16
+  (void)prm, (void)x, (void)workspace, (void)rowptr, (void)cin, (void)kpos, (void)val, (void)bias;
+  (void)residual, (void)res_scale, (void)out, (void)out2;
+  return -3;
+#else
+  const int64_t B = prm[P_B], C = prm[P_C], O = prm[P_O], sh = prm[P_SH], sw = prm[P_SW];
+  const bool padded = prm[P_IN_PADDED] != 0, in_bf16 = prm[P_IN_BF16] != 0;
+  const int R = prm[P_SHUFFLE] > 1 ? (int)prm[P_SHUFFLE] : 1;
+  const int nthreads = prm[P_THREADS] > 0 ? (int)prm[P_THREADS] : 1;
+  if (!prm[P_OUT_F32]) out = nullptr;
+  Geometry g = geometry_bf16(prm);
+  if (g.Ho <= 0 || g.Wo <= 0 || sh < 1 || sw < 1 || prm[P_DH] < 1 || prm[P_DW] < 1) return -1;
+  if (R > 4 || (R > 1 && (O % (R * R) != 0 || residual != nullptr))) return -1;
+  if (out == nullptr && out2 == nullptr) return -1;
+  const Strides xs{prm[P_XSB], prm[P_XSC], prm[P_XSH]};
+  const Strides rs{prm[P_RSB], prm[P_RSC], prm[P_RSH]};
+  const Strides os{prm[P_OSB], prm[P_OSC], prm[P_OSH]};
+  const Strides o2s{prm[P_O2SB], prm[P_O2SC], prm[P_O2SH]};
+  const uint16_t* xp;
+  if (padded) {
+    if (!in_bf16 || sw != 1 || xs.h != C * xs.c) return -1;
+    g.Wq = xs.c;
+    g.plane = xs.b;
+    g.per_b = xs.b;
+    xp = static_cast<const uint16_t*>(x);
+  } else {
+    uint16_t* ws = reinterpret_cast<uint16_t*>(align64(static_cast<float*>(workspace)));
+    if (in_bf16)
+      pad_input(g, static_cast<const uint16_t*>(x), xs, ws, slack_bf16(g), nthreads, convert_row<uint16_t, uint16_t>);
+    else
+      pad_input(g, static_cast<const float*>(x), xs, ws, slack_bf16(g), nthreads, f32_row_to_bf16);
+    xp = ws;
+  }
+  const int64_t Cf = O / (R * R), Hf = g.Ho * R, Wf = g.Wo * R;
+  if (out && !zero_border(out, os, B, Cf, Hf, Wf, prm[P_ZT], prm[P_ZB], prm[P_ZL], prm[P_ZR], nthreads)) return -1;
+  if (out2 && !zero_border(out2, o2s, B, Cf, Hf, Wf, prm[P_Z2T], prm[P_Z2B], prm[P_Z2L], prm[P_Z2R], nthreads))
+    return -1;
+
+  // Kept weights in pairs per output channel, with their workspace offsets.
+  std::vector<int64_t> prow(O + 1, 0);
+  for (int64_t o = 0; o < O; ++o) prow[o + 1] = prow[o] + (rowptr[o + 1] - rowptr[o] + 1) / 2;
+  std::vector<Pair> pairs(prow[O]);
+  for (int64_t o = 0; o < O; ++o) {
+    for (int64_t k = rowptr[o], p = prow[o]; k < rowptr[o + 1]; k += 2, ++p) {
+      const bool two = k + 1 < rowptr[o + 1];
+      const int64_t a = entry_offset(g, cin[k], kpos[k]);
+      const int64_t b = two ? entry_offset(g, cin[k + 1], kpos[k + 1]) : a;  // zero weight: any valid offset
+      if (a < 0 || b < 0) return -2;
+      pairs[p] = Pair{(int32_t)a, (int32_t)b, (uint32_t)val[k] | (two ? (uint32_t)val[k + 1] << 16 : 0u)};
+    }
+  }
+
+  const int nvx = g.Wo <= BV ? 1 : BNV;
+  const int64_t twx = nvx * BV;
+  const int64_t ctiles = (g.Wo + twx - 1) / twx;
+  const int64_t per_chunk = std::max<int64_t>(1, 256 / twx);
+  const int64_t chunks = (ctiles + per_chunk - 1) / per_chunk;
+  const int64_t items = B * g.rtiles * chunks;
+  const int64_t xstride = sh * C * g.Wq;
+  const bool relu = prm[P_RELU] != 0;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+  for (int64_t n = 0; n < items; ++n) {
+    const int64_t b = n / (g.rtiles * chunks), rem = n % (g.rtiles * chunks);
+    const int64_t rt = rem / chunks, ch = rem % chunks;
+    const int64_t y0 = rt * BTR;
+    const int64_t ct0 = ch * per_chunk;
+    const Item it{xp + b * g.per_b + y0 * xstride, pairs.data(), prow.data(), bias, O, xstride, g.Wo, y0,
+                  (int)std::min<int64_t>(BTR, g.Ho - y0), ct0, std::min<int64_t>(ctiles, ct0 + per_chunk)};
+    float* out_b = out ? out + b * os.b : nullptr;
+    uint16_t* out2_b = out2 ? out2 + b * o2s.b : nullptr;
+    const float* res_b = residual ? residual + b * rs.b : nullptr;
+    if (nvx == 1)
+      item_any<1>(it, relu, R, out_b, os, out2_b, o2s, res_b, rs, res_scale);
+    else
+      item_any<BNV>(it, relu, R, out_b, os, out2_b, o2s, res_b, rs, res_scale);
+  }
+  return 0;
+#endif
+}
+
+}  // extern "C"

@@ -1,0 +1,384 @@
+"""The loaded C++ kernel library (:mod:`ctypes` bindings), its hand-off layouts and output pool.
+
+Built and loaded by :mod:`nmrestore.runtime.kernel`. Two conv entry points share one parameter
+block (``csrc/nm_common.h``): the f32 kernel (``nm_kernels.cpp``) and, in a build for a CPU with
+AVX512-BF16, the bf16 one (``nm_bf16.cpp``: bf16 activations and weights, f32 accumulation).
+:meth:`KernelLibrary.conv2d` picks by the dtype of the weight values it is given.
+
+**Hand-off layout.** A conv's output can be written straight into the zero-bordered
+(image, row, channel, column) buffer that the kernel otherwise builds by copying (padding) its
+input; the caller gets the valid region as an ordinary strided (B, C, H, W) view
+(:class:`HandoffLayout` tags it), and a following sparse conv reads that buffer in place. Chains
+of sparse convs (EDSR/RCAN residual bodies) then skip the per-layer padding pass, a full
+read+write of the activation, which at 2:32 costs more than the convolution itself.
+
+**bf16 hand-off.** The bf16 kernel reads bf16 input; given f32 it converts while padding. Its
+output can additionally (or only) be a bf16 hand-off view. "Additionally" is a *shadow*: the f32
+output carries the bf16 copy as an attribute, stamped with the f32 tensor's version counter, so
+a bf16 consumer reads the copy only while nothing has modified the f32 tensor in place (EDSR's
+``res += x``), and every other consumer sees an ordinary f32 tensor. "Only" is for a producer
+whose sole consumer is known to be that bf16 conv (the first conv of a fused residual block).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+ABI_VERSION = 4
+
+
+@dataclass(frozen=True)
+class HandoffLayout:
+    """Where a (B, C, H, W) hand-off view sits in its buffer of (B, rows, C, width) elements.
+
+    ``pad_h`` zero rows lie above the image and at least as many below it (down to ``rows``);
+    ``pad_w`` zero columns lie left of it and ``width - pad_w - W`` right of it.
+    """
+
+    pad_h: int
+    pad_w: int
+    rows: int
+    width: int
+
+    def strides(self, channels: int) -> tuple[int, int, int, int]:
+        return (self.rows * channels * self.width, self.width, channels * self.width, 1)
+
+
+#: Attribute of a hand-off view holding its :class:`HandoffLayout` (a plain Python attribute: any
+#: op that makes a new tensor drops it, so only the very view the kernel wrote carries it).
+LAYOUT_ATTR = "_nmk_layout"
+#: Attribute of an f32 output holding its bf16 hand-off copy and the f32 tensor's version then.
+SHADOW_ATTR = "_nmk_bf16"
+
+
+def handoff_layout(x: Tensor) -> HandoffLayout | None:
+    """The layout of a hand-off view that still has exactly its original strides, else None."""
+    layout: HandoffLayout | None = getattr(x, LAYOUT_ATTR, None)
+    if layout is None or x.dim() != 4 or x.stride() != layout.strides(x.shape[1]):
+        return None
+    return layout
+
+
+def bf16_shadow(x: Tensor) -> Tensor | None:
+    """The bf16 hand-off copy of an f32 kernel output, if it has one and ``x`` is unmodified since."""
+    entry: tuple[Tensor, int] | None = getattr(x, SHADOW_ATTR, None)
+    if entry is None or x._version != entry[1]:
+        return None
+    return entry[0]
+
+
+#: Output buffers kept per size, and distinct sizes kept, by :meth:`KernelLibrary._output_buffer`.
+POOL_PER_SIZE = 6
+POOL_SIZES = 24
+
+
+def _storage_use_count() -> Callable[[Tensor], int] | None:
+    """How many owners a tensor's storage has (None where this torch does not say)."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    if count is None:  # pragma: no cover - older/newer torch: outputs are not pooled
+        return None
+    return lambda t: int(count(t.untyped_storage()._cdata))
+
+
+_use_count = _storage_use_count()
+
+Pair = tuple[int, int]
+
+
+class KernelLibrary:
+    """The loaded library with typed entry points."""
+
+    def __init__(self, lib: ctypes.CDLL, bf16_allowed: bool = True) -> None:
+        p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+        self._lib = lib
+        lib.nmk_abi_version.restype = i32
+        ints = ("nmk_vector_floats", "nmk_tile_rows", "nmk_tile_cols", "nmk_openmp", "nmk_param_count")
+        ints += ("nmk_has_bf16", "nmk_bf16_tile_rows", "nmk_bf16_tile_cols")
+        for name in ints:
+            getattr(lib, name).restype = i32
+            getattr(lib, name).argtypes = []
+        lib.nmk_conv2d_workspace.restype = i64
+        lib.nmk_conv2d_workspace.argtypes = [i64] * 12
+        for name in ("nmk_conv2d_rows_read", "nmk_bf16_rows_read"):
+            getattr(lib, name).restype = i64
+            getattr(lib, name).argtypes = [i64] * 5
+        for name in ("nmk_conv2d_tail_slack", "nmk_bf16_tail_slack"):
+            getattr(lib, name).restype = i64
+            getattr(lib, name).argtypes = [i64]
+        lib.nmk_bf16_workspace.restype = i64
+        lib.nmk_bf16_workspace.argtypes = [p]
+        lib.nmk_conv2d_ex.restype = i32
+        lib.nmk_conv2d_ex.argtypes = [p, p, p, p, p, p, p, p, p, ctypes.c_float, p]
+        lib.nmk_conv2d_bf16.restype = i32
+        lib.nmk_conv2d_bf16.argtypes = [p, p, p, p, p, p, p, p, p, ctypes.c_float, p, p]
+        self._params = ctypes.c_int64 * int(lib.nmk_param_count())
+        lib.nmk_linear.restype = i32
+        lib.nmk_linear.argtypes = [p, i64, i64, p, p, p, p, i64, i32, p, i32]
+        self.abi = int(lib.nmk_abi_version())
+        self.vector_floats = int(lib.nmk_vector_floats())
+        self.tile = (int(lib.nmk_tile_rows()), int(lib.nmk_tile_cols()))
+        self.openmp = bool(lib.nmk_openmp())
+        #: The bf16 kernels are compiled in (and not switched off): precision="bf16" may use them.
+        self.has_bf16 = bool(lib.nmk_has_bf16()) and bf16_allowed
+        self.bf16_tile = (int(lib.nmk_bf16_tile_rows()), int(lib.nmk_bf16_tile_cols()))
+        self._local = threading.local()
+
+    def _workspace(self, floats: int) -> Tensor:
+        """A per-thread scratch buffer that only grows: re-allocating it per call page-faults."""
+        buf: Tensor | None = getattr(self._local, "buf", None)
+        if buf is None or buf.numel() < floats:
+            buf = torch.empty(int(floats * 1.1) + 64, dtype=torch.float32)
+            self._local.buf = buf
+        return buf
+
+    def release_workspace(self) -> None:
+        """Drop the scratch buffer and the output pool (their memory goes once no tensor uses it)."""
+        self._local.buf = None
+        self._local.pool = None
+
+    def _output_buffer(self, floats: int) -> Tensor:
+        """A flat buffer for a conv output, reused once no tensor uses its memory any more.
+
+        Why: activations are tens of MB, which the allocator hands out as fresh pages; faulting
+        them in cost about 30% of an EDSR forward on the kernel (0.3 s of 1 s, 1 thread). A buffer
+        is reused only when its storage has no user but the pool (its use count is back to what
+        it was when the pool made it), so a tensor the caller still holds, or any view of it, is
+        never overwritten.
+        """
+        if _use_count is None:
+            return torch.empty(floats, dtype=torch.float32)
+        pool: dict[int, list[tuple[Tensor, int]]] | None = getattr(self._local, "pool", None)
+        if pool is None or len(pool) > POOL_SIZES:  # many shapes (patch batches): start over
+            pool = self._local.pool = {}
+        entries = pool.setdefault(floats, [])
+        for buf, idle in entries:
+            if _use_count(buf) == idle:
+                return buf
+        buf = torch.empty(floats, dtype=torch.float32)
+        if len(entries) < POOL_PER_SIZE:
+            entries.append((buf, _use_count(buf)))
+        return buf
+
+    def rows_read(self, h: int, kh: int, sh: int, ph: int, dh: int, bf16: bool = False) -> int:
+        """Rows of padded input (per image, from its top) a conv reads, tile rounding included."""
+        fn = self._lib.nmk_bf16_rows_read if bf16 else self._lib.nmk_conv2d_rows_read
+        return int(fn(h, kh, sh, ph, dh))
+
+    def accepts_handoff(
+        self,
+        x: Tensor,
+        kernel_size: Pair,
+        stride: Pair,
+        padding: Pair,
+        dilation: Pair,
+        bf16: bool = False,
+    ) -> bool:
+        """True when ``x`` is a hand-off view (of the kernel's dtype) this conv can read in place."""
+        layout = handoff_layout(x)
+        if layout is None or stride[1] != 1 or x.dtype != (torch.bfloat16 if bf16 else torch.float32):
+            return False
+        (ph, pw), h, w = padding, x.shape[2], x.shape[3]
+        if ph > layout.pad_h or pw > layout.pad_w or layout.width - layout.pad_w - w < pw:
+            return False
+        below = layout.rows - layout.pad_h - h
+        need = self.rows_read(h, kernel_size[0], stride[0], ph, dilation[0], bf16)
+        return below >= ph and layout.pad_h - ph + need <= layout.rows
+
+    def handoff_empty(self, shape: tuple[int, int, int, int], pad: Pair, bf16: bool = False) -> Tensor:
+        """An uninitialised hand-off view of ``shape`` with ``pad`` zero border (zeroed by the
+        conv that writes it) and room for any conv's tile over-read (f32, or bf16 with ``bf16``)."""
+        b, c, h, w = shape
+        ph, pw = pad
+        vec = 32 if bf16 else self.vector_floats  # elements per 64-byte vector
+        left = -(-pw // vec) * vec  # a whole vector of zeros on the left: every row's valid part is
+        # 64-byte aligned, so full-tile stores never straddle two cache lines
+        width = -(-(left + w + pw) // vec) * vec
+        rows = h + 2 * ph + max(self.tile[0], self.bf16_tile[0]) + 1
+        layout = HandoffLayout(ph, left, rows, width)
+        tail = self._lib.nmk_bf16_tail_slack if bf16 else self._lib.nmk_conv2d_tail_slack
+        elems = b * rows * c * width + int(tail(c * width))
+        buf = self._output_buffer(-(-elems // 2) if bf16 else elems)
+        if bf16:
+            buf = buf.view(torch.bfloat16)
+        view = buf.as_strided(shape, layout.strides(c), ph * c * width + left)
+        setattr(view, LAYOUT_ATTR, layout)
+        return view
+
+    def conv2d(
+        self,
+        x: Tensor,
+        rowptr: Tensor,
+        cin: Tensor,
+        kpos: Tensor,
+        values: Tensor,
+        bias: Tensor | None,
+        out_channels: int,
+        kernel_size: Pair,
+        stride: Pair,
+        padding: Pair,
+        dilation: Pair,
+        relu: bool = False,
+        threads: int | None = None,
+        residual: Tensor | None = None,
+        res_scale: float = 1.0,
+        shuffle: int = 1,
+        out_pad: Pair | None = None,
+        bf16_pad: Pair | None = None,
+        bf16_only: bool = False,
+    ) -> Tensor:
+        """Sparse conv of a (B, C, H, W) CPU tensor (any strides; a hand-off view that
+        :meth:`accepts_handoff` is read in place, without the padding pass).
+
+        ``values`` float32 runs the f32 kernel (bf16 inputs are converted first); bfloat16 runs the
+        bf16 kernel (f32 accumulation; needs :attr:`has_bf16`), which reads a bf16 hand-off view or
+        shadow (:func:`bf16_shadow`) in place and converts anything else while padding.
+        With ``residual`` (the output's shape, any strides) the result is
+        ``act(res_scale * conv(x) + residual)``, act = ReLU when ``relu``. ``shuffle`` = r fuses a
+        following ``pixel_shuffle(r)`` (not with a residual). ``out_pad``: write the output as a
+        hand-off view with that zero border (for a following sparse conv), else a plain tensor.
+        ``bf16_pad`` (bf16 kernel): also write a bf16 hand-off copy with that border, attached as
+        the output's shadow, or with ``bf16_only`` returned instead of any f32 output.
+        """
+        bf16 = values.dtype == torch.bfloat16
+        if bf16 and not self.has_bf16:
+            raise RuntimeError("this kernel build has no bf16 kernels")
+        b, c, h, w = x.shape
+        kh, kw = kernel_size
+        (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+        ho = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+        wo = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+        r = max(1, shuffle)
+        if r > 1 and (residual is not None or out_channels % (r * r) or r > 4):
+            raise ValueError(
+                f"fused pixel shuffle {r} needs no residual, r <= 4 and channels divisible by r^2"
+            )
+        shape = (b, out_channels // (r * r), ho * r, wo * r)
+        want_f32 = not (bf16 and bf16_pad is not None and bf16_only)
+        if min(shape) <= 0:
+            return torch.empty(shape, dtype=torch.float32 if want_f32 else torch.bfloat16)
+        out, zero = self._output(shape, out_pad if want_f32 else None, bf16=False) if want_f32 else (None, ())
+        out2, zero2 = (None, ())
+        if bf16 and bf16_pad is not None:
+            out2, zero2 = self._output(shape, bf16_pad, bf16=True)
+        if residual is not None:
+            if tuple(residual.shape) != shape:
+                raise ValueError(f"residual of shape {tuple(residual.shape)} for an output of {shape}")
+            if residual.stride(3) != 1 or residual.dtype != torch.float32:
+                residual = residual.float().contiguous()
+        geometry = (kernel_size, stride, padding, dilation)
+        src, padded, ws_ptr = self._input(x, geometry, bf16)
+        rs = (
+            (residual.stride(0), residual.stride(1), residual.stride(2))
+            if residual is not None
+            else (0, 0, 0)
+        )
+        os_ = (out.stride(0), out.stride(1), out.stride(2)) if out is not None else (0, 0, 0)
+        o2s = (out2.stride(0), out2.stride(1), out2.stride(2)) if out2 is not None else (0, 0, 0)
+        params = self._params(
+            b, c, h, w, out_channels, kh, kw, sh, sw, ph, pw, dh, dw,
+            *src[1], int(padded), int(relu), *rs, *os_, r, *(zero or (0, 0, 0, 0)),
+            threads or torch.get_num_threads(),
+            int(src[0].dtype == torch.bfloat16), int(out is not None), *o2s, *(zero2 or (0, 0, 0, 0)),
+        )  # fmt: skip
+        start = (
+            src[0].data_ptr() - src[0].element_size() * (ph * src[1][2] + pw) if padded else src[0].data_ptr()
+        )
+        args = (rowptr.data_ptr(), cin.data_ptr(), kpos.data_ptr(), values.data_ptr())
+        bias_ptr = bias.data_ptr() if bias is not None else None
+        res_ptr = residual.data_ptr() if residual is not None else None
+        if bf16:
+            if ws_ptr is None and not padded:
+                ws_ptr = self._workspace(-(-int(self._lib.nmk_bf16_workspace(params)) // 2) + 16).data_ptr()
+            out_ptr = out.data_ptr() if out is not None else None
+            out2_ptr = out2.data_ptr() if out2 is not None else None
+            status = self._lib.nmk_conv2d_bf16(
+                params, start, ws_ptr, *args, bias_ptr, res_ptr, float(res_scale), out_ptr, out2_ptr
+            )
+        else:
+            if not padded:
+                ws_ptr = self._workspace(
+                    self._lib.nmk_conv2d_workspace(b, c, h, w, kh, kw, sh, sw, ph, pw, dh, dw)
+                ).data_ptr()
+            assert out is not None
+            status = self._lib.nmk_conv2d_ex(
+                params, start, ws_ptr, *args, bias_ptr, res_ptr, float(res_scale), out.data_ptr()
+            )
+        if status != 0:
+            raise RuntimeError(f"sparse conv kernel rejected input {tuple(x.shape)} (status {status})")
+        if out is None:
+            assert out2 is not None
+            return out2
+        if out2 is not None:
+            setattr(out, SHADOW_ATTR, (out2, out._version))
+        return out
+
+    def _output(
+        self, shape: tuple[int, int, int, int], pad: Pair | None, bf16: bool
+    ) -> tuple[Tensor, tuple[int, ...]]:
+        """An output view and the zero border the kernel must write around it (hand-off) or ()."""
+        if pad is None:
+            assert not bf16
+            return self._output_buffer(shape[0] * shape[1] * shape[2] * shape[3]).view(shape), ()
+        out = self.handoff_empty(shape, pad, bf16)
+        layout = handoff_layout(out)
+        assert layout is not None
+        return out, (pad[0], layout.rows - pad[0] - shape[2], pad[1], layout.width - pad[1] - shape[3])
+
+    def _input(
+        self, x: Tensor, geometry: tuple[Pair, Pair, Pair, Pair], bf16: bool
+    ) -> tuple[tuple[Tensor, tuple[int, int, int]], bool, int | None]:
+        """(tensor the kernel reads and its (image, channel, row) strides, read in place, workspace).
+
+        In place: a hand-off view of the kernel's dtype (for bf16 also an f32 output's valid bf16
+        shadow), as (buffer view, (image stride, row width, C * row width)). Otherwise the tensor
+        the padding pass reads (W contiguous; f32, or bf16 for the bf16 kernel)."""
+        candidates = [x]
+        if bf16 and x.dtype == torch.float32:
+            shadow = bf16_shadow(x)
+            if shadow is not None:
+                candidates.insert(0, shadow)
+        for cand in candidates:
+            if self.accepts_handoff(cand, *geometry, bf16=bf16):
+                layout = handoff_layout(cand)
+                assert layout is not None
+                row = cand.shape[1] * layout.width
+                return (cand, (layout.rows * row, layout.width, row)), True, None
+        if x.dtype not in ((torch.float32, torch.bfloat16) if bf16 else (torch.float32,)) or x.stride(3) != 1:
+            x = x.float().contiguous() if x.dtype != torch.bfloat16 or not bf16 else x.contiguous()
+        return (x, (x.stride(0), x.stride(1), x.stride(2))), False, None
+
+    def linear(
+        self,
+        x: Tensor,
+        rowptr: Tensor,
+        cin: Tensor,
+        values: Tensor,
+        bias: Tensor | None,
+        out_features: int,
+        relu: bool = False,
+        threads: int | None = None,
+    ) -> Tensor:
+        """Sparse linear of a contiguous float32 (B, I) CPU tensor."""
+        b, i = x.shape
+        out = torch.empty(b, out_features, dtype=torch.float32)
+        if out.numel():
+            self._lib.nmk_linear(
+                x.data_ptr(),
+                b,
+                i,
+                rowptr.data_ptr(),
+                cin.data_ptr(),
+                values.data_ptr(),
+                bias.data_ptr() if bias is not None else None,
+                out_features,
+                int(relu),
+                out.data_ptr(),
+                threads or torch.get_num_threads(),
+            )
+        return out

@@ -1,0 +1,98 @@
+"""Whole-model plans: after each layer has chosen its tactic, a few consistent assignments are
+timed end to end and the fastest is kept.
+
+Why: a layer's timing sees its own input as it arrived, not what its choice costs its neighbours.
+With four tactics, a greedy per-layer choice can alternate layouts (a bf16 kernel whose output is
+an f32 NCHW tensor, then PyTorch's bf16 conv that wants bf16 channels-last, then the kernel again,
+...), and every switch is a full transposing pass over the activation. Seen on EDSR-baseline x2
+at 4:32 (320x180, 1 thread, a loaded machine): with such a mix (first conv of each block on the
+bf16 kernel, second on PyTorch's bf16 conv) the bf16 engine ran 0.7x the speed of the f32 engine;
+in another session, whose per-layer choices were consistent, 2.0x. The plans are each layer's
+fastest tactic within a set: all four (the greedy choice), the f32 ones, the bf16 ones, PyTorch's
+bf16 conv only, and the bf16 kernel wherever it applies.
+Timed like everything else (:mod:`nmrestore.runtime.timing`): interleaved rounds, the median.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from nmrestore.runtime.layers import LayerDecision, SparseLayer
+from nmrestore.runtime.timing import interleaved
+
+Key = tuple[int, tuple[int, ...], int]
+
+#: Plan name -> the tactics each layer picks its fastest from (None: all, the greedy choice);
+#: "bf16 kernel" prefers the bf16 sparse kernel wherever a layer has it.
+PLANS: dict[str, tuple[str, ...] | None] = {
+    "per-layer": None,
+    "f32": ("dense", "sparse"),
+    "bf16": ("dense_bf16", "sparse_bf16"),
+    "bf16 dense": ("dense_bf16",),
+    "bf16 kernel": ("sparse_bf16",),
+}
+
+
+def _pick(times: dict[str, float], allowed: tuple[str, ...] | None, name: str) -> str | None:
+    if name == "bf16 kernel" and "sparse_bf16" in times:
+        return "sparse_bf16"
+    pool = {t: ms for t, ms in times.items() if allowed is None or t in allowed}
+    if name == "bf16 kernel":  # a layer without the bf16 kernel (first/last conv): its fastest bf16 or any
+        pool = {t: ms for t, ms in times.items() if t.endswith("bf16")} or dict(times)
+    return min(pool, key=pool.__getitem__) if pool else None
+
+
+def assignments(
+    fresh: Sequence[tuple[SparseLayer, Key]], decisions: dict[Any, LayerDecision]
+) -> dict[str, dict[tuple[SparseLayer, Key], str]]:
+    """Every distinct plan's choice per (layer, key) among the layers timed in this forward."""
+    plans: dict[str, dict[tuple[SparseLayer, Key], str]] = {}
+    for name, allowed in PLANS.items():
+        plan: dict[tuple[SparseLayer, Key], str] = {}
+        for layer, key in fresh:
+            decision = decisions.get((layer.layer_name, *key))
+            if decision is None or len(decision.times_ms) < 2:
+                continue  # forced or nothing to choose: left as it is
+            choice = _pick(decision.times_ms, allowed, name)
+            if choice is not None:
+                plan[(layer, key)] = choice
+        if plan and plan not in plans.values():
+            plans[name] = plan
+    return plans
+
+
+def refine(
+    fresh: Sequence[tuple[SparseLayer, Key]],
+    decisions: dict[Any, LayerDecision],
+    run: Callable[[], object],
+    repeats: int,
+    layers: Sequence[SparseLayer],
+) -> str | None:
+    """Time the distinct plans on ``run()`` (interleaved, one warm-up round that also sets up each
+    plan's hand-offs), apply the fastest and return its name (None when there was nothing to try)."""
+    plans = assignments(fresh, decisions)
+    if len(plans) < 2:
+        return None
+
+    def apply(plan: dict[tuple[SparseLayer, Key], str]) -> None:
+        for (layer, key), choice in plan.items():
+            layer._choices.by_key[key] = choice
+
+    def timed(plan: dict[tuple[SparseLayer, Key], str]) -> object:
+        apply(plan)
+        return run()
+
+    timings = interleaved(
+        {name: (lambda p=plan: timed(p)) for name, plan in plans.items()}, repeats, warmup=1
+    )
+    best = min(plans, key=timings.median)
+    apply(plans[best])
+    for (layer, key), choice in plans[best].items():
+        decision = decisions[(layer.layer_name, *key)]
+        if decision.choice != choice:
+            decision.choice = choice
+            decision.reason = f"{decision.reason}; whole-model plan {best!r}"
+    for layer in layers:  # hand-off requests of the other plans would make producers write unread copies
+        layer.reset_handoff()
+    return best
