@@ -212,15 +212,16 @@ def _fmt_row(row: dict[str, object]) -> str:
 def _sls_row(
     args: argparse.Namespace, size: tuple[int, int], config: EngineConfig
 ) -> tuple[SpeedReport, float, str]:
-    """Train (or reuse) the SLS checkpoint and time it the way ``nmrestore speed --checkpoint`` does."""
+    """Time an SLS checkpoint the way ``nmrestore speed --checkpoint C [--vs ...]`` does: ``--sls-checkpoint``
+    (e.g. the photo study's), or one trained here (cached)."""
     from nmrestore.cli.speed import run_speed, speed_model
 
-    checkpoint = ensure_sls(quick=args.quick)
-    model, _ = speed_model("edsr_baseline", 2, None, checkpoint)
+    checkpoint = args.sls_checkpoint or ensure_sls(quick=args.quick)
+    model, _ = speed_model(None, 2, None, checkpoint)
     fraction, text = sls_summary(model)
     h, w = size
     report = run_speed(
-        "edsr_baseline",
+        None,
         2,
         None,
         checkpoint,
@@ -230,6 +231,7 @@ def _sls_row(
         None,
         config,
         WARMUP,
+        vs=args.vs,
     )
     return report, fraction, text
 
@@ -398,6 +400,10 @@ def main() -> None:
     )
     parser.add_argument("--models", default="edsr_baseline,carn", help="uniform rows for these models")
     parser.add_argument(
+        "--sls-checkpoint", type=Path, default=None, help="time this SLS checkpoint (default: train a small one)"
+    )
+    parser.add_argument("--sls-label", default="", help="what --sls-checkpoint is, for the tables")
+    parser.add_argument(
         "--uniform-only",
         action="store_true",
         help="only the uniform rows (no SLS, profile, ClassPruning); print only",
@@ -505,14 +511,9 @@ def main() -> None:
             print(_ratio_text(ratio_rows))
             return
         sls_report, fraction, sls_text = _sls_row(args, size, config)
-        rows.append(
-            _row(
-                sls_report.model,
-                "edsr_baseline x2",
-                f"SLS, learned ({fraction:.1%} prunable MACs)",
-                sls_report,
-            )
-        )
+        sls_label = "SLS model" + (f" ({args.sls_label})" if args.sls_label else "")
+        rows.append(_row(sls_report.model, sls_label, f"SLS, learned ({fraction:.1%} prunable MACs)", sls_report))
+        peer_table_rows += peer_rows(sls_report, sls_label, f"SLS {fraction:.1%}")
         print(f"{sls_report.model}: {_fmt_row(rows[-1])}", flush=True)
 
         profile_models: dict[str, nn.Module] = {}
@@ -547,6 +548,7 @@ def main() -> None:
         "precision": args.precision,
         "ratio_rows": ratio_rows,
         "sls": {
+            "given": args.sls_label if args.sls_checkpoint else None,
             "budget": SLS_BUDGET,
             "steps": SLS_STEPS,
             "checkpoint": sls_report.model,
@@ -607,6 +609,19 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
             + "".join(f"\n\nNote: {note}" for note in payload["peer_notes"])
             + "\n"
         )
+    if sls.get("given"):
+        sls_text = (
+            f"SLS row: {sls['given']} (checkpoint {sls['checkpoint']}), timed as `nmrestore speed --checkpoint C`"
+            f"{' --vs ...' if payload['peer_rows'] else ''}. Learned: {sls['fraction']:.1%} of the prunable MACs; "
+            f"{sls['layers']}."
+        )
+    else:
+        sls_text = (
+            f"SLS row: a real SLS search (method `sls`, M = 32, budget {sls['budget']:g} of the prunable MACs, "
+            f"{sls['steps']} steps from scratch on the built-in photos, 1 thread; checkpoint {sls['checkpoint']}), "
+            f"timed as `nmrestore speed edsr_baseline --scale 2 --checkpoint C`. Learned: {sls['fraction']:.1%} of "
+            f"the prunable MACs; {sls['layers']}."
+        )
     route_layers = ", ".join(f"route {route}: {choices}" for route, choices in cp["route_layers"].items())
     h, w = payload["size"]
     body = f"""
@@ -619,10 +634,7 @@ faster); "max abs diff" is between the two models' outputs.
 
 {markdown_table(payload["rows"], UNIFORM_COLUMNS)}
 {peers_text}
-SLS row: a real SLS search (method `sls`, M = 32, budget {sls["budget"]:g} of the prunable MACs,
-{sls["steps"]} steps from scratch on the built-in photos, 1 thread; checkpoint {sls["checkpoint"]}), timed as
-`nmrestore speed edsr_baseline --scale 2 --checkpoint C`. Learned: {sls["fraction"]:.1%} of the prunable MACs;
-{sls["layers"]}.
+{sls_text}
 
 **Where the time goes** (EDSR-baseline x2, one forward, median per module over {payload["repeats"]} runs;
 module hooks add a little overhead, so parts do not add up exactly to the end-to-end figures above):

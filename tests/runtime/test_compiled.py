@@ -68,13 +68,13 @@ def _engine(config: EngineConfig, shape: tuple[int, ...] = (1, 3, 12, 10), name:
 def _count_timings(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Record every tactic timing (the layer's name) from now on."""
     calls: list[str] = []
-    original = SparseLayer._time_both
+    original = SparseLayer._time_all
 
     def counted(self: SparseLayer, *args: Any, **kwargs: Any) -> Any:
         calls.append(self.layer_name)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(SparseLayer, "_time_both", counted)
+    monkeypatch.setattr(SparseLayer, "_time_all", counted)
     return calls
 
 
