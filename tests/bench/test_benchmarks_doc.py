@@ -17,9 +17,9 @@ import _report  # noqa: E402
 #: Sections measured before their scripts saved JSON; each stays as it was written until its script
 #: is rerun (timing sections need an idle machine; the others take longer than a shared one allows).
 #: A rerun writes docs/bench/<key>.json: then the key must leave this set.
-PENDING_RERUN = {"core", "speed", "speed_profile", "png", "restore", "classpruning", "classpruning-denoise"}
+PENDING_RERUN: set[str] = set()
 #: Sections removed from the document (superseded or stale); nothing may describe them any more.
-REMOVED = {"sr", "sr-quick", "sls"}
+REMOVED = {"sr", "sr-quick", "sls", "png", "restore", "classpruning", "classpruning-denoise"}
 
 SECTIONS = _report.doc_sections(_report.DOC.read_text())
 
