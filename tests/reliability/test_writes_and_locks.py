@@ -99,7 +99,7 @@ ALLOWED = {
         "engine/trainer.py",
         'open(self.run_dir / "metrics.jsonl", "a")',
     ): "an append-only log (the run lock keeps it single-writer)",
-    ("runtime/kernel.py", "src.write_bytes(source)"): "the C++ source in a private temp build folder",
+    ("runtime/kernel.py", "(Path(tmp) / name).write_bytes(text)"): "the C++ sources in a private temp build folder",
     ("engine/runlock.py", "os.open("): "the lock file (flock, not data)",
 }
 WRITE = re.compile(
