@@ -102,11 +102,9 @@ def infer_compiled(
     progress: bool,
 ) -> list[Path]:
     """``infer`` with a compiled file (see :func:`nmrestore.cli.evaluation.infer_images`)."""
-    from nmrestore.cli.evaluation import _device, _image_size, plan_outputs
-    from nmrestore.data.io import read_image, to_tensor, write_image
-    from nmrestore.engine.evaluate import progress_over
+    from nmrestore.cli.evaluation import _device, _image_size, plan_outputs, restore_images
+    from nmrestore.data.io import read_image
     from nmrestore.engine.loading import load
-    from nmrestore.engine.tiling import ALIGN, choose_overlap, default_tile, run_tiled
     from nmrestore.limits import check_infer_size
 
     if tile is not None and tile < 0:
@@ -124,16 +122,4 @@ def infer_compiled(
         if size is not None:
             check_infer_size(str(image_path), size, scale)
     images = [read_image(p) for p in inputs]  # read all first: fail before writing
-    side = default_tile(scale) if tile is None else -(-tile // ALIGN) * ALIGN
-    overlap: int | None = None
-    written = []
-    for image, targets in progress_over(list(zip(images, plans, strict=True)), "infer", progress):
-        x = to_tensor(image).unsqueeze(0).to(target)
-        if side and max(x.shape[-2:]) > side:
-            if overlap is None:  # measured once, only when some image needs tiles
-                overlap = choose_overlap(runner, x.shape[1])
-            output = run_tiled(runner, x, side, overlap)
-        else:
-            output = runner(x).clamp(0, 1)[0]
-        written.append(write_image(targets[0], output.cpu() if isinstance(output, torch.Tensor) else output))
-    return written
+    return restore_images(runner, images, plans, scale, tile, target, progress)

@@ -216,7 +216,6 @@ def infer_images(
     Nothing is written until every input is read and every output name checked
     (:func:`plan_outputs`); outputs are written atomically with a plain ``open()``'s permissions.
     """
-    from nmrestore.engine.tiling import ALIGN, choose_overlap, default_tile, run_tiled
     from nmrestore.limits import check_infer_size
 
     if tile is not None and tile < 0:
@@ -243,10 +242,25 @@ def infer_images(
     if adaptive:
         return hooks.infer_adaptive(model, recipe, images, out, patch_size, stride, engine)
     runner = (model if engine is None else engine).to(target)
+    return restore_images(runner, [image for _path, image in images], plans, scale, tile, target, progress)
+
+
+def restore_images(
+    runner: torch.nn.Module,
+    images: list[Any],
+    plans: list[list[Path]],
+    scale: int,
+    tile: int | None,
+    target: torch.device,
+    progress: bool,
+) -> list[Path]:
+    """Run ``runner`` on each image (in tiles when it is larger than the tile side) and write its output."""
+    from nmrestore.engine.tiling import ALIGN, choose_overlap, default_tile, run_tiled
+
     side = default_tile(scale) if tile is None else -(-tile // ALIGN) * ALIGN
     overlap: int | None = None
     written = []
-    for (_path, image), targets in progress_over(list(zip(images, plans, strict=True)), "infer", progress):
+    for image, targets in progress_over(list(zip(images, plans, strict=True)), "infer", progress):
         x = to_tensor(image).unsqueeze(0).to(target)
         if side and max(x.shape[-2:]) > side:
             if overlap is None:  # measured once, only when some image needs tiles
