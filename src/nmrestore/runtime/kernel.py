@@ -39,7 +39,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -52,7 +52,7 @@ from nmrestore.runtime.kernel_cache import kernel_dir, sha256_file, sidecar, ver
 
 log = logging.getLogger("nmrestore.runtime")
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 SOURCE_NAME = "nm_kernels.cpp"
 #: Flag sets tried in order; the first that compiles and loads wins.
 FLAG_SETS: tuple[tuple[str, ...], ...] = (
@@ -154,6 +154,8 @@ class KernelLibrary:
         lib.nmk_param_count.argtypes = []
         lib.nmk_conv2d_ex.restype = i32
         lib.nmk_conv2d_ex.argtypes = [p, p, p, p, p, p, p, p, p, ctypes.c_float, p]
+        lib.nmk_conv2d_tiles.restype = i32
+        lib.nmk_conv2d_tiles.argtypes = [p, p, p, p, p, p, p, p, p, ctypes.c_float, p]
         self._params = ctypes.c_int64 * int(lib.nmk_param_count())
         lib.nmk_linear.restype = i32
         lib.nmk_linear.argtypes = [p, i64, i64, p, p, p, p, i64, i32, p, i32]
@@ -341,6 +343,81 @@ class KernelLibrary:
         if status != 0:
             raise RuntimeError(f"nmk_conv2d_ex rejected input {tuple(x.shape)} (status {status})")
         return out
+
+    def conv2d_tiles(
+        self,
+        x: Tensor,
+        positions: Sequence[tuple[int, int]],
+        tile: tuple[int, int],
+        rowptr: Tensor,
+        cin: Tensor,
+        kpos: Tensor,
+        values: Tensor,
+        bias: Tensor | None,
+        out: Tensor,
+        kernel_size: tuple[int, int],
+        padding: tuple[int, int],
+        relu: bool = False,
+        threads: int | None = None,
+        residual: Tensor | None = None,
+        res_scale: float = 1.0,
+        shuffle: int = 1,
+    ) -> None:
+        """A stride-1 'same' sparse conv on some ``tile``-sized tiles of one image, in place.
+
+        ``x``: a (1, C, H, W) hand-off view this conv :meth:`accepts_handoff`; tile (t, s) reads its
+        padded window there and writes ``out[0, :, t*r : (t+h)*r, s*r : (s+w)*r]`` (r = ``shuffle``;
+        ``out`` any strides with W contiguous), with ``act(res_scale * conv + residual)`` taken from
+        ``residual`` at (t, s) when given. No gather, no scatter, no padding pass: each route of a
+        spatially routed layer runs its tiles in one call (:mod:`nmrestore.runtime.spatial`).
+        """
+        (kh, kw), (ph, pw) = kernel_size, padding
+        th, tw = tile
+        r = max(1, shuffle)
+        layout = handoff_layout(x)
+        if layout is None or not self.accepts_handoff(x, kernel_size, (1, 1), padding, (1, 1)):
+            raise ValueError(
+                "conv2d_tiles reads its input in place: it needs a hand-off view with the conv's border"
+            )
+        if x.shape[0] != 1 or out.stride(3) != 1 or 2 * ph != kh - 1 or 2 * pw != kw - 1:
+            raise ValueError(
+                "conv2d_tiles runs stride-1 'same' convs on one image into an output with contiguous rows"
+            )
+        if residual is not None and (r > 1 or residual.stride(3) != 1):
+            raise ValueError("conv2d_tiles: a residual needs no shuffle and contiguous rows")
+        if not positions:
+            return
+        c = x.shape[1]
+        row = c * layout.width
+        ts, ls = (torch.tensor([p[i] for p in positions], dtype=torch.int64) for i in (0, 1))
+        offsets = torch.empty(len(positions), 3, dtype=torch.int64)
+        offsets[:, 0] = (ts - ph) * row + (ls - pw)  # from x's origin to each tile's padded window
+        offsets[:, 1] = ts * r * out.stride(2) + ls * r
+        offsets[:, 2] = 0 if residual is None else ts * residual.stride(2) + ls
+        rs = (0, residual.stride(1), residual.stride(2)) if residual is not None else (0, 0, 0)
+        params = self._params(
+            len(positions), c, th, tw, out.shape[1] * r * r, kh, kw, 1, 1, ph, pw, 1, 1,
+            0, layout.width, row, 1, int(relu), *rs,
+            0, out.stride(1), out.stride(2), r, 0, 0, 0, 0,
+            threads or torch.get_num_threads(),
+        )  # fmt: skip
+        status = self._lib.nmk_conv2d_tiles(
+            params,
+            offsets.data_ptr(),
+            x.data_ptr(),
+            rowptr.data_ptr(),
+            cin.data_ptr(),
+            kpos.data_ptr(),
+            values.data_ptr(),
+            bias.data_ptr() if bias is not None else None,
+            residual.data_ptr() if residual is not None else None,
+            float(res_scale),
+            out.data_ptr(),
+        )
+        if status != 0:
+            raise RuntimeError(
+                f"nmk_conv2d_tiles rejected {len(positions)} tiles of {tile} (status {status})"
+            )
 
     def linear(
         self,

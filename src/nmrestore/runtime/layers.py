@@ -29,7 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nmrestore.errors import NMRestoreError
 from nmrestore.runtime.packing import CSRWeight
+from nmrestore.runtime.spatial import InPlaceConv, TileGroup, run_routed_conv
 from nmrestore.runtime.timing import interleaved
 from nmrestore.sparsity.parametrization import nm_mask_of
 
@@ -99,6 +101,8 @@ class LayerDecision:
 @dataclass
 class _Choices:
     by_key: dict[tuple[int, tuple[int, ...], int], str] = field(default_factory=dict)
+    # spatial routing: per (route, one tile's shape, threads), whatever the number of tiles
+    by_tile: dict[tuple[int, tuple[int, ...], int], str] = field(default_factory=dict)
 
 
 class SparseLayer(nn.Module):
@@ -116,6 +120,8 @@ class SparseLayer(nn.Module):
         self._choices = _Choices()
         bias = getattr(source, "bias", None)
         self._bias = None if bias is None else bias.detach().float().contiguous().clone()
+        # routes that hold different weights: only these run tile by tile under a route map
+        self.routed = any(not torch.equal(r.dense, routes[0].dense) for r in routes[1:])
 
     # -- route ---------------------------------------------------------------------------------
     def active_route(self) -> int:
@@ -154,7 +160,7 @@ class SparseLayer(nn.Module):
             return rw.why_dense or "not N:M on this route"
         if state.config.tactic == "dense":
             return "tactic forced to dense"
-        if rw.csr.density > state.config.max_density:
+        if rw.nm is not None and rw.csr.density > state.config.max_density:  # dense convs: always timed
             return f"density {rw.csr.density:.2f} > max_density {state.config.max_density:g}"
         if x.device.type != "cpu" or x.dtype != torch.float32:
             return f"input is {x.dtype} on {x.device.type} (the kernel takes float32 on CPU)"
@@ -172,6 +178,9 @@ class SparseLayer(nn.Module):
 
         ``act`` is ReLU when ``post_relu`` (or a fused following ReLU without a residual).
         """
+        route_map = self._state.spatial
+        if route_map is not None and self.routed:
+            return self._run_spatial(x, residual, scale, post_relu)
         route = self.active_route()
         rw = self.routes[route]
         extra = (residual, scale, post_relu)
@@ -185,6 +194,37 @@ class SparseLayer(nn.Module):
         if choice == "dense":
             return self._dense(x, rw, *extra)
         return self._decide(key, x, rw, extra)
+
+    def _run_spatial(self, x: Tensor, residual: Tensor | None, scale: float, post_relu: bool) -> Tensor:
+        raise NMRestoreError(
+            f"{self.layer_name}: a {self.kind} layer cannot run under a route map (no tiles)"
+        )
+
+    def run_tiles(
+        self,
+        route: int,
+        x: Tensor,
+        residual: Tensor | None = None,
+        scale: float = 1.0,
+        post_relu: bool = False,
+    ) -> Tensor:
+        """A batch of tiles on ``route``. The tactic is decided once per (route, tile shape, threads),
+        timed on the first batch: the number of tiles of a route changes from image to image."""
+        rw = self.routes[route]
+        extra = (residual, scale, post_relu)
+        if torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)):
+            return self._dense(x, rw, *extra)
+        threads = torch.get_num_threads()
+        tile_key = (route, tuple(x.shape[1:]), threads)
+        choice = self._choices.by_tile.get(tile_key)
+        if choice == "sparse":
+            return self._sparse(x, rw, *extra)
+        if choice == "dense":
+            return self._dense(x, rw, *extra)
+        key = (route, tuple(x.shape), threads)
+        out = self._decide(key, x, rw, extra)
+        self._choices.by_tile[tile_key] = self._choices.by_key[key]
+        return out
 
     def _ask_producer(self, x: Tensor) -> None:
         """Hook for the hand-off: a sparse conv asks the conv that wrote ``x`` for its padding."""
@@ -276,6 +316,7 @@ class SparseLayer(nn.Module):
 
     def forget_choices(self) -> None:
         self._choices.by_key.clear()
+        self._choices.by_tile.clear()
 
 
 class SparseConv2d(SparseLayer):
@@ -316,6 +357,103 @@ class SparseConv2d(SparseLayer):
             return
         old = producer.out_pad or (0, 0)
         producer.out_pad = (max(old[0], ph), max(old[1], pw))
+
+    def _run_spatial(self, x: Tensor, residual: Tensor | None, scale: float, post_relu: bool) -> Tensor:
+        route_map = self._state.spatial
+        assert route_map is not None
+        kh, kw = self.kernel_size
+        (ph, pw), (dh, dw) = self.padding, self.dilation
+        if self.stride != (1, 1) or (dh, dw) != (1, 1) or 2 * ph != kh - 1 or 2 * pw != kw - 1:
+            raise NMRestoreError(
+                f"{self.layer_name}: only stride-1 'same' convolutions run under a route map "
+                f"(stride {self.stride}, padding {self.padding}, dilation {self.dilation}, kernel {self.kernel_size})"
+            )
+        grad = torch.is_grad_enabled() and (
+            x.requires_grad or (residual is not None and residual.requires_grad)
+        )
+        # relu(conv) + residual is not the kernel epilogue's order (as in _sparse): such calls are gathered
+        in_place = None if grad or (residual is not None and self.relu) else self._in_place(x)
+        saved = self.padding, self.out_pad
+        # gathered tiles carry their halo: they run with padding 0, into plain (not hand-off) outputs
+        self.padding, self.out_pad = (0, 0), None
+        try:
+            return run_routed_conv(
+                route_map,
+                x,
+                (ph, pw),
+                self.shuffle,
+                self.run_tiles,
+                residual,
+                scale,
+                post_relu,
+                self._state.kernel if in_place is not None else None,
+                in_place,
+            )
+        finally:
+            self.padding, self.out_pad = saved
+
+    def _in_place(self, x: Tensor) -> InPlaceConv | None:
+        """The routes that run on the kernel in place under a route map: every route the kernel can
+        run (N:M, density <= max_density, float32 on the CPU, kernel built, tactic not dense). No
+        timing: a timed choice per tile shape would cost more than it saves, and at these densities
+        the kernel wins (docs/BENCHMARKS.md, speed)."""
+        kernel = self._state.kernel
+        if kernel is None:
+            return None
+        padding: tuple[int, int] = tuple(self.padding)  # type: ignore[assignment]
+        routes = []
+        threads = torch.get_num_threads()
+        for k, rw in enumerate(self.routes):
+            why = self._why_not_sparse(x, rw)
+            key = (k, tuple(x.shape), threads)
+            if key not in self._choices.by_tile:  # recorded once per map shape (not kept for whole-image calls)
+                self._choices.by_tile[key] = "dense" if why else "sparse"
+                nm_text = f"{rw.nm[0]}:{rw.nm[1]}" if rw.nm else "-"
+                self._state.record(
+                    LayerDecision(
+                        self.layer_name, self.kind, k, tuple(x.shape), threads, nm_text, rw.density, None, None,
+                        "dense" if why else "sparse", f"route map: {why}" if why else "route map: tiles in place",
+                    )
+                )  # fmt: skip
+            if why is None:
+                routes.append(k)
+        if not routes:
+            return None
+
+        def conv(
+            route: int,
+            source: Tensor,
+            group: TileGroup,
+            out: Tensor,
+            residual: Tensor | None,
+            scale: float,
+            post_relu: bool,
+        ) -> None:
+            rw = self.routes[route]
+            csr = rw.csr
+            assert kernel is not None and csr is not None
+            kernel.conv2d_tiles(
+                source,
+                group.positions,
+                group.shape,
+                csr.rowptr,
+                csr.cin,
+                csr.kpos,
+                csr.values,
+                self._bias,
+                out,
+                self.kernel_size,  # type: ignore[arg-type]
+                padding,
+                relu=self.relu or post_relu,
+                residual=residual,
+                res_scale=scale,
+                shuffle=self.shuffle,
+            )
+
+        def reads(y: Tensor) -> bool:
+            return kernel.accepts_handoff(y, self.kernel_size, (1, 1), padding, (1, 1))  # type: ignore[arg-type]
+
+        return InPlaceConv(frozenset(routes), self.out_channels, reads, conv)
 
     def _shape_ok(self, x: Tensor) -> bool:
         if x.dim() != 4 or x.shape[1] != self.routes[0].dense.shape[1] * self.groups:

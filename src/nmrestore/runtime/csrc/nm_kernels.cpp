@@ -217,6 +217,55 @@ void conv_item_any(bool relu, bool res, int shuffle, const float* xrow, const En
 #undef NMK_ITEM
 }
 
+// Steps 3-4 of a conv, shared by nmk_conv2d_ex (images at a fixed stride) and nmk_conv2d_tiles (tiles
+// of one image at given offsets): the kept weights' workspace offsets, then the sparse accumulation.
+// offsets: null, or 3 per image (floats from xp / out / residual to the image's origin).
+int accumulate(const Geometry& g, int64_t C, int64_t O, int64_t KH, int64_t KW, int64_t sh, int64_t dh, int64_t dw,
+               int relu, int R, const float* xp, const int32_t* rowptr, const int32_t* cin, const int32_t* kpos,
+               const float* val, const float* bias, const float* residual, float res_scale, float* out,
+               const Strides& os, const Strides& rs, int nthreads, const int64_t* offsets) {
+  // 3. workspace offset of every kept weight (relative to the tile's top-left input position).
+  const int64_t nnz = rowptr[O];
+  std::vector<Entry> ent(nnz);
+  for (int64_t k = 0; k < nnz; ++k) {
+    const int64_t kh = kpos[k] / KW, kw = kpos[k] % KW;
+    const int64_t phase = (kw * dw) % g.sw, q = (kw * dw) / g.sw;
+    const int64_t off = phase * g.plane + (kh * dh * C + cin[k]) * g.Wq + q;
+    if (off > INT32_MAX) return -2;  // workspace beyond 8 GB: the caller runs dense
+    ent[k] = Entry{(int32_t)off, val[k]};
+  }
+
+  // 4. sparse accumulation, parallel over (image, row tile, column chunk). Narrow outputs (small
+  // patches) use narrower tiles so no vector lane computes a column that does not exist.
+  const int nvx = g.Wo <= VW ? 1 : (g.Wo <= 2 * VW || NV == 2 ? 2 : NV);
+  const int64_t twx = nvx * VW;
+  const int64_t ctiles = (g.Wo + twx - 1) / twx;
+  const int64_t per_chunk = std::max<int64_t>(1, 256 / twx);
+  const int64_t chunks = (ctiles + per_chunk - 1) / per_chunk;
+  const int64_t items = g.B * g.rtiles * chunks;
+  const int64_t rstride = sh * C * g.Wq;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+  for (int64_t it = 0; it < items; ++it) {
+    const int64_t b = it / (g.rtiles * chunks), rem = it % (g.rtiles * chunks);
+    const int64_t rt = rem / chunks, ch = rem % chunks;
+    const int64_t y0 = rt * TR;
+    const int nrows = (int)std::min<int64_t>(TR, g.Ho - y0);
+    const int64_t ct0 = ch * per_chunk, ct1 = std::min<int64_t>(ctiles, ct0 + per_chunk);
+    const float* xrow = xp + (offsets ? offsets[3 * b] : b * g.per_b) + y0 * rstride;
+    float* out_b = out + (offsets ? offsets[3 * b + 1] : b * os.b);
+    const float* res_b = residual ? residual + (offsets ? offsets[3 * b + 2] : b * rs.b) : nullptr;
+#define NMK_RUN(N) conv_item_any<N>(relu, residual != nullptr, R, xrow, ent.data(), rowptr, bias, O, rstride, out_b, os, res_b, rs, res_scale, g.Wo, y0, nrows, ct0, ct1)
+    if (nvx == 1)
+      NMK_RUN(1);
+    else if (nvx == 2)
+      NMK_RUN(2);
+    else
+      NMK_RUN(NV);
+#undef NMK_RUN
+  }
+  return 0;
+}
+
 float* align64(float* p) { return reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t(63)); }
 
 // Parameters of nmk_conv2d_ex, one int64 array (one ctypes argument instead of thirty).
@@ -237,7 +286,7 @@ enum Param {
 
 extern "C" {
 
-int nmk_abi_version() { return 3; }
+int nmk_abi_version() { return 4; }
 int nmk_vector_floats() { return VW; }
 int nmk_tile_rows() { return TR; }
 int nmk_tile_cols() { return TW; }
@@ -358,46 +407,38 @@ int nmk_conv2d_ex(const int64_t* prm, const float* x, float* workspace, const in
     }
   }
 
-  // 3. workspace offset of every kept weight (relative to the tile's top-left input position).
-  const int64_t nnz = rowptr[O];
-  std::vector<Entry> ent(nnz);
-  for (int64_t k = 0; k < nnz; ++k) {
-    const int64_t kh = kpos[k] / KW, kw = kpos[k] % KW;
-    const int64_t phase = (kw * dw) % sw, q = (kw * dw) / sw;
-    const int64_t off = phase * g.plane + (kh * dh * C + cin[k]) * g.Wq + q;
-    if (off > INT32_MAX) return -2;  // workspace beyond 8 GB: the caller runs dense
-    ent[k] = Entry{(int32_t)off, val[k]};
-  }
+  return accumulate(g, C, O, KH, KW, sh, dh, dw, relu, R, xp, rowptr, cin, kpos, val, bias, residual, res_scale, out,
+                    os, rs, nthreads, nullptr);
+}
 
-  // 4. sparse accumulation, parallel over (image, row tile, column chunk). Narrow outputs (small
-  // patches) use narrower tiles so no vector lane computes a column that does not exist.
-  const int nvx = g.Wo <= VW ? 1 : (g.Wo <= 2 * VW || NV == 2 ? 2 : NV);
-  const int64_t twx = nvx * VW;
-  const int64_t ctiles = (g.Wo + twx - 1) / twx;
-  const int64_t per_chunk = std::max<int64_t>(1, 256 / twx);
-  const int64_t chunks = (ctiles + per_chunk - 1) / per_chunk;
-  const int64_t items = B * g.rtiles * chunks;
-  const int64_t rstride = sh * C * g.Wq;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-  for (int64_t it = 0; it < items; ++it) {
-    const int64_t b = it / (g.rtiles * chunks), rem = it % (g.rtiles * chunks);
-    const int64_t rt = rem / chunks, ch = rem % chunks;
-    const int64_t y0 = rt * TR;
-    const int nrows = (int)std::min<int64_t>(TR, g.Ho - y0);
-    const int64_t ct0 = ch * per_chunk, ct1 = std::min<int64_t>(ctiles, ct0 + per_chunk);
-    const float* xrow = xp + b * g.per_b + y0 * rstride;
-    float* out_b = out + b * os.b;
-    const float* res_b = residual ? residual + b * rs.b : nullptr;
-#define NMK_RUN(N) conv_item_any<N>(relu, residual != nullptr, R, xrow, ent.data(), rowptr, bias, O, rstride, out_b, os, res_b, rs, res_scale, g.Wo, y0, nrows, ct0, ct1)
-    if (nvx == 1)
-      NMK_RUN(1);
-    else if (nvx == 2)
-      NMK_RUN(2);
-    else
-      NMK_RUN(NV);
-#undef NMK_RUN
-  }
-  return 0;
+// Tiles of one image, read in place from a zero-bordered hand-off input and written in place into a
+// larger output (spatial routing: each route's tiles in one call, no gather, no scatter). prm as for
+// nmk_conv2d_ex with P_B = the number of tiles and P_H / P_W = one tile's size (all alike),
+// P_IN_PADDED = 1 and no border zeroing (P_Z* = 0). Tile b's padded input window starts at
+// x + offsets[3b], its output at out + offsets[3b + 1], its residual (if any) at residual +
+// offsets[3b + 2], in floats (offsets may be negative); the row/channel strides are those of the
+// whole tensors, the per-image ones (P_XSB, P_OSB, P_RSB) unused. The input must have
+// nmk_conv2d_rows_read rows readable below each window's top, as a hand-off buffer has.
+int nmk_conv2d_tiles(const int64_t* prm, const int64_t* offsets, const float* x, const int32_t* rowptr,
+                     const int32_t* cin, const int32_t* kpos, const float* val, const float* bias,
+                     const float* residual, float res_scale, float* out) {
+  const int64_t B = prm[P_B], C = prm[P_C], H = prm[P_H], W = prm[P_W], O = prm[P_O];
+  const int64_t KH = prm[P_KH], KW = prm[P_KW], sh = prm[P_SH], sw = prm[P_SW], ph = prm[P_PH], pw = prm[P_PW];
+  const int64_t dh = prm[P_DH], dw = prm[P_DW];
+  const int R = prm[P_SHUFFLE] > 1 ? (int)prm[P_SHUFFLE] : 1;
+  int nthreads = (int)prm[P_THREADS];
+  if (nthreads < 1) nthreads = 1;
+  Geometry g = geometry(B, C, H, W, KH, KW, sh, sw, ph, pw, dh, dw);
+  const Strides xs{0, prm[P_XSC], prm[P_XSH]};
+  if (g.Ho <= 0 || g.Wo <= 0 || sh < 1 || sw != 1 || dh < 1 || dw < 1 || prm[P_IN_PADDED] != 1) return -1;
+  if (xs.h != C * xs.c || prm[P_ZT] || prm[P_ZB] || prm[P_ZL] || prm[P_ZR]) return -1;
+  if (R > 4 || (R > 1 && (O % (R * R) != 0 || residual != nullptr))) return -1;
+  g.Wq = xs.c;
+  g.plane = 0;  // column stride 1: one phase
+  const Strides rs{0, prm[P_RSC], prm[P_RSH]};
+  const Strides os{0, prm[P_OSC], prm[P_OSH]};
+  return accumulate(g, C, O, KH, KW, sh, dh, dw, (int)prm[P_RELU], R, x, rowptr, cin, kpos, val, bias, residual,
+                    res_scale, out, os, rs, nthreads, offsets);
 }
 
 // x: (B, I) contiguous; out: (B, O). Same CSR form as nmk_conv2d without kernel positions.
