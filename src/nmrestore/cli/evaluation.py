@@ -114,9 +114,15 @@ def _device(name: str, sparse_engine: bool) -> torch.device:
 
 
 def _engine(model: torch.nn.Module) -> torch.nn.Module:
-    """The model compiled for the sparse CPU kernel (dense layers where sparse is slower)."""
+    """The model compiled for the sparse CPU kernel (dense layers where sparse is slower); a ClassPruning
+    model gets its pipeline's engine (:func:`~nmrestore.methods.classpruning.pipeline.adaptive_engine`)."""
+    from nmrestore.methods.classpruning.classifier import is_adaptive
     from nmrestore.runtime import compile_sparse
 
+    if is_adaptive(model):
+        from nmrestore.methods.classpruning.pipeline import adaptive_engine
+
+        return adaptive_engine(model)
     return compile_sparse(model)
 
 
