@@ -176,7 +176,9 @@ def _route_weights_masked(module: nn.Module, mask: NMMask) -> list[RouteWeights]
     return routes
 
 
-def _route_weights_plain(module: nn.Module, dense_convs: bool = False) -> tuple[list[RouteWeights] | None, str]:
+def _route_weights_plain(
+    module: nn.Module, dense_convs: bool = False
+) -> tuple[list[RouteWeights] | None, str]:
     weight = module.weight.detach().float().clone().contiguous()
     found = detect_nm(weight)
     if found is None:

@@ -49,6 +49,7 @@ from torch import Tensor
 
 from nmrestore.io_atomic import atomic_write_text
 from nmrestore.runtime.kernel_cache import kernel_dir, sha256_file, sidecar, verify_library
+from nmrestore.runtime.packing import CSRWeight
 
 log = logging.getLogger("nmrestore.runtime")
 
@@ -155,7 +156,7 @@ class KernelLibrary:
         lib.nmk_conv2d_ex.restype = i32
         lib.nmk_conv2d_ex.argtypes = [p, p, p, p, p, p, p, p, p, ctypes.c_float, p]
         lib.nmk_conv2d_tiles.restype = i32
-        lib.nmk_conv2d_tiles.argtypes = [p, p, p, p, p, p, p, p, p, ctypes.c_float, p]
+        lib.nmk_conv2d_tiles.argtypes = [p, p, p, p, p, p, i32, p, p, p, ctypes.c_float, p]
         self._params = ctypes.c_int64 * int(lib.nmk_param_count())
         lib.nmk_linear.restype = i32
         lib.nmk_linear.argtypes = [p, i64, i64, p, p, p, p, i64, i32, p, i32]
@@ -347,12 +348,8 @@ class KernelLibrary:
     def conv2d_tiles(
         self,
         x: Tensor,
-        positions: Sequence[tuple[int, int]],
-        tile: tuple[int, int],
-        rowptr: Tensor,
-        cin: Tensor,
-        kpos: Tensor,
-        values: Tensor,
+        tiles: Sequence[tuple[int, int, int, int, int]],
+        routes: Sequence[CSRWeight | None],
         bias: Tensor | None,
         out: Tensor,
         kernel_size: tuple[int, int],
@@ -363,16 +360,17 @@ class KernelLibrary:
         res_scale: float = 1.0,
         shuffle: int = 1,
     ) -> None:
-        """A stride-1 'same' sparse conv on some ``tile``-sized tiles of one image, in place.
+        """A stride-1 'same' sparse conv on some tiles of one image, each on its own route, in place.
 
-        ``x``: a (1, C, H, W) hand-off view this conv :meth:`accepts_handoff`; tile (t, s) reads its
-        padded window there and writes ``out[0, :, t*r : (t+h)*r, s*r : (s+w)*r]`` (r = ``shuffle``;
-        ``out`` any strides with W contiguous), with ``act(res_scale * conv + residual)`` taken from
-        ``residual`` at (t, s) when given. No gather, no scatter, no padding pass: each route of a
-        spatially routed layer runs its tiles in one call (:mod:`nmrestore.runtime.spatial`).
+        ``x``: a (1, C, H, W) hand-off view this conv :meth:`accepts_handoff`. ``tiles``: (top, left,
+        height, width, route) each; a tile reads its padded window in ``x`` and writes
+        ``out[0, :, top*r : (top+height)*r, left*r : (left+width)*r]`` (r = ``shuffle``; ``out`` any
+        strides with W contiguous), ``act(res_scale * conv + residual)`` with ``residual`` read at the
+        same place when given. ``routes[k]``: route k's CSR weights (rowptr, cin, kpos, values), None
+        for a route no tile uses. One call, one parallel region, no gather, no scatter, no padding
+        pass: every tile a spatially routed layer runs on the kernel (:mod:`nmrestore.runtime.spatial`).
         """
         (kh, kw), (ph, pw) = kernel_size, padding
-        th, tw = tile
         r = max(1, shuffle)
         layout = handoff_layout(x)
         if layout is None or not self.accepts_handoff(x, kernel_size, (1, 1), padding, (1, 1)):
@@ -385,39 +383,43 @@ class KernelLibrary:
             )
         if residual is not None and (r > 1 or residual.stride(3) != 1):
             raise ValueError("conv2d_tiles: a residual needs no shuffle and contiguous rows")
-        if not positions:
+        if not tiles:
             return
         c = x.shape[1]
         row = c * layout.width
-        ts, ls = (torch.tensor([p[i] for p in positions], dtype=torch.int64) for i in (0, 1))
-        offsets = torch.empty(len(positions), 3, dtype=torch.int64)
-        offsets[:, 0] = (ts - ph) * row + (ls - pw)  # from x's origin to each tile's padded window
-        offsets[:, 1] = ts * r * out.stride(2) + ls * r
-        offsets[:, 2] = 0 if residual is None else ts * residual.stride(2) + ls
+        spec = torch.tensor(tiles, dtype=torch.int64)
+        t, s = spec[:, 0], spec[:, 1]
+        table = torch.empty(len(tiles), 6, dtype=torch.int64)
+        table[:, 0] = (t - ph) * row + (s - pw)  # from x's origin to each tile's padded window
+        table[:, 1] = t * r * out.stride(2) + s * r
+        table[:, 2] = 0 if residual is None else t * residual.stride(2) + s
+        table[:, 3:] = spec[:, 2:]
+        pointers = [
+            (ctypes.c_void_p * len(routes))(
+                *[None if w is None else getattr(w, name).data_ptr() for w in routes]
+            )
+            for name in ("rowptr", "cin", "kpos", "values")
+        ]
         rs = (0, residual.stride(1), residual.stride(2)) if residual is not None else (0, 0, 0)
         params = self._params(
-            len(positions), c, th, tw, out.shape[1] * r * r, kh, kw, 1, 1, ph, pw, 1, 1,
+            len(tiles), c, 0, 0, out.shape[1] * r * r, kh, kw, 1, 1, ph, pw, 1, 1,
             0, layout.width, row, 1, int(relu), *rs,
             0, out.stride(1), out.stride(2), r, 0, 0, 0, 0,
             threads or torch.get_num_threads(),
         )  # fmt: skip
         status = self._lib.nmk_conv2d_tiles(
             params,
-            offsets.data_ptr(),
+            table.data_ptr(),
+            *pointers,
+            len(routes),
             x.data_ptr(),
-            rowptr.data_ptr(),
-            cin.data_ptr(),
-            kpos.data_ptr(),
-            values.data_ptr(),
             bias.data_ptr() if bias is not None else None,
             residual.data_ptr() if residual is not None else None,
             float(res_scale),
             out.data_ptr(),
         )
         if status != 0:
-            raise RuntimeError(
-                f"nmk_conv2d_tiles rejected {len(positions)} tiles of {tile} (status {status})"
-            )
+            raise RuntimeError(f"nmk_conv2d_tiles rejected {len(tiles)} tiles (status {status})")
 
     def linear(
         self,

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from nmrestore.errors import NMRestoreError
 from nmrestore.runtime.packing import CSRWeight
-from nmrestore.runtime.spatial import InPlaceConv, TileGroup, run_routed_conv
+from nmrestore.runtime.spatial import InPlaceConv, run_routed_conv
 from nmrestore.runtime.timing import interleaved
 from nmrestore.sparsity.parametrization import nm_mask_of
 
@@ -406,7 +406,9 @@ class SparseConv2d(SparseLayer):
         for k, rw in enumerate(self.routes):
             why = self._why_not_sparse(x, rw)
             key = (k, tuple(x.shape), threads)
-            if key not in self._choices.by_tile:  # recorded once per map shape (not kept for whole-image calls)
+            if (
+                key not in self._choices.by_tile
+            ):  # recorded once per map shape (not kept for whole-image calls)
                 self._choices.by_tile[key] = "dense" if why else "sparse"
                 nm_text = f"{rw.nm[0]}:{rw.nm[1]}" if rw.nm else "-"
                 self._state.record(
@@ -421,25 +423,18 @@ class SparseConv2d(SparseLayer):
             return None
 
         def conv(
-            route: int,
             source: Tensor,
-            group: TileGroup,
+            tiles: list[tuple[int, int, int, int, int]],
             out: Tensor,
             residual: Tensor | None,
             scale: float,
             post_relu: bool,
         ) -> None:
-            rw = self.routes[route]
-            csr = rw.csr
-            assert kernel is not None and csr is not None
+            assert kernel is not None
             kernel.conv2d_tiles(
                 source,
-                group.positions,
-                group.shape,
-                csr.rowptr,
-                csr.cin,
-                csr.kpos,
-                csr.values,
+                tiles,
+                [rw.csr if k in routes else None for k, rw in enumerate(self.routes)],
                 self._bias,
                 out,
                 self.kernel_size,  # type: ignore[arg-type]

@@ -151,9 +151,11 @@ def run_routed_conv(
     bordered = source.as_strided(
         (1, x.shape[1], h + 2 * ph, w + 2 * pw), source.stride(), source.storage_offset() - ph * sh - pw * sw
     )
+    # every tile the kernel runs, whatever its route and shape: one call, one parallel region
+    tiles = [(t, s, *g.shape, g.route) for g in groups if in_place.runs(g.route) for t, s in g.positions]
+    in_place.conv(source, tiles, out, residual, scale, post_relu)
     for group in groups:
         if in_place.runs(group.route):
-            in_place.conv(group.route, source, group, out, residual, scale, post_relu)
             continue
         th, tw = group.shape
         with one_thread():
@@ -172,7 +174,8 @@ class InPlaceConv:
     routes: frozenset[int]  # the routes computed in place
     out_channels: int  # before a fused shuffle
     reads: Callable[[Tensor], bool]  # whether the conv reads this map in place (a hand-off view)
-    conv: Callable[[int, Tensor, TileGroup, Tensor, Tensor | None, float, bool], None]
+    # (source, tiles as (top, left, height, width, route), out, residual, scale, post_relu)
+    conv: Callable[[Tensor, list[tuple[int, int, int, int, int]], Tensor, Tensor | None, float, bool], None]
 
     def runs(self, route: int) -> bool:
         return route in self.routes
