@@ -611,8 +611,8 @@ def render_markdown(payload: dict[str, Any]) -> tuple[str, str]:
         f"which leaves out overlap and stitching): {cp['macs_fraction_per_patch']:.1%}.",
         "",
         (
-            "--quick smoke test: a 20-step stand-in for the photo study's dense x4 model, a few steps each, "
-            "top-left crops of the test photos; the figures say nothing about the method. "
+            "--quick smoke test (a few steps each, top-left crops of the test photos: the figures say nothing "
+            "about the method). A 20-step stand-in for the photo study's dense x4 model "
             if payload.get("quick")
             else "The photo study's dense x4 model "
         )
