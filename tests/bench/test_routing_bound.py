@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch import Tensor, nn
 
-from nmrestore.bench.routing_bound import routing_bound
+from nmrestore.bench.routing_bound import routing_bound, tile_routing_bound
 from nmrestore.errors import SparsityError
 from nmrestore.metrics import psnr
 
@@ -93,3 +95,31 @@ def test_bad_input_is_refused() -> None:
         routing_bound([Constant()], [0.3, 1.0], 0.5, [sample], 1, 0, False)
     with pytest.raises(SparsityError, match="smaller than"):
         routing_bound([Constant(), Offset(0.0)], [0.3, 1.0], 0.5, [sample], 1, 0, False, patch=80)
+
+
+def _as_restorer(model: nn.Module) -> Callable[[Tensor], Tensor]:
+    return lambda x: model(x)
+
+
+def test_tile_bound_takes_each_tile_from_its_route_and_weighs_cut_tiles_by_pixels() -> None:
+    sample = half_flat_sample()
+    gt = sample["gt"]
+    assert isinstance(gt, Tensor)
+    restorers = [_as_restorer(Constant()), _as_restorer(Offset(0.02))]
+    bound = tile_routing_bound(restorers, [0.3, 1.0], 0.65, [sample], 1, 0, False, tile=32, score_tile=16)
+    for routed in (bound.expected, bound.oracle):
+        assert routed.histogram == [2, 2] and routed.macs_fraction == pytest.approx(0.65)
+        best = gt.clone()
+        best[:, :, 32:] += 0.02
+        assert routed.psnr == pytest.approx(score(best, gt))
+        assert routed.tiles is not None and len(routed.tiles) == 16  # 4x4 scoring tiles of 16 px
+    # 48 rows in 32-pixel tiles: the bottom tiles hold half the pixels and half the MACs
+    cut = {"lq": sample["lq"][:, :48], "gt": gt[:, :48], "name": "cut"}  # type: ignore[index]
+    bound = tile_routing_bound(restorers, [0.3, 1.0], 1.0, [cut], 1, 0, False, tile=32)
+    assert bound.single_route[0].macs_fraction == pytest.approx(0.3)
+    assert bound.oracle.histogram == [2, 2]  # flat tiles (top and bottom) on the cheap route
+    pixels = torch.tensor([32 * 32, 32 * 32, 16 * 32, 16 * 32], dtype=torch.float64)
+    cost = torch.tensor([0.3, 1.0, 0.3, 1.0], dtype=torch.float64)
+    assert bound.oracle.macs_fraction == pytest.approx(float((pixels * cost).sum() / pixels.sum()))
+    with pytest.raises(SparsityError, match="restorers"):
+        tile_routing_bound(restorers, [1.0], 0.5, [sample], 1, 0, False, tile=32)

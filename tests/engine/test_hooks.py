@@ -21,7 +21,7 @@ importlib.import_module("nmrestore.methods")
 
 #: The hooks each method that changes eval/infer must override (the rest use the plain defaults).
 EXPECTED = {
-    "classpruning": ("ClassPruningHooks", {"evaluate", "infer_adaptive", "restorer", "report_row"}),
+    "classpruning": ("ClassPruningHooks", {"evaluate", "infer_adaptive", "sparse_engine", "restorer", "report_row"}),
     "png": ("PNGHooks", {"activate_task", "eval_task", "eval_extras"}),
     "sls": ("SLSHooks", {"eval_extras"}),
 }

@@ -14,15 +14,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nmrestore.bench.context import BenchContext, register_row_producer
+from nmrestore.cost import count_cost
 from nmrestore.data.datasets import ImageList, SRTrainDataset
 from nmrestore.data.restoration import DegradedTrainDataset
+from nmrestore.engine.evaluate import evaluate_fn
 from nmrestore.engine.runner import _images, train
+from nmrestore.methods.classpruning.accounting import pooled_cost
 from nmrestore.methods.classpruning.classifier import route_classifier
+from nmrestore.methods.classpruning.classmap import save_class_map
 from nmrestore.methods.classpruning.config import ClassPruningConfig
+from nmrestore.methods.classpruning.pipeline import AdaptivePipeline, AdaptiveResult
 from nmrestore.methods.classpruning.program.evaluation import adaptive_report_row
 from nmrestore.methods.classpruning.program.tasks import JointTask, SandwichTask
+from nmrestore.methods.classpruning.routes import layer_route_ns
 from nmrestore.recipes.schema import Recipe, recipe_from_dict
 from nmrestore.runtime.timing import Timings, interleaved, paired_median
+from nmrestore.sparsity.api import eligible_layers
+from nmrestore.sparsity.parametrization import nm_layers
 
 #: Stage settings for the benchmark harness's ``classpruning`` rows (scaled to ``finetune_steps``).
 BENCH_SETTINGS: dict[str, Any] = {
@@ -100,8 +108,9 @@ def measure_stage_steps(
 def bench_rows(context: BenchContext, budget: str | None, settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """The harness row of ClassPruning (method ``classpruning``), with ``routes`` and ``route_histogram``.
 
-    MAC columns are the average over all patches of the test images (ClassSR's convention, the
-    classifier included); ``macs_fraction_whole_image`` is against the dense net on whole images.
+    MAC columns are whole-image MACs: everything the pipeline computes on the test images (overlap,
+    classifier and blending included) over the dense net run once on each whole image;
+    ``macs_fraction_per_patch`` is ClassSR's convention (over the dense net on the same patches).
     ``step_time_ratio`` is the mean cost of one SR-weight step (stage A and C mixed as trained)
     over a dense step, measured interleaved in this process.
     """
@@ -159,10 +168,105 @@ def bench_rows(context: BenchContext, budget: str | None, settings: dict[str, An
             "finetune_steps": a_steps + c_steps,
             "note": f"stages A {a_steps} + C {c_steps} SR steps (+{config.classifier_steps} classifier); "
             f"routes {row['routes']}, histogram {'/'.join(str(n) for n in row['route_histogram'])}, "
-            f"{row['macs_fraction_whole_image']:.1%} of whole-image dense MACs; patch {patch[0]}/{config.stride}",
+            f"{row['macs_fraction']:.1%} of whole-image dense MACs ({row['macs_fraction_per_patch']:.1%} per "
+            f"patch); {config.inference} {patch[0]}"
+            + (f"/{config.stride}" if config.inference == "patches" else ""),
         }
     )
     return row
+
+
+@torch.no_grad()
+def adaptive_test_row(
+    model: nn.Module,
+    samples: Any,
+    crop: int,
+    y_channel: bool,
+    tile: int | None,
+    dense_720p_macs: float,
+    class_map_dir: Path | None = None,
+    engine: nn.Module | None = None,
+) -> dict[str, Any]:
+    """A ClassPruning model scored through its own pipeline on the test set, as the static rows are scored.
+
+    Per-image PSNR/SSIM and the ``tile`` HR tiles' PSNRs (the paired intervals' units), the route
+    histogram and MACs per image and pooled -- whole-image first (``macs_fraction``: everything the
+    pipeline computed over the dense network run once on each image), ClassSR's per-patch figure as
+    ``macs_fraction_per_patch`` -- and ``macs_g`` at a 1280x720 output (the whole-image fraction of
+    the dense network's 720p MACs). ``class_map_dir``: a class map per image is saved there.
+    """
+    pipeline = AdaptivePipeline(model, engine=engine)
+    results: list[AdaptiveResult] = []
+
+    def restore(lq: Tensor) -> Tensor:
+        results.append(pipeline(lq))
+        return results[-1].output
+
+    scored = evaluate_fn(restore, samples, crop, y_channel, with_ssim=True, tile=tile)
+    cost = pooled_cost(r.cost for r in results)
+    assert cost is not None
+    per_image = []
+    for row, result in zip(scored.per_image, results, strict=True):
+        entry = {k: v for k, v in row.items() if k != "tiles"}
+        entry.update(result.summary())
+        entry["route_pixels"] = list(result.cost.route_pixels)
+        if class_map_dir is not None:
+            entry["class_map"] = str(save_class_map(result, Path(class_map_dir) / f"{row['name']}_classmap.png"))
+        per_image.append(entry)
+    histogram = [sum(r.histogram[k] for r in results) for k in range(pipeline.num_routes)]
+    ns = list(layer_route_ns(model).values())
+    summary = count_cost(getattr(model, "module", model)).summary(pipeline.num_routes - 1)
+    m = next(mask.m for _, _, mask in nm_layers(model))
+    costs = results[0].costs
+    return {
+        "method": "classpruning",
+        "budget": "adaptive",
+        "psnr": scored.psnr,
+        "ssim": scored.ssim,
+        "macs_fraction": cost.fraction,
+        "macs_fraction_per_patch": cost.per_patch_fraction,
+        "macs_g": cost.fraction * dense_720p_macs / 1e9,
+        "params": summary["params"],
+        "params_nonzero": summary["params_nonzero"],
+        "packed_bytes": summary["packed_bytes"],
+        "mode": pipeline.mode,
+        "tile": pipeline.patch_size,
+        "stride": pipeline.stride,
+        "routes": "/".join(str(n) for n in ns[0]) + f":{m}" if all(n == ns[0] for n in ns) else "per-layer (SLS)",
+        "route_fractions": list(costs.fractions()),
+        "route_histogram": histogram,
+        "pipeline_cost": cost.to_dict(),
+        "per_image": per_image,
+        "tiles": [round(float(v), 4) for r in scored.per_image for v in r.get("tiles", ())] or None,
+    }
+
+
+def uniform_n_for(dense_model: nn.Module, fraction: float, m: int = 32) -> tuple[int, float]:
+    """The smallest uniform N:m whose whole-network MACs fraction is >= ``fraction`` (and that fraction).
+
+    The static baseline of an adaptive model: at least as many MACs as the adaptive model's
+    whole-image figure, so a win of the adaptive model is never bought with more compute.
+    """
+    dense, prunable = _dense_and_prunable(dense_model, m)
+    for n in range(1, m + 1):
+        value = (dense - prunable + prunable * n / m) / dense
+        if value >= fraction - 1e-12:
+            return n, value
+    return m, 1.0
+
+
+def prunable_budget_for(dense_model: nn.Module, fraction: float, m: int = 32) -> float:
+    """The prunable-MACs budget (SLS's ``budget_kind: prunable_macs``) that gives ``fraction`` of the
+    whole network's MACs, the dense first and last convs included (clamped to (0, 1])."""
+    dense, prunable = _dense_and_prunable(dense_model, m)
+    return min(1.0, max(1e-6, (fraction * dense - (dense - prunable)) / prunable))
+
+
+def _dense_and_prunable(dense_model: nn.Module, m: int) -> tuple[float, float]:
+    cost = count_cost(dense_model)
+    names = {layer.name for layer in eligible_layers(dense_model, m)[0]}
+    prunable = sum(layer.dense_macs for layer in cost.layers if layer.name in names)
+    return float(cost.dense_macs), float(prunable)
 
 
 def load_train_images(recipe: Recipe) -> ImageList:

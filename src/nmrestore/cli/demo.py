@@ -129,10 +129,10 @@ def run_demo(out: Path, quick: bool = False, show_progress: bool = True) -> Path
         cp = {row["method"]: row for row in rows}["classpruning"]
         shares = ", ".join(f"route {k}: {n}" for k, n in enumerate(cp["route_histogram"]))
         extra_md.append(
-            f"\n## ClassPruning: routes {cp['routes']} per 32x32 patch\n\nPatches per route ({shares}); average "
-            f"{cp['macs_fraction']:.1%} of the dense MACs on the same patches, classifier included "
-            f"({cp['macs_fraction_whole_image']:.1%} of the dense net run once on each whole image, which also "
-            "pays for the patch overlap). Class maps (green = cheapest route, red = full):\n"
+            f"\n## ClassPruning: routes {cp['routes']} per 32x32 patch\n\nPatches per route ({shares}); "
+            f"{cp['macs_fraction']:.1%} of the dense net run once on each whole image (patch overlap, classifier "
+            f"and blending included; {cp['macs_fraction_per_patch']:.1%} of the dense net on the same patches, "
+            "ClassSR's per-patch convention). Class maps (green = cheapest route, red = full):\n"
         )
         extra_md += [f"![class map {r['name']}](class_maps/{r['name']}_classmap.png)" for r in cp["per_image"]]
     elapsed = time.perf_counter() - started

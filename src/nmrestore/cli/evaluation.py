@@ -60,7 +60,7 @@ def evaluate_checkpoint(
         source = DataSource(source="folder", root=hr_dir)
     dataset = build_eval_dataset(source, model_scale, task_spec)
     crop = recipe.eval.crop_border if recipe.eval.crop_border is not None else model_scale
-    engine = _engine(model) if sparse_engine else None
+    engine = hooks.sparse_engine(model) if sparse_engine else None
     own = hooks.evaluate(ckpt, model, recipe, dataset, crop, class_map_dir, engine)
     if own is not None:  # the method scores its own way (ClassPruning: patch by patch)
         return _with_engine(own, engine)
@@ -92,13 +92,6 @@ def _device(name: str, sparse_engine: bool) -> torch.device:
     if sparse_engine and target.type != "cpu":
         raise NMRestoreError("--sparse-engine runs on the CPU; use --device cpu (or auto without a GPU)")
     return target
-
-
-def _engine(model: torch.nn.Module) -> torch.nn.Module:
-    """The model compiled for the sparse CPU kernel (dense layers where sparse is slower)."""
-    from nmrestore.runtime import compile_sparse
-
-    return compile_sparse(model)
 
 
 def _with_engine(payload: dict[str, Any], engine: torch.nn.Module | None) -> dict[str, Any]:
@@ -238,7 +231,7 @@ def infer_images(
         if size is not None:
             check_infer_size(str(path), size, scale)
     images = [(path, read_image(path)) for path in inputs]  # read all first: fail before writing
-    engine = _engine(model) if sparse_engine else None
+    engine = hooks.sparse_engine(model) if sparse_engine else None
     if adaptive:
         return hooks.infer_adaptive(model, recipe, images, out, patch_size, stride, engine)
     runner = (model if engine is None else engine).to(target)

@@ -86,6 +86,13 @@ class MethodHooks:
         method = "dense" if recipe.sparsity is None else recipe.sparsity.method
         raise SparsityError(f"--adaptive needs a ClassPruning checkpoint (method classpruning), not {method!r}")
 
+    def sparse_engine(self, model: nn.Module) -> nn.Module:
+        """The model compiled for the sparse CPU kernel (``--sparse-engine``; dense layers stay on
+        PyTorch where the kernel is slower)."""
+        from nmrestore.runtime import compile_sparse
+
+        return compile_sparse(model)
+
     def restorer(self, model: nn.Module) -> Callable[[Tensor], Tensor]:
         """How a whole LR batch is restored (the demo's crops): the model itself by default."""
         return model

@@ -4,6 +4,7 @@
 Linear layers run on a C++ kernel built at first use (:mod:`nmrestore.runtime.kernel`), each layer
 keeping dense PyTorch where that is faster for the input shape (timed on first use, cached).
 ``measure_speed`` compares it with the dense model, interleaved in one process.
+``use_spatial_routes`` runs each tile of an image on its own route (:mod:`nmrestore.runtime.spatial`).
 ``save_compiled`` / ``load_compiled`` keep a compiled model (packed weights and tactic decisions) in
 one file that loads without re-packing or re-timing (:mod:`nmrestore.runtime.compiled`).
 """
@@ -18,11 +19,14 @@ from nmrestore.runtime.engine import (
     engine_state,
     format_decisions,
     reset_tactics,
+    routed_layers,
     sparse_layers,
+    use_spatial_routes,
 )
 from nmrestore.runtime.kernel import KernelStatus, kernel_status, load_kernel, reset_kernel
 from nmrestore.runtime.layers import LayerDecision, SparseConv2d, SparseLayer, SparseLinear
 from nmrestore.runtime.packing import CSRWeight, csr_from_dense, csr_from_packed, detect_nm
+from nmrestore.runtime.spatial import RouteMap
 
 __all__ = [
     "CSRWeight",
@@ -32,6 +36,7 @@ __all__ = [
     "KernelStatus",
     "LayerDecision",
     "ModelBuild",
+    "RouteMap",
     "SparseConv2d",
     "SparseLayer",
     "SparseLinear",
@@ -49,6 +54,8 @@ __all__ = [
     "read_compiled",
     "reset_kernel",
     "reset_tactics",
+    "routed_layers",
     "save_compiled",
     "sparse_layers",
+    "use_spatial_routes",
 ]

@@ -214,6 +214,8 @@ def save_compiled(
     state = engine_state(model)
     if state is None:
         raise NMRestoreError("save_compiled takes a model returned by compile_sparse")
+    if state.config.dense_convs:
+        raise NMRestoreError("an engine with dense_convs (dense layers on the kernel) is not saved; compile without it")
     build = build or ModelBuild.of(model)
     layers = {layer.layer_name: layer for layer in sparse_layers(model)}
     for name, layer in layers.items():

@@ -37,6 +37,8 @@ import functools
 import itertools
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -51,6 +53,7 @@ from nmrestore.runtime.kernel import KernelLibrary, kernel_status, load_kernel
 from nmrestore.runtime.layers import LayerDecision, RouteWeights, SparseConv2d, SparseLayer, SparseLinear
 from nmrestore.runtime.packing import CSRWeight, csr_from_dense, csr_from_packed, detect_nm
 from nmrestore.runtime.plans import refine
+from nmrestore.runtime.spatial import RouteMap
 from nmrestore.sparsity import nm
 from nmrestore.sparsity.parametrization import NMMask, dense_weight, nm_mask_of
 
@@ -79,6 +82,10 @@ class EngineConfig(BaseModel):
     tactic ``auto``): after the first forward of an input shape has chosen every layer's tactic,
     time a few consistent whole-model plans end to end and keep the fastest
     (:mod:`nmrestore.runtime.plans`); later outputs may then differ from the first by bf16 rounding.
+    ``dense_convs``: also put plain dense convolutions (no N:M pattern) on the kernel with all their
+    weights, and time them against PyTorch like the others (``max_density`` does not apply to them):
+    the direct kernel wins where oneDNN is weak, e.g. EDSR x4's last conv, 64 -> 3 channels at the
+    output size, in 0.47x PyTorch's time (1 thread, 1280x800).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -93,6 +100,7 @@ class EngineConfig(BaseModel):
     cache_file: Path | None = None
     precision: Precision = "f32"
     refine: bool = True
+    dense_convs: bool = False
 
 
 def bf16_allowed(precision: Precision) -> bool:
@@ -127,6 +135,7 @@ class EngineState:
     fresh: list[tuple[SparseLayer, tuple[int, tuple[int, ...], int]]] = field(default_factory=list)
     refining: bool = False
     plans: list[str] = field(default_factory=list)  # the whole-model plans chosen, in order
+    spatial: RouteMap | None = None  # set by use_spatial_routes: routed layers run tile by tile
 
     def __post_init__(self) -> None:
         self.bf16 = self.bf16 or bf16_allowed(self.config.precision)  # whoever builds the state
@@ -223,10 +232,14 @@ def _route_weights_masked(module: nn.Module, mask: NMMask) -> list[RouteWeights]
     return routes
 
 
-def _route_weights_plain(module: nn.Module) -> tuple[list[RouteWeights] | None, str]:
+def _route_weights_plain(
+    module: nn.Module, dense_convs: bool = False
+) -> tuple[list[RouteWeights] | None, str]:
     weight = module.weight.detach().float().clone().contiguous()
     found = detect_nm(weight)
     if found is None:
+        if dense_convs and isinstance(module, nn.Conv2d):  # every weight kept; timing decides (nm None)
+            return [RouteWeights(weight, csr_from_dense(weight, module.groups), None)], ""
         return None, "no N:M pattern in its zeros"
     return [RouteWeights(weight, csr_from_dense(weight, getattr(module, "groups", 1)), found)], ""
 
@@ -379,7 +392,7 @@ def compile_sparse(model: nn.Module, config: EngineConfig | None = None, inplace
         if mask is not None:
             routes = _route_weights_masked(module, mask)
         else:
-            found, why = _route_weights_plain(module)
+            found, why = _route_weights_plain(module, config.dense_convs)
             if found is None and state.bf16 and isinstance(module, nn.Conv2d):
                 # no N:M pattern (the first/last conv): wrapped to choose dense f32 or dense bf16
                 weight = module.weight.detach().float().clone().contiguous()
@@ -435,6 +448,29 @@ def engine_state(model: nn.Module) -> EngineState | None:
     """The :class:`EngineState` of a model returned by :func:`compile_sparse` (None otherwise)."""
     state = getattr(model, "sparse_engine", None)
     return state if isinstance(state, EngineState) else None
+
+
+@contextmanager
+def use_spatial_routes(model: nn.Module, route_map: RouteMap) -> Iterator[nn.Module]:
+    """Run a compiled model with every tile of ``route_map`` on its own route (:mod:`.spatial`).
+
+    Inside the block ``model(x)`` restores one image of the route map's LR size; layers whose routes
+    hold the same weights (and layers the engine left untouched) run on the whole map.
+    """
+    state = engine_state(model)
+    if state is None:
+        raise ValueError("use_spatial_routes needs a model compiled by compile_sparse")
+    previous = state.spatial
+    state.spatial = route_map
+    try:
+        yield model
+    finally:
+        state.spatial = previous
+
+
+def routed_layers(model: nn.Module) -> list[SparseLayer]:
+    """The sparse layers whose routes hold different weights (the ones a route map splits into tiles)."""
+    return [m for m in sparse_layers(model) if m.routed]
 
 
 def sparse_layers(model: nn.Module) -> list[SparseLayer]:

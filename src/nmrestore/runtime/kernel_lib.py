@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import ctypes
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-ABI_VERSION = 4
+from nmrestore.runtime.packing import CSRWeight
+
+ABI_VERSION = 5
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,8 @@ class KernelLibrary:
         lib.nmk_bf16_workspace.argtypes = [p]
         lib.nmk_conv2d_ex.restype = i32
         lib.nmk_conv2d_ex.argtypes = [p, p, p, p, p, p, p, p, p, ctypes.c_float, p]
+        lib.nmk_conv2d_tiles.restype = i32
+        lib.nmk_conv2d_tiles.argtypes = [p, p, p, p, p, p, i32, p, p, p, ctypes.c_float, p]
         lib.nmk_conv2d_bf16.restype = i32
         lib.nmk_conv2d_bf16.argtypes = [p, p, p, p, p, p, p, p, p, ctypes.c_float, p, p]
         self._params = ctypes.c_int64 * int(lib.nmk_param_count())
@@ -352,6 +356,82 @@ class KernelLibrary:
         if x.dtype not in ((torch.float32, torch.bfloat16) if bf16 else (torch.float32,)) or x.stride(3) != 1:
             x = x.float().contiguous() if x.dtype != torch.bfloat16 or not bf16 else x.contiguous()
         return (x, (x.stride(0), x.stride(1), x.stride(2))), False, None
+
+    def conv2d_tiles(
+        self,
+        x: Tensor,
+        tiles: Sequence[tuple[int, int, int, int, int]],
+        routes: Sequence[CSRWeight | None],
+        bias: Tensor | None,
+        out: Tensor,
+        kernel_size: tuple[int, int],
+        padding: tuple[int, int],
+        relu: bool = False,
+        threads: int | None = None,
+        residual: Tensor | None = None,
+        res_scale: float = 1.0,
+        shuffle: int = 1,
+    ) -> None:
+        """A stride-1 'same' sparse conv on some tiles of one image, each on its own route, in place.
+
+        ``x``: a (1, C, H, W) hand-off view this conv :meth:`accepts_handoff`. ``tiles``: (top, left,
+        height, width, route) each; a tile reads its padded window in ``x`` and writes
+        ``out[0, :, top*r : (top+height)*r, left*r : (left+width)*r]`` (r = ``shuffle``; ``out`` any
+        strides with W contiguous), ``act(res_scale * conv + residual)`` with ``residual`` read at the
+        same place when given. ``routes[k]``: route k's CSR weights (rowptr, cin, kpos, values), None
+        for a route no tile uses. One call, one parallel region, no gather, no scatter, no padding
+        pass: every tile a spatially routed layer runs on the kernel (:mod:`nmrestore.runtime.spatial`).
+        """
+        (kh, kw), (ph, pw) = kernel_size, padding
+        r = max(1, shuffle)
+        layout = handoff_layout(x)
+        if layout is None or not self.accepts_handoff(x, kernel_size, (1, 1), padding, (1, 1)):
+            raise ValueError(
+                "conv2d_tiles reads its input in place: it needs a hand-off view with the conv's border"
+            )
+        if x.shape[0] != 1 or out.stride(3) != 1 or 2 * ph != kh - 1 or 2 * pw != kw - 1:
+            raise ValueError(
+                "conv2d_tiles runs stride-1 'same' convs on one image into an output with contiguous rows"
+            )
+        if residual is not None and (r > 1 or residual.stride(3) != 1):
+            raise ValueError("conv2d_tiles: a residual needs no shuffle and contiguous rows")
+        if not tiles:
+            return
+        c = x.shape[1]
+        row = c * layout.width
+        spec = torch.tensor(tiles, dtype=torch.int64)
+        t, s = spec[:, 0], spec[:, 1]
+        table = torch.empty(len(tiles), 6, dtype=torch.int64)
+        table[:, 0] = (t - ph) * row + (s - pw)  # from x's origin to each tile's padded window
+        table[:, 1] = t * r * out.stride(2) + s * r
+        table[:, 2] = 0 if residual is None else t * residual.stride(2) + s
+        table[:, 3:] = spec[:, 2:]
+        pointers = [
+            (ctypes.c_void_p * len(routes))(
+                *[None if w is None else getattr(w, name).data_ptr() for w in routes]
+            )
+            for name in ("rowptr", "cin", "kpos", "values")
+        ]
+        rs = (0, residual.stride(1), residual.stride(2)) if residual is not None else (0, 0, 0)
+        params = self._params(
+            len(tiles), c, 0, 0, out.shape[1] * r * r, kh, kw, 1, 1, ph, pw, 1, 1,
+            0, layout.width, row, 1, int(relu), *rs,
+            0, out.stride(1), out.stride(2), r, 0, 0, 0, 0,
+            threads or torch.get_num_threads(),
+        )  # fmt: skip
+        status = self._lib.nmk_conv2d_tiles(
+            params,
+            table.data_ptr(),
+            *pointers,
+            len(routes),
+            x.data_ptr(),
+            bias.data_ptr() if bias is not None else None,
+            residual.data_ptr() if residual is not None else None,
+            float(res_scale),
+            out.data_ptr(),
+        )
+        if status != 0:
+            raise RuntimeError(f"nmk_conv2d_tiles rejected {len(tiles)} tiles (status {status})")
 
     def linear(
         self,

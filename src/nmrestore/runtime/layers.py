@@ -31,8 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from nmrestore.errors import NMRestoreError
 from nmrestore.runtime.kernel_lib import bf16_shadow
-from nmrestore.runtime.packing import CSRWeight
+from nmrestore.runtime.layer_types import WANTS, Extra, LayerDecision, RouteWeights
+from nmrestore.runtime.spatial_conv import run_conv_spatial
 from nmrestore.runtime.timing import interleaved
 from nmrestore.sparsity.parametrization import nm_mask_of
 
@@ -62,80 +64,10 @@ def _epilogue(y: Tensor, relu: bool, residual: Tensor | None, scale: float, post
 
 
 @dataclass
-class RouteWeights:
-    """One route's weights: the dense-with-zeros tensor (dense tactic) and its CSR form (or None)."""
-
-    dense: Tensor
-    csr: CSRWeight | None
-    nm: tuple[int, int] | None  # the route's N:M, None when the layer is not N:M on this route
-    why_dense: str = ""  # why there is no CSR form (e.g. "N = M on this route")
-
-    _bf16: dict[str, Tensor] = field(default_factory=dict, repr=False)
-
-    @property
-    def density(self) -> float:
-        return self.csr.density if self.csr is not None else float((self.dense != 0).float().mean())
-
-    def values_bf16(self) -> Tensor:
-        """The CSR values rounded to bf16 (the bf16 kernel's weights), made once."""
-        assert self.csr is not None
-        if "values" not in self._bf16:
-            self._bf16["values"] = self.csr.values.to(torch.bfloat16).contiguous()
-        return self._bf16["values"]
-
-    def dense_bf16(self) -> Tensor:
-        """The dense weight in bf16, channels-last for a 4-d weight (oneDNN's fast layout), made once."""
-        if "dense" not in self._bf16:
-            w = self.dense.to(torch.bfloat16)
-            self._bf16["dense"] = w.contiguous(memory_format=torch.channels_last) if w.dim() == 4 else w
-        return self._bf16["dense"]
-
-
-@dataclass
-class LayerDecision:
-    """A tactic choice: one row of the per-layer table."""
-
-    layer: str
-    kind: str
-    route: int
-    input_shape: tuple[int, ...]
-    threads: int
-    nm: str
-    density: float
-    dense_ms: float | None
-    sparse_ms: float | None
-    choice: str  # one of TACTICS
-    reason: str  # "timed", "reused" (same structure timed before or on disk), "forced", or why not sparse
-    times_ms: dict[str, float] = field(default_factory=dict)  # every timed tactic (bf16 ones included)
-
-    def to_dict(self) -> dict[str, object]:
-        return {
-            "layer": self.layer,
-            "kind": self.kind,
-            "route": self.route,
-            "input_shape": list(self.input_shape),
-            "threads": self.threads,
-            "nm": self.nm,
-            "density": self.density,
-            "dense_ms": self.dense_ms,
-            "sparse_ms": self.sparse_ms,
-            "choice": self.choice,
-            "reason": self.reason,
-            "times_ms": dict(self.times_ms),
-        }
-
-
-Extra = tuple["Tensor | None", float, bool]  # (residual, scale, post_relu) of a fused epilogue
-#: The tactics a layer chooses among: PyTorch or the sparse kernel, each in f32 or bf16.
-TACTICS = ("dense", "dense_bf16", "sparse", "sparse_bf16")
-#: The input form each tactic asks its producer for: an f32 or a bf16 hand-off view (padded
-#: (row, channel, column) layout), or bf16 channels-last (oneDNN's layout).
-WANTS = {"sparse": "f32", "sparse_bf16": "bf16", "dense_bf16": "bf16_cl"}
-
-
-@dataclass
 class _Choices:
     by_key: dict[tuple[int, tuple[int, ...], int], str] = field(default_factory=dict)
+    # spatial routing: per (route, one tile's shape, threads), whatever the number of tiles
+    by_tile: dict[tuple[int, tuple[int, ...], int], str] = field(default_factory=dict)
 
 
 class SparseLayer(nn.Module):
@@ -154,6 +86,8 @@ class SparseLayer(nn.Module):
         self._choices = _Choices()
         bias = getattr(source, "bias", None)
         self._bias = None if bias is None else bias.detach().float().contiguous().clone()
+        # routes that hold different weights: only these run tile by tile under a route map
+        self.routed = any(not torch.equal(r.dense, routes[0].dense) for r in routes[1:])
 
     # -- route ---------------------------------------------------------------------------------
     def active_route(self) -> int:
@@ -203,7 +137,7 @@ class SparseLayer(nn.Module):
             return rw.why_dense or "not N:M on this route"
         if state.config.tactic == "dense":
             return "tactic forced to dense"
-        if rw.csr.density > state.config.max_density:
+        if rw.nm is not None and rw.csr.density > state.config.max_density:  # dense convs: always timed
             return f"density {rw.csr.density:.2f} > max_density {state.config.max_density:g}"
         if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
             return f"input is {x.dtype} on {x.device.type} (the kernel takes float32 or bfloat16 on CPU)"
@@ -242,6 +176,9 @@ class SparseLayer(nn.Module):
 
         ``act`` is ReLU when ``post_relu`` (or a fused following ReLU without a residual).
         """
+        route_map = self._state.spatial
+        if route_map is not None and self.routed:
+            return self._run_spatial(x, residual, scale, post_relu)
         route = self.active_route()
         rw = self.routes[route]
         extra = (residual, scale, post_relu)
@@ -261,6 +198,35 @@ class SparseLayer(nn.Module):
     def _ask_producer(self, x: Tensor, want: str = "f32") -> None:
         """Hook for the hand-off: a conv asks the conv that wrote ``x`` for the input form it reads
         fastest (``WANTS``)."""
+
+    def _run_spatial(self, x: Tensor, residual: Tensor | None, scale: float, post_relu: bool) -> Tensor:
+        raise NMRestoreError(
+            f"{self.layer_name}: a {self.kind} layer cannot run under a route map (no tiles)"
+        )
+
+    def run_tiles(
+        self,
+        route: int,
+        x: Tensor,
+        residual: Tensor | None = None,
+        scale: float = 1.0,
+        post_relu: bool = False,
+    ) -> Tensor:
+        """A batch of tiles on ``route``. The tactic is decided once per (route, tile shape, threads),
+        timed on the first batch: the number of tiles of a route changes from image to image."""
+        rw = self.routes[route]
+        extra = (residual, scale, post_relu)
+        if torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)):
+            return self._dense(x, rw, *extra)
+        threads = torch.get_num_threads()
+        tile_key = (route, tuple(x.shape[1:]), threads)
+        choice = self._choices.by_tile.get(tile_key)
+        if choice is not None:
+            return self._run_tactic_plain(choice, x, rw, extra)
+        key = (route, tuple(x.shape), threads)
+        out = self._decide(key, x, rw, extra)
+        self._choices.by_tile[tile_key] = self._choices.by_key[key]
+        return out
 
     def _record(
         self,
@@ -363,6 +329,7 @@ class SparseLayer(nn.Module):
 
     def forget_choices(self) -> None:
         self._choices.by_key.clear()
+        self._choices.by_tile.clear()
 
 
 class SparseConv2d(SparseLayer):
@@ -420,6 +387,9 @@ class SparseConv2d(SparseLayer):
             producer.bf16_pad = pad  # written only by the producer's bf16 kernel (else: converted here)
         else:
             producer.out_pad = pad
+
+    def _run_spatial(self, x: Tensor, residual: Tensor | None, scale: float, post_relu: bool) -> Tensor:
+        return run_conv_spatial(self, x, residual, scale, post_relu)
 
     def _shape_ok(self, x: Tensor) -> bool:
         if x.dim() != 4 or x.shape[1] != self.routes[0].dense.shape[1] * self.groups:

@@ -152,15 +152,19 @@ def test_mac_accounting_adds_up_per_image() -> None:
     by_hand = (
         sum(n * m for n, m in zip(hist, costs.route_macs, strict=True)) + sum(hist) * costs.classifier_macs
     )
-    assert result.macs == pytest.approx(by_hand)
+    # blending: one multiply-add per accumulated output value, one division per output value
+    stitched = (result.num_patches * 16 * 16 + 37 * 42) * 4 * 3
+    assert result.macs == pytest.approx(by_hand + stitched)
     assert result.dense_patch_macs == pytest.approx(
         result.num_patches * count_cost(model, (16, 16)).dense_macs
     )
-    assert result.macs_fraction == pytest.approx(by_hand / result.dense_patch_macs)
+    assert result.macs_fraction_per_patch == pytest.approx(by_hand / result.dense_patch_macs)
     whole = count_cost(model, (37, 42)).dense_macs
     assert result.whole_image_dense_macs == whole
+    assert result.macs_fraction == pytest.approx((by_hand + stitched) / whole)  # whole image: the lead figure
     # convolutions cost the same per pixel: the patches' dense MACs are the whole image's times the overlap
     overlap = result.num_patches * 16 * 16 / (37 * 42)
+    assert result.cost.overlap == pytest.approx(overlap)
     assert result.dense_patch_macs == pytest.approx(whole * overlap, rel=1e-9)
     assert result.summary()["route_histogram"] == hist
 
@@ -321,7 +325,7 @@ def test_cli_eval_and_infer_adaptive(trained: Path, tmp_path: Path) -> None:
         app, ["eval", str(trained), "--hr-dir", str(tmp_path / "hr"), "--class-maps", str(maps)]
     )
     assert result.exit_code == 0, result.output
-    assert "route histogram" in result.output and "average MACs" in result.output
+    assert "route histogram" in result.output and "whole-image MACs" in result.output
     assert [p.name for p in maps.glob("*.png")] == ["crop_classmap.png"]
     image = write_image(tmp_path / "lr.png", photo[:40, :50])
     out = tmp_path / "out"

@@ -51,7 +51,7 @@ def save_class_map(result: AdaptiveResult, path: str | Path, alpha: float = 0.45
         for k, (n, f) in enumerate(zip(result.histogram, result.costs.fractions(), strict=True))
     ]
     lines.append(
-        f"avg {result.macs_fraction:.1%} of dense on patches, {result.macs_fraction_whole_image:.1%} vs whole image"
+        f"{result.macs_fraction:.1%} of whole-image dense MACs ({result.macs_fraction_per_patch:.1%} per patch)"
     )
     legend_h = 14 * len(lines) + 6
     canvas = Image.new("RGB", (max(w, 260), h + legend_h), "white")

@@ -34,6 +34,10 @@ class ClassPruningConfig(NMConfig):
     stages B (classifier) and C (joint soft routing) have their own steps and learning rates here.
     ``holdout_fraction`` of every training image (a strip at the bottom) is never trained on; it
     serves validation and the calibration of the cost shift (no selection on test images).
+
+    ``inference`` picks the pipeline (:mod:`~nmrestore.methods.classpruning.pipeline`): ClassSR's
+    overlapping ``patches`` or ``spatial`` routing, where every pixel is computed once. In spatial
+    mode the per-patch MAC target is also the whole-image one; with patches the overlap comes on top.
     """
 
     method: Literal["classpruning"] = "classpruning"  # type: ignore[assignment]
@@ -52,6 +56,11 @@ class ClassPruningConfig(NMConfig):
     blend: Literal["ramp", "mean"] = Field(
         "ramp", description="overlap average: border-distance weights or plain"
     )
+    inference: Literal["patches", "spatial"] = Field(
+        "patches",
+        description="patches: ClassSR's overlapping patches, stitched; spatial: one whole-image pass, "
+        "each patch_size tile on its route (no overlap; stride unused)",
+    )
     # stage A
     distill_weight: float = Field(1.0, ge=0, description="L1 towards the full route's output, smaller routes")
     small_route_weight: float = Field(
@@ -67,10 +76,11 @@ class ClassPruningConfig(NMConfig):
     delta: float = Field(
         0.1, ge=0, description="dB: a patch's label is the cheapest route this close to the full one"
     )
-    budget_weights: Literal["image", "none"] = Field(
+    budget_weights: Literal["image", "none", "patch"] = Field(
         "image",
         description="labels: budget: weigh each patch's error by 1 / its image's MSE (the mean "
-        "per-image PSNR) or not (the PSNR of all pixels pooled)",
+        "per-image PSNR), not at all (the PSNR of all pixels pooled), or by 1 / the patch's own "
+        "full-route MSE (each patch's dB loss: the mean PSNR of tiles, as the paired intervals score)",
     )
     label_stride: int = Field(16, ge=1, description="LR stride of the labelled training patches")
     # 300 steps at 1e-3 left ClassSR's classifier at the majority label on the built-in photos

@@ -31,7 +31,12 @@ def _classpruning(model: nn.Module, layers: list[LayerInfo], config: ClassPrunin
     classifier = RouteClassifier(config.num_routes, config.classifier_channels, config.classifier_convs)
     model.add_module(CLASSIFIER_ATTR, classifier.to(device))
     # the inference pipeline's defaults (not state: the recipe rebuilds them with the model)
-    model.nm_adaptive_settings = (config.patch_size, config.stride, config.blend)  # type: ignore[assignment]
+    model.nm_adaptive_settings = (  # type: ignore[assignment]
+        config.patch_size,
+        config.stride,
+        config.blend,
+        config.inference,
+    )
     try:
         update_route_costs(model, config.patch_size)
     except Exception as exc:  # a model that cannot be traced at this size keeps placeholder costs

@@ -29,6 +29,17 @@ def per_image_weights(psnrs: Tensor, sources: Tensor) -> Tensor:
     return 1.0 / image_mse[sources].clamp(min=1e-12)
 
 
+def per_patch_weights(psnrs: Tensor) -> Tensor:
+    """``1 / MSE`` of each patch on the full route: (P,).
+
+    A weighted error ``MSE_k / MSE_full`` is, to first order, the patch's own PSNR loss in dB, so a sum
+    of them is the loss of the *mean patch PSNR*: what the paired tile intervals measure. Flat
+    patches, where a small absolute error is a large dB loss, then stay on dearer routes.
+    """
+    mse = torch.pow(10.0, -psnrs[:, -1].double().clamp(max=PSNR_CAP) / 10)
+    return 1.0 / mse.clamp(min=1e-12)
+
+
 class PatchLabelDataset(Dataset):
     """Fixed LR patches with route labels; sample (epoch, i) = patch i % P under a seeded dihedral flip."""
 
@@ -99,6 +110,8 @@ def make_labels(
         if costs is None:
             raise SparsityError("labels: budget needs the routes' MAC costs")
         weights = None
+        if config.budget_weights == "patch":
+            weights = per_patch_weights(psnrs)
         if config.budget_weights == "image":
             if sources is None:
                 raise SparsityError("budget_weights: image needs each patch's image index")

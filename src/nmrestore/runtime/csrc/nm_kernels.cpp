@@ -195,7 +195,7 @@ void conv_item_any(bool relu, bool res, int shuffle, const float* xrow, const En
 
 extern "C" {
 
-int nmk_abi_version() { return 4; }
+int nmk_abi_version() { return 5; }
 int nmk_vector_floats() { return VW; }
 int nmk_tile_rows() { return TR; }
 int nmk_tile_cols() { return TW; }
@@ -304,6 +304,81 @@ int nmk_conv2d_ex(const int64_t* prm, const float* x, float* workspace, const in
     if (nvx == 1)
       NMK_RUN(1);
     else if (nvx == 2)
+      NMK_RUN(2);
+    else
+      NMK_RUN(NV);
+#undef NMK_RUN
+  }
+  return 0;
+}
+
+// Tiles of one image, each on its own route, read in place from a zero-bordered hand-off input and
+// written in place into a larger output (spatial routing: one call per layer for every tile the
+// kernel runs, so one parallel region, no gather, no scatter, no padding pass). The conv is stride 1
+// and 'same' (output tile = input tile). prm as for nmk_conv2d_ex, of which only P_C, P_O, P_KH, P_KW,
+// P_PH, P_PW, P_XSC (the input rows' width; P_XSH = C * P_XSC), P_RELU, P_RSC, P_RSH, P_OSC, P_OSH,
+// P_SHUFFLE and P_THREADS are read; P_B = the number of tiles. tiles: 6 int64 per tile: the offset
+// (floats, may be negative) from x to its padded window's top-left, from out to its output's
+// top-left, from residual to its residual's top-left, its height, its width and its route. Route r
+// keeps the weights rowptrs[r][o]..: cins[r], kposs[r], vals[r] as in nmk_conv2d_ex. The input must
+// have nmk_conv2d_rows_read rows and a tile's over-read readable below/after each window, as a
+// hand-off buffer has.
+int nmk_conv2d_tiles(const int64_t* prm, const int64_t* tiles, const int32_t* const* rowptrs,
+                     const int32_t* const* cins, const int32_t* const* kposs, const float* const* vals, int nroutes,
+                     const float* x, const float* bias, const float* residual, float res_scale, float* out) {
+  const int64_t T = prm[P_B], C = prm[P_C], O = prm[P_O], KH = prm[P_KH], KW = prm[P_KW];
+  const int64_t ph = prm[P_PH], pw = prm[P_PW], Wq = prm[P_XSC];
+  const int R = prm[P_SHUFFLE] > 1 ? (int)prm[P_SHUFFLE] : 1;
+  const bool relu = prm[P_RELU] != 0;
+  int nthreads = (int)prm[P_THREADS];
+  if (nthreads < 1) nthreads = 1;
+  if (2 * ph != KH - 1 || 2 * pw != KW - 1 || prm[P_XSH] != C * Wq || nroutes < 1) return -1;
+  if (R > 4 || (R > 1 && (O % (R * R) != 0 || residual != nullptr))) return -1;
+  const Strides rs{0, prm[P_RSC], prm[P_RSH]};
+  const Strides os{0, prm[P_OSC], prm[P_OSH]};
+  // every route's kept weights as workspace offsets (the same row layout for all routes)
+  std::vector<std::vector<Entry>> ents(nroutes);
+  for (int r = 0; r < nroutes; ++r) {
+    if (rowptrs[r] == nullptr) continue;
+    const int64_t nnz = rowptrs[r][O];
+    ents[r].resize(nnz);
+    for (int64_t k = 0; k < nnz; ++k) {
+      const int64_t kh = kposs[r][k] / KW, kw = kposs[r][k] % KW;
+      const int64_t off = (kh * C + cins[r][k]) * Wq + kw;
+      if (off > INT32_MAX) return -2;
+      ents[r][k] = Entry{(int32_t)off, vals[r][k]};
+    }
+  }
+  // work items: (tile, row tile, column chunk), narrower vector tiles for narrow tiles
+  struct Item {
+    int64_t tile, y0, ct0, ct1;
+    int nrows, nvx;
+  };
+  std::vector<Item> items;
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t* d = tiles + 6 * t;
+    const int64_t h = d[3], w = d[4], route = d[5];
+    if (h <= 0 || w <= 0 || route < 0 || route >= nroutes || rowptrs[route] == nullptr) return -1;
+    const int nvx = w <= VW ? 1 : (w <= 2 * VW || NV == 2 ? 2 : NV);
+    const int64_t twx = nvx * VW, ctiles = (w + twx - 1) / twx, per_chunk = std::max<int64_t>(1, 256 / twx);
+    for (int64_t y0 = 0; y0 < h; y0 += TR)
+      for (int64_t ct0 = 0; ct0 < ctiles; ct0 += per_chunk)
+        items.push_back(Item{t, y0, ct0, std::min(ctiles, ct0 + per_chunk), (int)std::min<int64_t>(TR, h - y0), nvx});
+  }
+  const int64_t rstride = C * Wq;
+  const int64_t n = (int64_t)items.size();
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+  for (int64_t i = 0; i < n; ++i) {
+    const Item& it = items[i];
+    const int64_t* d = tiles + 6 * it.tile;
+    const int64_t route = d[5];
+    const float* xrow = x + d[0] + it.y0 * rstride;
+    float* out_b = out + d[1];
+    const float* res_b = residual ? residual + d[2] : nullptr;
+#define NMK_RUN(N) conv_item_any<N>(relu, residual != nullptr, R, xrow, ents[route].data(), rowptrs[route], bias, O, rstride, out_b, os, res_b, rs, res_scale, d[4], it.y0, it.nrows, it.ct0, it.ct1)
+    if (it.nvx == 1)
+      NMK_RUN(1);
+    else if (it.nvx == 2)
       NMK_RUN(2);
     else
       NMK_RUN(NV);

@@ -16,6 +16,7 @@ from nmrestore.cost import count_cost
 from nmrestore.data.io import to_tensor, write_image
 from nmrestore.engine.evaluate import EvalResult
 from nmrestore.errors import ImageError, SparsityError
+from nmrestore.methods.classpruning.accounting import PipelineCost, pooled_cost
 from nmrestore.methods.classpruning.classifier import RouteCosts, num_routes, route_classifier
 from nmrestore.methods.classpruning.classmap import save_class_map
 from nmrestore.methods.classpruning.config import ClassPruningConfig
@@ -28,30 +29,40 @@ from nmrestore.sparsity.parametrization import nm_layers
 
 @dataclass
 class AdaptiveEvalResult(EvalResult):
-    """Per-image PSNR/SSIM plus routes and MACs; totals pooled over all patches of all images."""
+    """Per-image PSNR/SSIM plus routes and MACs; MAC totals summed over all images (:class:`PipelineCost`)."""
 
-    macs: float = 0.0
-    dense_patch_macs: float = 0.0
-    whole_image_dense_macs: float = 0.0
     histogram: list[int] = field(default_factory=list)
     costs: RouteCosts | None = None
+    cost: PipelineCost | None = None
     class_maps: list[str] = field(default_factory=list)
+    mode: str = "patches"
+
+    @property
+    def macs(self) -> float:
+        return self.cost.total if self.cost is not None else 0.0
+
+    @property
+    def whole_image_dense_macs(self) -> float:
+        return self.cost.whole_image_dense_macs if self.cost is not None else 0.0
 
     @property
     def macs_fraction(self) -> float:
-        """Average MACs / dense on the same patches, classifier included (ClassSR's convention)."""
-        return self.macs / self.dense_patch_macs if self.dense_patch_macs else math.nan
+        """Whole-image MACs: everything computed over the dense network run once on each whole image."""
+        return self.cost.fraction if self.cost is not None else math.nan
 
     @property
-    def macs_fraction_whole_image(self) -> float:
-        return self.macs / self.whole_image_dense_macs if self.whole_image_dense_macs else math.nan
+    def macs_fraction_per_patch(self) -> float:
+        """ClassSR's convention: routes + classifier over the dense network on the same patches."""
+        return self.cost.per_patch_fraction if self.cost is not None else math.nan
 
     def to_dict(self) -> dict[str, object]:
         return {
             **super().to_dict(),
+            "mode": self.mode,
             "route_histogram": self.histogram,
             "macs_fraction": self.macs_fraction,
-            "macs_fraction_whole_image": self.macs_fraction_whole_image,
+            "macs_fraction_per_patch": self.macs_fraction_per_patch,
+            "pipeline_cost": None if self.cost is None else self.cost.to_dict(),
             "costs": None if self.costs is None else self.costs.to_dict(),
             "class_maps": self.class_maps,
         }
@@ -66,8 +77,9 @@ def evaluate_adaptive(
     class_map_dir: str | Path | None = None,
     with_ssim: bool = True,
 ) -> AdaptiveEvalResult:
-    """Score the patch pipeline on whole images; optionally save a class map per image."""
-    result = AdaptiveEvalResult(histogram=[0] * pipeline.num_routes)
+    """Score the pipeline on whole images; optionally save a class map per image."""
+    result = AdaptiveEvalResult(histogram=[0] * pipeline.num_routes, mode=pipeline.mode)
+    parts: list[PipelineCost] = []
     for sample in samples:
         lq, gt = sample["lq"], sample["gt"]
         assert isinstance(lq, Tensor) and isinstance(gt, Tensor)
@@ -83,9 +95,8 @@ def evaluate_adaptive(
         if with_ssim:
             row["ssim"] = ssim(out, gt3, crop_border=crop_border, test_y_channel=test_y_channel)
         result.per_image.append(row)
-        result.macs += one.macs
-        result.dense_patch_macs += one.dense_patch_macs
-        result.whole_image_dense_macs += one.whole_image_dense_macs
+        parts.append(one.cost)
+        result.cost = pooled_cost(parts)
         result.histogram = [a + b for a, b in zip(result.histogram, one.histogram, strict=True)]
         result.costs = one.costs
         if class_map_dir is not None:
@@ -94,16 +105,21 @@ def evaluate_adaptive(
 
 
 def format_adaptive(result: AdaptiveEvalResult) -> list[str]:
-    """Lines people read: histogram and average MACs (both conventions)."""
+    """Lines people read: whole-image MACs first, then the histogram and ClassSR's per-patch figure."""
     total = sum(result.histogram) or 1
     hist = ", ".join(f"route {k}: {n} ({n / total:.0%})" for k, n in enumerate(result.histogram))
-    lines = [f"route histogram: {hist}"]
+    overlap = result.cost.overlap if result.cost is not None else math.nan
+    lines = [
+        f"whole-image MACs: {result.macs_fraction:.1%} of the dense net run once on each whole image "
+        f"({result.mode} pipeline: routes, overlap x{overlap:.3f}, classifier and blending included)",
+        f"route histogram: {hist}",
+    ]
     if result.costs is not None:
         fr = ", ".join(f"{f:.1%}" for f in result.costs.fractions())
         lines.append(f"route MACs incl. classifier (of dense, per patch): {fr}")
     lines.append(
-        f"average MACs: {result.macs_fraction:.1%} of the dense net on the same patches (classifier included), "
-        f"{result.macs_fraction_whole_image:.1%} of the dense net on whole images"
+        f"per patch (ClassSR's convention, overlap not counted): {result.macs_fraction_per_patch:.1%} of the "
+        "dense net on the same patches"
     )
     return lines
 
@@ -111,10 +127,10 @@ def format_adaptive(result: AdaptiveEvalResult) -> list[str]:
 def adaptive_cost_summary(model: nn.Module, result: AdaptiveEvalResult) -> dict[str, Any]:
     """``count_cost``-style totals for a 1280x720 output with the *average* route mix of ``result``.
 
-    MACs = the pooled fraction (pipeline MACs over dense MACs on the same patches, classifier
-    included) times the dense 720p MACs; params and packed bytes are the full route's (every route
-    is a prefix of each rank-sorted group, so storing the full route stores them all) plus the
-    classifier's.
+    MACs = the pooled whole-image fraction (everything the pipeline computed over the dense network
+    run once on each whole image) times the dense 720p MACs; params and packed bytes are the full
+    route's (every route is a prefix of each rank-sorted group, so storing the full route stores them
+    all) plus the classifier's.
     """
     k = num_routes(model)
     report = count_cost(getattr(model, "module", model))
@@ -132,7 +148,7 @@ def adaptive_cost_summary(model: nn.Module, result: AdaptiveEvalResult) -> dict[
             "macs": fraction * dense,
             "macs_g": fraction * dense / 1e9,
             "macs_fraction": fraction,
-            "macs_fraction_whole_image": result.macs_fraction_whole_image,
+            "macs_fraction_per_patch": result.macs_fraction_per_patch,
             "prunable_macs_fraction": prunable,
             "route_histogram": result.histogram,
         }
@@ -163,7 +179,7 @@ def adaptive_eval_payload(
     result = evaluate_adaptive(pipeline, dataset, crop, recipe.eval.test_y_channel, maps)
     per_image = [
         f"{row['name']}: routes {'/'.join(str(n) for n in row['route_histogram'])}, "
-        f"{row['macs_fraction']:.1%} MACs ({row['macs_fraction_whole_image']:.1%} vs whole image)"
+        f"{row['macs_fraction']:.1%} of whole-image dense MACs ({row['macs_fraction_per_patch']:.1%} per patch)"
         for row in result.per_image
     ]
     return {
@@ -241,7 +257,7 @@ def adaptive_report_row(
         "ssim": result.ssim,
         "macs_g": cost["macs"] / 1e9,
         "macs_fraction": cost["macs"] / dense_macs,
-        "macs_fraction_whole_image": result.macs_fraction_whole_image,
+        "macs_fraction_per_patch": result.macs_fraction_per_patch,
         "prunable_macs_fraction": cost["prunable_macs_fraction"],
         "params": cost["params"],
         "params_nonzero": cost["params_nonzero"],

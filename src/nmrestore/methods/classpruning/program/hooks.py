@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from nmrestore.engine.checkpoint import Checkpoint
 from nmrestore.engine.hooks import MethodHooks
-from nmrestore.methods.classpruning.pipeline import AdaptivePipeline
+from nmrestore.methods.classpruning.pipeline import AdaptivePipeline, adaptive_engine
 from nmrestore.methods.classpruning.program.evaluation import (
     adaptive_eval_payload,
     adaptive_report_row,
@@ -48,6 +48,9 @@ class ClassPruningHooks(MethodHooks):
         engine: nn.Module | None,
     ) -> list[Path]:
         return infer_adaptive(model, recipe, images, out, patch_size, stride, engine=engine)
+
+    def sparse_engine(self, model: nn.Module) -> nn.Module:
+        return adaptive_engine(model)
 
     def restorer(self, model: nn.Module) -> Callable[[Tensor], Tensor]:
         return AdaptivePipeline(model).restore

@@ -472,7 +472,7 @@ def _train_adaptive(
             "val_psnr": final.psnr,
             "val_ssim": final.ssim,
             "val_macs_fraction": final.macs_fraction,
-            "val_macs_fraction_whole_image": final.macs_fraction_whole_image,
+            "val_macs_fraction_per_patch": final.macs_fraction_per_patch,
             "val_route_histogram": final.histogram,
             "elapsed_s": time.perf_counter() - started_at,
             **summary,

@@ -1,0 +1,86 @@
+"""The engine's per-layer records: a route's weights, a tactic decision, the tactic names.
+
+Kept apart from :mod:`nmrestore.runtime.layers` so that the modules a layer calls into (the
+spatial router) can record decisions without importing the layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from nmrestore.runtime.packing import CSRWeight
+
+
+@dataclass
+class RouteWeights:
+    """One route's weights: the dense-with-zeros tensor (dense tactic) and its CSR form (or None)."""
+
+    dense: Tensor
+    csr: CSRWeight | None
+    nm: tuple[int, int] | None  # the route's N:M, None when the layer is not N:M on this route
+    why_dense: str = ""  # why there is no CSR form (e.g. "N = M on this route")
+
+    _bf16: dict[str, Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def density(self) -> float:
+        return self.csr.density if self.csr is not None else float((self.dense != 0).float().mean())
+
+    def values_bf16(self) -> Tensor:
+        """The CSR values rounded to bf16 (the bf16 kernel's weights), made once."""
+        assert self.csr is not None
+        if "values" not in self._bf16:
+            self._bf16["values"] = self.csr.values.to(torch.bfloat16).contiguous()
+        return self._bf16["values"]
+
+    def dense_bf16(self) -> Tensor:
+        """The dense weight in bf16, channels-last for a 4-d weight (oneDNN's fast layout), made once."""
+        if "dense" not in self._bf16:
+            w = self.dense.to(torch.bfloat16)
+            self._bf16["dense"] = w.contiguous(memory_format=torch.channels_last) if w.dim() == 4 else w
+        return self._bf16["dense"]
+
+
+@dataclass
+class LayerDecision:
+    """A tactic choice: one row of the per-layer table."""
+
+    layer: str
+    kind: str
+    route: int
+    input_shape: tuple[int, ...]
+    threads: int
+    nm: str
+    density: float
+    dense_ms: float | None
+    sparse_ms: float | None
+    choice: str  # one of TACTICS
+    reason: str  # "timed", "reused" (same structure timed before or on disk), "forced", or why not sparse
+    times_ms: dict[str, float] = field(default_factory=dict)  # every timed tactic (bf16 ones included)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "layer": self.layer,
+            "kind": self.kind,
+            "route": self.route,
+            "input_shape": list(self.input_shape),
+            "threads": self.threads,
+            "nm": self.nm,
+            "density": self.density,
+            "dense_ms": self.dense_ms,
+            "sparse_ms": self.sparse_ms,
+            "choice": self.choice,
+            "reason": self.reason,
+            "times_ms": dict(self.times_ms),
+        }
+
+
+Extra = tuple["Tensor | None", float, bool]  # (residual, scale, post_relu) of a fused epilogue
+#: The tactics a layer chooses among: PyTorch or the sparse kernel, each in f32 or bf16.
+TACTICS = ("dense", "dense_bf16", "sparse", "sparse_bf16")
+#: The input form each tactic asks its producer for: an f32 or a bf16 hand-off view (padded
+#: (row, channel, column) layout), or bf16 channels-last (oneDNN's layout).
+WANTS = {"sparse": "f32", "sparse_bf16": "bf16", "dense_bf16": "bf16_cl"}
