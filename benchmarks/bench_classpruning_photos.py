@@ -42,7 +42,6 @@ import json
 import shutil
 import sys
 from collections.abc import Callable
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +50,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _report import machine, markdown_table, write_section  # noqa: E402
+from _classpruning_photos_report import checks, render  # noqa: E402
+from _report import in_memory, publish, results_path, save_results  # noqa: E402
 from bench_photos import QUICK, STUDY  # noqa: E402
 from nmrestore.bench.classpruning import (  # noqa: E402
     adaptive_test_row,
@@ -74,7 +74,7 @@ from nmrestore.bench.context import (  # noqa: E402
     per_image_columns,
     row_producer,
 )
-from nmrestore.bench.evidence import attach_deltas, compare, format_delta  # noqa: E402
+from nmrestore.bench.evidence import attach_deltas  # noqa: E402
 from nmrestore.bench.routing_bound import RoutedScore, tile_routing_bound  # noqa: E402
 from nmrestore.bench.rowcache import load_row_cache, row_digest, store_rows  # noqa: E402
 from nmrestore.bench.sls import sls_settings  # noqa: E402
@@ -91,11 +91,11 @@ from nmrestore.sparsity import use_route  # noqa: E402
 
 DOCS = ROOT / "docs"
 RESULTS = DOCS / "bench"
-JSON_PATH = RESULTS / "classpruning_photos.json"
 ROWS_PATH = RESULTS / "classpruning_photos.rows.json"
 STUDY_ROWS = RESULTS / "photos_x4.rows.json"
-STUDY_DIR = Path("/root/.cache/nmrestore/photos-study")
-WORK_DIR = Path("/root/.cache/nmrestore/classpruning-photos")
+#: bench_photos.py's default --work-dir (its dense models and fine-tuned rows), and this study's runs.
+STUDY_DIR = Path("runs/photos-study")
+WORK_DIR = Path("runs/classpruning-photos")
 #: The study's dense x4 model (bench_photos.py STUDY at scale 4): refuse to train another one.
 DENSE_DIGEST = "332008178c0ad6db"
 SCALE = 4
@@ -140,14 +140,16 @@ class CroppedSet(torch.utils.data.Dataset):
         }
 
 
-def study_config(data: Path, work_dir: Path, quick: bool, threads: int) -> BenchConfig:
+def study_config(
+    data: Path, work_dir: Path, quick: bool, threads: int, study_dir: Path = STUDY_DIR
+) -> BenchConfig:
     values = {**STUDY, **(QUICK_CONFIG if quick else {}), "threads": threads, "timing": False}
     return BenchConfig(
         **values,
         scale=SCALE,
         data_root=data,
         quick=quick,
-        cache_dir=(work_dir / "dense") if quick else STUDY_DIR / "dense",
+        cache_dir=(work_dir / "dense") if quick else study_dir / "dense",
         work_dir=work_dir / f"x{SCALE}",
         row_cache=(work_dir / "rows.json") if quick else ROWS_PATH,
     )
@@ -156,11 +158,11 @@ def study_config(data: Path, work_dir: Path, quick: bool, threads: int) -> Bench
 def study_dense(config: BenchConfig) -> DenseCheckpoint:
     """The photo study's finished dense x4 model, found by its recipe digest and only read (never retrained)."""
     digest = recipe_digest(dense_recipe(config))
-    run_dir = STUDY_DIR / "dense" / digest
+    run_dir = Path(config.cache_dir) / digest  # type: ignore[arg-type]
     path = run_dir / "checkpoints" / "last.safetensors"
     if digest != DENSE_DIGEST or not (run_dir / "done.json").is_file() or not path.is_file():
         raise SystemExit(
-            f"the photo study's dense x4 model ({DENSE_DIGEST}) is not in {STUDY_DIR / 'dense'} (this config's "
+            f"the photo study's dense x4 model ({DENSE_DIGEST}) is not in {config.cache_dir} (this config's "
             f"digest: {digest}); run benchmarks/bench_photos.py --scale 4 first, from the repository root "
             "with the photo set at data/photos as the study named it"
         )
@@ -319,7 +321,7 @@ def independent_routes_bound(context: BenchContext, cp: dict[str, Any]) -> dict[
             ("dense_ft", None) if n == 32 else (f"srste-{n}:32", {"method": "srste", "n": n, "m": 32})
         )
         recipe = context.finetune_recipe(label, sparsity)
-        study = STUDY_DIR / f"x{SCALE}" / label.replace(":", "of") / "checkpoints" / "last.safetensors"
+        study = Path(context.config.cache_dir).parent / f"x{SCALE}" / label  # type: ignore[arg-type].replace(":", "of") / "checkpoints" / "last.safetensors"
         path = study if _matching_checkpoint(study, recipe) else None
         if path is None:
             path = context.finetune(label, sparsity).run_dir / "checkpoints" / "last.safetensors"
@@ -414,7 +416,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     echo = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.cp)}
     settings = {**SETTINGS, **(QUICK_SETTINGS if args.quick else {}), **overrides}
-    config = study_config(args.data, args.work_dir, args.quick, args.threads)
+    config = study_config(args.data, args.work_dir, args.quick, args.threads, args.study_dir)
     torch.set_num_threads(args.threads)
     dense = study_dense(config) if not args.quick else ensure_dense(config, echo)
     dense_model = model_from_checkpoint(dense.path)[0].eval()
@@ -499,9 +501,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if target.is_file():
                 maps.append(target.name)
     return {
-        "command": "python " + " ".join(["benchmarks/bench_classpruning_photos.py", *sys.argv[1:]]),
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine(),
         "quick": args.quick,
         "config": config.model_dump(mode="json"),
         "dense_digest": dense.digest,
@@ -516,266 +515,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # -- the section, from the JSON alone -------------------------------------------------------------
-MACS_LIMIT = 0.60
-PSNR_MARGIN = 0.05
-TIME_LIMIT = 0.70
-INFER = "ClassPruning spatial, sparse engine (infer --sparse-engine)"
-DENSE = "dense PyTorch, whole image"
-TITLE = "ClassPruning on the photo study (x4): whole-image MACs, paired intervals, wall time"
-
-
-def _find(rows: list[dict[str, Any]], method: str) -> dict[str, Any] | None:
-    return next((r for r in rows if r["method"] == method), None)
-
-
-def _label(row: dict[str, Any]) -> str:
-    if row["method"] == "sls":
-        return f"SLS at {100 * row['macs_fraction']:.1f}% MACs"
-    return f"{row['method']} {row['budget']}" if isinstance(row.get("budget"), str) else row["method"]
-
-
-def checks(payload: dict[str, Any], psnr_only: bool = False) -> list[tuple[str, bool]]:
-    """The issue's claims, each PASS/FAIL from the data (paired 95% intervals over 96x96 HR tiles)."""
-    rows = payload["rows"]
-    cp, dense = _find(rows, "classpruning"), _find(rows, "dense")
-    assert cp is not None and dense is not None
-    found: list[tuple[str, bool]] = []
-    if not psnr_only:
-        found.append(
-            (
-                f"whole-image MACs {cp['macs_fraction']:.1%} <= {MACS_LIMIT:.0%} of the dense network run once on each "
-                f"test photo (tiles on their routes + classifier; per patch, ClassSR's convention: "
-                f"{cp['macs_fraction_per_patch']:.1%})",
-                cp["macs_fraction"] <= MACS_LIMIT,
-            )
-        )
-    delta = compare(cp, dense)
-    found.append(
-        (
-            f"PSNR within {PSNR_MARGIN} dB of dense: ClassPruning - dense = {format_delta(delta and delta.to_dict())} dB "
-            f"(needs the lower end >= -{PSNR_MARGIN}); means {cp['psnr']:.3f} vs {dense['psnr']:.3f}",
-            delta is not None and delta.low >= -PSNR_MARGIN,
-        )
-    )
-    for row in rows:
-        if row["method"] in ("oneshot", "srste", "sls"):
-            d = compare(cp, row)
-            found.append(
-                (
-                    f"above {_label(row)} ({100 * row['macs_fraction']:.1f}% MACs): ClassPruning - it = "
-                    f"{format_delta(d and d.to_dict())} dB (needs the interval above 0)",
-                    d is not None and d.low > 0,
-                )
-            )
-    if psnr_only:
-        return found
-    images = cp.get("per_image") or []
-    maps = payload.get("class_maps") or []
-    found.append(
-        (
-            f"route histogram and class map of every test photo: {len(images)} histograms, {len(maps)} class maps",
-            len(images) == 3 and len(maps) == 3 and all(sum(i["route_histogram"]) > 0 for i in images),
-        )
-    )
-    wall = payload.get("wall") or {}
-    ratio = (wall.get("ratio_to_dense") or {}).get(INFER)
-    if ratio is not None:
-        h, w = wall["lr_size"]
-        found.append(
-            (
-                f"`infer --sparse-engine` on {wall['photo']} ({w * SCALE}x{h * SCALE} output, {wall['threads']} threads): "
-                f"{ratio:.3f}x the wall time of whole-image dense PyTorch (median of {wall['rounds']} interleaved "
-                f"per-round ratios; needs <= {TIME_LIMIT})",
-                ratio <= TIME_LIMIT,
-            )
-        )
-    return found
-
-
-def _f(value: Any, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def render_markdown(payload: dict[str, Any]) -> tuple[str, str]:
-    """(title, body) of the ``classpruning-photos`` section: a pure function of the JSON payload."""
-    rows, cp = payload["rows"], _find(payload["rows"], "classpruning")
-    assert cp is not None
-    settings, static = payload["settings"], payload["static"]
-    cost = cp["pipeline_cost"]
-    lines = [
-        f"**Whole-image MACs: {cp['macs_fraction']:.1%} of the dense network** run once on each test photo "
-        f"({cp['macs_g']:.2f} G at a 1280x720 output): every {cp['tile']}x{cp['tile']} LR tile on its route "
-        f"({cp['mode']} inference: one whole-image pass, each routed layer computing every tile on its route, "
-        f"overlap x{cost['overlap']:.3f}) plus the classifier on every tile "
-        f"({100 * cost['classifier_macs'] / cost['whole_image_dense_macs']:.3f}%). Per patch (ClassSR's convention, "
-        f"which leaves out overlap and stitching): {cp['macs_fraction_per_patch']:.1%}.",
-        "",
-        (
-            "--quick smoke test (a few steps each, top-left crops of the test photos: the figures say nothing "
-            "about the method). A 20-step stand-in for the photo study's dense x4 model "
-            if payload.get("quick")
-            else "The photo study's dense x4 model "
-        )
-        + f"(edsr_baseline, 8 blocks, global bicubic skip; cache "
-        f"{payload['dense_digest']}), ClassPruning fine-tuned from it on the train split: routes "
-        f"{cp['routes']} over one weight tensor, {cp['note']}; labels: least summed error at "
-        f"{settings['target_macs_fraction']:.0%} MACs with each patch's error weighted by its own dB "
-        f"(`budget_weights: {settings['budget_weights']}`); cost shift calibrated on held-out strips of the "
-        f"training photos. Scored on the 3 test photos (Y PSNR, crop 4); 'vs dense' and 'ClassPruning - row' "
-        f"are paired 95% bootstrap intervals over the same {payload['config']['ci_tile']}x"
-        f"{payload['config']['ci_tile']} HR tiles as docs/bench/photos_x4.json. Static baselines at "
-        f"ClassPruning's whole-image MACs: one-shot and SR-STE at {static['n']}:32 (the smallest N:32 with at "
-        f"least as many MACs, {static['uniform_fraction']:.1%}), SLS searched at "
-        f"{static['sls_prunable_budget']:.4f} of the prunable MACs (= {static['target_fraction']:.1%} of the "
-        f"whole network), each fine-tuned {payload['config']['finetune_steps']} steps.",
-        "",
-    ]
-    table = []
-    for row in rows:
-        d = compare(cp, row) if row is not cp else None
-        table.append(
-            {
-                "method": row["method"],
-                "budget": "-" if row["method"] in ("bicubic", "dense") else str(row["budget"]),
-                "PSNR": _f(row["psnr"], ".3f"),
-                "SSIM": _f(row.get("ssim"), ".4f"),
-                "whole-image MACs %": _f(100 * row["macs_fraction"], ".2f")
-                if row["method"] != "bicubic"
-                else "-",
-                "GMACs @720p": _f(row.get("macs_g"), ".2f"),
-                "vs dense [95% CI]": format_delta(row.get("vs_dense")),
-                "ClassPruning - row [95% CI]": format_delta(d.to_dict()) if d is not None else "-",
-            }
-        )
-    lines += [markdown_table(table, list(table[0])), ""]
-    per_image = [
-        {
-            "photo": e["name"],
-            "PSNR": f"{e['psnr']:.3f}",
-            "tiles per route": "/".join(map(str, e["route_histogram"])),
-            "whole-image MACs %": f"{100 * e['macs_fraction']:.2f}",
-            "per patch %": f"{100 * e['macs_fraction_per_patch']:.2f}",
-        }
-        for e in cp["per_image"]
-    ]
-    total = sum(cp["route_histogram"]) or 1
-    lines += [
-        "Route histogram (tiles per route, all test photos): "
-        + ", ".join(
-            f"route {k} ({n}): {c} ({c / total:.0%}, {f:.1%} MACs each)"
-            for k, (n, c, f) in enumerate(
-                zip(
-                    cp["routes"].split(":")[0].split("/"),
-                    cp["route_histogram"],
-                    cp["route_fractions"],
-                    strict=True,
-                )
-            )
-        )
-        + ". Per test photo:",
-        "",
-        markdown_table(per_image, list(per_image[0])),
-        "",
-    ]
-    for bound in payload.get("bounds", []):
-        own = bound["routes"] == "own"
-        lines += [
-            (
-                "Routing bound of ClassPruning's own routes"
-                if own
-                else "Routing bound of independently trained routes"
-            )
-            + f" at its whole-image MACs: every route run on the whole photo, each {cp['tile']}-pixel tile taken "
-            "from the route a perfect router picks (no classifier), by the error each cheaper route adds to the "
-            "full route's output (no ground truth) or by the ground truth (an oracle; it also exploits the "
-            "photos' noise)"
-            + (
-                "."
-                if own
-                else "; the routes are SR-STE at the cheap routes' N and the dense "
-                "model fine-tuned, each for the same steps."
-            ),
-            "",
-        ]
-        bound_rows = []
-        for r in bound["rows"]:
-            d = compare(r, cp)
-            bound_rows.append(
-                {
-                    "routing": r["routing"],
-                    "PSNR": f"{r['psnr']:.3f}",
-                    "whole-image MACs %": f"{100 * r['macs_fraction']:.2f}",
-                    "tiles per route": "/".join(map(str, r["route_histogram"])),
-                    "it - ClassPruning [95% CI]": format_delta(d.to_dict()) if d is not None else "-",
-                    "vs dense": format_delta(
-                        compare(r, _find(rows, "dense")).to_dict()
-                        if compare(r, _find(rows, "dense"))
-                        else None
-                    ),
-                }
-            )
-        lines += [markdown_table(bound_rows, list(bound_rows[0])), ""]
-    wall = payload.get("wall")
-    if wall:
-        h, w = wall["lr_size"]
-        pixels = wall.get("route_pixels") or []
-        share = [p / sum(pixels) for p in pixels] if pixels and sum(pixels) else []
-        alone = [
-            wall["ratio_to_dense"].get(f"route {k} alone, whole image, sparse engine")
-            for k in range(len(share))
-        ]
-        mix = sum(s * a for s, a in zip(share, alone, strict=True)) if share and None not in alone else None
-        lines += [
-            f"Wall time on {wall['photo']} ({w}x{h} LR, {w * SCALE}x{h * SCALE} output), {wall['threads']} threads, "
-            f"one process, {wall['rounds']} interleaved rounds after a warm-up (runtime/timing.py); ratio = median "
-            f"of the per-round ratios to whole-image dense PyTorch. Tiles per route on this photo: "
-            f"{'/'.join(map(str, wall['route_histogram']))}; engine kernel {wall.get('kernel') or 'unavailable'}, "
-            f"tactics {wall['tactics']['sparse']} sparse / {wall['tactics']['dense']} dense; largest difference "
-            f"between the engine's and PyTorch's output {wall['max_abs_diff_engine_vs_pytorch']:.1e}.",
-            "",
-            markdown_table(
-                [
-                    {
-                        "run": k,
-                        "median s": f"{wall['median_s'][k]:.3f}",
-                        "x dense": f"{wall['ratio_to_dense'][k]:.3f}",
-                        "first call s": f"{wall['first_call_s'][k]:.1f}",
-                    }
-                    for k in wall["median_s"]
-                ],
-                ["run", "median s", "x dense", "first call s"],
-            ),
-            "",
-        ]
-        if mix is not None:
-            lines += [
-                f"The routes alone at this photo's route mix would take {mix:.3f}x dense: the rest of the spatial "
-                f"pipeline's {wall['ratio_to_dense'][INFER]:.3f}x is its own cost (classifier, tile gathers and "
-                "scatters, smaller convolutions). 'first call' includes the engine's one-time tactic timing per "
-                "layer and tile shape (kept in memory; `EngineConfig.cache_file` keeps it across processes).",
-                "",
-            ]
-    lines += ["Checks:", "", *[f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok in checks(payload)], ""]
-    if payload.get("notes"):
-        lines += ["Notes:", "", *[f"- {n}" for n in payload["notes"]], ""]
-    lines += [f"![class map]({name})" for name in payload.get("class_maps", [])]
-    return TITLE, "\n".join(lines)
-
-
-def render(json_path: Path) -> None:
-    """Write the ``classpruning-photos`` section of docs/BENCHMARKS.md from the committed JSON."""
-    payload = json.loads(json_path.read_text())
-    title, body = render_markdown(payload)
-    write_section(
-        SECTION,
-        title,
-        body,
-        command_line=payload["command"],
-        date=payload["date"],
-        machine_line=payload["machine"],
-    )
-
-
 SECTION = "classpruning-photos"
 
 
@@ -791,8 +530,13 @@ def main(argv: list[str] | None = None) -> int:
         "--data", type=Path, default=Path("data/photos"), help="the photo set (as the study named it)"
     )
     parser.add_argument("--work-dir", type=Path, default=None, help=f"runs (default {WORK_DIR}[/quick])")
+    parser.add_argument(
+        "--study-dir", type=Path, default=STUDY_DIR, help="bench_photos.py's --work-dir (its dense x4 model)"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the timing claim is at 2)")
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds of the wall time (5; --quick: 2)")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="timed rounds of the wall time (5; --quick: 2)"
+    )
     parser.add_argument(
         "--retime", action="store_true", help="measure the wall time again (not from the cache)"
     )
@@ -805,19 +549,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="leave docs/ alone")
     args = parser.parse_args(argv)
     if args.render:
-        render(JSON_PATH)
+        publish(SECTION, render)
+        print(
+            f"docs/BENCHMARKS.md section {SECTION!r} rendered from {results_path(SECTION).relative_to(ROOT)}"
+        )
         return 0
     args.work_dir = args.work_dir or (WORK_DIR / "quick" if args.quick else WORK_DIR)
     args.rounds = args.rounds or (2 if args.quick else 5)
-    payload = run(args)
-    out = args.work_dir / "classpruning_photos_quick.json" if args.quick else JSON_PATH
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=1, default=str))
-    title, body = render_markdown(payload)
+    data = run(args)
     if args.quick or args.no_write:
+        payload = in_memory(data)
+        out = args.work_dir / "classpruning_photos_quick.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(payload, indent=1, default=str))
+        title, body = render(SECTION, payload)
         print(f"## {title}\n\n{body}")
     else:
-        render(out)
+        payload = save_results(SECTION, data)
+        out = results_path(SECTION)
+        publish(SECTION, render)
         print(f"docs/BENCHMARKS.md section {SECTION!r} written")
     for text, ok in checks(payload):
         print(f"{'PASS' if ok else 'FAIL'}: {text}")
