@@ -1,0 +1,192 @@
+"""Coarse (block-shared) N:M against per-channel N:M: what the pattern costs in PSNR, what it buys in speed.
+
+"Coarse" N:M keeps, in every block of 16 output channels, the same N of every M input channels at
+each kernel position (the block's summed magnitudes choose), so a block's kept inputs form a dense K
+axis that AMX tile products can use (``proto/coarse_amx.cpp``). Per-channel N:M, what nmrestore
+trains, chooses per output channel. Both keep N/M of the weights.
+
+Protocol, on the photo study's dense model (``bench_photos.py``, found in its cache by recipe digest,
+never trained here): every prunable layer of the study pruned one-shot by magnitude, without
+fine-tuning, once per pattern at each budget; scored on the test photos with the study's protocol
+(Y PSNR, its 96x96 HR tiles), so ``coarse - per-channel`` is a paired difference with a 95% interval.
+Fine-tuning would recover part of either gap; the one-shot figure is the pattern's own cost on the
+same weights. Speed: one EDSR body conv (64->64, 3x3) on the prototype against the engine's kernels
+and dense oneDNN, interleaved in one run (``_coarse.py``); skipped on a CPU without AMX.
+
+    .venv/bin/python benchmarks/bench_coarse.py --study-dir runs/photos-study   # PSNR + speed
+    .venv/bin/python benchmarks/bench_coarse.py --render                         # the section from its JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _coarse import coarse_weight, run_coarse  # noqa: E402
+from _report import in_memory, markdown_table, publish, save_results  # noqa: E402
+from bench_photos import study_config  # noqa: E402
+from nmrestore.bench.config import dense_recipe, ensure_dense, test_source  # noqa: E402
+from nmrestore.bench.context import BenchContext, per_image_columns  # noqa: E402
+from nmrestore.bench.evidence import compare, format_delta  # noqa: E402
+from nmrestore.cost import count_cost  # noqa: E402
+from nmrestore.engine.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from nmrestore.engine.evaluate import evaluate_model  # noqa: E402
+from nmrestore.engine.runner import build_eval_dataset, model_from_checkpoint  # noqa: E402
+from nmrestore.sparsity import nm  # noqa: E402
+from nmrestore.sparsity.api import eligible_layers  # noqa: E402
+
+SECTION = "coarse"
+BLOCK = 16
+BUDGETS = ("4:32", "2:32")
+STUDY_ROWS = ROOT / "docs" / "bench" / "photos_x4.json"  # the study's fine-tuned per-channel rows
+
+
+def pruned(model: torch.nn.Module, n: int, m: int, coarse: bool) -> torch.nn.Module:
+    """A copy of ``model`` with every prunable layer N:M one-shot (coarse or per-channel)."""
+    import copy
+
+    out = copy.deepcopy(model)
+    layers, _dense = eligible_layers(out, m)
+    with torch.no_grad():
+        for info in layers:
+            w = info.module.weight
+            blocked = coarse and w.dim() == 4 and w.shape[0] % BLOCK == 0
+            kept = coarse_weight(w, n, m, BLOCK) if blocked else w * (nm.compute_ranks(w, m) < n)
+            w.copy_(kept)
+    return out
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    echo = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    torch.set_num_threads(args.threads)
+    config = study_config(args.scale, args.data, args.study_dir, False, None, args.threads, cached_only=True)
+    dense = ensure_dense(config, echo)
+    model = model_from_checkpoint(dense.path)[0].eval()
+    eval_set = build_eval_dataset(test_source(config), args.scale, dense_recipe(config).task)
+
+    def score(net: torch.nn.Module, method: str, budget: str | None) -> dict[str, Any]:
+        with torch.no_grad():
+            result = evaluate_model(net, eval_set, args.scale, True, with_ssim=False, tile=config.ci_tile)
+        echo(f"{method} {budget or ''}: {result.psnr:.3f} dB")
+        return {"method": method, "budget": budget, "psnr": result.psnr, **per_image_columns(result)}
+
+    rows = [score(model, "dense", None)]
+    work_dir = args.study_dir / f"x{args.scale}"
+    context = BenchContext(config, dense, model, count_cost(model), eval_set, work_dir, echo=echo)
+    study = {(r["method"], r.get("budget")): r for r in json.loads(STUDY_ROWS.read_text())["rows"]}
+    for budget in args.budgets:
+        n, m = (int(v) for v in budget.split(":"))
+        for coarse in (False, True):
+            name = "coarse" if coarse else "per-channel"
+            one_shot = pruned(model, n, m, coarse)
+            rows.append(score(one_shot, f"{name} one-shot", budget))
+            if not coarse:  # fine-tuned: the study's own one-shot row (same recipe, same tiles)
+                rows.append({**study[("oneshot", budget)], "method": "per-channel fine-tuned"})
+                continue
+            # the study's one-shot fine-tune started from the coarse-pruned weights: its per-channel
+            # magnitude mask on them is exactly the coarse mask (N non-zeros left per group), kept fixed
+            init = work_dir / f"coarse-init-{n}of{m}.safetensors"
+            save_checkpoint(init, one_shot, load_checkpoint(dense.path).meta, with_rng=False)
+            tuned = replace(context, dense=replace(dense, path=init))
+            run = tuned.finetune(f"coarse{BLOCK}-oneshot-{budget}", {"method": "oneshot", "n": n, "m": m})
+            net = model_from_checkpoint(run.run_dir / "checkpoints" / "last.safetensors")[0].eval()
+            rows.append(score(net, "coarse fine-tuned", budget))
+    speed = [] if args.no_speed else run_coarse((180, 320), args.repeats, tuple(args.budgets))
+    return {
+        "dense_digest": dense.digest,
+        "scale": args.scale,
+        "block": BLOCK,
+        "rows": rows,
+        "speed": speed,
+        "speed_repeats": args.repeats,
+    }
+
+
+def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
+    """(title, body) of the section, from the JSON alone."""
+    rows = payload["rows"]
+    dense = rows[0]
+    table = []
+    by = {(r["method"], r["budget"]): r for r in rows}
+    for budget in dict.fromkeys(r["budget"] for r in rows[1:]):
+        for stage in ("one-shot", "fine-tuned"):
+            fine, coarse = by[(f"per-channel {stage}", budget)], by[(f"coarse {stage}", budget)]
+            delta = compare(coarse, fine)
+            table.append(
+                {
+                    "N:M": budget,
+                    "masks": stage,
+                    "per-channel PSNR": f"{fine['psnr']:.3f}",
+                    "coarse PSNR": f"{coarse['psnr']:.3f}",
+                    "coarse - per-channel [95% CI]": format_delta(delta.to_dict() if delta else None),
+                    "coarse - dense": format_delta(compare(coarse, dense).to_dict()),
+                }
+            )
+    lines = [
+        f"The photo study's dense x{payload['scale']} model ({dense['psnr']:.3f} dB, recipe "
+        f"{payload['dense_digest']}) with every prunable layer pruned by magnitude per output channel "
+        f"(what nmrestore trains) or with one mask per block of {payload['block']} output channels "
+        "(coarse: a block's kept inputs form a dense K axis for AMX tiles); 'one-shot': no training, "
+        "'fine-tuned': the study's one-shot fine-tune (300 steps, masks fixed; the per-channel row is "
+        "the study's own). Test photos, Y PSNR (image means), paired 95% intervals over the study's "
+        "96x96 HR tiles (tile means, which can differ in sign from the image means).",
+        "",
+        markdown_table(table, list(table[0])),
+        "",
+    ]
+    if payload.get("speed"):
+        speed = payload["speed"]
+        lines += [
+            f"Speed of one EDSR body conv (64->64, 3x3, 320x180, median of {payload['speed_repeats']} "
+            "interleaved rounds, one run): the coarse prototype (`benchmarks/proto/coarse_amx.cpp`, AMX "
+            "bf16) against the engine's per-channel kernels and dense oneDNN.",
+            "",
+            markdown_table(speed, list(dict.fromkeys(k for r in speed for k in r))),
+            "",
+        ]
+    else:
+        lines += ["Speed: not measured in this run (no AMX, or `--no-speed`).", ""]
+    lines += [
+        "What it would take: coarse masks trained (one-shot + fine-tune or SR-STE with the block-shared "
+        "mask) and a kernel path in the engine. Until then the pattern is measured, not offered.",
+    ]
+    return "Coarse (block-shared) N:M: the PSNR it costs, the speed it buys", "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--study-dir", type=Path, default=Path("runs/photos-study"), help="bench_photos --work-dir"
+    )
+    parser.add_argument("--data", type=Path, default=Path("data/photos"))
+    parser.add_argument("--scale", type=int, default=4)
+    parser.add_argument("--budgets", type=lambda s: tuple(s.split(",")), default=BUDGETS)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds of the speed rows")
+    parser.add_argument("--no-speed", action="store_true", help="PSNR only")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
+    parser.add_argument("--render", action="store_true", help="only redraw the section from its JSON")
+    args = parser.parse_args(argv)
+    if args.render:
+        publish(SECTION, render)
+        return 0
+    data = measure(args)
+    payload = in_memory(data) if args.no_write else save_results(SECTION, data)
+    title, body = render(SECTION, payload)
+    print(f"## {title}\n\n{body}")
+    if not args.no_write:
+        publish(SECTION, render)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
