@@ -130,10 +130,16 @@ def doc_sections(text: str) -> dict[str, str]:
 def publish(key: str, render: Renderer | None = None, doc: Path = DOC) -> None:
     """Replace (or append) section ``key`` of docs/BENCHMARKS.md with its rendering from ``docs/bench/<key>.json``."""
     if not results_path(key).is_file():
-        raise SystemExit(f"{results_path(key).relative_to(ROOT)} does not exist: run the benchmark without --render")
+        raise SystemExit(
+            f"{results_path(key).relative_to(ROOT)} does not exist: run the benchmark without --render"
+        )
     section = render_section(key, render)
     text = doc.read_text() if doc.exists() else HEADER
     pattern = re.compile(rf"<!-- section:{re.escape(key)} -->.*?<!-- end:{re.escape(key)} -->", re.S)
-    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
+    text = (
+        pattern.sub(lambda _: section, text)
+        if pattern.search(text)
+        else text.rstrip() + "\n\n" + section + "\n"
+    )
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)

@@ -221,7 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "bench-classpruning")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--no-write", action="store_true", help="do not touch docs/")
-    parser.add_argument("--render", action="store_true", help="only redraw the section from its docs/bench JSON")
+    parser.add_argument(
+        "--render", action="store_true", help="only redraw the section from its docs/bench JSON"
+    )
     args = parser.parse_args(argv)
 
     config = config_from_overrides(args.quick, [*args.set, "methods=[classpruning]"])
@@ -276,7 +278,9 @@ def main(argv: list[str] | None = None) -> int:
             crop,
             y_channel,
         )
-    stage_a, _ = model_from_checkpoint(args.work_dir / "classpruning" / "stage_a" / "checkpoints" / "last.safetensors")
+    stage_a, _ = model_from_checkpoint(
+        args.work_dir / "classpruning" / "stage_a" / "checkpoints" / "last.safetensors"
+    )
     route_rows = shared_route_rows(adaptive, stage_a.eval(), eval_set, crop, y_channel)
     # the routing bound of these routes: patches routed by the ground truth at the same average MACs
     samples = [eval_set[i] for i in range(len(eval_set))]
@@ -444,7 +448,12 @@ def draw(key: str, payload: dict[str, Any]) -> None:
 def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
     """The section from the saved rows (``docs/bench/classpruning*.json``)."""
     config = BenchConfig(**payload["config"])
-    extra, bound_rows, per_image, wall_rows = payload["extra"], payload["bound"], payload["per_image"], payload["wall"]
+    extra, bound_rows, per_image, wall_rows = (
+        payload["extra"],
+        payload["bound"],
+        payload["per_image"],
+        payload["wall"],
+    )
     notes, budget = payload["notes"], payload["budget"]
     body = "\n".join(
         [
@@ -501,6 +510,7 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
     )
     title = "ClassPruning: input-adaptive N:M against static N:M of the same MACs"
     return title + ("" if config.task == "sr" else f" ({config.task})"), body
+
 
 if __name__ == "__main__":
     sys.exit(main())

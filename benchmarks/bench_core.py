@@ -207,7 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--quick", action="store_true", help="fewer rounds and repeats")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
-    parser.add_argument("--render", action="store_true", help="only redraw the section from docs/bench/core.json")
+    parser.add_argument(
+        "--render", action="store_true", help="only redraw the section from docs/bench/core.json"
+    )
     args = parser.parse_args(argv)
     if args.render:
         publish(SECTION, render)
@@ -289,11 +291,20 @@ def main(argv: list[str] | None = None) -> int:
     print(render(SECTION, payload)[1])
     if not args.no_write:
         publish(SECTION, render)
-        print(f"\nwrote {results_path(SECTION).relative_to(ROOT)} and section {SECTION!r} of docs/BENCHMARKS.md")
+        print(
+            f"\nwrote {results_path(SECTION).relative_to(ROOT)} and section {SECTION!r} of docs/BENCHMARKS.md"
+        )
     return 0
 
 
-REFRESH_COLUMNS = ["pattern", "layers", "masked weights", "refresh_ median (ms)", "min (ms)", "per layer (ms)"]
+REFRESH_COLUMNS = [
+    "pattern",
+    "layers",
+    "masked weights",
+    "refresh_ median (ms)",
+    "min (ms)",
+    "per layer (ms)",
+]
 STEP_COLUMNS = ["configuration", "median step (ms)", "min (ms)", "± IQR/2 (%)", "ratio to dense"]
 
 
@@ -329,6 +340,7 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
         ]
     )
     return TITLE, body
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

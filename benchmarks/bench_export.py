@@ -281,7 +281,9 @@ def main() -> None:
     parser.add_argument(
         "--no-write", action="store_true", help="print only; leave docs/ (JSON and BENCHMARKS.md) alone"
     )
-    parser.add_argument("--render", action="store_true", help="only redraw the section from docs/bench/export.json")
+    parser.add_argument(
+        "--render", action="store_true", help="only redraw the section from docs/bench/export.json"
+    )
     args = parser.parse_args()
     if args.render:
         publish(SECTION, render)

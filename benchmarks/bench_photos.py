@@ -154,7 +154,9 @@ def _plot_path(key: str) -> Path:
 def draw(key: str, payload: dict[str, Any]) -> None:
     """The section's PSNR-against-MACs plot, from the same rows."""
     config = BenchConfig(**payload["config"])
-    plot_psnr_macs(payload["rows"], _plot_path(key), f"{config.model} (8 blocks) x{config.scale} on the photo set")
+    plot_psnr_macs(
+        payload["rows"], _plot_path(key), f"{config.model} (8 blocks) x{config.scale} on the photo set"
+    )
 
 
 def _per_image_table(rows: list[dict[str, Any]]) -> str:
@@ -171,16 +173,22 @@ def _per_image_table(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", type=int, action="append", help="4 and/or 2 (default: 4 then 2)")
-    parser.add_argument("--data", type=Path, default=Path("data/photos"), help="the photo set (made if missing)")
+    parser.add_argument(
+        "--data", type=Path, default=Path("data/photos"), help="the photo set (made if missing)"
+    )
     parser.add_argument("--work-dir", type=Path, default=Path("runs/photos-study"))
     parser.add_argument("--methods", default=None, help="comma-separated subset of the methods")
     parser.add_argument("--quick", action="store_true", help="a few steps only (smoke test of the script)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on a shared machine)")
-    parser.add_argument("--budgets", default=None, help="comma-separated subset of the budgets (rows run first)")
+    parser.add_argument(
+        "--budgets", default=None, help="comma-separated subset of the budgets (rows run first)"
+    )
     parser.add_argument(
         "--cached-only", action="store_true", help="report the finished rows only (a study still under way)"
     )
-    parser.add_argument("--render", action="store_true", help="only redraw the sections from docs/bench/*.json")
+    parser.add_argument(
+        "--render", action="store_true", help="only redraw the sections from docs/bench/*.json"
+    )
     args = parser.parse_args(argv)
     scales = args.scale or [4, 2]
     if args.render:
@@ -202,10 +210,20 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(rows), flush=True)
         key = section_key(scale, args.quick)
         out = results_path(key) if not args.quick else args.work_dir / f"{key.replace('-', '_')}.json"
-        write_json(rows, out, config, notes, command="python " + " ".join(["benchmarks/bench_photos.py", *sys.argv[1:]]))
+        write_json(
+            rows,
+            out,
+            config,
+            notes,
+            command="python " + " ".join(["benchmarks/bench_photos.py", *sys.argv[1:]]),
+        )
         if not args.quick:
             for chart in sorted(config.work_dir.glob("sls-*/sls_n_per_layer.png")):  # type: ignore[union-attr]
-                shutil.copyfile(chart, DOCS / f"bench_{key.replace('-', '_')}_{chart.parent.name.replace('-', '_')}_n_per_layer.png")
+                shutil.copyfile(
+                    chart,
+                    DOCS
+                    / f"bench_{key.replace('-', '_')}_{chart.parent.name.replace('-', '_')}_n_per_layer.png",
+                )
             draw(key, load_results(key))
             publish(key, render)
         print(f"rows written to {out}", flush=True)

@@ -214,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timing-rounds", type=int, default=7)
     parser.add_argument("--json", type=Path, default=None, help="write rows, checks and storage as JSON")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
-    parser.add_argument("--render", action="store_true", help="only redraw the section from docs/bench/png.json")
+    parser.add_argument(
+        "--render", action="store_true", help="only redraw the section from docs/bench/png.json"
+    )
     args = parser.parse_args(argv)
     if args.render:
         publish(section_key(args), render)
@@ -309,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
             "smallest_dense_bytes": min(t.dense_model_bytes for t in storage.tasks),
             "task_bytes": storage.task_bytes,
             "parts": [
-                {"what": what, "bytes": size, "x one dense": size / storage.one_dense_bytes} for what, size in parts
+                {"what": what, "bytes": size, "x one dense": size / storage.one_dense_bytes}
+                for what, size in parts
             ],
         },
         "bounds": paper_scale_bounds(png_config),
@@ -332,12 +335,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
     """The section from the saved rows and storage report (``docs/bench/png.json``)."""
-    settings, png, storage, timing = payload["settings"], payload["png"], payload["storage"], payload["timing"]
+    settings, png, storage, timing = (
+        payload["settings"],
+        payload["png"],
+        payload["storage"],
+        payload["timing"],
+    )
     summary = storage["summary"]
     table = markdown_table([display_row(r) for r in payload["rows"]], list(DISPLAY))
     storage_table = markdown_table(storage["parts"], ["what", "bytes", "x one dense"])
     bound_table = markdown_table(
-        payload["bounds"], ["model", "one dense (MB)", "PNG worst case (MB)", "x one dense (mean)", "x smallest dense"]
+        payload["bounds"],
+        ["model", "one dense (MB)", "PNG worst case (MB)", "x one dense (mean)", "x smallest dense"],
     )
     check_lines = "\n".join(f"- {'PASS' if c['ok'] else 'FAIL'}: {c['check']}" for c in payload["checks"])
     test_images = "all" if payload["test_images"] is None else payload["test_images"]
@@ -399,6 +408,7 @@ Checks:
 {check_lines}
 """
     return TITLE + (" (quick)" if payload["quick"] else ""), body
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -159,7 +159,10 @@ def comparison(deblur: list[Row], denoise: list[Row]) -> str:
     """Prose: our measured relations next to the paper's DMPHN/GoPro ones. Only measured numbers."""
     dense, inp, dense_ft = _find(deblur, "dense"), _find(deblur, "input"), _find(deblur, "dense_ft")
     one24 = _find(deblur, "oneshot", "2:4")
-    lines = ["**Against the paper's deblurring table** (DMPHN on GoPro, Oh et al., CVPR 2022; GPU, 3000 epochs):", ""]
+    lines = [
+        "**Against the paper's deblurring table** (DMPHN on GoPro, Oh et al., CVPR 2022; GPU, 3000 epochs):",
+        "",
+    ]
     if dense and inp:
         lines.append(
             f"- Dense `dmphn_small` restores only {dense['psnr'] - inp['psnr']:+.3f} dB over the blurry input "
@@ -276,12 +279,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke-sized run")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--only", choices=["deblur", "denoise"], default=None)
-    parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON (one file per task)")
+    parser.add_argument(
+        "--json", type=Path, default=None, help="also write the rows as JSON (one file per task)"
+    )
     parser.add_argument(
         "--work-dir", type=Path, default=ROOT / "runs" / "bench-restore", help="fine-tune runs"
     )
     parser.add_argument("--no-write", action="store_true", help="do not touch docs/")
-    parser.add_argument("--render", action="store_true", help="only redraw the section from docs/bench/restore.json")
+    parser.add_argument(
+        "--render", action="store_true", help="only redraw the section from docs/bench/restore.json"
+    )
     args = parser.parse_args(argv)
     key = SECTION + ("-quick" if args.quick else "")
     if args.render:
@@ -308,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     data = {
         "quick": args.quick,
         "tasks": {
-            task: {"config": chosen[task].model_dump(mode="json"), "rows": rows} for task, rows in results.items()
+            task: {"config": chosen[task].model_dump(mode="json"), "rows": rows}
+            for task, rows in results.items()
         },
         "notes": notes,
         "seconds": seconds,

@@ -67,6 +67,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _report import in_memory, markdown_table, publish, results_path, save_results  # noqa: E402
+from _speed_report import ratio_text, render, render_roofline  # noqa: E402
 from nmrestore import __version__  # noqa: E402
 from nmrestore.errors import NMRestoreError  # noqa: E402
 from nmrestore.export.peers import available_peers, open_peers, parse_peers, peer_rows  # noqa: E402
@@ -90,7 +91,6 @@ from nmrestore.runtime.timing import interleaved, paired_median  # noqa: E402
 from nmrestore.sparsity import NMConfig, nm_layers, sparsify_, squash_  # noqa: E402
 
 SECTION = "speed"
-TITLE = "Speed: N:M sparse inference on the CPU"
 UNIFORM = ("2:4", "8:32", "4:32", "2:32")
 SLS_STEPS = 150  # search in the first half, then fine-tune with N frozen (nmrestore.bench.sls.sls_settings)
 SLS_BUDGET = 0.125  # of the prunable MACs: the average of uniform 4:32
@@ -272,17 +272,6 @@ def _ratio_row(model: str, nm: str, report: SpeedReport) -> dict[str, object]:
     return row
 
 
-def _ratio_text(rows: list[dict[str, object]]) -> str:
-    """The ratio table: speed-ups > 1 mean the engine is faster."""
-    if not rows:
-        return ""
-    cols = list(dict.fromkeys(k for row in rows for k in row))
-    return (
-        "\n**Engines against dense PyTorch and the peers** (speed-up = median over rounds of t_other / t_engine):\n\n"
-        + (markdown_table(rows, cols) + "\n")
-    )
-
-
 def _group(name: str, kind: str, model: str) -> str:
     if kind == "ReLU":
         return "ReLU"
@@ -400,7 +389,10 @@ def main() -> None:
     )
     parser.add_argument("--models", default="edsr_baseline,carn", help="uniform rows for these models")
     parser.add_argument(
-        "--sls-checkpoint", type=Path, default=None, help="time this SLS checkpoint (default: train a small one)"
+        "--sls-checkpoint",
+        type=Path,
+        default=None,
+        help="time this SLS checkpoint (default: train a small one)",
     )
     parser.add_argument("--sls-label", default="", help="what --sls-checkpoint is, for the tables")
     parser.add_argument(
@@ -425,7 +417,9 @@ def main() -> None:
         help="only the coarse (16-channel-block) N:M AMX prototype, one body conv; print",
     )
     parser.add_argument(
-        "--render", action="store_true", help="only redraw the section (speed, or speed_profile) from its JSON"
+        "--render",
+        action="store_true",
+        help="only redraw the section (speed, or speed_profile) from its JSON",
     )
     args = parser.parse_args()
     if args.render:
@@ -508,11 +502,13 @@ def main() -> None:
                     print(format_decisions(_BF16_DECISIONS.pop() if _BF16_DECISIONS else report.decisions))
                     print(f"whole-model plan of the bf16 engine: {', '.join(_BF16_PLANS) or '-'}", flush=True)
         if args.uniform_only:
-            print(_ratio_text(ratio_rows))
+            print(ratio_text(ratio_rows))
             return
         sls_report, fraction, sls_text = _sls_row(args, size, config)
         sls_label = "SLS model" + (f" ({args.sls_label})" if args.sls_label else "")
-        rows.append(_row(sls_report.model, sls_label, f"SLS, learned ({fraction:.1%} prunable MACs)", sls_report))
+        rows.append(
+            _row(sls_report.model, sls_label, f"SLS, learned ({fraction:.1%} prunable MACs)", sls_report)
+        )
         peer_table_rows += peer_rows(sls_report, sls_label, f"SLS {fraction:.1%}")
         print(f"{sls_report.model}: {_fmt_row(rows[-1])}", flush=True)
 
@@ -571,99 +567,6 @@ def _finish(args: argparse.Namespace, key: str, data: dict[str, Any], renderer: 
         print(f"{results_path(key).relative_to(ROOT)} and section {key!r} of docs/BENCHMARKS.md written")
 
 
-UNIFORM_COLUMNS = ["model", "N:M", "dense ms", "sparse ms", "speed-up", "layers on kernel", "max abs diff"]
-PROFILE_COLUMNS = ["part", "dense ms", "4:32 engine ms", "2:32 engine ms"]
-PEER_COLUMNS = ["model", "N:M", "runtime", "precision", "ms", "vs PyTorch", "sparse engine vs it", "max abs diff"]
-
-
-def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
-    """Section "speed" from the saved timings (``docs/bench/speed.json``)."""
-    if key == "speed_profile":
-        return render_profile(key, payload)
-    if key == "speed_roofline":
-        return render_roofline(key, payload)
-    cp, sls = payload["classpruning"], payload["sls"]
-    cp_table = markdown_table(
-        [
-            {"run": "dense model, whole image", "ms": cp["whole_ms"], "vs whole-image dense": 1.0},
-            {
-                "run": "patch pipeline, PyTorch",
-                "ms": cp["plain_ms"],
-                "vs whole-image dense": cp["whole_ms"] / cp["plain_ms"],
-            },
-            {
-                "run": "patch pipeline, sparse engine",
-                "ms": cp["engine_ms"],
-                "vs whole-image dense": cp["whole_ms"] / cp["engine_ms"],
-            },
-        ],
-        ["run", "ms", "vs whole-image dense"],
-    )
-    peers_text = _ratio_text(payload["ratio_rows"]) if payload.get("precision") == "both" else ""
-    if payload["peer_rows"]:
-        peers_text += (
-            "\n**Against the runtimes a user would deploy with** (same model, input, threads and interleaved\n"
-            "rounds; the peers run the dense-with-zeros ONNX export; speed-ups are medians of per-round ratios;\n"
-            f"max abs diff against PyTorch f32 on the same input; {payload['cpu_features']}):\n\n"
-            + markdown_table(payload["peer_rows"], PEER_COLUMNS)
-            + "".join(f"\n\nNote: {note}" for note in payload["peer_notes"])
-            + "\n"
-        )
-    if sls.get("given"):
-        sls_text = (
-            f"SLS row: {sls['given']} (checkpoint {sls['checkpoint']}), timed as `nmrestore speed --checkpoint C`"
-            f"{' --vs ...' if payload['peer_rows'] else ''}. Learned: {sls['fraction']:.1%} of the prunable MACs; "
-            f"{sls['layers']}."
-        )
-    else:
-        sls_text = (
-            f"SLS row: a real SLS search (method `sls`, M = 32, budget {sls['budget']:g} of the prunable MACs, "
-            f"{sls['steps']} steps from scratch on the built-in photos, 1 thread; checkpoint {sls['checkpoint']}), "
-            f"timed as `nmrestore speed edsr_baseline --scale 2 --checkpoint C`. Learned: {sls['fraction']:.1%} of "
-            f"the prunable MACs; {sls['layers']}."
-        )
-    route_layers = ", ".join(f"route {route}: {choices}" for route, choices in cp["route_layers"].items())
-    h, w = payload["size"]
-    body = f"""
-Input {w}x{h} LR, {payload["threads"]} threads, {payload["warmup"]} warm-up forwards then {payload["repeats"]} interleaved rounds per model
-in one process; speed-up = median of the per-round dense/sparse ratios, ms = medians;
-{payload["kernel"]}. Wall time of the whole benchmark: {payload["wall_s"]:.0f} s.
-The dense reference is PyTorch's own CPU conv (oneDNN) on the squashed model; "layers on kernel" counts
-the layer/route/shape choices that went to the sparse kernel (the rest stayed dense because dense timed
-faster); "max abs diff" is between the two models' outputs.
-
-{markdown_table(payload["rows"], UNIFORM_COLUMNS)}
-{peers_text}
-{sls_text}
-
-**Where the time goes** (EDSR-baseline x2, one forward, median per module over {payload["repeats"]} runs;
-module hooks add a little overhead, so parts do not add up exactly to the end-to-end figures above):
-
-{markdown_table(payload["profile"], PROFILE_COLUMNS)}
-
-**ClassPruning** (EDSR-baseline x2, routes 8/16/32 of 32, untrained classifier calibrated to
-{cp["macs_fraction"]:.0%} of the patches' dense MACs, route histogram {cp["histogram"]}, patches 32/28,
-batch 64): route layers on the kernel ({route_layers}; sparse/all choices); max abs diff
-between the two pipelines {cp["diff"]:.1e}.
-
-{cp_table}
-"""
-    return TITLE, body
-
-
-def render_profile(key: str, payload: dict[str, Any]) -> tuple[str, str]:
-    """Section "speed_profile" from the saved timings (``docs/bench/speed_profile.json``)."""
-    h, w = payload["size"]
-    body = f"""
-Where the time goes in EDSR-baseline x2 (magnitude masks on a fresh model), input {w}x{h} LR,
-{payload["threads"]} threads; median per module over {payload["repeats"]} forwards of each model (run one after the
-other, not interleaved; module hooks add a little overhead). Residual blocks are timed whole
-(2 convs, ReLU, skip sum), fused by the engine or not. {payload["kernel"]}. Wall time {payload["wall_s"]:.0f} s.
-
-{markdown_table(payload["profile"], PROFILE_COLUMNS)}
-"""
-    return "Speed: where the time goes (EDSR-baseline x2)", body
-
 def _profile_models(kwargs: dict[str, object], config: EngineConfig) -> dict[str, nn.Module]:
     base = _uniform("edsr_baseline", 2, "4:32", kwargs)
     return {
@@ -694,6 +597,7 @@ def _profile_only(
         "profile": profile,
     }
     _finish(args, "speed_profile", data, render)
+
 
 def _conv_part(name: str) -> str:
     """The profile part (``_group``'s label) a conv of EDSR-baseline belongs to."""
@@ -767,25 +671,6 @@ def _roofline_only(
         "rows": rows,
     }
     _finish(args, "speed_roofline", data, render_roofline)
-
-
-def render_roofline(key: str, payload: dict[str, Any]) -> tuple[str, str]:
-    """Section "speed_roofline" from the saved measurements (``docs/bench/speed_roofline.json``)."""
-    ceilings, threads, repeats, kernel = payload["ceilings"], payload["threads"], payload["repeats"], payload["kernel"]
-    h, w = payload["size"]
-    body = f"""
-Empirical ceilings ({threads} threads, medians of {repeats} interleaved rounds): copy of a 64 MB f32 tensor
-{ceilings["copy_gbs"]:.1f} GB/s (read + write), dense 2048^3 GEMM {ceilings["gemm_f32_gmacs"]:.0f} GMAC/s in f32 and
-{ceilings["gemm_bf16_gmacs"]:.0f} GMAC/s in bf16. EDSR-baseline x2, input {w}x{h} LR, magnitude masks on a fresh model;
-"ms" = median per part over {repeats} forwards of each model (run one after the other, module hooks add a
-little); "roof" = max(MACs / GEMM rate, bytes / copy bandwidth) with MACs x N/M on pruned convs and 4 (f32) or
-2 (bf16) bytes per activation value read or written; sparse kernels (f32 or bf16) get the f32 GEMM rate
-(benchmarks/_roofline.py). {kernel}.
-Wall time {payload["wall_s"]:.0f} s.
-
-{markdown_table(payload["rows"], payload["columns"])}
-"""
-    return "Speed: measured against a roofline (EDSR-baseline x2)", body
 
 
 if __name__ == "__main__":

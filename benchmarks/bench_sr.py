@@ -49,7 +49,9 @@ def _plot_path(key: str) -> Path:
 def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
     """The section from the saved rows (``docs/bench/<key>.json``)."""
     config = BenchConfig(**payload["config"])
-    title = f"SR: every method against dense, {config.model} x{config.scale}" + (" (quick)" if config.quick else "")
+    title = f"SR: every method against dense, {config.model} x{config.scale}" + (
+        " (quick)" if config.quick else ""
+    )
     return title, report_body(payload["rows"], config, payload["notes"], _plot_path(key).name)
 
 
@@ -64,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "bench-sr", help="fine-tune runs")
     parser.add_argument("--no-write", action="store_true", help="do not touch docs/")
-    parser.add_argument("--render", action="store_true", help="only redraw the section from its docs/bench JSON")
+    parser.add_argument(
+        "--render", action="store_true", help="only redraw the section from its docs/bench JSON"
+    )
     args = parser.parse_args(argv)
 
     overrides = list(args.set)

@@ -1,0 +1,151 @@
+"""The ``speed``, ``speed_profile`` and ``speed_roofline`` sections, pure functions of their JSON.
+
+Split from ``bench_speed.py`` (which measures; it re-exports :func:`render`, which
+``_report.render_section`` calls for all three keys) so each file stays short.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from _report import markdown_table
+
+TITLE = "Speed: N:M sparse inference on the CPU"
+
+
+def ratio_text(rows: list[dict[str, object]]) -> str:
+    """The ratio table: speed-ups > 1 mean the engine is faster."""
+    if not rows:
+        return ""
+    cols = list(dict.fromkeys(k for row in rows for k in row))
+    return (
+        "\n**Engines against dense PyTorch and the peers** (speed-up = median over rounds of t_other / t_engine):\n\n"
+        + (markdown_table(rows, cols) + "\n")
+    )
+
+
+UNIFORM_COLUMNS = ["model", "N:M", "dense ms", "sparse ms", "speed-up", "layers on kernel", "max abs diff"]
+PROFILE_COLUMNS = ["part", "dense ms", "4:32 engine ms", "2:32 engine ms"]
+PEER_COLUMNS = [
+    "model",
+    "N:M",
+    "runtime",
+    "precision",
+    "ms",
+    "vs PyTorch",
+    "sparse engine vs it",
+    "max abs diff",
+]
+
+
+def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
+    """Section "speed" from the saved timings (``docs/bench/speed.json``)."""
+    if key == "speed_profile":
+        return render_profile(key, payload)
+    if key == "speed_roofline":
+        return render_roofline(key, payload)
+    cp, sls = payload["classpruning"], payload["sls"]
+    cp_table = markdown_table(
+        [
+            {"run": "dense model, whole image", "ms": cp["whole_ms"], "vs whole-image dense": 1.0},
+            {
+                "run": "patch pipeline, PyTorch",
+                "ms": cp["plain_ms"],
+                "vs whole-image dense": cp["whole_ms"] / cp["plain_ms"],
+            },
+            {
+                "run": "patch pipeline, sparse engine",
+                "ms": cp["engine_ms"],
+                "vs whole-image dense": cp["whole_ms"] / cp["engine_ms"],
+            },
+        ],
+        ["run", "ms", "vs whole-image dense"],
+    )
+    peers_text = ratio_text(payload["ratio_rows"]) if payload.get("precision") == "both" else ""
+    if payload["peer_rows"]:
+        peers_text += (
+            "\n**Against the runtimes a user would deploy with** (same model, input, threads and interleaved\n"
+            "rounds; the peers run the dense-with-zeros ONNX export; speed-ups are medians of per-round ratios;\n"
+            f"max abs diff against PyTorch f32 on the same input; {payload['cpu_features']}):\n\n"
+            + markdown_table(payload["peer_rows"], PEER_COLUMNS)
+            + "".join(f"\n\nNote: {note}" for note in payload["peer_notes"])
+            + "\n"
+        )
+    if sls.get("given"):
+        sls_text = (
+            f"SLS row: {sls['given']} (checkpoint {sls['checkpoint']}), timed as `nmrestore speed --checkpoint C`"
+            f"{' --vs ...' if payload['peer_rows'] else ''}. Learned: {sls['fraction']:.1%} of the prunable MACs; "
+            f"{sls['layers']}."
+        )
+    else:
+        sls_text = (
+            f"SLS row: a real SLS search (method `sls`, M = 32, budget {sls['budget']:g} of the prunable MACs, "
+            f"{sls['steps']} steps from scratch on the built-in photos, 1 thread; checkpoint {sls['checkpoint']}), "
+            f"timed as `nmrestore speed edsr_baseline --scale 2 --checkpoint C`. Learned: {sls['fraction']:.1%} of "
+            f"the prunable MACs; {sls['layers']}."
+        )
+    route_layers = ", ".join(f"route {route}: {choices}" for route, choices in cp["route_layers"].items())
+    h, w = payload["size"]
+    body = f"""
+Input {w}x{h} LR, {payload["threads"]} threads, {payload["warmup"]} warm-up forwards then {payload["repeats"]} interleaved rounds per model
+in one process; speed-up = median of the per-round dense/sparse ratios, ms = medians;
+{payload["kernel"]}. Wall time of the whole benchmark: {payload["wall_s"]:.0f} s.
+The dense reference is PyTorch's own CPU conv (oneDNN) on the squashed model; "layers on kernel" counts
+the layer/route/shape choices that went to the sparse kernel (the rest stayed dense because dense timed
+faster); "max abs diff" is between the two models' outputs.
+
+{markdown_table(payload["rows"], UNIFORM_COLUMNS)}
+{peers_text}
+{sls_text}
+
+**Where the time goes** (EDSR-baseline x2, one forward, median per module over {payload["repeats"]} runs;
+module hooks add a little overhead, so parts do not add up exactly to the end-to-end figures above):
+
+{markdown_table(payload["profile"], PROFILE_COLUMNS)}
+
+**ClassPruning** (EDSR-baseline x2, routes 8/16/32 of 32, untrained classifier calibrated to
+{cp["macs_fraction"]:.0%} of the patches' dense MACs, route histogram {cp["histogram"]}, patches 32/28,
+batch 64): route layers on the kernel ({route_layers}; sparse/all choices); max abs diff
+between the two pipelines {cp["diff"]:.1e}.
+
+{cp_table}
+"""
+    return TITLE, body
+
+
+def render_profile(key: str, payload: dict[str, Any]) -> tuple[str, str]:
+    """Section "speed_profile" from the saved timings (``docs/bench/speed_profile.json``)."""
+    h, w = payload["size"]
+    body = f"""
+Where the time goes in EDSR-baseline x2 (magnitude masks on a fresh model), input {w}x{h} LR,
+{payload["threads"]} threads; median per module over {payload["repeats"]} forwards of each model (run one after the
+other, not interleaved; module hooks add a little overhead). Residual blocks are timed whole
+(2 convs, ReLU, skip sum), fused by the engine or not. {payload["kernel"]}. Wall time {payload["wall_s"]:.0f} s.
+
+{markdown_table(payload["profile"], PROFILE_COLUMNS)}
+"""
+    return "Speed: where the time goes (EDSR-baseline x2)", body
+
+
+def render_roofline(key: str, payload: dict[str, Any]) -> tuple[str, str]:
+    """Section "speed_roofline" from the saved measurements (``docs/bench/speed_roofline.json``)."""
+    ceilings, threads, repeats, kernel = (
+        payload["ceilings"],
+        payload["threads"],
+        payload["repeats"],
+        payload["kernel"],
+    )
+    h, w = payload["size"]
+    body = f"""
+Empirical ceilings ({threads} threads, medians of {repeats} interleaved rounds): copy of a 64 MB f32 tensor
+{ceilings["copy_gbs"]:.1f} GB/s (read + write), dense 2048^3 GEMM {ceilings["gemm_f32_gmacs"]:.0f} GMAC/s in f32 and
+{ceilings["gemm_bf16_gmacs"]:.0f} GMAC/s in bf16. EDSR-baseline x2, input {w}x{h} LR, magnitude masks on a fresh model;
+"ms" = median per part over {repeats} forwards of each model (run one after the other, module hooks add a
+little); "roof" = max(MACs / GEMM rate, bytes / copy bandwidth) with MACs x N/M on pruned convs and 4 (f32) or
+2 (bf16) bytes per activation value read or written; sparse kernels (f32 or bf16) get the f32 GEMM rate
+(benchmarks/_roofline.py). {kernel}.
+Wall time {payload["wall_s"]:.0f} s.
+
+{markdown_table(payload["rows"], payload["columns"])}
+"""
+    return "Speed: measured against a roofline (EDSR-baseline x2)", body
