@@ -218,7 +218,8 @@ def test_the_tactic_choice_picks_the_fastest_of_all_four(
     monkeypatch.setattr(SparseLayer, "_time_all", fake)
     model = _edsr()
     cache = tmp_path / "tactics.json"
-    config = EngineConfig(precision="bf16", timing_repeats=1, cache_file=cache, refine=False)
+    # dense_convs off: the first/last convs are wrapped only to choose dense f32 or dense bf16
+    config = EngineConfig(precision="bf16", timing_repeats=1, cache_file=cache, refine=False, dense_convs=False)
     engine = compile_sparse(model, config)
     x = torch.rand(1, 3, 9, 11)
     with torch.no_grad():
@@ -291,7 +292,8 @@ def test_forced_tactics_at_bf16_and_the_fused_block_hand_off() -> None:
             assert (out - ref).abs().max() <= 3e-2 and (out - ref).abs().mean() <= 2e-3
         assert torch.equal(outs[1], outs[2])
         choices = {d.layer: d.choice for d in engine_state(engine).table()}  # type: ignore[union-attr]
-        assert choices["body.0.body.0"] == expect and choices["head.0"] == "dense_bf16"
+        # the forced tactic applies to the dense first conv on the kernel too (dense_convs)
+        assert choices["body.0.body.0"] == expect and choices["head.0"] == expect
     engine = compile_sparse(model, EngineConfig(precision="bf16", tactic="sparse"))
     conv1 = engine.body[0].head[0]  # type: ignore[index]
     with torch.no_grad():

@@ -32,10 +32,11 @@ def test_speed_json_on_a_tiny_input() -> None:
     assert len(payload["dense_runs_ms"]) == len(payload["sparse_runs_ms"]) == 2
     layers = payload["layers"]
     assert {row["layer"] for row in layers} >= {"body.0.body.0", "body.4", "tail.0.0"}
-    for row in layers:
-        assert row["nm"] == "2:8" and row["choice"] in ("sparse", "dense")
+    for row in layers:  # the dense first and last convs are timed on the kernel too (dense_convs)
+        assert row["nm"] == ("-" if row["layer"] in ("head.0", "tail.1") else "2:8")
+        assert row["choice"] in ("sparse", "dense")
         assert set(row) >= {"layer", "input_shape", "dense_ms", "sparse_ms", "choice"}
-    assert {u["layer"] for u in payload["untouched"]} == {"head.0", "tail.1"}
+    assert {row["layer"] for row in layers} >= {"head.0", "tail.1"} and not payload["untouched"]
 
 
 def test_speed_table_and_clean_errors() -> None:

@@ -66,6 +66,7 @@ from nmrestore.runtime.engine import (
 )
 from nmrestore.runtime.kernel import ABI_VERSION, kernel_status, load_kernel
 from nmrestore.runtime.layers import RouteWeights, SparseConv2d, SparseLayer, SparseLinear
+from nmrestore.runtime.packing import csr_from_dense
 
 __all__ = [
     "COMPILED_FORMAT",
@@ -116,7 +117,11 @@ def _cpu_signature() -> dict[str, Any]:
     """What a tactic decision depends on besides the kernel: the CPU's features."""
     try:
         flags = next(
-            (line for line in CPUINFO.read_text(errors="replace").splitlines() if line.startswith(("flags", "Features"))),
+            (
+                line
+                for line in CPUINFO.read_text(errors="replace").splitlines()
+                if line.startswith(("flags", "Features"))
+            ),
             "",
         )
     except OSError:
@@ -178,10 +183,10 @@ def _layer_entry(layer: SparseLayer) -> tuple[dict[str, Any], dict[str, Tensor]]
     rw = layer.routes[0]
     name = layer.layer_name
     tensors: dict[str, Tensor] = {}
-    if rw.csr is not None:
+    if rw.csr is not None and rw.nm is not None:
         for field in CSR_FIELDS:
             tensors[f"{field}:{name}"] = getattr(rw.csr, field).contiguous().clone()
-    else:  # N = M on its one route: kept dense
+    else:  # N = M on its one route, or a plain dense conv (dense_convs): its dense weight
         tensors[f"dense:{name}"] = rw.dense.contiguous().clone()
     bias = layer._bias
     if bias is not None:
@@ -193,6 +198,7 @@ def _layer_entry(layer: SparseLayer) -> tuple[dict[str, Any], dict[str, Tensor]]
         "groups": int(getattr(layer, "groups", 1)),
         "nm": list(rw.nm) if rw.csr is not None and rw.nm is not None else None,
         "why_dense": rw.why_dense,
+        "dense_on_kernel": rw.csr is not None and rw.nm is None,  # dense_convs: timed against PyTorch
         "relu": bool(layer.relu),
         "shuffle": int(getattr(layer, "shuffle", 1)),
         "out_pad": list(out_pad) if out_pad else None,
@@ -214,8 +220,6 @@ def save_compiled(
     state = engine_state(model)
     if state is None:
         raise NMRestoreError("save_compiled takes a model returned by compile_sparse")
-    if state.config.dense_convs:
-        raise NMRestoreError("an engine with dense_convs (dense layers on the kernel) is not saved; compile without it")
     build = build or ModelBuild.of(model)
     layers = {layer.layer_name: layer for layer in sparse_layers(model)}
     for name, layer in layers.items():
@@ -361,7 +365,9 @@ def _plain_model(file: CompiledFile, allow_large: bool) -> tuple[nn.Module, dict
     for key, value in state.items():
         if value.shape != reference[key].shape or value.dtype != reference[key].dtype:
             need = f"{reference[key].dtype} {tuple(reference[key].shape)}"
-            raise CheckpointError(f"{path}: {key} has {value.dtype} {tuple(value.shape)}, the model needs {need}")
+            raise CheckpointError(
+                f"{path}: {key} has {value.dtype} {tuple(value.shape)}, the model needs {need}"
+            )
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise CheckpointError(f"{path}: {key} has non-finite values")
     model.load_state_dict(state, strict=False)
@@ -377,12 +383,16 @@ def _route_weights(file: CompiledFile, model: nn.Module, name: str, entry: dict[
     try:
         module = model.get_submodule(name)
     except AttributeError:
-        raise CheckpointError(f"{path}: sparse layer {name!r} is not in the {file.build_spec.name} model") from None
+        raise CheckpointError(
+            f"{path}: sparse layer {name!r} is not in the {file.build_spec.name} model"
+        ) from None
     shape = tuple(entry["shape"])
     kind = nn.Conv2d if entry["kind"] == "Conv2d" else nn.Linear
     same = type(module) is kind and tuple(module.weight.shape) == shape
     if not same or getattr(module, "groups", 1) != entry["groups"]:
-        raise CheckpointError(f"{path}: sparse layer {name!r} does not match the model's {type(module).__name__}")
+        raise CheckpointError(
+            f"{path}: sparse layer {name!r} does not match the model's {type(module).__name__}"
+        )
     if entry["bias"] != (module.bias is not None):
         raise CheckpointError(f"{path}: sparse layer {name!r} bias does not match the model's")
     if entry["bias"]:
@@ -396,6 +406,8 @@ def _route_weights(file: CompiledFile, model: nn.Module, name: str, entry: dict[
         if dense is None or tuple(dense.shape) != shape or dense.dtype != torch.float32:
             raise CheckpointError(f"{path}: layer {name!r} has a missing or bad dense weight")
         module.weight = nn.Parameter(dense)
+        if entry.get("dense_on_kernel") is True:  # its CSR form is rebuilt here, never read from the file
+            return RouteWeights(module.weight.detach(), csr_from_dense(dense, int(entry["groups"])), None)
         return RouteWeights(module.weight.detach(), None, None, entry["why_dense"])
     n_m = (int(entry["nm"][0]), int(entry["nm"][1]))
     csr = csr_weight(path, name, file.tensors, shape, int(entry["groups"]), n_m)
@@ -449,7 +461,9 @@ def _fuse(file: CompiledFile, model: nn.Module, config: EngineConfig) -> None:
     for layer in sparse_layers(model):
         entry = file.meta["layers"][layer.layer_name]
         if layer.relu != entry["relu"] or int(getattr(layer, "shuffle", 1)) != entry["shuffle"]:
-            raise CheckpointError(f"{file.path}: layer {layer.layer_name!r} fuses other operations than recorded")
+            raise CheckpointError(
+                f"{file.path}: layer {layer.layer_name!r} fuses other operations than recorded"
+            )
 
 
 def _restore_decisions(file: CompiledFile, model: nn.Module, state: EngineState) -> str | None:
@@ -465,7 +479,9 @@ def _restore_decisions(file: CompiledFile, model: nn.Module, state: EngineState)
     for row in file.meta["decisions"]:
         layer = layers.get(row["layer"])
         if layer is None or row["route"] != 0:
-            raise CheckpointError(f"{file.path}: a decision names layer {short_repr(row['layer'])} route {row['route']}")
+            raise CheckpointError(
+                f"{file.path}: a decision names layer {short_repr(row['layer'])} route {row['route']}"
+            )
         rw = layer.routes[0]
         shape = tuple(row["input_shape"])
         if row["reason"].startswith("kernel unavailable"):
@@ -479,6 +495,8 @@ def _restore_decisions(file: CompiledFile, model: nn.Module, state: EngineState)
         pad = file.meta["layers"][layer.layer_name]["out_pad"]
         if pad is not None and isinstance(layer, SparseConv2d) and state.config.handoff:
             if max(pad) > MAX_HANDOFF_PAD:  # only memory is at stake, but a crafted file gets no more
-                raise CheckpointError(f"{file.path}: layer {layer.layer_name!r} has a hand-off padding of {pad}")
+                raise CheckpointError(
+                    f"{file.path}: layer {layer.layer_name!r} has a hand-off padding of {pad}"
+                )
             layer.out_pad = (pad[0], pad[1])
     return None
