@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -56,15 +56,18 @@ def _assert_same_routes(a: nn.Module, b: nn.Module, routes: int) -> None:
 
 
 def _check_ranks(a: nn.Module, b: nn.Module) -> None:
-    """Ranks agree wherever any route's mask depends on them (every rank below the largest N)."""
+    """Ranks agree wherever any route's mask depends on them: every route keeps the same positions.
+
+    Not the exact ranks: the banded encoding (e.g. 15:16, where a band id per weight is cheaper than
+    15 indices per group) stores only which band each weight is in, and the kept order within a band
+    is rebuilt canonically; no route's mask depends on it.
+    """
     masks_b = {name: mask for name, _, mask in nm_layers(b)}
     for name, _, mask in nm_layers(a):
         other = masks_b[name]
         assert torch.equal(mask.route_n, other.route_n)
-        kept = int(mask.route_n.max())
-        if kept < mask.m:
-            below = mask.ranks < kept
-            assert torch.equal(mask.ranks[below], other.ranks[below]), name
+        for n in sorted({int(v) for v in mask.route_n.flatten()}):
+            assert torch.equal(mask.ranks < n, other.ranks < n), (name, n)
 
 
 @st.composite
@@ -76,6 +79,7 @@ def nm_patterns(draw: st.DrawFn) -> NMConfig:
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(config=nm_patterns(), name=st.sampled_from(sorted(SMALL)), seed=st.integers(0, 3))
+@example(config=NMConfig(n=15, m=16), name="carn_small", seed=0)  # banded encoding: ranks rebuilt canonically
 def test_round_trip_is_exact_for_every_route(config: NMConfig, name: str, seed: int) -> None:
     original = _model(name, config, seed)
     with tempfile.TemporaryDirectory() as folder:
