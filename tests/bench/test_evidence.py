@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from nmrestore.bench.context import list_row_producers
-from nmrestore.bench.evidence import ablation_lines, evidence_checks
+from nmrestore.bench.evidence import ablation_lines, attach_deltas, evidence_checks
 
 BASE = [30.0 + 0.1 * (i % 7) for i in range(40)]
 
@@ -41,3 +41,19 @@ def test_ablation_lines_separate_the_search_from_the_gradient() -> None:
 
 def test_no_ablation_lines_without_the_ablation_row() -> None:
     assert ablation_lines([_row("srste", "4:32", 0.0), _row("sls", "4:32", 0.04)]) == []
+
+
+def test_deltas_pair_each_row_with_the_dense_row_of_its_own_task_and_scale() -> None:
+    """PNG's table holds a dense and a PNG row per task (x2, x3, x4) after the harness's own dense row:
+    each PNG row is compared with its task's dense row, never with another scale's."""
+    rows: list[dict[str, Any]] = [
+        {"method": "dense", "task": "sr", "scale": 2, "tiles": [40.0, 41.0]},
+        {"method": "dense", "task": "sr_x2", "scale": 2, "tiles": [39.0, 40.0]},
+        {"method": "png", "task": "sr_x2", "scale": 2, "tiles": [38.5, 40.0]},
+        {"method": "dense", "task": "sr_x3", "scale": 3, "tiles": [35.0, 36.0]},
+        {"method": "png", "task": "sr_x3", "scale": 3, "tiles": [35.0, 35.0]},
+    ]
+    attach_deltas(rows)
+    assert rows[2]["vs_dense"]["mean"] == -0.25  # against sr_x2's dense row, not the harness's
+    assert rows[4]["vs_dense"]["mean"] == -0.5  # against sr_x3's dense row
+    assert "vs_dense" not in rows[0] and "vs_dense" not in rows[1] and "vs_dense" not in rows[3]

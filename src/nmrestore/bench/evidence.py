@@ -36,12 +36,20 @@ def compare(a: Row, b: Row) -> PairedDelta | None:
 
 
 def attach_deltas(rows: list[Row], reference: str = "dense") -> None:
-    """Give every row with tiles its paired difference from the ``reference`` row (``vs_<reference>``)."""
-    ref = _find(rows, reference)
-    if ref is None:
-        return
+    """Give every row with tiles its paired difference from the ``reference`` row of its own task and
+    scale (``vs_<reference>``): a multi-task table (PNG's x2/x3/x4) compares each task with its own."""
     for row in rows:
-        if row is ref:
+        ref = next(
+            (
+                r
+                for r in rows
+                if r["method"] == reference
+                and r.get("task") == row.get("task")
+                and r.get("scale") == row.get("scale")
+            ),
+            None,
+        )
+        if ref is None or row is ref:
             continue
         delta = compare(row, ref)
         if delta is not None:
