@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _report import in_memory, markdown_table, publish, results_path, save_results  # noqa: E402
-from nmrestore.bench.config import BenchConfig, Row  # noqa: E402
+from nmrestore.bench.config import BenchConfig, Row, test_source  # noqa: E402
 from nmrestore.bench.evidence import format_delta  # noqa: E402
 from nmrestore.bench.harness import run_benchmark  # noqa: E402
 from nmrestore.bench.png import (  # noqa: E402
@@ -62,14 +62,15 @@ from nmrestore.bench.png import (  # noqa: E402
     run_png,
     task_steps,
 )
-from nmrestore.engine.runner import model_from_checkpoint  # noqa: E402
+from nmrestore.engine.evaluate import bicubic_restorer, evaluate_fn  # noqa: E402
+from nmrestore.engine.runner import build_eval_dataset, model_from_checkpoint  # noqa: E402
 from nmrestore.methods.png import PNGConfig  # noqa: E402
 from nmrestore.methods.png.program import png_schedule  # noqa: E402
 from nmrestore.methods.png.storage import png_storage, storage_bound  # noqa: E402
 from nmrestore.methods.png.tasks import use_png_task  # noqa: E402
 from nmrestore.models import create_model  # noqa: E402
 from nmrestore.models.multitask import MultiScaleRCAN  # noqa: E402
-from nmrestore.recipes.schema import Recipe  # noqa: E402
+from nmrestore.recipes.schema import Recipe, TaskSpec  # noqa: E402
 from nmrestore.sparsity import check_nm  # noqa: E402
 
 SECTION = "png"
@@ -173,6 +174,22 @@ def earlier_tasks_unchanged(run_dir: Path, recipe: Recipe, final: nn.Module) -> 
     return checks
 
 
+def no_worse_than_bicubic(rows: list[Row], config: BenchConfig) -> tuple[str, bool]:
+    """Every dense and PNG model at least as good as bicubic on every test image, at its task's scale."""
+    worst: tuple[float, str] | None = None
+    for scale in sorted({int(r["scale"]) for r in rows}):
+        dataset = build_eval_dataset(test_source(config), scale, TaskSpec())
+        bicubic = {r["name"]: r["psnr"] for r in evaluate_fn(bicubic_restorer(scale), dataset, scale).per_image}
+        for row in (r for r in rows if int(r["scale"]) == scale):
+            for image in row["per_image"]:
+                margin = image["psnr"] - bicubic[image["name"]]
+                if worst is None or margin < worst[0]:
+                    worst = (margin, f"{row['task']} {row['method']} on {image['name']}")
+    assert worst is not None
+    text = f"every model ({len(rows)}) at least as good as bicubic on every test image (closest: {worst[1]}, {worst[0]:+.3f} dB)"
+    return text, worst[0] >= 0
+
+
 def paper_scale_bounds(config: PNGConfig) -> list[dict[str, object]]:
     """Worst-case PNG storage at paper scale (any training), from shapes on the meta device."""
     rows = []
@@ -269,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     checks += earlier_tasks_unchanged(run_dir, recipe, model)
+    if recipe.task.kind == "sr":
+        checks.append(no_worse_than_bicubic(rows, config))
     check_nm(model)  # raises on any task's mask that breaks N:M
     checks.append(("every task's mask obeys N:M (check_nm over all routes)", True))
     x3 = {row["method"]: row for row in rows if row["task"] == "sr_x3"}
