@@ -321,7 +321,8 @@ def independent_routes_bound(context: BenchContext, cp: dict[str, Any]) -> dict[
             ("dense_ft", None) if n == 32 else (f"srste-{n}:32", {"method": "srste", "n": n, "m": 32})
         )
         recipe = context.finetune_recipe(label, sparsity)
-        study = Path(context.config.cache_dir).parent / f"x{SCALE}" / label  # type: ignore[arg-type].replace(":", "of") / "checkpoints" / "last.safetensors"
+        runs = Path(context.config.cache_dir).parent / f"x{SCALE}"  # type: ignore[arg-type]
+        study = runs / label.replace(":", "of") / "checkpoints" / "last.safetensors"
         path = study if _matching_checkpoint(study, recipe) else None
         if path is None:
             path = context.finetune(label, sparsity).run_dir / "checkpoints" / "last.safetensors"
