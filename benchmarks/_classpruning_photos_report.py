@@ -89,6 +89,12 @@ def checks(payload: dict[str, Any], psnr_only: bool = False) -> list[tuple[str, 
     return found
 
 
+def _heldout_macs(row: dict[str, Any]) -> str:
+    """MACs % on the held-out training strips the cost shift was calibrated on."""
+    heldout = (row.get("training") or {}).get("heldout") or {}
+    return _f(100 * heldout["macs_fraction"], ".1f") if "macs_fraction" in heldout else "-"
+
+
 def _f(value: Any, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -189,8 +195,8 @@ def render_markdown(payload: dict[str, Any]) -> tuple[str, str]:
             + (
                 "."
                 if own
-                else "; the routes are SR-STE at the cheap routes' N and the dense "
-                "model fine-tuned, each for the same steps."
+                else "; the routes are SR-STE at each route's N (the dense model fine-tuned where N = 32), "
+                "each fine-tuned for the same steps."
             ),
             "",
         ]
@@ -212,6 +218,30 @@ def render_markdown(payload: dict[str, Any]) -> tuple[str, str]:
                 }
             )
         lines += [markdown_table(bound_rows, list(bound_rows[0])), ""]
+    earlier = payload.get("earlier") or []
+    if earlier:
+        lines += [
+            "Settings run before these on the same test photos (all reported: the routes above were chosen "
+            "after seeing these rows, so the test photos informed that choice):",
+            "",
+            markdown_table(
+                [
+                    {
+                        "routes": r["routes"],
+                        "MAC target": f"{r['settings']['target_macs_fraction']:.0%}",
+                        "PSNR": f"{r['psnr']:.3f}",
+                        "whole-image MACs %": f"{100 * r['macs_fraction']:.2f}",
+                        "tiles per route": "/".join(map(str, r["route_histogram"])),
+                        "vs dense [95% CI]": format_delta(r.get("vs_dense")),
+                        "held-out strips: MACs %": _heldout_macs(r),
+                    }
+                    for r in earlier
+                ],
+                ["routes", "MAC target", "PSNR", "whole-image MACs %", "tiles per route", "vs dense [95% CI]",
+                 "held-out strips: MACs %"],
+            ),
+            "",
+        ]
     wall = payload.get("wall")
     if wall:
         h, w = wall["lr_size"]

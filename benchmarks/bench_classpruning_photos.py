@@ -250,6 +250,19 @@ def classpruning_row(
     return _cached(context, key, make), key
 
 
+def earlier_settings(context: BenchContext, cp_key: str, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """ClassPruning rows of other settings scored on the same test photos (kept in the row cache):
+    reported beside the current one, because choosing among settings after seeing them is selection."""
+    dense = next(r for r in rows if r["method"] == "dense")
+    found = []
+    for key, row in context.cached_rows.items():
+        if key.startswith("classpruning@adaptive:") and key != cp_key:
+            paired = [dense, {**row, "task": dense.get("task"), "scale": dense.get("scale")}]
+            attach_deltas(paired)
+            found.append({k: v for k, v in paired[1].items() if k not in ("tiles", "cache_key")})
+    return found
+
+
 def static_rows(context: BenchContext, fraction: float) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """One-shot and SR-STE at the smallest N:32 with at least ``fraction`` MACs, SLS at exactly it."""
     n, uniform = uniform_n_for(context.dense_model, fraction)
@@ -464,6 +477,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     statics, chosen = static_rows(context, float(cp["macs_fraction"]))
     rows += [cp, *statics]
     attach_deltas(rows)
+    earlier = earlier_settings(context, cp_key, rows)
 
     loaded: list[torch.nn.Module] = []
 
@@ -512,6 +526,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rows": rows,
         "static": chosen,
         "bounds": bounds,
+        "earlier": earlier,
         "wall": wall,
         "class_maps": maps,
         "notes": notes,
