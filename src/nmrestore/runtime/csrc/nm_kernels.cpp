@@ -15,7 +15,12 @@
 //
 // Measured against the alternatives (EDSR 64->64 3x3 conv on 320x180, 2 threads, interleaved with
 // F.conv2d in one process): 4x64 / 2x64 / 1x64 / 2x32 / 4x32 / 6x32 tiles were tried; 2 rows x 64
-// columns (AVX-512) was best at 4:32 and 8:32 and close to best at 2:32.
+// columns (AVX-512) was best at 4:32 and 8:32 and close to best at 2:32. Also tried on that conv
+// (8:32 / 4:32 / 2:32, 2 threads, idle machine): input channels in blocks of 16-32 with the partial
+// sums of 8-32 output channels kept aside (<= 1.11x / 1.11x / 0.90x); per column tile, the input rows
+// copied once per kernel column shift so every load is aligned (1.12x / 1.01x / 0.87x; with all loads
+// aligned and no copy, the results wrong, the bound is 1.49x / 1.32x / 1.14x); rows padded off 4 KiB
+// strides, and odd channels walking their weights backwards (no change). None is worth its code.
 // OpenMP: torch's wheel ships libgomp.so.1 and loads it first, so this library's parallel regions
 // run on the same runtime and pool as torch's own ops (no second pool spinning against it).
 #include "nm_common.h"
