@@ -24,24 +24,21 @@ VARIANTS = {
 
 
 def run_quality(checkpoints: list[Path], photos: Path, split: str = "test") -> list[dict[str, object]]:
-    """One row per checkpoint: mean PSNR of each variant and the bf16 - f32 differences (dB)."""
+    """One row per checkpoint: each variant's mean PSNR over the images and its per-image PSNRs."""
     rows: list[dict[str, object]] = []
     for path in checkpoints:
         model, recipe = load(path)
         scale = int(recipe.model.scale)
         pairs = load_folder(photos, scale, split=split)
         samples = list(SREvalDataset(pairs.gt, scale, pairs.lq))
-        row: dict[str, object] = {"checkpoint": f"{path.parent.parent.name}/{path.name}", "x": scale}
+        row: dict[str, object] = {"checkpoint": f"{path.parent.parent.name}/{path.name}", "scale": scale}
         per_image: dict[str, list[float]] = {}
         for label, config in VARIANTS.items():
             engine = compile_sparse(model.eval(), config)
             result = evaluate_model(engine, samples, crop_border=scale, with_ssim=False)
             per_image[label] = [float(r["psnr"]) for r in result.per_image]
-            row[f"{label} dB"] = sum(per_image[label]) / len(per_image[label])
-        base = per_image["f32 engine"]
-        for label in list(VARIANTS)[1:]:
-            diffs = [a - b for a, b in zip(per_image[label], base, strict=True)]
-            row[f"{label} - f32 (mean, worst image)"] = f"{sum(diffs) / len(diffs):+.4f}, {min(diffs):+.4f}"
+        row["images"] = [str(r["name"]) for r in result.per_image]
+        row["psnr"] = per_image
         rows.append(row)
-        print(row, flush=True)
+        print({"checkpoint": row["checkpoint"], **{k: sum(v) / len(v) for k, v in per_image.items()}}, flush=True)
     return rows

@@ -1,7 +1,7 @@
-"""The ``speed``, ``speed_profile`` and ``speed_roofline`` sections, pure functions of their JSON.
+"""The ``speed``, ``speed_profile``, ``speed_roofline`` and ``speed_quality`` sections, pure functions of their JSON.
 
 Split from ``bench_speed.py`` (which measures; it re-exports :func:`render`, which
-``_report.render_section`` calls for all three keys) so each file stays short.
+``_report.render_section`` calls for all four keys) so each file stays short.
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
         return render_profile(key, payload)
     if key == "speed_roofline":
         return render_roofline(key, payload)
+    if key == "speed_quality":
+        return render_quality(key, payload)
     cp, sls = payload["classpruning"], payload["sls"]
     cp_table = markdown_table(
         [
@@ -149,3 +151,62 @@ Wall time {payload["wall_s"]:.0f} s.
 {markdown_table(payload["rows"], payload["columns"])}
 """
     return "Speed: measured against a roofline (EDSR-baseline x2)", body
+
+
+QUALITY_MARGIN = 0.02  # dB: the bf16 engine's PSNR against the f32 engine's, on the photo test set
+
+
+def quality_checks(payload: dict[str, Any]) -> list[tuple[str, bool]]:
+    """Per checkpoint and bf16 variant: its mean PSNR within QUALITY_MARGIN of the f32 engine's."""
+    found = []
+    for row in payload["rows"]:
+        psnr = row["psnr"]
+        base = psnr["f32 engine"]
+        for label, values in psnr.items():
+            if label == "f32 engine":
+                continue
+            diffs = [a - b for a, b in zip(values, base, strict=True)]
+            mean = sum(values) / len(values) - sum(base) / len(base)
+            found.append(
+                (
+                    f"{row['checkpoint']} (x{row['scale']}), {label}: mean PSNR - f32 engine = {mean:+.4f} dB "
+                    f"(worst image {min(diffs):+.4f}; needs |mean| <= {QUALITY_MARGIN})",
+                    abs(mean) <= QUALITY_MARGIN,
+                )
+            )
+    return found
+
+
+def render_quality(key: str, payload: dict[str, Any]) -> tuple[str, str]:
+    """Section "speed_quality": what the bf16 engine costs in PSNR (``docs/bench/speed_quality.json``)."""
+    table = []
+    for row in payload["rows"]:
+        means = {label: sum(v) / len(v) for label, v in row["psnr"].items()}
+        table.append(
+            {
+                "checkpoint": row["checkpoint"],
+                "x": row["scale"],
+                **{f"{label} dB": f"{m:.4f}" for label, m in means.items()},
+                **{
+                    f"{label} - f32": f"{m - means['f32 engine']:+.4f}"
+                    for label, m in means.items()
+                    if label != "f32 engine"
+                },
+            }
+        )
+    cols = list(dict.fromkeys(k for r in table for k in r))
+    checks = quality_checks(payload)
+    body = f"""
+Each checkpoint of the photo study run three ways on the {payload["split"]} photos of `{payload["photos"]}`
+({payload["threads"]} thread{"s" if payload["threads"] != 1 else ""}): the f32 engine, the bf16 engine with every conv forced onto its bf16
+sparse kernel (first/last convs: PyTorch's bf16 conv), and the bf16 engine forced dense (every conv
+PyTorch's oneDNN bf16 conv). Forcing the tactics makes the rows independent of timing noise; the `auto`
+bf16 engine mixes the two, so its PSNR lies between them. Y PSNR, crop = scale, mean over the images
+(benchmarks/_quality.py). {payload["kernel"]}. Wall time {payload["wall_s"]:.0f} s.
+
+{markdown_table(table, cols)}
+
+Checks:
+
+""" + "\n".join(f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok in checks) + "\n"
+    return "Speed: what bf16 costs in PSNR (photo test set)", body

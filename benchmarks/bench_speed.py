@@ -406,7 +406,8 @@ def main() -> None:
     parser.add_argument(
         "--quality",
         default=None,
-        help="only the PSNR of the f32 and bf16 engines: comma-separated checkpoints, scored on --photos; print",
+        help="only the PSNR of the f32 and bf16 engines: comma-separated checkpoints, scored on --photos "
+        "(section speed_quality)",
     )
     parser.add_argument(
         "--photos", default="data/photos", help="photo set folder for --quality (nmrestore data photos)"
@@ -450,7 +451,16 @@ def main() -> None:
 
         with torch_threads(args.threads):
             quality_rows = run_quality([Path(p) for p in args.quality.split(",")], Path(args.photos))
-        print(markdown_table(quality_rows, list(dict.fromkeys(k for r in quality_rows for k in r))))
+            threads = torch.get_num_threads()
+        data = {
+            "photos": args.photos,
+            "split": "test",
+            "threads": threads,
+            "kernel": status.summary(),
+            "wall_s": time.perf_counter() - started,
+            "rows": quality_rows,
+        }
+        _finish(args, "speed_quality", data, render)
         return
     if args.coarse:
         from _coarse import run_coarse
