@@ -191,9 +191,20 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
         if wins and all(wins)
         else "So coarse N:M does not beat per-channel N:M at the same conv speed on these rows."
     )
+    dense_note = ""
+    if speed_of:
+        parts = [
+            f"{nm}: per-channel bf16 kernel {r['per-channel bf16 kernel ms'] / r['dense bf16 (oneDNN) ms']:.2f}x "
+            f"its time, coarse {r['coarse AMX ms'] / r['dense bf16 (oneDNN) ms']:.2f}x"
+            for nm, r in speed_of.items()
+        ]
+        dense_note = (
+            " Dense bf16 is the bar on such a CPU: oneDNN's channels-last conv runs on AMX too, and the "
+            "sparse convs take, against its time on the dense weights, " + "; ".join(parts) + "."
+        )
     lines += [
         "",
-        finding + " It is measured here, not offered yet: masks are fixed one-shot "
+        finding + dense_note + " It is measured here, not offered yet: masks are fixed one-shot "
         "(not trained with SR-STE or SLS's gradient), the prototype runs one conv, and the engine has no "
         "coarse path; those are what adopting it would take.",
     ]
