@@ -58,8 +58,16 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def shutdown(info: DistInfo) -> None:
+def shutdown(info: DistInfo, together: bool = True) -> None:
+    """Leave the process group; ``together`` waits for every rank first.
+
+    A rank that tears gloo down while rank 0 still works (final validation, report) can abort in
+    gloo's destructor ("terminate called without an active exception"), failing a finished run. After
+    an error the other ranks may never arrive, so that path leaves at once.
+    """
     if info.distributed and dist.is_initialized():
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -69,8 +77,10 @@ def distributed_run(device_preference: str = "auto") -> Iterator[DistInfo]:
     info = init_distributed(device_preference)
     try:
         yield info
-    finally:
-        shutdown(info)
+    except BaseException:
+        shutdown(info, together=False)
+        raise
+    shutdown(info)
 
 
 def weights_digest(model: nn.Module) -> str:

@@ -21,7 +21,7 @@ from nmrestore.data.datasets import ImageList, SREvalDataset, SRTrainDataset, lo
 from nmrestore.data.loader import build_train_loader
 from nmrestore.data.restoration import DegradedEvalDataset, DegradedTrainDataset
 from nmrestore.engine.checkpoint import Checkpoint, check_compatible, load_checkpoint, load_model_state
-from nmrestore.engine.distributed import DistInfo, init_distributed, shutdown
+from nmrestore.engine.distributed import DistInfo, distributed_run
 from nmrestore.engine.evaluate import EvalResult, evaluate_model
 from nmrestore.engine.runlock import run_lock
 from nmrestore.engine.task import RestorationTask
@@ -234,11 +234,8 @@ def _dispatch(recipe: Recipe, run_dir: Path, resume: bool, show_progress: bool) 
     program = training_program(recipe.sparsity)
     if program is not None:
         return program(recipe, run_dir, resume, show_progress)
-    dist = init_distributed(recipe.train.device)
-    try:
+    with distributed_run(recipe.train.device) as dist:
         return _train(recipe, run_dir, resume, show_progress, dist)
-    finally:
-        shutdown(dist)
 
 
 def _train(recipe: Recipe, run_dir: Path, resume: bool, show_progress: bool, dist: DistInfo) -> RunResult:
