@@ -41,6 +41,27 @@ def test_conv_nm_patterns(n: int, m: int, size: tuple[int, int]) -> None:
     assert (sparse_conv(w, x, b, 1, 1) - ref).abs().max() <= TOL
 
 
+@pytest.mark.parametrize("out_channels", [1, 7, 8])
+@pytest.mark.parametrize("shuffle", [1, 3])
+def test_paired_output_channels_match_pytorch(out_channels: int, shuffle: int) -> None:
+    # at >= 20% density output channels run in pairs that load shared positions once; an odd count
+    # (and x3 shuffle groups, which split pairs) leaves channels alone
+    o = out_channels * shuffle * shuffle
+    w = nm_weight((o, 16, 3, 3), 2, 4, seed=o)
+    if o > 3:
+        w[1] = 2 * w[0]  # the same positions: every one shared
+        w[3] = torch.randn(16, 3, 3) * (w[2] == 0)  # the other positions: none shared
+    x = torch.randn(1, 16, 9, 70)
+    b = torch.randn(o)
+    csr = csr_from_dense(w)
+    out = kernel().conv2d(
+        x, csr.rowptr, csr.cin, csr.kpos, csr.values, b, o, (3, 3), (1, 1), (1, 1), (1, 1), shuffle=shuffle
+    )
+    ref = F.conv2d(x, w, b, padding=1)
+    ref = F.pixel_shuffle(ref, shuffle) if shuffle > 1 else ref
+    assert (out - ref).abs().max() <= TOL
+
+
 def test_conv_fused_relu_dilation_and_groups() -> None:
     w = nm_weight((8, 8, 3, 3), 2, 4)
     x = torch.randn(1, 8, 12, 10)

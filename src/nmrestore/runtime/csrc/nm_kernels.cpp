@@ -21,6 +21,8 @@
 // copied once per kernel column shift so every load is aligned (1.12x / 1.01x / 0.87x; with all loads
 // aligned and no copy, the results wrong, the bound is 1.49x / 1.32x / 1.14x); rows padded off 4 KiB
 // strides, and odd channels walking their weights backwards (no change). None is worth its code.
+// What is kept: at 20% density and above, output channels run in pairs that load the input
+// positions both keep once (see Paired).
 // OpenMP: torch's wheel ships libgomp.so.1 and loads it first, so this library's parallel regions
 // run on the same runtime and pool as torch's own ops (no second pool spinning against it).
 #include "nm_common.h"
@@ -72,27 +74,57 @@ struct Entry {
   float val;
 };
 
+// Output channels in pairs (2p, 2p+1): the input positions both keep (one load, two FMAs each),
+// then those only 2p keeps, then those only 2p+1 keeps. At 50% density two channels share a
+// quarter of their positions, so a pair loads 3/4 of what two single channels load.
+struct Entry2 {
+  int32_t off;
+  float va, vb;
+};
+
+struct Paired {
+  std::vector<Entry2> both;
+  std::vector<Entry> single;
+  std::vector<int64_t> bp;  // pair p: both[bp[p], bp[p+1])
+  std::vector<int64_t> sp;  // pair p: only 2p single[sp[2p], sp[2p+1]), only 2p+1 single[sp[2p+1], sp[2p+2])
+};
+
+inline Paired pair_channels(const Entry* ent, const int32_t* rowptr, int64_t O) {
+  Paired pw;
+  const int64_t P = (O + 1) / 2;
+  pw.bp.assign(P + 1, 0);
+  pw.sp.assign(2 * P + 1, 0);
+  pw.single.reserve(rowptr[O]);
+  std::vector<Entry> a, b;
+  auto by_off = [](const Entry& x, const Entry& y) { return x.off < y.off; };
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t oa = 2 * p, ob = 2 * p + 1;
+    a.assign(ent + rowptr[oa], ent + rowptr[oa + 1]);
+    if (ob < O) b.assign(ent + rowptr[ob], ent + rowptr[ob + 1]); else b.clear();
+    std::sort(a.begin(), a.end(), by_off);
+    std::sort(b.begin(), b.end(), by_off);
+    std::vector<Entry> only_b;
+    size_t i = 0, j = 0;
+    while (i < a.size() || j < b.size()) {
+      if (j == b.size() || (i < a.size() && a[i].off < b[j].off)) pw.single.push_back(a[i++]);
+      else if (i == a.size() || b[j].off < a[i].off) only_b.push_back(b[j++]);
+      else { pw.both.push_back(Entry2{a[i].off, a[i].val, b[j].val}); ++i; ++j; }
+    }
+    pw.sp[2 * p + 1] = (int64_t)pw.single.size();
+    pw.single.insert(pw.single.end(), only_b.begin(), only_b.end());
+    pw.sp[2 * p + 2] = (int64_t)pw.single.size();
+    pw.bp[p + 1] = (int64_t)pw.both.size();
+  }
+  return pw;
+}
+
 // Epilogue: out = act(res_scale * (conv + bias) + residual), act = ReLU or identity. Fusing the
 // residual sum and the ReLU saves a full pass over the output for each. Output and residual rows
 // are strided (ostride / rstride_res floats apart), so either may be a plain (B, O, Ho, Wo) tensor
 // or the valid region of a padded hand-off buffer.
 template <bool RELU, bool RES, int NVX>
-inline void conv_tile(const float* __restrict xb, const Entry* __restrict ent, int64_t nnz, int64_t rstride,
-                      float bias, float* __restrict out, int64_t ostride, const float* __restrict res,
-                      int64_t res_stride, float res_scale, int nrows, int ncols) {
-  vf acc[TR][NVX];
-#pragma GCC unroll 16
-  for (int r = 0; r < TR; ++r)
-#pragma GCC unroll 16
-    for (int v = 0; v < NVX; ++v) acc[r][v] = vbcast(bias);
-  for (int64_t k = 0; k < nnz; ++k) {
-    const float* p = xb + ent[k].off;
-    const vf w = vbcast(ent[k].val);
-#pragma GCC unroll 16
-    for (int r = 0; r < TR; ++r)
-#pragma GCC unroll 16
-      for (int v = 0; v < NVX; ++v) acc[r][v] += w * vload(p + r * rstride + v * VW);
-  }
+inline void store_tile(vf (&acc)[TR][NVX], float* __restrict out, int64_t ostride, const float* __restrict res,
+                       int64_t res_stride, float res_scale, int nrows, int ncols) {
   const vf z = vbcast(0.f), scale = vbcast(res_scale);
   for (int r = 0; r < nrows; ++r) {
     float* o = out + r * ostride;
@@ -119,22 +151,101 @@ inline void conv_tile(const float* __restrict xb, const Entry* __restrict ent, i
   }
 }
 
+template <int NVX>
+inline void accumulate(vf (&acc)[TR][NVX], const float* __restrict xb, const Entry* __restrict ent, int64_t nnz,
+                       int64_t rstride) {
+  for (int64_t k = 0; k < nnz; ++k) {
+    const float* p = xb + ent[k].off;
+    const vf w = vbcast(ent[k].val);
+#pragma GCC unroll 16
+    for (int r = 0; r < TR; ++r)
+#pragma GCC unroll 16
+      for (int v = 0; v < NVX; ++v) acc[r][v] += w * vload(p + r * rstride + v * VW);
+  }
+}
+
+template <int NVX>
+inline void init_tile(vf (&acc)[TR][NVX], float bias) {
+#pragma GCC unroll 16
+  for (int r = 0; r < TR; ++r)
+#pragma GCC unroll 16
+    for (int v = 0; v < NVX; ++v) acc[r][v] = vbcast(bias);
+}
+
+template <bool RELU, bool RES, int NVX>
+inline void conv_tile(const float* __restrict xb, const Entry* __restrict ent, int64_t nnz, int64_t rstride,
+                      float bias, float* __restrict out, int64_t ostride, const float* __restrict res,
+                      int64_t res_stride, float res_scale, int nrows, int ncols) {
+  vf acc[TR][NVX];
+  init_tile<NVX>(acc, bias);
+  accumulate<NVX>(acc, xb, ent, nnz, rstride);
+  store_tile<RELU, RES, NVX>(acc, out, ostride, res, res_stride, res_scale, nrows, ncols);
+}
+
+// Two output channels at once: an input position both keep is loaded once for both.
+template <int NVX>
+inline void accumulate2(vf (&a)[TR][NVX], vf (&b)[TR][NVX], const float* __restrict xb, const Entry2* __restrict ent,
+                        int64_t n, int64_t rstride) {
+  for (int64_t k = 0; k < n; ++k) {
+    const float* p = xb + ent[k].off;
+    const vf wa = vbcast(ent[k].va), wb = vbcast(ent[k].vb);
+#pragma GCC unroll 16
+    for (int r = 0; r < TR; ++r)
+#pragma GCC unroll 16
+      for (int v = 0; v < NVX; ++v) {
+        const vf x = vload(p + r * rstride + v * VW);
+        a[r][v] += wa * x;
+        b[r][v] += wb * x;
+      }
+  }
+}
+
+// A layer's kept weights: per output channel (CSR) and, where pairing pays, in channel pairs.
+struct Weights {
+  const Entry* ent;
+  const int32_t* rowptr;
+  const Paired* pairs;  // null: every channel alone
+};
+
+// Output channels o and o + 1 (o even) of one tile, sharing the loads of the positions both keep.
+template <bool RELU, bool RES, int NVX>
+inline void pair_tile(const float* __restrict xb, const Paired& pw, int64_t o, int64_t rstride, const float* bias,
+                      float* out_a, float* out_b, int64_t ostride, const float* res_a, const float* res_b,
+                      int64_t res_stride, float res_scale, int nrows, int ncols) {
+  const int64_t p = o / 2;
+  vf a[TR][NVX], b[TR][NVX];
+  init_tile<NVX>(a, bias ? bias[o] : 0.f);
+  init_tile<NVX>(b, bias ? bias[o + 1] : 0.f);
+  accumulate2<NVX>(a, b, xb, pw.both.data() + pw.bp[p], pw.bp[p + 1] - pw.bp[p], rstride);
+  const Entry* s = pw.single.data();
+  accumulate<NVX>(a, xb, s + pw.sp[2 * p], pw.sp[2 * p + 1] - pw.sp[2 * p], rstride);
+  accumulate<NVX>(b, xb, s + pw.sp[2 * p + 1], pw.sp[2 * p + 2] - pw.sp[2 * p + 1], rstride);
+  store_tile<RELU, RES, NVX>(a, out_a, ostride, res_a, res_stride, res_scale, nrows, ncols);
+  store_tile<RELU, RES, NVX>(b, out_b, ostride, res_b, res_stride, res_scale, nrows, ncols);
+}
+
 // Every tile of one work item (image b, output rows y0.., column tiles [ct0, ct1) of width NVX*VW),
 // output channel innermost: a tile's input rows stay in L1/L2 while all output channels use them.
 template <bool RELU, bool RES, int NVX>
-void conv_item(const float* xrow, const Entry* ent, const int32_t* rowptr, const float* bias, int64_t O,
-               int64_t rstride, float* out_b, Strides os, const float* res_b, Strides rs, float res_scale,
-               int64_t Wo, int64_t y0, int nrows, int64_t ct0, int64_t ct1) {
+void conv_item(const float* xrow, const Weights& wt, const float* bias, int64_t O, int64_t rstride, float* out_b,
+               Strides os, const float* res_b, Strides rs, float res_scale, int64_t Wo, int64_t y0, int nrows,
+               int64_t ct0, int64_t ct1) {
   constexpr int TWX = NVX * VW;
   for (int64_t ct = ct0; ct < ct1; ++ct) {
     const int64_t x0 = ct * TWX;
     const int ncols = (int)std::min<int64_t>(TWX, Wo - x0);
+    auto out_at = [&](int64_t o) { return out_b + o * os.c + y0 * os.h + x0; };
+    auto res_at = [&](int64_t o) { return RES ? res_b + o * rs.c + y0 * rs.h + x0 : nullptr; };
     for (int64_t o = 0; o < O; ++o) {
-      const int64_t k0 = rowptr[o];
-      conv_tile<RELU, RES, NVX>(xrow + x0, ent + k0, rowptr[o + 1] - k0, rstride, bias ? bias[o] : 0.f,
-                                out_b + o * os.c + y0 * os.h + x0, os.h,
-                                RES ? res_b + o * rs.c + y0 * rs.h + x0 : nullptr, rs.h, res_scale, nrows,
-                                ncols);
+      if (wt.pairs && o % 2 == 0 && o + 1 < O) {
+        pair_tile<RELU, RES, NVX>(xrow + x0, *wt.pairs, o, rstride, bias, out_at(o), out_at(o + 1), os.h, res_at(o),
+                                  res_at(o + 1), rs.h, res_scale, nrows, ncols);
+        ++o;
+        continue;
+      }
+      const int64_t k0 = wt.rowptr[o];
+      conv_tile<RELU, RES, NVX>(xrow + x0, wt.ent + k0, wt.rowptr[o + 1] - k0, rstride, bias ? bias[o] : 0.f,
+                                out_at(o), os.h, res_at(o), rs.h, res_scale, nrows, ncols);
     }
   }
 }
@@ -144,9 +255,8 @@ void conv_item(const float* xrow, const Entry* ent, const int32_t* rowptr, const
 // buffer and interleaved into HR rows, so PyTorch's separate (slow, strided) shuffle pass and the
 // LR-resolution output never exist.
 template <bool RELU, int NVX>
-void conv_item_shuffle(const float* xrow, const Entry* ent, const int32_t* rowptr, const float* bias,
-                       int64_t O, int64_t rstride, float* out_b, Strides os, int R, int64_t Wo, int64_t y0,
-                       int nrows, int64_t ct0, int64_t ct1) {
+void conv_item_shuffle(const float* xrow, const Weights& wt, const float* bias, int64_t O, int64_t rstride,
+                       float* out_b, Strides os, int R, int64_t Wo, int64_t y0, int nrows, int64_t ct0, int64_t ct1) {
   constexpr int TWX = NVX * VW;
   alignas(64) float tmp[4][TR][TWX];  // R <= 4
   for (int64_t ct = ct0; ct < ct1; ++ct) {
@@ -154,8 +264,15 @@ void conv_item_shuffle(const float* xrow, const Entry* ent, const int32_t* rowpt
     const int ncols = (int)std::min<int64_t>(TWX, Wo - x0);
     for (int64_t og = 0; og < O; og += R) {
       for (int j = 0; j < R; ++j) {
-        const int64_t o = og + j, k0 = rowptr[o];
-        conv_tile<RELU, false, NVX>(xrow + x0, ent + k0, rowptr[o + 1] - k0, rstride, bias ? bias[o] : 0.f,
+        const int64_t o = og + j;
+        if (wt.pairs && o % 2 == 0 && j + 1 < R) {
+          pair_tile<RELU, false, NVX>(xrow + x0, *wt.pairs, o, rstride, bias, &tmp[j][0][0], &tmp[j + 1][0][0], TWX,
+                                      nullptr, nullptr, 0, 1.f, nrows, TWX);
+          ++j;
+          continue;
+        }
+        const int64_t k0 = wt.rowptr[o];
+        conv_tile<RELU, false, NVX>(xrow + x0, wt.ent + k0, wt.rowptr[o + 1] - k0, rstride, bias ? bias[o] : 0.f,
                                     &tmp[j][0][0], TWX, nullptr, 0, 1.f, nrows, TWX);
       }
       const int64_t c = og / (R * R), i = (og / R) % R;
@@ -178,22 +295,35 @@ void conv_item_shuffle(const float* xrow, const Entry* ent, const int32_t* rowpt
 }
 
 template <int NVX>
-void conv_item_any(bool relu, bool res, int shuffle, const float* xrow, const Entry* ent, const int32_t* rowptr,
-                   const float* bias, int64_t O, int64_t rstride, float* out_b, Strides os, const float* res_b,
-                   Strides rs, float res_scale, int64_t Wo, int64_t y0, int nrows, int64_t ct0, int64_t ct1) {
+void conv_item_any(bool relu, bool res, int shuffle, const float* xrow, const Weights& wt, const float* bias,
+                   int64_t O, int64_t rstride, float* out_b, Strides os, const float* res_b, Strides rs,
+                   float res_scale, int64_t Wo, int64_t y0, int nrows, int64_t ct0, int64_t ct1) {
   if (shuffle > 1) {
     if (relu)
-      conv_item_shuffle<true, NVX>(xrow, ent, rowptr, bias, O, rstride, out_b, os, shuffle, Wo, y0, nrows, ct0, ct1);
+      conv_item_shuffle<true, NVX>(xrow, wt, bias, O, rstride, out_b, os, shuffle, Wo, y0, nrows, ct0, ct1);
     else
-      conv_item_shuffle<false, NVX>(xrow, ent, rowptr, bias, O, rstride, out_b, os, shuffle, Wo, y0, nrows, ct0, ct1);
+      conv_item_shuffle<false, NVX>(xrow, wt, bias, O, rstride, out_b, os, shuffle, Wo, y0, nrows, ct0, ct1);
     return;
   }
-#define NMK_ITEM(R, S) conv_item<R, S, NVX>(xrow, ent, rowptr, bias, O, rstride, out_b, os, res_b, rs, res_scale, Wo, y0, nrows, ct0, ct1)
+#define NMK_ITEM(R, S) conv_item<R, S, NVX>(xrow, wt, bias, O, rstride, out_b, os, res_b, rs, res_scale, Wo, y0, nrows, ct0, ct1)
   if (relu && res) NMK_ITEM(true, true);
   else if (relu) NMK_ITEM(true, false);
   else if (res) NMK_ITEM(false, true);
   else NMK_ITEM(false, false);
 #undef NMK_ITEM
+}
+
+// Pairs pay when two channels share enough positions: at density d a pair shares about d^2 of
+// them. Measured on the 64->64 and 64->256 (+ shuffle) convs at 320x180, 2 threads: 1.08-1.13x at
+// 16:32 and 2:4, 1.05x at 8:32; below 20% density (4:32, 2:32) the shared positions are too few
+// and channels run alone.
+inline bool worth_pairing(int64_t nnz, int64_t O, int64_t C, int64_t KH, int64_t KW) {
+#ifdef NMK_PAIR_MIN
+  const double threshold = NMK_PAIR_MIN;
+#else
+  const double threshold = 0.2;
+#endif
+  return O >= 2 && (double)nnz >= threshold * (double)(O * C * KH * KW);
 }
 
 }  // namespace
@@ -286,6 +416,11 @@ int nmk_conv2d_ex(const int64_t* prm, const float* x, float* workspace, const in
     ent[k] = Entry{(int32_t)off, val[k]};
   }
 
+  Paired pairs;
+  const bool paired = worth_pairing(nnz, O, C, KH, KW);
+  if (paired) pairs = pair_channels(ent.data(), rowptr, O);
+  const Weights wt{ent.data(), rowptr, paired ? &pairs : nullptr};
+
   // 4. sparse accumulation, parallel over (image, row tile, column chunk). Narrow outputs (small
   // patches) use narrower tiles so no vector lane computes a column that does not exist.
   const int nvx = g.Wo <= VW ? 1 : (g.Wo <= 2 * VW || NV == 2 ? 2 : NV);
@@ -305,7 +440,7 @@ int nmk_conv2d_ex(const int64_t* prm, const float* x, float* workspace, const in
     const float* xrow = xp + b * g.per_b + y0 * rstride;
     float* out_b = out + b * os.b;
     const float* res_b = residual ? residual + b * rs.b : nullptr;
-#define NMK_RUN(N) conv_item_any<N>(relu, residual != nullptr, R, xrow, ent.data(), rowptr, bias, O, rstride, out_b, os, res_b, rs, res_scale, g.Wo, y0, nrows, ct0, ct1)
+#define NMK_RUN(N) conv_item_any<N>(relu, residual != nullptr, R, xrow, wt, bias, O, rstride, out_b, os, res_b, rs, res_scale, g.Wo, y0, nrows, ct0, ct1)
     if (nvx == 1)
       NMK_RUN(1);
     else if (nvx == 2)
@@ -354,6 +489,14 @@ int nmk_conv2d_tiles(const int64_t* prm, const int64_t* tiles, const int32_t* co
       ents[r][k] = Entry{(int32_t)off, vals[r][k]};
     }
   }
+  std::vector<Paired> pairs(nroutes);
+  std::vector<Weights> wts(nroutes, Weights{nullptr, nullptr, nullptr});
+  for (int r = 0; r < nroutes; ++r) {
+    if (rowptrs[r] == nullptr) continue;
+    const bool paired = worth_pairing(rowptrs[r][O], O, C, KH, KW);
+    if (paired) pairs[r] = pair_channels(ents[r].data(), rowptrs[r], O);
+    wts[r] = Weights{ents[r].data(), rowptrs[r], paired ? &pairs[r] : nullptr};
+  }
   // work items: (tile, row tile, column chunk), narrower vector tiles for narrow tiles
   struct Item {
     int64_t tile, y0, ct0, ct1;
@@ -380,7 +523,7 @@ int nmk_conv2d_tiles(const int64_t* prm, const int64_t* tiles, const int32_t* co
     const float* xrow = x + d[0] + it.y0 * rstride;
     float* out_b = out + d[1];
     const float* res_b = residual ? residual + d[2] : nullptr;
-#define NMK_RUN(N) conv_item_any<N>(relu, residual != nullptr, R, xrow, ents[route].data(), rowptrs[route], bias, O, rstride, out_b, os, res_b, rs, res_scale, d[4], it.y0, it.nrows, it.ct0, it.ct1)
+#define NMK_RUN(N) conv_item_any<N>(relu, residual != nullptr, R, xrow, wts[route], bias, O, rstride, out_b, os, res_b, rs, res_scale, d[4], it.y0, it.nrows, it.ct0, it.ct1)
     if (it.nvx == 1)
       NMK_RUN(1);
     else if (it.nvx == 2)
