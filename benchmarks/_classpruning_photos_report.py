@@ -18,6 +18,7 @@ PSNR_MARGIN = 0.05
 TIME_LIMIT = 0.70
 INFER = "ClassPruning spatial, sparse engine (infer --sparse-engine)"
 DENSE = "dense PyTorch, whole image"
+DENSE = "dense PyTorch, whole image"
 TITLE = "ClassPruning on the photo study (x4): whole-image MACs, paired intervals, wall time"
 
 
@@ -74,19 +75,42 @@ def checks(payload: dict[str, Any], psnr_only: bool = False) -> list[tuple[str, 
             len(images) == 3 and len(maps) == 3 and all(sum(i["route_histogram"]) > 0 for i in images),
         )
     )
-    wall = payload.get("wall") or {}
-    ratio = (wall.get("ratio_to_dense") or {}).get(INFER)
-    if ratio is not None:
-        h, w = wall["lr_size"]
-        found.append(
-            (
-                f"`infer --sparse-engine` on {wall['photo']} ({w * SCALE}x{h * SCALE} output, {wall['threads']} threads): "
-                f"{ratio:.3f}x the wall time of whole-image dense PyTorch (median of {wall['rounds']} interleaved "
-                f"per-round ratios; needs <= {TIME_LIMIT})",
-                ratio <= TIME_LIMIT,
-            )
-        )
+    timed = wall_check(payload.get("wall") or {})
+    if timed is not None:
+        found.append(timed)
     return found
+
+
+def wall_check(wall: dict[str, Any]) -> tuple[str, bool] | None:
+    """The wall-time claim over every run of the current kernel (None when nothing was timed)."""
+    ratio = (wall.get("ratio_to_dense") or {}).get(INFER)
+    if ratio is None:
+        return None
+    h, w = wall["lr_size"]
+    ratios = [r["ratio"] for r in same_kernel_runs(wall)] + [ratio]
+    runs = f"; every run of this kernel: {', '.join(f'{r:.3f}x' for r in ratios)}" if len(ratios) > 1 else ""
+    return (
+        f"`infer --sparse-engine` on {wall['photo']} ({w * SCALE}x{h * SCALE} output, {wall['threads']} threads): "
+        f"{ratio:.3f}x the wall time of whole-image dense PyTorch (median of {wall['rounds']} interleaved "
+        f"per-round ratios{runs}; needs <= {TIME_LIMIT} in every run)",
+        max(ratios) <= TIME_LIMIT,
+    )
+
+
+def wall_summary(row: dict[str, Any]) -> dict[str, Any]:
+    """One timing run in a line: when, which kernel, dense and ``infer`` seconds, their ratio."""
+    return {
+        "measured_at": row.get("measured_at"),
+        "kernel": row.get("kernel"),
+        "dense_s": row["median_s"][DENSE],
+        "infer_s": row["median_s"][INFER],
+        "ratio": row["ratio_to_dense"][INFER],
+    }
+
+
+def same_kernel_runs(wall: dict[str, Any]) -> list[dict[str, Any]]:
+    """The earlier timing runs of the kernel the latest run used (a re-timing adds a run, never replaces one)."""
+    return [r for r in wall.get("earlier_runs", []) if r.get("kernel") == wall.get("kernel")]
 
 
 def _heldout_macs(row: dict[str, Any]) -> str:
@@ -274,6 +298,28 @@ def render_markdown(payload: dict[str, Any]) -> tuple[str, str]:
             ),
             "",
         ]
+        earlier = wall.get("earlier_runs") or []
+        if earlier:
+            latest = wall_summary(wall)
+            lines += [
+                "Every timing run of this check (idle machine; the table above is the latest; the check "
+                "needs every run of the current kernel at or under the limit):",
+                "",
+                markdown_table(
+                    [
+                        {
+                            "measured": r.get("measured_at") or "-",
+                            "kernel": r.get("kernel") or "-",
+                            "dense s": f"{r['dense_s']:.3f}",
+                            "infer --sparse-engine s": f"{r['infer_s']:.3f}",
+                            "x dense": f"{r['ratio']:.3f}",
+                        }
+                        for r in [*earlier, latest]
+                    ],
+                    ["measured", "kernel", "dense s", "infer --sparse-engine s", "x dense"],
+                ),
+                "",
+            ]
         if mix is not None:
             lines += [
                 f"The routes alone at this photo's route mix would take {mix:.3f}x dense: the rest of the spatial "

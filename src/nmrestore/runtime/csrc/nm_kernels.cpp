@@ -22,7 +22,10 @@
 // aligned and no copy, the results wrong, the bound is 1.49x / 1.32x / 1.14x); rows padded off 4 KiB
 // strides, and odd channels walking their weights backwards (no change). None is worth its code.
 // What is kept: at 20% density and above, output channels run in pairs that load the input
-// positions both keep once (see Paired).
+// positions both keep once (see Paired). Tried after it: pairs matched by largest overlap instead
+// of neighbours (trained 16:32 masks share 27% of positions against 25%: not worth it); channels in
+// threes on dense convs (0.89-1.02x on the 64->3 last conv, which is bound by memory, not loads);
+// work items walking down 4-16 row tiles so shared input rows stay in L2 (0.95-1.05x, noise).
 // OpenMP: torch's wheel ships libgomp.so.1 and loads it first, so this library's parallel regions
 // run on the same runtime and pool as torch's own ops (no second pool spinning against it).
 #include "nm_common.h"
