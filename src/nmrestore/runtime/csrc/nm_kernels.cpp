@@ -25,7 +25,9 @@
 // positions both keep once (see Paired). Tried after it: pairs matched by largest overlap instead
 // of neighbours (trained 16:32 masks share 27% of positions against 25%: not worth it); channels in
 // threes on dense convs (0.89-1.02x on the 64->3 last conv, which is bound by memory, not loads);
-// work items walking down 4-16 row tiles so shared input rows stay in L2 (0.95-1.05x, noise).
+// work items walking down 4-16 row tiles so shared input rows stay in L2 (1.10-1.17x on the 64->3
+// last conv, which is under 3% of a forward; 0.95-1.05x, noise, on the 64->64 and 64->256 convs, and
+// too few items for two threads on small inputs); software prefetch of the entries 4-16 ahead (none).
 // OpenMP: torch's wheel ships libgomp.so.1 and loads it first, so this library's parallel regions
 // run on the same runtime and pool as torch's own ops (no second pool spinning against it).
 #include "nm_common.h"
