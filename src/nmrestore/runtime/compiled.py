@@ -488,9 +488,11 @@ def _restore_decisions(file: CompiledFile, model: nn.Module, state: EngineState)
             continue  # said of the machine it was compiled on, not of this one
         if row["choice"] == "sparse" and layer._why_not_sparse(torch.empty(()).expand(shape), rw) is not None:
             continue  # the kernel cannot take it here: decided again on first use
-        reason = "from file" if row["reason"] in _CHOSEN else row["reason"]
+        chosen = row["reason"].split(";", 1)[0] in _CHOSEN  # "timed; whole-model plan 'f32'" too
+        reason = "from file" if chosen else row["reason"]
         timings = (row.get("dense_ms"), row.get("sparse_ms"))
         layer._record((0, shape, row["threads"]), rw, row["choice"], reason, *timings)
+    state.fresh.clear()  # recorded choices are final: no whole-model plans are timed again for them
     for layer in layers.values():
         pad = file.meta["layers"][layer.layer_name]["out_pad"]
         if pad is not None and isinstance(layer, SparseConv2d) and state.config.handoff:

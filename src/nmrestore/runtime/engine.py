@@ -78,10 +78,10 @@ class EngineConfig(BaseModel):
     from the data flow on the first forward). ``cache_file``: JSON file of timings shared across runs.
     ``precision``: ``f32`` (every tactic in f32), ``bf16`` (conv layers may also run in bf16: the
     sparse kernel's bf16 form where it is built, PyTorch's bf16 conv; the timed choice decides) or
-    ``auto`` (``bf16`` on a CPU with AVX512-BF16 or AMX, else ``f32``). ``refine`` (bf16 engines,
-    tactic ``auto``): after the first forward of an input shape has chosen every layer's tactic,
-    time a few consistent whole-model plans end to end and keep the fastest
-    (:mod:`nmrestore.runtime.plans`); later outputs may then differ from the first by bf16 rounding.
+    ``auto`` (``bf16`` on a CPU with AVX512-BF16 or AMX, else ``f32``). ``refine`` (tactic ``auto``,
+    not under a route map): after the first forward of an input shape has chosen every layer's
+    tactic, time a few consistent whole-model plans end to end and keep the fastest
+    (:mod:`nmrestore.runtime.plans`); the first call returns the kept plan's output, like later ones.
     ``dense_convs`` (on by default): also put plain dense convolutions (no N:M pattern, e.g. the
     first and last convs the papers keep dense) on the kernel with all their weights, and time them
     against PyTorch like the others (``max_density`` does not apply to them): the direct kernel wins
@@ -417,33 +417,38 @@ def compile_sparse(model: nn.Module, config: EngineConfig | None = None, inplace
         _fuse_residuals(target)
     target.eval()
     target.sparse_engine = state  # type: ignore[assignment]  # plain attribute: not a module or buffer
-    if state.bf16 and config.tactic == "auto" and config.refine:
+    if config.tactic == "auto" and config.refine:
         target.register_forward_hook(_refine_plans, with_kwargs=True)
     return target
 
 
 def _refine_plans(
     module: nn.Module, args: tuple[object, ...], kwargs: dict[str, object], output: object
-) -> None:
-    """After a forward that chose tactics: time the whole-model plans on the same input, keep the best."""
+) -> object:
+    """After a forward that chose tactics: time the whole-model plans on the same input, keep the best.
+
+    Returns the kept plan's output in place of the first forward's, so that every call of a shape
+    gives the same output as the first."""
     state = engine_state(module)
     if state is None or state.refining:
-        return
+        return None
     fresh = list(state.fresh)
     state.fresh.clear()
     if not fresh:
-        return
+        return None
     state.refining = True
     try:
         with torch.no_grad():
             run = functools.partial(module, *args, **kwargs)
             best = refine(fresh, state.decisions, run, state.config.timing_repeats, sparse_layers(module))
+            result = run() if best is not None else None
     finally:
         state.refining = False
         state.fresh.clear()
     if best is not None:
         state.plans.append(best)
         log.info("whole-model plan %r kept", best)
+    return result
 
 
 def engine_state(model: nn.Module) -> EngineState | None:

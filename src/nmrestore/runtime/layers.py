@@ -245,7 +245,7 @@ class SparseLayer(nn.Module):
         f32 = {"dense": dense_ms, "sparse": sparse_ms}
         times = times or {k: v for k, v in f32.items() if v is not None}
         self._choices.by_key[key] = choice
-        if len(times) > 1 and self._state.bf16:
+        if len(times) > 1 and self._state.spatial is None:
             self._state.fresh.append((self, key))  # for the whole-model plans (runtime/plans.py)
         self._state.record(
             LayerDecision(

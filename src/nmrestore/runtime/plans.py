@@ -9,7 +9,10 @@ at 4:32 (320x180, 1 thread, a loaded machine): with such a mix (first conv of ea
 bf16 kernel, second on PyTorch's bf16 conv) the bf16 engine ran 0.7x the speed of the f32 engine;
 in another session, whose per-layer choices were consistent, 2.0x. The plans are each layer's
 fastest tactic within a set: all four (the greedy choice), the f32 ones, the bf16 ones, PyTorch's
-bf16 conv only, and the bf16 kernel wherever it applies.
+bf16 conv only, and the bf16 kernel wherever it applies; and, for f32 engines too, every timed layer
+dense or every one on the kernel. At 50% density (2:4) the kernel and PyTorch's f32 conv time within
+noise of each other layer by layer, and a greedy choice that put all 36 convs of EDSR-baseline x2 on
+the kernel ran 0.92x PyTorch's dense model end to end (section `speed`, 12:34 run).
 Timed like everything else (:mod:`nmrestore.runtime.timing`): interleaved rounds, the median.
 """
 
@@ -28,6 +31,8 @@ Key = tuple[int, tuple[int, ...], int]
 PLANS: dict[str, tuple[str, ...] | None] = {
     "per-layer": None,
     "f32": ("dense", "sparse"),
+    "f32 dense": ("dense",),
+    "f32 kernel": ("sparse",),
     "bf16": ("dense_bf16", "sparse_bf16"),
     "bf16 dense": ("dense_bf16",),
     "bf16 kernel": ("sparse_bf16",),
