@@ -12,7 +12,8 @@ fastest tactic within a set: all four (the greedy choice), the f32 ones, the bf1
 bf16 conv only, and the bf16 kernel wherever it applies; and, for f32 engines too, every timed layer
 dense or every one on the kernel. At 50% density (2:4) the kernel and PyTorch's f32 conv time within
 noise of each other layer by layer, and a greedy choice that put all 36 convs of EDSR-baseline x2 on
-the kernel ran 0.92x PyTorch's dense model end to end (section `speed`, 12:34 run).
+the kernel ran 0.92x PyTorch's dense model end to end (bench_speed.py, 2 threads, idle); the
+'f32 dense' plan, kept since, runs 1.03x.
 Timed like everything else (:mod:`nmrestore.runtime.timing`): interleaved rounds, the median.
 """
 
