@@ -102,6 +102,7 @@ def wall_summary(row: dict[str, Any]) -> dict[str, Any]:
     return {
         "measured_at": row.get("measured_at"),
         "kernel": row.get("kernel"),
+        "kernel_code": row.get("kernel_code"),
         "dense_s": row["median_s"][DENSE],
         "infer_s": row["median_s"][INFER],
         "ratio": row["ratio_to_dense"][INFER],
@@ -109,8 +110,16 @@ def wall_summary(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def same_kernel_runs(wall: dict[str, Any]) -> list[dict[str, Any]]:
-    """The earlier timing runs of the kernel the latest run used (a re-timing adds a run, never replaces one)."""
-    return [r for r in wall.get("earlier_runs", []) if r.get("kernel") == wall.get("kernel")]
+    """The earlier timing runs of the kernel code the latest run used (a re-timing adds a run, never
+    replaces one). Runs match by the digest of the kernel sources without comments (``kernel_code``),
+    so editing a comment does not start a new group; runs recorded without it match by library name."""
+
+    def same(run: dict[str, Any]) -> bool:
+        if run.get("kernel_code") and wall.get("kernel_code"):
+            return bool(run["kernel_code"] == wall["kernel_code"])
+        return bool(run.get("kernel") == wall.get("kernel"))
+
+    return [r for r in wall.get("earlier_runs", []) if same(r)]
 
 
 def _heldout_macs(row: dict[str, Any]) -> str:

@@ -430,6 +430,23 @@ def wall_time(
     }
 
 
+def kernel_code(sources: dict[str, str] | None = None) -> str:
+    """SHA-256 (16 hex digits) of the kernel's C++ sources with comments and blank lines dropped: the
+    same code gets the same digest whatever its comments say."""
+    import hashlib
+    import re
+
+    if sources is None:
+        folder = ROOT / "src" / "nmrestore" / "runtime" / "csrc"
+        sources = {p.name: p.read_text() for p in sorted(folder.iterdir()) if p.suffix in (".cpp", ".h")}
+    digest = hashlib.sha256()
+    for name in sorted(sources):
+        text = re.sub(r"/\*.*?\*/", "", sources[name], flags=re.S)
+        lines = [re.sub(r"//.*", "", line).rstrip() for line in text.splitlines()]
+        digest.update(name.encode() + b"\0" + "\n".join(line for line in lines if line.strip()).encode())
+    return digest.hexdigest()[:16]
+
+
 def earlier_wall_runs(previous: dict[str, Any] | None) -> list[dict[str, Any]]:
     """Every run a ``--retime`` replaces is kept in the new row: a re-timing adds evidence, never
     swaps a failing figure for a passing one (the check reads them all)."""
@@ -514,6 +531,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         lambda: {
             "photo": TIMED_PHOTO,
             "measured_at": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "kernel_code": kernel_code(),
             **wall_time(dense_model, model(), image, args.rounds, args.threads),
             "earlier_runs": earlier_wall_runs(previous),
         },

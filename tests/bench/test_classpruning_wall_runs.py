@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _classpruning_photos_report import DENSE, INFER, wall_check, wall_summary  # noqa: E402
-from bench_classpruning_photos import earlier_wall_runs  # noqa: E402
+from bench_classpruning_photos import earlier_wall_runs, kernel_code  # noqa: E402
 
 
 def _run(ratio: float, kernel: str, earlier: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -50,3 +50,14 @@ def test_the_check_needs_every_run_of_the_current_kernel_under_the_limit() -> No
     # runs of an older kernel are shown but do not count against the current one
     newer_kernel = _run(0.69, "k2", [wall_summary(_run(0.78, "k1"))])
     assert _wall_check(newer_kernel)[1]
+
+
+def test_runs_group_by_kernel_code_so_a_comment_edit_starts_no_new_group() -> None:
+    code = {"k.cpp": "int f() { return 1; }  // fast\n"}
+    commented = {"k.cpp": "// why it is fast\n/* more */\nint f() { return 1; }  // faster\n\n"}
+    changed = {"k.cpp": "int f() { return 2; }\n"}
+    assert kernel_code(code) == kernel_code(commented) != kernel_code(changed)
+    before = {**_run(0.72, "lib-a"), "kernel_code": kernel_code(code)}
+    after = {**_run(0.69, "lib-b", earlier_wall_runs(before)), "kernel_code": kernel_code(commented)}
+    text, ok = _wall_check(after)  # another library file name, the same code: the failing run counts
+    assert not ok and "0.720x, 0.690x" in text
