@@ -52,7 +52,7 @@ from nmrestore.runtime.cpu_features import cpu_features
 from nmrestore.runtime.kernel import KernelLibrary, kernel_status, load_kernel
 from nmrestore.runtime.layers import LayerDecision, RouteWeights, SparseConv2d, SparseLayer, SparseLinear
 from nmrestore.runtime.packing import CSRWeight, csr_from_dense, csr_from_packed, detect_nm
-from nmrestore.runtime.plans import refine
+from nmrestore.runtime.plans import close_call, refine
 from nmrestore.runtime.spatial import RouteMap
 from nmrestore.sparsity import nm
 from nmrestore.sparsity.parametrization import NMMask, dense_weight, nm_mask_of
@@ -82,7 +82,7 @@ class EngineConfig(BaseModel):
     not under a route map): after the first forward of an input shape has chosen every layer's
     tactic, time a few consistent whole-model plans end to end and keep the fastest
     (:mod:`nmrestore.runtime.plans`); the first call returns the kept plan's output, like later ones.
-    An f32 engine does so only when some layer's two tactics timed within ``CLOSE_CALL`` of each other.
+    An f32 engine does so only when some layer's two tactics timed within ``plans.CLOSE_CALL`` of each other.
     ``dense_convs`` (on by default): also put plain dense convolutions (no N:M pattern, e.g. the
     first and last convs the papers keep dense) on the kernel with all their weights, and time them
     against PyTorch like the others (``max_density`` does not apply to them): the direct kernel wins
@@ -435,7 +435,7 @@ def _refine_plans(
         return None
     fresh = list(state.fresh)
     state.fresh.clear()
-    if not fresh or not (state.bf16 or _close_call(fresh, state.decisions)):
+    if not fresh or not (state.bf16 or close_call(fresh, state.decisions)):
         return None  # an f32 engine whose every layer chose clearly: the plans would agree with it
     state.refining = True
     try:
@@ -450,23 +450,6 @@ def _refine_plans(
         state.plans.append(best)
         log.info("whole-model plan %r kept", best)
     return result
-
-
-#: An f32 layer whose two tactics timed within this factor of each other makes the whole-model plans
-#: worth timing (a few more forwards on the first call of a shape); otherwise they would only agree.
-CLOSE_CALL = 1.25
-
-
-def _close_call(
-    fresh: list[tuple[SparseLayer, tuple[int, tuple[int, ...], int]]],
-    decisions: dict[tuple[str, int, tuple[int, ...], int], LayerDecision],
-) -> bool:
-    for layer, key in fresh:
-        decision = decisions.get((layer.layer_name, *key))
-        times = sorted(decision.times_ms.values()) if decision is not None else []
-        if len(times) > 1 and times[1] < CLOSE_CALL * times[0]:
-            return True
-    return False
 
 
 def engine_state(model: nn.Module) -> EngineState | None:

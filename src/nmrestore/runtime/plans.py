@@ -68,6 +68,24 @@ def assignments(
     return plans
 
 
+#: An f32 layer whose two tactics timed within this factor of each other makes the whole-model plans
+#: worth timing (a few more forwards on the first call of a shape); otherwise they would only agree.
+CLOSE_CALL = 1.25
+
+
+def close_call(
+    fresh: Sequence[tuple[SparseLayer, Key]],
+    decisions: dict[Any, LayerDecision],
+) -> bool:
+    """Whether some layer's two fastest tactics timed within ``CLOSE_CALL`` of each other."""
+    for layer, key in fresh:
+        decision = decisions.get((layer.layer_name, *key))
+        times = sorted(decision.times_ms.values()) if decision is not None else []
+        if len(times) > 1 and times[1] < CLOSE_CALL * times[0]:
+            return True
+    return False
+
+
 def refine(
     fresh: Sequence[tuple[SparseLayer, Key]],
     decisions: dict[Any, LayerDecision],
