@@ -62,6 +62,26 @@ def test_paired_output_channels_match_pytorch(out_channels: int, shuffle: int) -
     assert (out - ref).abs().max() <= TOL
 
 
+@pytest.mark.parametrize(("k", "dilation", "stride"), [(1, 1, 1), (3, 1, 1), (3, 2, 1), (5, 1, 2), (3, 3, 2)])
+@pytest.mark.parametrize("border", [0, 1, 2])
+def test_kernel_column_groups_match_pytorch(k: int, dilation: int, stride: int, border: int) -> None:
+    # at >= 20% density a tile runs its weights kernel column by kernel column, loading whole aligned
+    # vectors from up to 15 floats before its window; how far the window sits past a vector boundary
+    # depends on where the input lives: 0 in the kernel's own padded copy (border 0), 16 - padding
+    # in a hand-off view read in place (border 1, 2), wide rows ending inside a tile either way
+    pad = dilation * (k - 1) // 2
+    x = torch.randn(1, 32, 9, 70)
+    w0 = nm_weight((32, 32, 3, 3), 16, 32, seed=1, scale=0.2)
+    h = sparse_conv(w0, x, out_pad=(border, border)) if border else x
+    ref_h = F.conv2d(x, w0, padding=1) if border else x
+    w = nm_weight((12, 32, k, k), 16, 32, seed=k, scale=0.2)
+    b = torch.randn(12)
+    out = sparse_conv(w, h, b, stride, pad, dilation)
+    ref = F.conv2d(ref_h, w, b, stride=stride, padding=pad, dilation=dilation)
+    assert out.shape == ref.shape
+    assert torch.allclose(out, ref, rtol=1e-5, atol=TOL)
+
+
 def test_conv_fused_relu_dilation_and_groups() -> None:
     w = nm_weight((8, 8, 3, 3), 2, 4)
     x = torch.randn(1, 8, 12, 10)

@@ -21,8 +21,10 @@
 // copied once per kernel column shift so every load is aligned (1.12x / 1.01x / 0.87x; with all loads
 // aligned and no copy, the results wrong, the bound is 1.49x / 1.32x / 1.14x); rows padded off 4 KiB
 // strides, and odd channels walking their weights backwards (no change). None is worth its code.
-// What is kept: at 20% density and above, output channels run in pairs that load the input
-// positions both keep once (see Paired). Tried after it: pairs matched by largest overlap instead
+// What is kept, at 20% density and above (nm_weights.h): output channels run in pairs that load the
+// input positions both keep once (see Paired), and a tile runs its weights kernel column by kernel
+// column with aligned loads only, shifting each column's sum into place once (see Grouped): that
+// removes the cache-line-straddling loads without copying the input. Tried after it: pairs matched by largest overlap instead
 // of neighbours (trained 16:32 masks share 27% of positions against 25%: not worth it); channels in
 // threes on dense convs (0.89-1.02x on the 64->3 last conv, which is bound by memory, not loads);
 // work items walking down 4-16 row tiles so shared input rows stay in L2 (1.10-1.17x on the 64->3
@@ -31,6 +33,7 @@
 // OpenMP: torch's wheel ships libgomp.so.1 and loads it first, so this library's parallel regions
 // run on the same runtime and pool as torch's own ops (no second pool spinning against it).
 #include "nm_common.h"
+#include "nm_weights.h"
 
 #if defined(NMK_VB)
 // tile shape given on the command line (experiments)
@@ -57,7 +60,11 @@ constexpr int TR = NMK_TR;          // output rows per tile
 constexpr int NV = NMK_NV;          // vectors per tile row
 constexpr int TW = NV * VW;         // output columns per tile
 
+// The same vector when its address is a whole number of vectors (see Grouped).
+typedef float vfa __attribute__((vector_size(NMK_VB), aligned(NMK_VB)));
+
 inline vf vload(const float* p) { return *reinterpret_cast<const vf*>(p); }
+inline vf aload(const float* p) { return *reinterpret_cast<const vfa*>(p); }
 inline vf vbcast(float v) { return vf{} + v; }
 
 using nmk::Geometry;
@@ -71,57 +78,6 @@ inline Geometry geometry(int64_t B, int64_t C, int64_t H, int64_t W, int64_t KH,
 
 // Slack after the last image: a tile's last vector may read up to TW + Wq floats past a row.
 inline int64_t slack(const Geometry& g) { return TW + g.Wq + 2 * VW; }
-
-// One kept weight: its workspace offset relative to the tile's origin, and its value. Interleaved
-// so the weight stream of an output channel is one sequential read.
-struct Entry {
-  int32_t off;
-  float val;
-};
-
-// Output channels in pairs (2p, 2p+1): the input positions both keep (one load, two FMAs each),
-// then those only 2p keeps, then those only 2p+1 keeps. At 50% density two channels share a
-// quarter of their positions, so a pair loads 3/4 of what two single channels load.
-struct Entry2 {
-  int32_t off;
-  float va, vb;
-};
-
-struct Paired {
-  std::vector<Entry2> both;
-  std::vector<Entry> single;
-  std::vector<int64_t> bp;  // pair p: both[bp[p], bp[p+1])
-  std::vector<int64_t> sp;  // pair p: only 2p single[sp[2p], sp[2p+1]), only 2p+1 single[sp[2p+1], sp[2p+2])
-};
-
-inline Paired pair_channels(const Entry* ent, const int32_t* rowptr, int64_t O) {
-  Paired pw;
-  const int64_t P = (O + 1) / 2;
-  pw.bp.assign(P + 1, 0);
-  pw.sp.assign(2 * P + 1, 0);
-  pw.single.reserve(rowptr[O]);
-  std::vector<Entry> a, b;
-  auto by_off = [](const Entry& x, const Entry& y) { return x.off < y.off; };
-  for (int64_t p = 0; p < P; ++p) {
-    const int64_t oa = 2 * p, ob = 2 * p + 1;
-    a.assign(ent + rowptr[oa], ent + rowptr[oa + 1]);
-    if (ob < O) b.assign(ent + rowptr[ob], ent + rowptr[ob + 1]); else b.clear();
-    std::sort(a.begin(), a.end(), by_off);
-    std::sort(b.begin(), b.end(), by_off);
-    std::vector<Entry> only_b;
-    size_t i = 0, j = 0;
-    while (i < a.size() || j < b.size()) {
-      if (j == b.size() || (i < a.size() && a[i].off < b[j].off)) pw.single.push_back(a[i++]);
-      else if (i == a.size() || b[j].off < a[i].off) only_b.push_back(b[j++]);
-      else { pw.both.push_back(Entry2{a[i].off, a[i].val, b[j].val}); ++i; ++j; }
-    }
-    pw.sp[2 * p + 1] = (int64_t)pw.single.size();
-    pw.single.insert(pw.single.end(), only_b.begin(), only_b.end());
-    pw.sp[2 * p + 2] = (int64_t)pw.single.size();
-    pw.bp[p + 1] = (int64_t)pw.both.size();
-  }
-  return pw;
-}
 
 // Epilogue: out = act(res_scale * (conv + bias) + residual), act = ReLU or identity. Fusing the
 // residual sum and the ReLU saves a full pass over the output for each. Output and residual rows
@@ -156,7 +112,7 @@ inline void store_tile(vf (&acc)[TR][NVX], float* __restrict out, int64_t ostrid
   }
 }
 
-template <int NVX>
+template <int NVX, bool ALIGNED = false>
 inline void accumulate(vf (&acc)[TR][NVX], const float* __restrict xb, const Entry* __restrict ent, int64_t nnz,
                        int64_t rstride) {
   for (int64_t k = 0; k < nnz; ++k) {
@@ -165,7 +121,8 @@ inline void accumulate(vf (&acc)[TR][NVX], const float* __restrict xb, const Ent
 #pragma GCC unroll 16
     for (int r = 0; r < TR; ++r)
 #pragma GCC unroll 16
-      for (int v = 0; v < NVX; ++v) acc[r][v] += w * vload(p + r * rstride + v * VW);
+      for (int v = 0; v < NVX; ++v)
+        acc[r][v] += w * (ALIGNED ? aload(p + r * rstride + v * VW) : vload(p + r * rstride + v * VW));
   }
 }
 
@@ -177,18 +134,8 @@ inline void init_tile(vf (&acc)[TR][NVX], float bias) {
     for (int v = 0; v < NVX; ++v) acc[r][v] = vbcast(bias);
 }
 
-template <bool RELU, bool RES, int NVX>
-inline void conv_tile(const float* __restrict xb, const Entry* __restrict ent, int64_t nnz, int64_t rstride,
-                      float bias, float* __restrict out, int64_t ostride, const float* __restrict res,
-                      int64_t res_stride, float res_scale, int nrows, int ncols) {
-  vf acc[TR][NVX];
-  init_tile<NVX>(acc, bias);
-  accumulate<NVX>(acc, xb, ent, nnz, rstride);
-  store_tile<RELU, RES, NVX>(acc, out, ostride, res, res_stride, res_scale, nrows, ncols);
-}
-
 // Two output channels at once: an input position both keep is loaded once for both.
-template <int NVX>
+template <int NVX, bool ALIGNED = false>
 inline void accumulate2(vf (&a)[TR][NVX], vf (&b)[TR][NVX], const float* __restrict xb, const Entry2* __restrict ent,
                         int64_t n, int64_t rstride) {
   for (int64_t k = 0; k < n; ++k) {
@@ -198,19 +145,97 @@ inline void accumulate2(vf (&a)[TR][NVX], vf (&b)[TR][NVX], const float* __restr
     for (int r = 0; r < TR; ++r)
 #pragma GCC unroll 16
       for (int v = 0; v < NVX; ++v) {
-        const vf x = vload(p + r * rstride + v * VW);
+        const vf x = ALIGNED ? aload(p + r * rstride + v * VW) : vload(p + r * rstride + v * VW);
         a[r][v] += wa * x;
         b[r][v] += wb * x;
       }
   }
 }
 
-// A layer's kept weights: per output channel (CSR) and, where pairing pays, in channel pairs.
-struct Weights {
-  const Entry* ent;
-  const int32_t* rowptr;
-  const Paired* pairs;  // null: every channel alone
-};
+// sum[r][j] += t[r][u + j] for the NVX * VW columns of a tile.
+template <int NA, int NVX>
+inline void add_shifted(float (&sum)[TR][NVX * VW], vf (&t)[TR][NA], int u) {
+  alignas(64) float tmp[NA * VW];
+#pragma GCC unroll 4
+  for (int r = 0; r < TR; ++r) {
+    for (int v = 0; v < NA; ++v) std::memcpy(tmp + v * VW, &t[r][v], sizeof(vf));
+    for (int v = 0; v < NVX; ++v) {
+      vf acc = aload(&sum[r][v * VW]) + vload(tmp + u + v * VW);
+      std::memcpy(&sum[r][v * VW], &acc, sizeof(vf));
+    }
+  }
+}
+
+template <int NA>
+inline void zero_tile(vf (&t)[TR][NA]) { init_tile<NA>(t, 0.f); }
+
+// Output channel o of one tile, group by group (see Grouped); a: how far xb is past a vector boundary.
+template <int NVX>
+inline void grouped_channel(const float* __restrict xb, const Grouped& gr, int64_t o, int64_t rstride, int a,
+                            float (&sum)[TR][NVX * VW]) {
+  for (size_t g = 0; g < gr.w.size(); ++g) {
+    const Weights& w = gr.w[g];
+    const int64_t k0 = w.rowptr[o], n = w.rowptr[o + 1] - k0;
+    if (n == 0) continue;
+    const int u = (int)((a + gr.shift[g]) % VW);
+    if (u == 0) {
+      vf t[TR][NVX];
+      zero_tile<NVX>(t);
+      accumulate<NVX, true>(t, xb, w.ent + k0, n, rstride);
+      add_shifted<NVX, NVX>(sum, t, 0);
+    } else {
+      vf t[TR][NVX + 1];
+      zero_tile<NVX + 1>(t);
+      accumulate<NVX + 1, true>(t, xb - u, w.ent + k0, n, rstride);
+      add_shifted<NVX + 1, NVX>(sum, t, u);
+    }
+  }
+}
+
+// Output channels o and o + 1 (o even) of one tile, group by group, sharing the loads both keep.
+template <int NVX>
+inline void grouped_pair(const float* __restrict xb, const Grouped& gr, int64_t o, int64_t rstride, int a,
+                         float (&sa)[TR][NVX * VW], float (&sb)[TR][NVX * VW]) {
+  const int64_t p = o / 2;
+  for (size_t g = 0; g < gr.w.size(); ++g) {
+    const Paired& pw = *gr.w[g].pairs;
+    const Entry* s = pw.single.data();
+    const int u = (int)((a + gr.shift[g]) % VW);
+    auto run = [&](auto& ta, auto& tb, const float* base) {
+      constexpr int NA = sizeof(ta[0]) / sizeof(vf);
+      zero_tile<NA>(ta);
+      zero_tile<NA>(tb);
+      accumulate2<NA, true>(ta, tb, base, pw.both.data() + pw.bp[p], pw.bp[p + 1] - pw.bp[p], rstride);
+      accumulate<NA, true>(ta, base, s + pw.sp[2 * p], pw.sp[2 * p + 1] - pw.sp[2 * p], rstride);
+      accumulate<NA, true>(tb, base, s + pw.sp[2 * p + 1], pw.sp[2 * p + 2] - pw.sp[2 * p + 1], rstride);
+      add_shifted<NA, NVX>(sa, ta, u);
+      add_shifted<NA, NVX>(sb, tb, u);
+    };
+    if (u == 0) {
+      vf ta[TR][NVX], tb[TR][NVX];
+      run(ta, tb, xb);
+    } else {
+      vf ta[TR][NVX + 1], tb[TR][NVX + 1];
+      run(ta, tb, xb - u);
+    }
+  }
+}
+
+template <int NVX>
+inline void bias_tile(float (&sum)[TR][NVX * VW], float bias) {
+  for (int r = 0; r < TR; ++r)
+    for (int j = 0; j < NVX * VW; ++j) sum[r][j] = bias;
+}
+
+template <bool RELU, bool RES, int NVX>
+inline void conv_tile(const float* __restrict xb, const Entry* __restrict ent, int64_t nnz, int64_t rstride,
+                      float bias, float* __restrict out, int64_t ostride, const float* __restrict res,
+                      int64_t res_stride, float res_scale, int nrows, int ncols) {
+  vf acc[TR][NVX];
+  init_tile<NVX>(acc, bias);
+  accumulate<NVX>(acc, xb, ent, nnz, rstride);
+  store_tile<RELU, RES, NVX>(acc, out, ostride, res, res_stride, res_scale, nrows, ncols);
+}
 
 // Output channels o and o + 1 (o even) of one tile, sharing the loads of the positions both keep.
 template <bool RELU, bool RES, int NVX>
@@ -229,10 +254,53 @@ inline void pair_tile(const float* __restrict xb, const Paired& pw, int64_t o, i
   store_tile<RELU, RES, NVX>(b, out_b, ostride, res_b, res_stride, res_scale, nrows, ncols);
 }
 
+// The epilogue of a grouped tile: its sum (bias included) through store_tile.
+template <bool RELU, bool RES, int NVX>
+inline void store_sum(const float (&sum)[TR][NVX * VW], float* out, int64_t ostride, const float* res,
+                      int64_t res_stride, float res_scale, int nrows, int ncols) {
+  vf acc[TR][NVX];
+  for (int r = 0; r < TR; ++r)
+    for (int v = 0; v < NVX; ++v) acc[r][v] = aload(&sum[r][v * VW]);
+  store_tile<RELU, RES, NVX>(acc, out, ostride, res, res_stride, res_scale, nrows, ncols);
+}
+
+// One output channel of one tile, or the pair from o (even) when the layer pairs and o + 1 < O:
+// computed and stored (out_at(o), res_at(o) give a channel's output and residual). Returns how
+// many channels it did.
+template <bool RELU, bool RES, int NVX, class Out, class Res>
+inline int channel_tiles(const float* __restrict xb, const Layer& L, int64_t o, int64_t O, int64_t rstride,
+                         const float* bias, Out out_at, int64_t ostride, Res res_at, int64_t res_stride,
+                         float res_scale, int nrows, int ncols) {
+  const bool pair = L.all.pairs && o % 2 == 0 && o + 1 < O;
+  if (L.grouped) {
+    const int mis = (int)(((uintptr_t)xb / sizeof(float)) % VW);
+    alignas(64) float sa[TR][NVX * VW], sb[TR][NVX * VW];
+    bias_tile<NVX>(sa, bias ? bias[o] : 0.f);
+    if (pair) {
+      bias_tile<NVX>(sb, bias ? bias[o + 1] : 0.f);
+      grouped_pair<NVX>(xb, *L.grouped, o, rstride, mis, sa, sb);
+      store_sum<RELU, RES, NVX>(sb, out_at(o + 1), ostride, res_at(o + 1), res_stride, res_scale, nrows, ncols);
+    } else {
+      grouped_channel<NVX>(xb, *L.grouped, o, rstride, mis, sa);
+    }
+    store_sum<RELU, RES, NVX>(sa, out_at(o), ostride, res_at(o), res_stride, res_scale, nrows, ncols);
+    return pair ? 2 : 1;
+  }
+  if (pair) {
+    pair_tile<RELU, RES, NVX>(xb, *L.all.pairs, o, rstride, bias, out_at(o), out_at(o + 1), ostride, res_at(o),
+                              res_at(o + 1), res_stride, res_scale, nrows, ncols);
+    return 2;
+  }
+  const int64_t k0 = L.all.rowptr[o];
+  conv_tile<RELU, RES, NVX>(xb, L.all.ent + k0, L.all.rowptr[o + 1] - k0, rstride, bias ? bias[o] : 0.f, out_at(o),
+                            ostride, res_at(o), res_stride, res_scale, nrows, ncols);
+  return 1;
+}
+
 // Every tile of one work item (image b, output rows y0.., column tiles [ct0, ct1) of width NVX*VW),
 // output channel innermost: a tile's input rows stay in L1/L2 while all output channels use them.
 template <bool RELU, bool RES, int NVX>
-void conv_item(const float* xrow, const Weights& wt, const float* bias, int64_t O, int64_t rstride, float* out_b,
+void conv_item(const float* xrow, const Layer& L, const float* bias, int64_t O, int64_t rstride, float* out_b,
                Strides os, const float* res_b, Strides rs, float res_scale, int64_t Wo, int64_t y0, int nrows,
                int64_t ct0, int64_t ct1) {
   constexpr int TWX = NVX * VW;
@@ -241,17 +309,9 @@ void conv_item(const float* xrow, const Weights& wt, const float* bias, int64_t 
     const int ncols = (int)std::min<int64_t>(TWX, Wo - x0);
     auto out_at = [&](int64_t o) { return out_b + o * os.c + y0 * os.h + x0; };
     auto res_at = [&](int64_t o) { return RES ? res_b + o * rs.c + y0 * rs.h + x0 : nullptr; };
-    for (int64_t o = 0; o < O; ++o) {
-      if (wt.pairs && o % 2 == 0 && o + 1 < O) {
-        pair_tile<RELU, RES, NVX>(xrow + x0, *wt.pairs, o, rstride, bias, out_at(o), out_at(o + 1), os.h, res_at(o),
-                                  res_at(o + 1), rs.h, res_scale, nrows, ncols);
-        ++o;
-        continue;
-      }
-      const int64_t k0 = wt.rowptr[o];
-      conv_tile<RELU, RES, NVX>(xrow + x0, wt.ent + k0, wt.rowptr[o + 1] - k0, rstride, bias ? bias[o] : 0.f,
-                                out_at(o), os.h, res_at(o), rs.h, res_scale, nrows, ncols);
-    }
+    for (int64_t o = 0; o < O;)
+      o += channel_tiles<RELU, RES, NVX>(xrow + x0, L, o, O, rstride, bias, out_at, os.h, res_at, rs.h, res_scale,
+                                         nrows, ncols);
   }
 }
 
@@ -260,7 +320,7 @@ void conv_item(const float* xrow, const Weights& wt, const float* bias, int64_t 
 // buffer and interleaved into HR rows, so PyTorch's separate (slow, strided) shuffle pass and the
 // LR-resolution output never exist.
 template <bool RELU, int NVX>
-void conv_item_shuffle(const float* xrow, const Weights& wt, const float* bias, int64_t O, int64_t rstride,
+void conv_item_shuffle(const float* xrow, const Layer& L, const float* bias, int64_t O, int64_t rstride,
                        float* out_b, Strides os, int R, int64_t Wo, int64_t y0, int nrows, int64_t ct0, int64_t ct1) {
   constexpr int TWX = NVX * VW;
   alignas(64) float tmp[4][TR][TWX];  // R <= 4
@@ -268,18 +328,11 @@ void conv_item_shuffle(const float* xrow, const Weights& wt, const float* bias, 
     const int64_t x0 = ct * TWX;
     const int ncols = (int)std::min<int64_t>(TWX, Wo - x0);
     for (int64_t og = 0; og < O; og += R) {
-      for (int j = 0; j < R; ++j) {
-        const int64_t o = og + j;
-        if (wt.pairs && o % 2 == 0 && j + 1 < R) {
-          pair_tile<RELU, false, NVX>(xrow + x0, *wt.pairs, o, rstride, bias, &tmp[j][0][0], &tmp[j + 1][0][0], TWX,
-                                      nullptr, nullptr, 0, 1.f, nrows, TWX);
-          ++j;
-          continue;
-        }
-        const int64_t k0 = wt.rowptr[o];
-        conv_tile<RELU, false, NVX>(xrow + x0, wt.ent + k0, wt.rowptr[o + 1] - k0, rstride, bias ? bias[o] : 0.f,
-                                    &tmp[j][0][0], TWX, nullptr, 0, 1.f, nrows, TWX);
-      }
+      auto tmp_at = [&](int64_t o) { return &tmp[o - og][0][0]; };
+      auto no_res = [](int64_t) { return static_cast<const float*>(nullptr); };
+      for (int j = 0; j < R;)
+        j += channel_tiles<RELU, false, NVX>(xrow + x0, L, og + j, og + R, rstride, bias, tmp_at, TWX, no_res, 0, 1.f,
+                                             nrows, TWX);
       const int64_t c = og / (R * R), i = (og / R) % R;
       for (int r = 0; r < nrows; ++r) {
         float* __restrict dst = out_b + c * os.c + ((y0 + r) * R + i) * os.h + x0 * R;
@@ -300,35 +353,22 @@ void conv_item_shuffle(const float* xrow, const Weights& wt, const float* bias, 
 }
 
 template <int NVX>
-void conv_item_any(bool relu, bool res, int shuffle, const float* xrow, const Weights& wt, const float* bias,
+void conv_item_any(bool relu, bool res, int shuffle, const float* xrow, const Layer& L, const float* bias,
                    int64_t O, int64_t rstride, float* out_b, Strides os, const float* res_b, Strides rs,
                    float res_scale, int64_t Wo, int64_t y0, int nrows, int64_t ct0, int64_t ct1) {
   if (shuffle > 1) {
     if (relu)
-      conv_item_shuffle<true, NVX>(xrow, wt, bias, O, rstride, out_b, os, shuffle, Wo, y0, nrows, ct0, ct1);
+      conv_item_shuffle<true, NVX>(xrow, L, bias, O, rstride, out_b, os, shuffle, Wo, y0, nrows, ct0, ct1);
     else
-      conv_item_shuffle<false, NVX>(xrow, wt, bias, O, rstride, out_b, os, shuffle, Wo, y0, nrows, ct0, ct1);
+      conv_item_shuffle<false, NVX>(xrow, L, bias, O, rstride, out_b, os, shuffle, Wo, y0, nrows, ct0, ct1);
     return;
   }
-#define NMK_ITEM(R, S) conv_item<R, S, NVX>(xrow, wt, bias, O, rstride, out_b, os, res_b, rs, res_scale, Wo, y0, nrows, ct0, ct1)
+#define NMK_ITEM(R, S) conv_item<R, S, NVX>(xrow, L, bias, O, rstride, out_b, os, res_b, rs, res_scale, Wo, y0, nrows, ct0, ct1)
   if (relu && res) NMK_ITEM(true, true);
   else if (relu) NMK_ITEM(true, false);
   else if (res) NMK_ITEM(false, true);
   else NMK_ITEM(false, false);
 #undef NMK_ITEM
-}
-
-// Pairs pay when two channels share enough positions: at density d a pair shares about d^2 of
-// them. Measured on the 64->64 and 64->256 (+ shuffle) convs at 320x180, 2 threads: 1.08-1.13x at
-// 16:32 and 2:4, 1.05x at 8:32; below 20% density (4:32, 2:32) the shared positions are too few
-// and channels run alone.
-inline bool worth_pairing(int64_t nnz, int64_t O, int64_t C, int64_t KH, int64_t KW) {
-#ifdef NMK_PAIR_MIN
-  const double threshold = NMK_PAIR_MIN;
-#else
-  const double threshold = 0.2;
-#endif
-  return O >= 2 && (double)nnz >= threshold * (double)(O * C * KH * KW);
 }
 
 }  // namespace
@@ -424,7 +464,10 @@ int nmk_conv2d_ex(const int64_t* prm, const float* x, float* workspace, const in
   Paired pairs;
   const bool paired = worth_pairing(nnz, O, C, KH, KW);
   if (paired) pairs = pair_channels(ent.data(), rowptr, O);
-  const Weights wt{ent.data(), rowptr, paired ? &pairs : nullptr};
+  Grouped grouped;
+  const bool group = g.Wq % VW == 0 && worth_grouping(nnz, O, C, KH, KW);
+  if (group) group_by_column(grouped, ent.data(), rowptr, kpos, O, KW, dw, sw, paired);
+  const Layer L{Weights{ent.data(), rowptr, paired ? &pairs : nullptr}, group ? &grouped : nullptr};
 
   // 4. sparse accumulation, parallel over (image, row tile, column chunk). Narrow outputs (small
   // patches) use narrower tiles so no vector lane computes a column that does not exist.
@@ -445,7 +488,7 @@ int nmk_conv2d_ex(const int64_t* prm, const float* x, float* workspace, const in
     const float* xrow = xp + b * g.per_b + y0 * rstride;
     float* out_b = out + b * os.b;
     const float* res_b = residual ? residual + b * rs.b : nullptr;
-#define NMK_RUN(N) conv_item_any<N>(relu, residual != nullptr, R, xrow, wt, bias, O, rstride, out_b, os, res_b, rs, res_scale, g.Wo, y0, nrows, ct0, ct1)
+#define NMK_RUN(N) conv_item_any<N>(relu, residual != nullptr, R, xrow, L, bias, O, rstride, out_b, os, res_b, rs, res_scale, g.Wo, y0, nrows, ct0, ct1)
     if (nvx == 1)
       NMK_RUN(1);
     else if (nvx == 2)
@@ -495,12 +538,15 @@ int nmk_conv2d_tiles(const int64_t* prm, const int64_t* tiles, const int32_t* co
     }
   }
   std::vector<Paired> pairs(nroutes);
-  std::vector<Weights> wts(nroutes, Weights{nullptr, nullptr, nullptr});
+  std::vector<Grouped> grouped(nroutes);
+  std::vector<Layer> wts(nroutes, Layer{Weights{nullptr, nullptr, nullptr}, nullptr});
   for (int r = 0; r < nroutes; ++r) {
     if (rowptrs[r] == nullptr) continue;
     const bool paired = worth_pairing(rowptrs[r][O], O, C, KH, KW);
     if (paired) pairs[r] = pair_channels(ents[r].data(), rowptrs[r], O);
-    wts[r] = Weights{ents[r].data(), rowptrs[r], paired ? &pairs[r] : nullptr};
+    const bool group = Wq % VW == 0 && worth_grouping(rowptrs[r][O], O, C, KH, KW);
+    if (group) group_by_column(grouped[r], ents[r].data(), rowptrs[r], kposs[r], O, KW, 1, 1, paired);
+    wts[r] = Layer{Weights{ents[r].data(), rowptrs[r], paired ? &pairs[r] : nullptr}, group ? &grouped[r] : nullptr};
   }
   // work items: (tile, row tile, column chunk), narrower vector tiles for narrow tiles
   struct Item {

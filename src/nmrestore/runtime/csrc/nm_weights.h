@@ -1,0 +1,134 @@
+// A layer's kept weights as the f32 tiles (nm_kernels.cpp) read them: one entry per kept weight,
+// output channels in pairs, the entries grouped by kernel column for aligned loads, and the
+// densities at which pairs and groups pay.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace nmk {
+
+// One kept weight: its workspace offset relative to the tile's origin, and its value. Interleaved
+// so the weight stream of an output channel is one sequential read.
+struct Entry {
+  int32_t off;
+  float val;
+};
+
+// Output channels in pairs (2p, 2p+1): the input positions both keep (one load, two FMAs each),
+// then those only 2p keeps, then those only 2p+1 keeps. At 50% density two channels share a
+// quarter of their positions, so a pair loads 3/4 of what two single channels load.
+struct Entry2 {
+  int32_t off;
+  float va, vb;
+};
+
+struct Paired {
+  std::vector<Entry2> both;
+  std::vector<Entry> single;
+  std::vector<int64_t> bp;  // pair p: both[bp[p], bp[p+1])
+  std::vector<int64_t> sp;  // pair p: only 2p single[sp[2p], sp[2p+1]), only 2p+1 single[sp[2p+1], sp[2p+2])
+};
+
+inline Paired pair_channels(const Entry* ent, const int32_t* rowptr, int64_t O) {
+  Paired pw;
+  const int64_t P = (O + 1) / 2;
+  pw.bp.assign(P + 1, 0);
+  pw.sp.assign(2 * P + 1, 0);
+  pw.single.reserve(rowptr[O]);
+  std::vector<Entry> a, b;
+  auto by_off = [](const Entry& x, const Entry& y) { return x.off < y.off; };
+  for (int64_t p = 0; p < P; ++p) {
+    const int64_t oa = 2 * p, ob = 2 * p + 1;
+    a.assign(ent + rowptr[oa], ent + rowptr[oa + 1]);
+    if (ob < O) b.assign(ent + rowptr[ob], ent + rowptr[ob + 1]); else b.clear();
+    std::sort(a.begin(), a.end(), by_off);
+    std::sort(b.begin(), b.end(), by_off);
+    std::vector<Entry> only_b;
+    size_t i = 0, j = 0;
+    while (i < a.size() || j < b.size()) {
+      if (j == b.size() || (i < a.size() && a[i].off < b[j].off)) pw.single.push_back(a[i++]);
+      else if (i == a.size() || b[j].off < a[i].off) only_b.push_back(b[j++]);
+      else { pw.both.push_back(Entry2{a[i].off, a[i].val, b[j].val}); ++i; ++j; }
+    }
+    pw.sp[2 * p + 1] = (int64_t)pw.single.size();
+    pw.single.insert(pw.single.end(), only_b.begin(), only_b.end());
+    pw.sp[2 * p + 2] = (int64_t)pw.single.size();
+    pw.bp[p + 1] = (int64_t)pw.both.size();
+  }
+  return pw;
+}
+
+// A layer's kept weights: per output channel (CSR) and, where pairing pays, in channel pairs.
+struct Weights {
+  const Entry* ent;
+  const int32_t* rowptr;
+  const Paired* pairs;  // null: every channel alone
+};
+
+// The same weights split by kernel column kw (group g = kw), for aligned loads. A tile's loads for
+// one kernel column all sit the same distance u (< VW floats) past a vector boundary, so the group
+// loads whole aligned vectors from u floats earlier into NVX + 1 accumulators (NVX when u = 0) and
+// adds them to the tile shifted by u. An unaligned load that straddles two cache lines costs two
+// L1 accesses; at 16:32 this is most loads of the ungrouped tile. Needs rows a whole number of
+// vectors apart (then every input channel and row of a column shares u).
+struct Grouped {
+  std::vector<std::vector<Entry>> ent;       // per group, channel o: ent[g][rowptr[g][o]..rowptr[g][o+1])
+  std::vector<std::vector<int32_t>> rowptr;
+  std::vector<Paired> pairs;                 // per group, when pairing pays
+  std::vector<Weights> w;                    // per group, views of the above
+  std::vector<int64_t> shift;                // per group: the column offset kw * dw / sw of its entries
+};
+
+inline void group_by_column(Grouped& gr, const Entry* ent, const int32_t* rowptr, const int32_t* kpos, int64_t O,
+                            int64_t KW, int64_t dw, int64_t sw, bool paired) {
+  gr.ent.assign(KW, {});
+  gr.rowptr.assign(KW, std::vector<int32_t>(O + 1, 0));
+  gr.pairs.assign(KW, {});
+  gr.w.clear();
+  gr.shift.clear();
+  for (int64_t o = 0; o < O; ++o) {
+    for (int32_t k = rowptr[o]; k < rowptr[o + 1]; ++k) gr.ent[kpos[k] % KW].push_back(ent[k]);
+    for (int64_t g = 0; g < KW; ++g) gr.rowptr[g][o + 1] = (int32_t)gr.ent[g].size();
+  }
+  for (int64_t g = 0; g < KW; ++g) {
+    if (paired) gr.pairs[g] = pair_channels(gr.ent[g].data(), gr.rowptr[g].data(), O);
+    gr.w.push_back(Weights{gr.ent[g].data(), gr.rowptr[g].data(), paired ? &gr.pairs[g] : nullptr});
+    gr.shift.push_back(g * dw / sw);
+  }
+}
+
+// A layer as the tile loops see it: grouped when its rows allow aligned loads, else ungrouped.
+struct Layer {
+  Weights all;
+  const Grouped* grouped;  // null: ungrouped
+};
+
+// Pairs pay when two channels share enough positions: at density d a pair shares about d^2 of
+// them. Measured on the 64->64 and 64->256 (+ shuffle) convs at 320x180, 2 threads: 1.08-1.13x at
+// 16:32 and 2:4, 1.05x at 8:32; below 20% density (4:32, 2:32) the shared positions are too few
+// and channels run alone.
+inline bool worth_pairing(int64_t nnz, int64_t O, int64_t C, int64_t KH, int64_t KW) {
+#ifdef NMK_PAIR_MIN
+  const double threshold = NMK_PAIR_MIN;
+#else
+  const double threshold = 0.2;
+#endif
+  return O >= 2 && (double)nnz >= threshold * (double)(O * C * KH * KW);
+}
+
+// Grouping by kernel column (see Grouped) pays at 20% density and above. Measured on the 64->64
+// and 64->256 (+ shuffle) convs at 320x180, 2 threads, against the ungrouped tiles: 1.17-1.21x at
+// 16:32 and 2:4, 1.13-1.16x at 8:32, 0.96-1.09x at 4:32 and 0.77-0.92x at 2:32, where each group's
+// few weights do not pay for its own accumulators and shifted sum. 2x64 tiles stay best grouped
+// (3x64, 4x32, 3x48, 2x48: 0.87-0.99x at 16:32).
+inline bool worth_grouping(int64_t nnz, int64_t O, int64_t C, int64_t KH, int64_t KW) {
+#ifdef NMK_GROUP_MIN
+  const double threshold = NMK_GROUP_MIN;
+#else
+  const double threshold = 0.2;
+#endif
+  return threshold <= 1.0 && (double)nnz >= threshold * (double)(O * C * KH * KW);
+}
+
+}  // namespace nmk
