@@ -22,7 +22,7 @@ from nmrestore.runtime import (
     sparse_layers,
     use_spatial_routes,
 )
-from nmrestore.runtime.spatial import grid_shape
+from nmrestore.runtime.spatial import grid_shape, merge_runs
 from nmrestore.sparsity import NMConfig, sparsify_, use_route
 from nmrestore.sparsity.parametrization import nm_mask_of
 
@@ -171,3 +171,37 @@ def test_dense_convs_put_the_dense_first_and_last_convs_on_the_kernel_where_time
     assert timed and timed[0].nm == "-" and timed[0].reason == "timed"  # max_density does not skip it
     with pytest.raises(NMRestoreError, match="routes"):  # dense convs are saved; several routes are not
         save_compiled(engine, tmp_path / "x.nmc")
+
+
+def test_side_by_side_tiles_of_a_route_merge_into_whole_blocks_and_a_rest() -> None:
+    tiles = [
+        (0, 0, 32, 32, 1), (0, 32, 32, 32, 1), (0, 64, 32, 32, 1),  # a run of 96 columns
+        (0, 96, 32, 32, 0),  # another route breaks the run
+        (0, 128, 32, 16, 1),  # route 1 again, not touching the run
+        (32, 0, 32, 32, 1), (32, 32, 16, 32, 1),  # another row; another height
+        (64, 0, 8, 32, 2), (64, 32, 8, 32, 2),  # 64 columns: one whole block
+    ]  # fmt: skip
+    assert sorted(merge_runs(tiles, 64)) == sorted([
+        (0, 0, 32, 64, 1), (0, 64, 32, 32, 1),
+        (0, 96, 32, 32, 0),
+        (0, 128, 32, 16, 1),
+        (32, 0, 32, 32, 1), (32, 32, 16, 32, 1),
+        (64, 0, 8, 64, 2),
+    ])  # fmt: skip
+    assert merge_runs([], 64) == []
+
+
+def test_long_runs_of_one_route_on_the_kernel_equal_per_pixel_mixing() -> None:
+    # rows of 30 tiles of 5 pixels, mostly one route: runs of up to 150 columns, merged and cut
+    # into whole kernel blocks and a rest (merge_runs), at LR and at 2x after the upsampler
+    if load_kernel() is None:  # pragma: no cover - only without a compiler
+        pytest.skip("sparse kernel unavailable on this machine")
+    model = _routed(2)
+    engine = compile_sparse(model, EngineConfig(tactic="sparse"))
+    x = torch.rand(1, 3, 10, 150)
+    routes = torch.full((2, 30), 1, dtype=torch.int64)  # 2:4, which runs on the kernel
+    routes[0, 7], routes[1, 20:23] = 0, 2
+    route_map = RouteMap(routes, 5, (10, 150))
+    with torch.no_grad(), use_spatial_routes(engine, route_map):
+        out = engine(x)
+    assert (out - _reference(model, x, route_map)).abs().max() <= TOL

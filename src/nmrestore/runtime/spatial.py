@@ -153,7 +153,7 @@ def run_routed_conv(
     )
     # every tile the kernel runs, whatever its route and shape: one call, one parallel region
     tiles = [(t, s, *g.shape, g.route) for g in groups if in_place.runs(g.route) for t, s in g.positions]
-    in_place.conv(source, tiles, out, residual, scale, post_relu)
+    in_place.conv(source, merge_runs(tiles, kernel.tile[1]), out, residual, scale, post_relu)
     for group in groups:
         if in_place.runs(group.route):
             continue
@@ -167,6 +167,34 @@ def run_routed_conv(
     return out
 
 
+Tile = tuple[int, int, int, int, int]  # (top, left, height, width, route)
+
+
+def merge_runs(tiles: list[Tile], width: int) -> list[Tile]:
+    """Tiles of one route and height that touch side by side, as fewer, wider tiles.
+
+    Why: the kernel computes a tile in ``width``-column blocks, and a narrow tile runs narrower,
+    slower blocks (and a whole vector per kernel column for its own alignment). A run of tiles is cut
+    into one tile of whole blocks and a rest; every output pixel still gets exactly the same sums.
+    """
+    merged: list[Tile] = []
+    for top, left, h, w, route in sorted(tiles, key=lambda t: (t[4], t[0], t[2], t[1])):
+        if merged:
+            mt, ml, mh, mw, mr = merged[-1]
+            if (mr, mt, mh) == (route, top, h) and ml + mw == left:
+                merged[-1] = (mt, ml, mh, mw + w, mr)
+                continue
+        merged.append((top, left, h, w, route))
+    out: list[Tile] = []
+    for top, left, h, w, route in merged:
+        whole = w // width * width
+        if whole and whole < w:
+            out += [(top, left, h, whole, route), (top, left + whole, h, w - whole, route)]
+        else:
+            out.append((top, left, h, w, route))
+    return out
+
+
 @dataclass(frozen=True)
 class InPlaceConv:
     """What :func:`run_routed_conv` needs to run some routes of a conv in place on the kernel."""
@@ -175,7 +203,7 @@ class InPlaceConv:
     out_channels: int  # before a fused shuffle
     reads: Callable[[Tensor], bool]  # whether the conv reads this map in place (a hand-off view)
     # (source, tiles as (top, left, height, width, route), out, residual, scale, post_relu)
-    conv: Callable[[Tensor, list[tuple[int, int, int, int, int]], Tensor, Tensor | None, float, bool], None]
+    conv: Callable[[Tensor, list[Tile], Tensor, Tensor | None, float, bool], None]
 
     def runs(self, route: int) -> bool:
         return route in self.routes
