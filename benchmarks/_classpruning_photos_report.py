@@ -323,10 +323,11 @@ def render_markdown(payload: dict[str, Any]) -> tuple[str, str]:
                             "dense s": f"{r['dense_s']:.3f}",
                             "infer --sparse-engine s": f"{r['infer_s']:.3f}",
                             "x dense": f"{r['ratio']:.3f}",
+                            "note": r.get("note") or "",
                         }
                         for r in [*earlier, latest]
                     ],
-                    ["measured", "kernel", "kernel code", "dense s", "infer --sparse-engine s", "x dense"],
+                    ["measured", "kernel", "kernel code", "dense s", "infer --sparse-engine s", "x dense", "note"],
                 ),
                 "",
             ]
