@@ -119,9 +119,10 @@ inline bool worth_pairing(int64_t nnz, int64_t O, int64_t C, int64_t KH, int64_t
 
 // Grouping by kernel column (see Grouped) pays at 20% density and above. Measured on the 64->64
 // and 64->256 (+ shuffle) convs at 320x180, 2 threads, against the ungrouped tiles: 1.17-1.21x at
-// 16:32 and 2:4, 1.13-1.16x at 8:32, 0.96-1.09x at 4:32 and 0.77-0.92x at 2:32, where each group's
-// few weights do not pay for its own accumulators and shifted sum. 2x64 tiles stay best grouped
-// (3x64, 4x32, 3x48, 2x48: 0.87-0.99x at 16:32).
+// 16:32 and 2:4, 1.13-1.16x at 8:32, 0.96-1.09x at 4:32 and 0.77-0.92x at 2:32. Below 20% the
+// cost is not the groups' own accumulators and shifted sums: keeping all three groups' sums in
+// registers at once and shifting them into place in one pass gave the same 0.90-1.11x at 4:32 and
+// 0.81-0.95x at 2:32. 2x64 tiles stay best grouped (3x64, 4x32, 3x48, 2x48: 0.87-0.99x at 16:32).
 inline bool worth_grouping(int64_t nnz, int64_t O, int64_t C, int64_t KH, int64_t KW) {
 #ifdef NMK_GROUP_MIN
   const double threshold = NMK_GROUP_MIN;
