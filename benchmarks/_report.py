@@ -10,6 +10,7 @@ so scripts run at different times never clobber each other's figures.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import json
 import os
@@ -143,3 +144,29 @@ def publish(key: str, render: Renderer | None = None, doc: Path = DOC) -> None:
     )
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text(text)
+
+
+def section_main(
+    section: str,
+    render: Renderer,
+    measure: Callable[[argparse.Namespace], dict[str, Any]],
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None = None,
+) -> int:
+    """The ``main`` of a one-section benchmark: ``parser`` (its own options) gains ``--render`` (redraw
+    the section from its JSON, measure nothing) and ``--no-write`` (print, leave docs/ alone); otherwise
+    ``measure(args)`` runs, its data is saved with the command, date and machine, and the section is
+    printed and published."""
+    parser.add_argument("--render", action="store_true", help="only redraw the section from its JSON")
+    parser.add_argument("--no-write", action="store_true", help="print the section, leave docs/ alone")
+    args = parser.parse_args(argv)
+    if args.render:
+        publish(section, render)
+        return 0
+    data = measure(args)
+    payload = in_memory(data) if args.no_write else save_results(section, data)
+    title, body = render(section, payload)
+    print(f"## {title}\n\n{body}")
+    if not args.no_write:
+        publish(section, render)
+    return 0

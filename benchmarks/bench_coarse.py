@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _coarse import coarse_weight, run_coarse  # noqa: E402
-from _report import in_memory, markdown_table, publish, save_results  # noqa: E402
+from _report import markdown_table, section_main  # noqa: E402
 from bench_photos import study_config  # noqa: E402
 from nmrestore.bench.config import dense_recipe, ensure_dense, test_source  # noqa: E402
 from nmrestore.bench.context import BenchContext, per_image_columns  # noqa: E402
@@ -222,19 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds of the speed rows")
     parser.add_argument("--no-speed", action="store_true", help="PSNR only")
-    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
-    parser.add_argument("--render", action="store_true", help="only redraw the section from its JSON")
-    args = parser.parse_args(argv)
-    if args.render:
-        publish(SECTION, render)
-        return 0
-    data = measure(args)
-    payload = in_memory(data) if args.no_write else save_results(SECTION, data)
-    title, body = render(SECTION, payload)
-    print(f"## {title}\n\n{body}")
-    if not args.no_write:
-        publish(SECTION, render)
-    return 0
+    return section_main(SECTION, render, measure, parser, argv)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _report import in_memory, markdown_table, publish, save_results  # noqa: E402
+from _report import markdown_table, section_main  # noqa: E402
 from nmrestore.runtime import csr_from_dense, kernel_status, load_kernel  # noqa: E402
 from nmrestore.runtime.timing import interleaved  # noqa: E402
 from nmrestore.sparsity import nm  # noqa: E402
@@ -194,18 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--render", action="store_true", help="only redraw the section from its JSON")
-    parser.add_argument("--no-write", action="store_true", help="print the section, leave docs/ alone")
-    args = parser.parse_args(argv)
-    if args.render:
-        publish(SECTION, render)
-        return 0
-    data = measure(args.rounds, args.threads)
-    payload = in_memory(data) if args.no_write else save_results(SECTION, data)
-    print(render(SECTION, payload)[1])
-    if not args.no_write:
-        publish(SECTION, render)
-    return 0
+    return section_main(SECTION, render, lambda args: measure(args.rounds, args.threads), parser, argv)
 
 
 if __name__ == "__main__":

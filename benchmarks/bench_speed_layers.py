@@ -32,7 +32,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _report import in_memory, markdown_table, publish, save_results  # noqa: E402
+from _report import markdown_table, section_main  # noqa: E402
 from bench_speed import _uniform  # noqa: E402
 from nmrestore.export.peers import available_peers, open_peers  # noqa: E402
 from nmrestore.runtime import EngineConfig, compile_sparse, engine_state  # noqa: E402
@@ -210,20 +210,9 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds per layer")
+    parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--render", action="store_true", help="only redraw the section from its JSON")
-    parser.add_argument("--no-write", action="store_true", help="print the section, leave docs/ alone")
-    args = parser.parse_args(argv)
-    if args.render:
-        publish(SECTION, render)
-        return 0
-    data = measure(args.rounds, args.threads)
-    payload = in_memory(data) if args.no_write else save_results(SECTION, data)
-    print(render(SECTION, payload)[1])
-    if not args.no_write:
-        publish(SECTION, render)
-    return 0
+    return section_main(SECTION, render, lambda args: measure(args.rounds, args.threads), parser, argv)
 
 
 if __name__ == "__main__":

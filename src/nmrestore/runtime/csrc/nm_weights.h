@@ -104,32 +104,40 @@ struct Layer {
   const Grouped* grouped;  // null: ungrouped
 };
 
-// Pairs pay when two channels share enough positions: at density d a pair shares about d^2 of
-// them. Measured on the 64->64 and 64->256 (+ shuffle) convs at 320x180, 2 threads: 1.08-1.13x at
-// 16:32 and 2:4, 1.05x at 8:32; below 20% density (4:32, 2:32) the shared positions are too few
-// and channels run alone.
-inline bool worth_pairing(int64_t nnz, int64_t O, int64_t C, int64_t KH, int64_t KW) {
+// The densities at which pairs and kernel-column groups start to pay (NMK_PAIR_MIN / NMK_GROUP_MIN
+// override them, for experiments).
+//
+// Pairs: at density d two channels share about d^2 of their positions. Measured on the 64->64 and
+// 64->256 (+ shuffle) convs at 320x180, 2 threads: 1.08-1.13x at 16:32 and 2:4, 1.05x at 8:32;
+// below 20% density (4:32, 2:32) the shared positions are too few and channels run alone.
+//
+// Groups (see Grouped), against the ungrouped tiles on the same convs: 1.17-1.21x at 16:32 and 2:4,
+// 1.13-1.16x at 8:32, 0.96-1.09x at 4:32 and 0.77-0.92x at 2:32. Below 20% the cost is not the
+// groups' own accumulators and shifted sums: keeping all three groups' sums in registers at once
+// and shifting them into place in one pass gave the same 0.90-1.11x at 4:32 and 0.81-0.95x at
+// 2:32. 2x64 tiles stay best grouped (3x64, 4x32, 3x48, 2x48: 0.87-0.99x at 16:32).
 #ifdef NMK_PAIR_MIN
-  const double threshold = NMK_PAIR_MIN;
+constexpr double PAIR_MIN_DENSITY = NMK_PAIR_MIN;
 #else
-  const double threshold = 0.2;
+constexpr double PAIR_MIN_DENSITY = 0.2;
 #endif
-  return O >= 2 && (double)nnz >= threshold * (double)(O * C * KH * KW);
+#ifdef NMK_GROUP_MIN
+constexpr double GROUP_MIN_DENSITY = NMK_GROUP_MIN;
+#else
+constexpr double GROUP_MIN_DENSITY = 0.2;
+#endif
+
+// Whether nnz kept weights of an O x C x KH x KW conv are at least that dense.
+inline bool dense_enough(int64_t nnz, int64_t O, int64_t C, int64_t KH, int64_t KW, double density) {
+  return (double)nnz >= density * (double)(O * C * KH * KW);
 }
 
-// Grouping by kernel column (see Grouped) pays at 20% density and above. Measured on the 64->64
-// and 64->256 (+ shuffle) convs at 320x180, 2 threads, against the ungrouped tiles: 1.17-1.21x at
-// 16:32 and 2:4, 1.13-1.16x at 8:32, 0.96-1.09x at 4:32 and 0.77-0.92x at 2:32. Below 20% the
-// cost is not the groups' own accumulators and shifted sums: keeping all three groups' sums in
-// registers at once and shifting them into place in one pass gave the same 0.90-1.11x at 4:32 and
-// 0.81-0.95x at 2:32. 2x64 tiles stay best grouped (3x64, 4x32, 3x48, 2x48: 0.87-0.99x at 16:32).
+inline bool worth_pairing(int64_t nnz, int64_t O, int64_t C, int64_t KH, int64_t KW) {
+  return O >= 2 && dense_enough(nnz, O, C, KH, KW, PAIR_MIN_DENSITY);
+}
+
 inline bool worth_grouping(int64_t nnz, int64_t O, int64_t C, int64_t KH, int64_t KW) {
-#ifdef NMK_GROUP_MIN
-  const double threshold = NMK_GROUP_MIN;
-#else
-  const double threshold = 0.2;
-#endif
-  return threshold <= 1.0 && (double)nnz >= threshold * (double)(O * C * KH * KW);
+  return dense_enough(nnz, O, C, KH, KW, GROUP_MIN_DENSITY);
 }
 
 }  // namespace nmk
