@@ -88,9 +88,16 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
         )
     route_layers = ", ".join(f"route {route}: {choices}" for route, choices in cp["route_layers"].items())
     h, w = payload["size"]
+    settle = payload.get("settle_s")
+    settle_text = (
+        f" (with the runtimes: {1e3 * settle:.0f} ms untimed pause before every call, because ONNX Runtime's "
+        "threads spin after a run and slow whatever runs next)"
+        if settle
+        else ""
+    )
     body = f"""
 Input {w}x{h} LR, {payload["threads"]} threads, {payload["warmup"]} warm-up forwards then {payload["repeats"]} interleaved rounds per model
-in one process; speed-up = median of the per-round dense/sparse ratios, ms = medians;
+in one process{settle_text}; speed-up = median of the per-round dense/sparse ratios, ms = medians;
 {payload["kernel"]}. Wall time of the whole benchmark: {payload["wall_s"]:.0f} s.
 The dense reference is PyTorch's own CPU conv (oneDNN) on the squashed model; "layers on kernel" counts
 the layer/route/shape choices that went to the sparse kernel (the rest stayed dense because dense timed

@@ -87,7 +87,7 @@ from nmrestore.runtime.speed import (  # noqa: E402
     profile_modules,
     torch_threads,
 )
-from nmrestore.runtime.timing import interleaved, paired_median  # noqa: E402
+from nmrestore.runtime.timing import PEER_SETTLE_S, interleaved, paired_median  # noqa: E402
 from nmrestore.sparsity import NMConfig, nm_layers, sparsify_, squash_  # noqa: E402
 
 SECTION = "speed"
@@ -545,6 +545,7 @@ def main() -> None:
         "threads": threads,
         "warmup": WARMUP,
         "repeats": args.repeats,
+        "settle_s": PEER_SETTLE_S if peer_table_rows else 0.0,
         "kernel": status.summary(),
         "wall_s": wall,
         "rows": rows,

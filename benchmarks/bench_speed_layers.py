@@ -38,7 +38,7 @@ from nmrestore.export.peers import available_peers, open_peers  # noqa: E402
 from nmrestore.runtime import EngineConfig, compile_sparse, engine_state  # noqa: E402
 from nmrestore.runtime.engine import bf16_allowed  # noqa: E402
 from nmrestore.runtime.layers import SparseConv2d  # noqa: E402
-from nmrestore.runtime.timing import interleaved  # noqa: E402
+from nmrestore.runtime.timing import PEER_SETTLE_S, interleaved  # noqa: E402
 
 SECTION = "speed_layers"
 TITLE = "Speed layer by layer: the engine's conv against the same conv on the deployment runtimes"
@@ -121,7 +121,7 @@ def measure(rounds: int, threads: int) -> dict[str, Any]:
             with open_peers(ref, peer_names, threads, tuple(xin.shape)) as peers:  # on this conv's own ONNX
                 runs.update({f"{p.name} ({p.precision})": (lambda p=p, xin=xin: p.run(xin)) for p in peers})
                 diffs = {key: float((run().float() - expected).abs().max()) for key, run in runs.items()}
-                timings = interleaved(runs, rounds, warmup=1)
+                timings = interleaved(runs, rounds, warmup=1, settle_s=PEER_SETTLE_S if peers else 0.0)
             rows.append(
                 {
                     "layer": name,
@@ -137,7 +137,14 @@ def measure(rounds: int, threads: int) -> dict[str, Any]:
                     "max_abs_diff": diffs,
                 }
             )
-    return {"threads": threads, "rounds": rounds, "model": "edsr_baseline x2, 4:32", "lr": [180, 320], "rows": rows}
+    return {
+        "threads": threads,
+        "rounds": rounds,
+        "settle_s": PEER_SETTLE_S if peer_names else 0.0,
+        "model": "edsr_baseline x2, 4:32",
+        "lr": [180, 320],
+        "rows": rows,
+    }
 
 
 def _fastest_peer(row: dict[str, Any], precision: str) -> str | None:
@@ -188,7 +195,14 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
     lines = [
         f"{payload['model']}, input {payload['lr'][1]}x{payload['lr'][0]} LR, {payload['threads']} threads; each conv "
         f"alone on the input it sees in a forward (plain NCHW f32), {payload['rounds']} interleaved rounds after a "
-        "warm-up, medians. The engines run the tactic they chose in a first forward over the whole model; the "
+        "warm-up, medians"
+        + (
+            f" ({1e3 * payload['settle_s']:.0f} ms untimed pause before every call: ONNX Runtime's threads spin "
+            "after a run and slow whatever runs next)."
+            if payload.get("settle_s")
+            else "."
+        )
+        + " The engines run the tactic they chose in a first forward over the whole model; the "
         "runtimes run the same conv (with its fused ReLU / pixel shuffle) from its own ONNX export.",
         "",
         markdown_table(table, ["layer", "input", *[f"{c} ms" for c in columns], "engine tactics (f32 / bf16)",

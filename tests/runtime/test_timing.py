@@ -22,3 +22,21 @@ def test_speedup_is_the_median_of_paired_ratios() -> None:
     assert timings.ratio("sparse", "dense") == pytest.approx(0.4)
     assert timings.median("dense") == 4.0
     assert paired_median([], []) != paired_median([], [])  # NaN without any round
+
+
+def test_settle_pauses_before_every_call_outside_the_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    # a contender's spinning threads (ONNX Runtime's pool) must not steal the next one's cores: the
+    # pause comes before each call, warm-up included, and is not part of any sample
+    events: list[str] = []
+    clock = iter(range(100))
+    monkeypatch.setattr("nmrestore.runtime.timing.time.sleep", lambda s: events.append(f"sleep {s}"))
+    monkeypatch.setattr("nmrestore.runtime.timing.time.perf_counter", lambda: float(next(clock)))
+    runs = {k: (lambda k=k: events.append(k)) for k in "ab"}
+    timings = interleaved(runs, rounds=2, warmup=1, settle_s=0.05)
+    assert events == ["sleep 0.05", "a", "sleep 0.05", "b"] * 1 + ["sleep 0.05", "b", "sleep 0.05", "a"] + [
+        "sleep 0.05", "a", "sleep 0.05", "b"
+    ]
+    assert timings.samples == {"a": [1.0, 1.0], "b": [1.0, 1.0]}  # each sample: one clock tick, no pause
+    events.clear()
+    interleaved(runs, rounds=1, warmup=0)
+    assert events == ["a", "b"]  # no pause unless asked

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from nmrestore.runtime.cpu_features import cpu_features, describe_features
 from nmrestore.runtime.engine import EngineConfig, compile_sparse, engine_state, format_decisions
 from nmrestore.runtime.layers import LayerDecision
-from nmrestore.runtime.timing import interleaved, paired_median
+from nmrestore.runtime.timing import PEER_SETTLE_S, interleaved, paired_median
 from nmrestore.sparsity.api import squash_
 from nmrestore.sparsity.parametrization import use_route
 
@@ -216,7 +216,7 @@ def measure_speed(
             runs: dict[str, Callable[[], object]] = {"dense": lambda: dense(x), "sparse": lambda: sparse(x)}
             for peer in peers:
                 runs[peer.name] = functools.partial(peer.run, x)
-            timings = interleaved(runs, repeats, warmup=0)
+            timings = interleaved(runs, repeats, warmup=0, settle_s=PEER_SETTLE_S if peers else 0.0)
         used = torch.get_num_threads()
     state = engine_state(sparse)
     assert state is not None

@@ -44,22 +44,33 @@ def paired_median(numerators: list[float], denominators: list[float]) -> float:
     return statistics.median(ratios) if ratios else float("nan")
 
 
+#: Pause before each timed call when other runtimes take part (``settle_s``). ONNX Runtime's thread
+#: pool spins for more than 10 ms after a run: a conv timed right after it took 1.7-2x its time here
+#: (16.4 ms against 8.1 ms with spinning off); after a 50 ms pause it takes its own time.
+PEER_SETTLE_S = 0.05
+
+
 def interleaved(
     runs: Mapping[str, Callable[[], object]],
     rounds: int,
     warmup: int = 1,
     sync: Callable[[], None] | None = None,
+    settle_s: float = 0.0,
 ) -> Timings:
     """Time every callable of ``runs`` once per round for ``warmup + rounds`` rounds, order rotating.
 
     ``sync`` (e.g. ``torch.cuda.synchronize``) is called before the clock starts and before it
-    stops, so asynchronous devices are timed to completion.
+    stops, so asynchronous devices are timed to completion. ``settle_s``: seconds to sleep (untimed)
+    before every call, so threads a contender leaves spinning do not steal the next one's cores
+    (see :data:`PEER_SETTLE_S`).
     """
     keys = list(runs)
     samples: dict[str, list[float]] = {key: [] for key in keys}
     for r in range(warmup + rounds):
         shift = r % len(keys)
         for key in keys[shift:] + keys[:shift]:
+            if settle_s > 0:
+                time.sleep(settle_s)
             if sync is not None:
                 sync()
             started = time.perf_counter()
