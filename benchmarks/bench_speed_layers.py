@@ -198,7 +198,8 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
         "warm-up, medians"
         + (
             f" ({1e3 * payload['settle_s']:.0f} ms untimed pause before every call: ONNX Runtime's threads spin "
-            "after a run and slow whatever runs next)."
+            "after a run and slow whatever runs next; a call after the pause also wakes its threads, which "
+            "weighs on the shortest layers)."
             if payload.get("settle_s")
             else "."
         )
