@@ -24,9 +24,9 @@
 // What is kept, at 20% density and above (nm_weights.h): output channels run in pairs that load the
 // input positions both keep once (see Paired), and a tile runs its weights kernel column by kernel
 // column with aligned loads only, shifting each column's sum into place once (see Grouped): that
-// removes the cache-line-straddling loads without copying the input. Tried after it: pairs matched by largest overlap instead
-// of neighbours (trained 16:32 masks share 27% of positions against 25%: not worth it); channels in
-// threes on dense convs (0.89-1.02x on the 64->3 last conv, which is bound by memory, not loads);
+// removes the cache-line-straddling loads without copying the input. Tried after the pairs: pairs
+// matched by largest overlap instead of neighbours (trained 16:32 masks share 27% of positions
+// against 25%: not worth it); channels in threes on dense convs (0.89-1.02x on the 64->3 last conv, which is bound by memory, not loads);
 // work items walking down 4-16 row tiles so shared input rows stay in L2 (1.10-1.17x on the 64->3
 // last conv, which is under 3% of a forward; 0.95-1.05x, noise, on the 64->64 and 64->256 convs, and
 // too few items for two threads on small inputs); software prefetch of the entries 4-16 ahead (none).
