@@ -271,7 +271,7 @@ template <bool RELU, bool RES, int NVX, class Out, class Res>
 inline int channel_tiles(const float* __restrict xb, const Layer& L, int64_t o, int64_t O, int64_t rstride,
                          const float* bias, Out out_at, int64_t ostride, Res res_at, int64_t res_stride,
                          float res_scale, int nrows, int ncols) {
-  const bool pair = L.all.pairs && o % 2 == 0 && o + 1 < O;
+  const bool pair = L.paired && o % 2 == 0 && o + 1 < O;
   if (L.grouped) {
     const int mis = (int)(((uintptr_t)xb / sizeof(float)) % VW);
     alignas(64) float sa[TR][NVX * VW], sb[TR][NVX * VW];
@@ -462,12 +462,8 @@ int nmk_conv2d_ex(const int64_t* prm, const float* x, float* workspace, const in
   }
 
   Paired pairs;
-  const bool paired = worth_pairing(nnz, O, C, KH, KW);
-  if (paired) pairs = pair_channels(ent.data(), rowptr, O);
   Grouped grouped;
-  const bool group = g.Wq % VW == 0 && worth_grouping(nnz, O, C, KH, KW);
-  if (group) group_by_column(grouped, ent.data(), rowptr, kpos, O, KW, dw, sw, paired);
-  const Layer L{Weights{ent.data(), rowptr, paired ? &pairs : nullptr}, group ? &grouped : nullptr};
+  const Layer L = layer_weights(ent.data(), rowptr, kpos, O, C, KH, KW, dw, sw, g.Wq % VW == 0, pairs, grouped);
 
   // 4. sparse accumulation, parallel over (image, row tile, column chunk). Narrow outputs (small
   // patches) use narrower tiles so no vector lane computes a column that does not exist.
@@ -539,15 +535,11 @@ int nmk_conv2d_tiles(const int64_t* prm, const int64_t* tiles, const int32_t* co
   }
   std::vector<Paired> pairs(nroutes);
   std::vector<Grouped> grouped(nroutes);
-  std::vector<Layer> wts(nroutes, Layer{Weights{nullptr, nullptr, nullptr}, nullptr});
-  for (int r = 0; r < nroutes; ++r) {
-    if (rowptrs[r] == nullptr) continue;
-    const bool paired = worth_pairing(rowptrs[r][O], O, C, KH, KW);
-    if (paired) pairs[r] = pair_channels(ents[r].data(), rowptrs[r], O);
-    const bool group = Wq % VW == 0 && worth_grouping(rowptrs[r][O], O, C, KH, KW);
-    if (group) group_by_column(grouped[r], ents[r].data(), rowptrs[r], kposs[r], O, KW, 1, 1, paired);
-    wts[r] = Layer{Weights{ents[r].data(), rowptrs[r], paired ? &pairs[r] : nullptr}, group ? &grouped[r] : nullptr};
-  }
+  std::vector<Layer> wts(nroutes, Layer{Weights{nullptr, nullptr, nullptr}, nullptr, false});
+  for (int r = 0; r < nroutes; ++r)
+    if (rowptrs[r] != nullptr)
+      wts[r] = layer_weights(ents[r].data(), rowptrs[r], kposs[r], O, C, KH, KW, 1, 1, Wq % VW == 0, pairs[r],
+                             grouped[r]);
   // work items: (tile, row tile, column chunk), narrower vector tiles for narrow tiles
   struct Item {
     int64_t tile, y0, ct0, ct1;

@@ -102,6 +102,7 @@ inline void group_by_column(Grouped& gr, const Entry* ent, const int32_t* rowptr
 struct Layer {
   Weights all;
   const Grouped* grouped;  // null: ungrouped
+  bool paired;             // channels in pairs (all.pairs, or each group's pairs)
 };
 
 // The densities at which pairs and kernel-column groups start to pay (NMK_PAIR_MIN / NMK_GROUP_MIN
@@ -138,6 +139,22 @@ inline bool worth_pairing(int64_t nnz, int64_t O, int64_t C, int64_t KH, int64_t
 
 inline bool worth_grouping(int64_t nnz, int64_t O, int64_t C, int64_t KH, int64_t KW) {
   return dense_enough(nnz, O, C, KH, KW, GROUP_MIN_DENSITY);
+}
+
+// A layer's weights as the tiles read them, built once per call into ``pairs`` / ``grouped``
+// (which must outlive the Layer): grouped by kernel column when that pays and rows are a whole
+// number of vectors apart (aligned_rows), else whole; in pairs, in either case, when pairing pays.
+inline Layer layer_weights(const Entry* ent, const int32_t* rowptr, const int32_t* kpos, int64_t O, int64_t C,
+                           int64_t KH, int64_t KW, int64_t dw, int64_t sw, bool aligned_rows, Paired& pairs,
+                           Grouped& grouped) {
+  const int64_t nnz = rowptr[O];
+  const bool paired = worth_pairing(nnz, O, C, KH, KW);
+  const bool group = aligned_rows && worth_grouping(nnz, O, C, KH, KW);
+  if (group)
+    group_by_column(grouped, ent, rowptr, kpos, O, KW, dw, sw, paired);
+  else if (paired)
+    pairs = pair_channels(ent, rowptr, O);
+  return Layer{Weights{ent, rowptr, paired && !group ? &pairs : nullptr}, group ? &grouped : nullptr, paired};
 }
 
 }  // namespace nmk
