@@ -82,6 +82,28 @@ def test_kernel_column_groups_match_pytorch(k: int, dilation: int, stride: int, 
     assert torch.allclose(out, ref, rtol=1e-5, atol=TOL)
 
 
+@pytest.mark.parametrize("width", [40, 70, 130])
+@pytest.mark.parametrize(("shuffle", "border"), [(1, 0), (2, 0), (2, 1)])
+def test_widening_sparse_conv_matches_pytorch(width: int, shuffle: int, border: int) -> None:
+    # an ungrouped layer with O >= 4 C (an upsampler's conv) runs 2x32 tiles where others run 2x64:
+    # whole 32-column tiles, a narrower rest, and column chunks of several tiles, read from the
+    # kernel's padded copy or in place from a hand-off view
+    x = torch.randn(1, 32, 7, width)
+    w0 = nm_weight((32, 32, 3, 3), 16, 32, seed=3, scale=0.2)
+    h = sparse_conv(w0, x, out_pad=(border, border)) if border else x
+    ref_h = F.conv2d(x, w0, padding=1) if border else x
+    w = nm_weight((128, 32, 3, 3), 2, 32, seed=width)
+    b = torch.randn(128)
+    csr = csr_from_dense(w)
+    out = kernel().conv2d(
+        h, csr.rowptr, csr.cin, csr.kpos, csr.values, b, 128, (3, 3), (1, 1), (1, 1), (1, 1), shuffle=shuffle
+    )
+    ref = F.conv2d(ref_h, w, b, padding=1)
+    ref = F.pixel_shuffle(ref, shuffle) if shuffle > 1 else ref
+    assert out.shape == ref.shape
+    assert torch.allclose(out, ref, rtol=1e-5, atol=TOL)
+
+
 def test_conv_fused_relu_dilation_and_groups() -> None:
     w = nm_weight((8, 8, 3, 3), 2, 4)
     x = torch.randn(1, 8, 12, 10)

@@ -371,6 +371,19 @@ void conv_item_any(bool relu, bool res, int shuffle, const float* xrow, const La
 #undef NMK_ITEM
 }
 
+// Vectors per tile row for an output Wo columns wide. Narrow outputs (small patches) use narrower
+// tiles so no vector lane computes a column that does not exist. A sparse layer that widens its
+// channels (O >= 4 C, an upsampler's 64->256 conv) runs 2x32 tiles when ungrouped: their input
+// window (C channels x 4 rows x 34 columns, 35 KB at C = 64) stays in L1 while its many output
+// channels read it, where the 2x64 one (67 KB) does not. EDSR x2 64->256 + shuffle, 320x180, 2
+// threads: 1.26-1.28x at 2:32 and 4:32, 1.00x at 8:32 (grouped); the 64->64 body convs, with only
+// 64 channels per window, lose 12-15% with 2x32 tiles, so they keep 2x64.
+inline int tile_vectors(int64_t Wo, const Layer& L, int64_t O, int64_t C) {
+  if (Wo <= VW) return 1;
+  if (Wo <= 2 * VW || NV == 2) return 2;
+  return (!L.grouped && O >= 4 * C && NV > 2) ? 2 : NV;
+}
+
 }  // namespace
 
 extern "C" {
@@ -465,9 +478,8 @@ int nmk_conv2d_ex(const int64_t* prm, const float* x, float* workspace, const in
   Grouped grouped;
   const Layer L = layer_weights(ent.data(), rowptr, kpos, O, C, KH, KW, dw, sw, g.Wq % VW == 0, pairs, grouped);
 
-  // 4. sparse accumulation, parallel over (image, row tile, column chunk). Narrow outputs (small
-  // patches) use narrower tiles so no vector lane computes a column that does not exist.
-  const int nvx = g.Wo <= VW ? 1 : (g.Wo <= 2 * VW || NV == 2 ? 2 : NV);
+  // 4. sparse accumulation, parallel over (image, row tile, column chunk).
+  const int nvx = tile_vectors(g.Wo, L, O, C);
   const int64_t twx = nvx * VW;
   const int64_t ctiles = (g.Wo + twx - 1) / twx;
   const int64_t per_chunk = std::max<int64_t>(1, 256 / twx);
@@ -550,7 +562,7 @@ int nmk_conv2d_tiles(const int64_t* prm, const int64_t* tiles, const int32_t* co
     const int64_t* d = tiles + 6 * t;
     const int64_t h = d[3], w = d[4], route = d[5];
     if (h <= 0 || w <= 0 || route < 0 || route >= nroutes || rowptrs[route] == nullptr) return -1;
-    const int nvx = w <= VW ? 1 : (w <= 2 * VW || NV == 2 ? 2 : NV);
+    const int nvx = tile_vectors(w, wts[route], O, C);
     const int64_t twx = nvx * VW, ctiles = (w + twx - 1) / twx, per_chunk = std::max<int64_t>(1, 256 / twx);
     for (int64_t y0 = 0; y0 < h; y0 += TR)
       for (int64_t ct0 = 0; ct0 < ctiles; ct0 += per_chunk)
