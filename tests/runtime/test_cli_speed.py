@@ -130,3 +130,21 @@ def test_speed_eval_and_infer_with_a_checkpoint(checkpoint: Path, tmp_path: Path
         outs[bool(flag)] = np.asarray(Image.open(out / "lr.png")).astype(int)
     assert outs[True].shape == (20, 28, 3)
     assert np.abs(outs[True] - outs[False]).max() <= 1  # equal up to rounding to 8 bits
+
+
+def test_speed_with_the_dense_runtime_reports_its_choice() -> None:
+    pytest.importorskip("openvino")
+    args = ["speed", "edsr_small", "--sparsity", "2:4", "--input", "16x12", "--threads", "1", "--repeats", "1"]
+    result = runner.invoke(app, [*args, "--dense-runtime", "openvino", "--json"])
+    assert result.exit_code == 0, result.output
+    [choice] = json.loads(result.output)["dense_runtime"]
+    assert choice["input_shape"] == [1, 3, 12, 16] and choice["runtime"] == "openvino f32"
+    assert choice["max_abs_diff"] <= 1e-3 and choice["reason"] in ("faster", "the engine was as fast or faster")
+    table = runner.invoke(app, [*args, "--dense-runtime", "openvino"])
+    assert table.exit_code == 0 and "dense runtime for 1x3x12x16: openvino f32 (f32)" in table.output
+    for extra, message in (
+        (["--dense-runtime", "tensorrt"], "must be none or openvino"),
+        (["--dense-runtime", "openvino", "--tactic", "sparse"], "needs --tactic auto"),
+    ):
+        bad = runner.invoke(app, [*args, *extra])
+        assert bad.exit_code == 2 and message in bad.output, bad.output

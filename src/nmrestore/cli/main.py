@@ -310,6 +310,13 @@ def speed(
             "(comma-separated) or all (missing ones skipped)",
         ),
     ] = None,
+    dense_runtime: Annotated[
+        str,
+        typer.Option(
+            help="none, or openvino: the engine also times the whole dense model on OpenVINO (f32, or its "
+            "default precision for a bf16 engine) and runs it there when faster"
+        ),
+    ] = "none",
     json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
     verbose: Annotated[bool, typer.Option("-v", "--verbose")] = False,
     allow_large: AllowLarge = False,
@@ -324,8 +331,17 @@ def speed(
     _setup_logging(verbose)
     size = _parse_size(input)
     assert size is not None
+    if dense_runtime not in ("none", "openvino"):
+        raise NMRestoreError(f"--dense-runtime must be none or openvino, got {dense_runtime!r}")
+    if dense_runtime != "none" and tactic.value != "auto":
+        raise NMRestoreError("--dense-runtime is a timed choice: it needs --tactic auto")
     try:
-        config = EngineConfig(tactic=tactic.value, cache_file=tactic_cache, precision=precision.value)  # type: ignore[arg-type]
+        config = EngineConfig(
+            tactic=tactic.value,  # type: ignore[arg-type]
+            cache_file=tactic_cache,
+            precision=precision.value,  # type: ignore[arg-type]
+            dense_runtime=dense_runtime,  # type: ignore[arg-type]
+        )
     except ValidationError:
         raise NMRestoreError(f"--tactic must be auto, sparse or dense, got {tactic!r}") from None
     try:

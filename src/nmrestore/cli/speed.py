@@ -50,6 +50,8 @@ def _compiled_models(
         raise NMRestoreError(f"{path} is a compiled file of one route; --route needs the checkpoint")
     if config.tactic != "auto":
         raise NMRestoreError(f"{path} is a compiled file: it runs the tactics it was compiled with, not --tactic")
+    if config.dense_runtime != "none":
+        raise NMRestoreError(f"{path} is a compiled file: it runs its own tactics; --dense-runtime needs the checkpoint")
     file = read_compiled(path)
     build = file.build_spec
     if name is not None and build.name != name:

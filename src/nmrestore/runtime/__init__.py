@@ -5,10 +5,12 @@ Linear layers run on a C++ kernel built at first use (:mod:`nmrestore.runtime.ke
 keeping dense PyTorch where that is faster for the input shape (timed on first use, cached).
 ``measure_speed`` compares it with the dense model, interleaved in one process.
 ``use_spatial_routes`` runs each tile of an image on its own route (:mod:`nmrestore.runtime.spatial`).
-``save_compiled`` / ``load_compiled`` keep a compiled model (packed weights and tactic decisions) in
+``EngineConfig(dense_runtime="openvino")`` hands an input shape to OpenVINO's dense model when that is
+faster (:mod:`nmrestore.runtime.dense_runtime`). ``save_compiled`` / ``load_compiled`` keep a compiled model (packed weights and tactic decisions) in
 one file that loads without re-packing or re-timing (:mod:`nmrestore.runtime.compiled`).
 """
 
+from nmrestore.runtime import dense_runtime
 from nmrestore.runtime.compiled import ModelBuild, is_compiled, load_compiled, read_compiled, save_compiled
 from nmrestore.runtime.engine import (
     EngineConfig,
@@ -44,6 +46,7 @@ __all__ = [
     "compile_sparse",
     "csr_from_dense",
     "csr_from_packed",
+    "dense_runtime",
     "detect_nm",
     "engine_state",
     "format_decisions",

@@ -44,11 +44,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from nmrestore.errors import NMRestoreError
 from nmrestore.io_atomic import atomic_write_text
 from nmrestore.runtime.cpu_features import cpu_features
+from nmrestore.runtime.dense_runtime import DelegatingForward, DenseRuntimes
 from nmrestore.runtime.kernel import KernelLibrary, kernel_status, load_kernel
 from nmrestore.runtime.layers import LayerDecision, RouteWeights, SparseConv2d, SparseLayer, SparseLinear
 from nmrestore.runtime.packing import CSRWeight, csr_from_dense, csr_from_packed, detect_nm
@@ -89,6 +91,10 @@ class EngineConfig(BaseModel):
     where oneDNN is weak, e.g. EDSR's last conv, 64 -> 3 channels at the output size: 16 ms against
     PyTorch's 36 ms on EDSR-baseline x2 at 320x180 (2 threads, idle), which took the whole 2:32 engine
     from 211 to 188 ms. Off: those layers stay plain PyTorch modules.
+    ``dense_runtime`` (``"openvino"``; tactic ``auto``, one route): after the first forward of an input
+    shape, also time the whole model dense on OpenVINO (at f32 for an f32 engine, at its default
+    precision for a bf16 one) and run that shape there when it is faster
+    (:mod:`nmrestore.runtime.dense_runtime`). ``"none"`` (default): the engine runs every shape itself.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -104,6 +110,13 @@ class EngineConfig(BaseModel):
     precision: Precision = "f32"
     refine: bool = True
     dense_convs: bool = True
+    dense_runtime: Literal["none", "openvino"] = "none"
+
+    @model_validator(mode="after")
+    def _dense_runtime_is_timed(self) -> EngineConfig:
+        if self.dense_runtime != "none" and self.tactic != "auto":
+            raise ValueError(f"dense_runtime={self.dense_runtime!r} is a timed choice: it needs tactic 'auto'")
+        return self
 
 
 def bf16_allowed(precision: Precision) -> bool:
@@ -139,6 +152,7 @@ class EngineState:
     refining: bool = False
     plans: list[str] = field(default_factory=list)  # the whole-model plans chosen, in order
     spatial: RouteMap | None = None  # set by use_spatial_routes: routed layers run tile by tile
+    dense_runtime: DenseRuntimes | None = None  # EngineConfig.dense_runtime: the whole-model fallback
 
     def __post_init__(self) -> None:
         self.bf16 = self.bf16 or bf16_allowed(self.config.precision)  # whoever builds the state
@@ -418,7 +432,16 @@ def compile_sparse(model: nn.Module, config: EngineConfig | None = None, inplace
         _fuse_residuals(target)
     target.eval()
     target.sparse_engine = state  # type: ignore[assignment]  # plain attribute: not a module or buffer
-    if config.tactic == "auto" and config.refine:
+    if config.dense_runtime != "none":
+        if any(len(layer.routes) > 1 for layer in sparse_layers(target)):
+            raise NMRestoreError(
+                "dense_runtime: the model has several routes or tasks, whose weights a whole-model runtime "
+                "would not switch; run it without dense_runtime"
+            )
+        state.dense_runtime = DenseRuntimes.for_model(config.dense_runtime, model, state.bf16)
+        # an instance attribute: nn.Module.__call__ finds it before the class's forward
+        target.forward = DelegatingForward(target.forward, state)  # type: ignore[method-assign]
+    if config.tactic == "auto" and (config.refine or config.dense_runtime != "none"):
         target.register_forward_hook(_refine_plans, with_kwargs=True)
     return target
 
@@ -435,14 +458,27 @@ def _refine_plans(
         return None
     fresh = list(state.fresh)
     state.fresh.clear()
-    if not fresh or not (state.bf16 or close_call(fresh, state.decisions)):
-        return None  # an f32 engine whose every layer chose clearly: the plans would agree with it
+    if not fresh:
+        return None
+    # an f32 engine whose every layer chose clearly: the plans would agree with it
+    plans = state.config.refine and (state.bf16 or close_call(fresh, state.decisions))
+    runtime = state.dense_runtime
+    x = args[0] if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) else None
+    if not plans and (runtime is None or x is None or state.spatial is not None):
+        return None
     state.refining = True
+    best = None
+    result = None
     try:
         with torch.no_grad():
             run = functools.partial(module, *args, **kwargs)
-            best = refine(fresh, state.decisions, run, state.config.timing_repeats, sparse_layers(module))
-            result = run() if best is not None else None
+            if plans:
+                best = refine(fresh, state.decisions, run, state.config.timing_repeats, sparse_layers(module))
+                result = run() if best is not None else None
+            if runtime is not None and x is not None and state.spatial is None:
+                choice = runtime.consider(run, x, state.config.timing_repeats)
+                if choice is not None and choice.kept:
+                    result = run()  # now on the runtime: the first call returns what later ones will
     finally:
         state.refining = False
         state.fresh.clear()

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from nmrestore.runtime.cpu_features import cpu_features, describe_features
+from nmrestore.runtime.dense_runtime import DenseRuntimeChoice
 from nmrestore.runtime.engine import EngineConfig, compile_sparse, engine_state, format_decisions
 from nmrestore.runtime.layers import LayerDecision
 from nmrestore.runtime.timing import PEER_SETTLE_S, interleaved, paired_median
@@ -104,6 +105,7 @@ class SpeedReport:
     peers: list[PeerRow] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     cpu: dict[str, bool | None] = field(default_factory=cpu_features)
+    dense_runtime: list[dict[str, object]] = field(default_factory=list)  # EngineConfig.dense_runtime choices
 
     @property
     def speedup(self) -> float:
@@ -129,6 +131,7 @@ class SpeedReport:
             "peers": [p.to_dict() for p in self.peers],
             "notes": self.notes,
             "cpu": self.cpu,
+            "dense_runtime": self.dense_runtime,
         }
 
     def table(self) -> str:
@@ -157,6 +160,7 @@ class SpeedReport:
         if self.peers or self.notes:
             lines.append(f"  {describe_features(self.cpu)}")
         lines += [f"  note: {note}" for note in self.notes]
+        lines += [f"  {DenseRuntimeChoice(**c).line()}" for c in self.dense_runtime]  # type: ignore[arg-type]
         lines += ["", format_decisions(self.decisions)]
         for name, reason in self.untouched:
             lines.append(f"{name:<28} left as is: {reason}")
@@ -239,6 +243,7 @@ def measure_speed(
         dense_runs_ms=[t * 1e3 for t in timings.samples["dense"]],
         sparse_runs_ms=[t * 1e3 for t in timings.samples["sparse"]],
         route=route,
+        dense_runtime=[c.to_dict() for c in state.dense_runtime.choices] if state.dense_runtime else [],
         peers=[
             PeerRow(
                 name=peer.name,

@@ -1,0 +1,198 @@
+"""The engines with a whole-model dense fallback on OpenVINO, against the deployment runtimes.
+
+EDSR-baseline x2 at 2:4, 4:32 and 2:32 (magnitude masks on a fresh model, 320x180 LR, 2 threads):
+the f32 engine and the bf16 engine, each built with ``EngineConfig(dense_runtime="openvino")``, so
+that after their first forward they run the whole model dense on OpenVINO when that timed faster
+(:mod:`nmrestore.runtime.dense_runtime`), against ONNX Runtime, OpenVINO f32 and OpenVINO's default
+precision on the dense-with-zeros ONNX export, all interleaved in one process (a 50 ms untimed pause
+before every call, as in section `speed`). Each row says where each engine runs the model and what
+its own forward timed at the decision. Checks, from paired 95% intervals (bootstrap over rounds) of
+the log time ratio: the bf16 engine is not slower than the best dense runtime at 2:4, the f32 engine
+not slower than the best f32 runtime at 2:4; the speed-up targets at 4:32 and 2:32 are reported as
+measured.
+
+    .venv/bin/python benchmarks/bench_dense_runtime.py            # measure (idle machine), write the section
+    .venv/bin/python benchmarks/bench_dense_runtime.py --render   # the section from its JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _report import markdown_table, section_main  # noqa: E402
+from nmrestore import __version__  # noqa: E402
+from nmrestore.export.peers import available_peers, open_peers, parse_peers  # noqa: E402
+from nmrestore.metrics.paired import paired_delta  # noqa: E402
+from nmrestore.models import create_model  # noqa: E402
+from nmrestore.runtime import EngineConfig, compile_sparse, engine_state, kernel_status  # noqa: E402
+from nmrestore.runtime.speed import Peer, measure_speed, torch_threads  # noqa: E402
+from nmrestore.sparsity import NMConfig, sparsify_  # noqa: E402
+
+SECTION = "speed_dense_runtime"
+TITLE = "Speed with a whole-model dense fallback: the engines may hand a shape to OpenVINO"
+NMS = ("2:4", "4:32", "2:32")
+F32, BF16 = "engine f32", "engine bf16"
+RUNTIMES = ("onnxruntime", "openvino f32", "openvino default")
+#: (engine, runtime it is held against, N:M, wanted speed-up); "best" = the fastest runtime row
+#: (at f32 only for the f32 engine)
+TARGETS = (
+    (BF16, "best", "2:4", 1.0),
+    (F32, "best f32", "2:4", 1.0),
+    (F32, "openvino f32", "4:32", 2.0),
+    (F32, "openvino f32", "2:32", 3.0),
+    (BF16, "openvino default", "4:32", 1.3),
+    (BF16, "openvino default", "2:32", 2.0),
+)
+
+
+def _model(nm: str) -> torch.nn.Module:
+    n, m = (int(v) for v in nm.split(":"))
+    torch.manual_seed(0)
+    model = create_model("edsr_baseline", scale=2)
+    sparsify_(model, NMConfig(n=n, m=m))
+    return model.eval()
+
+
+def _engine_peer(model: torch.nn.Module) -> tuple[Peer, torch.nn.Module]:
+    engine = compile_sparse(model, EngineConfig(timing_repeats=3, precision="bf16", dense_runtime="openvino"))
+    return Peer(BF16, "bf16", __version__, lambda x: engine(x)), engine
+
+
+def _runs_on(engine: torch.nn.Module) -> dict[str, Any]:
+    state = engine_state(engine)
+    assert state is not None and state.dense_runtime is not None
+    choices = state.dense_runtime.choices
+    kept = next((c for c in choices if c.kept), None)
+    return {
+        "runs_on": f"{kept.runtime} ({kept.precision})" if kept else "the engine",
+        "choices": [c.to_dict() for c in choices],
+        "plans": list(state.plans),
+    }
+
+
+def measure(rounds: int, threads: int, size: tuple[int, int]) -> dict[str, Any]:
+    names, notes = available_peers(*parse_peers("all"))
+    if "openvino" not in names:
+        raise SystemExit("OpenVINO is not installed: pip install 'nmrestore[openvino]'")
+    rows = []
+    shape = (1, 3, *size)
+    with torch_threads(threads):
+        for nm in NMS:
+            model = _model(nm)
+            engine = compile_sparse(model, EngineConfig(timing_repeats=3, dense_runtime="openvino"))
+            with contextlib.ExitStack() as stack:
+                peers = stack.enter_context(open_peers(model, names, threads, shape))
+                bf16_peer, bf16_engine = _engine_peer(model)
+                report = measure_speed(model, shape, None, rounds, name=f"edsr_baseline x2 {nm}",
+                                       warmup=1, peers=[bf16_peer, *peers], engine=engine)  # fmt: skip
+            samples = {F32: report.sparse_runs_ms, "PyTorch dense": report.dense_runs_ms}
+            samples.update({p.name: p.runs_ms for p in report.peers})
+            diffs = {F32: report.max_abs_diff, **{p.name: p.max_abs_diff for p in report.peers}}
+            rows.append({
+                "nm": nm, "runs_ms": samples, "max_abs_diff": diffs,
+                "engines": {F32: _runs_on(engine), BF16: _runs_on(bf16_engine)},
+            })  # fmt: skip
+            print(nm, {k: round(sorted(v)[len(v) // 2], 1) for k, v in samples.items()}, flush=True)
+    return {
+        "model": "edsr_baseline x2", "input": list(shape), "threads": threads, "rounds": rounds,
+        "settle_s": 0.05, "kernel": kernel_status().summary(), "notes": notes, "rows": rows,
+    }  # fmt: skip
+
+
+def _median(values: list[float]) -> float:
+    s = sorted(values)
+    n = len(s)
+    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def compare(row: dict[str, Any], engine: str, against: str) -> tuple[str, float, tuple[float, float]]:
+    """(runtime compared, median speed-up of the engine over it, 95% interval of that speed-up)."""
+    runs = row["runs_ms"]
+    if against.startswith("best"):
+        pool = [r for r in RUNTIMES if r in runs and (against == "best" or r != "openvino default")]
+        against = min(pool, key=lambda r: _median(runs[r]))
+    log_ratio = paired_delta([math.log(t) for t in runs[against]], [math.log(t) for t in runs[engine]])
+    speedup = _median([a / b for a, b in zip(runs[against], runs[engine], strict=True)])
+    return against, speedup, (math.exp(log_ratio.low), math.exp(log_ratio.high))
+
+
+def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
+    rows = {r["nm"]: r for r in payload["rows"]}
+    table = []
+    for nm, row in rows.items():
+        ms = {k: _median(v) for k, v in row["runs_ms"].items()}
+        entry: dict[str, object] = {"N:M": nm}
+        entry.update({f"{k} ms": f"{v:.1f}" for k, v in ms.items()})
+        for engine in (F32, BF16):
+            info = row["engines"][engine]
+            own = next((c["engine_ms"] for c in info["choices"]), float("nan"))
+            entry[f"{engine} runs on"] = info["runs_on"]
+            entry[f"{engine} own forward ms (at the choice)"] = f"{own:.1f}"
+        table.append(entry)
+    columns = list(dict.fromkeys(k for r in table for k in r))
+    checks = []
+    for engine, against, nm, wanted in TARGETS:
+        if nm not in rows:
+            continue
+        name, speedup, (low, high) = compare(rows[nm], engine, against)
+        if wanted == 1.0:
+            ok = high >= 1.0  # not shown slower: the interval of the speed-up reaches 1
+            need = "needs the interval not below 1 (not slower)"
+        else:
+            ok = speedup >= wanted
+            need = f"needs >= {wanted:g}"
+        checks.append(
+            f"- {'PASS' if ok else 'FAIL'}: {engine} vs {name} at {nm}: {speedup:.2f}x "
+            f"[{low:.2f}, {high:.2f}], runs on {rows[nm]['engines'][engine]['runs_on']}; {need}"
+        )
+    diffs = "; ".join(
+        f"{nm}: " + ", ".join(f"{k} {v:.1e}" for k, v in row["max_abs_diff"].items()) for nm, row in rows.items()
+    )
+    lines = [
+        f"{payload['model']}, input {'x'.join(str(s) for s in payload['input'])}, {payload['threads']} threads, "
+        f"{payload['rounds']} interleaved rounds in one process after a warm-up, {payload['settle_s'] * 1e3:.0f} ms "
+        "untimed pause before every call; ms = medians. Both engines are built with "
+        "`EngineConfig(dense_runtime=\"openvino\")`: after the first forward of the shape they time their own "
+        "forward against the whole dense model on OpenVINO (at f32 for the f32 engine, at its default "
+        "precision for the bf16 engine), check its output, and keep the faster. 'runs on' is what each kept; "
+        "'own forward ms' is what its own forward timed at that choice. The runtimes run the dense-with-zeros "
+        f"ONNX export. Kernel: {payload['kernel']}.",
+        "",
+        markdown_table(table, columns),
+        "",
+        "Checks (speed-up = median over rounds of t_runtime / t_engine, with its paired 95% interval from a "
+        "bootstrap of the per-round log ratios; 'best' is the fastest runtime row, 'best f32' the fastest at "
+        "f32):",
+        "",
+        *checks,
+        "",
+        f"Largest difference to PyTorch f32 over the warm-up runs: {diffs}.",
+    ]
+    return TITLE, "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--input", default="320x180", help="LR input WIDTHxHEIGHT")
+
+    def run(args: argparse.Namespace) -> dict[str, Any]:
+        w, h = (int(v) for v in args.input.split("x"))
+        return measure(args.rounds, args.threads, (h, w))
+
+    return section_main(SECTION, render, run, parser, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

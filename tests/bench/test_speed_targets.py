@@ -1,0 +1,48 @@
+"""The speed-targets section: kept MACs per N:M, the rates it derives, and text drawn from the figures."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_speed_targets import kept_gmac, render  # noqa: E402
+
+PARTS = {
+    "head.0 (first conv, dense)": 1.0,
+    "16 residual blocks (2 convs 64->64, ReLU, skip sum)": 64.0,
+    "body.16 conv 64->64": 32.0,
+    "tail.0.0 upsampler conv 64->256": 32.0,
+    "tail.1 (last conv, dense)": 3.0,
+}
+
+
+def test_kept_macs_count_n_of_m_of_the_pruned_convs_and_all_of_the_dense_ones() -> None:
+    assert kept_gmac(PARTS, "4:32") == pytest.approx(128 / 8 + 4)
+    assert kept_gmac(PARTS, "2:4") == pytest.approx(64 + 4)
+
+
+def _payload() -> dict[str, Any]:
+    row = {"engine": "engine f32", "runtime": "openvino f32", "nm": "4:32", "wanted": 2.0,
+           "runtime_ms": 400.0, "engine_ms": 250.0, "speedup_now": 1.6, "kept_gmac": 10.0}  # fmt: skip
+    over = {**row, "engine": "engine bf16", "runtime": "openvino default", "nm": "2:4", "wanted": 1.0,
+            "runtime_ms": 50.0, "engine_ms": 100.0, "speedup_now": 0.5, "kept_gmac": 20.0}  # fmt: skip
+    sources = {"date": "d", "command": "c"}
+    return {
+        "model": "m", "sources": {"speed": sources, "speed_roofline": sources},
+        "ceilings": {"gemm_f32_gmacs": 200.0, "gemm_bf16_gmacs": 1000.0}, "rows": [row, over],
+    }  # fmt: skip
+
+
+def test_rates_and_shares_come_from_the_rows() -> None:
+    _, body = render("speed_targets", _payload())
+    # 10 GMAC in 400 / 2 = 200 ms: 50 GMAC/s, 25% of 200; now 10 GMAC in 250 ms: 40 GMAC/s
+    assert "| engine f32 >= 2x openvino f32 at 4:32 | 1.60 | 400.0 | 250.0 | 200.0 | 10.00 | 40 | 50 | 25% | 5% |" in body
+    assert "ask for 25%-25% of the vector ceiling, 1.25-1.25x the rate" in body
+    # 20 GMAC in 50 ms: 400 GMAC/s, twice the vector ceiling
+    assert "200% (engine bf16, 2:4)" in body
