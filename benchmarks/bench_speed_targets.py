@@ -1,0 +1,169 @@
+"""What the speed targets against the deployment runtimes ask of the sparse kernel, in MACs per second.
+
+Derived, not measured: it reads the committed JSON of two measured sections, `speed` (the engines
+and the runtimes on EDSR-baseline x2, interleaved in one run) and `speed_roofline` (each part's dense
+MACs and the machine's GEMM ceilings), and writes its own JSON with the figures it used and the
+dates they were measured. For each target it gives the engine time the target allows and the rate
+at which the engine would then have to run its kept multiply-adds (N/M of the pruned convs' MACs
+plus the dense first and last convs), against the rate it runs them at now and against the ceilings:
+per-channel N:M masks run on the vector units (f32 FMA, or bf16 `vdpbf16ps`, which is no faster per
+MAC on this CPU), whose ceiling is the f32 GEMM rate; only dense tiles reach the AMX (bf16 GEMM) rate.
+
+    .venv/bin/python benchmarks/bench_speed_targets.py            # derive from the two sections, write
+    .venv/bin/python benchmarks/bench_speed_targets.py --render   # the section from its JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _report import load_results, markdown_table, section_main  # noqa: E402
+
+SECTION = "speed_targets"
+TITLE = "Speed targets against the deployment runtimes: the kept-MAC rate each one asks for"
+MODEL = "edsr_baseline x2"
+#: (engine, runtime, N:M, wanted speed-up of the engine over the runtime); "best dense" is the
+#: fastest runtime row of the same N:M (dense: it runs the dense-with-zeros export)
+TARGETS = (
+    ("engine f32", "openvino f32", "4:32", 2.0),
+    ("engine f32", "openvino f32", "2:32", 3.0),
+    ("engine bf16", "openvino default", "4:32", 1.3),
+    ("engine bf16", "openvino default", "2:32", 2.0),
+    ("engine f32", "best dense", "2:4", 1.0),
+    ("engine bf16", "best dense", "2:4", 1.0),
+)
+RUNTIMES = ("onnxruntime", "openvino f32", "openvino default")
+#: parts of the roofline table whose convs are pruned (the rest, the first and last conv, stay dense)
+PRUNED_PARTS = ("16 residual blocks", "body.16", "tail.0.0")
+DENSE_PARTS = ("head.0", "tail.1")
+COLUMNS = [
+    "target", "speed-up now", "runtime ms", "engine ms now", "engine ms allowed", "kept GMAC",
+    "kept GMAC/s now", "kept GMAC/s needed", "needed / vector ceiling", "needed / AMX ceiling",
+]  # fmt: skip
+
+
+def kept_gmac(parts: dict[str, float], nm: str) -> float:
+    """MACs (G) one forward runs at ``nm``: N/M of the pruned parts' MACs plus the dense parts'."""
+    n, m = (int(v) for v in nm.split(":"))
+    pruned = sum(v for k, v in parts.items() if k.startswith(PRUNED_PARTS))
+    dense = sum(v for k, v in parts.items() if k.startswith(DENSE_PARTS))
+    return pruned * n / m + dense
+
+
+def derive() -> dict[str, Any]:
+    speed, roof = load_results("speed"), load_results("speed_roofline")
+    parts = {r["part"]: float(r["dense GMAC"]) for r in roof["rows"] if r.get("dense GMAC") is not None}
+    rows = []
+    for engine, runtime, nm, wanted in TARGETS:
+        ratio_row = next(r for r in speed["ratio_rows"] if r["model"] == MODEL and r["N:M"] == nm)
+        if runtime == "best dense":
+            runtime = min(RUNTIMES, key=lambda name: ratio_row[f"{name} ms"])
+        rows.append(
+            {
+                "engine": engine,
+                "runtime": runtime,
+                "nm": nm,
+                "wanted": wanted,
+                "runtime_ms": ratio_row[f"{runtime} ms"],
+                "engine_ms": ratio_row[f"{engine} ms"],
+                "speedup_now": ratio_row[f"{engine} vs {runtime}"],
+                "kept_gmac": kept_gmac(parts, nm),
+            }
+        )
+    return {
+        "model": MODEL,
+        "sources": {
+            "speed": {"date": speed["date"], "command": speed["command"]},
+            "speed_roofline": {"date": roof["date"], "command": roof["command"]},
+        },
+        "ceilings": roof["ceilings"],
+        "rows": rows,
+    }
+
+
+def _rates(r: dict[str, Any]) -> tuple[float, float]:
+    """(kept GMAC/s the target needs, kept GMAC/s now)."""
+    return r["kept_gmac"] / (r["runtime_ms"] / r["wanted"]) * 1e3, r["kept_gmac"] / r["engine_ms"] * 1e3
+
+
+def _reading(rows: list[dict[str, Any]], vector: float) -> str:
+    """What the table says, in figures drawn from it."""
+    f32 = [r for r in rows if r["engine"] == "engine f32" and r["runtime"] == "openvino f32"]
+    amx = [r for r in rows if r not in f32]
+    text = ""
+    if f32:
+        shares = [_rates(r)[0] / vector for r in f32]
+        gains = [_rates(r)[0] / _rates(r)[1] for r in f32]
+        text += (
+            f"The targets against OpenVINO f32 ask for {min(shares):.0%}-{max(shares):.0%} of the vector ceiling, "
+            f"{min(gains):.2f}-{max(gains):.2f}x the rate the f32 kernel reaches now: a matter of the kernel's "
+            "schedule (section `kernel_limits` puts about a third of its time at low density in L1 misses). "
+        )
+    if amx:
+        text += (
+            "The targets against OpenVINO's default precision, whose dense convs run on AMX, ask for "
+            + ", ".join(f"{_rates(r)[0] / vector:.0%} ({r['engine']}, {r['nm']})" for r in amx)
+            + " of the vector ceiling: past 100% no per-channel N:M kernel can meet them on this CPU, and near it "
+            "only one whose scattered loads cost nothing. Meeting them takes AMX, that is dense tiles: masks "
+            "shared by blocks of output channels (section `coarse`), or a dense fallback for the whole model that "
+            "is the fastest dense runtime itself."
+        )
+    return text
+
+
+def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
+    vector = payload["ceilings"]["gemm_f32_gmacs"]
+    amx = payload["ceilings"]["gemm_bf16_gmacs"]
+    table = []
+    for r in payload["rows"]:
+        allowed_ms = r["runtime_ms"] / r["wanted"]
+        need, now = _rates(r)
+        table.append(
+            {
+                "target": f"{r['engine']} >= {r['wanted']:g}x {r['runtime']} at {r['nm']}",
+                "speed-up now": f"{r['speedup_now']:.2f}",
+                "runtime ms": f"{r['runtime_ms']:.1f}",
+                "engine ms now": f"{r['engine_ms']:.1f}",
+                "engine ms allowed": f"{allowed_ms:.1f}",
+                "kept GMAC": f"{r['kept_gmac']:.2f}",
+                "kept GMAC/s now": f"{now:.0f}",
+                "kept GMAC/s needed": f"{need:.0f}",
+                "needed / vector ceiling": f"{need / vector:.0%}",
+                "needed / AMX ceiling": f"{need / amx:.0%}",
+            }
+        )
+    src = payload["sources"]
+    lines = [
+        f"{payload['model']}, derived from section `speed` (measured {src['speed']['date']}: the engines and "
+        f"the runtimes interleaved in one run, medians) and section `speed_roofline` (measured "
+        f"{src['speed_roofline']['date']}: each part's dense MACs, and the ceilings: f32 GEMM "
+        f"{vector:.0f} GMAC/s on the vector units, bf16 GEMM {amx:.0f} GMAC/s on AMX). 'Engine ms allowed' is "
+        "the runtime's time divided by the wanted speed-up; 'kept GMAC' is what one forward multiplies at that "
+        "N:M (N/M of the pruned convs' MACs, all of the dense first and last convs'); the rates are kept GMAC "
+        "over the engine's time. 'Best dense' is the fastest runtime row at that N:M (every runtime runs the "
+        "dense-with-zeros export).",
+        "",
+        markdown_table(table, COLUMNS),
+        "",
+        "Per-channel N:M masks (each output channel keeps its own inputs) run on the vector units: AMX multiplies "
+        "dense tiles only, and `vdpbf16ps` does no more MACs per cycle than f32 FMA on this CPU, so the vector "
+        "ceiling bounds the f32 and the bf16 kernel alike. (An engine whose layers chose PyTorch's dense bf16 "
+        "conv runs on AMX; its rate 'now' counts only the kept MACs and can pass the vector ceiling.) "
+        + _reading(payload["rows"], vector),
+    ]
+    return TITLE, "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    return section_main(SECTION, render, lambda args: derive(), parser, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
