@@ -132,8 +132,14 @@ def test_speed_eval_and_infer_with_a_checkpoint(checkpoint: Path, tmp_path: Path
     assert np.abs(outs[True] - outs[False]).max() <= 1  # equal up to rounding to 8 bits
 
 
-def test_speed_with_the_dense_runtime_reports_its_choice() -> None:
+def test_speed_with_the_dense_runtime_reports_its_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("openvino")
+    from nmrestore.runtime import dense_runtime
+
+    # PyTorch's dense model stands in for OpenVINO here (tests/runtime/test_dense_runtime.py says why)
+    monkeypatch.setattr(
+        dense_runtime, "openvino_runner", lambda reference, x, threads, f32: (lambda inp: reference(inp), "f32")
+    )
     args = ["speed", "edsr_small", "--sparsity", "2:4", "--input", "16x12", "--threads", "1", "--repeats", "1"]
     result = runner.invoke(app, [*args, "--dense-runtime", "openvino", "--json"])
     assert result.exit_code == 0, result.output

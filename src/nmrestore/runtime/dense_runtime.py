@@ -9,22 +9,31 @@ ceiling (section `speed_targets`). Per layer the runtimes lose (each call conver
 `speed_layers`), so the fallback is for the whole model or nothing.
 
 With ``EngineConfig(dense_runtime="openvino")``, after the first forward of an input shape (and its
-whole-model plans) the engine converts its dense-with-zeros reference to OpenVINO once
-(``openvino.convert_model``: no ONNX file), at f32 for an f32 engine and at OpenVINO's default
+whole-model plans) the engine hands its dense-with-zeros reference to OpenVINO once (as a
+static-shape ONNX export in a temporary file), at f32 for an f32 engine and at OpenVINO's default
 precision for a bf16 engine, checks the output against its own (``TOLERANCE``), times both
 interleaved (:mod:`nmrestore.runtime.timing`) and, when OpenVINO is faster, runs that shape there
 from then on. Every decision is kept with its timings (:class:`DenseRuntimeChoice`) and shown by
 ``nmrestore speed``. The choice is made per process: a compiled file records the engine's own
 tactics, not OpenVINO's compiled model.
+
+Caution, seen in the test suite and not isolated further: once OpenVINO had compiled and run a model in
+the process (from a traced module or from an ONNX export alike), a later autograd ``backward()`` in the
+same process crashed with a segmentation fault. Inference is what this fallback is for; the tests run
+OpenVINO in a child process.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import logging
+import tempfile
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -82,21 +91,33 @@ def check_available(name: str) -> None:
     if name not in RUNTIMES:
         raise NMRestoreError(f"dense_runtime: unknown runtime {name!r}; choose from {', '.join(RUNTIMES)}")
     try:
+        import onnx  # noqa: F401  # the model reaches OpenVINO as an ONNX export
+        import onnxscript  # noqa: F401
         import openvino  # noqa: F401
     except ImportError as exc:
         raise NMRestoreError(
-            "dense_runtime='openvino' needs OpenVINO: pip install 'nmrestore[openvino]'"
+            f"dense_runtime='openvino' needs OpenVINO and the ONNX exporter ({exc.name} is missing): "
+            "pip install 'nmrestore[openvino]'"
         ) from exc
 
 
 def openvino_runner(reference: nn.Module, x: Tensor, threads: int, f32: bool) -> tuple[Callable[[Tensor], Tensor], str]:
-    """``reference`` converted and compiled by OpenVINO for ``x``'s shape; (run, precision it uses)."""
+    """``reference`` exported to ONNX (a temporary file, removed after) and compiled by OpenVINO for
+    ``x``'s shape; (run, precision it uses).
+
+    Not ``openvino.convert_model(reference)``: that traces the module in this process through
+    OpenVINO's PyTorch frontend, and a later ``backward()`` in the same process then crashed (a
+    segmentation fault in the test suite's autograd test)."""
     import openvino
 
-    with warnings.catch_warnings():  # OpenVINO traces with torch.jit, which PyTorch marks deprecated
-        warnings.simplefilter("ignore", DeprecationWarning)
-        converted = openvino.convert_model(reference, example_input=x)
-    converted.reshape({0: list(x.shape)})
+    with tempfile.TemporaryDirectory(prefix="nmrestore-dense-runtime-") as folder:
+        path = Path(folder) / "model.onnx"
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")  # the exporter's own notes; its errors still raise
+            torch.onnx.export(reference, (x,), str(path), dynamo=True, opset_version=18, external_data=False,
+                              verbose=False)  # fmt: skip
+        converted = openvino.Core().read_model(str(path))
+    converted.reshape({converted.inputs[0].get_any_name(): list(x.shape)})
     config: dict[str, object] = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
     if f32:
         config["INFERENCE_PRECISION_HINT"] = "f32"
