@@ -10,11 +10,7 @@ onnxruntime on CPU and returns the largest difference to PyTorch.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import logging
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +21,7 @@ from torch.nn.utils import parametrize
 from nmrestore.errors import NMRestoreError
 from nmrestore.io_atomic import atomic_path
 from nmrestore.methods.png.tasks import select_task
+from nmrestore.onnx_quiet import quiet_exporter
 from nmrestore.sparsity.api import nm_patterns, squash_
 from nmrestore.sparsity.parametrization import nm_layers, set_route
 
@@ -113,20 +110,6 @@ def _input_channels(model: nn.Module) -> int:
     raise NMRestoreError(f"cannot tell the input channels of {type(model).__name__}; pass in_channels=")
 
 
-@contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
-    """Silence the exporter's chatter (missing torchvision ops, deprecations) but not its errors."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
-
-
 def _export(model: nn.Module, example: Tensor, path: Path, opset: int) -> None:
     dims = torch.export.Dim
     named = {
@@ -140,7 +123,7 @@ def _export(model: nn.Module, example: Tensor, path: Path, opset: int) -> None:
     # multiple of 8) are retried with axes whose constraints torch.export infers.
     for dynamic in (named, auto):
         try:
-            with _quiet_exporter():
+            with quiet_exporter():
                 torch.onnx.export(
                     model,
                     (example,),

@@ -30,7 +30,6 @@ import copy
 import io
 import logging
 import tempfile
-import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from nmrestore.errors import NMRestoreError
+from nmrestore.onnx_quiet import quiet_exporter
 from nmrestore.runtime.timing import interleaved
 from nmrestore.sparsity.api import squash_
 
@@ -112,8 +112,7 @@ def openvino_runner(reference: nn.Module, x: Tensor, threads: int, f32: bool) ->
 
     with tempfile.TemporaryDirectory(prefix="nmrestore-dense-runtime-") as folder:
         path = Path(folder) / "model.onnx"
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")  # the exporter's own notes; its errors still raise
+        with quiet_exporter(), contextlib.redirect_stdout(io.StringIO()):
             torch.onnx.export(reference, (x,), str(path), dynamo=True, opset_version=18, external_data=False,
                               verbose=False)  # fmt: skip
         converted = openvino.Core().read_model(str(path))

@@ -1,0 +1,44 @@
+"""The dense-runtime section: its checks come from the rounds, and an inconsistent run says so."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_dense_runtime import compare, consistency, render  # noqa: E402
+
+
+def _row(nm: str, bf16_on: str, peer_default: list[float]) -> dict[str, Any]:
+    runs = {"engine f32": [10.0, 10.0, 10.0], "engine bf16": [5.0, 5.0, 5.0], "onnxruntime": [30.0, 30.0, 30.0],
+            "openvino f32": [20.0, 20.0, 20.0], "openvino default": peer_default}  # fmt: skip
+    engines = {
+        "engine f32": {"runs_on": "the engine", "choices": [{"engine_ms": 10.0}], "plans": []},
+        "engine bf16": {"runs_on": bf16_on, "choices": [{"engine_ms": 9.0}], "plans": []},
+    }
+    return {"nm": nm, "runs_ms": runs, "max_abs_diff": {"engine f32": 1e-7}, "engines": engines}
+
+
+def test_speed_ups_and_the_best_runtime_come_from_the_rounds() -> None:
+    row = _row("2:4", "openvino default (bf16)", [5.0, 5.0, 5.0])
+    name, median, (geo, low, high) = compare(row, "engine f32", "openvino f32")
+    assert name == "openvino f32" and median == 2.0
+    assert (geo, low, high) == pytest.approx((2.0, 2.0, 2.0))
+    assert compare(row, "engine bf16", "best")[0] == "openvino default"
+    assert compare(row, "engine f32", "best f32")[0] == "openvino f32"  # the fastest at f32
+
+
+def test_a_run_where_the_same_runtime_times_apart_is_marked_unreliable() -> None:
+    steady = {"2:4": _row("2:4", "openvino default (bf16)", [5.0, 5.0, 5.0])}
+    noisy = {"4:32": _row("4:32", "openvino default (bf16)", [12.0, 12.0, 12.0])}
+    assert consistency(steady) == []
+    assert consistency(noisy) == ["4:32: openvino default peer 2.40x the time of engine bf16 running openvino default (bf16)"]
+    payload = {"model": "m", "input": [1, 3, 4, 4], "threads": 2, "rounds": 3, "settle_s": 0.05, "kernel": "k",
+               "rows": list(noisy.values())}  # fmt: skip
+    _, body = render("speed_dense_runtime", payload)
+    assert "**This run's timings are not reliable**" in body and "No check above is a claim" in body
