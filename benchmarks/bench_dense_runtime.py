@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -109,20 +110,14 @@ def measure(rounds: int, threads: int, size: tuple[int, int]) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _median(values: list[float]) -> float:
-    s = sorted(values)
-    n = len(s)
-    return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
-
-
 def compare(row: dict[str, Any], engine: str, against: str) -> tuple[str, float, tuple[float, float]]:
     """(runtime compared, median speed-up of the engine over it, 95% interval of that speed-up)."""
     runs = row["runs_ms"]
     if against.startswith("best"):
         pool = [r for r in RUNTIMES if r in runs and (against == "best" or r != "openvino default")]
-        against = min(pool, key=lambda r: _median(runs[r]))
+        against = min(pool, key=lambda r: statistics.median(runs[r]))
     log_ratio = paired_delta([math.log(t) for t in runs[against]], [math.log(t) for t in runs[engine]])
-    speedup = _median([a / b for a, b in zip(runs[against], runs[engine], strict=True)])
+    speedup = statistics.median([a / b for a, b in zip(runs[against], runs[engine], strict=True)])
     return against, speedup, (math.exp(log_ratio.mean), math.exp(log_ratio.low), math.exp(log_ratio.high))
 
 
@@ -134,7 +129,7 @@ def consistency(rows: dict[str, dict[str, Any]]) -> list[str]:
         for engine, peer in ((F32, "openvino f32"), (BF16, "openvino default")):
             runs_on = row["engines"][engine]["runs_on"]
             if runs_on.startswith(peer) and peer in row["runs_ms"]:
-                ratio = _median(row["runs_ms"][peer]) / _median(row["runs_ms"][engine])
+                ratio = statistics.median(row["runs_ms"][peer]) / statistics.median(row["runs_ms"][engine])
                 if not 0.8 <= ratio <= 1.25:
                     notes.append(f"{nm}: {peer} peer {ratio:.2f}x the time of {engine} running {runs_on}")
     return notes
@@ -144,7 +139,7 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
     rows = {r["nm"]: r for r in payload["rows"]}
     table = []
     for nm, row in rows.items():
-        ms = {k: _median(v) for k, v in row["runs_ms"].items()}
+        ms = {k: statistics.median(v) for k, v in row["runs_ms"].items()}
         entry: dict[str, object] = {"N:M": nm}
         entry.update({f"{k} ms": f"{v:.1f}" for k, v in ms.items()})
         for engine in (F32, BF16):
