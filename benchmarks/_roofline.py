@@ -103,3 +103,40 @@ def roof_ms(cost: PartCost, ceilings: Ceilings, sparse: bool, bf16: bool) -> flo
     rate = ceilings.gemm_bf16_gmacs if bf16 and not sparse else ceilings.gemm_f32_gmacs
     bytes_ = cost.values * (2 if bf16 else 4)
     return max(macs / rate / 1e6, bytes_ / ceilings.copy_gbs / 1e6)
+
+
+#: a ceiling this far below the quiet machine's, or this far apart before and after a run, marks
+#: the run's timings as taken on a slowed machine (the VM's neighbours load the same cores)
+SLOW_FACTOR = 0.75
+
+
+def machine_state(rounds: int = 3) -> dict[str, float]:
+    """The ceilings right now, as a JSON-ready dict (copy_gbs, gemm_f32_gmacs, gemm_bf16_gmacs)."""
+    c = measure_ceilings(rounds)
+    return {"copy_gbs": c.copy_gbs, "gemm_f32_gmacs": c.gemm_f32_gmacs, "gemm_bf16_gmacs": c.gemm_bf16_gmacs}
+
+
+_NAMES = {"gemm_f32_gmacs": ("f32 GEMM", "GMAC/s"), "gemm_bf16_gmacs": ("bf16 GEMM", "GMAC/s"),
+          "copy_gbs": ("copy", "GB/s")}  # fmt: skip
+
+
+def machine_line(before: dict[str, float], after: dict[str, float], quiet: dict[str, float] | None) -> str:
+    """One sentence: the ceilings measured before and after a run, against the quiet machine's."""
+    parts = []
+    for key, (name, unit) in _NAMES.items():
+        ref = f" (quiet machine {quiet[key]:.0f})" if quiet and key in quiet else ""
+        parts.append(f"{name} {before[key]:.0f} / {after[key]:.0f} {unit}{ref}")
+    return "Machine during the run (ceilings measured just before / just after it): " + ", ".join(parts) + "."
+
+
+def slowed(before: dict[str, float], after: dict[str, float], quiet: dict[str, float] | None) -> list[str]:
+    """Why this run's machine was slowed, if it was: a ceiling below SLOW_FACTOR of the quiet
+    machine's, or one that moved by more than 1 / SLOW_FACTOR between before and after."""
+    notes = []
+    for key, (name, _unit) in _NAMES.items():
+        lo, hi = sorted((before[key], after[key]))
+        if lo < SLOW_FACTOR * hi:
+            notes.append(f"{name} moved from {before[key]:.0f} to {after[key]:.0f}")
+        if quiet and key in quiet and lo < SLOW_FACTOR * quiet[key]:
+            notes.append(f"{name} {lo:.0f} against {quiet[key]:.0f} on the quiet machine")
+    return notes

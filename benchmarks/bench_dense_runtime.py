@@ -30,7 +30,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _report import markdown_table, section_main  # noqa: E402
+from _report import load_results, markdown_table, results_path, section_main  # noqa: E402
+from _roofline import machine_line, machine_state, slowed  # noqa: E402
 from nmrestore import __version__  # noqa: E402
 from nmrestore.export.peers import available_peers, open_peers, parse_peers  # noqa: E402
 from nmrestore.metrics.paired import paired_delta  # noqa: E402
@@ -88,6 +89,7 @@ def measure(rounds: int, threads: int, size: tuple[int, int]) -> dict[str, Any]:
     rows = []
     shape = (1, 3, *size)
     with torch_threads(threads):
+        before = machine_state()
         for nm in NMS:
             model = _model(nm)
             engine = compile_sparse(model, EngineConfig(timing_repeats=3, dense_runtime="openvino"))
@@ -104,7 +106,10 @@ def measure(rounds: int, threads: int, size: tuple[int, int]) -> dict[str, Any]:
                 "engines": {F32: _runs_on(engine), BF16: _runs_on(bf16_engine)},
             })  # fmt: skip
             print(nm, {k: round(sorted(v)[len(v) // 2], 1) for k, v in samples.items()}, flush=True)
+        after = machine_state()
+    quiet = load_results("speed_roofline")["ceilings"] if results_path("speed_roofline").exists() else None
     return {
+        "machine_before": before, "machine_after": after, "quiet_ceilings": quiet,
         "model": "edsr_baseline x2", "input": list(shape), "threads": threads, "rounds": rounds,
         "settle_s": 0.05, "kernel": kernel_status().summary(), "notes": notes, "rows": rows,
     }  # fmt: skip
@@ -131,7 +136,10 @@ def consistency(rows: dict[str, dict[str, Any]]) -> list[str]:
             if runs_on.startswith(peer) and peer in row["runs_ms"]:
                 ratio = statistics.median(row["runs_ms"][peer]) / statistics.median(row["runs_ms"][engine])
                 if not 0.8 <= ratio <= 1.25:
-                    notes.append(f"{nm}: {peer} peer {ratio:.2f}x the time of {engine} running {runs_on}")
+                    notes.append(
+                        f"at {nm} the {peer} peer took {ratio:.2f}x the time of {engine}, which ran the same "
+                        f"model on {runs_on}"
+                    )
     return notes
 
 
@@ -165,6 +173,12 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
             f"{geo:.2f}x [{low:.2f}, {high:.2f}], runs on {rows[nm]['engines'][engine]['runs_on']}; {need}"
         )
     unreliable = consistency(rows)
+    machine = []
+    if "machine_before" in payload:
+        args = (payload["machine_before"], payload["machine_after"], payload.get("quiet_ceilings"))
+        machine = [machine_line(*args), ""]
+        notes = slowed(*args)
+        unreliable += [f"the machine was slowed ({'; '.join(notes)})"] if notes else []
     diffs = "; ".join(
         f"{nm}: " + ", ".join(f"{k} {v:.1e}" for k, v in row["max_abs_diff"].items()) for nm, row in rows.items()
     )
@@ -187,8 +201,7 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
         *checks,
         "",
         (
-            "**This run's timings are not reliable**: an engine that handed the model to OpenVINO and the "
-            "OpenVINO peer of the same precision ran the same runtime on the same model, yet "
+            "**This run's timings are not reliable**: "
             + "; ".join(unreliable)
             + ". No check above is a claim; rerun on a quiet machine."
             if unreliable
@@ -196,6 +209,7 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
             "OpenVINO peer of the same precision."
         ),
         "",
+        *machine,
         f"Largest difference to PyTorch f32 over the warm-up runs: {diffs}.",
     ]
     return TITLE, "\n".join(lines)

@@ -66,7 +66,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _report import in_memory, markdown_table, publish, results_path, save_results  # noqa: E402
+from _report import in_memory, load_results, markdown_table, publish, results_path, save_results  # noqa: E402
+from _roofline import machine_state  # noqa: E402
 from _speed_report import ratio_text, render, render_roofline  # noqa: E402
 from nmrestore import __version__  # noqa: E402
 from nmrestore.errors import NMRestoreError  # noqa: E402
@@ -478,6 +479,7 @@ def main() -> None:
     ratio_rows: list[dict[str, object]] = []
     uniform = {"edsr_baseline": (2, kwargs), "carn": (4, carn_kwargs)}
     with torch_threads(args.threads):
+        before = None if args.quick else machine_state()
         for name in args.models.split(","):
             scale, kw = uniform[name]
             for nm in UNIFORM:
@@ -533,6 +535,7 @@ def main() -> None:
         cp = _classpruning(size, args.repeats, kwargs)
         print(f"classpruning: {cp}", flush=True)
         threads = torch.get_num_threads()
+        after = None if args.quick else machine_state()
     wall = time.perf_counter() - started
 
     features = None
@@ -564,6 +567,9 @@ def main() -> None:
         },
         "profile": profile,
         "classpruning": cp,
+        "machine_before": before,
+        "machine_after": after,
+        "quiet_ceilings": load_results("speed_roofline")["ceilings"] if results_path("speed_roofline").exists() else None,
     }
     _finish(args, SECTION, data, render)
 

@@ -8,6 +8,10 @@ at which the engine would then have to run its kept multiply-adds (N/M of the pr
 plus the dense first and last convs), against the rate it runs them at now and against the ceilings:
 per-channel N:M masks run on the vector units (f32 FMA, or bf16 `vdpbf16ps`, which is no faster per
 MAC on this CPU), whose ceiling is the f32 GEMM rate; only dense tiles reach the AMX (bf16 GEMM) rate.
+It also gives each target's roofline: the time one forward needs at those ceilings when every conv
+reads its input and writes its output once (the bytes `speed_roofline` counts, at 4 bytes per
+value for the f32 engine and 2 for the bf16 one), so 'roofline / allowed' is the share of its
+roofline the engine must reach as a whole.
 
     .venv/bin/python benchmarks/bench_speed_targets.py            # derive from the two sections, write
     .venv/bin/python benchmarks/bench_speed_targets.py --render   # the section from its JSON
@@ -45,6 +49,7 @@ DENSE_PARTS = ("head.0", "tail.1")
 COLUMNS = [
     "target", "speed-up now", "runtime ms", "engine ms now", "engine ms allowed", "kept GMAC",
     "kept GMAC/s now", "kept GMAC/s needed", "needed / vector ceiling", "needed / AMX ceiling",
+    "roofline ms", "roofline / allowed", "roofline / now",
 ]  # fmt: skip
 
 
@@ -56,9 +61,29 @@ def kept_gmac(parts: dict[str, float], nm: str) -> float:
     return pruned * n / m + dense
 
 
+def roofline_ms(parts: dict[str, tuple[float, float]], nm: str, bf16: bool, ceilings: dict[str, float]) -> float:
+    """One forward's roofline at ``nm``: per part, compute or memory, whichever is slower, summed.
+
+    ``parts``: per part (dense GMAC, MB moved at f32). Pruned convs run N/M of their MACs on the
+    vector units; the dense first and last convs run on AMX in bf16, on the vector units in f32;
+    activations cost 2 bytes a value in bf16, 4 in f32."""
+    n, m = (int(v) for v in nm.split(":"))
+    total = 0.0
+    for name, (gmac, mb) in parts.items():
+        pruned = name.startswith(PRUNED_PARTS)
+        if not pruned and not name.startswith(DENSE_PARTS):
+            continue
+        rate = ceilings["gemm_bf16_gmacs"] if bf16 and not pruned else ceilings["gemm_f32_gmacs"]
+        macs = gmac * n / m if pruned else gmac
+        total += max(macs / rate, mb * (0.5 if bf16 else 1.0) / ceilings["copy_gbs"] / 1e3) * 1e3
+    return total
+
+
 def derive() -> dict[str, Any]:
     speed, roof = load_results("speed"), load_results("speed_roofline")
     parts = {r["part"]: float(r["dense GMAC"]) for r in roof["rows"] if r.get("dense GMAC") is not None}
+    moved = {r["part"]: (float(r["dense GMAC"]), float(r["MB moved (f32)"])) for r in roof["rows"]
+             if r.get("dense GMAC") is not None}  # fmt: skip
     rows = []
     for engine, runtime, nm, wanted in TARGETS:
         ratio_row = next(r for r in speed["ratio_rows"] if r["model"] == MODEL and r["N:M"] == nm)
@@ -74,6 +99,7 @@ def derive() -> dict[str, Any]:
                 "engine_ms": ratio_row[f"{engine} ms"],
                 "speedup_now": ratio_row[f"{engine} vs {runtime}"],
                 "kept_gmac": kept_gmac(parts, nm),
+                "roofline_ms": roofline_ms(moved, nm, engine.endswith("bf16"), roof["ceilings"]),
             }
         )
     return {
@@ -112,8 +138,18 @@ def _reading(rows: list[dict[str, Any]], vector: float) -> str:
             + " of the vector ceiling: past 100% no per-channel N:M kernel can meet them on this CPU, and near it "
             "only one whose scattered loads cost nothing. Meeting them takes AMX, that is dense tiles: masks "
             "shared by blocks of output channels (section `coarse`), or a dense fallback for the whole model that "
-            "is the fastest dense runtime itself."
+            "is the fastest dense runtime itself. "
         )
+    text += (
+        "As a whole forward, each target asks the engine to run at a share of its roofline (compute and "
+        "activation traffic at the ceilings): "
+        + ", ".join(
+            f"{r['roofline_ms'] / (r['runtime_ms'] / r['wanted']):.0%} ({r['engine']}, {r['nm']}; now "
+            f"{r['roofline_ms'] / r['engine_ms']:.0%})"
+            for r in rows
+        )
+        + "."
+    )
     return text
 
 
@@ -136,6 +172,9 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
                 "kept GMAC/s needed": f"{need:.0f}",
                 "needed / vector ceiling": f"{need / vector:.0%}",
                 "needed / AMX ceiling": f"{need / amx:.0%}",
+                "roofline ms": f"{r['roofline_ms']:.1f}",
+                "roofline / allowed": f"{r['roofline_ms'] / allowed_ms:.0%}",
+                "roofline / now": f"{r['roofline_ms'] / r['engine_ms']:.0%}",
             }
         )
     src = payload["sources"]

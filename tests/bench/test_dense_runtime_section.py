@@ -37,8 +37,24 @@ def test_a_run_where_the_same_runtime_times_apart_is_marked_unreliable() -> None
     steady = {"2:4": _row("2:4", "openvino default (bf16)", [5.0, 5.0, 5.0])}
     noisy = {"4:32": _row("4:32", "openvino default (bf16)", [12.0, 12.0, 12.0])}
     assert consistency(steady) == []
-    assert consistency(noisy) == ["4:32: openvino default peer 2.40x the time of engine bf16 running openvino default (bf16)"]
+    assert consistency(noisy) == [
+        "at 4:32 the openvino default peer took 2.40x the time of engine bf16, which ran the same model on "
+        "openvino default (bf16)"
+    ]
     payload = {"model": "m", "input": [1, 3, 4, 4], "threads": 2, "rounds": 3, "settle_s": 0.05, "kernel": "k",
                "rows": list(noisy.values())}  # fmt: skip
     _, body = render("speed_dense_runtime", payload)
     assert "**This run's timings are not reliable**" in body and "No check above is a claim" in body
+
+
+def test_a_run_on_a_slowed_machine_is_marked_unreliable() -> None:
+    steady = _row("2:4", "openvino default (bf16)", [5.0, 5.0, 5.0])
+    quiet = {"copy_gbs": 27.0, "gemm_f32_gmacs": 230.0, "gemm_bf16_gmacs": 1280.0}
+    slow = {**quiet, "gemm_bf16_gmacs": 350.0}
+    payload = {"model": "m", "input": [1, 3, 4, 4], "threads": 2, "rounds": 3, "settle_s": 0.05, "kernel": "k",
+               "rows": [steady], "machine_before": quiet, "machine_after": quiet, "quiet_ceilings": quiet}  # fmt: skip
+    _, body = render("speed_dense_runtime", payload)
+    assert "**This run's timings are not reliable**" not in body
+    assert "f32 GEMM 230 / 230 GMAC/s (quiet machine 230)" in body
+    _, body = render("speed_dense_runtime", {**payload, "machine_after": slow})
+    assert "the machine was slowed (bf16 GEMM moved from 1280 to 350; bf16 GEMM 350 against 1280 on the quiet machine)" in body

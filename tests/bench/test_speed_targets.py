@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_speed_targets import kept_gmac, render  # noqa: E402
+from bench_speed_targets import kept_gmac, render, roofline_ms  # noqa: E402
 
 PARTS = {
     "head.0 (first conv, dense)": 1.0,
@@ -29,9 +29,11 @@ def test_kept_macs_count_n_of_m_of_the_pruned_convs_and_all_of_the_dense_ones() 
 
 def _payload() -> dict[str, Any]:
     row = {"engine": "engine f32", "runtime": "openvino f32", "nm": "4:32", "wanted": 2.0,
-           "runtime_ms": 400.0, "engine_ms": 250.0, "speedup_now": 1.6, "kept_gmac": 10.0}  # fmt: skip
+           "runtime_ms": 400.0, "engine_ms": 250.0, "speedup_now": 1.6, "kept_gmac": 10.0,
+           "roofline_ms": 50.0}  # fmt: skip
     over = {**row, "engine": "engine bf16", "runtime": "openvino default", "nm": "2:4", "wanted": 1.0,
-            "runtime_ms": 50.0, "engine_ms": 100.0, "speedup_now": 0.5, "kept_gmac": 20.0}  # fmt: skip
+            "runtime_ms": 50.0, "engine_ms": 100.0, "speedup_now": 0.5, "kept_gmac": 20.0,
+            "roofline_ms": 40.0}  # fmt: skip
     sources = {"date": "d", "command": "c"}
     return {
         "model": "m", "sources": {"speed": sources, "speed_roofline": sources},
@@ -42,7 +44,21 @@ def _payload() -> dict[str, Any]:
 def test_rates_and_shares_come_from_the_rows() -> None:
     _, body = render("speed_targets", _payload())
     # 10 GMAC in 400 / 2 = 200 ms: 50 GMAC/s, 25% of 200; now 10 GMAC in 250 ms: 40 GMAC/s
-    assert "| engine f32 >= 2x openvino f32 at 4:32 | 1.60 | 400.0 | 250.0 | 200.0 | 10.00 | 40 | 50 | 25% | 5% |" in body
+    assert (
+        "| engine f32 >= 2x openvino f32 at 4:32 | 1.60 | 400.0 | 250.0 | 200.0 | 10.00 | 40 | 50 | 25% | 5% "
+        "| 50.0 | 25% | 20% |" in body
+    )
     assert "ask for 25%-25% of the vector ceiling, 1.25-1.25x the rate" in body
     # 20 GMAC in 50 ms: 400 GMAC/s, twice the vector ceiling
     assert "200% (engine bf16, 2:4)" in body
+    # roofline 50 ms of the 200 allowed, of the 250 taken now; 40 of 50 allowed, of 100 now
+    assert "25% (engine f32, 4:32; now 20%), 80% (engine bf16, 2:4; now 40%)" in body
+
+
+def test_roofline_takes_the_slower_of_compute_and_traffic_per_part() -> None:
+    ceilings = {"gemm_f32_gmacs": 100.0, "gemm_bf16_gmacs": 1000.0, "copy_gbs": 10.0}
+    parts = {"head.0 (first conv, dense)": (1.0, 50.0), "16 residual blocks": (64.0, 100.0), "MeanShift": (9.0, 9.0)}
+    # f32 at 4:32: head max(10 ms compute, 5 ms traffic); blocks max(80 ms, 10 ms); MeanShift is no conv part
+    assert roofline_ms(parts, "4:32", False, ceilings) == pytest.approx(90.0)
+    # bf16: head on AMX max(1 ms, 2.5 ms); blocks stay on the vector units max(80 ms, 5 ms)
+    assert roofline_ms(parts, "4:32", True, ceilings) == pytest.approx(82.5)
