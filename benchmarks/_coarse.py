@@ -120,7 +120,7 @@ def run_coarse(size: tuple[int, int], repeats: int, nms: tuple[str, ...]) -> lis
             n, m = (int(v) for v in text.split(":"))
             wc = coarse_weight(weight, n, m)
             kidx, apack, kpad = pack(wc)
-            out = torch.empty(64, h, w)
+            out = torch.empty(h, 64, w)  # (row, channel, column)
 
             def coarse(out: torch.Tensor = out, kidx: torch.Tensor = kidx, apack: torch.Tensor = apack,
                        kpad: int = kpad) -> int:  # fmt: skip
@@ -135,7 +135,7 @@ def run_coarse(size: tuple[int, int], repeats: int, nms: tuple[str, ...]) -> lis
                 print("coarse prototype: AMX not permitted here")
                 return []
             ref = F.conv2d(x.bfloat16().float(), wc.bfloat16().float(), bias, padding=1)[0]
-            diff = float((out - ref).abs().max())
+            diff = float((out.permute(1, 0, 2) - ref).abs().max())
             runs = {"coarse AMX": coarse, "dense f32": lambda: F.conv2d(x, weight, bias, padding=1)}
             runs["dense bf16 (oneDNN)"] = lambda: F.conv2d(xb_cl, wb_cl, bias.bfloat16(), padding=1)
             if kernel is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -140,3 +141,14 @@ def slowed(before: dict[str, float], after: dict[str, float], quiet: dict[str, f
         if quiet and key in quiet and lo < SLOW_FACTOR * quiet[key]:
             notes.append(f"{name} {lo:.0f} against {quiet[key]:.0f} on the quiet machine")
     return notes
+
+
+def machine_note(payload: dict[str, Any]) -> str:
+    """A timed section's sentence on its machine (empty for runs recorded before the probe existed):
+    the ceilings before and after, and a warning when it ran slowed."""
+    if not payload.get("machine_before"):
+        return ""
+    args = (payload["machine_before"], payload["machine_after"], payload.get("quiet_ceilings"))
+    notes = slowed(*args)
+    warning = f" **Timed on a slowed machine** ({'; '.join(notes)}): ratios only, and with care." if notes else ""
+    return machine_line(*args) + warning

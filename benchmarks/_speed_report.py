@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from _report import markdown_table
-from _roofline import machine_line, slowed
+from _roofline import machine_note
 
 TITLE = "Speed: N:M sparse inference on the CPU"
 
@@ -37,17 +37,6 @@ PEER_COLUMNS = [
     "sparse engine vs it",
     "max abs diff",
 ]
-
-
-def _machine_text(payload: dict[str, Any]) -> str:
-    """The machine's ceilings before and after the run, and a warning when it ran slowed (runs
-    recorded before the probe existed have none)."""
-    if not payload.get("machine_before"):
-        return ""
-    args = (payload["machine_before"], payload["machine_after"], payload.get("quiet_ceilings"))
-    notes = slowed(*args)
-    warning = f" **Timed on a slowed machine** ({'; '.join(notes)}): ratios only, and with care." if notes else ""
-    return machine_line(*args) + warning + "\n"
 
 
 def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
@@ -107,11 +96,13 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
         if settle
         else ""
     )
+    machine = machine_note(payload)
+    machine_text = machine + "\n" if machine else ""
     body = f"""
 Input {w}x{h} LR, {payload["threads"]} threads, {payload["warmup"]} warm-up forwards then {payload["repeats"]} interleaved rounds per model
 in one process{settle_text}; speed-up = median of the per-round dense/sparse ratios, ms = medians;
 {payload["kernel"]}. Wall time of the whole benchmark: {payload["wall_s"]:.0f} s.
-{_machine_text(payload)}The dense reference is PyTorch's own CPU conv (oneDNN) on the squashed model; "layers on kernel" counts
+{machine_text}The dense reference is PyTorch's own CPU conv (oneDNN) on the squashed model; "layers on kernel" counts
 the layer/route/shape choices that went to the sparse kernel (the rest stayed dense because dense timed
 faster); "max abs diff" is between the two models' outputs.
 

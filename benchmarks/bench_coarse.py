@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _coarse import coarse_weight, run_coarse  # noqa: E402
-from _report import markdown_table, section_main  # noqa: E402
+from _report import load_results, markdown_table, results_path, section_main  # noqa: E402
+from _roofline import machine_note, machine_state  # noqa: E402
 from bench_photos import study_config  # noqa: E402
 from nmrestore.bench.config import dense_recipe, ensure_dense, test_source  # noqa: E402
 from nmrestore.bench.context import BenchContext, per_image_columns  # noqa: E402
@@ -101,8 +102,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             run = tuned.finetune(f"coarse{BLOCK}-oneshot-{budget}", {"method": "oneshot", "n": n, "m": m})
             net = model_from_checkpoint(run.run_dir / "checkpoints" / "last.safetensors")[0].eval()
             rows.append(score(net, "coarse fine-tuned", budget))
-    speed = [] if args.no_speed else run_coarse((180, 320), args.repeats, tuple(args.budgets))
+    machine: dict[str, Any] = {}
+    speed = []
+    if not args.no_speed:
+        before = machine_state()
+        speed = run_coarse((180, 320), args.repeats, tuple(args.budgets))
+        quiet = load_results("speed_roofline")["ceilings"] if results_path("speed_roofline").exists() else None
+        machine = {"machine_before": before, "machine_after": machine_state(), "quiet_ceilings": quiet}
     return {
+        **machine,
         "dense_digest": dense.digest,
         "scale": args.scale,
         "block": BLOCK,
@@ -154,6 +162,8 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
             markdown_table(speed, list(dict.fromkeys(k for r in speed for k in r))),
             "",
         ]
+        if payload.get("machine_before"):
+            lines += [machine_note(payload), ""]
     else:
         lines += ["Speed: not measured in this run (no AMX, or `--no-speed`).", ""]
     tuned = [r for r in table if r["masks"] == "fine-tuned"]
