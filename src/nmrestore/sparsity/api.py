@@ -51,7 +51,10 @@ class NMConfig(BaseModel):
     """Uniform N:M masks from magnitude ranks (the base every method config extends).
 
     ``routes`` gives one N per route (e.g. ``[8, 16, 32]`` for ClassPruning's three classes);
-    when omitted there is one route with ``n``.
+    when omitted there is one route with ``n``. ``out_block`` > 1 shares each mask by blocks of
+    that many consecutive output channels ("coarse" N:M: a block's kept inputs form one dense
+    reduction axis, the shape of matrix units such as AMX); a layer whose output channels are not
+    a multiple of it stays dense, with that reason.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -63,6 +66,7 @@ class NMConfig(BaseModel):
     grad_mode: GradMode = GradMode.HARD
     srste_lambda: float = Field(SRSTE_LAMBDA, ge=0)
     dense_first_last: bool = True
+    out_block: int = Field(1, ge=1, le=256, description="output channels sharing one mask (1: per channel)")
 
     #: ``"module:function"`` of the method's own training program, which ``nmrestore.engine.train``
     #: runs instead of the plain Trainer loop (None: the plain loop). A dotted path rather than the
@@ -209,7 +213,11 @@ def _first_last_names(model: nn.Module) -> set[str]:
 
 
 def eligible_layers(
-    model: nn.Module, m: int, filter_fn: FilterFn | None = None, dense_first_last: bool = True
+    model: nn.Module,
+    m: int,
+    filter_fn: FilterFn | None = None,
+    dense_first_last: bool = True,
+    out_block: int = 1,
 ) -> tuple[list[LayerInfo], list[DenseLayer]]:
     """Split the model's Conv/Linear layers into prunable ones and dense ones with a reason.
 
@@ -231,11 +239,14 @@ def eligible_layers(
         in_axis = in_axis_of(module)
         groups = getattr(module, "groups", 1)
         per_group_in = shape[1] if in_axis == 1 else shape[0] // groups
+        out_channels = shape[1 - in_axis]
         reason = None
         if groups > 1 and per_group_in == 1:
             reason = "depthwise convolution"
         elif per_group_in % m:
             reason = f"{per_group_in} input channels per group, not a multiple of M={m}"
+        elif out_channels % out_block:
+            reason = f"{out_channels} output channels, not a multiple of out_block={out_block}"
         elif filter_fn is not None and not filter_fn(name, module):
             reason = "excluded by filter_fn"
         elif name in first_last:
@@ -264,6 +275,7 @@ def attach_masks(
                 layer.in_axis,
                 config.grad_mode,
                 config.srste_lambda,
+                out_block=config.out_block,
             )
         # unsafe=True: the mask keeps shape and dtype; skipping the check avoids a forward.
         parametrize.register_parametrization(layer.module, "weight", mask, unsafe=True)
@@ -286,7 +298,7 @@ def sparsify_(model: nn.Module, config: NMConfig, filter_fn: FilterFn | None = N
     config_type, handler = _METHODS[config.method]
     if not isinstance(config, config_type):
         raise SparsityError(f"method {config.method!r} needs a {config_type.__name__}, got {type(config).__name__}")
-    prunable, dense = eligible_layers(model, config.m, filter_fn, config.dense_first_last)
+    prunable, dense = eligible_layers(model, config.m, filter_fn, config.dense_first_last, config.out_block)
     if not prunable:
         reasons = "; ".join(f"{d.name}: {d.reason}" for d in dense) or "the model has no Conv/Linear layer"
         raise SparsityError(f"no layer can take {config.route_ns()[0]}:{config.m} sparsity ({reasons})")

@@ -83,6 +83,36 @@ def compute_ranks(weight: Tensor, m: int, in_axis: int = 1, criterion: Criterion
         return ranks_from_scores(criterion(weight), m, in_axis)
 
 
+def block_scores(scores: Tensor, block: int, out_axis: int = 0) -> Tensor:
+    """``scores`` summed over blocks of ``block`` consecutive output channels, every channel of a
+    block given its block's sum (same shape): ranks from it are the same for the whole block.
+
+    Why blocks: when the output channels of a block keep the same inputs, the block's kept inputs
+    form one dense reduction axis, the shape matrix units (AMX tiles) multiply."""
+    if block < 1:
+        raise SparsityError(f"out_block must be >= 1, got {block}")
+    size = scores.shape[out_axis]
+    if size % block:
+        raise SparsityError(f"{size} output channels are not a multiple of out_block={block}")
+    if block == 1:
+        return scores
+    moved = scores.movedim(out_axis, 0)
+    grouped = moved.reshape(size // block, block, *moved.shape[1:])
+    summed = grouped.sum(1, keepdim=True).expand_as(grouped).reshape(moved.shape)
+    return summed.movedim(0, out_axis)
+
+
+def blocked(criterion: Criterion, block: int, out_axis: int = 0) -> Criterion:
+    """``criterion`` with its scores shared by blocks of output channels (see :func:`block_scores`)."""
+    if block == 1:
+        return criterion
+
+    def score(weight: Tensor) -> Tensor:
+        return block_scores(criterion(weight), block, out_axis)
+
+    return score
+
+
 def ranks_are_permutations(ranks: Tensor, m: int, in_axis: int = 1) -> bool:
     """True when every group of ``ranks`` holds each of 0..M-1 exactly once.
 

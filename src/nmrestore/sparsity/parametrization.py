@@ -66,6 +66,8 @@ class NMMask(nn.Module):
         grad_mode: how gradients pass the mask.
         srste_lambda: decay on pruned weights in ``srste`` mode.
         criterion: importance used by :meth:`refresh`.
+        out_block: output channels that share one mask (1: each chooses its own); the criterion's
+            scores are summed over each block, so ranks, refreshes included, stay block-shared.
     """
 
     def __init__(
@@ -77,9 +79,15 @@ class NMMask(nn.Module):
         grad_mode: GradMode | str = GradMode.HARD,
         srste_lambda: float = SRSTE_LAMBDA,
         criterion: nm.Criterion = nm.magnitude,
+        out_block: int = 1,
     ) -> None:
         super().__init__()
         nm.check_divisible(weight.shape, m, in_axis)
+        out_axis = 1 - in_axis  # (O, I, ...) weights: 0; ConvTranspose's (I, O, ...): 1
+        if out_block < 1 or weight.shape[out_axis] % out_block:
+            raise SparsityError(
+                f"{weight.shape[out_axis]} output channels are not a multiple of out_block={out_block}"
+            )
         per_route = [n] if isinstance(n, int) else list(n)
         for value in per_route:
             if not 1 <= value <= m:
@@ -88,9 +96,10 @@ class NMMask(nn.Module):
         self.in_axis = in_axis
         self.grad_mode = GradMode(grad_mode)
         self.srste_lambda = srste_lambda
-        self.criterion = criterion
+        self.out_block = out_block
+        self.criterion = nm.blocked(criterion, out_block, out_axis)
         self.route = 0
-        self.register_buffer("ranks", nm.compute_ranks(weight, m, in_axis, criterion))
+        self.register_buffer("ranks", nm.compute_ranks(weight, m, in_axis, self.criterion))
         self.register_buffer("route_n", torch.tensor(per_route, dtype=torch.int64))
         self._mask_cache: dict[int, Tensor] = {}
 
@@ -164,7 +173,8 @@ class NMMask(nn.Module):
 
     def extra_repr(self) -> str:
         ns = ",".join(str(int(v)) for v in self.route_n)
-        return f"N={ns}, M={self.m}, grad_mode={self.grad_mode.value}"
+        block = f", out_block={self.out_block}" if self.out_block > 1 else ""
+        return f"N={ns}, M={self.m}, grad_mode={self.grad_mode.value}{block}"
 
 
 # -- helpers over models ----------------------------------------------------------------------

@@ -53,6 +53,8 @@ class FilterConfig(NMConfig):
 
     @model_validator(mode="after")
     def _one_target(self) -> FilterConfig:
+        if self.out_block != 1:
+            raise ValueError("filter pruning removes whole channels; out_block is for N:M masks (use 1)")
         if (self.target_macs_fraction is None) == (self.budget is None):
             raise ValueError(
                 "filter pruning needs exactly one of target_macs_fraction or budget (e.g. '8:32')"

@@ -63,6 +63,8 @@ class PNGConfig(NMConfig):
 
     @model_validator(mode="after")
     def _png_ranges(self) -> PNGConfig:
+        if self.out_block != 1:
+            raise ValueError("png grows each task's positions per output channel; it has no out_block (use 1)")
         if not 1 <= len(self.ns) <= MAX_TASKS:
             raise ValueError(f"ns needs one N per task (1..{MAX_TASKS} tasks), got {len(self.ns)}")
         if self.tasks is not None and len(self.tasks) != len(self.ns):

@@ -30,6 +30,7 @@ def _mask_factory(config: SLSConfig) -> Callable[[LayerInfo], NMMask]:
             config.srste_lambda,
             config.score_init,
             config.score_clamp,
+            out_block=config.out_block,
         )
 
     return make

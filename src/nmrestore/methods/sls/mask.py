@@ -45,8 +45,9 @@ class SLSMask(NMMask):
         score_init: float = 1.0,
         score_clamp: float = 1.03,
         criterion: nm.Criterion = nm.magnitude,
+        out_block: int = 1,
     ) -> None:
-        super().__init__(weight, m, m, in_axis, grad_mode, srste_lambda, criterion)
+        super().__init__(weight, m, m, in_axis, grad_mode, srste_lambda, criterion, out_block)
         if m < 2:
             raise SparsityError(f"sls needs M >= 2, got {m}")
         self.score_clamp = float(score_clamp)
