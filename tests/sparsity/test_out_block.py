@@ -123,3 +123,11 @@ def test_srste_trains_block_masks_and_the_checkpoint_reloads_them(tmp_path: Path
     result.model.eval()
     assert torch.equal(reloaded(x), result.model(x))
     check_nm(reloaded)
+
+
+def test_the_default_out_block_leaves_a_recipe_dump_as_it_was() -> None:
+    # cached benchmark runs and saved checkpoints compare recipe dumps: a new default must not show
+    assert "out_block" not in NMConfig(n=2, m=4).model_dump()
+    assert "out_block" not in SLSConfig(m=8, budget=0.5).model_dump(mode="json")
+    dumped = NMConfig(n=2, m=4, out_block=16).model_dump(mode="json")
+    assert dumped["out_block"] == 16 and NMConfig.model_validate(dumped) == NMConfig(n=2, m=4, out_block=16)

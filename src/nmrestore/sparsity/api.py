@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+    model_validator,
+)
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
@@ -85,6 +92,15 @@ class NMConfig(BaseModel):
 
     def route_ns(self) -> tuple[int, ...]:
         return self.routes if self.routes else (self.n,)
+
+    @model_serializer(mode="wrap")
+    def _without_default_block(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # out_block came after recipes were saved in checkpoints and cached runs were keyed by their
+        # dump: leaving the default out keeps every earlier recipe, digest and resume the same
+        data: dict[str, Any] = handler(self)
+        if self.out_block == 1:
+            data.pop("out_block", None)
+        return data
 
 
 class Controller:
