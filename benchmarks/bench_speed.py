@@ -58,7 +58,6 @@ import sys
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -66,9 +65,17 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _report import in_memory, load_results, markdown_table, publish, results_path, save_results  # noqa: E402
+from _report import load_results, markdown_table, publish, results_path  # noqa: E402
 from _roofline import machine_state  # noqa: E402
-from _speed_report import ratio_text, render, render_roofline  # noqa: E402
+from _speed_parts import (  # noqa: E402
+    finish,
+    profile_models,
+    profile_only,
+    profile_parts,
+    roofline_only,
+    uniform_model,
+)
+from _speed_report import ratio_text, render  # noqa: E402
 from nmrestore import __version__  # noqa: E402
 from nmrestore.errors import NMRestoreError  # noqa: E402
 from nmrestore.export.peers import available_peers, open_peers, parse_peers, peer_rows  # noqa: E402
@@ -85,25 +92,16 @@ from nmrestore.runtime.speed import (  # noqa: E402
     Peer,
     SpeedReport,
     measure_speed,
-    profile_modules,
     torch_threads,
 )
 from nmrestore.runtime.timing import PEER_SETTLE_S, interleaved, paired_median  # noqa: E402
-from nmrestore.sparsity import NMConfig, nm_layers, sparsify_, squash_  # noqa: E402
+from nmrestore.sparsity import nm_layers, sparsify_, squash_  # noqa: E402
 
 SECTION = "speed"
 UNIFORM = ("2:4", "8:32", "4:32", "2:32")
 SLS_STEPS = 150  # search in the first half, then fine-tune with N frozen (nmrestore.bench.sls.sls_settings)
 SLS_BUDGET = 0.125  # of the prunable MACs: the average of uniform 4:32
 WARMUP = 2  # untimed forwards of each model before the interleaved rounds
-
-
-def _uniform(name: str, scale: int, nm: str, kwargs: dict[str, object]) -> nn.Module:
-    n, m = (int(v) for v in nm.split(":"))
-    torch.manual_seed(0)
-    model = create_model(name, scale=scale, **kwargs)
-    sparsify_(model, NMConfig(n=n, m=m))
-    return model.eval()
 
 
 def sls_recipe(steps: int = SLS_STEPS, budget: float = SLS_BUDGET, quick: bool = False) -> object:
@@ -273,41 +271,6 @@ def _ratio_row(model: str, nm: str, report: SpeedReport) -> dict[str, object]:
     return row
 
 
-def _group(name: str, kind: str, model: str) -> str:
-    if kind == "ReLU":
-        return "ReLU"
-    if kind == "PixelShuffle":
-        return "pixel shuffle (dense only; fused into the upsampler conv on the engines)"
-    if name == "(other)":
-        return "rest: long skip sum, Python"
-    if model == "edsr":
-        if name == "head.0":
-            return "head.0 (first conv, dense)"
-        if name == "tail.1":
-            return "tail.1 (last conv, dense)"
-        if name.startswith("tail.0"):
-            return "tail.0.0 upsampler conv 64->256 (engines: with the fused pixel shuffle)"
-        if kind in ("ResBlock", "FusedResidual"):
-            return "16 residual blocks (2 convs 64->64, ReLU, skip sum)"
-        if name.startswith("body"):
-            return "body.16 conv 64->64"
-    return kind
-
-
-def _profile(models: dict[str, nn.Module], x: torch.Tensor, repeats: int) -> list[dict[str, object]]:
-    grouped: dict[str, dict[str, float]] = defaultdict(dict)
-    totals: dict[str, float] = {}
-    for label, model in models.items():
-        rows, total = profile_modules(model, x, repeats)
-        totals[label] = total
-        for row in rows:
-            key = _group(row.name, row.kind, "edsr")
-            grouped[key][label] = grouped[key].get(label, 0.0) + row.ms
-    out = [{"part": part, **{f"{k} ms": v for k, v in values.items()}} for part, values in grouped.items()]
-    out.append({"part": "total (one forward)", **{f"{k} ms": v for k, v in totals.items()}})
-    return out
-
-
 def _classpruning(size: tuple[int, int], repeats: int, kwargs: dict[str, object]) -> dict[str, object]:
     from nmrestore.methods.classpruning import ClassPruningConfig
     from nmrestore.methods.classpruning.classifier import calibrate_shift, classifier_logits, route_classifier
@@ -445,7 +408,7 @@ def main() -> None:
     precision = "f32" if args.precision == "both" else args.precision
     config = EngineConfig(tactic="auto", timing_repeats=3, precision=precision)
     if args.roofline:
-        _roofline_only(args, size, kwargs, status.summary(), started)
+        roofline_only(args, size, kwargs, status.summary(), started)
         return
     if args.quality:
         from _quality import run_quality
@@ -461,7 +424,7 @@ def main() -> None:
             "wall_s": time.perf_counter() - started,
             "rows": quality_rows,
         }
-        _finish(args, "speed_quality", data, render)
+        finish(args, "speed_quality", data, render)
         return
     if args.coarse:
         from _coarse import run_coarse
@@ -472,7 +435,7 @@ def main() -> None:
             print(markdown_table(coarse_rows, list(dict.fromkeys(k for r in coarse_rows for k in r))))
         return
     if args.profile_only:
-        _profile_only(args, size, kwargs, config, status.summary(), started)
+        profile_only(args, size, kwargs, config, status.summary(), started)
         return
     rows: list[dict[str, object]] = []
     peer_table_rows: list[dict[str, object]] = []
@@ -483,7 +446,7 @@ def main() -> None:
         for name in args.models.split(","):
             scale, kw = uniform[name]
             for nm in UNIFORM:
-                model = _uniform(name, scale, nm, kw)
+                model = uniform_model(name, scale, nm, kw)
                 with contextlib.ExitStack() as stack:
                     peers = stack.enter_context(
                         open_peers(model, peer_names, torch.get_num_threads(), (1, 3, *size))
@@ -524,13 +487,8 @@ def main() -> None:
         peer_table_rows += peer_rows(sls_report, sls_label, f"SLS {fraction:.1%}")
         print(f"{sls_report.model}: {_fmt_row(rows[-1])}", flush=True)
 
-        profile_models: dict[str, nn.Module] = {}
         x = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0))
-        base = _uniform("edsr_baseline", 2, "4:32", kwargs)
-        profile_models["dense"] = squash_(copy.deepcopy(base))
-        profile_models["4:32 engine"] = compile_sparse(base, config)
-        profile_models["2:32 engine"] = compile_sparse(_uniform("edsr_baseline", 2, "2:32", kwargs), config)
-        profile = _profile(profile_models, x, args.repeats)
+        profile = profile_parts(profile_models(kwargs, config), x, args.repeats)
 
         cp = _classpruning(size, args.repeats, kwargs)
         print(f"classpruning: {cp}", flush=True)
@@ -571,123 +529,7 @@ def main() -> None:
         "machine_after": after,
         "quiet_ceilings": load_results("speed_roofline")["ceilings"] if results_path("speed_roofline").exists() else None,
     }
-    _finish(args, SECTION, data, render)
-
-
-def _finish(args: argparse.Namespace, key: str, data: dict[str, Any], renderer: Any) -> None:
-    """Print the section; save its JSON and publish it unless ``--no-write`` or ``--quick``."""
-    write = not args.no_write and not args.quick
-    payload = save_results(key, data) if write else in_memory(data)
-    print(renderer(key, payload)[1])
-    if write:
-        publish(key, renderer)
-        print(f"{results_path(key).relative_to(ROOT)} and section {key!r} of docs/BENCHMARKS.md written")
-
-
-def _profile_models(kwargs: dict[str, object], config: EngineConfig) -> dict[str, nn.Module]:
-    base = _uniform("edsr_baseline", 2, "4:32", kwargs)
-    return {
-        "dense": squash_(copy.deepcopy(base)),
-        "4:32 engine": compile_sparse(base, config),
-        "2:32 engine": compile_sparse(_uniform("edsr_baseline", 2, "2:32", kwargs), config),
-    }
-
-
-def _profile_only(
-    args: argparse.Namespace,
-    size: tuple[int, int],
-    kwargs: dict[str, object],
-    config: EngineConfig,
-    kernel: str,
-    started: float,
-) -> None:
-    with torch_threads(args.threads):
-        x = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0))
-        profile = _profile(_profile_models(kwargs, config), x, args.repeats)
-        threads = torch.get_num_threads()
-    data = {
-        "size": list(size),
-        "threads": threads,
-        "repeats": args.repeats,
-        "kernel": kernel,
-        "wall_s": time.perf_counter() - started,
-        "profile": profile,
-    }
-    _finish(args, "speed_profile", data, render)
-
-
-def _conv_part(name: str) -> str:
-    """The profile part (``_group``'s label) a conv of EDSR-baseline belongs to."""
-    if name.startswith("body.") and ".body." in name:
-        return _group(name, "ResBlock", "edsr")
-    return _group(name, "Conv2d", "edsr")
-
-
-def _roofline_only(
-    args: argparse.Namespace, size: tuple[int, int], kwargs: dict[str, object], kernel: str, started: float
-) -> None:
-    from _roofline import measure_ceilings, part_costs, roof_ms
-
-    variants = [("dense f32", None, "f32"), ("dense bf16", None, "bf16")]
-    variants += [(f"{nm} engine {p}", nm, p) for nm in ("4:32", "2:32") for p in ("f32", "bf16")]
-    with torch_threads(args.threads):
-        ceilings = measure_ceilings(args.repeats)
-        x = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0))
-        models: dict[str, nn.Module] = {}
-        densities: dict[str, float] = {}
-        for label, nm, precision in variants:
-            base = _uniform("edsr_baseline", 2, nm or "4:32", kwargs)
-            if nm is None:  # PyTorch dense, f32 or bf16 (the bf16 engine forced dense: oneDNN bf16 convs)
-                dense = squash_(copy.deepcopy(base)).eval()
-                models[label] = (
-                    dense
-                    if precision == "f32"
-                    else compile_sparse(base, EngineConfig(tactic="dense", precision="bf16"))
-                )
-            else:
-                models[label] = compile_sparse(base, EngineConfig(timing_repeats=3, precision=precision))
-                n, m = (int(v) for v in nm.split(":"))
-                densities[nm] = n / m
-        probe = squash_(_uniform("edsr_baseline", 2, "4:32", kwargs))
-        costs = part_costs(probe, x, _conv_part, lambda name: 1.0)
-        sparse_costs = {
-            nm: part_costs(probe, x, _conv_part, lambda name, d=d: 1.0 if name in ("head.0", "tail.1") else d)
-            for nm, d in densities.items()
-        }
-        profile = _profile(models, x, args.repeats)
-        threads = torch.get_num_threads()
-    rows = []
-    for row in profile:
-        part = str(row["part"])
-        out: dict[str, object] = {"part": part}
-        for label, nm, precision in variants:
-            out[f"{label} ms"] = row.get(f"{label} ms", "")
-            cost = (sparse_costs[nm] if nm else costs).get(part)
-            if cost is not None:
-                out[f"{label} roof"] = roof_ms(
-                    cost, ceilings, sparse=nm is not None, bf16=precision == "bf16"
-                )
-        if part in costs:
-            out["dense GMAC"] = costs[part].macs / 1e9
-            out["MB moved (f32)"] = costs[part].values * 4 / 1e6
-        rows.append(out)
-    cols = ["part", "dense GMAC", "MB moved (f32)"]
-    cols += [f"{label} {what}" for label, _, _ in variants for what in ("ms", "roof")]
-    data = {
-        "threads": threads,
-        "repeats": args.repeats,
-        "size": list(size),
-        "kernel": kernel,
-        "wall_s": time.perf_counter() - started,
-        "ceilings": {
-            "copy_gbs": ceilings.copy_gbs,
-            "gemm_f32_gmacs": ceilings.gemm_f32_gmacs,
-            "gemm_bf16_gmacs": ceilings.gemm_bf16_gmacs,
-        },
-        "columns": cols,
-        "rows": rows,
-    }
-    _finish(args, "speed_roofline", data, render_roofline)
+    finish(args, SECTION, data, render)
 
 
 if __name__ == "__main__":
