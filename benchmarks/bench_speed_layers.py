@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _report import markdown_table, section_main  # noqa: E402
-from bench_speed import _uniform  # noqa: E402
+from _speed_parts import uniform_model  # noqa: E402
 from nmrestore.export.peers import available_peers, open_peers  # noqa: E402
 from nmrestore.runtime import EngineConfig, compile_sparse, engine_state  # noqa: E402
 from nmrestore.runtime.engine import bf16_allowed  # noqa: E402
@@ -96,7 +96,7 @@ def layers_of(engine: nn.Module) -> dict[str, SparseConv2d]:
 
 def measure(rounds: int, threads: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
-    model = _uniform("edsr_baseline", 2, "4:32", {}).eval()
+    model = uniform_model("edsr_baseline", 2, "4:32", {}).eval()
     x = torch.rand(1, 3, 180, 320)
     engines = {ENGINE_F32: compile_sparse(model, EngineConfig(tactic="auto", timing_repeats=3))}
     if bf16_allowed("auto"):
