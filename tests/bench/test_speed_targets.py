@@ -33,7 +33,7 @@ def _payload() -> dict[str, Any]:
            "roofline_ms": 50.0}  # fmt: skip
     over = {**row, "engine": "engine bf16", "runtime": "openvino default", "nm": "2:4", "wanted": 1.0,
             "runtime_ms": 50.0, "engine_ms": 100.0, "speedup_now": 0.5, "kept_gmac": 20.0,
-            "roofline_ms": 40.0}  # fmt: skip
+            "roofline_ms": 40.0, "coarse_roofline_ms": 20.0, "runtime_roofline_ms": 40.0}  # fmt: skip
     sources = {"date": "d", "command": "c"}
     return {
         "model": "m", "sources": {"speed": sources, "speed_roofline": sources},
@@ -46,13 +46,16 @@ def test_rates_and_shares_come_from_the_rows() -> None:
     # 10 GMAC in 400 / 2 = 200 ms: 50 GMAC/s, 25% of 200; now 10 GMAC in 250 ms: 40 GMAC/s
     assert (
         "| engine f32 >= 2x openvino f32 at 4:32 | 1.60 | 400.0 | 250.0 | 200.0 | 10.00 | 40 | 50 | 25% | 5% "
-        "| 50.0 | 25% | 20% |" in body
+        "| 50.0 | 25% | 20% | - | - |" in body
     )
     assert "ask for 25%-25% of the vector ceiling, 1.25-1.25x the rate" in body
     # 20 GMAC in 50 ms: 400 GMAC/s, twice the vector ceiling
     assert "200% (engine bf16, 2:4)" in body
     # roofline 50 ms of the 200 allowed, of the 250 taken now; 40 of 50 allowed, of 100 now
     assert "25% (engine f32, 4:32; now 20%), 80% (engine bf16, 2:4; now 40%)" in body
+    # coarse roofline 20 ms of the 50 allowed; the runtime's own roofline 40 ms of its 50 ms
+    assert "| 20.0 | 40% |" in body
+    assert "would ask for 40% (2:4) of that roofline" in body and "dense model at 80% (2:4)" in body
 
 
 def test_roofline_takes_the_slower_of_compute_and_traffic_per_part() -> None:
@@ -62,3 +65,5 @@ def test_roofline_takes_the_slower_of_compute_and_traffic_per_part() -> None:
     assert roofline_ms(parts, "4:32", False, ceilings) == pytest.approx(90.0)
     # bf16: head on AMX max(1 ms, 2.5 ms); blocks stay on the vector units max(80 ms, 5 ms)
     assert roofline_ms(parts, "4:32", True, ceilings) == pytest.approx(82.5)
+    # coarse: the blocks on AMX too, max(8 ms, 5 ms)
+    assert roofline_ms(parts, "4:32", True, ceilings, coarse=True) == pytest.approx(10.5)
