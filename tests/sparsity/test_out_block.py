@@ -13,11 +13,12 @@ from torch import nn
 
 from nmrestore.engine.runner import model_from_checkpoint, train
 from nmrestore.errors import SparsityError
+from nmrestore.methods.classpruning.config import ClassPruningConfig
 from nmrestore.methods.filter.config import FilterConfig
 from nmrestore.methods.png.config import PNGConfig
 from nmrestore.methods.sls.config import SLSConfig
 from nmrestore.recipes import recipe_from_dict
-from nmrestore.sparsity import NMConfig, NMMask, check_nm, nm, nm_layers, refresh_, sparsify_
+from nmrestore.sparsity import NMConfig, NMMask, check_nm, nm, nm_layers, refresh_, sparsify_, use_route
 from tests.conftest import tiny_recipe_dict
 
 
@@ -131,3 +132,13 @@ def test_the_default_out_block_leaves_a_recipe_dump_as_it_was() -> None:
     assert "out_block" not in SLSConfig(m=8, budget=0.5).model_dump(mode="json")
     dumped = NMConfig(n=2, m=4, out_block=16).model_dump(mode="json")
     assert dumped["out_block"] == 16 and NMConfig.model_validate(dumped) == NMConfig(n=2, m=4, out_block=16)
+
+
+def test_every_classpruning_route_keeps_its_blocks_shared() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 3, 3))
+    sparsify_(model, ClassPruningConfig(m=8, routes=(2, 4, 8), out_block=4, classifier_channels=4))
+    for route in range(3):
+        with use_route(model, route):
+            for _, _, mask in nm_layers(model):
+                blocks = mask.mask().view(2, 4, 8, 3, 3)
+                assert torch.equal(blocks, blocks[:, :1].expand_as(blocks))

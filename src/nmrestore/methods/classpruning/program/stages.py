@@ -186,6 +186,7 @@ def _stage_routes(ctx: _Context, model: nn.Module, dense_state: dict[str, Tensor
             anneal_interval=max(1, steps // 20),
             score_lr=0.01,
             dense_first_last=config.dense_first_last,
+            out_block=config.out_block,  # search N over the masks the routes will have
         )
         report = sparsify_(search, sls)
         search.to(ctx.dist.device)
