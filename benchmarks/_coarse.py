@@ -1,5 +1,7 @@
-"""``bench_speed.py --coarse``: the coarse N:M prototype (``proto/coarse_amx.cpp``) against the
-engine's per-channel N:M kernels and dense PyTorch, one EDSR body conv (64->64, 3x3), speed only.
+"""The coarse N:M prototype (``proto/coarse_amx.cpp``), speed only, for ``bench_coarse.py`` and
+``bench_speed.py --coarse``: one EDSR body conv (64->64, 3x3) against the engine's per-channel N:M
+kernels and dense PyTorch (``run_coarse``), and one residual block with the epilogue fused against
+oneDNN's dense bf16 block (``run_coarse_block``).
 
 "Coarse" N:M: the 16 output channels of a block keep the same N of every M input channels at each
 kernel position (chosen here by the block's summed magnitudes), so the block's kept inputs form a
@@ -55,7 +57,8 @@ def build(folder: Path) -> ctypes.CDLL | str:
     lib = ctypes.CDLL(str(out))
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.coarse_conv3x3.restype = ctypes.c_int
-    lib.coarse_conv3x3.argtypes = [p, i64, i64, i64, i64, i64, p, p, i64, i64, p, p, ctypes.c_int]
+    lib.coarse_conv3x3.argtypes = [p, i64, i64, i64, i64, i64, p, p, i64, i64, p, p, ctypes.c_int, p, p,
+                                   ctypes.c_int]  # fmt: skip
     return lib
 
 
@@ -127,7 +130,7 @@ def run_coarse(size: tuple[int, int], repeats: int, nms: tuple[str, ...]) -> lis
                 return int(
                     lib.coarse_conv3x3(
                         xpad.data_ptr(), 64, h, w, xpad.shape[2], LEFT, kidx.data_ptr(), apack.data_ptr(),
-                        64, kpad, bias.data_ptr(), out.data_ptr(), torch.get_num_threads(),
+                        64, kpad, bias.data_ptr(), None, 0, out.data_ptr(), None, torch.get_num_threads(),
                     )
                 )  # fmt: skip
 
@@ -173,4 +176,68 @@ def run_coarse(size: tuple[int, int], repeats: int, nms: tuple[str, ...]) -> lis
             row["max abs diff vs bf16 ref"] = f"{diff:.1e}"
             rows.append(row)
             print(row, flush=True)
+    return rows
+
+
+def run_coarse_block(size: tuple[int, int], repeats: int, nms: tuple[str, ...]) -> list[dict[str, object]]:
+    """One EDSR residual block (conv, ReLU, conv, + skip; 64 channels), coarse against dense bf16.
+
+    Coarse: the two convs on the prototype with the epilogue fused: the first writes only the bf16
+    input of the second (ReLU applied), the second adds the f32 skip and writes the f32 block output
+    and the bf16 input of the next block, as an engine would hand them over. Dense bf16: oneDNN's
+    channels-last bf16 convs with the skip added in bf16 (the cheapest dense form: no f32 pass).
+    Per N:M: ms of both (interleaved), the speed-up, and the coarse output's largest difference to
+    an f32 reference on the bf16-rounded input and weights."""
+    rows: list[dict[str, object]] = []
+    with tempfile.TemporaryDirectory(prefix="nmrestore-coarse-") as folder:
+        lib = build(Path(folder))
+        if isinstance(lib, str):
+            print(f"coarse block skipped: {lib}")
+            return []
+        h, w = size
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(1, 64, h, w, generator=g)
+        w1, w2 = (torch.randn(64, 64, 3, 3, generator=g) * 0.05 for _ in range(2))
+        b1, b2 = (torch.randn(64, generator=g) * 0.1 for _ in range(2))
+        xpad = padded_bf16(x)
+        x_rows = x[0].permute(1, 0, 2).contiguous()  # (H, C, W): the f32 skip in the prototype's layout
+        mid16, next16 = torch.zeros_like(xpad), torch.zeros_like(xpad)
+        out = torch.empty(h, 64, w)
+        xb = x.to(torch.bfloat16, memory_format=torch.channels_last)
+        d1, d2 = (c.to(torch.bfloat16, memory_format=torch.channels_last) for c in (w1, w2))
+        bb1, bb2 = b1.bfloat16(), b2.bfloat16()
+        threads, width = torch.get_num_threads(), xpad.shape[2]
+
+        def dense() -> torch.Tensor:
+            return F.conv2d(F.relu(F.conv2d(xb, d1, bb1, padding=1)), d2, bb2, padding=1) + xb
+
+        for text in nms:
+            n, m = (int(v) for v in text.split(":"))
+            c1, c2 = coarse_weight(w1, n, m), coarse_weight(w2, n, m)
+            (k1, a1, p1), (k2, a2, p2) = pack(c1), pack(c2)
+
+            def coarse(k1: torch.Tensor = k1, a1: torch.Tensor = a1, p1: int = p1, k2: torch.Tensor = k2,
+                       a2: torch.Tensor = a2, p2: int = p2) -> None:  # fmt: skip
+                lib.coarse_conv3x3(xpad.data_ptr(), 64, h, w, width, LEFT, k1.data_ptr(), a1.data_ptr(), 64, p1,
+                                   b1.data_ptr(), None, 1, None, mid16.data_ptr(), threads)  # fmt: skip
+                lib.coarse_conv3x3(mid16.data_ptr(), 64, h, w, width, LEFT, k2.data_ptr(), a2.data_ptr(), 64, p2,
+                                   b2.data_ptr(), x_rows.data_ptr(), 0, out.data_ptr(), next16.data_ptr(),
+                                   threads)  # fmt: skip
+
+            coarse()
+            xr = x.bfloat16().float()
+            mid = F.relu(F.conv2d(xr, c1.bfloat16().float(), b1, padding=1)).bfloat16().float()
+            ref = F.conv2d(mid, c2.bfloat16().float(), b2, padding=1) + x
+            diff = float((out.permute(1, 0, 2) - ref[0]).abs().max())
+            handed = float((next16[1 : h + 1, :, LEFT : LEFT + w].float() - out.bfloat16().float()).abs().max())
+            t = interleaved({"coarse block": coarse, "dense bf16 block": dense}, repeats, warmup=1)
+            rows.append({
+                "N:M": text,
+                "coarse block ms": t.median("coarse block") * 1e3,
+                "dense bf16 (oneDNN) block ms": t.median("dense bf16 block") * 1e3,
+                "coarse vs dense bf16": t.speedup("coarse block", "dense bf16 block"),
+                "max abs diff vs f32 ref": f"{diff:.1e}",
+                "hand-off = output": "yes" if handed == 0 else f"no ({handed:.1e})",
+            })  # fmt: skip
+            print(rows[-1], flush=True)
     return rows

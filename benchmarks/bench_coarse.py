@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _coarse import coarse_weight, run_coarse  # noqa: E402
+from _coarse import coarse_weight, run_coarse, run_coarse_block  # noqa: E402
 from _report import load_results, markdown_table, results_path, section_main  # noqa: E402
 from _roofline import machine_note, machine_state  # noqa: E402
 from bench_photos import study_config  # noqa: E402
@@ -115,10 +115,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             entries = sum(v.numel() for v in fixed.values())
             rows.append({**score(net, "coarse SR-STE", budget), "mask_changed": changed, "mask_entries": entries})
     machine: dict[str, Any] = {}
-    speed = []
+    speed: list[dict[str, object]] = []
+    block_speed: list[dict[str, object]] = []
     if not args.no_speed:
         before = machine_state()
         speed = run_coarse((180, 320), args.repeats, tuple(args.budgets))
+        block_speed = run_coarse_block((180, 320), args.repeats, tuple(args.budgets))
         quiet = load_results("speed_roofline")["ceilings"] if results_path("speed_roofline").exists() else None
         machine = {"machine_before": before, "machine_after": machine_state(), "quiet_ceilings": quiet}
     return {
@@ -128,6 +130,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "block": BLOCK,
         "rows": rows,
         "speed": speed,
+        "block_speed": block_speed,
         "speed_repeats": args.repeats,
     }
 
@@ -177,6 +180,17 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
             markdown_table(speed, list(dict.fromkeys(k for r in speed for k in r))),
             "",
         ]
+        if payload.get("block_speed"):
+            block = payload["block_speed"]
+            lines += [
+                "One EDSR residual block (conv, ReLU, conv, + skip; 64 channels, 320x180, same rounds): the "
+                "prototype with its epilogue fused as an engine would run it (the first conv writes the second's "
+                "bf16 input, ReLU applied; the second adds the f32 skip and writes the f32 output and the next "
+                "block's bf16 input) against oneDNN's dense bf16 block (channels-last, skip added in bf16).",
+                "",
+                markdown_table(block, list(dict.fromkeys(k for r in block for k in r))),
+                "",
+            ]
         if payload.get("machine_before"):
             lines += [machine_note(payload), ""]
     else:

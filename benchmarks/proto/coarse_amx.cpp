@@ -1,7 +1,8 @@
 // Prototype (speed only, not used by nmrestore): a 3x3 stride-1 conv whose N:M mask is shared by
 // blocks of 16 output channels ("coarse" N:M: the 16 channels of a block keep the same N input
 // channels of every M at each kernel position), run on AMX tiles. Built and timed by
-// benchmarks/bench_speed.py --coarse against the engine's per-channel N:M kernels.
+// benchmarks/bench_coarse.py (and bench_speed.py --coarse) against the engine's per-channel N:M
+// kernels and oneDNN's dense bf16 conv, alone and as a residual block with its epilogue fused.
 //
 // Why the coarse pattern can use AMX and per-channel N:M cannot: a tile product C[16 o][16 px] +=
 // A[16 o][32 k] x B[32 k][16 px] needs the 16 output channels to read the same 32 inputs k. With
@@ -48,10 +49,14 @@ extern "C" {
 
 // kidx: per output block, kpad entries (kh*3+kw)*C + c (padded entries repeat a valid one);
 // apack: per block, kpad/32 A tiles of [16 o][32 k] bf16 (zero weights on padded k).
+// Epilogue, fused: + bias, + residual (f32, (H, O, W), or null), ReLU when relu; then stored to
+// out (f32, (H, O, W), or null) and to out16 (or null): a bf16 input for the next such conv, laid
+// out as x is (H + 3 rows of O channels of `width` elements, interior from row 1, column `left`;
+// its zero border written once by the caller).
 // Returns 0, or -1 when AMX cannot be used.
 int coarse_conv3x3(const uint16_t* x, int64_t C, int64_t H, int64_t W, int64_t width, int64_t left,
                    const int32_t* kidx, const uint16_t* apack, int64_t O, int64_t kpad, const float* bias,
-                   float* out, int nthreads) {
+                   const float* residual, int relu, float* out, uint16_t* out16, int nthreads) {
   if (!amx_permitted() || W % 64 || O % 16 || kpad % 32) return -1;
   const int64_t row = C * width, blocks = O / 16, steps = kpad / 32;
   const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
@@ -104,13 +109,27 @@ int coarse_conv3x3(const uint16_t* x, int64_t C, int64_t H, int64_t W, int64_t w
           _tile_stored(2, ct[2], 64);
           _tile_stored(3, ct[3], 64);
           for (int r = 0; r < 16; ++r) {
-            const int64_t o = ob * 16 + r;
-            float* dst = out + (y * O + o) * W + xb;
-            const __m512 b = _mm512_set1_ps(bias ? bias[o] : 0.f);
+            const int64_t o = ob * 16 + r, at = (y * O + o) * W + xb;
+            const __m512 b = _mm512_set1_ps(bias ? bias[o] : 0.f), zero = _mm512_setzero_ps();
             for (int g = 0; g < 2; ++g) {
               const __m512 lo = _mm512_load_ps(ct[2 * g][r]), hi = _mm512_load_ps(ct[2 * g + 1][r]);
-              _mm512_storeu_ps(dst + 32 * g, _mm512_add_ps(_mm512_permutex2var_ps(lo, first, hi), b));
-              _mm512_storeu_ps(dst + 32 * g + 16, _mm512_add_ps(_mm512_permutex2var_ps(lo, second, hi), b));
+              __m512 v0 = _mm512_add_ps(_mm512_permutex2var_ps(lo, first, hi), b);
+              __m512 v1 = _mm512_add_ps(_mm512_permutex2var_ps(lo, second, hi), b);
+              if (residual) {
+                v0 = _mm512_add_ps(v0, _mm512_loadu_ps(residual + at + 32 * g));
+                v1 = _mm512_add_ps(v1, _mm512_loadu_ps(residual + at + 32 * g + 16));
+              }
+              if (relu) {
+                v0 = _mm512_max_ps(v0, zero);
+                v1 = _mm512_max_ps(v1, zero);
+              }
+              if (out) {
+                _mm512_storeu_ps(out + at + 32 * g, v0);
+                _mm512_storeu_ps(out + at + 32 * g + 16, v1);
+              }
+              if (out16)
+                _mm512_storeu_si512(out16 + ((y + 1) * O + o) * width + left + xb + 32 * g,
+                                    (__m512i)_mm512_cvtne2ps_pbh(v1, v0));
             }
           }
         }
