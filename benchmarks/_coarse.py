@@ -241,3 +241,105 @@ def run_coarse_block(size: tuple[int, int], repeats: int, nms: tuple[str, ...]) 
             })  # fmt: skip
             print(rows[-1], flush=True)
     return rows
+
+
+def _coarse_layers(model: torch.nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]]:
+    """Per pruned conv of a squashed model with coarse masks: (kidx, apack, kpad, bias)."""
+    layers = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Conv2d) and (module.weight == 0).any():
+            kidx, apack, kpad = pack(module.weight.detach())
+            layers[name] = (kidx, apack, kpad, module.bias.detach().contiguous())
+    return layers
+
+
+class CoarseEDSR:
+    """EDSR-baseline with coarse masks run on the prototype: every pruned conv with its epilogue
+    fused, bf16 hand-offs between convs (three buffers taking turns), the residual stream in f32
+    (updated in place: each value's skip is read where its sum is written). PyTorch runs the rest:
+    the first conv and the mean shifts in f32; the upsampler's pixel shuffle as one copy into a
+    channels-last bf16 image, which the dense last conv reads on oneDNN (AMX) in bf16."""
+
+    def __init__(self, lib: ctypes.CDLL, model: torch.nn.Module, h: int, w: int) -> None:
+        self.lib, self.model, self.h, self.w = lib, model, h, w
+        self.layers = _coarse_layers(model)
+        self.blocks = len(model.body) - 1
+        self.buf16 = [torch.zeros(h + 3, 64, LEFT + w + PAD_RIGHT, dtype=torch.bfloat16) for _ in range(3)]
+        self.skip, self.stream, self.up = torch.empty(h, 64, w), torch.empty(h, 64, w), torch.empty(h, 256, w)
+        self.threads = torch.get_num_threads()
+        last = model.tail[1]
+        self.last_w = last.weight.detach().to(torch.bfloat16, memory_format=torch.channels_last)
+        self.last_b = last.bias.detach().to(torch.bfloat16)
+
+    def conv(self, name: str, src: torch.Tensor, out_ch: int, residual: torch.Tensor | None, relu: bool,
+             out: torch.Tensor | None, out16: torch.Tensor | None) -> None:  # fmt: skip
+        kidx, apack, kpad, bias = self.layers[name]
+        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        done = self.lib.coarse_conv3x3(
+            src.data_ptr(), 64, self.h, self.w, src.shape[2], LEFT, kidx.data_ptr(), apack.data_ptr(), out_ch,
+            kpad, bias.data_ptr(), ptr(residual), int(relu), ptr(out), ptr(out16), self.threads,
+        )  # fmt: skip
+        if done != 0:
+            raise RuntimeError("AMX is not permitted in this process")
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        h, w, model, b16 = self.h, self.w, self.model, self.buf16
+        self.skip.copy_(model.head(model.sub_mean(x))[0].permute(1, 0, 2))
+        b16[0][1 : h + 1, :, LEFT : LEFT + w].copy_(self.skip)
+        src, mid, free = 0, 1, 2
+        stream = self.skip  # block 0 adds the features; later blocks update self.stream in place
+        for i in range(self.blocks):
+            self.conv(f"body.{i}.body.0", b16[src], 64, None, True, None, b16[mid])
+            self.conv(f"body.{i}.body.2", b16[mid], 64, stream, False, self.stream, b16[free])
+            stream, src, free = self.stream, free, src
+        self.conv(f"body.{self.blocks}", b16[src], 64, self.skip, False, None, b16[free])  # + the long skip
+        self.conv("tail.0.0", b16[free], 256, None, False, self.up, None)
+        # (H, 64 x 2 x 2, W) -> channels-last (2H, 2W, 64): conv channel c*4 + i*2 + j goes to (2y+i, 2x+j, c)
+        hr = self.up.view(h, 64, 2, 2, w).permute(0, 2, 4, 3, 1).to(torch.bfloat16).reshape(1, 2 * h, 2 * w, 64)
+        out = F.conv2d(hr.permute(0, 3, 1, 2), self.last_w, self.last_b, padding=1).float()
+        return model.add_mean(out)
+
+
+def run_coarse_model(size: tuple[int, int], repeats: int, nms: tuple[str, ...]) -> list[dict[str, object]]:
+    """EDSR-baseline x2 with coarse masks on the prototype (:class:`CoarseEDSR`) against OpenVINO's
+    default precision (AMX) on the same dense-with-zeros model, interleaved, outputs checked against
+    PyTorch f32. Skipped without AMX or OpenVINO."""
+    from nmrestore.export.peers import available_peers, open_peers
+    from nmrestore.models import create_model
+    from nmrestore.sparsity import NMConfig, sparsify_, squash_
+
+    names, _notes = available_peers(("openvino",), ())
+    rows: list[dict[str, object]] = []
+    with tempfile.TemporaryDirectory(prefix="nmrestore-coarse-") as folder:
+        lib = build(Path(folder))
+        if isinstance(lib, str) or "openvino" not in names:
+            print(f"coarse model skipped: {lib if isinstance(lib, str) else 'OpenVINO is not installed'}")
+            return []
+        h, w = size
+        x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(2))
+        for text in nms:
+            n, m = (int(v) for v in text.split(":"))
+            torch.manual_seed(0)
+            model = create_model("edsr_baseline", scale=2)
+            sparsify_(model, NMConfig(n=n, m=m, out_block=16))
+            model = squash_(model).eval()
+            coarse = CoarseEDSR(lib, model, h, w)
+            with torch.no_grad():
+                ref = model(x)
+            diff = float((coarse(x) - ref).abs().max())
+            with open_peers(model, ["openvino"], torch.get_num_threads(), tuple(x.shape)) as peers:
+                ov = next(p for p in peers if p.name == "openvino default")
+                ov_diff = float((ov.run(x) - ref).abs().max())
+                runs = {"coarse": lambda coarse=coarse: coarse(x), "openvino default": lambda ov=ov: ov.run(x)}
+                t = interleaved(runs, repeats, warmup=1)
+            rows.append({
+                "N:M": text,
+                "coarse model ms": t.median("coarse") * 1e3,
+                "openvino default ms": t.median("openvino default") * 1e3,
+                "coarse vs openvino default": t.speedup("coarse", "openvino default"),
+                "coarse max abs diff": f"{diff:.1e}",
+                "openvino default max abs diff": f"{ov_diff:.1e}",
+            })  # fmt: skip
+            print(rows[-1], flush=True)
+    return rows

@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _coarse import coarse_weight, run_coarse, run_coarse_block  # noqa: E402
+from _coarse import coarse_weight, run_coarse, run_coarse_block, run_coarse_model  # noqa: E402
 from _report import load_results, markdown_table, results_path, section_main  # noqa: E402
 from _roofline import machine_note, machine_state  # noqa: E402
 from bench_photos import study_config  # noqa: E402
@@ -117,10 +117,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     machine: dict[str, Any] = {}
     speed: list[dict[str, object]] = []
     block_speed: list[dict[str, object]] = []
+    model_speed: list[dict[str, object]] = []
     if not args.no_speed:
         before = machine_state()
         speed = run_coarse((180, 320), args.repeats, tuple(args.budgets))
         block_speed = run_coarse_block((180, 320), args.repeats, tuple(args.budgets))
+        model_speed = run_coarse_model((180, 320), args.repeats, tuple(args.budgets))
         quiet = load_results("speed_roofline")["ceilings"] if results_path("speed_roofline").exists() else None
         machine = {"machine_before": before, "machine_after": machine_state(), "quiet_ceilings": quiet}
     return {
@@ -131,6 +133,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "rows": rows,
         "speed": speed,
         "block_speed": block_speed,
+        "model_speed": model_speed,
         "speed_repeats": args.repeats,
     }
 
@@ -189,6 +192,19 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
                 "block's bf16 input) against oneDNN's dense bf16 block (channels-last, skip added in bf16).",
                 "",
                 markdown_table(block, list(dict.fromkeys(k for r in block for k in r))),
+                "",
+            ]
+        if payload.get("model_speed"):
+            model = payload["model_speed"]
+            lines += [
+                "The whole EDSR-baseline x2 (320x180 LR, masks with `out_block` 16, magnitude on a fresh model) "
+                "with every pruned conv on the prototype, epilogues fused and bf16 hand-offs between convs "
+                "(`CoarseEDSR` in `benchmarks/_coarse.py`; PyTorch runs the first conv in f32 and the last on "
+                "oneDNN in bf16), against OpenVINO's default precision (AMX) on the same dense-with-zeros "
+                "model, interleaved; max abs diff against PyTorch f32. A prototype pipeline for EDSR only: "
+                "the engine has no coarse path.",
+                "",
+                markdown_table(model, list(dict.fromkeys(k for r in model for k in r))),
                 "",
             ]
         if payload.get("machine_before"):
