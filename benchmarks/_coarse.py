@@ -12,9 +12,11 @@ compiled here with the machine's compiler and never used by nmrestore itself.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -62,6 +64,19 @@ def build(folder: Path) -> ctypes.CDLL | str:
     return lib
 
 
+@contextlib.contextmanager
+def prototype(what: str) -> Iterator[ctypes.CDLL | None]:
+    """The compiled prototype for the length of the block, or None (and why, printed) when it
+    cannot be built here."""
+    with tempfile.TemporaryDirectory(prefix="nmrestore-coarse-") as folder:
+        lib = build(Path(folder))
+        if isinstance(lib, str):
+            print(f"{what} skipped: {lib}")
+            yield None
+        else:
+            yield lib
+
+
 def coarse_weight(w: torch.Tensor, n: int, m: int, block: int = 16) -> torch.Tensor:
     """``w`` pruned to N:M with one mask per block of ``block`` output channels (summed |w| ranks)."""
     o, c, kh, kw = w.shape
@@ -105,10 +120,8 @@ def run_coarse(size: tuple[int, int], repeats: int, nms: tuple[str, ...]) -> lis
     """Per N:M: ms of the prototype and of the contenders (interleaved), the prototype's speed-ups."""
     kernel = load_kernel()
     rows: list[dict[str, object]] = []
-    with tempfile.TemporaryDirectory(prefix="nmrestore-coarse-") as folder:
-        lib = build(Path(folder))
-        if isinstance(lib, str):
-            print(f"coarse prototype skipped: {lib}")
+    with prototype("coarse prototype") as lib:
+        if lib is None:
             return []
         h, w = size
         g = torch.Generator().manual_seed(0)
@@ -189,10 +202,8 @@ def run_coarse_block(size: tuple[int, int], repeats: int, nms: tuple[str, ...]) 
     Per N:M: ms of both (interleaved), the speed-up, and the coarse output's largest difference to
     an f32 reference on the bf16-rounded input and weights."""
     rows: list[dict[str, object]] = []
-    with tempfile.TemporaryDirectory(prefix="nmrestore-coarse-") as folder:
-        lib = build(Path(folder))
-        if isinstance(lib, str):
-            print(f"coarse block skipped: {lib}")
+    with prototype("coarse block") as lib:
+        if lib is None:
             return []
         h, w = size
         g = torch.Generator().manual_seed(1)
@@ -311,10 +322,11 @@ def run_coarse_model(size: tuple[int, int], repeats: int, nms: tuple[str, ...]) 
 
     names, _notes = available_peers(("openvino",), ())
     rows: list[dict[str, object]] = []
-    with tempfile.TemporaryDirectory(prefix="nmrestore-coarse-") as folder:
-        lib = build(Path(folder))
-        if isinstance(lib, str) or "openvino" not in names:
-            print(f"coarse model skipped: {lib if isinstance(lib, str) else 'OpenVINO is not installed'}")
+    if "openvino" not in names:
+        print("coarse model skipped: OpenVINO is not installed")
+        return []
+    with prototype("coarse model") as lib:
+        if lib is None:
             return []
         h, w = size
         x = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(2))

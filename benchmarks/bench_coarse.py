@@ -174,39 +174,25 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
         "",
     ]
     if payload.get("speed"):
-        speed = payload["speed"]
-        lines += [
-            f"Speed of one EDSR body conv (64->64, 3x3, 320x180, median of {payload['speed_repeats']} "
+        intros = {
+            "speed": f"Speed of one EDSR body conv (64->64, 3x3, 320x180, median of {payload['speed_repeats']} "
             "interleaved rounds, one run): the coarse prototype (`benchmarks/proto/coarse_amx.cpp`, AMX "
             "bf16) against the engine's per-channel kernels and dense oneDNN.",
-            "",
-            markdown_table(speed, list(dict.fromkeys(k for r in speed for k in r))),
-            "",
-        ]
-        if payload.get("block_speed"):
-            block = payload["block_speed"]
-            lines += [
-                "One EDSR residual block (conv, ReLU, conv, + skip; 64 channels, 320x180, same rounds): the "
-                "prototype with its epilogue fused as an engine would run it (the first conv writes the second's "
-                "bf16 input, ReLU applied; the second adds the f32 skip and writes the f32 output and the next "
-                "block's bf16 input) against oneDNN's dense bf16 block (channels-last, skip added in bf16).",
-                "",
-                markdown_table(block, list(dict.fromkeys(k for r in block for k in r))),
-                "",
-            ]
-        if payload.get("model_speed"):
-            model = payload["model_speed"]
-            lines += [
-                "The whole EDSR-baseline x2 (320x180 LR, masks with `out_block` 16, magnitude on a fresh model) "
-                "with every pruned conv on the prototype, epilogues fused and bf16 hand-offs between convs "
-                "(`CoarseEDSR` in `benchmarks/_coarse.py`; PyTorch runs the first conv in f32 and the last on "
-                "oneDNN in bf16), against OpenVINO's default precision (AMX) on the same dense-with-zeros "
-                "model, interleaved; max abs diff against PyTorch f32. A prototype pipeline for EDSR only: "
-                "the engine has no coarse path.",
-                "",
-                markdown_table(model, list(dict.fromkeys(k for r in model for k in r))),
-                "",
-            ]
+            "block_speed": "One EDSR residual block (conv, ReLU, conv, + skip; 64 channels, 320x180, same rounds): "
+            "the prototype with its epilogue fused as an engine would run it (the first conv writes the second's "
+            "bf16 input, ReLU applied; the second adds the f32 skip and writes the f32 output and the next "
+            "block's bf16 input) against oneDNN's dense bf16 block (channels-last, skip added in bf16).",
+            "model_speed": "The whole EDSR-baseline x2 (320x180 LR, masks with `out_block` 16, magnitude on a "
+            "fresh model) with every pruned conv on the prototype, epilogues fused and bf16 hand-offs between "
+            "convs (`CoarseEDSR` in `benchmarks/_coarse.py`; PyTorch runs the first conv in f32 and the last on "
+            "oneDNN in bf16), against OpenVINO's default precision (AMX) on the same dense-with-zeros model, "
+            "interleaved; max abs diff against PyTorch f32. A prototype pipeline for EDSR only: the engine has "
+            "no coarse path.",
+        }
+        for key, intro in intros.items():
+            if payload.get(key):  # runs recorded before the block and model rows existed have neither
+                table_rows = payload[key]
+                lines += [intro, "", markdown_table(table_rows, list(dict.fromkeys(k for r in table_rows for k in r))), ""]
         if payload.get("machine_before"):
             lines += [machine_note(payload), ""]
     else:
