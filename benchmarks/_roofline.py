@@ -111,6 +111,13 @@ def roof_ms(cost: PartCost, ceilings: Ceilings, sparse: bool, bf16: bool) -> flo
 SLOW_FACTOR = 0.75
 
 
+def quiet_ceilings() -> dict[str, float] | None:
+    """The quiet machine's ceilings a run is held against: section ``speed_roofline``'s, if committed."""
+    from _report import load_results, results_path
+
+    return load_results("speed_roofline")["ceilings"] if results_path("speed_roofline").exists() else None
+
+
 def machine_state(rounds: int = 3) -> dict[str, float]:
     """The ceilings right now, as a JSON-ready dict (copy_gbs, gemm_f32_gmacs, gemm_bf16_gmacs)."""
     c = measure_ceilings(rounds)

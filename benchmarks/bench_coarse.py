@@ -33,8 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _coarse import coarse_weight, run_coarse, run_coarse_block, run_coarse_model  # noqa: E402
-from _report import load_results, markdown_table, results_path, section_main  # noqa: E402
-from _roofline import machine_note, machine_state  # noqa: E402
+from _report import markdown_table, section_main  # noqa: E402
+from _roofline import machine_note, machine_state, quiet_ceilings  # noqa: E402
 from bench_photos import study_config  # noqa: E402
 from nmrestore.bench.config import dense_recipe, ensure_dense, test_source  # noqa: E402
 from nmrestore.bench.context import BenchContext, per_image_columns  # noqa: E402
@@ -123,7 +123,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         speed = run_coarse((180, 320), args.repeats, tuple(args.budgets))
         block_speed = run_coarse_block((180, 320), args.repeats, tuple(args.budgets))
         model_speed = run_coarse_model((180, 320), args.repeats, tuple(args.budgets))
-        quiet = load_results("speed_roofline")["ceilings"] if results_path("speed_roofline").exists() else None
+        quiet = quiet_ceilings()
         machine = {"machine_before": before, "machine_after": machine_state(), "quiet_ceilings": quiet}
     return {
         **machine,

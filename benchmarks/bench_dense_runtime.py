@@ -30,8 +30,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _report import load_results, markdown_table, results_path, section_main  # noqa: E402
-from _roofline import machine_line, machine_state, slowed  # noqa: E402
+from _report import markdown_table, section_main  # noqa: E402
+from _roofline import machine_line, machine_state, quiet_ceilings, slowed  # noqa: E402
 from nmrestore import __version__  # noqa: E402
 from nmrestore.export.peers import available_peers, open_peers, parse_peers  # noqa: E402
 from nmrestore.metrics.paired import paired_delta  # noqa: E402
@@ -107,7 +107,7 @@ def measure(rounds: int, threads: int, size: tuple[int, int]) -> dict[str, Any]:
             })  # fmt: skip
             print(nm, {k: round(sorted(v)[len(v) // 2], 1) for k, v in samples.items()}, flush=True)
         after = machine_state()
-    quiet = load_results("speed_roofline")["ceilings"] if results_path("speed_roofline").exists() else None
+    quiet = quiet_ceilings()
     return {
         "machine_before": before, "machine_after": after, "quiet_ceilings": quiet,
         "model": "edsr_baseline x2", "input": list(shape), "threads": threads, "rounds": rounds,

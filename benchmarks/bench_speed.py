@@ -65,8 +65,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _report import load_results, markdown_table, publish, results_path  # noqa: E402
-from _roofline import machine_state  # noqa: E402
+from _report import markdown_table, publish  # noqa: E402
+from _roofline import machine_state, quiet_ceilings  # noqa: E402
 from _speed_parts import (  # noqa: E402
     finish,
     profile_models,
@@ -527,7 +527,7 @@ def main() -> None:
         "classpruning": cp,
         "machine_before": before,
         "machine_after": after,
-        "quiet_ceilings": load_results("speed_roofline")["ceilings"] if results_path("speed_roofline").exists() else None,
+        "quiet_ceilings": quiet_ceilings(),
     }
     finish(args, SECTION, data, render)
 
