@@ -32,7 +32,7 @@ from torch import Tensor
 
 from nmrestore.runtime.packing import CSRWeight
 
-ABI_VERSION = 5
+ABI_VERSION = 6
 
 
 @dataclass(frozen=True)
@@ -122,6 +122,8 @@ class KernelLibrary:
         lib.nmk_conv2d_bf16.restype = i32
         lib.nmk_conv2d_bf16.argtypes = [p, p, p, p, p, p, p, p, p, ctypes.c_float, p, p]
         self._params = ctypes.c_int64 * int(lib.nmk_param_count())
+        lib.nmk_conv_channel_block.restype = i32
+        lib.nmk_conv_channel_block.argtypes = [p, p, p, i64, i64]
         lib.nmk_linear.restype = i32
         lib.nmk_linear.argtypes = [p, i64, i64, p, p, p, p, i64, i32, p, i32]
         self.abi = int(lib.nmk_abi_version())
@@ -432,6 +434,16 @@ class KernelLibrary:
         )
         if status != 0:
             raise RuntimeError(f"nmk_conv2d_tiles rejected {len(tiles)} tiles (status {status})")
+
+    def channel_block(self, csr: CSRWeight) -> int:
+        """How many output channels the conv tiles compute together for ``csr``: the kernel's block
+        size when every whole block of that many channels keeps the same positions (masks shared by
+        blocks of output channels, ``out_block``), else 1."""
+        o = int(csr.rowptr.numel()) - 1
+        kk = int(csr.shape[2] * csr.shape[3]) if len(csr.shape) == 4 else 1
+        return int(
+            self._lib.nmk_conv_channel_block(csr.rowptr.data_ptr(), csr.cin.data_ptr(), csr.kpos.data_ptr(), o, kk)
+        )
 
     def linear(
         self,

@@ -30,6 +30,11 @@
 // work items walking down 4-16 row tiles so shared input rows stay in L2 (1.10-1.17x on the 64->3
 // last conv, which is under 3% of a forward; 0.95-1.05x, noise, on the 64->64 and 64->256 convs, and
 // too few items for two threads on small inputs); software prefetch of the entries 4-16 ahead (none).
+// Masks shared by blocks of output channels (out_block a multiple of 4: "coarse" N:M) run in
+// blocks of 4 channels (see Blocked): a 2x32 sub-tile of 4 channels is 16 accumulators, so every
+// input vector loaded feeds 4 FMAs instead of one. On the EDSR 64->64 conv (320x180, hand-off input,
+// 2 threads, interleaved, slowed machine) against per-channel masks of the same N:M: 1.93x at 4:32,
+// 1.32x at 2:32; blocks of 8 x 2x16 gave 1.53x / 1.18x, 2 x 2x64 1.64x / 1.31x, 4 x 2x16 1.65x / 1.08x.
 // OpenMP: torch's wheel ships libgomp.so.1 and loads it first, so this library's parallel regions
 // run on the same runtime and pool as torch's own ops (no second pool spinning against it).
 #include "nm_common.h"
@@ -65,7 +70,9 @@ typedef float vfa __attribute__((vector_size(NMK_VB), aligned(NMK_VB)));
 
 inline vf vload(const float* p) { return *reinterpret_cast<const vf*>(p); }
 inline vf aload(const float* p) { return *reinterpret_cast<const vfa*>(p); }
-inline vf vbcast(float v) { return vf{} + v; }
+// -0.f, not 0.f, is the identity of + for every v (-0.f + 0.f is +0.f), so this compiles to one
+// broadcast; vf{} + v made a scalar add on the FMA ports before every broadcast.
+inline vf vbcast(float v) { return -vf{} + v; }
 
 using nmk::Geometry;
 using nmk::Strides;
@@ -264,13 +271,63 @@ inline void store_sum(const float (&sum)[TR][NVX * VW], float* out, int64_t ostr
   store_tile<RELU, RES, NVX>(acc, out, ostride, res, res_stride, res_scale, nrows, ncols);
 }
 
-// One output channel of one tile, or the pair from o (even) when the layer pairs and o + 1 < O:
+// Output channels o..o+OB-1 (one block, o % OB == 0) of one tile, in sub-tiles of NVB vectors per
+// row: OB x TR x NVB accumulators (16 at 4 x 2 x 2), so each input vector loaded feeds OB FMAs.
+template <bool RELU, bool RES, int NVX, class Out, class Res>
+inline void block_tiles(const float* __restrict xb, const Blocked& bl, int64_t o, int64_t rstride, const float* bias,
+                        Out out_at, int64_t ostride, Res res_at, int64_t res_stride, float res_scale, int nrows,
+                        int ncols) {
+#ifndef NMK_NVB
+#define NMK_NVB 2
+#endif
+  constexpr int NVB = NVX < NMK_NVB ? NVX : NMK_NVB;
+  const int64_t b = o / OB;
+  const BlockEntry* __restrict ent = bl.ent.data() + bl.bp[b];
+  const int64_t n = bl.bp[b + 1] - bl.bp[b];
+  for (int s = 0; s < NVX / NVB; ++s) {
+    const int c0 = s * NVB * VW;
+    if (c0 >= ncols) break;
+    const int nc = std::min(ncols - c0, NVB * VW);
+    vf acc[OB][TR][NVB];
+#pragma GCC unroll 16
+    for (int j = 0; j < OB; ++j) init_tile<NVB>(acc[j], bias ? bias[o + j] : 0.f);
+    for (int64_t k = 0; k < n; ++k) {
+      const float* p = xb + c0 + ent[k].off;
+      vf x[TR][NVB];
+#pragma GCC unroll 16
+      for (int r = 0; r < TR; ++r)
+#pragma GCC unroll 16
+        for (int v = 0; v < NVB; ++v) x[r][v] = vload(p + r * rstride + v * VW);
+#pragma GCC unroll 16
+      for (int j = 0; j < OB; ++j) {
+        const vf w = vbcast(ent[k].val[j]);
+#pragma GCC unroll 16
+        for (int r = 0; r < TR; ++r)
+#pragma GCC unroll 16
+          for (int v = 0; v < NVB; ++v) acc[j][r][v] += w * x[r][v];
+      }
+    }
+    for (int j = 0; j < OB; ++j) {
+      const float* res = res_at(o + j);
+      store_tile<RELU, RES, NVB>(acc[j], out_at(o + j) + c0, ostride, res ? res + c0 : nullptr, res_stride, res_scale,
+                                 nrows, nc);
+    }
+  }
+}
+
+// One output channel of one tile, or the pair from o (even) when the layer pairs and o + 1 < O,
+// or the block from o when the layer's channels are in blocks and the block ends by O:
 // computed and stored (out_at(o), res_at(o) give a channel's output and residual). Returns how
 // many channels it did.
 template <bool RELU, bool RES, int NVX, class Out, class Res>
 inline int channel_tiles(const float* __restrict xb, const Layer& L, int64_t o, int64_t O, int64_t rstride,
                          const float* bias, Out out_at, int64_t ostride, Res res_at, int64_t res_stride,
                          float res_scale, int nrows, int ncols) {
+  if (L.blocked && o % OB == 0 && o + OB <= O && o / OB + 1 < (int64_t)L.blocked->bp.size()) {
+    block_tiles<RELU, RES, NVX>(xb, *L.blocked, o, rstride, bias, out_at, ostride, res_at, res_stride, res_scale,
+                                nrows, ncols);
+    return OB;
+  }
   const bool pair = L.paired && o % 2 == 0 && o + 1 < O;
   if (L.grouped) {
     const int mis = (int)(((uintptr_t)xb / sizeof(float)) % VW);
@@ -323,31 +380,33 @@ template <bool RELU, int NVX>
 void conv_item_shuffle(const float* xrow, const Layer& L, const float* bias, int64_t O, int64_t rstride,
                        float* out_b, Strides os, int R, int64_t Wo, int64_t y0, int nrows, int64_t ct0, int64_t ct1) {
   constexpr int TWX = NVX * VW;
-  alignas(64) float tmp[4][TR][TWX];  // R <= 4
+  alignas(64) float tmp[16][TR][TWX];  // the R * R channels of one shuffled channel c, R <= 4
+  const int RR = R * R;
   for (int64_t ct = ct0; ct < ct1; ++ct) {
     const int64_t x0 = ct * TWX;
     const int ncols = (int)std::min<int64_t>(TWX, Wo - x0);
-    for (int64_t og = 0; og < O; og += R) {
+    for (int64_t og = 0; og < O; og += RR) {
       auto tmp_at = [&](int64_t o) { return &tmp[o - og][0][0]; };
       auto no_res = [](int64_t) { return static_cast<const float*>(nullptr); };
-      for (int j = 0; j < R;)
-        j += channel_tiles<RELU, false, NVX>(xrow + x0, L, og + j, og + R, rstride, bias, tmp_at, TWX, no_res, 0, 1.f,
-                                             nrows, TWX);
-      const int64_t c = og / (R * R), i = (og / R) % R;
-      for (int r = 0; r < nrows; ++r) {
-        float* __restrict dst = out_b + c * os.c + ((y0 + r) * R + i) * os.h + x0 * R;
-        if (R == 2) {
-          const float* __restrict a = tmp[0][r];
-          const float* __restrict b = tmp[1][r];
-          for (int l = 0; l < ncols; ++l) {
-            dst[2 * l] = a[l];
-            dst[2 * l + 1] = b[l];
+      for (int j = 0; j < RR;)
+        j += channel_tiles<RELU, false, NVX>(xrow + x0, L, og + j, og + RR, rstride, bias, tmp_at, TWX, no_res, 0,
+                                             1.f, nrows, TWX);
+      const int64_t c = og / RR;
+      for (int i = 0; i < R; ++i)
+        for (int r = 0; r < nrows; ++r) {
+          float* __restrict dst = out_b + c * os.c + ((y0 + r) * R + i) * os.h + x0 * R;
+          if (R == 2) {
+            const float* __restrict a = tmp[2 * i][r];
+            const float* __restrict b = tmp[2 * i + 1][r];
+            for (int l = 0; l < ncols; ++l) {
+              dst[2 * l] = a[l];
+              dst[2 * l + 1] = b[l];
+            }
+          } else {
+            for (int l = 0; l < ncols; ++l)
+              for (int j = 0; j < R; ++j) dst[l * R + j] = tmp[i * R + j][r][l];
           }
-        } else {
-          for (int l = 0; l < ncols; ++l)
-            for (int j = 0; j < R; ++j) dst[l * R + j] = tmp[j][r][l];
         }
-      }
     }
   }
 }
@@ -388,7 +447,7 @@ inline int tile_vectors(int64_t Wo, const Layer& L, int64_t O, int64_t C) {
 
 extern "C" {
 
-int nmk_abi_version() { return 5; }
+int nmk_abi_version() { return 6; }
 int nmk_vector_floats() { return VW; }
 int nmk_tile_rows() { return TR; }
 int nmk_tile_cols() { return TW; }
@@ -476,7 +535,9 @@ int nmk_conv2d_ex(const int64_t* prm, const float* x, float* workspace, const in
 
   Paired pairs;
   Grouped grouped;
-  const Layer L = layer_weights(ent.data(), rowptr, kpos, O, C, KH, KW, dw, sw, g.Wq % VW == 0, pairs, grouped);
+  Blocked blocked;
+  const Layer L =
+      layer_weights(ent.data(), rowptr, kpos, O, C, KH, KW, dw, sw, g.Wq % VW == 0, pairs, grouped, blocked);
 
   // 4. sparse accumulation, parallel over (image, row tile, column chunk).
   const int nvx = tile_vectors(g.Wo, L, O, C);
@@ -547,11 +608,12 @@ int nmk_conv2d_tiles(const int64_t* prm, const int64_t* tiles, const int32_t* co
   }
   std::vector<Paired> pairs(nroutes);
   std::vector<Grouped> grouped(nroutes);
+  std::vector<Blocked> blocked(nroutes);
   std::vector<Layer> wts(nroutes, Layer{Weights{nullptr, nullptr, nullptr}, nullptr, false});
   for (int r = 0; r < nroutes; ++r)
     if (rowptrs[r] != nullptr)
       wts[r] = layer_weights(ents[r].data(), rowptrs[r], kposs[r], O, C, KH, KW, 1, 1, Wq % VW == 0, pairs[r],
-                             grouped[r]);
+                             grouped[r], blocked[r]);
   // work items: (tile, row tile, column chunk), narrower vector tiles for narrow tiles
   struct Item {
     int64_t tile, y0, ct0, ct1;
@@ -588,6 +650,17 @@ int nmk_conv2d_tiles(const int64_t* prm, const int64_t* tiles, const int32_t* co
 #undef NMK_RUN
   }
   return 0;
+}
+
+// How many consecutive output channels the conv tiles compute together for these weights (CSR as
+// for nmk_conv2d_ex): OB when every whole block of OB channels keeps the same positions (masks
+// shared by blocks of output channels), else 1.
+int nmk_conv_channel_block(const int32_t* rowptr, const int32_t* cin, const int32_t* kpos, int64_t O,
+                           int64_t KK) {
+  std::vector<Entry> ent(rowptr[O]);
+  for (int64_t k = 0; k < rowptr[O]; ++k) ent[k] = Entry{(int32_t)(cin[k] * KK + kpos[k]), 0.f};
+  Blocked bl;
+  return block_channels(bl, ent.data(), rowptr, O) ? OB : 1;
 }
 
 // x: (B, I) contiguous; out: (B, O). Same CSR form as nmk_conv2d without kernel positions.

@@ -98,11 +98,61 @@ inline void group_by_column(Grouped& gr, const Entry* ent, const int32_t* rowptr
   }
 }
 
-// A layer as the tile loops see it: grouped when its rows allow aligned loads, else ungrouped.
+// Output channels in blocks of OB that keep the same input positions (masks trained with
+// out_block a multiple of OB: "coarse" N:M). A block's tile loads each input vector once for
+// OB channels' FMAs, where a lone channel loads one per FMA: the tiles turn from load-bound into
+// FMA-bound, and the block's channels read one small set of input rows, which stays in L1.
+#ifdef NMK_OB
+constexpr int OB = NMK_OB;  // experiments
+#else
+constexpr int OB = 4;
+#endif
+struct BlockEntry {
+  int32_t off;
+  float val[OB];  // the block's channels' weights at this position
+};
+
+struct Blocked {
+  std::vector<BlockEntry> ent;  // block b: ent[bp[b], bp[b+1])
+  std::vector<int64_t> bp;
+};
+
+// Whether every whole block of OB consecutive output channels keeps the same positions (O % OB
+// channels at the end run alone); when so, fills bl. At least one block is needed.
+inline bool block_channels(Blocked& bl, const Entry* ent, const int32_t* rowptr, int64_t O) {
+  const int64_t nb = O / OB;
+  if (nb == 0) return false;
+  std::vector<std::vector<Entry>> ch(OB);
+  auto by_off = [](const Entry& x, const Entry& y) { return x.off < y.off; };
+  bl.ent.clear();
+  bl.bp.assign(nb + 1, 0);
+  for (int64_t b = 0; b < nb; ++b) {
+    for (int j = 0; j < OB; ++j) {
+      const int64_t o = b * OB + j;
+      ch[j].assign(ent + rowptr[o], ent + rowptr[o + 1]);
+      std::sort(ch[j].begin(), ch[j].end(), by_off);
+      if (ch[j].size() != ch[0].size()) return false;
+    }
+    for (size_t k = 0; k < ch[0].size(); ++k) {
+      BlockEntry e{ch[0][k].off, {}};
+      for (int j = 0; j < OB; ++j) {
+        if (ch[j][k].off != e.off) return false;
+        e.val[j] = ch[j][k].val;
+      }
+      bl.ent.push_back(e);
+    }
+    bl.bp[b + 1] = (int64_t)bl.ent.size();
+  }
+  return true;
+}
+
+// A layer as the tile loops see it: in blocks when its channels share positions in blocks of OB,
+// else grouped when its rows allow aligned loads, else ungrouped.
 struct Layer {
   Weights all;
   const Grouped* grouped;  // null: ungrouped
   bool paired;             // channels in pairs (all.pairs, or each group's pairs)
+  const Blocked* blocked = nullptr;  // null: channels not in blocks
 };
 
 // The densities at which pairs and kernel-column groups start to pay (NMK_PAIR_MIN / NMK_GROUP_MIN
@@ -141,13 +191,17 @@ inline bool worth_grouping(int64_t nnz, int64_t O, int64_t C, int64_t KH, int64_
   return dense_enough(nnz, O, C, KH, KW, GROUP_MIN_DENSITY);
 }
 
-// A layer's weights as the tiles read them, built once per call into ``pairs`` / ``grouped``
-// (which must outlive the Layer): grouped by kernel column when that pays and rows are a whole
-// number of vectors apart (aligned_rows), else whole; in pairs, in either case, when pairing pays.
+// A layer's weights as the tiles read them, built once per call into ``pairs`` / ``grouped`` /
+// ``blocked`` (which must outlive the Layer): in blocks of OB channels when they share positions;
+// else grouped by kernel column when that pays and rows are a whole number of vectors apart
+// (aligned_rows), else whole; in pairs, in either case, when pairing pays.
 inline Layer layer_weights(const Entry* ent, const int32_t* rowptr, const int32_t* kpos, int64_t O, int64_t C,
                            int64_t KH, int64_t KW, int64_t dw, int64_t sw, bool aligned_rows, Paired& pairs,
-                           Grouped& grouped) {
+                           Grouped& grouped, Blocked& blocked) {
   const int64_t nnz = rowptr[O];
+  // Blocks first: where channels share positions they beat pairs and groups (see Blocked), and
+  // the channels left over at the end (O % OB) run alone.
+  if (block_channels(blocked, ent, rowptr, O)) return Layer{Weights{ent, rowptr, nullptr}, nullptr, false, &blocked};
   const bool paired = worth_pairing(nnz, O, C, KH, KW);
   const bool group = aligned_rows && worth_grouping(nnz, O, C, KH, KW);
   if (group)

@@ -1,0 +1,161 @@
+"""The f32 kernel on masks shared by blocks of output channels ("coarse" N:M, ``out_block``).
+
+Where every whole block of 4 consecutive output channels keeps the same positions, the tiles run
+those 4 channels at once (one input load for four FMAs); these tests check that path against
+PyTorch through every epilogue and input layout, and that it is taken exactly when blocks share.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nmrestore.runtime import csr_from_dense
+from nmrestore.sparsity import nm
+from tests.runtime.kernel_helpers import kernel, nm_weight, sparse_conv
+
+TOL = 1e-4
+
+
+def coarse_weight(
+    shape: tuple[int, int, int, int], n: int, m: int, block: int, seed: int = 0, scale: float = 1.0
+) -> torch.Tensor:
+    """A seeded random weight pruned to N:M along input channels with one mask per block of
+    ``block`` output channels (the last, partial block on its own)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(*shape, generator=g) * scale
+    o = shape[0]
+    whole = o - o % block
+    scores = w.abs().clone()
+    if whole:
+        scores[:whole] = nm.block_scores(w[:whole].abs(), block)
+    return w * (nm.compute_ranks(scores, m) < n)
+
+
+def test_channel_block_reports_the_kernels_blocks() -> None:
+    lib = kernel()
+    assert lib.channel_block(csr_from_dense(coarse_weight((16, 32, 3, 3), 4, 32, 16))) == 4
+    assert lib.channel_block(csr_from_dense(coarse_weight((16, 32, 3, 3), 4, 32, 4))) == 4
+    assert lib.channel_block(csr_from_dense(torch.randn(8, 32, 3, 3))) == 4  # dense: every position shared
+    # per-channel masks, blocks of 2 only, and one block with a differing channel: channels alone
+    assert lib.channel_block(csr_from_dense(nm_weight((16, 32, 3, 3), 4, 32))) == 1
+    assert lib.channel_block(csr_from_dense(coarse_weight((16, 32, 3, 3), 4, 32, 2))) == 1
+    w = coarse_weight((16, 32, 3, 3), 4, 32, 16)
+    w[5] = nm_weight((1, 32, 3, 3), 4, 32, seed=9)[0]
+    assert lib.channel_block(csr_from_dense(w)) == 1
+    assert lib.channel_block(csr_from_dense(coarse_weight((3, 32, 3, 3), 4, 32, 1))) == 1  # fewer than a block
+
+
+def test_a_block_with_one_weight_zero_where_its_block_keeps_it_is_still_exact() -> None:
+    # a kept position whose trained value is 0 drops out of the CSR for that channel only: the
+    # block no longer shares positions and must run channel by channel, still exactly
+    w = coarse_weight((8, 32, 3, 3), 4, 32, 8, seed=3)
+    kept = w[2].nonzero()[0]
+    w[2][tuple(kept)] = 0.0
+    assert kernel().channel_block(csr_from_dense(w)) == 1
+    x = torch.randn(1, 32, 9, 40)
+    assert (sparse_conv(w, x) - F.conv2d(x, w, padding=1)).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("out_channels", [4, 8, 12, 14])  # whole blocks, and 2 channels left alone
+@pytest.mark.parametrize("size", [(7, 5), (9, 40), (5, 70), (3, 130)])  # narrower and wider than a tile
+@pytest.mark.parametrize(("n", "m"), [(2, 32), (4, 32), (2, 4), (4, 4)])
+def test_blocked_conv_matches_pytorch(out_channels: int, size: tuple[int, int], n: int, m: int) -> None:
+    w = coarse_weight((out_channels, 32, 3, 3), n, m, 4, seed=out_channels + n)
+    x = torch.randn(1, 32, *size)
+    b = torch.randn(out_channels)
+    assert kernel().channel_block(csr_from_dense(w)) == (4 if out_channels >= 4 else 1)
+    assert (sparse_conv(w, x, b) - F.conv2d(x, w, b, padding=1)).abs().max() <= TOL
+
+
+@pytest.mark.parametrize(("k", "dilation", "stride"), [(1, 1, 1), (3, 2, 1), (5, 1, 2), (3, 1, 2)])
+def test_blocked_conv_geometry_matches_pytorch(k: int, dilation: int, stride: int) -> None:
+    pad = dilation * (k - 1) // 2
+    w = coarse_weight((8, 16, k, k), 4, 16, 8, seed=k)
+    x = torch.randn(2, 16, 11, 37)
+    b = torch.randn(8)
+    ref = F.conv2d(x, w, b, stride=stride, padding=pad, dilation=dilation)
+    out = sparse_conv(w, x, b, stride, pad, dilation)
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("border", [0, 1])
+def test_blocked_residual_epilogue_and_handoff(relu: bool, border: int) -> None:
+    # a residual block as the engine runs it: the first conv hands its output over in a zero-bordered
+    # buffer (read in place by the second), the second adds the scaled skip and applies the ReLU
+    x = torch.randn(1, 32, 6, 70)
+    w0 = coarse_weight((32, 32, 3, 3), 4, 32, 16, seed=1, scale=0.2)
+    h = sparse_conv(w0, x, out_pad=(border, border)) if border else x
+    ref_h = F.conv2d(x, w0, padding=1) if border else x
+    w = coarse_weight((32, 32, 3, 3), 4, 32, 16, seed=2)
+    b = torch.randn(32)
+    skip = torch.randn(1, 32, 6, 70)
+    out = sparse_conv(w, h, b, relu=relu, residual=skip, res_scale=0.5)
+    ref = 0.5 * F.conv2d(ref_h, w, b, padding=1) + skip
+    ref = F.relu(ref) if relu else ref
+    assert torch.allclose(out, ref, rtol=1e-5, atol=TOL)
+
+
+@pytest.mark.parametrize("shuffle", [2, 3])
+@pytest.mark.parametrize("width", [20, 70])
+def test_blocked_conv_with_fused_pixel_shuffle(shuffle: int, width: int) -> None:
+    # x2: the 4 channels of one shuffled channel are one block; x3: 9 channels per shuffled channel,
+    # so blocks straddle them and those channels run alone
+    o = 4 * shuffle * shuffle
+    w = coarse_weight((o, 16, 3, 3), 2, 16, 4, seed=o)
+    x = torch.randn(1, 16, 5, width)
+    b = torch.randn(o)
+    out = sparse_conv(w, x, b, shuffle=shuffle)
+    ref = F.pixel_shuffle(F.conv2d(x, w, b, padding=1), shuffle)
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max() <= TOL
+
+
+def test_blocked_tiles_on_routes_match_pytorch() -> None:
+    # spatial routing (one kernel call for every tile of an image, each on its route): a blocked
+    # route and a per-channel route side by side, in place in hand-off buffers
+    lib = kernel()
+    c = 16
+    coarse = coarse_weight((c, c, 3, 3), 2, 16, 8, seed=4)
+    fine = nm_weight((c, c, 3, 3), 8, 16, seed=5)
+    x = torch.randn(1, c, 8, 64)
+    h = sparse_conv(coarse_weight((c, c, 3, 3), 16, 16, 8, seed=6, scale=0.2), x, out_pad=(1, 1))
+    ref_in = h.contiguous()
+    b = torch.randn(c)
+    routes = [csr_from_dense(coarse), csr_from_dense(fine)]
+    out = lib.handoff_empty((1, c, 8, 64), (1, 1))
+    # left half on the coarse route, right half on the fine one
+    tiles = [(0, 0, 8, 32, 0), (0, 32, 8, 32, 1)]
+    lib.conv2d_tiles(h, tiles, routes, b, out, (3, 3), (1, 1))
+    ref = torch.cat(
+        [F.conv2d(ref_in, coarse, b, padding=1)[..., :32], F.conv2d(ref_in, fine, b, padding=1)[..., 32:]], dim=-1
+    )
+    assert (out - ref).abs().max() <= TOL
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    blocks=st.integers(1, 4),
+    rest=st.integers(0, 3),
+    c_groups=st.integers(1, 3),
+    n=st.sampled_from([1, 2, 4]),
+    k=st.sampled_from([1, 3]),
+    h=st.integers(1, 9),
+    w=st.integers(1, 80),
+    seed=st.integers(0, 2**16),
+)
+def test_blocked_conv_property(
+    blocks: int, rest: int, c_groups: int, n: int, k: int, h: int, w: int, seed: int
+) -> None:
+    # any number of whole blocks and leftover channels, any spatial size: exactly PyTorch's conv
+    o = 4 * blocks + rest
+    weight = coarse_weight((o, 8 * c_groups, k, k), n, 8, 4, seed=seed)
+    x = torch.randn(1, 8 * c_groups, h, w, generator=torch.Generator().manual_seed(seed))
+    b = torch.randn(o, generator=torch.Generator().manual_seed(seed + 1))
+    ref = F.conv2d(x, weight, b, padding=k // 2)
+    assert (sparse_conv(weight, x, b, 1, k // 2) - ref).abs().max() <= TOL
