@@ -218,3 +218,19 @@ def test_disabled_by_environment(fresh_kernel: pytest.MonkeyPatch) -> None:
     assert load_kernel() is None
     assert "NMRESTORE_DISABLE_KERNEL" in kernel_status().reason
     assert os.environ["NMRESTORE_DISABLE_KERNEL"] == "1"
+
+
+@pytest.mark.parametrize(("width", "shuffle", "border"), [(256, 1, 0), (257, 1, 0), (250, 1, 1), (128, 2, 0)])
+def test_large_outputs_written_past_the_caches_match_pytorch(width: int, shuffle: int, border: int) -> None:
+    # outputs of >= 2^20 floats are written with non-temporal stores where a vector is aligned (rows
+    # of 256 floats: all; 257: some; a hand-off buffer's interior: all) and ordinary stores elsewhere
+    c, o = 8, 32 if shuffle == 1 else 64
+    x = torch.randn(1, c, 256 // shuffle, width)
+    w = nm_weight((o, c, 3, 3), 2, 4, seed=width)
+    b = torch.randn(o)
+    assert o * x.shape[2] * width >= 2**20
+    out = sparse_conv(w, x, b, relu=True, shuffle=shuffle, out_pad=(border, border) if border else None)
+    ref = F.relu(F.conv2d(x, w, b, padding=1))
+    ref = F.pixel_shuffle(ref, shuffle) if shuffle > 1 else ref
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max() <= TOL

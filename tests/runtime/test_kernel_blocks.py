@@ -159,3 +159,17 @@ def test_blocked_conv_property(
     b = torch.randn(o, generator=torch.Generator().manual_seed(seed + 1))
     ref = F.conv2d(x, weight, b, padding=k // 2)
     assert (sparse_conv(weight, x, b, 1, k // 2) - ref).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("shuffle", [1, 2])
+def test_blocked_conv_with_a_large_output_matches_pytorch(shuffle: int) -> None:
+    # >= 2^20 output floats: the blocks' tiles write with non-temporal stores (see nm_kernels.cpp)
+    o = 16 * shuffle * shuffle
+    w = coarse_weight((o, 16, 3, 3), 2, 16, 16, seed=shuffle)
+    x = torch.randn(1, 16, 256 // shuffle, 256)
+    b = torch.randn(o)
+    skip = torch.randn(1, o, 256, 256) if shuffle == 1 else None
+    out = sparse_conv(w, x, b, relu=True, residual=skip, shuffle=shuffle)
+    ref = F.conv2d(x, w, b, padding=1) + (skip if skip is not None else 0)
+    ref = F.pixel_shuffle(F.relu(ref), shuffle) if shuffle > 1 else F.relu(ref)
+    assert (out - ref).abs().max() <= TOL

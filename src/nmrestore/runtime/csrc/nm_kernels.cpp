@@ -39,6 +39,10 @@
 // run on the same runtime and pool as torch's own ops (no second pool spinning against it).
 #include "nm_common.h"
 #include "nm_weights.h"
+#if defined(__AVX512F__) && !defined(NMK_VB)
+#include <immintrin.h>
+#define NMK_STREAM 1
+#endif
 
 #if defined(NMK_VB)
 // tile shape given on the command line (experiments)
@@ -74,6 +78,45 @@ inline vf aload(const float* p) { return *reinterpret_cast<const vfa*>(p); }
 // broadcast; vf{} + v made a scalar add on the FMA ports before every broadcast.
 inline vf vbcast(float v) { return -vf{} + v; }
 
+// Stores a vector at p bypassing the caches when p is vector-aligned, else an ordinary store. For
+// outputs written once and read only by the next layer (see conv_item_shuffle); the caller fences.
+inline void store_stream(float* p, const vf& v) {
+#ifdef NMK_STREAM
+  if ((reinterpret_cast<uintptr_t>(p) & 63) == 0) {
+    _mm512_stream_ps(p, (__m512)v);
+    return;
+  }
+#endif
+  std::memcpy(p, &v, sizeof(vf));
+}
+
+inline void stream_fence() {
+#ifdef NMK_STREAM
+  _mm_sfence();
+#endif
+}
+
+// Outputs of at least this many floats (4 MiB: more than the L2 caches of two cores hold) are
+// written with non-temporal stores: a cached store first reads the line it overwrites. Whole EDSR
+// x2 on the f32 engine (320x180, 2 threads, every conv's output 15-59 MB, interleaved, slowed
+// machine) against cached stores: 1.30x (4:32) and 1.50x (2:32) with masks shared by blocks of 16
+// channels, 1.03x (4:32) and 1.06x (2:32) with per-channel masks.
+constexpr int64_t STREAM_MIN_FLOATS = int64_t(1) << 20;
+
+// Lane indices that interleave two vectors a, b (lanes 0..VW-1 of a, VW.. of b) as a0 b0 a1 b1 ...:
+// from their first halves (lo) or their second halves (hi).
+typedef int32_t vi __attribute__((vector_size(NMK_VB)));
+inline vi interleave_lo() {
+  vi m;
+  for (int i = 0; i < VW; ++i) m[i] = i / 2 + (i % 2) * VW;
+  return m;
+}
+inline vi interleave_hi() {
+  vi m;
+  for (int i = 0; i < VW; ++i) m[i] = VW / 2 + i / 2 + (i % 2) * VW;
+  return m;
+}
+
 using nmk::Geometry;
 using nmk::Strides;
 using namespace nmk;  // Param indices
@@ -92,7 +135,7 @@ inline int64_t slack(const Geometry& g) { return TW + g.Wq + 2 * VW; }
 // or the valid region of a padded hand-off buffer.
 template <bool RELU, bool RES, int NVX>
 inline void store_tile(vf (&acc)[TR][NVX], float* __restrict out, int64_t ostride, const float* __restrict res,
-                       int64_t res_stride, float res_scale, int nrows, int ncols) {
+                       int64_t res_stride, float res_scale, int nrows, int ncols, bool stream) {
   const vf z = vbcast(0.f), scale = vbcast(res_scale);
   for (int r = 0; r < nrows; ++r) {
     float* o = out + r * ostride;
@@ -111,7 +154,10 @@ inline void store_tile(vf (&acc)[TR][NVX], float* __restrict out, int64_t ostrid
       for (int v = 0; v < NVX; ++v) acc[r][v] = acc[r][v] > z ? acc[r][v] : z;
     // Only the ncols valid columns are stored: a padded hand-off buffer keeps its zero border.
     if (ncols == NVX * VW) {
-      for (int v = 0; v < NVX; ++v) std::memcpy(o + v * VW, &acc[r][v], sizeof(vf));
+      if (stream)
+        for (int v = 0; v < NVX; ++v) store_stream(o + v * VW, acc[r][v]);
+      else
+        for (int v = 0; v < NVX; ++v) std::memcpy(o + v * VW, &acc[r][v], sizeof(vf));
     } else {
       for (int v = 0; v < NVX; ++v) std::memcpy(tmp + v * VW, &acc[r][v], sizeof(vf));
       std::memcpy(o, tmp, sizeof(float) * ncols);
@@ -237,18 +283,18 @@ inline void bias_tile(float (&sum)[TR][NVX * VW], float bias) {
 template <bool RELU, bool RES, int NVX>
 inline void conv_tile(const float* __restrict xb, const Entry* __restrict ent, int64_t nnz, int64_t rstride,
                       float bias, float* __restrict out, int64_t ostride, const float* __restrict res,
-                      int64_t res_stride, float res_scale, int nrows, int ncols) {
+                      int64_t res_stride, float res_scale, int nrows, int ncols, bool stream) {
   vf acc[TR][NVX];
   init_tile<NVX>(acc, bias);
   accumulate<NVX>(acc, xb, ent, nnz, rstride);
-  store_tile<RELU, RES, NVX>(acc, out, ostride, res, res_stride, res_scale, nrows, ncols);
+  store_tile<RELU, RES, NVX>(acc, out, ostride, res, res_stride, res_scale, nrows, ncols, stream);
 }
 
 // Output channels o and o + 1 (o even) of one tile, sharing the loads of the positions both keep.
 template <bool RELU, bool RES, int NVX>
 inline void pair_tile(const float* __restrict xb, const Paired& pw, int64_t o, int64_t rstride, const float* bias,
                       float* out_a, float* out_b, int64_t ostride, const float* res_a, const float* res_b,
-                      int64_t res_stride, float res_scale, int nrows, int ncols) {
+                      int64_t res_stride, float res_scale, int nrows, int ncols, bool stream) {
   const int64_t p = o / 2;
   vf a[TR][NVX], b[TR][NVX];
   init_tile<NVX>(a, bias ? bias[o] : 0.f);
@@ -257,18 +303,18 @@ inline void pair_tile(const float* __restrict xb, const Paired& pw, int64_t o, i
   const Entry* s = pw.single.data();
   accumulate<NVX>(a, xb, s + pw.sp[2 * p], pw.sp[2 * p + 1] - pw.sp[2 * p], rstride);
   accumulate<NVX>(b, xb, s + pw.sp[2 * p + 1], pw.sp[2 * p + 2] - pw.sp[2 * p + 1], rstride);
-  store_tile<RELU, RES, NVX>(a, out_a, ostride, res_a, res_stride, res_scale, nrows, ncols);
-  store_tile<RELU, RES, NVX>(b, out_b, ostride, res_b, res_stride, res_scale, nrows, ncols);
+  store_tile<RELU, RES, NVX>(a, out_a, ostride, res_a, res_stride, res_scale, nrows, ncols, stream);
+  store_tile<RELU, RES, NVX>(b, out_b, ostride, res_b, res_stride, res_scale, nrows, ncols, stream);
 }
 
 // The epilogue of a grouped tile: its sum (bias included) through store_tile.
 template <bool RELU, bool RES, int NVX>
 inline void store_sum(const float (&sum)[TR][NVX * VW], float* out, int64_t ostride, const float* res,
-                      int64_t res_stride, float res_scale, int nrows, int ncols) {
+                      int64_t res_stride, float res_scale, int nrows, int ncols, bool stream) {
   vf acc[TR][NVX];
   for (int r = 0; r < TR; ++r)
     for (int v = 0; v < NVX; ++v) acc[r][v] = aload(&sum[r][v * VW]);
-  store_tile<RELU, RES, NVX>(acc, out, ostride, res, res_stride, res_scale, nrows, ncols);
+  store_tile<RELU, RES, NVX>(acc, out, ostride, res, res_stride, res_scale, nrows, ncols, stream);
 }
 
 // Output channels o..o+OB-1 (one block, o % OB == 0) of one tile, in sub-tiles of NVB vectors per
@@ -276,7 +322,7 @@ inline void store_sum(const float (&sum)[TR][NVX * VW], float* out, int64_t ostr
 template <bool RELU, bool RES, int NVX, class Out, class Res>
 inline void block_tiles(const float* __restrict xb, const Blocked& bl, int64_t o, int64_t rstride, const float* bias,
                         Out out_at, int64_t ostride, Res res_at, int64_t res_stride, float res_scale, int nrows,
-                        int ncols) {
+                        int ncols, bool stream) {
 #ifndef NMK_NVB
 #define NMK_NVB 2
 #endif
@@ -310,7 +356,7 @@ inline void block_tiles(const float* __restrict xb, const Blocked& bl, int64_t o
     for (int j = 0; j < OB; ++j) {
       const float* res = res_at(o + j);
       store_tile<RELU, RES, NVB>(acc[j], out_at(o + j) + c0, ostride, res ? res + c0 : nullptr, res_stride, res_scale,
-                                 nrows, nc);
+                                 nrows, nc, stream);
     }
   }
 }
@@ -322,10 +368,10 @@ inline void block_tiles(const float* __restrict xb, const Blocked& bl, int64_t o
 template <bool RELU, bool RES, int NVX, class Out, class Res>
 inline int channel_tiles(const float* __restrict xb, const Layer& L, int64_t o, int64_t O, int64_t rstride,
                          const float* bias, Out out_at, int64_t ostride, Res res_at, int64_t res_stride,
-                         float res_scale, int nrows, int ncols) {
+                         float res_scale, int nrows, int ncols, bool stream) {
   if (L.blocked && o % OB == 0 && o + OB <= O && o / OB + 1 < (int64_t)L.blocked->bp.size()) {
     block_tiles<RELU, RES, NVX>(xb, *L.blocked, o, rstride, bias, out_at, ostride, res_at, res_stride, res_scale,
-                                nrows, ncols);
+                                nrows, ncols, stream);
     return OB;
   }
   const bool pair = L.paired && o % 2 == 0 && o + 1 < O;
@@ -336,30 +382,32 @@ inline int channel_tiles(const float* __restrict xb, const Layer& L, int64_t o, 
     if (pair) {
       bias_tile<NVX>(sb, bias ? bias[o + 1] : 0.f);
       grouped_pair<NVX>(xb, *L.grouped, o, rstride, mis, sa, sb);
-      store_sum<RELU, RES, NVX>(sb, out_at(o + 1), ostride, res_at(o + 1), res_stride, res_scale, nrows, ncols);
+      store_sum<RELU, RES, NVX>(sb, out_at(o + 1), ostride, res_at(o + 1), res_stride, res_scale, nrows, ncols,
+                                stream);
     } else {
       grouped_channel<NVX>(xb, *L.grouped, o, rstride, mis, sa);
     }
-    store_sum<RELU, RES, NVX>(sa, out_at(o), ostride, res_at(o), res_stride, res_scale, nrows, ncols);
+    store_sum<RELU, RES, NVX>(sa, out_at(o), ostride, res_at(o), res_stride, res_scale, nrows, ncols, stream);
     return pair ? 2 : 1;
   }
   if (pair) {
     pair_tile<RELU, RES, NVX>(xb, *L.all.pairs, o, rstride, bias, out_at(o), out_at(o + 1), ostride, res_at(o),
-                              res_at(o + 1), res_stride, res_scale, nrows, ncols);
+                              res_at(o + 1), res_stride, res_scale, nrows, ncols, stream);
     return 2;
   }
   const int64_t k0 = L.all.rowptr[o];
   conv_tile<RELU, RES, NVX>(xb, L.all.ent + k0, L.all.rowptr[o + 1] - k0, rstride, bias ? bias[o] : 0.f, out_at(o),
-                            ostride, res_at(o), res_stride, res_scale, nrows, ncols);
+                            ostride, res_at(o), res_stride, res_scale, nrows, ncols, stream);
   return 1;
 }
 
 // Every tile of one work item (image b, output rows y0.., column tiles [ct0, ct1) of width NVX*VW),
 // output channel innermost: a tile's input rows stay in L1/L2 while all output channels use them.
+// stream: whole aligned output vectors bypass the caches (an output larger than they are).
 template <bool RELU, bool RES, int NVX>
 void conv_item(const float* xrow, const Layer& L, const float* bias, int64_t O, int64_t rstride, float* out_b,
                Strides os, const float* res_b, Strides rs, float res_scale, int64_t Wo, int64_t y0, int nrows,
-               int64_t ct0, int64_t ct1) {
+               int64_t ct0, int64_t ct1, bool stream) {
   constexpr int TWX = NVX * VW;
   for (int64_t ct = ct0; ct < ct1; ++ct) {
     const int64_t x0 = ct * TWX;
@@ -368,17 +416,22 @@ void conv_item(const float* xrow, const Layer& L, const float* bias, int64_t O, 
     auto res_at = [&](int64_t o) { return RES ? res_b + o * rs.c + y0 * rs.h + x0 : nullptr; };
     for (int64_t o = 0; o < O;)
       o += channel_tiles<RELU, RES, NVX>(xrow + x0, L, o, O, rstride, bias, out_at, os.h, res_at, rs.h, res_scale,
-                                         nrows, ncols);
+                                         nrows, ncols, stream);
   }
+  if (stream) stream_fence();
 }
 
 // The same with a fused pixel shuffle of factor R: conv channel o = (c * R + i) * R + j at (y, x)
 // goes to out[c, y * R + i, x * R + j]. The R channels of one (c, i) are computed into a small
 // buffer and interleaved into HR rows, so PyTorch's separate (slow, strided) shuffle pass and the
-// LR-resolution output never exist.
+// LR-resolution output never exist. At x2 the HR rows are written with non-temporal stores, which
+// skip reading each output line into the cache before overwriting it: on the EDSR x2 upsampler
+// (64->256 + shuffle, 320x180, 2 threads) 1.7x faster at 2:32 per-channel and 2.8x with masks
+// shared by blocks of channels, where ordinary stores made the write half or more of the conv.
 template <bool RELU, int NVX>
 void conv_item_shuffle(const float* xrow, const Layer& L, const float* bias, int64_t O, int64_t rstride,
-                       float* out_b, Strides os, int R, int64_t Wo, int64_t y0, int nrows, int64_t ct0, int64_t ct1) {
+                       float* out_b, Strides os, int R, int64_t Wo, int64_t y0, int nrows, int64_t ct0, int64_t ct1,
+                       bool stream) {
   constexpr int TWX = NVX * VW;
   alignas(64) float tmp[16][TR][TWX];  // the R * R channels of one shuffled channel c, R <= 4
   const int RR = R * R;
@@ -390,7 +443,7 @@ void conv_item_shuffle(const float* xrow, const Layer& L, const float* bias, int
       auto no_res = [](int64_t) { return static_cast<const float*>(nullptr); };
       for (int j = 0; j < RR;)
         j += channel_tiles<RELU, false, NVX>(xrow + x0, L, og + j, og + RR, rstride, bias, tmp_at, TWX, no_res, 0,
-                                             1.f, nrows, TWX);
+                                             1.f, nrows, TWX, false);
       const int64_t c = og / RR;
       for (int i = 0; i < R; ++i)
         for (int r = 0; r < nrows; ++r) {
@@ -398,7 +451,19 @@ void conv_item_shuffle(const float* xrow, const Layer& L, const float* bias, int
           if (R == 2) {
             const float* __restrict a = tmp[2 * i][r];
             const float* __restrict b = tmp[2 * i + 1][r];
-            for (int l = 0; l < ncols; ++l) {
+            int l = 0;
+            for (; l + VW <= ncols; l += VW) {
+              const vf va = aload(a + l), vb = aload(b + l);
+              const vf lo = __builtin_shuffle(va, vb, interleave_lo()), hi = __builtin_shuffle(va, vb, interleave_hi());
+              if (stream) {
+                store_stream(dst + 2 * l, lo);
+                store_stream(dst + 2 * l + VW, hi);
+              } else {
+                std::memcpy(dst + 2 * l, &lo, sizeof(vf));
+                std::memcpy(dst + 2 * l + VW, &hi, sizeof(vf));
+              }
+            }
+            for (; l < ncols; ++l) {
               dst[2 * l] = a[l];
               dst[2 * l + 1] = b[l];
             }
@@ -409,20 +474,21 @@ void conv_item_shuffle(const float* xrow, const Layer& L, const float* bias, int
         }
     }
   }
+  if (stream) stream_fence();  // the streamed stores are visible before the parallel region ends
 }
 
 template <int NVX>
 void conv_item_any(bool relu, bool res, int shuffle, const float* xrow, const Layer& L, const float* bias,
                    int64_t O, int64_t rstride, float* out_b, Strides os, const float* res_b, Strides rs,
-                   float res_scale, int64_t Wo, int64_t y0, int nrows, int64_t ct0, int64_t ct1) {
+                   float res_scale, int64_t Wo, int64_t y0, int nrows, int64_t ct0, int64_t ct1, bool stream) {
   if (shuffle > 1) {
     if (relu)
-      conv_item_shuffle<true, NVX>(xrow, L, bias, O, rstride, out_b, os, shuffle, Wo, y0, nrows, ct0, ct1);
+      conv_item_shuffle<true, NVX>(xrow, L, bias, O, rstride, out_b, os, shuffle, Wo, y0, nrows, ct0, ct1, stream);
     else
-      conv_item_shuffle<false, NVX>(xrow, L, bias, O, rstride, out_b, os, shuffle, Wo, y0, nrows, ct0, ct1);
+      conv_item_shuffle<false, NVX>(xrow, L, bias, O, rstride, out_b, os, shuffle, Wo, y0, nrows, ct0, ct1, stream);
     return;
   }
-#define NMK_ITEM(R, S) conv_item<R, S, NVX>(xrow, L, bias, O, rstride, out_b, os, res_b, rs, res_scale, Wo, y0, nrows, ct0, ct1)
+#define NMK_ITEM(R, S) conv_item<R, S, NVX>(xrow, L, bias, O, rstride, out_b, os, res_b, rs, res_scale, Wo, y0, nrows, ct0, ct1, stream)
   if (relu && res) NMK_ITEM(true, true);
   else if (relu) NMK_ITEM(true, false);
   else if (res) NMK_ITEM(false, true);
@@ -547,6 +613,7 @@ int nmk_conv2d_ex(const int64_t* prm, const float* x, float* workspace, const in
   const int64_t chunks = (ctiles + per_chunk - 1) / per_chunk;
   const int64_t items = B * g.rtiles * chunks;
   const int64_t rstride = sh * C * g.Wq;
+  const bool stream = B * O * g.Ho * g.Wo >= STREAM_MIN_FLOATS;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
   for (int64_t it = 0; it < items; ++it) {
     const int64_t b = it / (g.rtiles * chunks), rem = it % (g.rtiles * chunks);
@@ -557,7 +624,7 @@ int nmk_conv2d_ex(const int64_t* prm, const float* x, float* workspace, const in
     const float* xrow = xp + b * g.per_b + y0 * rstride;
     float* out_b = out + b * os.b;
     const float* res_b = residual ? residual + b * rs.b : nullptr;
-#define NMK_RUN(N) conv_item_any<N>(relu, residual != nullptr, R, xrow, L, bias, O, rstride, out_b, os, res_b, rs, res_scale, g.Wo, y0, nrows, ct0, ct1)
+#define NMK_RUN(N) conv_item_any<N>(relu, residual != nullptr, R, xrow, L, bias, O, rstride, out_b, os, res_b, rs, res_scale, g.Wo, y0, nrows, ct0, ct1, stream)
     if (nvx == 1)
       NMK_RUN(1);
     else if (nvx == 2)
@@ -632,6 +699,9 @@ int nmk_conv2d_tiles(const int64_t* prm, const int64_t* tiles, const int32_t* co
   }
   const int64_t rstride = C * Wq;
   const int64_t n = (int64_t)items.size();
+  int64_t outputs = 0;
+  for (int64_t t = 0; t < T; ++t) outputs += tiles[6 * t + 3] * tiles[6 * t + 4] * O;
+  const bool stream = outputs >= STREAM_MIN_FLOATS;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
   for (int64_t i = 0; i < n; ++i) {
     const Item& it = items[i];
@@ -640,7 +710,7 @@ int nmk_conv2d_tiles(const int64_t* prm, const int64_t* tiles, const int32_t* co
     const float* xrow = x + d[0] + it.y0 * rstride;
     float* out_b = out + d[1];
     const float* res_b = residual ? residual + d[2] : nullptr;
-#define NMK_RUN(N) conv_item_any<N>(relu, residual != nullptr, R, xrow, wts[route], bias, O, rstride, out_b, os, res_b, rs, res_scale, d[4], it.y0, it.nrows, it.ct0, it.ct1)
+#define NMK_RUN(N) conv_item_any<N>(relu, residual != nullptr, R, xrow, wts[route], bias, O, rstride, out_b, os, res_b, rs, res_scale, d[4], it.y0, it.nrows, it.ct0, it.ct1, stream)
     if (it.nvx == 1)
       NMK_RUN(1);
     else if (it.nvx == 2)
