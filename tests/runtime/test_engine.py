@@ -185,6 +185,24 @@ def test_fused_residual_blocks_match_on_both_tactics(tactic: str) -> None:
             assert (engine(x) - squash_(copy.deepcopy(model))(x)).abs().max() <= TOL, name
 
 
+@pytest.mark.parametrize("scale", [2, 3])
+def test_block_shared_masks_run_in_blocks_and_match_the_masked_model(scale: int) -> None:
+    # out_block=16 masks: every body conv (and the x2 upsampler) runs the kernel's 4-channel blocks;
+    # the outputs equal the dense-with-zeros model's
+    lib = load_kernel()
+    if lib is None:  # pragma: no cover - only without a compiler
+        pytest.skip("sparse kernel unavailable on this machine")
+    torch.manual_seed(0)
+    model = create_model("edsr", scale=scale, n_feats=64, n_blocks=2).eval()
+    sparsify_(model, NMConfig(n=4, m=32, out_block=16))
+    engine = compile_sparse(model, SPARSE)
+    convs = [m for m in engine.modules() if isinstance(m, SparseConv2d) and m.out_channels % 16 == 0]
+    assert convs and all(lib.channel_block(c.routes[0].csr) == 4 for c in convs if c.routes[0].nm)
+    x = torch.rand(1, 3, 12, 70)
+    with torch.no_grad():
+        assert (engine(x) - squash_(copy.deepcopy(model))(x)).abs().max() <= TOL
+
+
 def test_auto_tactic_times_once_per_shape_and_reuses_the_disk_cache(tmp_path: Path) -> None:
     _kernel_or_skip()
     model = _routed()
