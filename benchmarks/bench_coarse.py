@@ -252,8 +252,9 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
                 f"{r['mask_changed']} of {r['mask_entries']} mask entries at {r['budget']}"
                 for r in rows if r["method"] == "coarse SR-STE" and "mask_changed" in r
             ) + " against the one-shot masks (a block's summed magnitudes move slowly), so the SR-STE rows "
-            "measure the pattern more than the training. The prototype runs one conv and the engine has no "
-            "coarse path yet, so no engine speed comes with them."
+            "measure the pattern more than the training. The engine's f32 kernel runs such layers 4 output "
+            "channels at a time; section `coarse_engine` times these checkpoints on it against the deployment "
+            "runtimes. The AMX prototype above is not in the engine."
             if trained == "SR-STE"
             else " It is measured here, not offered yet: masks are fixed one-shot (not trained with SR-STE or "
             "SLS's gradient), the prototype runs one conv, and the engine has no coarse path; those are what "
