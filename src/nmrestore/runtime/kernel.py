@@ -58,7 +58,7 @@ from nmrestore.runtime.kernel_lib import (  # noqa: F401  (re-exported: the name
 log = logging.getLogger("nmrestore.runtime")
 
 #: The sources, compiled together (the header is written next to them); the cache key covers all.
-SOURCE_NAMES = ("nm_common.h", "nm_weights.h", "nm_kernels.cpp", "nm_bf16.cpp")
+SOURCE_NAMES = ("nm_common.h", "nm_weights.h", "nm_tiles.h", "nm_kernels.cpp", "nm_bf16.cpp")
 #: Defined to build without the bf16 kernels.
 NO_BF16_FLAG = "-DNMK_NO_BF16"
 #: Flag sets tried in order; the first that compiles and loads wins.
