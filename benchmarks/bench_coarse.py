@@ -14,6 +14,7 @@ same weights. Speed: one EDSR body conv (64->64, 3x3) on the prototype against t
 and dense oneDNN, interleaved in one run (``_coarse.py``); skipped on a CPU without AMX.
 
     .venv/bin/python benchmarks/bench_coarse.py --study-dir runs/photos-study   # PSNR + speed
+    .venv/bin/python benchmarks/bench_coarse.py --speed-only   # speed again, the committed PSNR rows kept
     .venv/bin/python benchmarks/bench_coarse.py --render                         # the section from its JSON
 """
 
@@ -68,7 +69,41 @@ def pruned(model: torch.nn.Module, n: int, m: int, coarse: bool) -> torch.nn.Mod
     return out
 
 
+def speed_rows(args: argparse.Namespace) -> dict[str, Any]:
+    """The speed rows and the machine's state around them ({} with ``--no-speed``)."""
+    if args.no_speed:
+        return {}
+    before = machine_state()
+    speed = run_coarse((180, 320), args.repeats, tuple(args.budgets))
+    block_speed = run_coarse_block((180, 320), args.repeats, tuple(args.budgets))
+    model_speed = run_coarse_model((180, 320), args.repeats, tuple(args.budgets))
+    return {
+        "machine_before": before,
+        "machine_after": machine_state(),
+        "quiet_ceilings": quiet_ceilings(),
+        "speed": speed,
+        "block_speed": block_speed,
+        "model_speed": model_speed,
+        "speed_repeats": args.repeats,
+    }
+
+
+def measure_speed_only(args: argparse.Namespace) -> dict[str, Any]:
+    """``--speed-only``: the committed run's PSNR rows kept as they are (with the command and date
+    that measured them), the speed rows measured again."""
+    torch.set_num_threads(args.threads)
+    path = ROOT / "docs" / "bench" / f"{SECTION}.json"
+    if not path.is_file():
+        raise SystemExit(f"--speed-only needs the PSNR rows of an earlier run in {path}")
+    old = json.loads(path.read_text())
+    kept = {k: old[k] for k in ("dense_digest", "scale", "block", "rows")}
+    psnr_from = old.get("psnr_from") or {"command": old.get("command"), "date": old.get("date")}
+    return {**kept, "psnr_from": psnr_from, **speed_rows(args)}
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
+    if args.speed_only:
+        return measure_speed_only(args)
     echo = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     torch.set_num_threads(args.threads)
     config = study_config(args.scale, args.data, args.study_dir, False, None, args.threads, cached_only=True)
@@ -114,28 +149,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             changed = sum(int((trained[k] != fixed[k]).sum()) for k in fixed)
             entries = sum(v.numel() for v in fixed.values())
             rows.append({**score(net, "coarse SR-STE", budget), "mask_changed": changed, "mask_entries": entries})
-    machine: dict[str, Any] = {}
-    speed: list[dict[str, object]] = []
-    block_speed: list[dict[str, object]] = []
-    model_speed: list[dict[str, object]] = []
-    if not args.no_speed:
-        before = machine_state()
-        speed = run_coarse((180, 320), args.repeats, tuple(args.budgets))
-        block_speed = run_coarse_block((180, 320), args.repeats, tuple(args.budgets))
-        model_speed = run_coarse_model((180, 320), args.repeats, tuple(args.budgets))
-        quiet = quiet_ceilings()
-        machine = {"machine_before": before, "machine_after": machine_state(), "quiet_ceilings": quiet}
-    return {
-        **machine,
-        "dense_digest": dense.digest,
-        "scale": args.scale,
-        "block": BLOCK,
-        "rows": rows,
-        "speed": speed,
-        "block_speed": block_speed,
-        "model_speed": model_speed,
-        "speed_repeats": args.repeats,
-    }
+    return {"dense_digest": dense.digest, "scale": args.scale, "block": BLOCK, "rows": rows, **speed_rows(args)}
 
 
 def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
@@ -170,6 +184,11 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
         "recomputed every step; coarse: `out_block` in its recipe). Test photos, Y PSNR (image means), paired 95% intervals over the study's "
         "96x96 HR tiles (tile means, which can differ in sign from the image means).",
         "",
+        *(
+            [f"PSNR rows from `{payload['psnr_from']['command']}` ({payload['psnr_from']['date']}); the speed "
+             "rows below from this section's command.", ""]
+            if payload.get("psnr_from") else []
+        ),
         markdown_table(table, list(table[0])),
         "",
     ]
@@ -187,7 +206,7 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
             "convs (`CoarseEDSR` in `benchmarks/_coarse.py`; PyTorch runs the first conv in f32 and the last on "
             "oneDNN in bf16), against OpenVINO's default precision (AMX) on the same dense-with-zeros model, "
             "interleaved; max abs diff against PyTorch f32. A prototype pipeline for EDSR only: the engine has "
-            "no coarse path.",
+            "no AMX path (its f32 kernel runs such masks 4 channels at a time on the vector units).",
         }
         for key, intro in intros.items():
             if payload.get(key):  # runs recorded before the block and model rows existed have neither
@@ -275,6 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds of the speed rows")
     parser.add_argument("--no-speed", action="store_true", help="PSNR only")
+    parser.add_argument(
+        "--speed-only",
+        action="store_true",
+        help="keep the committed PSNR rows, measure the speed rows again (no photo study needed)",
+    )
     return section_main(SECTION, render, measure, parser, argv)
 
 

@@ -67,3 +67,23 @@ def test_roofline_takes_the_slower_of_compute_and_traffic_per_part() -> None:
     assert roofline_ms(parts, "4:32", True, ceilings) == pytest.approx(82.5)
     # coarse: the blocks on AMX too, max(8 ms, 5 ms)
     assert roofline_ms(parts, "4:32", True, ceilings, coarse=True) == pytest.approx(10.5)
+
+
+def test_the_prototype_rows_are_read_against_the_bf16_targets_they_answer() -> None:
+    payload = _payload()
+    payload["prototype"] = {
+        "date": "p", "slowed": [],
+        "rows": {"2:4": {"ms": 50.0, "runtime_ms": 50.0, "speedup": 1.0},
+                 "4:32": {"ms": 10.0, "runtime_ms": 30.0, "speedup": 3.0}},
+    }  # fmt: skip
+    _, body = render("speed_targets", payload)
+    # only 2:4 has a bf16 target against OpenVINO's default here; its coarse roofline is 20 of the 50 ms
+    assert "section `coarse` (run p)" in body
+    assert "50.0 ms at 2:4, 1.00x (the target is 1x), 40% of its roofline." in body
+    assert "at 4:32" not in body.split("section `coarse`")[1]
+    assert "slowed" not in body.split("section `coarse`")[1]
+    payload["prototype"]["slowed"] = ["f32 GEMM 100 against 230"]
+    _, body = render("speed_targets", payload)
+    assert "That run was timed on a slowed machine (f32 GEMM 100 against 230)." in body
+    del payload["prototype"]
+    assert "section `coarse` (run" not in render("speed_targets", payload)[1]
