@@ -139,6 +139,20 @@ other, not interleaved; module hooks add a little overhead). Residual blocks are
     return "Speed: where the time goes (EDSR-baseline x2)", body
 
 
+def below_quiet(payload: dict[str, Any]) -> str:
+    """A sentence when this roofline run measured ceilings below the quiet reference it carries."""
+    quiet, own = payload.get("quiet_ceilings") or {}, payload["ceilings"]
+    low = [k for k in ("gemm_f32_gmacs", "gemm_bf16_gmacs", "copy_gbs") if k in quiet and own[k] < quiet[k]]
+    if not low:
+        return ""
+    return (
+        " This run's ceilings are below the highest this machine has reached in the section's runs (f32 GEMM "
+        f"{quiet['gemm_f32_gmacs']:.0f}, bf16 GEMM {quiet['gemm_bf16_gmacs']:.0f} GMAC/s, copy "
+        f"{quiet['copy_gbs']:.1f} GB/s), which stay the quiet machine's reference that timed sections are "
+        "held to; the roof columns use this run's own ceilings."
+    )
+
+
 def render_roofline(key: str, payload: dict[str, Any]) -> tuple[str, str]:
     """Section "speed_roofline" from the saved measurements (``docs/bench/speed_roofline.json``)."""
     ceilings, threads, repeats, kernel = (
@@ -156,7 +170,7 @@ Empirical ceilings ({threads} threads, medians of {repeats} interleaved rounds):
 little); "roof" = max(MACs / GEMM rate, bytes / copy bandwidth) with MACs x N/M on pruned convs and 4 (f32) or
 2 (bf16) bytes per activation value read or written; sparse kernels (f32 or bf16) get the f32 GEMM rate
 (benchmarks/_roofline.py). {kernel}.
-Wall time {payload["wall_s"]:.0f} s.
+Wall time {payload["wall_s"]:.0f} s.{below_quiet(payload)}
 
 {markdown_table(payload["rows"], payload["columns"])}
 """

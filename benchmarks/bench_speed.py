@@ -384,11 +384,17 @@ def main() -> None:
     parser.add_argument(
         "--render",
         action="store_true",
-        help="only redraw the section (speed, or speed_profile) from its JSON",
+        help="only redraw the section (speed, or with --profile-only / --roofline / --quality its own) from its JSON",
     )
     args = parser.parse_args()
     if args.render:
-        publish("speed_profile" if args.profile_only else SECTION, render)
+        publish(
+            "speed_profile" if args.profile_only
+            else "speed_roofline" if args.roofline
+            else "speed_quality" if args.quality
+            else SECTION,
+            render,
+        )  # fmt: skip
         return
     try:
         peer_names, peer_notes = available_peers(*parse_peers(args.vs))  # a missing named peer: stop now

@@ -5,10 +5,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _roofline import machine_note, slowed  # noqa: E402
+from _roofline import carried_quiet, machine_note, quiet_ceilings, slowed  # noqa: E402
+from _speed_report import below_quiet  # noqa: E402
 
 QUIET = {"copy_gbs": 27.0, "gemm_f32_gmacs": 230.0, "gemm_bf16_gmacs": 1280.0}
 
@@ -34,3 +37,31 @@ def test_a_ceiling_that_drops_below_three_quarters_marks_the_run() -> None:
 
 def test_runs_recorded_before_the_probe_have_no_sentence() -> None:
     assert machine_note({}) == ""
+
+
+def test_a_slowed_roofline_run_does_not_lower_the_quiet_reference() -> None:
+    slow = {"copy_gbs": 28.0, "gemm_f32_gmacs": 180.0, "gemm_bf16_gmacs": 1000.0}
+    # per ceiling, the higher of the reference and the run: copy rose, the GEMMs stay at the reference
+    assert carried_quiet(QUIET, slow) == {"copy_gbs": 28.0, "gemm_f32_gmacs": 230.0, "gemm_bf16_gmacs": 1280.0}
+    assert carried_quiet(None, slow) == slow  # the first run is its own reference
+
+
+def test_the_reference_comes_from_the_roofline_section(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import _report
+
+    monkeypatch.setattr(_report, "results_path", lambda key: tmp_path / f"{key}.json")
+    assert quiet_ceilings() is None
+    (tmp_path / "speed_roofline.json").write_text('{"ceilings": {"gemm_f32_gmacs": 180.0}}')
+    assert quiet_ceilings() == {"gemm_f32_gmacs": 180.0}  # runs recorded before the carried reference
+    (tmp_path / "speed_roofline.json").write_text(
+        '{"ceilings": {"gemm_f32_gmacs": 180.0}, "quiet_ceilings": {"gemm_f32_gmacs": 230.0}}'
+    )
+    assert quiet_ceilings() == {"gemm_f32_gmacs": 230.0}
+
+
+def test_the_roofline_section_says_when_its_run_was_below_the_reference() -> None:
+    slow = {**QUIET, "gemm_f32_gmacs": 188.0}
+    assert "below the highest this machine has reached" in below_quiet({"ceilings": slow, "quiet_ceilings": QUIET})
+    assert "f32 GEMM 230, bf16 GEMM 1280 GMAC/s, copy 27.0 GB/s" in below_quiet({"ceilings": slow, "quiet_ceilings": QUIET})
+    assert below_quiet({"ceilings": QUIET, "quiet_ceilings": QUIET}) == ""
+    assert below_quiet({"ceilings": slow}) == ""  # runs recorded before the carried reference
