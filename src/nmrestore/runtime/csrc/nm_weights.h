@@ -153,6 +153,12 @@ struct Layer {
   const Grouped* grouped;  // null: ungrouped
   bool paired;             // channels in pairs (all.pairs, or each group's pairs)
   const Blocked* blocked = nullptr;  // null: channels not in blocks
+  // The input rows the next row tile reads and this one does not (see NextRows in nm_kernels.cpp):
+  // the first of them and how many, counted from the tile's first input row; their length in
+  // floats (C channels of wq), and wq. count 0: none prefetched.
+  struct Ahead {
+    int64_t first = 0, count = 0, row = 0, wq = 0, channels = 0;
+  } ahead;
 };
 
 // The densities at which pairs and kernel-column groups start to pay (NMK_PAIR_MIN / NMK_GROUP_MIN
