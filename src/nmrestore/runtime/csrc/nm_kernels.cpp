@@ -31,7 +31,9 @@
 // last conv, which is under 3% of a forward; 0.95-1.05x, noise, on the 64->64 and 64->256 convs, and
 // too few items for two threads on small inputs); software prefetch of the entries 4-16 ahead (none);
 // prefetch of the next column tile's input rows, spread over the current tile's channels, into L1,
-// L2 or L3 (whole EDSR x2, 2:32 and 4:32 per-channel, near-quiet machine: 0.93-0.95x).
+// L2 or L3 (whole EDSR x2, 2:32 and 4:32 per-channel, near-quiet machine: 0.93-0.95x). Kept: the
+// next row tile's new input rows prefetched into L2 (see NextRows); its residual rows prefetched
+// the same way on top of them gave 0.98-0.99x.
 // Masks shared by blocks of output channels (out_block a multiple of 4: "coarse" N:M) run in
 // blocks of 4 channels (see Blocked): a 2x32 sub-tile of 4 channels is 16 accumulators, so every
 // input vector loaded feeds 4 FMAs instead of one. On the EDSR 64->64 conv (320x180, hand-off input,
