@@ -234,3 +234,21 @@ def test_large_outputs_written_past_the_caches_match_pytorch(width: int, shuffle
     ref = F.pixel_shuffle(ref, shuffle) if shuffle > 1 else ref
     assert out.shape == ref.shape
     assert (out - ref).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize(("out_channels", "shuffle"), [(16, 1), (3, 1), (16, 2)])
+def test_items_walking_several_row_tiles_match_pytorch(threads: int, out_channels: int, shuffle: int) -> None:
+    # 2 images of 75 rows (38 row tiles: not a whole number of bands), 300 columns (two column chunks):
+    # enough items that each walks several row tiles, with the last band shorter than the others
+    w = nm_weight((out_channels, 16, 3, 3), 2, 8, seed=3)
+    b = torch.randn(out_channels)
+    x = torch.randn(2, 16, 75, 300)
+    ref = F.conv2d(x, w, b, padding=1)
+    if shuffle > 1:
+        out = sparse_conv(w, x, b, relu=True, shuffle=shuffle, threads=threads)
+        assert (out - F.relu(F.pixel_shuffle(ref, shuffle))).abs().max() <= TOL
+        return
+    res = torch.randn_like(ref)
+    out = sparse_conv(w, x, b, relu=True, residual=res, res_scale=0.5, threads=threads)
+    assert (out - F.relu(res + 0.5 * ref)).abs().max() <= TOL
