@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _report import load_results, markdown_table, results_path, section_main  # noqa: E402
-from _roofline import slowed  # noqa: E402
+from _roofline import quiet_ceilings, slowed  # noqa: E402
 
 SECTION = "speed_targets"
 TITLE = "Speed targets against the deployment runtimes: the kept-MAC rate each one asks for"
@@ -104,7 +104,7 @@ def prototype_rows() -> dict[str, Any]:
 def derive() -> dict[str, Any]:
     speed, roof = load_results("speed"), load_results("speed_roofline")
     # what the machine can do, not what a slowed roofline run measured
-    ceilings = roof.get("quiet_ceilings") or roof["ceilings"]
+    ceilings = quiet_ceilings() or roof["ceilings"]
     parts = {r["part"]: float(r["dense GMAC"]) for r in roof["rows"] if r.get("dense GMAC") is not None}
     moved = {r["part"]: (float(r["dense GMAC"]), float(r["MB moved (f32)"])) for r in roof["rows"]
              if r.get("dense GMAC") is not None}  # fmt: skip

@@ -29,7 +29,8 @@
 // against 25%: not worth it); channels in threes on dense convs (0.89-1.02x on the 64->3 last conv, which is bound by memory, not loads);
 // work items walking down 4-16 row tiles so shared input rows stay in L2 (1.10-1.17x on the 64->3
 // last conv, which is under 3% of a forward; 0.95-1.05x, noise, on the 64->64 and 64->256 convs, and
-// too few items for two threads on small inputs); software prefetch of the entries 4-16 ahead (none);
+// too few items for two threads on small inputs; kept later, up to 4 row tiles and at least 8 items
+// per thread, together with NextRows); software prefetch of the entries 4-16 ahead (none);
 // prefetch of the next column tile's input rows, spread over the current tile's channels, into L1,
 // L2 or L3 (whole EDSR x2, 2:32 and 4:32 per-channel, near-quiet machine: 0.93-0.95x). Kept: the
 // next row tile's new input rows prefetched into L2 (see NextRows); its residual rows prefetched
@@ -57,15 +58,15 @@ inline Geometry geometry(int64_t B, int64_t C, int64_t H, int64_t W, int64_t KH,
 // Slack after the last image: a tile's last vector may read up to TW + Wq floats past a row.
 inline int64_t slack(const Geometry& g) { return TW + g.Wq + 2 * VW; }
 
-// Prefetches into L2, a share after every channel-tile of a work item, the input rows that the next
+// Prefetches into L2, a share after every channel-tile of a row tile, the input rows that the next
 // row tile over the same columns reads and this one does not (2 of its 4 rows for a 3x3 conv), so
-// their loads from memory overlap this item's FMAs: with two threads taking items in order, the
-// next item but one, which this thread most likely runs, is that row tile. Without it a row tile's
-// new rows came from memory while the FMAs waited (one conv's input, written by the conv before
-// with streamed stores, is not in any cache). The last row tile prefetches rows past the image
-// (prefetches never fault). Whole EDSR x2, per-channel masks, 2 threads,
-// interleaved, near-quiet machine: 1.075x at 2:32, 1.04x at 4:32 (prefetching into L1: 1.07x /
-// 1.02x; the next column tile's rows instead: 0.93-0.95x).
+// their loads from memory overlap this row tile's FMAs; a work item walks down several row tiles
+// (nmk_conv2d_ex), so the next one runs on this core. Without it a row tile's new rows came from
+// memory while the FMAs waited (one conv's input, written by the conv before with streamed stores,
+// is not in any cache). The last row tile prefetches rows past the image (prefetches never fault).
+// Whole EDSR x2, per-channel masks, 2 threads, interleaved, near-quiet machine: 1.075x at 2:32,
+// 1.04x at 4:32 (prefetching into L1: 1.07x / 1.02x; the next column tile's rows instead:
+// 0.93-0.95x).
 class NextRows {
  public:
   NextRows(const float* xrow, const Layer& L, int64_t x0, int64_t cols, int64_t channel_tiles)
@@ -326,13 +327,13 @@ int nmk_conv2d_ex(const int64_t* prm, const float* x, float* workspace, const in
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
   for (int64_t it = 0; it < items; ++it) {
     const int64_t b = it / (bands * chunks), ch = it % chunks, rt0 = (it % (bands * chunks)) / chunks * band;
+    const int64_t ct0 = ch * per_chunk, ct1 = std::min<int64_t>(ctiles, ct0 + per_chunk);
+    float* out_b = out + b * os.b;
+    const float* res_b = residual ? residual + b * rs.b : nullptr;
     for (int64_t rt = rt0; rt < std::min<int64_t>(g.rtiles, rt0 + band); ++rt) {
       const int64_t y0 = rt * TR;
       const int nrows = (int)std::min<int64_t>(TR, g.Ho - y0);
-      const int64_t ct0 = ch * per_chunk, ct1 = std::min<int64_t>(ctiles, ct0 + per_chunk);
       const float* xrow = xp + b * g.per_b + y0 * rstride;
-      float* out_b = out + b * os.b;
-      const float* res_b = residual ? residual + b * rs.b : nullptr;
 #define NMK_RUN(N) conv_item_any<N>(relu, residual != nullptr, R, xrow, L, bias, O, rstride, out_b, os, res_b, rs, res_scale, g.Wo, y0, nrows, ct0, ct1, stream)
       if (nvx == 1)
         NMK_RUN(1);
