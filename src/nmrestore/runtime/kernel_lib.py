@@ -32,7 +32,7 @@ from torch import Tensor
 
 from nmrestore.runtime.packing import CSRWeight
 
-ABI_VERSION = 7
+ABI_VERSION = 8
 
 
 @dataclass(frozen=True)

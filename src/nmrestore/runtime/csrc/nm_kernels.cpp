@@ -34,7 +34,11 @@
 // prefetch of the next column tile's input rows, spread over the current tile's channels, into L1,
 // L2 or L3 (whole EDSR x2, 2:32 and 4:32 per-channel, near-quiet machine: 0.93-0.95x). Kept: the
 // next row tile's new input rows prefetched into L2 (see NextRows); its residual rows prefetched
-// the same way on top of them gave 0.98-0.99x.
+// the same way on top of them gave 0.98-0.99x. Also tried on the 64->3 last conv (dense, O < 8):
+// NextRows there (with the counted prefetch: 1.02x on the conv, no gain on the model); its 3 channels
+// as one block like the coarse blocks below (0.48x without NextRows, 0.76x with: its one pass over
+// the input window waits on memory, where per-channel passes find the window in cache); 2 MiB
+// pages for the engine's buffers (THP, none).
 // Masks shared by blocks of output channels (out_block a multiple of 4: "coarse" N:M) run in
 // blocks of 4 channels (see Blocked): a 2x32 sub-tile of 4 channels is 16 accumulators, so every
 // input vector loaded feeds 4 FMAs instead of one. On the EDSR 64->64 conv (320x180, hand-off input,
@@ -78,17 +82,27 @@ class NextRows {
         total_(L.ahead.count * L.ahead.channels * lines_),
         per_tile_((total_ + channel_tiles - 1) / std::max<int64_t>(1, channel_tiles)) {}
 
-  // After `tiles` more channel-tiles: their share of the prefetches.
+  // After `tiles` more channel-tiles: their share of the prefetches. Line, channel and row are
+  // counted, not divided out of one index: two 64-bit divisions per prefetch made the whole EDSR x2
+  // 1.02x (4:32) and 1.02-1.04x (2:32) slower (interleaved, near-quiet machine).
   void advance(int tiles) {
     for (const int64_t end = std::min(total_, done_ + per_tile_ * tiles); done_ < end; ++done_) {
-      const int64_t seg = done_ / lines_, r = seg / channels_, c = seg % channels_;
-      __builtin_prefetch(base_ + r * row_ + c * wq_ + (done_ % lines_) * VW, 0, 2);
+      __builtin_prefetch(at_ + line_ * VW, 0, 2);
+      if (++line_ == lines_) {
+        line_ = 0;
+        if (++c_ == channels_) {
+          c_ = 0;
+          ++r_;
+        }
+        at_ = base_ + r_ * row_ + c_ * wq_;
+      }
     }
   }
 
  private:
   const float* base_;
-  int64_t row_, wq_, channels_, lines_, total_, per_tile_, done_ = 0;
+  const float* at_ = base_;
+  int64_t row_, wq_, channels_, lines_, total_, per_tile_, done_ = 0, line_ = 0, c_ = 0, r_ = 0;
 };
 
 // Every tile of one work item (image b, output rows y0.., column tiles [ct0, ct1) of width NVX*VW),
@@ -211,7 +225,7 @@ inline int tile_vectors(int64_t Wo, const Layer& L, int64_t O, int64_t C) {
 
 extern "C" {
 
-int nmk_abi_version() { return 7; }
+int nmk_abi_version() { return 8; }
 int nmk_vector_floats() { return VW; }
 int nmk_tile_rows() { return TR; }
 int nmk_tile_cols() { return TW; }
