@@ -10,8 +10,10 @@ channel's kept weights, so its time is ``channel-tiles x (fixed + per weight x k
   below 20%, which run one code path (above it, channels run in pairs and by kernel column);
 * the same conv with every output channel keeping the *same* input channels (same number of kept
   weights, so the same FMAs and loads, but a working set of a few KB that stays in L1) says how
-  much of the time is L1 misses: the 64 channels of a tile each sweep a 67 KB input window (more
-  than L1) at scattered positions. (One weight of every fourth channel is zeroed so that the channels
+  much of the time is L1 misses: the 64 channels of a tile each read scattered positions of its input
+  window. Below 20% density the kernel splits that window by blocks of 32 input channels (all output
+  channels over one block, their partial sums kept aside, then the next block), so each sweep reads
+  a 40 KB block that L1 holds only in part. (One weight of every fourth channel is zeroed so that the channels
   do not share *all* positions: those run in blocks, the next point.)
 * masks shared by blocks of 16 output channels (``out_block=16``), which the kernel runs 4 channels
   at a time (one input load for four FMAs), get their own line.
@@ -94,12 +96,14 @@ def measure(rounds: int, threads: int) -> dict[str, Any]:
     cases += [(n, BLOCKS) for n in (*FITTED, 8)]
     runs: dict[str, Callable[[], Any]] = {}
     kept: dict[str, int] = {}
+    input_blocks: dict[str, int] = {}
     for n, variant in cases:
         csr = csr_from_dense(masked_weight(n, variant))
         if lib.channel_block(csr) != (1 if variant != BLOCKS else 4):
             raise SystemExit(f"{n}:{M} {variant}: the kernel would not run the path this row is meant to time")
         key = f"{n}:{M}{' ' + variant if variant else ''}"
         kept[key] = int(csr.values.numel()) // CHANNELS
+        input_blocks[key] = lib.input_blocks(csr)
         runs[key] = lambda csr=csr, xin=(plain if variant == PLAIN else x): lib.conv2d(
             xin, csr.rowptr, csr.cin, csr.kpos, csr.values, bias, CHANNELS, (3, 3), (1, 1), (1, 1), (1, 1),
             threads=threads,
@@ -112,6 +116,7 @@ def measure(rounds: int, threads: int) -> dict[str, Any]:
             "n": int(key.split(":")[0]),
             "variant": next((v for v in (SAME, PLAIN, BLOCKS) if key.endswith(v)), ""),
             "kept_per_channel": kept[key],
+            "input_blocks": input_blocks[key],
             "ms": 1e3 * timings.median(key),
         }
         for key in runs
@@ -158,6 +163,7 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
         {
             "masks": r["case"],
             "kept weights per channel": r["kept_per_channel"],
+            "input blocks": r.get("input_blocks", "?"),
             "ms": f"{r['ms']:.3f}",
             "ns per channel-tile": f"{1e6 * r['ms'] / per_thread:.0f}",
             "fitted line ns": f"{lines_by[r['variant']][0] + lines_by[r['variant']][1] * r['kept_per_channel']:.0f}"
@@ -179,11 +185,20 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
         f"channel-tile is one output channel of one {tr}x{tc} output tile; ns per channel-tile = wall time x "
         "threads / channel-tiles. 'same channels': every output channel keeps the same input channels (the same "
         f"number of kept weights, a working set that stays in L1); 'plain input': the same values as an ordinary "
-        f"NCHW tensor. Kernel: {payload['kernel']}.",
+        "NCHW tensor; 'input blocks': into how many blocks of 32 input channels the kernel splits the conv (1: "
+        f"unsplit; '?': not recorded by this run). Kernel: {payload['kernel']}.",
         "",
         markdown_table(
             table,
-            ["masks", "kept weights per channel", "ms", "ns per channel-tile", "fitted line ns", "fixed share"],
+            [
+                "masks",
+                "kept weights per channel",
+                "input blocks",
+                "ms",
+                "ns per channel-tile",
+                "fitted line ns",
+                "fixed share",
+            ],
         ),
         "",
         f"Below 20% density a channel-tile costs about {fixed:.0f} ns fixed plus {per_weight:.1f} ns per kept "
@@ -196,11 +211,13 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
         )
         + ". The same weights with every output channel keeping the same input channels run "
         + ", ".join(f"{v:.2f}x faster at {k} (so {1 - 1 / v:.0%} of the time is L1 misses)" for k, v in same.items())
-        + ": the 64 channels of a tile each read a few scattered positions of an input window larger than L1. "
-        "Per-channel N:M masks make these misses; the ways around them tried so far (input "
-        "channels in blocks with partial sums kept aside, smaller tiles, prefetch) are listed, with what they "
-        "gave, at the top of `src/nmrestore/runtime/csrc/nm_kernels.cpp`. A plain NCHW input, which the kernel "
-        "first copies into its padded layout, takes "
+        + ": the 64 channels of a tile each read a few scattered positions of its input window. Per-channel "
+        "N:M masks make these misses. Below 20% density the kernel already runs a tile block by block of 32 "
+        "input channels, the partial sums of all its output channels kept aside between blocks (`Split` in "
+        "`src/nmrestore/runtime/csrc/nm_weights.h`), so each sweep reads a 40 KB block that L1 holds only in "
+        "part; the other ways around the misses tried (smaller tiles, prefetch, aligned copies) are listed, "
+        "with what they gave, at the top of `src/nmrestore/runtime/csrc/nm_kernels.cpp`. A plain NCHW input, "
+        "which the kernel first copies into its padded layout, takes "
         + ", ".join(f"{v:.2f}x the time at {k}" for k, v in payload["plain_input_ratio"].items())
         + ": the engine hands its sparse convs' outputs over in that layout, so only a conv after a PyTorch op "
         "(the first conv, the upsampler after EDSR's long skip sum) pays it.",

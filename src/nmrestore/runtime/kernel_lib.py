@@ -124,6 +124,8 @@ class KernelLibrary:
         self._params = ctypes.c_int64 * int(lib.nmk_param_count())
         lib.nmk_conv_channel_block.restype = i32
         lib.nmk_conv_channel_block.argtypes = [p, p, p, i64, i64]
+        lib.nmk_conv_input_blocks.restype = i32
+        lib.nmk_conv_input_blocks.argtypes = [p, p, p, i64, i64, i64, i64]
         lib.nmk_linear.restype = i32
         lib.nmk_linear.argtypes = [p, i64, i64, p, p, p, p, i64, i32, p, i32]
         self.abi = int(lib.nmk_abi_version())
@@ -443,6 +445,18 @@ class KernelLibrary:
         kk = int(csr.shape[2] * csr.shape[3]) if len(csr.shape) == 4 else 1
         return int(
             self._lib.nmk_conv_channel_block(csr.rowptr.data_ptr(), csr.cin.data_ptr(), csr.kpos.data_ptr(), o, kk)
+        )
+
+    def input_blocks(self, csr: CSRWeight) -> int:
+        """Into how many blocks of input channels the conv tiles split ``csr`` (a conv without a
+        fused pixel shuffle): each block's inputs are read by all output channels, their partial
+        sums kept aside, before the next block's; 1 when the kernel runs the layer unsplit."""
+        if len(csr.shape) != 4:
+            return 1
+        o, c, kh, kw = (int(v) for v in csr.shape)
+        c *= csr.groups  # the kernel counts all input channels; cin is absolute
+        return int(
+            self._lib.nmk_conv_input_blocks(csr.rowptr.data_ptr(), csr.cin.data_ptr(), csr.kpos.data_ptr(), o, c, kh, kw)
         )
 
     def linear(

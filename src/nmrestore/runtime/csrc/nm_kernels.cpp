@@ -16,11 +16,14 @@
 // Measured against the alternatives (EDSR 64->64 3x3 conv on 320x180, 2 threads, interleaved with
 // F.conv2d in one process): 4x64 / 2x64 / 1x64 / 2x32 / 4x32 / 6x32 tiles were tried; 2 rows x 64
 // columns (AVX-512) was best at 4:32 and 8:32 and close to best at 2:32. Also tried on that conv
-// (8:32 / 4:32 / 2:32, 2 threads, idle machine): input channels in blocks of 16-32 with the partial
-// sums of 8-32 output channels kept aside (<= 1.11x / 1.11x / 0.90x); per column tile, the input rows
-// copied once per kernel column shift so every load is aligned (1.12x / 1.01x / 0.87x; with all loads
-// aligned and no copy, the results wrong, the bound is 1.49x / 1.32x / 1.14x); rows padded off 4 KiB
-// strides, and odd channels walking their weights backwards (no change). None is worth its code.
+// (8:32 / 4:32 / 2:32, 2 threads, idle machine): per column tile, the input rows copied once per
+// kernel column shift so every load is aligned (1.12x / 1.01x / 0.87x; with all loads aligned and no
+// copy, the results wrong, the bound is 1.49x / 1.32x / 1.14x); rows padded off 4 KiB strides, and
+// odd channels walking their weights backwards (no change). None is worth its code. Input channels
+// in blocks with the partial sums kept aside gave <= 1.11x / 1.11x / 0.90x on that conv when first
+// tried; with the prefetch and banded items below, blocks of 32 input channels and the partial sums
+// of all 64 output channels make the whole model 1.11x / 1.06x faster at 4:32 / 2:32, and are kept
+// below 20% density (see Split in nm_weights.h, conv_item_split).
 // What is kept, at 20% density and above (nm_weights.h): output channels run in pairs that load the
 // input positions both keep once (see Paired), and a tile runs its weights kernel column by kernel
 // column with aligned loads only, shifting each column's sum into place once (see Grouped): that
@@ -105,6 +108,48 @@ class NextRows {
   int64_t row_, wq_, channels_, lines_, total_, per_tile_, done_ = 0, line_ = 0, c_ = 0, r_ = 0;
 };
 
+// conv_item for a layer split by input channels (see Split): per column tile, the output channels
+// in chunks of SPLIT_OUTPUTS, each chunk block by block, its partial sums kept aside in part.
+template <bool RELU, bool RES, int NVX>
+void conv_item_split(const float* xrow, const Layer& L, const float* bias, int64_t O, int64_t rstride, float* out_b,
+                     Strides os, const float* res_b, Strides rs, float res_scale, int64_t Wo, int64_t y0, int nrows,
+                     int64_t ct0, int64_t ct1, bool stream) {
+  constexpr int TWX = NVX * VW;
+  alignas(64) vf part[SPLIT_OUTPUTS][TR][NVX];  // 32 KB at 2x64 tiles
+  const Split& S = *L.split;
+  const int64_t blocks = S.blocks;
+  const Entry* ent = S.ent.data();
+  NextRows ahead(xrow, L, ct0 * TWX, std::min<int64_t>((ct1 - ct0) * TWX, Wo - ct0 * TWX), (ct1 - ct0) * O * blocks);
+  for (int64_t ct = ct0; ct < ct1; ++ct) {
+    const int64_t x0 = ct * TWX;
+    const int ncols = (int)std::min<int64_t>(TWX, Wo - x0);
+    const float* xb = xrow + x0;
+    for (int64_t o0 = 0; o0 < O; o0 += SPLIT_OUTPUTS) {
+      const int64_t oc = std::min<int64_t>(SPLIT_OUTPUTS, O - o0);
+      for (int64_t g = 0; g < blocks; ++g) {
+        const int64_t* rp = S.rp.data() + g * (O + 1);
+        for (int64_t j = 0; j < oc; ++j) {
+          const int64_t o = o0 + j;
+          vf acc[TR][NVX];
+          if (g == 0)
+            init_tile<NVX>(acc, bias ? bias[o] : 0.f);
+          else
+            copy_tile<NVX>(acc, part[j]);
+          accumulate<NVX>(acc, xb, ent + rp[o], rp[o + 1] - rp[o], rstride);
+          if (g + 1 == blocks)
+            store_tile<RELU, RES, NVX>(acc, out_b + o * os.c + y0 * os.h + x0, os.h,
+                                       RES ? res_b + o * rs.c + y0 * rs.h + x0 : nullptr, rs.h, res_scale, nrows,
+                                       ncols, stream);
+          else
+            copy_tile<NVX>(part[j], acc);
+          ahead.advance(1);
+        }
+      }
+    }
+  }
+  if (stream) stream_fence();
+}
+
 // Every tile of one work item (image b, output rows y0.., column tiles [ct0, ct1) of width NVX*VW),
 // output channel innermost: a tile's input rows stay in L1/L2 while all output channels use them.
 // stream: whole aligned output vectors bypass the caches (an output larger than they are).
@@ -112,6 +157,11 @@ template <bool RELU, bool RES, int NVX>
 void conv_item(const float* xrow, const Layer& L, const float* bias, int64_t O, int64_t rstride, float* out_b,
                Strides os, const float* res_b, Strides rs, float res_scale, int64_t Wo, int64_t y0, int nrows,
                int64_t ct0, int64_t ct1, bool stream) {
+  if (L.split) {
+    conv_item_split<RELU, RES, NVX>(xrow, L, bias, O, rstride, out_b, os, res_b, rs, res_scale, Wo, y0, nrows, ct0,
+                                    ct1, stream);
+    return;
+  }
   constexpr int TWX = NVX * VW;
   NextRows ahead(xrow, L, ct0 * TWX, std::min<int64_t>((ct1 - ct0) * TWX, Wo - ct0 * TWX), (ct1 - ct0) * O);
   for (int64_t ct = ct0; ct < ct1; ++ct) {
@@ -314,7 +364,9 @@ int nmk_conv2d_ex(const int64_t* prm, const float* x, float* workspace, const in
   Paired pairs;
   Grouped grouped;
   Blocked blocked;
+  Split split;
   Layer L = layer_weights(ent.data(), rowptr, kpos, O, C, KH, KW, dw, sw, g.Wq % VW == 0, pairs, grouped, blocked);
+  if (R == 1) split_by_channels(L, split, cin, O, C, KH, KW);
   // the input rows of the next row tile that this one does not read (see NextRows); not for a conv
   // with a few output channels (the 64->3 last conv), whose items have too little work to hide them
   // behind (EDSR x2's last conv: 1.15x without)
@@ -401,11 +453,14 @@ int nmk_conv2d_tiles(const int64_t* prm, const int64_t* tiles, const int32_t* co
   std::vector<Paired> pairs(nroutes);
   std::vector<Grouped> grouped(nroutes);
   std::vector<Blocked> blocked(nroutes);
+  std::vector<Split> splits(nroutes);
   std::vector<Layer> wts(nroutes, Layer{Weights{nullptr, nullptr, nullptr}, nullptr, false});
   for (int r = 0; r < nroutes; ++r)
-    if (rowptrs[r] != nullptr)
+    if (rowptrs[r] != nullptr) {
       wts[r] = layer_weights(ents[r].data(), rowptrs[r], kposs[r], O, C, KH, KW, 1, 1, Wq % VW == 0, pairs[r],
                              grouped[r], blocked[r]);
+      if (R == 1) split_by_channels(wts[r], splits[r], cins[r], O, C, KH, KW);
+    }
   // work items: (tile, row tile, column chunk), narrower vector tiles for narrow tiles
   struct Item {
     int64_t tile, y0, ct0, ct1;
@@ -456,6 +511,22 @@ int nmk_conv_channel_block(const int32_t* rowptr, const int32_t* cin, const int3
   for (int64_t k = 0; k < rowptr[O]; ++k) ent[k] = Entry{(int32_t)(cin[k] * KK + kpos[k]), 0.f};
   Blocked bl;
   return block_channels(bl, ent.data(), rowptr, O) ? OB : 1;
+}
+
+// Into how many blocks of input channels the conv tiles split these weights (CSR as for
+// nmk_conv2d_ex, no pixel shuffle): C / SPLIT_CHANNELS when the layer is split (see Split), else 1.
+int nmk_conv_input_blocks(const int32_t* rowptr, const int32_t* cin, const int32_t* kpos, int64_t O, int64_t C,
+                          int64_t KH, int64_t KW) {
+  std::vector<Entry> ent(rowptr[O]);
+  for (int64_t k = 0; k < rowptr[O]; ++k) ent[k] = Entry{(int32_t)(cin[k] * KH * KW + kpos[k]), 0.f};
+  Paired pairs;
+  Grouped grouped;
+  Blocked blocked;
+  Split split;
+  // rows not vector-aligned: no groups, which only run above the density at which a split stops
+  Layer L = layer_weights(ent.data(), rowptr, kpos, O, C, KH, KW, 1, 1, false, pairs, grouped, blocked);
+  split_by_channels(L, split, cin, O, C, KH, KW);
+  return L.split ? (int)split.blocks : 1;
 }
 
 // x: (B, I) contiguous; out: (B, O). Same CSR form as nmk_conv2d without kernel positions.

@@ -175,6 +175,14 @@ inline void add_shifted(float (&sum)[TR][NVX * VW], vf (&t)[TR][NA], int u) {
   }
 }
 
+template <int NVX>
+inline void copy_tile(vf (&dst)[TR][NVX], const vf (&src)[TR][NVX]) {
+#pragma GCC unroll 16
+  for (int r = 0; r < TR; ++r)
+#pragma GCC unroll 16
+    for (int v = 0; v < NVX; ++v) dst[r][v] = src[r][v];
+}
+
 template <int NA>
 inline void zero_tile(vf (&t)[TR][NA]) { init_tile<NA>(t, 0.f); }
 

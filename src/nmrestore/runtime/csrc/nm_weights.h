@@ -146,6 +146,24 @@ inline bool block_channels(Blocked& bl, const Entry* ent, const int32_t* rowptr,
   return true;
 }
 
+// A sparse layer's weights split by blocks of SPLIT_CHANNELS input channels: a tile runs every
+// output channel over the first block's inputs, keeping its partial sums aside, then over the
+// next block's (conv_item_split in nm_kernels.cpp). With per-channel masks each output channel
+// reads a few scattered positions of all C input channels, a window (64 channels x 4 rows x 66
+// columns, 67 KB) larger than L1, where about a third of the time went to misses (section
+// kernel_limits of docs/BENCHMARKS.md); one block's window (32 channels) mostly stays in L1 while
+// all output channels read it. Whole EDSR x2 f32, per-channel masks, 2 threads, interleaved: 1.11x
+// at 4:32 and 1.06x at 2:32 (blocks of 16 channels: 1.11x / 1.03x; the partial sums of 32 or 16
+// output channels at a time instead of 64: 1.09x / 1.06x and 1.08x / 1.04x).
+constexpr int64_t SPLIT_CHANNELS = 32;
+constexpr int64_t SPLIT_OUTPUTS = 64;  // output channels whose partial sums are kept at once
+
+struct Split {
+  std::vector<Entry> ent;  // block g, output channel o: ent[rp[g * (O + 1) + o], rp[g * (O + 1) + o + 1])
+  std::vector<int64_t> rp;
+  int64_t blocks = 0;
+};
+
 // A layer as the tile loops see it: in blocks when its channels share positions in blocks of OB,
 // else grouped when its rows allow aligned loads, else ungrouped.
 struct Layer {
@@ -153,6 +171,7 @@ struct Layer {
   const Grouped* grouped;  // null: ungrouped
   bool paired;             // channels in pairs (all.pairs, or each group's pairs)
   const Blocked* blocked = nullptr;  // null: channels not in blocks
+  const Split* split = nullptr;      // null: not split by input channels
   // The input rows the next row tile reads and this one does not (see NextRows in nm_kernels.cpp):
   // the first of them and how many, counted from the tile's first input row; their length in
   // floats (C channels of wq), and wq. count 0: none prefetched.
@@ -215,6 +234,35 @@ inline Layer layer_weights(const Entry* ent, const int32_t* rowptr, const int32_
   else if (paired)
     pairs = pair_channels(ent, rowptr, O);
   return Layer{Weights{ent, rowptr, paired && !group ? &pairs : nullptr}, group ? &grouped : nullptr, paired};
+}
+
+// Splits L's weights by input-channel blocks into ``split`` (which must outlive L) where that pays:
+// lone channels (no blocks, pairs or groups) below the density at which groups start, at least two
+// whole blocks of input channels, and fewer than 4C output channels (a widening conv runs 2x32
+// tiles, whose window already stays in L1; split, the EDSR x2 upsampler made the model 0.97-0.99x
+// as fast). Not for convs with a fused pixel shuffle (the callers' choice; same reason).
+// cin: each entry's input channel (the CSR of nmk_conv2d_ex).
+inline void split_by_channels(Layer& L, Split& split, const int32_t* cin, int64_t O, int64_t C, int64_t KH,
+                              int64_t KW) {
+  const Entry* ent = L.all.ent;
+  const int32_t* rowptr = L.all.rowptr;
+  if (L.blocked || L.grouped || L.paired || O >= 4 * C || C % SPLIT_CHANNELS != 0 || C < 2 * SPLIT_CHANNELS ||
+      worth_grouping(rowptr[O], O, C, KH, KW))
+    return;
+  split.blocks = C / SPLIT_CHANNELS;
+  split.ent.clear();
+  split.ent.reserve(rowptr[O]);
+  split.rp.assign(split.blocks * (O + 1), 0);
+  for (int64_t g = 0; g < split.blocks; ++g) {
+    int64_t* rp = split.rp.data() + g * (O + 1);
+    rp[0] = (int64_t)split.ent.size();
+    for (int64_t o = 0; o < O; ++o) {
+      for (int64_t k = rowptr[o]; k < rowptr[o + 1]; ++k)
+        if (cin[k] / SPLIT_CHANNELS == g) split.ent.push_back(ent[k]);
+      rp[o + 1] = (int64_t)split.ent.size();
+    }
+  }
+  L.split = &split;
 }
 
 }  // namespace nmk
