@@ -37,7 +37,8 @@
 // prefetch of the next column tile's input rows, spread over the current tile's channels, into L1,
 // L2 or L3 (whole EDSR x2, 2:32 and 4:32 per-channel, near-quiet machine: 0.93-0.95x). Kept: the
 // next row tile's new input rows prefetched into L2 (see NextRows); its residual rows prefetched
-// the same way on top of them gave 0.98-0.99x. Also tried on the 64->3 last conv (dense, O < 8):
+// the same way on top of them gave 0.98-0.99x while a prefetch cost two divisions, before the split
+// by input channels, and are kept since (see NextRows). Also tried on the 64->3 last conv (dense, O < 8):
 // NextRows there (with the counted prefetch: 1.02x on the conv, no gain on the model); its 3 channels
 // as one block like the coarse blocks below (0.48x without NextRows, 0.76x with: its one pass over
 // the input window waits on memory, where per-channel passes find the window in cache); 2 MiB
@@ -73,17 +74,35 @@ inline int64_t slack(const Geometry& g) { return TW + g.Wq + 2 * VW; }
 // is not in any cache). The last row tile prefetches rows past the image (prefetches never fault).
 // Whole EDSR x2, per-channel masks, 2 threads, interleaved, near-quiet machine: 1.075x at 2:32,
 // 1.04x at 4:32 (prefetching into L1: 1.07x / 1.02x; the next column tile's rows instead:
-// 0.93-0.95x).
+// 0.93-0.95x). The same for the rows of a residual the next row tile adds (Residual): on top of
+// the input rows and the split by input channels, 1.04-1.07x at 4:32 and 1.04-1.08x at 2:32.
 class NextRows {
  public:
-  NextRows(const float* xrow, const Layer& L, int64_t x0, int64_t cols, int64_t channel_tiles)
-      : base_(xrow + L.ahead.first * L.ahead.row + x0),
-        row_(L.ahead.row),
-        wq_(L.ahead.wq),
-        channels_(L.ahead.channels),
+  // rows [first, first + count) from `base`, each `channels` segments of `cols` floats, `wq` apart;
+  // spread over `channel_tiles` calls of advance(1)
+  NextRows(const float* base, int64_t row, int64_t wq, int64_t channels, int64_t count, int64_t cols,
+           int64_t channel_tiles)
+      : base_(base),
+        row_(row),
+        wq_(wq),
+        channels_(channels),
         lines_((cols + VW - 1) / VW),
-        total_(L.ahead.count * L.ahead.channels * lines_),
+        total_(count * channels * lines_),
         per_tile_((total_ + channel_tiles - 1) / std::max<int64_t>(1, channel_tiles)) {}
+
+  // The input rows of the next row tile (L.ahead), columns [x0, x0 + cols).
+  static NextRows input(const float* xrow, const Layer& L, int64_t x0, int64_t cols, int64_t channel_tiles) {
+    return NextRows(xrow + L.ahead.first * L.ahead.row + x0, L.ahead.row, L.ahead.wq, L.ahead.channels,
+                    L.ahead.count, cols, channel_tiles);
+  }
+
+  // The residual rows the next row tile (from y0 + TR) adds, O channels, columns [x0, x0 + cols); none
+  // without a residual.
+  static NextRows residual(const float* res_b, Strides rs, int64_t O, int64_t y0, int64_t x0, int64_t cols,
+                           int64_t channel_tiles) {
+    if (res_b == nullptr) return NextRows(nullptr, 0, 0, O, 0, cols, channel_tiles);
+    return NextRows(res_b + (y0 + TR) * rs.h + x0, rs.h, rs.c, O, TR, cols, channel_tiles);
+  }
 
   // After `tiles` more channel-tiles: their share of the prefetches. Line, channel and row are
   // counted, not divided out of one index: two 64-bit divisions per prefetch made the whole EDSR x2
@@ -119,7 +138,9 @@ void conv_item_split(const float* xrow, const Layer& L, const float* bias, int64
   const Split& S = *L.split;
   const int64_t blocks = S.blocks;
   const Entry* ent = S.ent.data();
-  NextRows ahead(xrow, L, ct0 * TWX, std::min<int64_t>((ct1 - ct0) * TWX, Wo - ct0 * TWX), (ct1 - ct0) * O * blocks);
+  const int64_t cols = std::min<int64_t>((ct1 - ct0) * TWX, Wo - ct0 * TWX), tiles = (ct1 - ct0) * O * blocks;
+  NextRows ahead = NextRows::input(xrow, L, ct0 * TWX, cols, tiles);
+  NextRows res_ahead = NextRows::residual(RES ? res_b : nullptr, rs, O, y0, ct0 * TWX, cols, tiles);
   for (int64_t ct = ct0; ct < ct1; ++ct) {
     const int64_t x0 = ct * TWX;
     const int ncols = (int)std::min<int64_t>(TWX, Wo - x0);
@@ -143,6 +164,7 @@ void conv_item_split(const float* xrow, const Layer& L, const float* bias, int64
           else
             copy_tile<NVX>(part[j], acc);
           ahead.advance(1);
+          if (RES) res_ahead.advance(1);
         }
       }
     }
@@ -163,7 +185,9 @@ void conv_item(const float* xrow, const Layer& L, const float* bias, int64_t O, 
     return;
   }
   constexpr int TWX = NVX * VW;
-  NextRows ahead(xrow, L, ct0 * TWX, std::min<int64_t>((ct1 - ct0) * TWX, Wo - ct0 * TWX), (ct1 - ct0) * O);
+  const int64_t cols = std::min<int64_t>((ct1 - ct0) * TWX, Wo - ct0 * TWX), tiles = (ct1 - ct0) * O;
+  NextRows ahead = NextRows::input(xrow, L, ct0 * TWX, cols, tiles);
+  NextRows res_ahead = NextRows::residual(RES ? res_b : nullptr, rs, O, y0, ct0 * TWX, cols, tiles);
   for (int64_t ct = ct0; ct < ct1; ++ct) {
     const int64_t x0 = ct * TWX;
     const int ncols = (int)std::min<int64_t>(TWX, Wo - x0);
@@ -174,6 +198,7 @@ void conv_item(const float* xrow, const Layer& L, const float* bias, int64_t O, 
                                                      res_scale, nrows, ncols, stream);
       o += done;
       ahead.advance(done);
+      if (RES) res_ahead.advance(done);
     }
   }
   if (stream) stream_fence();
@@ -193,7 +218,8 @@ void conv_item_shuffle(const float* xrow, const Layer& L, const float* bias, int
   constexpr int TWX = NVX * VW;
   alignas(64) float tmp[16][TR][TWX];  // the R * R channels of one shuffled channel c, R <= 4
   const int RR = R * R;
-  NextRows ahead(xrow, L, ct0 * TWX, std::min<int64_t>((ct1 - ct0) * TWX, Wo - ct0 * TWX), (ct1 - ct0) * O);
+  NextRows ahead = NextRows::input(xrow, L, ct0 * TWX, std::min<int64_t>((ct1 - ct0) * TWX, Wo - ct0 * TWX),
+                                   (ct1 - ct0) * O);
   for (int64_t ct = ct0; ct < ct1; ++ct) {
     const int64_t x0 = ct * TWX;
     const int ncols = (int)std::min<int64_t>(TWX, Wo - x0);
