@@ -121,7 +121,7 @@ def measure(rounds: int, threads: int) -> dict[str, Any]:
             with open_peers(ref, peer_names, threads, tuple(xin.shape)) as peers:  # on this conv's own ONNX
                 runs.update({f"{p.name} ({p.precision})": (lambda p=p, xin=xin: p.run(xin)) for p in peers})
                 diffs = {key: float((run().float() - expected).abs().max()) for key, run in runs.items()}
-                timings = interleaved(runs, rounds, warmup=1, settle_s=PEER_SETTLE_S if peers else 0.0)
+                timings = interleaved(runs, rounds, warmup=1, settle_s=PEER_SETTLE_S if peers else 0.0, prime=True)
             rows.append(
                 {
                     "layer": name,
@@ -141,6 +141,7 @@ def measure(rounds: int, threads: int) -> dict[str, Any]:
         "threads": threads,
         "rounds": rounds,
         "settle_s": PEER_SETTLE_S if peer_names else 0.0,
+        "primed": True,
         "model": "edsr_baseline x2, 4:32",
         "lr": [180, 320],
         "rows": rows,
@@ -198,8 +199,13 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
         "warm-up, medians"
         + (
             f" ({1e3 * payload['settle_s']:.0f} ms untimed pause before every call: ONNX Runtime's threads spin "
-            "after a run and slow whatever runs next; a call after the pause also wakes its threads, which "
-            "weighs on the shortest layers)."
+            "after a run and slow whatever runs next; "
+            + (
+                "after the pause each runs its conv once untimed, then the timed call, so its threads are awake "
+                "as between the layers of a forward: a call that first woke them took up to 10 ms more)."
+                if payload.get("primed")
+                else "a call after the pause also wakes its threads, which weighs on the shortest layers)."
+            )
             if payload.get("settle_s")
             else "."
         )

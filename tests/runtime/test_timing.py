@@ -40,3 +40,15 @@ def test_settle_pauses_before_every_call_outside_the_clock(monkeypatch: pytest.M
     events.clear()
     interleaved(runs, rounds=1, warmup=0)
     assert events == ["a", "b"]  # no pause unless asked
+
+
+def test_prime_runs_each_contender_untimed_right_before_its_timed_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    # one layer timed alone: after the pause its threads have slept; the untimed call wakes them
+    events: list[str] = []
+    clock = iter(range(100))
+    monkeypatch.setattr("nmrestore.runtime.timing.time.sleep", lambda s: events.append("sleep"))
+    monkeypatch.setattr("nmrestore.runtime.timing.time.perf_counter", lambda: float(next(clock)))
+    runs = {k: (lambda k=k: events.append(k)) for k in "ab"}
+    timings = interleaved(runs, rounds=1, warmup=0, settle_s=0.05, prime=True)
+    assert events == ["sleep", "a", "a", "sleep", "b", "b"]
+    assert timings.samples == {"a": [1.0], "b": [1.0]}  # only the second call of each is on the clock
