@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nmrestore.runtime import csr_from_dense, kernel_status, load_kernel
 from nmrestore.runtime.kernel import KernelLibrary
@@ -52,3 +53,46 @@ def sparse_conv(
         (dilation, dilation),
         **kwargs,  # type: ignore[arg-type]
     )
+
+
+def two_routes_side_by_side(left: torch.Tensor, right: torch.Tensor, handoff: torch.Tensor) -> float:
+    """Largest difference to PyTorch of one ``nmk_conv2d_tiles`` call over a 1 x C x 8 x 64 hand-off
+    input (``handoff``, zero-bordered by 1): its left half on the route of weight ``left``, its right
+    half on ``right`` (3x3, same C), written in place into a hand-off output."""
+    lib = kernel()
+    c = left.shape[0]
+    b = torch.randn(c)
+    out = lib.handoff_empty((1, c, 8, 64), (1, 1))
+    tiles = [(0, 0, 8, 32, 0), (0, 32, 8, 32, 1)]
+    lib.conv2d_tiles(handoff, tiles, [csr_from_dense(left), csr_from_dense(right)], b, out, (3, 3), (1, 1))
+    plain = handoff.contiguous()
+    ref = torch.cat(
+        [F.conv2d(plain, left, b, padding=1)[..., :32], F.conv2d(plain, right, b, padding=1)[..., 32:]], dim=-1
+    )
+    return float((out - ref).abs().max())
+
+
+def geometry_error(w: torch.Tensor, x: torch.Tensor, b: torch.Tensor, stride: int, dilation: int) -> float:
+    """Largest difference to PyTorch of the kernel's conv of ``x`` by ``w`` ('same' padding for its
+    dilation) at ``stride`` / ``dilation``, after checking that the shapes agree."""
+    pad = dilation * (w.shape[2] - 1) // 2
+    ref = F.conv2d(x, w, b, stride=stride, padding=pad, dilation=dilation)
+    out = sparse_conv(w, x, b, stride, pad, dilation)
+    assert out.shape == ref.shape
+    return float((out - ref).abs().max())
+
+
+def residual_block_matches(first: torch.Tensor, second: torch.Tensor, relu: bool, border: int, tol: float) -> bool:
+    """A residual block as the engine runs it on a 1 x C x 6 x 70 input: ``first`` hands its output
+    over in a buffer zero-bordered by ``border``, read in place by ``second`` (border 0: the input
+    goes to ``second`` as a plain tensor), which adds 0.5 x its conv to a skip and applies the ReLU."""
+    c = first.shape[0]
+    x = torch.randn(1, c, 6, 70)
+    h = sparse_conv(first, x, out_pad=(border, border)) if border else x
+    ref_h = F.conv2d(x, first, padding=1) if border else x
+    b = torch.randn(c)
+    skip = torch.randn(1, c, 6, 70)
+    out = sparse_conv(second, h, b, relu=relu, residual=skip, res_scale=0.5)
+    ref = 0.5 * F.conv2d(ref_h, second, b, padding=1) + skip
+    ref = F.relu(ref) if relu else ref
+    return torch.allclose(out, ref, rtol=1e-5, atol=tol)

@@ -15,7 +15,14 @@ from hypothesis import strategies as st
 
 from nmrestore.runtime import csr_from_dense
 from nmrestore.sparsity import nm
-from tests.runtime.kernel_helpers import kernel, nm_weight, sparse_conv
+from tests.runtime.kernel_helpers import (
+    geometry_error,
+    kernel,
+    nm_weight,
+    residual_block_matches,
+    sparse_conv,
+    two_routes_side_by_side,
+)
 
 TOL = 1e-4
 
@@ -73,14 +80,8 @@ def test_blocked_conv_matches_pytorch(out_channels: int, size: tuple[int, int], 
 
 @pytest.mark.parametrize(("k", "dilation", "stride"), [(1, 1, 1), (3, 2, 1), (5, 1, 2), (3, 1, 2)])
 def test_blocked_conv_geometry_matches_pytorch(k: int, dilation: int, stride: int) -> None:
-    pad = dilation * (k - 1) // 2
     w = coarse_weight((8, 16, k, k), 4, 16, 8, seed=k)
-    x = torch.randn(2, 16, 11, 37)
-    b = torch.randn(8)
-    ref = F.conv2d(x, w, b, stride=stride, padding=pad, dilation=dilation)
-    out = sparse_conv(w, x, b, stride, pad, dilation)
-    assert out.shape == ref.shape
-    assert (out - ref).abs().max() <= TOL
+    assert geometry_error(w, torch.randn(2, 16, 11, 37), torch.randn(8), stride, dilation) <= TOL
 
 
 @pytest.mark.parametrize("relu", [False, True])
@@ -88,17 +89,8 @@ def test_blocked_conv_geometry_matches_pytorch(k: int, dilation: int, stride: in
 def test_blocked_residual_epilogue_and_handoff(relu: bool, border: int) -> None:
     # a residual block as the engine runs it: the first conv hands its output over in a zero-bordered
     # buffer (read in place by the second), the second adds the scaled skip and applies the ReLU
-    x = torch.randn(1, 32, 6, 70)
-    w0 = coarse_weight((32, 32, 3, 3), 4, 32, 16, seed=1, scale=0.2)
-    h = sparse_conv(w0, x, out_pad=(border, border)) if border else x
-    ref_h = F.conv2d(x, w0, padding=1) if border else x
-    w = coarse_weight((32, 32, 3, 3), 4, 32, 16, seed=2)
-    b = torch.randn(32)
-    skip = torch.randn(1, 32, 6, 70)
-    out = sparse_conv(w, h, b, relu=relu, residual=skip, res_scale=0.5)
-    ref = 0.5 * F.conv2d(ref_h, w, b, padding=1) + skip
-    ref = F.relu(ref) if relu else ref
-    assert torch.allclose(out, ref, rtol=1e-5, atol=TOL)
+    first, second = coarse_weight((32, 32, 3, 3), 4, 32, 16, seed=1, scale=0.2), coarse_weight((32, 32, 3, 3), 4, 32, 16, seed=2)
+    assert residual_block_matches(first, second, relu, border, TOL)
 
 
 @pytest.mark.parametrize("shuffle", [2, 3])
@@ -119,23 +111,11 @@ def test_blocked_conv_with_fused_pixel_shuffle(shuffle: int, width: int) -> None
 def test_blocked_tiles_on_routes_match_pytorch() -> None:
     # spatial routing (one kernel call for every tile of an image, each on its route): a blocked
     # route and a per-channel route side by side, in place in hand-off buffers
-    lib = kernel()
     c = 16
     coarse = coarse_weight((c, c, 3, 3), 2, 16, 8, seed=4)
     fine = nm_weight((c, c, 3, 3), 8, 16, seed=5)
-    x = torch.randn(1, c, 8, 64)
-    h = sparse_conv(coarse_weight((c, c, 3, 3), 16, 16, 8, seed=6, scale=0.2), x, out_pad=(1, 1))
-    ref_in = h.contiguous()
-    b = torch.randn(c)
-    routes = [csr_from_dense(coarse), csr_from_dense(fine)]
-    out = lib.handoff_empty((1, c, 8, 64), (1, 1))
-    # left half on the coarse route, right half on the fine one
-    tiles = [(0, 0, 8, 32, 0), (0, 32, 8, 32, 1)]
-    lib.conv2d_tiles(h, tiles, routes, b, out, (3, 3), (1, 1))
-    ref = torch.cat(
-        [F.conv2d(ref_in, coarse, b, padding=1)[..., :32], F.conv2d(ref_in, fine, b, padding=1)[..., 32:]], dim=-1
-    )
-    assert (out - ref).abs().max() <= TOL
+    h = sparse_conv(coarse_weight((c, c, 3, 3), 16, 16, 8, seed=6, scale=0.2), torch.randn(1, c, 8, 64), out_pad=(1, 1))
+    assert two_routes_side_by_side(coarse, fine, h) <= TOL  # the coarse route on the left
 
 
 @settings(max_examples=40, deadline=None)

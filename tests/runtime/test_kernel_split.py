@@ -16,26 +16,26 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nmrestore.runtime import csr_from_dense
-from tests.runtime.kernel_helpers import kernel, nm_weight, sparse_conv
+from tests.runtime import kernel_helpers as kh
 from tests.runtime.test_kernel_blocks import coarse_weight
 
 TOL = 1e-4
 
 
 def test_input_blocks_reports_where_the_kernel_splits() -> None:
-    lib = kernel()
-    assert lib.input_blocks(csr_from_dense(nm_weight((64, 64, 3, 3), 4, 32))) == 2
-    assert lib.input_blocks(csr_from_dense(nm_weight((64, 64, 3, 3), 2, 32))) == 2
-    assert lib.input_blocks(csr_from_dense(nm_weight((48, 128, 3, 3), 1, 32))) == 4
-    assert lib.input_blocks(csr_from_dense(nm_weight((64, 96, 1, 1), 4, 32))) == 3
+    lib = kh.kernel()
+    assert lib.input_blocks(csr_from_dense(kh.nm_weight((64, 64, 3, 3), 4, 32))) == 2
+    assert lib.input_blocks(csr_from_dense(kh.nm_weight((64, 64, 3, 3), 2, 32))) == 2
+    assert lib.input_blocks(csr_from_dense(kh.nm_weight((48, 128, 3, 3), 1, 32))) == 4
+    assert lib.input_blocks(csr_from_dense(kh.nm_weight((64, 96, 1, 1), 4, 32))) == 3
     # unsplit: 20% dense and more (pairs and kernel-column groups run there), one block of input
     # channels only, channels not a whole number of blocks, masks shared by blocks of outputs, and
     # a conv that widens its channels 4x (its 2x32 tiles' window already stays in L1)
-    assert lib.input_blocks(csr_from_dense(nm_weight((64, 64, 3, 3), 8, 32))) == 1
-    assert lib.input_blocks(csr_from_dense(nm_weight((64, 32, 3, 3), 2, 32))) == 1
-    assert lib.input_blocks(csr_from_dense(nm_weight((64, 80, 3, 3), 2, 16))) == 1
+    assert lib.input_blocks(csr_from_dense(kh.nm_weight((64, 64, 3, 3), 8, 32))) == 1
+    assert lib.input_blocks(csr_from_dense(kh.nm_weight((64, 32, 3, 3), 2, 32))) == 1
+    assert lib.input_blocks(csr_from_dense(kh.nm_weight((64, 80, 3, 3), 2, 16))) == 1
     assert lib.input_blocks(csr_from_dense(coarse_weight((64, 64, 3, 3), 4, 32, 16))) == 1
-    assert lib.input_blocks(csr_from_dense(nm_weight((256, 64, 3, 3), 4, 32))) == 1
+    assert lib.input_blocks(csr_from_dense(kh.nm_weight((256, 64, 3, 3), 4, 32))) == 1
     assert lib.input_blocks(csr_from_dense(torch.randn(3, 64, 3, 3))) == 1  # dense
 
 
@@ -43,37 +43,31 @@ def test_input_blocks_reports_where_the_kernel_splits() -> None:
 @pytest.mark.parametrize("size", [(7, 5), (9, 40), (5, 70), (3, 130)])  # narrower and wider than a tile
 @pytest.mark.parametrize(("n", "c"), [(2, 64), (4, 64), (1, 96)])
 def test_split_conv_matches_pytorch(out_channels: int, size: tuple[int, int], n: int, c: int) -> None:
-    w = nm_weight((out_channels, c, 3, 3), n, 32, seed=out_channels + n)
+    w = kh.nm_weight((out_channels, c, 3, 3), n, 32, seed=out_channels + n)
     x = torch.randn(1, c, *size)
     b = torch.randn(out_channels)
-    assert kernel().input_blocks(csr_from_dense(w)) == c // 32
-    assert (sparse_conv(w, x, b) - F.conv2d(x, w, b, padding=1)).abs().max() <= TOL
+    assert kh.kernel().input_blocks(csr_from_dense(w)) == c // 32
+    assert (kh.sparse_conv(w, x, b) - F.conv2d(x, w, b, padding=1)).abs().max() <= TOL
 
 
 def test_a_channel_that_keeps_nothing_in_one_block_is_still_exact() -> None:
     # channel 3 keeps weights only among the first 32 inputs, channel 4 only among the last 32, and
     # channel 5 nothing at all: their other blocks add nothing to the partial sums
-    w = nm_weight((8, 64, 3, 3), 4, 32, seed=7)
+    w = kh.nm_weight((8, 64, 3, 3), 4, 32, seed=7)
     w[3, 32:] = 0
     w[4, :32] = 0
     w[5] = 0
-    assert kernel().input_blocks(csr_from_dense(w)) == 2
+    assert kh.kernel().input_blocks(csr_from_dense(w)) == 2
     x = torch.randn(1, 64, 6, 50)
     b = torch.randn(8)
-    assert (sparse_conv(w, x, b) - F.conv2d(x, w, b, padding=1)).abs().max() <= TOL
+    assert (kh.sparse_conv(w, x, b) - F.conv2d(x, w, b, padding=1)).abs().max() <= TOL
 
 
 @pytest.mark.parametrize(("k", "dilation", "stride"), [(1, 1, 1), (3, 2, 1), (5, 1, 2), (3, 1, 2)])
 def test_split_conv_geometry_matches_pytorch(k: int, dilation: int, stride: int) -> None:
-    pad = dilation * (k - 1) // 2
-    w = nm_weight((16, 64, k, k), 2, 32, seed=k)
-    x = torch.randn(2, 64, 11, 37)
-    b = torch.randn(16)
-    assert kernel().input_blocks(csr_from_dense(w)) == 2
-    ref = F.conv2d(x, w, b, stride=stride, padding=pad, dilation=dilation)
-    out = sparse_conv(w, x, b, stride, pad, dilation)
-    assert out.shape == ref.shape
-    assert (out - ref).abs().max() <= TOL
+    w = kh.nm_weight((16, 64, k, k), 2, 32, seed=k)
+    assert kh.kernel().input_blocks(csr_from_dense(w)) == 2
+    assert kh.geometry_error(w, torch.randn(2, 64, 11, 37), torch.randn(16), stride, dilation) <= TOL
 
 
 @pytest.mark.parametrize("relu", [False, True])
@@ -81,37 +75,28 @@ def test_split_conv_geometry_matches_pytorch(k: int, dilation: int, stride: int)
 def test_split_residual_epilogue_and_handoff(relu: bool, border: int) -> None:
     # a residual block as the engine runs it: the first conv hands its output over in a zero-bordered
     # buffer (read in place by the second), the second adds the scaled skip and applies the ReLU
-    x = torch.randn(1, 64, 6, 70)
-    w0 = nm_weight((64, 64, 3, 3), 4, 32, seed=1, scale=0.2)
-    h = sparse_conv(w0, x, out_pad=(border, border)) if border else x
-    ref_h = F.conv2d(x, w0, padding=1) if border else x
-    w = nm_weight((64, 64, 3, 3), 4, 32, seed=2)
-    b = torch.randn(64)
-    skip = torch.randn(1, 64, 6, 70)
-    out = sparse_conv(w, h, b, relu=relu, residual=skip, res_scale=0.5)
-    ref = 0.5 * F.conv2d(ref_h, w, b, padding=1) + skip
-    ref = F.relu(ref) if relu else ref
-    assert torch.allclose(out, ref, rtol=1e-5, atol=TOL)
+    first, second = kh.nm_weight((64, 64, 3, 3), 4, 32, seed=1, scale=0.2), kh.nm_weight((64, 64, 3, 3), 4, 32, seed=2)
+    assert kh.residual_block_matches(first, second, relu, border, TOL)
 
 
 def test_split_conv_with_a_large_output_matches_pytorch() -> None:
     # >= 2^20 output floats: the tiles write with non-temporal stores, after both blocks' sums
-    w = nm_weight((32, 64, 3, 3), 2, 32, seed=3)
+    w = kh.nm_weight((32, 64, 3, 3), 2, 32, seed=3)
     x = torch.randn(1, 64, 160, 256)
     b = torch.randn(32)
     skip = torch.randn(1, 32, 160, 256)
-    out = sparse_conv(w, x, b, relu=True, residual=skip)
+    out = kh.sparse_conv(w, x, b, relu=True, residual=skip)
     ref = F.relu(F.conv2d(x, w, b, padding=1) + skip)
     assert (out - ref).abs().max() <= TOL
 
 
 def test_a_shuffled_conv_is_not_split_and_stays_exact() -> None:
     # a fused pixel shuffle runs its conv unsplit (see split_by_channels); 64 -> 4 x 16 channels
-    w = nm_weight((64, 64, 3, 3), 2, 32, seed=8)
-    assert kernel().input_blocks(csr_from_dense(w)) == 2  # as a plain conv it would be
+    w = kh.nm_weight((64, 64, 3, 3), 2, 32, seed=8)
+    assert kh.kernel().input_blocks(csr_from_dense(w)) == 2  # as a plain conv it would be
     x = torch.randn(1, 64, 5, 40)
     b = torch.randn(64)
-    out = sparse_conv(w, x, b, shuffle=2)
+    out = kh.sparse_conv(w, x, b, shuffle=2)
     ref = F.pixel_shuffle(F.conv2d(x, w, b, padding=1), 2)
     assert (out - ref).abs().max() <= TOL
 
@@ -119,23 +104,13 @@ def test_a_shuffled_conv_is_not_split_and_stays_exact() -> None:
 def test_split_tiles_on_routes_match_pytorch() -> None:
     # spatial routing (one kernel call for every tile of an image, each on its route): a split route
     # (4:32) and an unsplit one (16:32) side by side, in place in hand-off buffers
-    lib = kernel()
+    lib = kh.kernel()
     c = 64
-    sparse = nm_weight((c, c, 3, 3), 4, 32, seed=4, scale=0.2)
-    denser = nm_weight((c, c, 3, 3), 16, 32, seed=5, scale=0.2)
+    sparse = kh.nm_weight((c, c, 3, 3), 4, 32, seed=4, scale=0.2)
+    denser = kh.nm_weight((c, c, 3, 3), 16, 32, seed=5, scale=0.2)
     assert (lib.input_blocks(csr_from_dense(sparse)), lib.input_blocks(csr_from_dense(denser))) == (2, 1)
-    x = torch.randn(1, c, 8, 64)
-    h = sparse_conv(nm_weight((c, c, 3, 3), 16, 32, seed=6, scale=0.2), x, out_pad=(1, 1))
-    ref_in = h.contiguous()
-    b = torch.randn(c)
-    routes = [csr_from_dense(sparse), csr_from_dense(denser)]
-    out = lib.handoff_empty((1, c, 8, 64), (1, 1))
-    tiles = [(0, 0, 8, 32, 0), (0, 32, 8, 32, 1)]  # left half on the split route, right on the other
-    lib.conv2d_tiles(h, tiles, routes, b, out, (3, 3), (1, 1))
-    ref = torch.cat(
-        [F.conv2d(ref_in, sparse, b, padding=1)[..., :32], F.conv2d(ref_in, denser, b, padding=1)[..., 32:]], dim=-1
-    )
-    assert (out - ref).abs().max() <= TOL
+    h = kh.sparse_conv(kh.nm_weight((c, c, 3, 3), 16, 32, seed=6, scale=0.2), torch.randn(1, c, 8, 64), out_pad=(1, 1))
+    assert kh.two_routes_side_by_side(sparse, denser, h) <= TOL  # the split route on the left
 
 
 @settings(max_examples=40, deadline=None)
@@ -151,8 +126,8 @@ def test_split_tiles_on_routes_match_pytorch() -> None:
 def test_split_conv_property(out_channels: int, blocks: int, n: int, k: int, h: int, w: int, seed: int) -> None:
     # any number of output channels (one chunk of 64 and more), any spatial size: PyTorch's conv
     c = 32 * blocks
-    weight = nm_weight((out_channels, c, k, k), n, 32, seed=seed)
+    weight = kh.nm_weight((out_channels, c, k, k), n, 32, seed=seed)
     x = torch.randn(1, c, h, w, generator=torch.Generator().manual_seed(seed))
     b = torch.randn(out_channels, generator=torch.Generator().manual_seed(seed + 1))
     ref = F.conv2d(x, weight, b, padding=k // 2)
-    assert (sparse_conv(weight, x, b, 1, k // 2) - ref).abs().max() <= TOL
+    assert (kh.sparse_conv(weight, x, b, 1, k // 2) - ref).abs().max() <= TOL
