@@ -41,8 +41,9 @@
 // by input channels, and are kept since (see NextRows). Also tried on the 64->3 last conv (dense, O < 8):
 // NextRows there (with the counted prefetch: 1.02x on the conv, no gain on the model); its 3 channels
 // as one block like the coarse blocks below (0.48x without NextRows, 0.76x with: its one pass over
-// the input window waits on memory, where per-channel passes find the window in cache); 2 MiB
-// pages for the engine's buffers (THP, none).
+// the input window waits on memory, where per-channel passes find the window in cache); without
+// pairs and kernel-column groups, split by input channels (0.95x); 2 MiB pages for the engine's
+// buffers (THP, none).
 // Masks shared by blocks of output channels (out_block a multiple of 4: "coarse" N:M) run in
 // blocks of 4 channels (see Blocked): a 2x32 sub-tile of 4 channels is 16 accumulators, so every
 // input vector loaded feeds 4 FMAs instead of one. On the EDSR 64->64 conv (320x180, hand-off input,
