@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import strategies as st
 
 from nmrestore.runtime import csr_from_dense, kernel_status, load_kernel
 from nmrestore.runtime.kernel import KernelLibrary
@@ -96,3 +97,23 @@ def residual_block_matches(first: torch.Tensor, second: torch.Tensor, relu: bool
     ref = 0.5 * F.conv2d(ref_h, second, b, padding=1) + skip
     ref = F.relu(ref) if relu else ref
     return torch.allclose(out, ref, rtol=1e-5, atol=tol)
+
+
+#: Hypothesis strategies for one conv of a property test: N kept of M, kernel size, input size, seed.
+CONV_CASE = {
+    "n": st.sampled_from([1, 2, 4]),
+    "k": st.sampled_from([1, 3]),
+    "h": st.integers(1, 9),
+    "w": st.integers(1, 80),
+    "seed": st.integers(0, 2**16),
+}
+
+
+def seeded_conv_error(weight: torch.Tensor, h: int, w: int, seed: int) -> float:
+    """Largest difference to PyTorch's 'same' conv of ``weight`` on a seeded 1 x C x h x w input with
+    a seeded bias."""
+    o, c, k = weight.shape[0], weight.shape[1], weight.shape[2]
+    x = torch.randn(1, c, h, w, generator=torch.Generator().manual_seed(seed))
+    b = torch.randn(o, generator=torch.Generator().manual_seed(seed + 1))
+    ref = F.conv2d(x, weight, b, padding=k // 2)
+    return float((sparse_conv(weight, x, b, 1, k // 2) - ref).abs().max())

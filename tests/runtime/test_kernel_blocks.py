@@ -16,10 +16,12 @@ from hypothesis import strategies as st
 from nmrestore.runtime import csr_from_dense
 from nmrestore.sparsity import nm
 from tests.runtime.kernel_helpers import (
+    CONV_CASE,
     geometry_error,
     kernel,
     nm_weight,
     residual_block_matches,
+    seeded_conv_error,
     sparse_conv,
     two_routes_side_by_side,
 )
@@ -119,26 +121,13 @@ def test_blocked_tiles_on_routes_match_pytorch() -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(
-    blocks=st.integers(1, 4),
-    rest=st.integers(0, 3),
-    c_groups=st.integers(1, 3),
-    n=st.sampled_from([1, 2, 4]),
-    k=st.sampled_from([1, 3]),
-    h=st.integers(1, 9),
-    w=st.integers(1, 80),
-    seed=st.integers(0, 2**16),
-)
+@given(blocks=st.integers(1, 4), rest=st.integers(0, 3), c_groups=st.integers(1, 3), **CONV_CASE)
 def test_blocked_conv_property(
     blocks: int, rest: int, c_groups: int, n: int, k: int, h: int, w: int, seed: int
 ) -> None:
     # any number of whole blocks and leftover channels, any spatial size: exactly PyTorch's conv
-    o = 4 * blocks + rest
-    weight = coarse_weight((o, 8 * c_groups, k, k), n, 8, 4, seed=seed)
-    x = torch.randn(1, 8 * c_groups, h, w, generator=torch.Generator().manual_seed(seed))
-    b = torch.randn(o, generator=torch.Generator().manual_seed(seed + 1))
-    ref = F.conv2d(x, weight, b, padding=k // 2)
-    assert (sparse_conv(weight, x, b, 1, k // 2) - ref).abs().max() <= TOL
+    weight = coarse_weight((4 * blocks + rest, 8 * c_groups, k, k), n, 8, 4, seed=seed)
+    assert seeded_conv_error(weight, h, w, seed) <= TOL
 
 
 @pytest.mark.parametrize("shuffle", [1, 2])

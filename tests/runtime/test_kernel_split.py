@@ -114,20 +114,8 @@ def test_split_tiles_on_routes_match_pytorch() -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(
-    out_channels=st.integers(1, 140),
-    blocks=st.integers(2, 3),
-    n=st.sampled_from([1, 2, 4]),
-    k=st.sampled_from([1, 3]),
-    h=st.integers(1, 9),
-    w=st.integers(1, 80),
-    seed=st.integers(0, 2**16),
-)
+@given(out_channels=st.integers(1, 140), blocks=st.integers(2, 3), **kh.CONV_CASE)
 def test_split_conv_property(out_channels: int, blocks: int, n: int, k: int, h: int, w: int, seed: int) -> None:
     # any number of output channels (one chunk of 64 and more), any spatial size: PyTorch's conv
-    c = 32 * blocks
-    weight = kh.nm_weight((out_channels, c, k, k), n, 32, seed=seed)
-    x = torch.randn(1, c, h, w, generator=torch.Generator().manual_seed(seed))
-    b = torch.randn(out_channels, generator=torch.Generator().manual_seed(seed + 1))
-    ref = F.conv2d(x, weight, b, padding=k // 2)
-    assert (kh.sparse_conv(weight, x, b, 1, k // 2) - ref).abs().max() <= TOL
+    weight = kh.nm_weight((out_channels, 32 * blocks, k, k), n, 32, seed=seed)
+    assert kh.seeded_conv_error(weight, h, w, seed) <= TOL
