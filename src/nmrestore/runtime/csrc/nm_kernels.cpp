@@ -75,7 +75,7 @@ inline int64_t slack(const Geometry& g) { return TW + g.Wq + 2 * VW; }
 // is not in any cache). The last row tile prefetches rows past the image (prefetches never fault).
 // Whole EDSR x2, per-channel masks, 2 threads, interleaved, near-quiet machine: 1.075x at 2:32,
 // 1.04x at 4:32 (prefetching into L1: 1.07x / 1.02x; the next column tile's rows instead:
-// 0.93-0.95x). The same for the rows of a residual the next row tile adds (Residual): on top of
+// 0.93-0.95x). The same for the rows of a residual the next row tile adds (residual()): on top of
 // the input rows and the split by input channels, 1.04-1.07x at 4:32 and 1.04-1.08x at 2:32.
 class NextRows {
  public:
@@ -141,7 +141,7 @@ void conv_item_split(const float* xrow, const Layer& L, const float* bias, int64
   const Entry* ent = S.ent.data();
   const int64_t cols = std::min<int64_t>((ct1 - ct0) * TWX, Wo - ct0 * TWX), tiles = (ct1 - ct0) * O * blocks;
   NextRows ahead = NextRows::input(xrow, L, ct0 * TWX, cols, tiles);
-  NextRows res_ahead = NextRows::residual(RES ? res_b : nullptr, rs, O, y0, ct0 * TWX, cols, tiles);
+  NextRows res_ahead = NextRows::residual(res_b, rs, O, y0, ct0 * TWX, cols, tiles);
   for (int64_t ct = ct0; ct < ct1; ++ct) {
     const int64_t x0 = ct * TWX;
     const int ncols = (int)std::min<int64_t>(TWX, Wo - x0);
@@ -188,7 +188,7 @@ void conv_item(const float* xrow, const Layer& L, const float* bias, int64_t O, 
   constexpr int TWX = NVX * VW;
   const int64_t cols = std::min<int64_t>((ct1 - ct0) * TWX, Wo - ct0 * TWX), tiles = (ct1 - ct0) * O;
   NextRows ahead = NextRows::input(xrow, L, ct0 * TWX, cols, tiles);
-  NextRows res_ahead = NextRows::residual(RES ? res_b : nullptr, rs, O, y0, ct0 * TWX, cols, tiles);
+  NextRows res_ahead = NextRows::residual(res_b, rs, O, y0, ct0 * TWX, cols, tiles);
   for (int64_t ct = ct0; ct < ct1; ++ct) {
     const int64_t x0 = ct * TWX;
     const int ncols = (int)std::min<int64_t>(TWX, Wo - x0);
@@ -393,7 +393,7 @@ int nmk_conv2d_ex(const int64_t* prm, const float* x, float* workspace, const in
   Blocked blocked;
   Split split;
   Layer L = layer_weights(ent.data(), rowptr, kpos, O, C, KH, KW, dw, sw, g.Wq % VW == 0, pairs, grouped, blocked);
-  if (R == 1) split_by_channels(L, split, cin, O, C, KH, KW);
+  split_by_channels(L, split, cin, O, C, KH, KW, R);
   // the input rows of the next row tile that this one does not read (see NextRows); not for a conv
   // with a few output channels (the 64->3 last conv), whose items have too little work to hide them
   // behind (EDSR x2's last conv: 1.15x without)
@@ -489,7 +489,7 @@ int nmk_conv2d_tiles(const int64_t* prm, const int64_t* tiles, const int32_t* co
     if (rowptrs[r] != nullptr) {
       wts[r] = layer_weights(ents[r].data(), rowptrs[r], kposs[r], O, C, KH, KW, 1, 1, Wq % VW == 0, pairs[r],
                              grouped[r], blocked[r]);
-      if (R == 1) split_by_channels(wts[r], splits[r], cins[r], O, C, KH, KW);
+      split_by_channels(wts[r], splits[r], cins[r], O, C, KH, KW, R);
     }
   // work items: (tile, row tile, column chunk), narrower vector tiles for narrow tiles
   struct Item {
@@ -555,7 +555,7 @@ int nmk_conv_input_blocks(const int32_t* rowptr, const int32_t* cin, const int32
   Split split;
   // rows not vector-aligned: no groups, which only run above the density at which a split stops
   Layer L = layer_weights(ent.data(), rowptr, kpos, O, C, KH, KW, 1, 1, false, pairs, grouped, blocked);
-  split_by_channels(L, split, cin, O, C, KH, KW);
+  split_by_channels(L, split, cin, O, C, KH, KW, 1);
   return L.split ? (int)split.blocks : 1;
 }
 

@@ -240,13 +240,13 @@ inline Layer layer_weights(const Entry* ent, const int32_t* rowptr, const int32_
 // lone channels (no blocks, pairs or groups) below the density at which groups start, at least two
 // whole blocks of input channels, and fewer than 4C output channels (a widening conv runs 2x32
 // tiles, whose window already stays in L1; split, the EDSR x2 upsampler made the model 0.97-0.99x
-// as fast). Not for convs with a fused pixel shuffle (the callers' choice; same reason).
+// as fast), nor convs with a fused pixel shuffle (shuffle > 1; same reason).
 // cin: each entry's input channel (the CSR of nmk_conv2d_ex).
 inline void split_by_channels(Layer& L, Split& split, const int32_t* cin, int64_t O, int64_t C, int64_t KH,
-                              int64_t KW) {
+                              int64_t KW, int shuffle) {
   const Entry* ent = L.all.ent;
   const int32_t* rowptr = L.all.rowptr;
-  if (L.blocked || L.grouped || L.paired || O >= 4 * C || C % SPLIT_CHANNELS != 0 || C < 2 * SPLIT_CHANNELS ||
+  if (shuffle > 1 || L.blocked || L.grouped || L.paired || O >= 4 * C || C % SPLIT_CHANNELS != 0 || C < 2 * SPLIT_CHANNELS ||
       worth_grouping(rowptr[O], O, C, KH, KW))
     return;
   split.blocks = C / SPLIT_CHANNELS;
