@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _classpruning_photos_report import DENSE, INFER, wall_check, wall_summary  # noqa: E402
-from bench_classpruning_photos import earlier_wall_runs, kernel_code  # noqa: E402
+from _classpruning_wall import earlier_wall_runs, kernel_code  # noqa: E402
 
 
 def _run(ratio: float, kernel: str, earlier: list[dict[str, Any]] | None = None) -> dict[str, Any]:
