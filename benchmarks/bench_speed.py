@@ -5,7 +5,7 @@ rotating each round, after warm-up forwards of both), on a random 320x180 LR inp
 threads by default. Each speed-up is the median of the per-round ratios dense/sparse (each pair ran
 back to back, so a slow phase of the machine hits both); the ms columns are the medians of each.
 
-1. **Uniform N:M.** EDSR-baseline x2 and CARN x4 with magnitude one-shot masks on a freshly built
+1. **Uniform N:M.** EDSR-baseline x2 and x4 and CARN x4 with magnitude one-shot masks on a freshly built
    model (speed does not depend on training) at 2:4, 8:32, 4:32 and 2:32. The dense reference is
    the same model squashed to dense-with-zeros weights (plain ``F.conv2d``); the sparse model is
    ``compile_sparse`` with per-layer tactic choice (each layer timed sparse vs dense on first use).
@@ -330,6 +330,25 @@ def _whole_dense(model: nn.Module) -> nn.Module:
         return squash_(copy_).eval()
 
 
+#: The scale of a uniform row given by name alone (``--models edsr_baseline``).
+DEFAULT_SCALE = {"edsr_baseline": 2, "carn": 4}
+
+
+def model_specs(text: str, known: set[str]) -> list[tuple[str, int]]:
+    """``"edsr_baseline:2,carn"`` -> [("edsr_baseline", 2), ("carn", 4)]; ValueError names a bad item."""
+    specs = []
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        name, _, scale = item.partition(":")
+        if name not in known:
+            raise ValueError(f"unknown model {name!r} (one of {', '.join(sorted(known))})")
+        if scale and scale not in ("2", "3", "4"):
+            raise ValueError(f"{item!r}: the scale must be 2, 3 or 4")
+        specs.append((name, int(scale) if scale else DEFAULT_SCALE[name]))
+    if not specs:
+        raise ValueError("no model given")
+    return specs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -351,7 +370,11 @@ def main() -> None:
         default="f32",
         help="the engine's precision; both: the f32 engine and a bf16 engine timed in the same rounds",
     )
-    parser.add_argument("--models", default="edsr_baseline,carn", help="uniform rows for these models")
+    parser.add_argument(
+        "--models",
+        default="edsr_baseline:2,edsr_baseline:4,carn:4",
+        help="uniform rows for these models, each NAME or NAME:SCALE (edsr_baseline, carn)",
+    )
     parser.add_argument(
         "--sls-checkpoint",
         type=Path,
@@ -446,11 +469,15 @@ def main() -> None:
     rows: list[dict[str, object]] = []
     peer_table_rows: list[dict[str, object]] = []
     ratio_rows: list[dict[str, object]] = []
-    uniform = {"edsr_baseline": (2, kwargs), "carn": (4, carn_kwargs)}
+    uniform = {"edsr_baseline": kwargs, "carn": carn_kwargs}
+    try:
+        specs = model_specs(args.models, set(uniform))
+    except ValueError as exc:
+        parser.exit(2, f"error: --models: {exc}\n")
     with torch_threads(args.threads):
         before = None if args.quick else machine_state()
-        for name in args.models.split(","):
-            scale, kw = uniform[name]
+        for name, scale in specs:
+            kw = uniform[name]
             for nm in UNIFORM:
                 model = uniform_model(name, scale, nm, kw)
                 with contextlib.ExitStack() as stack:
