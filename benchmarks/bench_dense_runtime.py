@@ -9,10 +9,10 @@ that after their first forward they run the whole model dense on OpenVINO when t
 precision on the dense-with-zeros ONNX export, all interleaved in one process (a 50 ms untimed pause
 before every call, as in section `speed`). A control times OpenVINO's two peers compiled a second
 time from the same export against the first: the spread this protocol reads for one runtime against
-itself. Each row says where each engine runs the model and what its own forward timed at the decision. Checks, from paired 95% intervals (bootstrap over rounds) of
-the log time ratio: the bf16 engine is not slower than the best dense runtime at 2:4, the f32 engine
-not slower than the best f32 runtime at 2:4; the speed-up targets at 4:32 and 2:32 are reported as
-measured.
+itself. Each row says where each engine runs the model and what its own forward timed at the
+decision. Checks, from paired 95% intervals (bootstrap over rounds) of the log time ratio: the bf16
+engine is not slower than the best dense runtime at 2:4, the f32 engine not slower than the best f32
+runtime at 2:4; the speed-up targets at 4:32 and 2:32 are reported as measured.
 
     .venv/bin/python benchmarks/bench_dense_runtime.py            # measure (idle machine), write the section
     .venv/bin/python benchmarks/bench_dense_runtime.py --render   # the section from its JSON
