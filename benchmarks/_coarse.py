@@ -166,7 +166,7 @@ def run_coarse(size: tuple[int, int], repeats: int, nms: tuple[str, ...]) -> lis
                 if kernel.has_bf16:
                     v16 = csr.values.bfloat16()
                     hb = kernel.conv2d(x, csr.rowptr, csr.cin, csr.kpos, v16, bias, 64, *geometry,
-                                       bf16_pad=(1, 1), bf16_only=True)  # fmt: skip
+                                       half_pad=(1, 1), half_only=True)  # fmt: skip
                     runs["per-channel bf16 kernel"] = lambda hb=hb, csr=csr, v16=v16: kernel.conv2d(
                         hb,
                         csr.rowptr,
@@ -176,8 +176,8 @@ def run_coarse(size: tuple[int, int], repeats: int, nms: tuple[str, ...]) -> lis
                         bias,
                         64,
                         *geometry,
-                        bf16_pad=(1, 1),
-                        bf16_only=True,
+                        half_pad=(1, 1),
+                        half_only=True,
                     )
             t = interleaved(runs, repeats, warmup=1)
             row: dict[str, object] = {

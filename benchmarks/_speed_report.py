@@ -64,7 +64,7 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
         ],
         ["run", "ms", "vs whole-image dense"],
     )
-    peers_text = ratio_text(payload["ratio_rows"]) if payload.get("precision") == "both" else ""
+    peers_text = ratio_text(payload["ratio_rows"]) if payload.get("precision") in ("both", "all") else ""
     if payload["peer_rows"]:
         peers_text += (
             "\n**Against the runtimes a user would deploy with** (same model, input, threads and interleaved\n"
@@ -177,11 +177,11 @@ Wall time {payload["wall_s"]:.0f} s.{below_quiet(payload)}
     return "Speed: measured against a roofline (EDSR-baseline x2)", body
 
 
-QUALITY_MARGIN = 0.02  # dB: the bf16 engine's PSNR against the f32 engine's, on the photo test set
+QUALITY_MARGIN = 0.02  # dB: a 16-bit engine's PSNR against the f32 engine's, on the photo test set
 
 
 def quality_checks(payload: dict[str, Any]) -> list[tuple[str, bool]]:
-    """Per checkpoint and bf16 variant: its mean PSNR within QUALITY_MARGIN of the f32 engine's."""
+    """Per checkpoint and 16-bit variant: its mean PSNR within QUALITY_MARGIN of the f32 engine's."""
     found = []
     for row in payload["rows"]:
         psnr = row["psnr"]
@@ -202,7 +202,7 @@ def quality_checks(payload: dict[str, Any]) -> list[tuple[str, bool]]:
 
 
 def render_quality(key: str, payload: dict[str, Any]) -> tuple[str, str]:
-    """Section "speed_quality": what the bf16 engine costs in PSNR (``docs/bench/speed_quality.json``)."""
+    """Section "speed_quality": what the 16-bit engines cost in PSNR (``docs/bench/speed_quality.json``)."""
     table = []
     for row in payload["rows"]:
         means = {label: sum(v) / len(v) for label, v in row["psnr"].items()}
@@ -220,12 +220,17 @@ def render_quality(key: str, payload: dict[str, Any]) -> tuple[str, str]:
         )
     cols = list(dict.fromkeys(k for r in table for k in r))
     checks = quality_checks(payload)
+    fp16_text = (
+        ", and the fp16 engine with every conv forced onto its fp16 sparse kernel (AVX512-FP16; fp16 sums)"
+        if any(FP16_VARIANT in row["psnr"] for row in payload["rows"])
+        else ""
+    )
     body = f"""
-Each checkpoint of the photo study run three ways on the {payload["split"]} photos of `{payload["photos"]}`
+Each checkpoint of the photo study run on the {payload["split"]} photos of `{payload["photos"]}`
 ({payload["threads"]} thread{"s" if payload["threads"] != 1 else ""}): the f32 engine, the bf16 engine with every conv forced onto its bf16
-sparse kernel (first/last convs: PyTorch's bf16 conv), and the bf16 engine forced dense (every conv
-PyTorch's oneDNN bf16 conv). Forcing the tactics makes the rows independent of timing noise; the `auto`
-bf16 engine mixes the two, so its PSNR lies between them. Y PSNR, crop = scale, mean over the images
+sparse kernel (first/last convs: PyTorch's bf16 conv), the bf16 engine forced dense (every conv
+PyTorch's oneDNN bf16 conv){fp16_text}. Forcing the tactics makes the rows independent of timing noise; an `auto`
+16-bit engine mixes them, so its PSNR lies between them. Y PSNR, crop = scale, mean over the images
 (benchmarks/_quality.py). {payload["kernel"]}. Wall time {payload["wall_s"]:.0f} s.
 
 {markdown_table(table, cols)}
@@ -233,4 +238,8 @@ bf16 engine mixes the two, so its PSNR lies between them. Y PSNR, crop = scale, 
 Checks:
 
 """ + "\n".join(f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok in checks) + "\n"
-    return "Speed: what bf16 costs in PSNR (photo test set)", body
+    return f"Speed: what bf16{' and fp16' if fp16_text else ''} cost{'' if fp16_text else 's'} in PSNR (photo test set)", body
+
+
+#: The fp16 row of the quality section (benchmarks/_quality.py).
+FP16_VARIANT = "fp16 engine, sparse kernels"

@@ -3,7 +3,7 @@
 EDSR-baseline x2 at 2:4, 4:32 and 2:32, and at 4:32 and 2:32 with masks shared by blocks of 16 output
 channels ("coarse", ``NMConfig(out_block=16)``, which the f32 kernel runs 4 channels at a time)
 (magnitude masks on a fresh model, 320x180 LR, 2 threads):
-the f32 engine and the bf16 engine, each built with ``EngineConfig(dense_runtime="openvino")``, so
+the f32, bf16 and fp16 engines, each built with ``EngineConfig(dense_runtime="openvino")``, so
 that after their first forward they run the whole model dense on OpenVINO when that timed faster
 (:mod:`nmrestore.runtime.dense_runtime`), against ONNX Runtime, OpenVINO f32 and OpenVINO's default
 precision on the dense-with-zeros ONNX export, all interleaved in one process (a 50 ms untimed pause
@@ -11,7 +11,7 @@ before every call, as in section `speed`). A control times OpenVINO's two peers 
 time from the same export against the first: the spread this protocol reads for one runtime against
 itself. Each row says where each engine runs the model and what its own forward timed at the
 decision. Checks, from paired 95% intervals (bootstrap over rounds) of the log time ratio: the bf16
-engine is not slower than the best dense runtime at 2:4, the f32 engine not slower than the best f32
+and fp16 engines are not slower than the best dense runtime at 2:4, the f32 engine not slower than the best f32
 runtime at 2:4; the speed-up targets at 4:32 and 2:32 are reported as measured.
 
     .venv/bin/python benchmarks/bench_dense_runtime.py            # measure (idle machine), write the section
@@ -49,7 +49,9 @@ TITLE = "Speed with a whole-model dense fallback: the engines may hand a shape t
 COARSE = " coarse"  # an N:M label with this suffix: masks shared by blocks of COARSE_BLOCK channels
 COARSE_BLOCK = 16
 NMS = ("2:4", "4:32", "2:32", "4:32" + COARSE, "2:32" + COARSE)
-F32, BF16 = "engine f32", "engine bf16"
+F32, BF16, FP16 = "engine f32", "engine bf16", "engine fp16"
+#: The 16-bit engines and their precision (EngineConfig.precision).
+HALF_ENGINES = {BF16: "bf16", FP16: "fp16"}
 RUNTIMES = ("onnxruntime", "openvino f32", "openvino default")
 #: The control: OpenVINO's two peers compiled a second time from the same export and timed as two more
 #: contenders. Against the first compile they are the same runtime on the same model, so their ratio is
@@ -68,6 +70,11 @@ TARGETS = (
     (F32, "openvino f32", "2:32" + COARSE, 3.0),
     (BF16, "openvino default", "4:32" + COARSE, 1.3),
     (BF16, "openvino default", "2:32" + COARSE, 2.0),
+    (FP16, "best", "2:4", 1.0),
+    (FP16, "openvino default", "4:32", 1.3),
+    (FP16, "openvino default", "2:32", 2.0),
+    (FP16, "openvino default", "4:32" + COARSE, 1.3),
+    (FP16, "openvino default", "2:32" + COARSE, 2.0),
 )
 
 
@@ -79,9 +86,11 @@ def _model(nm: str) -> torch.nn.Module:
     return model.eval()
 
 
-def _engine_peer(model: torch.nn.Module) -> tuple[Peer, torch.nn.Module]:
-    engine = compile_sparse(model, EngineConfig(timing_repeats=3, precision="bf16", dense_runtime="openvino"))
-    return Peer(BF16, "bf16", __version__, lambda x: engine(x)), engine
+def _engine_peer(model: torch.nn.Module, name: str) -> tuple[Peer, torch.nn.Module]:
+    precision = HALF_ENGINES[name]
+    config = EngineConfig(timing_repeats=3, precision=precision, dense_runtime="openvino")  # type: ignore[arg-type]
+    engine = compile_sparse(model, config)
+    return Peer(name, precision, __version__, lambda x: engine(x)), engine
 
 
 def _runs_on(engine: torch.nn.Module) -> dict[str, Any]:
@@ -111,15 +120,15 @@ def measure(rounds: int, threads: int, size: tuple[int, int]) -> dict[str, Any]:
                 peers = stack.enter_context(open_peers(model, names, threads, shape))
                 again = stack.enter_context(open_peers(model, ["openvino"], threads, shape))
                 peers += [dataclasses.replace(p, name=p.name + AGAIN) for p in again]
-                bf16_peer, bf16_engine = _engine_peer(model)
-                report = measure_speed(model, shape, None, rounds, name=f"edsr_baseline x2 {nm}",
-                                       warmup=1, peers=[bf16_peer, *peers], engine=engine)  # fmt: skip
+                halves = {name: _engine_peer(model, name) for name in HALF_ENGINES}
+                report = measure_speed(model, shape, None, rounds, name=f"edsr_baseline x2 {nm}", warmup=1,
+                                       peers=[*(p for p, _ in halves.values()), *peers], engine=engine)  # fmt: skip
             samples = {F32: report.sparse_runs_ms, "PyTorch dense": report.dense_runs_ms}
             samples.update({p.name: p.runs_ms for p in report.peers})
             diffs = {F32: report.max_abs_diff, **{p.name: p.max_abs_diff for p in report.peers}}
             rows.append({
                 "nm": nm, "runs_ms": samples, "max_abs_diff": diffs,
-                "engines": {F32: _runs_on(engine), BF16: _runs_on(bf16_engine)},
+                "engines": {F32: _runs_on(engine), **{name: _runs_on(e) for name, (_, e) in halves.items()}},
             })  # fmt: skip
             print(nm, {k: round(sorted(v)[len(v) // 2], 1) for k, v in samples.items()}, flush=True)
         after = machine_state()
@@ -147,7 +156,9 @@ def consistency(rows: dict[str, dict[str, Any]]) -> list[str]:
     precision: the same runtime on the same model, so far from 1 means this run's timings are unreliable."""
     notes = []
     for nm, row in rows.items():
-        for engine, peer in ((F32, "openvino f32"), (BF16, "openvino default")):
+        for engine, peer in ((F32, "openvino f32"), (BF16, "openvino default"), (FP16, "openvino default")):
+            if engine not in row["engines"]:
+                continue
             runs_on = row["engines"][engine]["runs_on"]
             if runs_on.startswith(peer) and peer in row["runs_ms"]:
                 ratio = statistics.median(row["runs_ms"][peer]) / statistics.median(row["runs_ms"][engine])
@@ -180,7 +191,9 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
         ms = {k: statistics.median(v) for k, v in row["runs_ms"].items()}
         entry: dict[str, object] = {"N:M": nm}
         entry.update({f"{k} ms": f"{v:.1f}" for k, v in ms.items()})
-        for engine in (F32, BF16):
+        for engine in (F32, BF16, FP16):
+            if engine not in row["engines"]:
+                continue  # a run before the fp16 engine
             info = row["engines"][engine]
             own = next((c["engine_ms"] for c in info["choices"]), float("nan"))
             entry[f"{engine} runs on"] = info["runs_on"]
@@ -189,7 +202,7 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
     columns = list(dict.fromkeys(k for r in table for k in r))
     checks = []
     for engine, against, nm, wanted in TARGETS:
-        if nm not in rows:
+        if nm not in rows or engine not in rows[nm]["runs_ms"]:
             continue
         name, speedup, (geo, low, high) = compare(rows[nm], engine, against)
         if wanted == 1.0:
@@ -234,13 +247,16 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
         if any(nm.endswith(COARSE) for nm in rows)
         else []
     )
+    has_fp16 = any(FP16 in r["engines"] for r in rows.values())
+    engines_text = "The f32, bf16 and fp16 engines are" if has_fp16 else "Both engines are"
+    halves_text = "bf16 and fp16 engines" if has_fp16 else "bf16 engine"
     lines = [
         f"{payload['model']}, input {'x'.join(str(s) for s in payload['input'])}, {payload['threads']} threads, "
         f"{payload['rounds']} interleaved rounds in one process after a warm-up, {payload['settle_s'] * 1e3:.0f} ms "
-        "untimed pause before every call; ms = medians. Both engines are built with "
+        f"untimed pause before every call; ms = medians. {engines_text} built with "
         "`EngineConfig(dense_runtime=\"openvino\")`: after the first forward of the shape they time their own "
         "forward against the whole dense model on OpenVINO (at f32 for the f32 engine, at its default "
-        "precision for the bf16 engine), check its output, and keep the faster. 'runs on' is what each kept; "
+        f"precision for the {halves_text}), check its output, and keep the faster. 'runs on' is what each kept; "
         "'own forward ms' is what its own forward timed at that choice. The runtimes run the dense-with-zeros "
         f"ONNX export. Kernel: {payload['kernel']}.",
         "",

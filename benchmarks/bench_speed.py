@@ -25,10 +25,11 @@ back to back, so a slow phase of the machine hits both); the ms columns are the 
 4. **Profile.** Where the time goes in EDSR-baseline x2 (dense, 4:32 and 2:32 engines): per-module
    medians grouped into the first/last dense convs, the body convs, the upsampler conv, pixel
    shuffle, ReLU and the rest (residual sums, mean shifts, Python).
-5. **Precision.** ``--precision bf16`` (or ``auto``) runs the engine with ``EngineConfig(precision=...)``
-   (bf16 sparse kernel and PyTorch's bf16 conv join each conv's timed tactic choice);
-   ``--precision both`` keeps the f32 engine and times a bf16 engine next to it in the same rounds,
-   then prints the ratio table engine f32 / engine bf16 against PyTorch dense and the ``--vs`` peers.
+5. **Precision.** ``--precision bf16`` / ``fp16`` (or ``auto``) runs the engine with
+   ``EngineConfig(precision=...)`` (the 16-bit sparse kernel, and PyTorch's bf16 conv, join each conv's
+   timed tactic choice); ``--precision both`` keeps the f32 engine and times a bf16 engine next to it
+   in the same rounds, ``all`` a bf16 and an fp16 engine, then prints the ratio table of the engines
+   against PyTorch dense and the ``--vs`` peers.
 6. **Roofline** (``--roofline``): measured copy bandwidth and dense GEMM rates (f32, bf16), and per
    part of EDSR-baseline x2 the measured ms of dense f32, dense bf16 and the f32/bf16 engines at
    4:32 and 2:32 next to ``max(MACs / GEMM rate, bytes / copy bandwidth)`` (``benchmarks/_roofline.py``).
@@ -235,34 +236,37 @@ def _sls_row(
     return report, fraction, text
 
 
-BF16_ENGINE = "nmrestore bf16 engine"
-_BF16_DECISIONS: list[list[LayerDecision]] = []  # the last bf16 engine's per-layer choices (printed)
-_BF16_PLANS: list[str] = []  # and the whole-model plan it kept
+ENGINE_PEERS = {"bf16": "nmrestore bf16 engine", "fp16": "nmrestore fp16 engine"}
+#: The 16-bit engines timed beside the f32 one, per --precision.
+EXTRA_ENGINES = {"both": ("bf16",), "all": ("bf16", "fp16")}
+_DECISIONS: dict[str, list[LayerDecision]] = {}  # each 16-bit engine's last per-layer choices (printed)
+_PLANS: dict[str, list[str]] = {}  # and the whole-model plans it kept
 
 
-def _bf16_engine_peer(model: nn.Module) -> Peer:
-    """The engine at precision bf16, as a contender in measure_speed's rounds (its first run, the
-    output check, chooses its tactics)."""
-    engine = compile_sparse(model, EngineConfig(tactic="auto", timing_repeats=3, precision="bf16"))
+def _engine_peer(model: nn.Module, precision: str) -> Peer:
+    """The engine at a 16-bit precision, as a contender in measure_speed's rounds (its first run,
+    the output check, chooses its tactics)."""
+    engine = compile_sparse(model, EngineConfig(tactic="auto", timing_repeats=3, precision=precision))  # type: ignore[arg-type]
 
     def run(x: torch.Tensor) -> torch.Tensor:
         out = engine(x)
         state = engine_state(engine)
         if state is not None:
-            _BF16_DECISIONS[:] = [state.table()]
-            _BF16_PLANS[:] = state.plans
+            _DECISIONS[precision] = state.table()
+            _PLANS[precision] = state.plans
         return out
 
-    return Peer(BF16_ENGINE, "bf16", __version__, run)
+    return Peer(ENGINE_PEERS[precision], precision, __version__, run)
 
 
 def _ratio_row(model: str, nm: str, report: SpeedReport) -> dict[str, object]:
-    """ms of every contender and the two engines' speed-ups against each (medians of per-round ratios)."""
+    """ms of every contender and the engines' speed-ups against each (medians of per-round ratios)."""
     runs = {"PyTorch dense": report.dense_runs_ms, "engine f32": report.sparse_runs_ms}
-    runs |= {("engine bf16" if p.name == BF16_ENGINE else p.name): p.runs_ms for p in report.peers}
+    names = {v: f"engine {k}" for k, v in ENGINE_PEERS.items()}
+    runs |= {names.get(p.name, p.name): p.runs_ms for p in report.peers}
     row: dict[str, object] = {"model": model, "N:M": nm}
     row |= {f"{k} ms": statistics.median(v) for k, v in runs.items()}
-    for engine in ("engine f32", "engine bf16"):
+    for engine in ("engine f32", "engine bf16", "engine fp16"):
         if engine not in runs:
             continue
         for other, samples in runs.items():
@@ -366,9 +370,10 @@ def main() -> None:
     )
     parser.add_argument(
         "--precision",
-        choices=("f32", "bf16", "auto", "both"),
+        choices=("f32", "bf16", "fp16", "auto", "both", "all"),
         default="f32",
-        help="the engine's precision; both: the f32 engine and a bf16 engine timed in the same rounds",
+        help="the engine's precision; both: the f32 engine and a bf16 engine timed in the same rounds; "
+        "all: and an fp16 engine",
     )
     parser.add_argument(
         "--models",
@@ -393,7 +398,7 @@ def main() -> None:
     parser.add_argument(
         "--quality",
         default=None,
-        help="only the PSNR of the f32 and bf16 engines: comma-separated checkpoints, scored on --photos "
+        help="only the PSNR of the f32, bf16 and fp16 engines: comma-separated checkpoints, scored on --photos "
         "(section speed_quality)",
     )
     parser.add_argument(
@@ -434,7 +439,7 @@ def main() -> None:
     started = time.perf_counter()
     status = kernel_status()
     print(status.summary(), flush=True)
-    precision = "f32" if args.precision == "both" else args.precision
+    precision = "f32" if args.precision in EXTRA_ENGINES else args.precision
     config = EngineConfig(tactic="auto", timing_repeats=3, precision=precision)
     if args.roofline:
         roofline_only(args, size, kwargs, status.summary(), started)
@@ -484,8 +489,9 @@ def main() -> None:
                     peers = stack.enter_context(
                         open_peers(model, peer_names, torch.get_num_threads(), (1, 3, *size))
                     )
-                    if args.precision == "both":  # the bf16 engine joins the same rounds as a peer
-                        peers = [_bf16_engine_peer(model), *peers]
+                    # the 16-bit engines join the same rounds as peers
+                    extra = [_engine_peer(model, p) for p in EXTRA_ENGINES.get(args.precision, ())]
+                    peers = [*extra, *peers]
                     report = measure_speed(
                         model,
                         (1, 3, *size),
@@ -506,9 +512,11 @@ def main() -> None:
                         f"sparse engine {peer.sparse_speedup:.2f}x vs it, max abs diff {peer.max_abs_diff:.1e}",
                         flush=True,
                     )
-                if args.precision != "f32":
-                    print(format_decisions(_BF16_DECISIONS.pop() if _BF16_DECISIONS else report.decisions))
-                    print(f"whole-model plan of the bf16 engine: {', '.join(_BF16_PLANS) or '-'}", flush=True)
+                for p in EXTRA_ENGINES.get(args.precision, ()):
+                    print(format_decisions(_DECISIONS.pop(p, report.decisions)))
+                    print(f"whole-model plan of the {p} engine: {', '.join(_PLANS.get(p, [])) or '-'}", flush=True)
+                if args.precision not in EXTRA_ENGINES and args.precision != "f32":
+                    print(format_decisions(report.decisions))
         if args.uniform_only:
             print(ratio_text(ratio_rows))
             return

@@ -25,7 +25,7 @@ from nmrestore.runtime import (
 )
 from nmrestore.runtime import kernel as kernel_module
 from nmrestore.runtime.engine import bf16_allowed
-from nmrestore.runtime.kernel import bf16_shadow, handoff_layout
+from nmrestore.runtime.kernel import half_shadow, handoff_layout
 from nmrestore.runtime.kernel_lib import KernelLibrary
 from nmrestore.runtime.layers import Extra, RouteWeights, SparseLayer
 from nmrestore.sparsity import NMConfig, sparsify_, squash_
@@ -104,28 +104,28 @@ def test_bf16_kernel_epilogue_residual_relu_and_shuffle(relu: bool) -> None:
     ws = nm_weight((32, 8, 3, 3), 2, 8)
     ref = F.pixel_shuffle(_reference(ws, x, None, padding=1), 2)
     ref = F.relu(ref) if relu else ref
-    out = _conv16(ws, x, None, relu=relu, shuffle=2, bf16_pad=(1, 1))  # with a bf16 copy of the HR output
+    out = _conv16(ws, x, None, relu=relu, shuffle=2, half_pad=(1, 1))  # with a bf16 copy of the HR output
     _close(out, ref)
-    shadow = bf16_shadow(out)
+    shadow = half_shadow(out)
     assert shadow is not None and torch.equal(shadow, out.to(torch.bfloat16))
 
 
 def test_bf16_handoff_only_and_shadow_forms() -> None:
     w1, w2 = nm_weight((16, 8, 3, 3), 2, 8, 1, scale=0.3), nm_weight((16, 16, 3, 3), 1, 8, 2, scale=0.3)
     x = torch.randn(2, 8, 9, 70)
-    h = _conv16(w1, x, None, relu=True, bf16_pad=(1, 1), bf16_only=True)  # the fused block's head
+    h = _conv16(w1, x, None, relu=True, half_pad=(1, 1), half_only=True)  # the fused block's head
     assert h.dtype == torch.bfloat16 and handoff_layout(h) is not None
     ref_h = F.relu(_reference(w1, x, None, padding=1))
     assert (h.float() - ref_h).abs().max() <= 2**-7 * (1 + ref_h.abs().max())  # one bf16 rounding
     res = torch.randn(2, 16, 9, 70)
-    y = _conv16(w2, h, None, residual=res, res_scale=0.5, out_pad=(1, 1), bf16_pad=(1, 1))  # read in place
+    y = _conv16(w2, h, None, residual=res, res_scale=0.5, out_pad=(1, 1), half_pad=(1, 1))  # read in place
     ref_y = res + 0.5 * _reference(w2, h.float(), None, padding=1)
     _close(y, ref_y)
-    shadow = bf16_shadow(y)
+    shadow = half_shadow(y)
     assert y.dtype == torch.float32 and shadow is not None and torch.equal(shadow, y.to(torch.bfloat16))
     _close(_conv16(w2, y, None), _reference(w2, y, None, padding=1))  # a consumer reads the shadow
     y.mul_(2)  # modified in place: the copy is stale and must not be read
-    assert bf16_shadow(y) is None
+    assert half_shadow(y) is None
     _close(_conv16(w2, y, None), _reference(w2, y, None, padding=1))
 
 
@@ -299,7 +299,7 @@ def test_forced_tactics_at_bf16_and_the_fused_block_hand_off() -> None:
     conv1 = engine.body[0].head[0]  # type: ignore[index]
     with torch.no_grad():
         engine(x), engine(x)
-        assert conv1.bf16_sole and conv1.bf16_pad == (1, 1)
+        assert conv1.half_sole and conv1.half_pad == (1, 1)
         h = conv1(torch.rand(1, 32, 10, 70))
         assert h.dtype == torch.bfloat16 and handoff_layout(h) is not None  # a bf16-only hand-off now
     engine = compile_sparse(model, EngineConfig(precision="bf16", tactic="dense"))

@@ -88,7 +88,7 @@ def test_speed_json_lists_the_peers() -> None:
         assert row["ms"] > 0 and len(row["runs_ms"]) == 1
         assert row["max_abs_diff"] < TOLERANCE[row["precision"]]
         assert set(row) >= {"speedup_vs_pytorch", "sparse_engine_speedup", "version"}
-    assert set(payload["cpu"]) == {"avx512_bf16", "amx_bf16", "amx_tile"}
+    assert set(payload["cpu"]) == {"avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16"}
 
 
 def test_a_missing_peer_named_with_vs_is_one_line_and_exit_2(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -120,12 +120,12 @@ def test_parse_peers() -> None:
 
 def test_cpu_features_from_cpuinfo(tmp_path: Path) -> None:
     info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 amx_tile\n")
-    assert cpu_features(info) == {"avx512_bf16": True, "amx_bf16": False, "amx_tile": True}
-    assert cpu_features(tmp_path / "missing") == {"avx512_bf16": None, "amx_bf16": None, "amx_tile": None}
-    assert describe_features(cpu_features(tmp_path / "missing")).endswith("amx_tile unknown")
-    assert describe_features({"avx512_bf16": True, "amx_bf16": False, "amx_tile": None}) == (
-        "CPU: avx512_bf16 yes, amx_bf16 no, amx_tile unknown"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512f avx512_bf16 amx_tile avx512_fp16\n")
+    assert cpu_features(info) == {"avx512_bf16": True, "amx_bf16": False, "amx_tile": True, "avx512_fp16": True}
+    assert cpu_features(tmp_path / "missing") == dict.fromkeys(("avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16"))
+    assert describe_features(cpu_features(tmp_path / "missing")).endswith("avx512_fp16 unknown")
+    assert describe_features({"avx512_bf16": True, "amx_bf16": False, "amx_tile": None, "avx512_fp16": False}) == (
+        "CPU: avx512_bf16 yes, amx_bf16 no, amx_tile unknown, avx512_fp16 no"
     )
 
 

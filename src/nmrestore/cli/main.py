@@ -37,10 +37,12 @@ class Tactic(str, Enum):
 
 
 class Precision(str, Enum):
-    """What `speed`'s engine may run in: f32 only, bf16 too (timed per layer), or bf16 where the CPU has it."""
+    """What `speed`'s engine may run in: f32 only, bf16 or fp16 too (timed per layer), or every
+    16-bit form the CPU has."""
 
     f32 = "f32"
     bf16 = "bf16"
+    fp16 = "fp16"
     auto = "auto"
 
 
@@ -300,7 +302,11 @@ def speed(
     tactic: Annotated[Tactic, typer.Option(help="auto (time per layer), sparse or dense")] = Tactic.auto,
     tactic_cache: Annotated[Path | None, typer.Option(help="JSON file of per-layer timings to reuse")] = None,
     precision: Annotated[
-        Precision, typer.Option(help="f32; bf16 (convs may also run in bf16, timed per layer); auto (bf16 on AVX512-BF16/AMX)")
+        Precision,
+        typer.Option(
+            help="f32; bf16 (convs may also run in bf16, timed per layer); fp16 (the sparse kernel may also "
+            "run in fp16, on AVX512-FP16); auto (every 16-bit form the CPU has)"
+        ),
     ] = Precision.f32,
     vs: Annotated[
         str | None,
@@ -314,7 +320,7 @@ def speed(
         str,
         typer.Option(
             help="none, or openvino: the engine also times the whole dense model on OpenVINO (f32, or its "
-            "default precision for a bf16 engine) and runs it there when faster"
+            "default precision for a bf16 or fp16 engine) and runs it there when faster"
         ),
     ] = "none",
     json_out: Annotated[bool, typer.Option("--json", help="print JSON")] = False,

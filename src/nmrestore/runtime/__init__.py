@@ -15,7 +15,6 @@ from nmrestore.runtime.compiled import ModelBuild, is_compiled, load_compiled, r
 from nmrestore.runtime.engine import (
     EngineConfig,
     EngineState,
-    FusedResidual,
     UntouchedLayer,
     compile_sparse,
     engine_state,
@@ -25,6 +24,7 @@ from nmrestore.runtime.engine import (
     sparse_layers,
     use_spatial_routes,
 )
+from nmrestore.runtime.fusion import FusedResidual
 from nmrestore.runtime.kernel import KernelStatus, kernel_status, load_kernel, reset_kernel
 from nmrestore.runtime.layers import LayerDecision, SparseConv2d, SparseLayer, SparseLinear
 from nmrestore.runtime.packing import CSRWeight, csr_from_dense, csr_from_packed, detect_nm

@@ -54,16 +54,12 @@ from nmrestore.runtime.cpu_features import CPUINFO, cpu_features
 from nmrestore.runtime.engine import (
     EngineConfig,
     EngineState,
-    FusedResidual,
     UntouchedLayer,
-    _fuse_relus,
-    _fuse_residuals,
-    _fuse_shuffles,
     _load_cache,
-    _set_child,
     engine_state,
     sparse_layers,
 )
+from nmrestore.runtime.fusion import FusedResidual, fuse_relus, fuse_residuals, fuse_shuffles, set_child
 from nmrestore.runtime.kernel import ABI_VERSION, kernel_status, load_kernel
 from nmrestore.runtime.layers import RouteWeights, SparseConv2d, SparseLayer, SparseLinear
 from nmrestore.runtime.packing import csr_from_dense
@@ -436,7 +432,7 @@ def _build(file: CompiledFile, allow_large: bool, cache_file: Path | None) -> nn
             new = SparseConv2d(module, name, [rw], state)
         else:
             new = SparseLinear(module, name, [rw], state)  # type: ignore[arg-type]
-        _set_child(model, name, new)
+        set_child(model, name, new)
     _fuse(file, model, config)
     state.untouched = [UntouchedLayer(u["layer"], u["kind"], u["reason"]) for u in meta["untouched"]]
     why = _restore_decisions(file, model, state)
@@ -450,11 +446,11 @@ def _build(file: CompiledFile, allow_large: bool, cache_file: Path | None) -> nn
 def _fuse(file: CompiledFile, model: nn.Module, config: EngineConfig) -> None:
     """Apply the fusions as compile_sparse does, then check they are the ones recorded."""
     if config.fuse_relu:
-        _fuse_relus(model)
+        fuse_relus(model)
     if config.fuse_shuffle:
-        _fuse_shuffles(model)
+        fuse_shuffles(model)
     if config.fuse_residual:
-        _fuse_residuals(model)
+        fuse_residuals(model)
     residuals = sorted(p for p, m in _walk(model) if isinstance(m, FusedResidual))
     if residuals != sorted(file.meta["fused_residuals"]):
         raise CheckpointError(f"{file.path}: the fused residual blocks differ from the ones recorded")

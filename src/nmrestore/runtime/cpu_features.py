@@ -1,7 +1,8 @@
 """The CPU's reduced-precision features, read from ``/proc/cpuinfo`` (Linux; elsewhere unknown).
 
 What they tell a reader of a speed table: on a CPU with AVX512-BF16 or AMX, OpenVINO's default
-inference precision on the CPU is bf16, so its default row is a bf16 run, not an f32 one.
+inference precision on the CPU is bf16, so its default row is a bf16 run, not an f32 one; with
+AVX512-FP16 the sparse kernel has an fp16 form.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 #: The /proc/cpuinfo flags reported, in order.
-FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile")
+FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512_fp16")
 CPUINFO = Path("/proc/cpuinfo")
 
 

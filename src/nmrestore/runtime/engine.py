@@ -27,14 +27,17 @@ activations and weights, f32 accumulation) and PyTorch's bf16 channels-last conv
 convs without an N:M pattern (the first and last) are then wrapped too, to choose between dense
 f32 and dense bf16. Inside a fused residual block the first conv hands its output to the second
 in bf16 only; elsewhere a bf16 kernel output is f32 with a bf16 copy for a bf16 consumer.
-The default stays ``"f32"``: bf16 rounds activations and weights (about 3 significant digits).
+``precision="fp16"`` adds the fp16 sparse kernel instead (AVX512-FP16: fp16 activations, weights
+and sums, twice the MACs per instruction of f32 FMA) and PyTorch's bf16 conv for the dense convs
+(this CPU family's matrix units take bf16, not fp16); ``"auto"`` adds every 16-bit tactic the CPU
+has. The default stays ``"f32"``: bf16 rounds activations and weights (about 3 significant digits),
+fp16 to about 3.3 digits and sums in fp16 (its outputs are checked finite before it is chosen).
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-import itertools
 import json
 import logging
 from collections.abc import Iterator
@@ -51,6 +54,7 @@ from nmrestore.errors import NMRestoreError
 from nmrestore.io_atomic import atomic_write_text
 from nmrestore.runtime.cpu_features import cpu_features
 from nmrestore.runtime.dense_runtime import DelegatingForward, DenseRuntimes
+from nmrestore.runtime.fusion import fuse_relus, fuse_residuals, fuse_shuffles, set_child
 from nmrestore.runtime.kernel import KernelLibrary, kernel_status, load_kernel
 from nmrestore.runtime.layers import LayerDecision, RouteWeights, SparseConv2d, SparseLayer, SparseLinear
 from nmrestore.runtime.packing import CSRWeight, csr_from_dense, csr_from_packed, detect_nm
@@ -62,7 +66,7 @@ from nmrestore.sparsity.parametrization import NMMask, dense_weight, nm_mask_of
 log = logging.getLogger("nmrestore.runtime")
 
 Tactic = Literal["auto", "sparse", "dense"]
-Precision = Literal["f32", "bf16", "auto"]
+Precision = Literal["f32", "bf16", "fp16", "auto"]
 
 
 class EngineConfig(BaseModel):
@@ -79,8 +83,10 @@ class EngineConfig(BaseModel):
     zero-padded layout the next sparse conv reads (no padding pass per layer; the pairs are found
     from the data flow on the first forward). ``cache_file``: JSON file of timings shared across runs.
     ``precision``: ``f32`` (every tactic in f32), ``bf16`` (conv layers may also run in bf16: the
-    sparse kernel's bf16 form where it is built, PyTorch's bf16 conv; the timed choice decides) or
-    ``auto`` (``bf16`` on a CPU with AVX512-BF16 or AMX, else ``f32``). ``refine`` (tactic ``auto``,
+    sparse kernel's bf16 form where it is built, PyTorch's bf16 conv; the timed choice decides),
+    ``fp16`` (the sparse kernel's fp16 form where it is built, PyTorch's bf16 conv for dense convs) or
+    ``auto`` (the bf16 tactics on a CPU with AVX512-BF16 or AMX, the fp16 kernel on one with
+    AVX512-FP16, else ``f32``). ``refine`` (tactic ``auto``,
     not under a route map): after the first forward of an input shape has chosen every layer's
     tactic, time a few consistent whole-model plans end to end and keep the fastest
     (:mod:`nmrestore.runtime.plans`); the first call returns the kept plan's output, like later ones.
@@ -93,7 +99,7 @@ class EngineConfig(BaseModel):
     from 211 to 188 ms. Off: those layers stay plain PyTorch modules.
     ``dense_runtime`` (``"openvino"``; tactic ``auto``, one route): after the first forward of an input
     shape, also time the whole model dense on OpenVINO (at f32 for an f32 engine, at its default
-    precision for a bf16 one) and run that shape there when it is faster
+    precision for a bf16 or fp16 one) and run that shape there when it is faster
     (:mod:`nmrestore.runtime.dense_runtime`). ``"none"`` (default): the engine runs every shape itself.
     """
 
@@ -127,6 +133,13 @@ def bf16_allowed(precision: Precision) -> bool:
     return precision == "bf16"
 
 
+def f16_allowed(precision: Precision) -> bool:
+    """Whether an engine of this precision may run the fp16 kernel here (where it is built)."""
+    if precision == "auto":
+        return bool(cpu_features().get("avx512_fp16"))
+    return precision == "fp16"
+
+
 @dataclass(frozen=True)
 class UntouchedLayer:
     """A Conv/Linear layer left as it is, with the reason (listed in every report)."""
@@ -148,6 +161,7 @@ class EngineState:
     untouched: list[UntouchedLayer] = field(default_factory=list)
     timings: dict[str, dict[str, float]] = field(default_factory=dict)  # signature -> {tactic: ms}
     bf16: bool = False  # the bf16 tactics may be chosen (precision bf16, or auto on such a CPU)
+    f16: bool = False  # the fp16 kernel (and dense bf16) may be chosen (precision fp16, or auto)
     fresh: list[tuple[SparseLayer, tuple[int, tuple[int, ...], int]]] = field(default_factory=list)
     refining: bool = False
     plans: list[str] = field(default_factory=list)  # the whole-model plans chosen, in order
@@ -156,6 +170,12 @@ class EngineState:
 
     def __post_init__(self) -> None:
         self.bf16 = self.bf16 or bf16_allowed(self.config.precision)  # whoever builds the state
+        self.f16 = self.f16 or f16_allowed(self.config.precision)
+
+    @property
+    def reduced(self) -> bool:
+        """Whether any 16-bit tactic may be chosen."""
+        return self.bf16 or self.f16
 
     def record(self, decision: LayerDecision) -> None:
         key = (decision.layer, decision.route, decision.input_shape, decision.threads)
@@ -271,110 +291,6 @@ def _conv_unsupported(module: nn.Conv2d) -> str | None:
     return None
 
 
-def _set_child(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
-def _fuse_relus(model: nn.Module) -> int:
-    """Fold ``nn.ReLU`` that directly follows a sparse layer in an ``nn.Sequential`` into it."""
-    fused = 0
-    for seq in model.modules():
-        if not isinstance(seq, nn.Sequential):
-            continue
-        keys = list(seq._modules.keys())
-        for a, b in itertools.pairwise(keys):
-            first, second = seq._modules[a], seq._modules[b]
-            if isinstance(first, SparseLayer) and isinstance(second, nn.ReLU) and not first.relu:
-                first.relu = True
-                seq._modules[b] = nn.Identity()
-                fused += 1
-    return fused
-
-
-def _fuse_shuffles(model: nn.Module) -> int:
-    """Fold ``nn.PixelShuffle`` that follows a sparse conv (after a fused ReLU) in an ``nn.Sequential``
-    into it: the kernel writes the shuffled high-resolution output directly."""
-    fused = 0
-    for seq in model.modules():
-        if not isinstance(seq, nn.Sequential):
-            continue
-        keys = list(seq._modules.keys())
-        for i, key in enumerate(keys):
-            conv = seq._modules[key]
-            if not isinstance(conv, SparseConv2d) or conv.shuffle > 1:
-                continue
-            j = i + 1
-            while j < len(keys) and isinstance(seq._modules[keys[j]], nn.Identity):
-                j += 1
-            nxt = seq._modules[keys[j]] if j < len(keys) else None
-            if isinstance(nxt, nn.PixelShuffle):
-                r = int(nxt.upscale_factor)
-                if 1 < r <= 4 and conv.out_channels % (r * r) == 0:
-                    conv.shuffle = r
-                    seq._modules[keys[j]] = nn.Identity()
-                    fused += 1
-    return fused
-
-
-class FusedResidual(nn.Module):
-    """A residual block ``act(scale * last(head(x)) + x)`` whose last sparse conv adds the skip
-    (and the ReLU after it) in its epilogue instead of two more passes over the output."""
-
-    def __init__(
-        self, block: nn.Module, head: nn.Module, last: SparseConv2d, scale: float, post_relu: bool
-    ) -> None:
-        super().__init__()
-        self.block = block  # keeps the original names reachable (routes, state)
-        self.head = head
-        self.last = last
-        self.scale = scale
-        self.post_relu = post_relu
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.head(x)
-        # x may be a hand-off view: the kernel reads the residual through its strides, no copy
-        return self.last.run(h, residual=x, scale=self.scale, post_relu=self.post_relu)
-
-    def extra_repr(self) -> str:
-        return f"fused residual: scale={self.scale:g}, relu after sum={self.post_relu}"
-
-
-def _residual_pattern(module: nn.Module) -> tuple[nn.Module, nn.Module, float, bool] | None:
-    """(head, last conv, scale, ReLU after the sum) of the zoo's residual blocks, else None."""
-    from nmrestore.models.carn import CarnResidualBlock
-    from nmrestore.models.common import ResBlock
-    from nmrestore.models.msrresnet import ResidualBlockNoBN
-
-    if isinstance(module, ResBlock | CarnResidualBlock):  # x + s * body(x) / relu(x + body(x))
-        body = module.body
-        if len(body) < 2:
-            return None
-        head = nn.Sequential(*list(body)[:-1])
-        scale = float(module.res_scale) if isinstance(module, ResBlock) else 1.0
-        return head, body[-1], scale, isinstance(module, CarnResidualBlock)
-    if isinstance(module, ResidualBlockNoBN):  # x + conv2(relu(conv1(x)))
-        return nn.Sequential(module.conv1, module.relu), module.conv2, 1.0, False
-    return None
-
-
-def _fuse_residuals(model: nn.Module) -> int:
-    fused = 0
-    for name, module in list(model.named_modules()):
-        pattern = _residual_pattern(module)
-        if pattern is None or not name:
-            continue
-        head, last, scale, post_relu = pattern
-        if isinstance(last, SparseConv2d) and not last.relu and last.shuffle == 1:
-            _set_child(model, name, FusedResidual(module, head, last, scale, post_relu))
-            fused += 1
-            convs = [m for m in head.children() if not isinstance(m, nn.Identity)]
-            if len(convs) == 1 and isinstance(convs[0], SparseConv2d):
-                convs[0].bf16_sole = True  # head(x) goes only to `last`: a bf16-only hand-off is safe
-    return fused
-
-
 def compile_sparse(model: nn.Module, config: EngineConfig | None = None, inplace: bool = False) -> nn.Module:
     """A copy of ``model`` (``inplace=True``: the model itself) whose N:M layers run on the kernel.
 
@@ -410,7 +326,7 @@ def compile_sparse(model: nn.Module, config: EngineConfig | None = None, inplace
             routes = _route_weights_masked(module, mask)
         else:
             found, why = _route_weights_plain(module, config.dense_convs)
-            if found is None and state.bf16 and isinstance(module, nn.Conv2d):
+            if found is None and state.reduced and isinstance(module, nn.Conv2d):
                 # no N:M pattern (the first/last conv): wrapped to choose dense f32 or dense bf16
                 weight = module.weight.detach().float().clone().contiguous()
                 found = [RouteWeights(weight, None, None, why)]
@@ -423,13 +339,13 @@ def compile_sparse(model: nn.Module, config: EngineConfig | None = None, inplace
             new = SparseConv2d(module, name, routes, state)
         else:
             new = SparseLinear(module, name, routes, state)
-        _set_child(target, name, new)
+        set_child(target, name, new)
     if config.fuse_relu:
-        _fuse_relus(target)
+        fuse_relus(target)
     if config.fuse_shuffle:
-        _fuse_shuffles(target)
+        fuse_shuffles(target)
     if config.fuse_residual:
-        _fuse_residuals(target)
+        fuse_residuals(target)
     target.eval()
     target.sparse_engine = state  # type: ignore[assignment]  # plain attribute: not a module or buffer
     if config.dense_runtime != "none":
@@ -438,7 +354,7 @@ def compile_sparse(model: nn.Module, config: EngineConfig | None = None, inplace
                 "dense_runtime: the model has several routes or tasks, whose weights a whole-model runtime "
                 "would not switch; run it without dense_runtime"
             )
-        state.dense_runtime = DenseRuntimes.for_model(config.dense_runtime, model, state.bf16)
+        state.dense_runtime = DenseRuntimes.for_model(config.dense_runtime, model, state.reduced)
         # an instance attribute: nn.Module.__call__ finds it before the class's forward
         target.forward = DelegatingForward(target.forward, state)  # type: ignore[method-assign]
     if config.tactic == "auto" and (config.refine or config.dense_runtime != "none"):
@@ -461,7 +377,7 @@ def _refine_plans(
     if not fresh:
         return None
     # an f32 engine whose every layer chose clearly: the plans would agree with it
-    plans = state.config.refine and (state.bf16 or close_call(fresh, state.decisions))
+    plans = state.config.refine and (state.reduced or close_call(fresh, state.decisions))
     runtime = state.dense_runtime
     x = args[0] if len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor) else None
     if not plans and (runtime is None or x is None or state.spatial is not None):
@@ -533,9 +449,11 @@ def reset_tactics(model: nn.Module) -> None:
 
 
 def format_decisions(decisions: list[LayerDecision]) -> str:
-    """The per-layer choice table as text (with bf16 columns when a bf16 tactic was timed)."""
-    bf16 = any(k.endswith("bf16") for d in decisions for k in d.times_ms)
+    """The per-layer choice table as text (with 16-bit columns when a 16-bit tactic was timed)."""
+    bf16 = any(k.endswith(("bf16", "fp16")) for d in decisions for k in d.times_ms)
+    f16 = any(k == "sparse_fp16" for d in decisions for k in d.times_ms)
     extra = f" {'dense16':>9} {'sparse16':>9}" if bf16 else ""
+    extra += f" {'fp16 ms':>9}" if f16 else ""
     header = (
         f"{'layer':<28} {'kind':<7} {'route':>5} {'input':<18} {'N:M':>6} {'dense ms':>9} {'sparse ms':>9}"
         f"{extra}  choice"
@@ -549,6 +467,8 @@ def format_decisions(decisions: list[LayerDecision]) -> str:
         cols = f"{ms(d.dense_ms)} {ms(d.sparse_ms)}"
         if bf16:
             cols += f" {ms(d.times_ms.get('dense_bf16'))} {ms(d.times_ms.get('sparse_bf16'))}"
+        if f16:
+            cols += f" {ms(d.times_ms.get('sparse_fp16'))}"
         shape = "x".join(str(s) for s in d.input_shape)
         note = "" if d.reason in ("timed",) else f" ({d.reason})"
         lines.append(f"{d.layer:<28} {d.kind:<7} {d.route:>5} {shape:<18} {d.nm:>6} {cols}  {d.choice}{note}")

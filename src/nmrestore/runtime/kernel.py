@@ -23,8 +23,9 @@ reported unavailable with the reason, logged once, and every caller falls back t
 
 ``NMRESTORE_DISABLE_BF16=1`` builds without the bf16 kernels (``csrc/nm_bf16.cpp``), as on a CPU
 without AVX512-BF16, where they are never compiled in: ``precision="bf16"`` then runs the f32 kernel.
+``NMRESTORE_DISABLE_FP16=1`` does the same for the fp16 kernels (``csrc/nm_fp16.cpp``, AVX512-FP16).
 
-The library's entry points, the hand-off layout between consecutive sparse convs and the bf16
+The library's entry points, the hand-off layout between consecutive sparse convs and the 16-bit
 copies are in :mod:`nmrestore.runtime.kernel_lib`.
 """
 
@@ -51,16 +52,18 @@ from nmrestore.runtime.kernel_lib import (  # noqa: F401  (re-exported: the name
     HandoffLayout,
     KernelLibrary,
     _use_count,
-    bf16_shadow,
+    half_shadow,
     handoff_layout,
 )
 
 log = logging.getLogger("nmrestore.runtime")
 
 #: The sources, compiled together (the header is written next to them); the cache key covers all.
-SOURCE_NAMES = ("nm_common.h", "nm_weights.h", "nm_tiles.h", "nm_kernels.cpp", "nm_bf16.cpp")
+SOURCE_NAMES = ("nm_common.h", "nm_weights.h", "nm_tiles.h", "nm_kernels.cpp", "nm_bf16.cpp", "nm_fp16.cpp")
 #: Defined to build without the bf16 kernels.
 NO_BF16_FLAG = "-DNMK_NO_BF16"
+#: Defined to build without the fp16 kernels.
+NO_F16_FLAG = "-DNMK_NO_F16"
 #: Flag sets tried in order; the first that compiles and loads wins.
 FLAG_SETS: tuple[tuple[str, ...], ...] = (
     ("-O3", "-march=native", "-fopenmp"),
@@ -86,11 +89,14 @@ class KernelStatus:
     attempts: tuple[str, ...] = field(default_factory=tuple)
     bf16: bool = False
     bf16_reason: str = ""  # why there are no bf16 kernels (empty when there are)
+    f16: bool = False
+    f16_reason: str = ""  # why there are no fp16 kernels (empty when there are)
 
     def summary(self) -> str:
         if not self.available:
             return f"sparse kernel unavailable: {self.reason}"
         bf16 = "bf16 kernels" if self.bf16 else f"no bf16 kernels: {self.bf16_reason}"
+        bf16 += "; fp16 kernels" if self.f16 else f"; no fp16 kernels: {self.f16_reason}"
         return (
             f"sparse kernel: {self.library} ({self.compiler} {' '.join(self.flags)}; "
             f"{self.vector_floats}-float vectors, {self.tile[0]}x{self.tile[1]} tile, "
@@ -115,6 +121,15 @@ def bf16_build_reason() -> str | None:
         return "disabled by NMRESTORE_DISABLE_BF16"
     if not cpu_features().get("avx512_bf16"):
         return "the CPU has no avx512_bf16"
+    return None
+
+
+def f16_build_reason() -> str | None:
+    """Why the kernels are built without fp16 (None: with); as :func:`bf16_build_reason`."""
+    if os.environ.get("NMRESTORE_DISABLE_FP16", "").strip() not in ("", "0"):
+        return "disabled by NMRESTORE_DISABLE_FP16"
+    if not cpu_features().get("avx512_fp16"):
+        return "the CPU has no avx512_fp16"
     return None
 
 
@@ -193,15 +208,15 @@ def _load() -> tuple[KernelLibrary | None, KernelStatus]:
     except OSError as exc:
         return None, KernelStatus(False, str(exc), compiler=compiler)
     attempts: list[str] = []
-    no_bf16 = bf16_build_reason()
+    no_bf16, no_f16 = bf16_build_reason(), f16_build_reason()
     for base in FLAG_SETS:
-        flags = (*base, NO_BF16_FLAG) if no_bf16 else base
+        flags = (*base, *((NO_BF16_FLAG,) if no_bf16 else ()), *((NO_F16_FLAG,) if no_f16 else ()))
         try:
             path = _build(compiler, flags, sources, version)
             problem = verify_library(path)  # checked right before loading, whatever _build did
             if problem is not None:
                 raise OSError(f"refusing to load {path}: {problem}")
-            lib = KernelLibrary(ctypes.CDLL(str(path)), bf16_allowed=no_bf16 is None)
+            lib = KernelLibrary(ctypes.CDLL(str(path)), bf16_allowed=no_bf16 is None, f16_allowed=no_f16 is None)
         except (OSError, subprocess.SubprocessError, AttributeError) as exc:
             attempts.append(f"{' '.join(flags)}: {exc}")
             continue
@@ -220,6 +235,8 @@ def _load() -> tuple[KernelLibrary | None, KernelStatus]:
             tuple(attempts),
             lib.has_bf16,
             "" if lib.has_bf16 else (no_bf16 or "the compiler does not target AVX512-BF16 here"),
+            lib.has_f16,
+            "" if lib.has_f16 else (no_f16 or "the compiler does not target AVX512-FP16 here"),
         )
         return lib, status
     return None, KernelStatus(

@@ -1,9 +1,10 @@
 """The loaded C++ kernel library (:mod:`ctypes` bindings), its hand-off layouts and output pool.
 
-Built and loaded by :mod:`nmrestore.runtime.kernel`. Two conv entry points share one parameter
-block (``csrc/nm_common.h``): the f32 kernel (``nm_kernels.cpp``) and, in a build for a CPU with
-AVX512-BF16, the bf16 one (``nm_bf16.cpp``: bf16 activations and weights, f32 accumulation).
-:meth:`KernelLibrary.conv2d` picks by the dtype of the weight values it is given.
+Built and loaded by :mod:`nmrestore.runtime.kernel`. Three conv entry points share one parameter
+block (``csrc/nm_common.h``): the f32 kernel (``nm_kernels.cpp``), in a build for a CPU with
+AVX512-BF16 the bf16 one (``nm_bf16.cpp``: bf16 activations and weights, f32 accumulation), and in
+a build for a CPU with AVX512-FP16 the fp16 one (``nm_fp16.cpp``: fp16 activations, weights and
+sums). :meth:`KernelLibrary.conv2d` picks by the dtype of the weight values it is given.
 
 **Hand-off layout.** A conv's output can be written straight into the zero-bordered
 (image, row, channel, column) buffer that the kernel otherwise builds by copying (padding) its
@@ -12,12 +13,13 @@ input; the caller gets the valid region as an ordinary strided (B, C, H, W) view
 of sparse convs (EDSR/RCAN residual bodies) then skip the per-layer padding pass, a full
 read+write of the activation, which at 2:32 costs more than the convolution itself.
 
-**bf16 hand-off.** The bf16 kernel reads bf16 input; given f32 it converts while padding. Its
-output can additionally (or only) be a bf16 hand-off view. "Additionally" is a *shadow*: the f32
-output carries the bf16 copy as an attribute, stamped with the f32 tensor's version counter, so
-a bf16 consumer reads the copy only while nothing has modified the f32 tensor in place (EDSR's
-``res += x``), and every other consumer sees an ordinary f32 tensor. "Only" is for a producer
-whose sole consumer is known to be that bf16 conv (the first conv of a fused residual block).
+**16-bit hand-off.** The bf16 and fp16 kernels read input of their own 16-bit dtype (the *half*
+dtype); given f32 they convert while padding. Their output can additionally (or only) be a
+hand-off view of that dtype. "Additionally" is a *shadow*: the f32 output carries the 16-bit copy
+as an attribute, stamped with the f32 tensor's version counter, so a consumer of that dtype reads
+the copy only while nothing has modified the f32 tensor in place (EDSR's ``res += x``), and every
+other consumer sees an ordinary f32 tensor. "Only" is for a producer whose sole consumer is known
+to be that 16-bit conv (the first conv of a fused residual block).
 """
 
 from __future__ import annotations
@@ -32,7 +34,11 @@ from torch import Tensor
 
 from nmrestore.runtime.packing import CSRWeight
 
-ABI_VERSION = 8
+ABI_VERSION = 9
+
+#: The 16-bit dtypes a kernel may run in (its *half* dtype), besides float32.
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+HALF_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 @dataclass(frozen=True)
@@ -55,8 +61,8 @@ class HandoffLayout:
 #: Attribute of a hand-off view holding its :class:`HandoffLayout` (a plain Python attribute: any
 #: op that makes a new tensor drops it, so only the very view the kernel wrote carries it).
 LAYOUT_ATTR = "_nmk_layout"
-#: Attribute of an f32 output holding its bf16 hand-off copy and the f32 tensor's version then.
-SHADOW_ATTR = "_nmk_bf16"
+#: Attribute of an f32 output holding its 16-bit hand-off copy and the f32 tensor's version then.
+SHADOW_ATTR = "_nmk_half"
 
 
 def handoff_layout(x: Tensor) -> HandoffLayout | None:
@@ -67,10 +73,11 @@ def handoff_layout(x: Tensor) -> HandoffLayout | None:
     return layout
 
 
-def bf16_shadow(x: Tensor) -> Tensor | None:
-    """The bf16 hand-off copy of an f32 kernel output, if it has one and ``x`` is unmodified since."""
+def half_shadow(x: Tensor, half: torch.dtype = torch.bfloat16) -> Tensor | None:
+    """The 16-bit (``half`` dtype) hand-off copy of an f32 kernel output, if it has one of that dtype
+    and ``x`` is unmodified since."""
     entry: tuple[Tensor, int] | None = getattr(x, SHADOW_ATTR, None)
-    if entry is None or x._version != entry[1]:
+    if entry is None or x._version != entry[1] or entry[0].dtype != half:
         return None
     return entry[0]
 
@@ -96,31 +103,34 @@ Pair = tuple[int, int]
 class KernelLibrary:
     """The loaded library with typed entry points."""
 
-    def __init__(self, lib: ctypes.CDLL, bf16_allowed: bool = True) -> None:
+    def __init__(self, lib: ctypes.CDLL, bf16_allowed: bool = True, f16_allowed: bool = True) -> None:
         p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         self._lib = lib
         lib.nmk_abi_version.restype = i32
         ints = ("nmk_vector_floats", "nmk_tile_rows", "nmk_tile_cols", "nmk_openmp", "nmk_param_count")
         ints += ("nmk_has_bf16", "nmk_bf16_tile_rows", "nmk_bf16_tile_cols")
+        ints += ("nmk_has_f16", "nmk_f16_tile_rows", "nmk_f16_tile_cols")
         for name in ints:
             getattr(lib, name).restype = i32
             getattr(lib, name).argtypes = []
         lib.nmk_conv2d_workspace.restype = i64
         lib.nmk_conv2d_workspace.argtypes = [i64] * 12
-        for name in ("nmk_conv2d_rows_read", "nmk_bf16_rows_read"):
+        for name in ("nmk_conv2d_rows_read", "nmk_bf16_rows_read", "nmk_f16_rows_read"):
             getattr(lib, name).restype = i64
             getattr(lib, name).argtypes = [i64] * 5
-        for name in ("nmk_conv2d_tail_slack", "nmk_bf16_tail_slack"):
+        for name in ("nmk_conv2d_tail_slack", "nmk_bf16_tail_slack", "nmk_f16_tail_slack"):
             getattr(lib, name).restype = i64
             getattr(lib, name).argtypes = [i64]
-        lib.nmk_bf16_workspace.restype = i64
-        lib.nmk_bf16_workspace.argtypes = [p]
+        for name in ("nmk_bf16_workspace", "nmk_f16_workspace"):
+            getattr(lib, name).restype = i64
+            getattr(lib, name).argtypes = [p]
         lib.nmk_conv2d_ex.restype = i32
         lib.nmk_conv2d_ex.argtypes = [p, p, p, p, p, p, p, p, p, ctypes.c_float, p]
         lib.nmk_conv2d_tiles.restype = i32
         lib.nmk_conv2d_tiles.argtypes = [p, p, p, p, p, p, i32, p, p, p, ctypes.c_float, p]
-        lib.nmk_conv2d_bf16.restype = i32
-        lib.nmk_conv2d_bf16.argtypes = [p, p, p, p, p, p, p, p, p, ctypes.c_float, p, p]
+        for name in ("nmk_conv2d_bf16", "nmk_conv2d_f16"):
+            getattr(lib, name).restype = i32
+            getattr(lib, name).argtypes = [p, p, p, p, p, p, p, p, p, ctypes.c_float, p, p]
         self._params = ctypes.c_int64 * int(lib.nmk_param_count())
         lib.nmk_conv_channel_block.restype = i32
         lib.nmk_conv_channel_block.argtypes = [p, p, p, i64, i64]
@@ -135,6 +145,14 @@ class KernelLibrary:
         #: The bf16 kernels are compiled in (and not switched off): precision="bf16" may use them.
         self.has_bf16 = bool(lib.nmk_has_bf16()) and bf16_allowed
         self.bf16_tile = (int(lib.nmk_bf16_tile_rows()), int(lib.nmk_bf16_tile_cols()))
+        #: The fp16 kernels are compiled in (and not switched off): precision="fp16" may use them.
+        self.has_f16 = bool(lib.nmk_has_f16()) and f16_allowed
+        self.f16_tile = (int(lib.nmk_f16_tile_rows()), int(lib.nmk_f16_tile_cols()))
+        # per half dtype: (rows_read, tail_slack, workspace, conv) entry points
+        self._half_fns = {
+            torch.bfloat16: (lib.nmk_bf16_rows_read, lib.nmk_bf16_tail_slack, lib.nmk_bf16_workspace, lib.nmk_conv2d_bf16),
+            torch.float16: (lib.nmk_f16_rows_read, lib.nmk_f16_tail_slack, lib.nmk_f16_workspace, lib.nmk_conv2d_f16),
+        }
         self._local = threading.local()
 
     def _workspace(self, floats: int) -> Tensor:
@@ -173,9 +191,14 @@ class KernelLibrary:
             entries.append((buf, _use_count(buf)))
         return buf
 
-    def rows_read(self, h: int, kh: int, sh: int, ph: int, dh: int, bf16: bool = False) -> int:
-        """Rows of padded input (per image, from its top) a conv reads, tile rounding included."""
-        fn = self._lib.nmk_bf16_rows_read if bf16 else self._lib.nmk_conv2d_rows_read
+    def has_half(self, half: torch.dtype) -> bool:
+        """Whether this build runs the sparse kernel in that 16-bit dtype."""
+        return self.has_bf16 if half == torch.bfloat16 else self.has_f16 if half == torch.float16 else False
+
+    def rows_read(self, h: int, kh: int, sh: int, ph: int, dh: int, half: torch.dtype | None = None) -> int:
+        """Rows of padded input (per image, from its top) a conv reads, tile rounding included
+        (for the f32 kernel, or the 16-bit one of dtype ``half``)."""
+        fn = self._half_fns[half][0] if half is not None else self._lib.nmk_conv2d_rows_read
         return int(fn(h, kh, sh, ph, dh))
 
     def accepts_handoff(
@@ -185,35 +208,36 @@ class KernelLibrary:
         stride: Pair,
         padding: Pair,
         dilation: Pair,
-        bf16: bool = False,
+        half: torch.dtype | None = None,
     ) -> bool:
-        """True when ``x`` is a hand-off view (of the kernel's dtype) this conv can read in place."""
+        """True when ``x`` is a hand-off view (of the kernel's dtype: f32, or ``half``) this conv can
+        read in place."""
         layout = handoff_layout(x)
-        if layout is None or stride[1] != 1 or x.dtype != (torch.bfloat16 if bf16 else torch.float32):
+        if layout is None or stride[1] != 1 or x.dtype != (half or torch.float32):
             return False
         (ph, pw), h, w = padding, x.shape[2], x.shape[3]
         if ph > layout.pad_h or pw > layout.pad_w or layout.width - layout.pad_w - w < pw:
             return False
         below = layout.rows - layout.pad_h - h
-        need = self.rows_read(h, kernel_size[0], stride[0], ph, dilation[0], bf16)
+        need = self.rows_read(h, kernel_size[0], stride[0], ph, dilation[0], half)
         return below >= ph and layout.pad_h - ph + need <= layout.rows
 
-    def handoff_empty(self, shape: tuple[int, int, int, int], pad: Pair, bf16: bool = False) -> Tensor:
+    def handoff_empty(self, shape: tuple[int, int, int, int], pad: Pair, half: torch.dtype | None = None) -> Tensor:
         """An uninitialised hand-off view of ``shape`` with ``pad`` zero border (zeroed by the
-        conv that writes it) and room for any conv's tile over-read (f32, or bf16 with ``bf16``)."""
+        conv that writes it) and room for any conv's tile over-read (f32, or dtype ``half``)."""
         b, c, h, w = shape
         ph, pw = pad
-        vec = 32 if bf16 else self.vector_floats  # elements per 64-byte vector
+        vec = 32 if half is not None else self.vector_floats  # elements per 64-byte vector
         left = -(-pw // vec) * vec  # a whole vector of zeros on the left: every row's valid part is
         # 64-byte aligned, so full-tile stores never straddle two cache lines
         width = -(-(left + w + pw) // vec) * vec
-        rows = h + 2 * ph + max(self.tile[0], self.bf16_tile[0]) + 1
+        rows = h + 2 * ph + max(self.tile[0], self.bf16_tile[0], self.f16_tile[0]) + 1
         layout = HandoffLayout(ph, left, rows, width)
-        tail = self._lib.nmk_bf16_tail_slack if bf16 else self._lib.nmk_conv2d_tail_slack
+        tail = self._half_fns[half][1] if half is not None else self._lib.nmk_conv2d_tail_slack
         elems = b * rows * c * width + int(tail(c * width))
-        buf = self._output_buffer(-(-elems // 2) if bf16 else elems)
-        if bf16:
-            buf = buf.view(torch.bfloat16)
+        buf = self._output_buffer(-(-elems // 2) if half is not None else elems)
+        if half is not None:
+            buf = buf.view(half)
         view = buf.as_strided(shape, layout.strides(c), ph * c * width + left)
         setattr(view, LAYOUT_ATTR, layout)
         return view
@@ -237,25 +261,27 @@ class KernelLibrary:
         res_scale: float = 1.0,
         shuffle: int = 1,
         out_pad: Pair | None = None,
-        bf16_pad: Pair | None = None,
-        bf16_only: bool = False,
+        half_pad: Pair | None = None,
+        half_only: bool = False,
     ) -> Tensor:
         """Sparse conv of a (B, C, H, W) CPU tensor (any strides; a hand-off view that
         :meth:`accepts_handoff` is read in place, without the padding pass).
 
-        ``values`` float32 runs the f32 kernel (bf16 inputs are converted first); bfloat16 runs the
-        bf16 kernel (f32 accumulation; needs :attr:`has_bf16`), which reads a bf16 hand-off view or
-        shadow (:func:`bf16_shadow`) in place and converts anything else while padding.
-        With ``residual`` (the output's shape, any strides) the result is
-        ``act(res_scale * conv(x) + residual)``, act = ReLU when ``relu``. ``shuffle`` = r fuses a
+        ``values`` float32 runs the f32 kernel (16-bit inputs are converted first); bfloat16 runs the
+        bf16 kernel (f32 accumulation; needs :attr:`has_bf16`), float16 the fp16 kernel (fp16 sums;
+        needs :attr:`has_f16`): each reads a hand-off view or shadow (:func:`half_shadow`) of its
+        dtype in place and converts anything else while padding.
+        With ``residual`` (the output's shape, any strides; f32, or fp16 for the fp16 kernel) the
+        result is ``act(res_scale * conv(x) + residual)``, act = ReLU when ``relu``. ``shuffle`` = r fuses a
         following ``pixel_shuffle(r)`` (not with a residual). ``out_pad``: write the output as a
         hand-off view with that zero border (for a following sparse conv), else a plain tensor.
-        ``bf16_pad`` (bf16 kernel): also write a bf16 hand-off copy with that border, attached as
-        the output's shadow, or with ``bf16_only`` returned instead of any f32 output.
+        ``half_pad`` (16-bit kernels): also write a hand-off copy of the kernel's dtype with that
+        border, attached as the output's shadow, or with ``half_only`` returned instead of any f32
+        output.
         """
-        bf16 = values.dtype == torch.bfloat16
-        if bf16 and not self.has_bf16:
-            raise RuntimeError("this kernel build has no bf16 kernels")
+        half = values.dtype if values.dtype in HALF_DTYPES else None
+        if half is not None and not self.has_half(half):
+            raise RuntimeError(f"this kernel build has no {HALF_NAMES[half]} kernels")
         b, c, h, w = x.shape
         kh, kw = kernel_size
         (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
@@ -267,20 +293,22 @@ class KernelLibrary:
                 f"fused pixel shuffle {r} needs no residual, r <= 4 and channels divisible by r^2"
             )
         shape = (b, out_channels // (r * r), ho * r, wo * r)
-        want_f32 = not (bf16 and bf16_pad is not None and bf16_only)
+        want_f32 = not (half is not None and half_pad is not None and half_only)
         if min(shape) <= 0:
-            return torch.empty(shape, dtype=torch.float32 if want_f32 else torch.bfloat16)
-        out, zero = self._output(shape, out_pad if want_f32 else None, bf16=False) if want_f32 else (None, ())
+            return torch.empty(shape, dtype=torch.float32 if want_f32 or half is None else half)
+        out, zero = self._output(shape, out_pad if want_f32 else None, None) if want_f32 else (None, ())
         out2, zero2 = (None, ())
-        if bf16 and bf16_pad is not None:
-            out2, zero2 = self._output(shape, bf16_pad, bf16=True)
+        if half is not None and half_pad is not None:
+            out2, zero2 = self._output(shape, half_pad, half)
         if residual is not None:
             if tuple(residual.shape) != shape:
                 raise ValueError(f"residual of shape {tuple(residual.shape)} for an output of {shape}")
-            if residual.stride(3) != 1 or residual.dtype != torch.float32:
+            # the fp16 kernel also reads an fp16 residual (an fp16 hand-off chain), any other f32
+            res16_ok = half == torch.float16 and residual.dtype == torch.float16
+            if residual.stride(3) != 1 or (residual.dtype != torch.float32 and not res16_ok):
                 residual = residual.float().contiguous()
         geometry = (kernel_size, stride, padding, dilation)
-        src, padded, ws_ptr = self._input(x, geometry, bf16)
+        src, padded, ws_ptr = self._input(x, geometry, half)
         rs = (
             (residual.stride(0), residual.stride(1), residual.stride(2))
             if residual is not None
@@ -292,7 +320,8 @@ class KernelLibrary:
             b, c, h, w, out_channels, kh, kw, sh, sw, ph, pw, dh, dw,
             *src[1], int(padded), int(relu), *rs, *os_, r, *(zero or (0, 0, 0, 0)),
             threads or torch.get_num_threads(),
-            int(src[0].dtype == torch.bfloat16), int(out is not None), *o2s, *(zero2 or (0, 0, 0, 0)),
+            int(half is not None and src[0].dtype == half), int(out is not None), *o2s, *(zero2 or (0, 0, 0, 0)),
+            int(residual is not None and residual.dtype == torch.float16),
         )  # fmt: skip
         start = (
             src[0].data_ptr() - src[0].element_size() * (ph * src[1][2] + pw) if padded else src[0].data_ptr()
@@ -300,12 +329,13 @@ class KernelLibrary:
         args = (rowptr.data_ptr(), cin.data_ptr(), kpos.data_ptr(), values.data_ptr())
         bias_ptr = bias.data_ptr() if bias is not None else None
         res_ptr = residual.data_ptr() if residual is not None else None
-        if bf16:
+        if half is not None:
+            _, _, workspace, conv = self._half_fns[half]
             if ws_ptr is None and not padded:
-                ws_ptr = self._workspace(-(-int(self._lib.nmk_bf16_workspace(params)) // 2) + 16).data_ptr()
+                ws_ptr = self._workspace(-(-int(workspace(params)) // 2) + 16).data_ptr()
             out_ptr = out.data_ptr() if out is not None else None
             out2_ptr = out2.data_ptr() if out2 is not None else None
-            status = self._lib.nmk_conv2d_bf16(
+            status = conv(
                 params, start, ws_ptr, *args, bias_ptr, res_ptr, float(res_scale), out_ptr, out2_ptr
             )
         else:
@@ -327,38 +357,39 @@ class KernelLibrary:
         return out
 
     def _output(
-        self, shape: tuple[int, int, int, int], pad: Pair | None, bf16: bool
+        self, shape: tuple[int, int, int, int], pad: Pair | None, half: torch.dtype | None
     ) -> tuple[Tensor, tuple[int, ...]]:
         """An output view and the zero border the kernel must write around it (hand-off) or ()."""
         if pad is None:
-            assert not bf16
+            assert half is None
             return self._output_buffer(shape[0] * shape[1] * shape[2] * shape[3]).view(shape), ()
-        out = self.handoff_empty(shape, pad, bf16)
+        out = self.handoff_empty(shape, pad, half)
         layout = handoff_layout(out)
         assert layout is not None
         return out, (pad[0], layout.rows - pad[0] - shape[2], pad[1], layout.width - pad[1] - shape[3])
 
     def _input(
-        self, x: Tensor, geometry: tuple[Pair, Pair, Pair, Pair], bf16: bool
+        self, x: Tensor, geometry: tuple[Pair, Pair, Pair, Pair], half: torch.dtype | None
     ) -> tuple[tuple[Tensor, tuple[int, int, int]], bool, int | None]:
         """(tensor the kernel reads and its (image, channel, row) strides, read in place, workspace).
 
-        In place: a hand-off view of the kernel's dtype (for bf16 also an f32 output's valid bf16
-        shadow), as (buffer view, (image stride, row width, C * row width)). Otherwise the tensor
-        the padding pass reads (W contiguous; f32, or bf16 for the bf16 kernel)."""
+        In place: a hand-off view of the kernel's dtype (for a 16-bit kernel also an f32 output's
+        valid shadow of its dtype), as (buffer view, (image stride, row width, C * row width)).
+        Otherwise the tensor the padding pass reads (W contiguous; f32, or the 16-bit kernel's
+        own dtype)."""
         candidates = [x]
-        if bf16 and x.dtype == torch.float32:
-            shadow = bf16_shadow(x)
+        if half is not None and x.dtype == torch.float32:
+            shadow = half_shadow(x, half)
             if shadow is not None:
                 candidates.insert(0, shadow)
         for cand in candidates:
-            if self.accepts_handoff(cand, *geometry, bf16=bf16):
+            if self.accepts_handoff(cand, *geometry, half=half):
                 layout = handoff_layout(cand)
                 assert layout is not None
                 row = cand.shape[1] * layout.width
                 return (cand, (layout.rows * row, layout.width, row)), True, None
-        if x.dtype not in ((torch.float32, torch.bfloat16) if bf16 else (torch.float32,)) or x.stride(3) != 1:
-            x = x.float().contiguous() if x.dtype != torch.bfloat16 or not bf16 else x.contiguous()
+        if x.dtype not in (torch.float32, half or torch.float32) or x.stride(3) != 1:
+            x = x.contiguous() if half is not None and x.dtype == half else x.float().contiguous()
         return (x, (x.stride(0), x.stride(1), x.stride(2))), False, None
 
     def conv2d_tiles(

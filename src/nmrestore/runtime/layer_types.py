@@ -23,25 +23,26 @@ class RouteWeights:
     nm: tuple[int, int] | None  # the route's N:M, None when the layer is not N:M on this route
     why_dense: str = ""  # why there is no CSR form (e.g. "N = M on this route")
 
-    _bf16: dict[str, Tensor] = field(default_factory=dict, repr=False)
+    _half: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     @property
     def density(self) -> float:
         return self.csr.density if self.csr is not None else float((self.dense != 0).float().mean())
 
-    def values_bf16(self) -> Tensor:
-        """The CSR values rounded to bf16 (the bf16 kernel's weights), made once."""
+    def values_half(self, half: torch.dtype = torch.bfloat16) -> Tensor:
+        """The CSR values rounded to ``half`` (bf16 or fp16: that kernel's weights), made once."""
         assert self.csr is not None
-        if "values" not in self._bf16:
-            self._bf16["values"] = self.csr.values.to(torch.bfloat16).contiguous()
-        return self._bf16["values"]
+        key = f"values {half}"
+        if key not in self._half:
+            self._half[key] = self.csr.values.to(half).contiguous()
+        return self._half[key]
 
     def dense_bf16(self) -> Tensor:
         """The dense weight in bf16, channels-last for a 4-d weight (oneDNN's fast layout), made once."""
-        if "dense" not in self._bf16:
+        if "dense" not in self._half:
             w = self.dense.to(torch.bfloat16)
-            self._bf16["dense"] = w.contiguous(memory_format=torch.channels_last) if w.dim() == 4 else w
-        return self._bf16["dense"]
+            self._half["dense"] = w.contiguous(memory_format=torch.channels_last) if w.dim() == 4 else w
+        return self._half["dense"]
 
 
 @dataclass
@@ -79,8 +80,11 @@ class LayerDecision:
 
 
 Extra = tuple["Tensor | None", float, bool]  # (residual, scale, post_relu) of a fused epilogue
-#: The tactics a layer chooses among: PyTorch or the sparse kernel, each in f32 or bf16.
-TACTICS = ("dense", "dense_bf16", "sparse", "sparse_bf16")
-#: The input form each tactic asks its producer for: an f32 or a bf16 hand-off view (padded
+#: The tactics a layer chooses among: PyTorch or the sparse kernel, each in f32 or bf16, and the
+#: sparse kernel in fp16.
+TACTICS = ("dense", "dense_bf16", "sparse", "sparse_bf16", "sparse_fp16")
+#: The 16-bit dtype each sparse tactic runs the kernel in (absent: f32).
+HALF_OF = {"sparse_bf16": torch.bfloat16, "sparse_fp16": torch.float16}
+#: The input form each tactic asks its producer for: an f32, bf16 or fp16 hand-off view (padded
 #: (row, channel, column) layout), or bf16 channels-last (oneDNN's layout).
-WANTS = {"sparse": "f32", "sparse_bf16": "bf16", "dense_bf16": "bf16_cl"}
+WANTS = {"sparse": "f32", "sparse_bf16": "bf16", "sparse_fp16": "fp16", "dense_bf16": "bf16_cl"}

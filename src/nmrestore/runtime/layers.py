@@ -9,8 +9,9 @@ Per (route, input shape, threads) the layer chooses a *tactic*, sparse kernel or
 like TensorRT's tactic selection: on first use it times both on the real input (interleaved,
 median of a few runs) and keeps the faster. An engine allowed bf16 (``EngineConfig.precision``)
 times a conv's bf16 forms too: ``sparse_bf16`` (the bf16 kernel) and ``dense_bf16`` (PyTorch's bf16
-channels-last conv, oneDNN/AMX), four tactics in all (:data:`TACTICS`). Decisions are cached in memory and, with a cache
-file, on disk (see :mod:`nmrestore.runtime.engine`).
+channels-last conv, oneDNN/AMX); one allowed fp16 times ``sparse_fp16`` (the fp16 kernel) and
+``dense_bf16``; five tactics in all (:data:`TACTICS`). Decisions are cached in memory and, with a
+cache file, on disk (see :mod:`nmrestore.runtime.engine`).
 
 **Hand-off between sparse convs.** Every sparse conv output carries its producer; a sparse conv
 that receives it (and has chosen the kernel) asks the producer for its padding, and from the next
@@ -32,8 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nmrestore.errors import NMRestoreError
-from nmrestore.runtime.kernel_lib import bf16_shadow
-from nmrestore.runtime.layer_types import WANTS, Extra, LayerDecision, RouteWeights
+from nmrestore.runtime.kernel_lib import HALF_DTYPES, half_shadow
+from nmrestore.runtime.layer_types import HALF_OF, WANTS, Extra, LayerDecision, RouteWeights
 from nmrestore.runtime.spatial_conv import run_conv_spatial
 from nmrestore.runtime.timing import interleaved
 from nmrestore.sparsity.parametrization import nm_mask_of
@@ -51,7 +52,7 @@ def _epilogue(y: Tensor, relu: bool, residual: Tensor | None, scale: float, post
 
     ``y`` is the layer's own fresh output, so this works in place on it (each new activation
     tensor is tens of MB of fresh pages), except where autograd records the ops."""
-    y = y.float() if y.dtype == torch.bfloat16 else y
+    y = y.float() if y.dtype in HALF_DTYPES else y
     inplace = not (torch.is_grad_enabled() and y.requires_grad)
     if relu:
         y = F.relu(y, inplace=inplace)
@@ -71,8 +72,8 @@ class _Choices:
 
 
 class SparseLayer(nn.Module):
-    """Common route/tactic logic; subclasses provide ``_dense`` and ``_sparse`` (and, for the bf16
-    tactics, ``_dense_bf16`` and ``_sparse(..., bf16=True)``)."""
+    """Common route/tactic logic; subclasses provide ``_dense`` and ``_sparse`` (and, for the 16-bit
+    tactics, ``_dense_bf16`` and ``_sparse(..., half=dtype)``)."""
 
     kind = "layer"
 
@@ -122,7 +123,7 @@ class SparseLayer(nn.Module):
         residual: Tensor | None = None,
         scale: float = 1.0,
         post_relu: bool = False,
-        bf16: bool = False,
+        half: torch.dtype | None = None,
     ) -> Tensor:
         raise NotImplementedError
 
@@ -139,8 +140,8 @@ class SparseLayer(nn.Module):
             return "tactic forced to dense"
         if rw.nm is not None and rw.csr.density > state.config.max_density:  # dense convs: always timed
             return f"density {rw.csr.density:.2f} > max_density {state.config.max_density:g}"
-        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
-            return f"input is {x.dtype} on {x.device.type} (the kernel takes float32 or bfloat16 on CPU)"
+        if x.device.type != "cpu" or x.dtype not in (torch.float32, *HALF_DTYPES):
+            return f"input is {x.dtype} on {x.device.type} (the kernel takes float32, bfloat16 or float16 on CPU)"
         if not self._shape_ok(x):
             return f"input shape {tuple(x.shape)} not supported by the kernel"
         return None
@@ -151,7 +152,7 @@ class SparseLayer(nn.Module):
         why = self._why_not_sparse(x, rw)
         cands = ["dense"]
         if (
-            state.bf16
+            (state.bf16 or state.f16)
             and self.bf16_capable
             and x.device.type == "cpu"
             and torch.backends.mkldnn.is_available()
@@ -161,9 +162,11 @@ class SparseLayer(nn.Module):
             cands.append("sparse")
             if state.bf16 and self.bf16_capable and state.kernel is not None and state.kernel.has_bf16:
                 cands.append("sparse_bf16")
+            if state.f16 and self.bf16_capable and state.kernel is not None and state.kernel.has_f16:
+                cands.append("sparse_fp16")
         return cands, why
 
-    #: Whether this layer kind has the bf16 tactics (a Linear keeps f32).
+    #: Whether this layer kind has the 16-bit tactics (a Linear keeps f32).
     bf16_capable = False
 
     def forward(self, x: Tensor) -> Tensor:
@@ -271,9 +274,9 @@ class SparseLayer(nn.Module):
         cands, why = self._candidates(x, rw)
         forced = state.config.tactic
         if forced != "auto" or len(cands) == 1:
-            # forced, or nothing to choose: that kind, in bf16 where the precision allows it
+            # forced, or nothing to choose: that kind, in 16 bits where the precision allows it
             kind = "sparse" if forced == "sparse" and why is None else "dense"
-            choice = f"{kind}_bf16" if f"{kind}_bf16" in cands else kind
+            choice = next(c for c in (f"{kind}_fp16", f"{kind}_bf16", kind) if c in cands or c == kind)
             reason = "forced" if kind == "sparse" else (why or "tactic forced to dense")
             self._record(key, rw, choice, reason)
             return self._run_tactic(choice, x, rw, extra)
@@ -284,9 +287,16 @@ class SparseLayer(nn.Module):
         if cached is not None and set(cands) <= set(cached):
             times = {c: cached[c] for c in cands}
             choice = min(times, key=times.__getitem__)
+            out = self._run_tactic(choice, x, rw, extra)
+            if choice == "sparse_fp16" and not bool(torch.isfinite(out).all()):
+                del times[choice]  # timed on another layer of this structure; this one overflows fp16
+                choice = min(times, key=times.__getitem__)
+                out = self._run_tactic(choice, x, rw, extra)
             self._record(key, rw, choice, "reused", times=times)
-            return self._run_tactic(choice, x, rw, extra)
+            return out
         outputs, times = self._time_all(x, rw, cands, state.config.timing_repeats, extra)
+        if "sparse_fp16" in times and not bool(torch.isfinite(outputs["sparse_fp16"]).all()):
+            del times["sparse_fp16"]  # fp16 overflowed (past 65504) on this input: not chosen
         choice = min(times, key=times.__getitem__)
         state.store_times(signature, times)
         self._record(key, rw, choice, "timed", times=times)
@@ -306,7 +316,7 @@ class SparseLayer(nn.Module):
     def _run_tactic_plain(self, choice: str, x: Tensor, rw: RouteWeights, extra: Extra) -> Tensor:
         """A tactic without asking the producer for a hand-off (timing runs on the input as given)."""
         if choice.startswith("sparse"):
-            return self._sparse(x, rw, *extra, bf16=choice == "sparse_bf16")
+            return self._sparse(x, rw, *extra, half=HALF_OF.get(choice))
         return self._dense_bf16(x, rw, *extra) if choice == "dense_bf16" else self._dense(x, rw, *extra)
 
     def signature(self, key: tuple[int, tuple[int, ...], int], rw: RouteWeights) -> str:
@@ -323,6 +333,13 @@ class SparseLayer(nn.Module):
 
     def reset_handoff(self) -> None:
         """Forget what consumers asked this layer to write (they ask again on the next forward)."""
+
+    def handoff_state(self) -> object:
+        """What consumers asked this layer to write (for :meth:`set_handoff_state`)."""
+        return None
+
+    def set_handoff_state(self, state: object) -> None:
+        """Restore what :meth:`handoff_state` returned."""
 
     def decisions(self) -> dict[tuple[int, tuple[int, ...], int], str]:
         return dict(self._choices.by_key)
@@ -347,16 +364,23 @@ class SparseConv2d(SparseLayer):
         self.kernel_size = tuple(source.kernel_size)
         self.shuffle = 1  # > 1: a following PixelShuffle fused into the epilogue
         self.out_pad: tuple[int, int] | None = None  # hand-off padding asked for by consumers
-        self.bf16_pad: tuple[int, int] | None = None  # bf16 hand-off padding asked for by bf16 consumers
-        self.bf16_sole = False  # its output goes only to the conv that asks (a fused block's head)
+        self.half_pad: tuple[int, int] | None = None  # 16-bit hand-off padding asked for by such consumers
+        self.half_sole = False  # its output goes only to the conv that asks (a fused block's head)
+        self.fp16_chain = False  # ... or to the next block of a chain, which reads fp16 (fusion.mark_fp16_chains)
         self.bf16_cl_out = False  # that conv runs PyTorch's bf16 conv: give it bf16 channels-last
         self._bias16: Tensor | None = None if self._bias is None else self._bias.to(torch.bfloat16)
 
     bf16_capable = True
 
     def reset_handoff(self) -> None:
-        self.out_pad = self.bf16_pad = None
+        self.out_pad = self.half_pad = None
         self.bf16_cl_out = False
+
+    def handoff_state(self) -> object:
+        return (self.out_pad, self.half_pad, self.bf16_cl_out)
+
+    def set_handoff_state(self, state: object) -> None:
+        self.out_pad, self.half_pad, self.bf16_cl_out = state  # type: ignore[misc]
 
     def _geometry(self) -> str:
         geometry = f"k{self.kernel_size}s{self.stride}p{self.padding}d{self.dilation}g{self.groups}"
@@ -371,20 +395,21 @@ class SparseConv2d(SparseLayer):
             return
         if self.stride[1] != 1:
             return
-        bf16 = want == "bf16"
+        half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(want)
         ph, pw = self.padding  # type: ignore[misc]
-        if ph == 0 and pw == 0 and not bf16:
+        if ph == 0 and pw == 0 and half is None:
             return  # nothing to pad: a plain f32 tensor is read without a copy anyway
         kernel = self._state.kernel
         geometry = (self.kernel_size, self.stride, self.padding, self.dilation)
         if kernel is not None:
-            shadow = bf16_shadow(x) if bf16 else None
-            if any(t is not None and kernel.accepts_handoff(t, *geometry, bf16=bf16) for t in (x, shadow)):  # type: ignore[arg-type]
+            shadow = half_shadow(x, half) if half is not None else None
+            if any(t is not None and kernel.accepts_handoff(t, *geometry, half=half) for t in (x, shadow)):  # type: ignore[arg-type]
                 return
-        old = (producer.bf16_pad if bf16 else producer.out_pad) or (0, 0)
+        old = (producer.half_pad if half is not None else producer.out_pad) or (0, 0)
         pad = (max(old[0], ph), max(old[1], pw))
-        if bf16:
-            producer.bf16_pad = pad  # written only by the producer's bf16 kernel (else: converted here)
+        if half is not None:
+            # written only by the producer's 16-bit kernel, in its dtype (else: converted here)
+            producer.half_pad = pad
         else:
             producer.out_pad = pad
 
@@ -407,7 +432,7 @@ class SparseConv2d(SparseLayer):
         scale: float = 1.0,
         post_relu: bool = False,
     ) -> Tensor:
-        x = x.float() if x.dtype == torch.bfloat16 else x  # a bf16 hand-off from a bf16 producer
+        x = x.float() if x.dtype in HALF_DTYPES else x  # a 16-bit hand-off from a 16-bit producer
         out = F.conv2d(x, rw.dense, self._bias, self.stride, self.padding, self.dilation, self.groups)
         if self.shuffle > 1:  # ReLU and shuffle commute: the epilogue's ReLU may come after
             out = F.pixel_shuffle(out, self.shuffle)
@@ -431,7 +456,7 @@ class SparseConv2d(SparseLayer):
         )
         if self.shuffle > 1:
             out = F.pixel_shuffle(out, self.shuffle)
-        if self.bf16_sole and self.bf16_cl_out and residual is None and not post_relu:
+        if self.half_sole and self.bf16_cl_out and residual is None and not post_relu:
             # a fused block's head whose last conv also runs bf16: hand it bf16 channels-last as is
             out = F.relu(out, inplace=True) if self.relu else out  # ReLU commutes with the rounding
         else:
@@ -447,22 +472,22 @@ class SparseConv2d(SparseLayer):
         residual: Tensor | None = None,
         scale: float = 1.0,
         post_relu: bool = False,
-        bf16: bool = False,
+        half: torch.dtype | None = None,
     ) -> Tensor:
         kernel = self._state.kernel
         csr = rw.csr
         assert kernel is not None and csr is not None
         if residual is not None and (self.relu or self.shuffle > 1):
             # relu(conv) + residual is not the kernel epilogue's order; a shuffled output has none
-            return _epilogue(self._sparse(x, rw, bf16=bf16), False, residual, scale, post_relu)
+            return _epilogue(self._sparse(x, rw, half=half), False, residual, scale, post_relu)
         handoff = self._state.config.handoff
-        bf16_pad = self.bf16_pad if bf16 and handoff else None
+        half_pad = self.half_pad if half is not None and handoff else None
         out = kernel.conv2d(
             x,
             csr.rowptr,
             csr.cin,
             csr.kpos,
-            rw.values_bf16() if bf16 else csr.values,
+            rw.values_half(half) if half is not None else csr.values,
             self._bias,
             self.out_channels,
             self.kernel_size,  # type: ignore[arg-type]
@@ -474,9 +499,11 @@ class SparseConv2d(SparseLayer):
             res_scale=scale,
             shuffle=self.shuffle,
             out_pad=self.out_pad if handoff else None,
-            bf16_pad=bf16_pad,
-            # only the asking conv reads this output (and no f32 consumer asked): bf16 alone will do
-            bf16_only=bf16_pad is not None and self.bf16_sole and self.out_pad is None,
+            half_pad=half_pad,
+            # only the asking conv reads this output (and no f32 consumer asked): 16 bits alone will do
+            half_only=half_pad is not None
+            and self.out_pad is None
+            and (self.half_sole or (self.fp16_chain and half == torch.float16)),
         )
         setattr(out, PRODUCER_ATTR, self)
         return out
@@ -521,7 +548,7 @@ class SparseLinear(SparseLayer):
         residual: Tensor | None = None,
         scale: float = 1.0,
         post_relu: bool = False,
-        bf16: bool = False,  # never asked: a Linear has no bf16 tactics
+        half: torch.dtype | None = None,  # never asked: a Linear has no 16-bit tactics
     ) -> Tensor:
         kernel = self._state.kernel
         csr = rw.csr

@@ -9,7 +9,8 @@ at 4:32 (320x180, 1 thread, a loaded machine): with such a mix (first conv of ea
 bf16 kernel, second on PyTorch's bf16 conv) the bf16 engine ran 0.7x the speed of the f32 engine;
 in another session, whose per-layer choices were consistent, 2.0x. The plans are each layer's
 fastest tactic within a set: all four (the greedy choice), the f32 ones, the bf16 ones, PyTorch's
-bf16 conv only, and the bf16 kernel wherever it applies; and, for f32 engines too, every timed layer
+bf16 conv only, the bf16 kernel wherever it applies, the fp16 kernel wherever it applies (PyTorch's
+bf16 conv on the dense convs, as in its own set); and, for f32 engines too, every timed layer
 dense or every one on the kernel. At 50% density (2:4) the kernel and PyTorch's f32 conv time within
 noise of each other layer by layer, and a greedy choice that put all 36 convs of EDSR-baseline x2 on
 the kernel ran 0.92x PyTorch's dense model end to end (bench_speed.py, 2 threads, idle); the
@@ -28,7 +29,7 @@ from nmrestore.runtime.timing import interleaved
 Key = tuple[int, tuple[int, ...], int]
 
 #: Plan name -> the tactics each layer picks its fastest from (None: all, the greedy choice);
-#: "bf16 kernel" prefers the bf16 sparse kernel wherever a layer has it.
+#: "bf16 kernel" / "fp16 kernel" prefer that sparse kernel wherever a layer has it.
 PLANS: dict[str, tuple[str, ...] | None] = {
     "per-layer": None,
     "f32": ("dense", "sparse"),
@@ -37,15 +38,18 @@ PLANS: dict[str, tuple[str, ...] | None] = {
     "bf16": ("dense_bf16", "sparse_bf16"),
     "bf16 dense": ("dense_bf16",),
     "bf16 kernel": ("sparse_bf16",),
+    "fp16": ("dense_bf16", "sparse_fp16"),
+    "fp16 kernel": ("sparse_fp16",),
 }
 
 
 def _pick(times: dict[str, float], allowed: tuple[str, ...] | None, name: str) -> str | None:
-    if name == "bf16 kernel" and "sparse_bf16" in times:
-        return "sparse_bf16"
+    if name.endswith(" kernel") and allowed is not None and allowed[0] in times and allowed[0] != "sparse":
+        return allowed[0]
     pool = {t: ms for t, ms in times.items() if allowed is None or t in allowed}
-    if name == "bf16 kernel":  # a layer without the bf16 kernel (first/last conv): its fastest bf16 or any
-        pool = {t: ms for t, ms in times.items() if t.endswith("bf16")} or dict(times)
+    if name in ("bf16 kernel", "fp16 kernel"):
+        # a layer without that kernel (first/last conv): its fastest 16-bit tactic, or any
+        pool = {t: ms for t, ms in times.items() if t.endswith(("bf16", "fp16"))} or dict(times)
     return min(pool, key=pool.__getitem__) if pool else None
 
 
@@ -103,12 +107,23 @@ def refine(
         for (layer, key), choice in plan.items():
             layer._choices.by_key[key] = choice
 
-    def timed(plan: dict[tuple[SparseLayer, Key], str]) -> object:
+    # Each plan runs with the hand-offs its own consumers asked for, not those left by the plan
+    # before it (an f32 consumer's request would make a producer write f32 beside its 16-bit copy).
+    handoffs: dict[str, list[object]] = {}
+
+    def timed(name: str, plan: dict[tuple[SparseLayer, Key], str]) -> object:
         apply(plan)
-        return run()
+        for i, layer in enumerate(layers):
+            if name in handoffs:
+                layer.set_handoff_state(handoffs[name][i])
+            else:
+                layer.reset_handoff()  # its first (warm-up) run asks afresh
+        out = run()
+        handoffs[name] = [layer.handoff_state() for layer in layers]
+        return out
 
     timings = interleaved(
-        {name: (lambda p=plan: timed(p)) for name, plan in plans.items()}, repeats, warmup=1
+        {name: (lambda n=name, p=plan: timed(n, p)) for name, plan in plans.items()}, repeats, warmup=1
     )
     best = min(plans, key=timings.median)
     apply(plans[best])

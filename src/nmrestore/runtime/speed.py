@@ -346,11 +346,11 @@ def _is_atomic(module: nn.Module) -> bool:
     only the block's own hooks see all of its time)."""
     from torch.nn.utils import parametrize
 
-    from nmrestore.runtime.engine import FusedResidual, _residual_pattern
+    from nmrestore.runtime.fusion import FusedResidual, residual_pattern
     from nmrestore.runtime.layers import SparseLayer
 
     return (
         isinstance(module, SparseLayer | FusedResidual)
         or parametrize.is_parametrized(module)
-        or _residual_pattern(module) is not None
+        or residual_pattern(module) is not None
     )

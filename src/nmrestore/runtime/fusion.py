@@ -1,0 +1,164 @@
+"""The engine's fusions: a following ReLU or pixel shuffle into a sparse conv's epilogue, a residual
+block's skip sum into its last conv's (:class:`FusedResidual`), and the fp16 hand-off chains between
+modules of an ``nn.Sequential`` (:func:`mark_fp16_chains`). Applied by
+:func:`nmrestore.runtime.engine.compile_sparse` and re-applied by :mod:`nmrestore.runtime.compiled`.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import nn
+
+from nmrestore.runtime.layers import SparseConv2d, SparseLayer
+
+
+def set_child(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def fuse_relus(model: nn.Module) -> int:
+    """Fold ``nn.ReLU`` that directly follows a sparse layer in an ``nn.Sequential`` into it."""
+    fused = 0
+    for seq in model.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        keys = list(seq._modules.keys())
+        for a, b in itertools.pairwise(keys):
+            first, second = seq._modules[a], seq._modules[b]
+            if isinstance(first, SparseLayer) and isinstance(second, nn.ReLU) and not first.relu:
+                first.relu = True
+                seq._modules[b] = nn.Identity()
+                fused += 1
+    return fused
+
+
+def fuse_shuffles(model: nn.Module) -> int:
+    """Fold ``nn.PixelShuffle`` that follows a sparse conv (after a fused ReLU) in an ``nn.Sequential``
+    into it: the kernel writes the shuffled high-resolution output directly."""
+    fused = 0
+    for seq in model.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        keys = list(seq._modules.keys())
+        for i, key in enumerate(keys):
+            conv = seq._modules[key]
+            if not isinstance(conv, SparseConv2d) or conv.shuffle > 1:
+                continue
+            j = i + 1
+            while j < len(keys) and isinstance(seq._modules[keys[j]], nn.Identity):
+                j += 1
+            nxt = seq._modules[keys[j]] if j < len(keys) else None
+            if isinstance(nxt, nn.PixelShuffle):
+                r = int(nxt.upscale_factor)
+                if 1 < r <= 4 and conv.out_channels % (r * r) == 0:
+                    conv.shuffle = r
+                    seq._modules[keys[j]] = nn.Identity()
+                    fused += 1
+    return fused
+
+
+class FusedResidual(nn.Module):
+    """A residual block ``act(scale * last(head(x)) + x)`` whose last sparse conv adds the skip
+    (and the ReLU after it) in its epilogue instead of two more passes over the output."""
+
+    def __init__(
+        self, block: nn.Module, head: nn.Module, last: SparseConv2d, scale: float, post_relu: bool
+    ) -> None:
+        super().__init__()
+        self.block = block  # keeps the original names reachable (routes, state)
+        self.head = head
+        self.last = last
+        self.scale = scale
+        self.post_relu = post_relu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.head(x)
+        # x may be a hand-off view: the kernel reads the residual through its strides, no copy
+        return self.last.run(h, residual=x, scale=self.scale, post_relu=self.post_relu)
+
+    def extra_repr(self) -> str:
+        return f"fused residual: scale={self.scale:g}, relu after sum={self.post_relu}"
+
+
+def residual_pattern(module: nn.Module) -> tuple[nn.Module, nn.Module, float, bool] | None:
+    """(head, last conv, scale, ReLU after the sum) of the zoo's residual blocks, else None."""
+    from nmrestore.models.carn import CarnResidualBlock
+    from nmrestore.models.common import ResBlock
+    from nmrestore.models.msrresnet import ResidualBlockNoBN
+
+    if isinstance(module, ResBlock | CarnResidualBlock):  # x + s * body(x) / relu(x + body(x))
+        body = module.body
+        if len(body) < 2:
+            return None
+        head = nn.Sequential(*list(body)[:-1])
+        scale = float(module.res_scale) if isinstance(module, ResBlock) else 1.0
+        return head, body[-1], scale, isinstance(module, CarnResidualBlock)
+    if isinstance(module, ResidualBlockNoBN):  # x + conv2(relu(conv1(x)))
+        return nn.Sequential(module.conv1, module.relu), module.conv2, 1.0, False
+    return None
+
+
+def fuse_residuals(model: nn.Module) -> int:
+    fused = 0
+    for name, module in list(model.named_modules()):
+        pattern = residual_pattern(module)
+        if pattern is None or not name:
+            continue
+        head, last, scale, post_relu = pattern
+        if isinstance(last, SparseConv2d) and not last.relu and last.shuffle == 1:
+            set_child(model, name, FusedResidual(module, head, last, scale, post_relu))
+            fused += 1
+            convs = [m for m in head.children() if not isinstance(m, nn.Identity)]
+            if len(convs) == 1 and isinstance(convs[0], SparseConv2d):
+                convs[0].half_sole = True  # head(x) goes only to `last`: a 16-bit-only hand-off is safe
+    mark_fp16_chains(model)
+    return fused
+
+
+def mark_fp16_chains(model: nn.Module) -> None:
+    """In an ``nn.Sequential``, a module whose output comes from a sparse conv, followed by a module
+    that reads its input only through sparse convs (a fused block, a sparse conv), hands that output
+    to that module alone: EDSR's and RCAN's bodies, EDSR's upsampler and last conv. The producing
+    conv may then write an fp16 hand-off alone, which the next module reads in place as its conv
+    input (and, for a fused block, as its residual: the fp16 kernel takes an fp16 residual), saving
+    an f32 write and half of each read. fp16 only: the bf16 kernel would need its residual back in
+    f32 (a copy, and bf16 rounding of the skip path)."""
+    for seq in model.modules():
+        if not _plain_sequential(seq):
+            continue
+        children = [c for c in seq.children() if not isinstance(c, nn.Identity)]
+        for a, b in itertools.pairwise(children):
+            producer = _output_conv(a)
+            if producer is not None and _input_convs_only(b):
+                producer.fp16_chain = True
+
+
+def _plain_sequential(module: nn.Module) -> bool:
+    """An ``nn.Sequential`` (or a subclass that keeps its forward): each child's output goes to the next only."""
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
+def _output_conv(module: nn.Module) -> SparseConv2d | None:
+    """The sparse conv whose output is ``module``'s output, if there is one."""
+    if isinstance(module, SparseConv2d):
+        return module
+    if isinstance(module, FusedResidual):
+        return module.last
+    if _plain_sequential(module):
+        kids = [c for c in module.children() if not isinstance(c, nn.Identity)]
+        return _output_conv(kids[-1]) if kids else None
+    return None
+
+
+def _input_convs_only(module: nn.Module) -> bool:
+    """Whether ``module`` reads its input only through sparse convs (any of which takes fp16)."""
+    if isinstance(module, SparseConv2d | FusedResidual):
+        return True
+    if _plain_sequential(module):
+        kids = [c for c in module.children() if not isinstance(c, nn.Identity)]
+        return bool(kids) and _input_convs_only(kids[0])
+    return False
