@@ -98,6 +98,21 @@ def test_fp16_kernel_dilation_groups_odd_counts() -> None:
     _check(_conv16(w3, x, b3), w3, x, b3, padding=1)
 
 
+@pytest.mark.parametrize("out_ch", [2, 3, 5, 8])
+def test_fp16_kernel_channels_sharing_positions_run_in_groups(out_ch: int) -> None:
+    """Dense convs and masks shared by blocks of 4 output channels take the grouped path (one load for
+    up to four channels' FMAs); the results stay within the same bound."""
+    x, b = torch.randn(2, 64, 6, 70), torch.randn(out_ch)
+    dense = torch.randn(out_ch, 64, 3, 3)
+    _check(_conv16(dense, x, b), dense, x, b, padding=1)
+    shared = nm_weight((1, 64, 3, 3), 2, 32, seed=3) != 0  # one mask for every channel
+    coarse = torch.randn(out_ch, 64, 3, 3) * shared
+    res = torch.randn(2, out_ch, 6, 70).half()
+    out = _conv16(coarse, x, None, residual=res, relu=True)
+    ref = F.relu(res.double() + F.conv2d(_round(x), _round(coarse), padding=1))
+    assert float((out.double() - ref).abs().max()) <= 40 * U * (1 + float(ref.abs().max()))
+
+
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("res_dtype", [torch.float32, torch.float16])
 def test_fp16_kernel_residual_of_either_dtype(relu: bool, res_dtype: torch.dtype) -> None:

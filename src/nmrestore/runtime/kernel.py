@@ -59,7 +59,9 @@ from nmrestore.runtime.kernel_lib import (  # noqa: F401  (re-exported: the name
 log = logging.getLogger("nmrestore.runtime")
 
 #: The sources, compiled together (the header is written next to them); the cache key covers all.
-SOURCE_NAMES = ("nm_common.h", "nm_weights.h", "nm_tiles.h", "nm_kernels.cpp", "nm_bf16.cpp", "nm_fp16.cpp")
+SOURCE_NAMES = (
+    "nm_common.h", "nm_weights.h", "nm_tiles.h", "nm_f16_tiles.h", "nm_kernels.cpp", "nm_bf16.cpp", "nm_fp16.cpp"
+)
 #: Defined to build without the bf16 kernels.
 NO_BF16_FLAG = "-DNMK_NO_BF16"
 #: Defined to build without the fp16 kernels.

@@ -1,193 +1,34 @@
 // fp16 N:M-sparse Conv2d: the direct sparse convolution of nm_kernels.cpp with fp16 activations,
-// weights and accumulators (AVX512-FP16 `vfmadd231ph`), bias, residual and ReLU in f32. Compiled in
-// only when the compiler targets AVX512-FP16 (-march=native on such a CPU); otherwise nmk_has_f16()
-// is 0 and precision "fp16" runs the other kernels.
+// weights and sums (AVX512-FP16 `vfmadd231ph`); bias, residual and ReLU in f32 where an f32 output
+// or residual is involved. Compiled in only when the compiler targets AVX512-FP16 (-march=native on
+// such a CPU); otherwise nmk_has_f16() is 0 and precision "fp16" runs the other kernels.
 //
 // Why fp16 beside bf16, measured on a Xeon with AVX512-FP16 (one 64->64 3x3 conv on 320x180, 2
-// threads, per-channel masks, the same loop in both precisions): `vfmadd231ph` does 32 MACs where an
-// f32 FMA does 16, at the same rate, and a 64-byte load brings 32 columns instead of 16, so each kept
-// weight costs half the instructions: 2.5x (2:32), 2.7x (4:32), 2.8x (8:32) the f32 loop's speed.
+// threads, per-channel masks, the same naive loop in both precisions): `vfmadd231ph` does 32 MACs where
+// an f32 FMA does 16, at the same rate, and a 64-byte load brings 32 columns instead of 16, so each
+// kept weight costs half the instructions: 2.5x (2:32), 2.7x (4:32), 2.8x (8:32) the f32 loop's speed.
 // `vdpbf16ps` gives no such gain (its MACs per cycle equal f32 FMA's). fp16 keeps 11 significant
-// bits against bf16's 8; the cost is its range (largest finite value 65504) and rounding in the
-// fp16 sums, which is why the engine checks a layer's output against f32 before choosing it.
+// bits against bf16's 8; the costs are its range (largest finite value 65504; the engine drops the
+// tactic for a layer whose output is not finite) and rounding in the fp16 sums.
 //
-// Layout, hand-off and work items as in nm_bf16.cpp; columns stay in order, so the epilogue
-// converts each 32-column accumulator to two f32 vectors and needs no permute.
-#include "nm_common.h"
-
-#if defined(__AVX512FP16__) && defined(__AVX512BW__) && defined(__AVX512F__) && !defined(NMK_NO_F16)
-#define NMK_F16 1
-#include <immintrin.h>
-#else
-#define NMK_F16 0
-#endif
+// Layout and hand-off as in nm_bf16.cpp; columns stay in order, so the epilogue needs no permute.
+// What each part gave, whole EDSR-baseline x2 at 2:32 on the engine (2 threads, interleaved with the
+// f32 engine, noisy machine): the naive loop 118 ms; prefetching a residual 4 channels ahead and
+// streamed stores (conv with residual 4.5 -> 2.7 ms); fp16-only hand-offs along the body (engine,
+// 112 ms); input blocks of 32 channels below 30% density (one conv 1.16x at 2:32, 1.27x at 4:32: the
+// scattered reads of per-channel masks miss L1 in a 34 KB window, not in 17 KB); work items walking
+// down bands of 4 row tiles, each prefetching into L2 the input rows the next one reads (104 -> 85 ms);
+// channels sharing positions (dense convs, coarse masks) 4 at a time (the 64->3 last conv 5.7 -> 4.9
+// ms); streamed stores in the fused pixel shuffle (upsampler 7.5 -> 6.7 ms). Tried: 2x128 and 4x32
+// tiles (no better than 2x64: their windows leave L1), blocks of 16 input channels (slower than 32),
+// cached instead of streamed stores (a block 3.9 -> 4.5 ms).
+#include "nm_f16_tiles.h"
 
 namespace {
 
 using namespace nmk;
 
-#ifndef NMK_HTR  // tile shape (overridable for experiments)
-#define NMK_HTR 2
-#define NMK_HNV 2
-#endif
-constexpr int HV = 32;         // fp16 columns per 512-bit vector
-constexpr int HTR = NMK_HTR;   // output rows per tile
-constexpr int HNV = NMK_HNV;   // vectors per tile row
-constexpr int HTW = HV * HNV;  // output columns per tile
-
-Geometry geometry_f16(const int64_t* prm) {
-  return geometry(prm[P_B], prm[P_C], prm[P_H], prm[P_W], prm[P_KH], prm[P_KW], prm[P_SH], prm[P_SW], prm[P_PH],
-                  prm[P_PW], prm[P_DH], prm[P_DW], HV, HTR);
-}
-
-// Slack after the last image: a tile's last vector may read up to HTW + Wq elements past a row.
-inline int64_t slack_f16(const Geometry& g) { return HTW + g.Wq + 2 * HV; }
-
 #if NMK_F16
-
-// One kept weight of one output channel: its workspace offset and its fp16 bits.
-struct Entry {
-  int32_t off;
-  uint32_t w;  // fp16 bits in the low half
-};
-
-// Where a tile's results go: an f32 and/or an fp16 image (row strides in elements), with an
-// optional f32 residual read through its own row stride.
-struct Sink {
-  float* f32;
-  int64_t fstride;
-  uint16_t* h16;
-  int64_t hstride;
-  const void* res;  // f32, or fp16 when res16
-  int64_t rstride;
-  bool res16;
-  bool stream;  // whole aligned vectors bypass the caches (an output larger than they are)
-};
-
-// Stores bypassing the caches when asked and the address is aligned, else ordinary ones.
-inline void put16(float* p, __mmask16 m, __m512 v, bool stream) {
-  if (stream && m == 0xffff && (reinterpret_cast<uintptr_t>(p) & 63) == 0)
-    _mm512_stream_ps(p, v);
-  else
-    _mm512_mask_storeu_ps(p, m, v);
-}
-inline void put16h(uint16_t* p, __mmask16 m, __m256i v, bool stream) {
-  if (stream && m == 0xffff && (reinterpret_cast<uintptr_t>(p) & 31) == 0)
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
-  else
-    _mm256_mask_storeu_epi16(p, m, v);
-}
-inline void put32h(uint16_t* p, __m512h v, bool stream) {
-  if (stream && (reinterpret_cast<uintptr_t>(p) & 63) == 0)
-    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), _mm512_castph_si512(v));
-  else
-    _mm512_storeu_ph(p, v);
-}
-
-// One output channel of one tile: its kept weights `en` (or one block's of them, see Item), from
-// `init` (a block's partial sums) or the bias; into `keep` (partial sums for the next block) or
-// through the epilogue into `s`.
-template <bool RELU, bool RES, int NVX>
-inline void tile(const uint16_t* __restrict xh, const Entry* __restrict en, int64_t n, int64_t xstride, float bias,
-                 const Sink& s, float res_scale, int nrows, int ncols, const __m512h* init = nullptr,
-                 __m512h* keep = nullptr) {
-  // Without a residual the sums start from the bias (one rounding less work in the epilogue).
-  const __m512h b0 = RES ? _mm512_setzero_ph() : _mm512_set1_ph((_Float16)bias);
-  // Two sets of sums, even and odd kept weights: a 2x64 tile is only four vectors, and one chain
-  // of dependent FMAs per vector would wait on the FMA latency (4 cycles) at every weight.
-  __m512h acc[HTR][NVX], odd[HTR][NVX];
-#pragma GCC unroll 8
-  for (int r = 0; r < HTR; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < NVX; ++v) acc[r][v] = init ? init[r * NVX + v] : b0, odd[r][v] = _mm512_setzero_ph();
-  int64_t k = 0;
-  for (; k + 1 < n; k += 2) {
-    const uint16_t* p = xh + en[k].off;
-    const uint16_t* q = xh + en[k + 1].off;
-    const __m512h w = _mm512_castsi512_ph(_mm512_set1_epi16((short)en[k].w));
-    const __m512h u = _mm512_castsi512_ph(_mm512_set1_epi16((short)en[k + 1].w));
-#pragma GCC unroll 8
-    for (int r = 0; r < HTR; ++r)
-#pragma GCC unroll 8
-      for (int v = 0; v < NVX; ++v) {
-        acc[r][v] = _mm512_fmadd_ph(w, _mm512_loadu_ph(p + r * xstride + v * HV), acc[r][v]);
-        odd[r][v] = _mm512_fmadd_ph(u, _mm512_loadu_ph(q + r * xstride + v * HV), odd[r][v]);
-      }
-  }
-  if (k < n) {
-    const uint16_t* p = xh + en[k].off;
-    const __m512h w = _mm512_castsi512_ph(_mm512_set1_epi16((short)en[k].w));
-#pragma GCC unroll 8
-    for (int r = 0; r < HTR; ++r)
-#pragma GCC unroll 8
-      for (int v = 0; v < NVX; ++v) acc[r][v] = _mm512_fmadd_ph(w, _mm512_loadu_ph(p + r * xstride + v * HV), acc[r][v]);
-  }
-#pragma GCC unroll 8
-  for (int r = 0; r < HTR; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < NVX; ++v) acc[r][v] = _mm512_add_ph(acc[r][v], odd[r][v]);
-  if (keep) {
-#pragma GCC unroll 8
-    for (int r = 0; r < HTR; ++r)
-#pragma GCC unroll 8
-      for (int v = 0; v < NVX; ++v) keep[r * NVX + v] = acc[r][v];
-    return;
-  }
-  if (!RES && s.f32 == nullptr) {  // an fp16 hand-off only (inside a fused block): no f32 pass
-    const __m512h zero = _mm512_setzero_ph();
-    if (nrows == HTR && ncols == NVX * HV) {
-#pragma GCC unroll 8
-      for (int r = 0; r < HTR; ++r)
-#pragma GCC unroll 8
-        for (int v = 0; v < NVX; ++v)
-          put32h(s.h16 + r * s.hstride + v * HV, RELU ? _mm512_max_ph(acc[r][v], zero) : acc[r][v], s.stream);
-      return;
-    }
-    for (int r = 0; r < nrows; ++r)
-      for (int v = 0; v < NVX && v * HV < ncols; ++v) {
-        const int m = std::min(HV, ncols - v * HV);
-        const __mmask32 mk = m == 32 ? 0xffffffffu : (1u << m) - 1;
-        _mm512_mask_storeu_epi16(s.h16 + r * s.hstride + v * HV, mk,
-                                 _mm512_castph_si512(RELU ? _mm512_max_ph(acc[r][v], zero) : acc[r][v]));
-      }
-    return;
-  }
-  const __m512 vb = _mm512_set1_ps(RES ? bias : 0.f), vs = _mm512_set1_ps(res_scale), zero = _mm512_setzero_ps();
-  for (int r = 0; r < nrows; ++r)
-    for (int v = 0; v < NVX; ++v)
-      for (int h = 0; h < 2; ++h) {
-        const int c0 = v * HV + h * 16;
-        if (c0 >= ncols) break;
-        const int m = std::min(16, ncols - c0);
-        const __mmask16 mk = (__mmask16)(m == 16 ? 0xffff : (1u << m) - 1);
-        const __m256i half = _mm512_extracti64x4_epi64(_mm512_castph_si512(acc[r][v]), 1);
-        const __m256i lowh = _mm512_castsi512_si256(_mm512_castph_si512(acc[r][v]));
-        __m512 y = _mm512_cvtph_ps(h ? half : lowh);
-        if (RES) {
-          const int64_t at = r * s.rstride + c0;
-          const __m512 rv = s.res16 ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mk, static_cast<const uint16_t*>(s.res) + at))
-                                    : _mm512_maskz_loadu_ps(mk, static_cast<const float*>(s.res) + at);
-          y = _mm512_fmadd_ps(_mm512_add_ps(y, vb), vs, rv);
-        }
-        if (RELU) y = _mm512_max_ps(y, zero);
-        if (s.f32) put16(s.f32 + r * s.fstride + c0, mk, y, s.stream);
-        if (s.h16) put16h(s.h16 + r * s.hstride + c0, mk, _mm512_cvtps_ph(y, _MM_FROUND_TO_NEAREST_INT), s.stream);
-      }
-}
-
-// How many output channels ahead a tile prefetches its residual (each tile reads 2 rows x 64
-// columns of it, scattered over the channels, which the hardware prefetcher does not follow).
-constexpr int RES_AHEAD = 4;
-
-// Input channels per block of a split layer (see Item).
-constexpr int64_t SPLIT_CHANNELS = 32;
-// Output channels whose partial sums a split tile keeps aside at a time (16 KB at 2x64).
-constexpr int64_t SPLIT_OUTPUTS = 64;
-// Densest layer that is split (a denser one finds its window in L1 often enough).
-#ifndef NMK_HSPLIT
-#define NMK_HSPLIT 0.3
-#endif
-constexpr double SPLIT_MAX_DENSITY = NMK_HSPLIT;
 
 struct Item {
   const uint16_t* xrow;
@@ -201,15 +42,54 @@ struct Item {
   // same positions).
   const int64_t* rp;
   int64_t blocks;
+  // groups of output channels that keep the same positions (every channel in one; none: empty):
+  // group i is channels gch[i] .. gch[i + 1] - 1, its entries gent[grp[i]] .. gent[grp[i + 1]] - 1
+  const GroupEntry* gent;
+  const int64_t* grp;
+  const int64_t* gch;
+  int64_t groups;
   const float* bias;
   int64_t O, xstride, Wo, y0;
   int nrows;
   int64_t ct0, ct1;
   bool res16;  // the residual holds fp16 (else f32)
   bool stream;
+  Ahead* ahead;  // the next row tile's input rows (advanced once per channel-tile)
 };
 
 // Every tile of one work item, output channel innermost (the input rows stay in L1 meanwhile).
+template <bool RELU, bool RES, int NVX>
+void item_groups(const Item& it, float* out_b, Strides os, uint16_t* out2_b, Strides o2s, const char* res_b,
+                 Strides rs, float res_scale) {
+  constexpr int TWX = NVX * HV;
+  const int64_t rsize = it.res16 ? 2 : 4;
+  for (int64_t ct = it.ct0; ct < it.ct1; ++ct) {
+    const int64_t x0 = ct * TWX;
+    const int ncols = (int)std::min<int64_t>(TWX, it.Wo - x0);
+    for (int64_t i = 0; i < it.groups; ++i) {
+      const int64_t o0 = it.gch[i], nb = it.gch[i + 1] - o0;
+      Sink s[4];
+      for (int64_t j = 0; j < nb; ++j) {
+        const int64_t o = o0 + j;
+        s[j] = Sink{out_b ? out_b + o * os.c + it.y0 * os.h + x0 : nullptr, os.h,
+                    out2_b ? out2_b + o * o2s.c + it.y0 * o2s.h + x0 : nullptr, o2s.h,
+                    RES ? res_b + (o * rs.c + it.y0 * rs.h + x0) * rsize : nullptr, rs.h, it.res16, it.stream};
+      }
+      const GroupEntry* e = it.gent + it.grp[i];
+      const int64_t n = it.grp[i + 1] - it.grp[i];
+      const float* b = it.bias ? it.bias + o0 : nullptr;
+      const uint16_t* xh = it.xrow + x0;
+      switch (nb) {
+        case 1: tile_group<RELU, RES, NVX, 1>(xh, e, n, it.xstride, b, s, res_scale, it.nrows, ncols); break;
+        case 2: tile_group<RELU, RES, NVX, 2>(xh, e, n, it.xstride, b, s, res_scale, it.nrows, ncols); break;
+        case 3: tile_group<RELU, RES, NVX, 3>(xh, e, n, it.xstride, b, s, res_scale, it.nrows, ncols); break;
+        default: tile_group<RELU, RES, NVX, 4>(xh, e, n, it.xstride, b, s, res_scale, it.nrows, ncols); break;
+      }
+      for (int64_t j = 0; j < nb; ++j) it.ahead->advance();
+    }
+  }
+}
+
 template <bool RELU, bool RES, int NVX>
 void item(const Item& it, float* out_b, Strides os, uint16_t* out2_b, Strides o2s, const char* res_b, Strides rs,
           float res_scale) {
@@ -230,6 +110,7 @@ void item(const Item& it, float* out_b, Strides os, uint16_t* out2_b, Strides o2
                    RES ? res_b + (o * rs.c + it.y0 * rs.h + x0) * rsize : nullptr, rs.h, it.res16, it.stream};
       tile<RELU, RES, NVX>(it.xrow + x0, it.entries + k0, it.rp[o + 1] - k0, it.xstride,
                            it.bias ? it.bias[o] : 0.f, s, res_scale, it.nrows, ncols);
+      it.ahead->advance();
     }
   }
 }
@@ -262,6 +143,7 @@ void item_split(const Item& it, float* out_b, Strides os, uint16_t* out2_b, Stri
           tile<RELU, RES, NVX>(it.xrow + x0, it.entries + rp[o], rp[o + 1] - rp[o], it.xstride,
                                it.bias ? it.bias[o] : 0.f, s, res_scale, it.nrows, ncols, g ? part[j] : nullptr,
                                last ? nullptr : part[j]);
+          it.ahead->advance();
         }
       }
     }
@@ -283,6 +165,7 @@ void item_shuffle(const Item& it, int R, float* out_b, Strides os, uint16_t* out
         const Sink s{&tmp[j][0][0], TWX, nullptr, 0, nullptr, 0, false, false};
         tile<RELU, false, NVX>(it.xrow + x0, it.entries + k0, it.rp[o + 1] - k0, it.xstride,
                                it.bias ? it.bias[o] : 0.f, s, 1.f, it.nrows, TWX);
+        it.ahead->advance();
       }
       const int64_t c = og / (R * R), i = (og / R) % R;
       for (int r = 0; r < it.nrows; ++r) {
@@ -296,10 +179,10 @@ void item_shuffle(const Item& it, int R, float* out_b, Strides os, uint16_t* out
           for (; l + 16 <= ncols; l += 16) {
             const __m512 a = _mm512_load_ps(&tmp[0][r][l]), b = _mm512_load_ps(&tmp[1][r][l]);
             const __m512 u = _mm512_permutex2var_ps(a, lo, b), w = _mm512_permutex2var_ps(a, hi, b);
-            if (df) _mm512_storeu_ps(df + 2 * l, u), _mm512_storeu_ps(df + 2 * l + 16, w);
+            if (df) put16(df + 2 * l, 0xffff, u, it.stream), put16(df + 2 * l + 16, 0xffff, w, it.stream);
             if (dh) {
-              _mm256_storeu_si256((__m256i*)(dh + 2 * l), _mm512_cvtps_ph(u, _MM_FROUND_TO_NEAREST_INT));
-              _mm256_storeu_si256((__m256i*)(dh + 2 * l + 16), _mm512_cvtps_ph(w, _MM_FROUND_TO_NEAREST_INT));
+              put16h(dh + 2 * l, 0xffff, _mm512_cvtps_ph(u, _MM_FROUND_TO_NEAREST_INT), it.stream);
+              put16h(dh + 2 * l + 16, 0xffff, _mm512_cvtps_ph(w, _MM_FROUND_TO_NEAREST_INT), it.stream);
             }
           }
         }
@@ -324,15 +207,30 @@ void item_any(const Item& it, bool relu, int R, float* out_b, Strides os, uint16
       item_shuffle<false, NVX>(it, R, out_b, os, out2_b, o2s);
     return;
   }
-#define NMK_ITEM(A, B)                                                     \
-  (it.blocks > 1 ? item_split<A, B, NVX>(it, out_b, os, out2_b, o2s, res_b, rs, res_scale) \
-                 : item<A, B, NVX>(it, out_b, os, out2_b, o2s, res_b, rs, res_scale))
+#define NMK_ITEM(A, B)                                                                         \
+  (it.groups > 0     ? item_groups<A, B, NVX>(it, out_b, os, out2_b, o2s, res_b, rs, res_scale) \
+   : it.blocks > 1 ? item_split<A, B, NVX>(it, out_b, os, out2_b, o2s, res_b, rs, res_scale)  \
+                     : item<A, B, NVX>(it, out_b, os, out2_b, o2s, res_b, rs, res_scale))
   if (relu && res_b) NMK_ITEM(true, true);
   else if (relu) NMK_ITEM(true, false);
   else if (res_b) NMK_ITEM(false, true);
   else NMK_ITEM(false, false);
 #undef NMK_ITEM
   if (it.stream) _mm_sfence();  // the streamed stores are visible before the parallel region ends
+}
+
+// Whether every group of 4 consecutive output channels (the last may be smaller) keeps the same
+// positions, in the same order.
+bool shared_groups(const int32_t* rowptr, const int32_t* cin, const int32_t* kpos, int64_t O) {
+  if (O < 2) return false;
+  for (int64_t o0 = 0; o0 < O; o0 += 4)
+    for (int64_t o = o0 + 1; o < std::min<int64_t>(O, o0 + 4); ++o) {
+      const int64_t n = rowptr[o0 + 1] - rowptr[o0];
+      if (rowptr[o + 1] - rowptr[o] != n) return false;
+      for (int64_t k = 0; k < n; ++k)
+        if (cin[rowptr[o] + k] != cin[rowptr[o0] + k] || kpos[rowptr[o] + k] != kpos[rowptr[o0] + k]) return false;
+    }
+  return true;
 }
 
 // Blocks of SPLIT_CHANNELS input channels a conv's tiles run one after another (1: unsplit): at low
@@ -422,8 +320,29 @@ int nmk_conv2d_f16(const int64_t* prm, const void* x, void* workspace, const int
   if (out2 && !zero_border(out2, o2s, B, Cf, Hf, Wf, prm[P_Z2T], prm[P_Z2B], prm[P_Z2L], prm[P_Z2R], nthreads))
     return -1;
 
+  // Channels that keep the same positions, in groups of up to 4 (not with a fused shuffle).
+  std::vector<int64_t> grp{0}, gch{0};
+  std::vector<GroupEntry> gent;
+  if (R == 1 && shared_groups(rowptr, cin, kpos, O)) {
+    for (int64_t o0 = 0; o0 < O; o0 += 4) {
+      const int64_t nb = std::min<int64_t>(4, O - o0);
+      for (int64_t k = 0; k < rowptr[o0 + 1] - rowptr[o0]; ++k) {
+        const int64_t off = entry_offset(g, cin[rowptr[o0] + k], kpos[rowptr[o0] + k]);
+        if (off < 0) return -2;
+        GroupEntry e{(int32_t)off, {0, 0, 0, 0}, {0, 0}};
+        for (int64_t j = 0; j < nb; ++j) e.w[j] = val[rowptr[o0 + j] + k];
+        gent.push_back(e);
+      }
+      std::sort(gent.begin() + grp.back(), gent.end(),
+                [](const GroupEntry& a, const GroupEntry& b) { return a.off < b.off; });
+      grp.push_back((int64_t)gent.size());
+      gch.push_back(o0 + nb);
+    }
+  }
+  const int64_t groups = (int64_t)grp.size() - 1;
+
   // Kept weights grouped by (input block, output channel), each group in address order.
-  const int64_t blocks = split_blocks(C, O, rowptr[O], prm[P_KH] * prm[P_KW], R);
+  const int64_t blocks = groups > 0 ? 1 : split_blocks(C, O, rowptr[O], prm[P_KH] * prm[P_KW], R);
   std::vector<int64_t> rp(blocks * (O + 1) + 1, 0);
   for (int64_t o = 0; o < O; ++o)
     for (int64_t k = rowptr[o]; k < rowptr[o + 1]; ++k) ++rp[(cin[k] / SPLIT_CHANNELS % blocks) * (O + 1) + o + 1];
@@ -443,29 +362,43 @@ int nmk_conv2d_f16(const int64_t* prm, const void* x, void* workspace, const int
   const int nvx = g.Wo <= HV ? 1 : HNV;
   const int64_t twx = nvx * HV;
   const int64_t ctiles = (g.Wo + twx - 1) / twx;
-  const int64_t per_chunk = std::max<int64_t>(1, 256 / twx);
+  const int64_t per_chunk = std::max<int64_t>(1, 128 / twx);
   const int64_t chunks = (ctiles + per_chunk - 1) / per_chunk;
-  const int64_t items = B * g.rtiles * chunks;
+  // Work items: (image, band of up to BAND row tiles, chunk of columns), walking down the band, with
+  // at least 8 items per thread.
+  const int64_t band = std::max<int64_t>(1, std::min<int64_t>(BAND, B * g.rtiles * chunks / (8 * nthreads)));
+  const int64_t bands = (g.rtiles + band - 1) / band;
+  const int64_t items = B * bands * chunks;
   const int64_t xstride = sh * C * g.Wq;
+  const int64_t KH = prm[P_KH], dh = prm[P_DH];
   const bool relu = prm[P_RELU] != 0;
   const bool stream = B * O * g.Ho * g.Wo >= (int64_t(1) << 20);
   const bool res16 = prm[P_RES_F16] != 0;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
   for (int64_t n = 0; n < items; ++n) {
-    const int64_t b = n / (g.rtiles * chunks), rem = n % (g.rtiles * chunks);
-    const int64_t rt = rem / chunks, ch = rem % chunks;
-    const int64_t y0 = rt * HTR;
-    const int64_t ct0 = ch * per_chunk;
-    const Item it{xp + b * g.per_b + y0 * xstride, entries.data(), rp.data(), blocks, bias, O, xstride, g.Wo, y0,
-                  (int)std::min<int64_t>(HTR, g.Ho - y0), ct0, std::min<int64_t>(ctiles, ct0 + per_chunk), res16,
-                  stream};
+    const int64_t b = n / (bands * chunks), rem = n % (bands * chunks);
+    const int64_t bd = rem / chunks, ch = rem % chunks;
+    const int64_t ct0 = ch * per_chunk, ct1 = std::min<int64_t>(ctiles, ct0 + per_chunk);
+    const int64_t cols = std::min<int64_t>((ct1 - ct0) * twx, g.Wo - ct0 * twx) + (prm[P_KW] - 1) * prm[P_DW];
     float* out_b = out ? out + b * os.b : nullptr;
     uint16_t* out2_b = out2 ? out2 + b * o2s.b : nullptr;
     const char* res_b = residual ? reinterpret_cast<const char*>(residual) + b * rs.b * (res16 ? 2 : 4) : nullptr;
-    if (nvx == 1)
-      item_any<1>(it, relu, R, out_b, os, out2_b, o2s, res_b, rs, res_scale);
-    else
-      item_any<HNV>(it, relu, R, out_b, os, out2_b, o2s, res_b, rs, res_scale);
+    for (int64_t rt = bd * band; rt < std::min(g.rtiles, (bd + 1) * band); ++rt) {
+      const int64_t y0 = rt * HTR;
+      // the rows the next row tile reads and this one does not
+      const int64_t first = std::max((y0 + HTR - 1) * sh + (KH - 1) * dh + 1, (y0 + HTR) * sh);
+      const int64_t last = (y0 + 2 * HTR - 1) * sh + (KH - 1) * dh;
+      const int64_t channel_tiles = (ct1 - ct0) * O * (R > 1 ? 1 : blocks);
+      Ahead ahead(reinterpret_cast<const char*>(xp + b * g.per_b + first * C * g.Wq + ct0 * twx),
+                  rt + 1 < g.rtiles ? last - first + 1 : 0, C * g.Wq * 2, C, g.Wq * 2, cols * 2, channel_tiles);
+      const Item it{xp + b * g.per_b + y0 * xstride, entries.data(), rp.data(), blocks, gent.data(), grp.data(),
+                    gch.data(), groups, bias, O, xstride, g.Wo, y0, (int)std::min<int64_t>(HTR, g.Ho - y0), ct0,
+                    ct1, res16, stream, &ahead};
+      if (nvx == 1)
+        item_any<1>(it, relu, R, out_b, os, out2_b, o2s, res_b, rs, res_scale);
+      else
+        item_any<HNV>(it, relu, R, out_b, os, out2_b, o2s, res_b, rs, res_scale);
+    }
   }
   return 0;
 #endif
