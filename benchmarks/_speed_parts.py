@@ -18,7 +18,7 @@ from _report import in_memory, publish, results_path, save_results
 from _roofline import carried_quiet, measure_ceilings, part_costs, quiet_ceilings, roof_ms
 from _speed_report import render, render_roofline
 from nmrestore.models import create_model
-from nmrestore.runtime import EngineConfig, compile_sparse
+from nmrestore.runtime import EngineConfig, compile_sparse, load_kernel
 from nmrestore.runtime.speed import profile_modules, torch_threads
 from nmrestore.sparsity import NMConfig, sparsify_, squash_
 
@@ -78,13 +78,22 @@ def finish(args: argparse.Namespace, key: str, data: dict[str, Any], renderer: A
         print(f"{results_path(key).relative_to(ROOT)} and section {key!r} of docs/BENCHMARKS.md written")
 
 
-def profile_models(kwargs: dict[str, object], config: EngineConfig) -> dict[str, nn.Module]:
+def profile_models(kwargs: dict[str, object], config: EngineConfig, fp16: bool = False) -> dict[str, nn.Module]:
+    """Dense EDSR-baseline x2 and the engine at 4:32 and 2:32; with ``fp16``, also the fp16 engine
+    at both (where the kernel has its fp16 form)."""
     base = uniform_model("edsr_baseline", 2, "4:32", kwargs)
-    return {
+    thin = uniform_model("edsr_baseline", 2, "2:32", kwargs)
+    models = {
         "dense": squash_(copy.deepcopy(base)),
         "4:32 engine": compile_sparse(base, config),
-        "2:32 engine": compile_sparse(uniform_model("edsr_baseline", 2, "2:32", kwargs), config),
+        "2:32 engine": compile_sparse(thin, config),
     }
+    lib = load_kernel()
+    if fp16 and lib is not None and lib.has_f16:
+        half = config.model_copy(update={"precision": "fp16"})
+        models["4:32 engine fp16"] = compile_sparse(base, half)
+        models["2:32 engine fp16"] = compile_sparse(thin, half)
+    return models
 
 
 def profile_only(
@@ -97,7 +106,7 @@ def profile_only(
 ) -> None:
     with torch_threads(args.threads):
         x = torch.rand(1, 3, *size, generator=torch.Generator().manual_seed(0))
-        profile = profile_parts(profile_models(kwargs, config), x, args.repeats)
+        profile = profile_parts(profile_models(kwargs, config, fp16=True), x, args.repeats)
         threads = torch.get_num_threads()
     data = {
         "size": list(size),

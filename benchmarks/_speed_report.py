@@ -27,6 +27,7 @@ def ratio_text(rows: list[dict[str, object]]) -> str:
 
 UNIFORM_COLUMNS = ["model", "N:M", "dense ms", "sparse ms", "speed-up", "layers on kernel", "max abs diff"]
 PROFILE_COLUMNS = ["part", "dense ms", "4:32 engine ms", "2:32 engine ms"]
+FP16_PROFILE_COLUMNS = ["4:32 engine fp16 ms", "2:32 engine fp16 ms"]
 PEER_COLUMNS = [
     "model",
     "N:M",
@@ -134,7 +135,7 @@ Where the time goes in EDSR-baseline x2 (magnitude masks on a fresh model), inpu
 other, not interleaved; module hooks add a little overhead). Residual blocks are timed whole
 (2 convs, ReLU, skip sum), fused by the engine or not. {payload["kernel"]}. Wall time {payload["wall_s"]:.0f} s.
 
-{markdown_table(payload["profile"], PROFILE_COLUMNS)}
+{markdown_table(payload["profile"], PROFILE_COLUMNS + [c for c in FP16_PROFILE_COLUMNS if any(c in r for r in payload["profile"])])}
 """
     return "Speed: where the time goes (EDSR-baseline x2)", body
 

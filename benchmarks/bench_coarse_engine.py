@@ -1,9 +1,11 @@
-"""Trained coarse and per-channel N:M checkpoints on the f32 engine, against the deployment runtimes.
+"""Trained coarse and per-channel N:M checkpoints on the f32 and fp16 engines, against the deployment runtimes.
 
 Section `coarse` trains the photo study's x4 model with masks shared by blocks of 16 output channels
 (SR-STE, ``out_block: 16``) and scores it against the study's per-channel SR-STE checkpoints at the
 same N:M. This section times those same checkpoints: the f32 engine (whose kernel runs block-shared
-layers 4 output channels at a time), PyTorch's dense conv, and OpenVINO f32 and at its default
+layers 4 output channels at a time), the fp16 engine (``precision="fp16"``, where the kernel has its
+AVX512-FP16 form; no whole-model fallback, so its own forward is timed), PyTorch's dense conv, and
+OpenVINO f32 and at its default
 precision on the dense-with-zeros ONNX export, interleaved in one process (50 ms untimed pause
 before every call, as in section `speed`), 320x180 LR input (1280x720 output), 2 threads. So speed
 and PSNR come from one set of trained weights.
@@ -27,10 +29,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from _report import load_results, markdown_table, results_path, section_main  # noqa: E402
 from _roofline import machine_line, machine_state, quiet_ceilings, slowed  # noqa: E402
 from bench_dense_runtime import compare  # noqa: E402
+from nmrestore import __version__  # noqa: E402
 from nmrestore.engine.runner import model_from_checkpoint  # noqa: E402
 from nmrestore.export.peers import available_peers, open_peers, parse_peers  # noqa: E402
-from nmrestore.runtime import EngineConfig, compile_sparse, kernel_status  # noqa: E402
-from nmrestore.runtime.speed import measure_speed, torch_threads  # noqa: E402
+from nmrestore.runtime import EngineConfig, compile_sparse, kernel_status, load_kernel  # noqa: E402
+from nmrestore.runtime.speed import Peer, measure_speed, torch_threads  # noqa: E402
 
 SECTION = "coarse_engine"
 TITLE = "Coarse N:M on the engine: the photo study's trained checkpoints against the deployment runtimes"
@@ -41,6 +44,7 @@ KINDS = (
     ("coarse (blocks of 16)", "coarse16-srste-{n}of{m}", "coarse SR-STE"),
 )
 ENGINE = "engine f32"
+FP16 = "engine fp16"
 RUNTIMES = ("openvino f32", "openvino default")
 
 
@@ -67,6 +71,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 engine = compile_sparse(model, EngineConfig(timing_repeats=3))
                 with contextlib.ExitStack() as stack:
                     peers = stack.enter_context(open_peers(model, names, args.threads, shape))
+                    lib = load_kernel()
+                    if lib is not None and lib.has_f16:
+                        fp16 = compile_sparse(model, EngineConfig(timing_repeats=3, precision="fp16"))
+                        peers = [Peer(FP16, "fp16", __version__, lambda x, e=fp16: e(x)), *peers]
                     report = measure_speed(model, shape, None, args.rounds, name=f"{label} {budget}",
                                            warmup=1, peers=peers, engine=engine)  # fmt: skip
                 samples = {ENGINE: report.sparse_runs_ms, "PyTorch dense": report.dense_runs_ms}
@@ -100,13 +108,20 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
         value = psnr.get((method.get(row["masks"], ""), row["nm"]))
         entry["PSNR (section coarse)"] = f"{value:.3f}" if value is not None else "-"
         entry.update({f"{k} ms": f"{v:.1f}" for k, v in ms.items()})
-        for runtime in RUNTIMES:
-            if runtime in row["runs_ms"]:
-                _, speedup, (geo, low, high) = compare(row, ENGINE, runtime)
-                entry[f"engine f32 vs {runtime}"] = f"{speedup:.2f}x ({geo:.2f}x [{low:.2f}, {high:.2f}])"
-        entry["max abs diff (engine, openvino default)"] = (
-            f"{row['max_abs_diff'][ENGINE]:.1e}, {row['max_abs_diff'].get('openvino default', float('nan')):.1e}"
-        )
+        for engine in (ENGINE, FP16):
+            for runtime in RUNTIMES:
+                if runtime in row["runs_ms"] and engine in row["runs_ms"]:
+                    _, speedup, (geo, low, high) = compare(row, engine, runtime)
+                    entry[f"{engine} vs {runtime}"] = f"{speedup:.2f}x ({geo:.2f}x [{low:.2f}, {high:.2f}])"
+        diffs = row["max_abs_diff"]
+        if FP16 in diffs:
+            entry["max abs diff (engine f32, engine fp16, openvino default)"] = (
+                f"{diffs[ENGINE]:.1e}, {diffs[FP16]:.1e}, {diffs.get('openvino default', float('nan')):.1e}"
+            )
+        else:
+            entry["max abs diff (engine, openvino default)"] = (
+                f"{diffs[ENGINE]:.1e}, {diffs.get('openvino default', float('nan')):.1e}"
+            )
         table.append(entry)
     columns = list(dict.fromkeys(k for r in table for k in r))
     args = (payload["machine_before"], payload["machine_after"], payload.get("quiet_ceilings"))

@@ -7,10 +7,12 @@ dates they were measured. For each target it gives the engine time the target al
 at which the engine would then have to run its kept multiply-adds (N/M of the pruned convs' MACs
 plus the dense first and last convs), against the rate it runs them at now and against the ceilings:
 per-channel N:M masks run on the vector units (f32 FMA, or bf16 `vdpbf16ps`, which is no faster per
-MAC on this CPU), whose ceiling is the f32 GEMM rate; only dense tiles reach the AMX (bf16 GEMM) rate.
+MAC on this CPU), whose ceiling is the f32 GEMM rate, or, for the fp16 kernel, AVX512-FP16's
+`vfmadd231ph` (32 MACs per instruction where f32 FMA does 16, at the same rate: twice that ceiling,
+derived from the instruction's width, not measured); only dense tiles reach the AMX (bf16 GEMM) rate.
 It also gives each target's roofline: the time one forward needs at those ceilings when every conv
 reads its input and writes its output once (the bytes `speed_roofline` counts, at 4 bytes per
-value for the f32 engine and 2 for the bf16 one), so 'roofline / allowed' is the share of its
+value for the f32 engine and 2 for the bf16 and fp16 ones), so 'roofline / allowed' is the share of its
 roofline the engine must reach as a whole. For the bf16 targets it gives the same with the pruned
 convs on AMX (masks shared by blocks of output channels, section `coarse`), and how close
 OpenVINO's default comes to the dense model's own bf16 roofline.
@@ -44,7 +46,17 @@ TARGETS = (
     ("engine bf16", "openvino default", "2:32", 2.0),
     ("engine f32", "best dense", "2:4", 1.0),
     ("engine bf16", "best dense", "2:4", 1.0),
+    ("engine fp16", "openvino default", "4:32", 1.3),
+    ("engine fp16", "openvino default", "2:32", 2.0),
+    ("engine fp16", "best dense", "2:4", 1.0),
 )
+#: The 16-bit engines (activations 2 bytes a value; dense convs on AMX).
+HALF = ("engine bf16", "engine fp16")
+
+
+def vector_ceiling(engine: str, f32_gemm: float) -> float:
+    """The kernel's vector ceiling: the f32 GEMM rate, doubled for the fp16 kernel (32 lanes an FMA)."""
+    return 2 * f32_gemm if engine == "engine fp16" else f32_gemm
 RUNTIMES = ("onnxruntime", "openvino f32", "openvino default")
 #: parts of the roofline table whose convs are pruned (the rest, the first and last conv, stay dense)
 PRUNED_PARTS = ("16 residual blocks", "body.16", "tail.0.0")
@@ -65,14 +77,19 @@ def kept_gmac(parts: dict[str, float], nm: str) -> float:
 
 
 def roofline_ms(
-    parts: dict[str, tuple[float, float]], nm: str, bf16: bool, ceilings: dict[str, float], coarse: bool = False
+    parts: dict[str, tuple[float, float]],
+    nm: str,
+    bf16: bool,
+    ceilings: dict[str, float],
+    coarse: bool = False,
+    vector_scale: float = 1.0,
 ) -> float:
     """One forward's roofline at ``nm``: per part, compute or memory, whichever is slower, summed.
 
     ``parts``: per part (dense GMAC, MB moved at f32). Pruned convs run N/M of their MACs on the
-    vector units (``coarse``, bf16 only: on AMX, as block-shared masks would); the dense first and
-    last convs run on AMX in bf16, on the vector units in f32; activations cost 2 bytes a value in
-    bf16, 4 in f32."""
+    vector units, at ``vector_scale`` times the f32 GEMM rate (2 for fp16; ``coarse``, 16-bit only:
+    on AMX, as block-shared masks would); the dense first and last convs run on AMX in 16 bits
+    (``bf16``), on the vector units in f32; activations cost 2 bytes a value in 16 bits, 4 in f32."""
     n, m = (int(v) for v in nm.split(":"))
     total = 0.0
     for name, (gmac, mb) in parts.items():
@@ -80,7 +97,7 @@ def roofline_ms(
         if not pruned and not name.startswith(DENSE_PARTS):
             continue
         on_amx = bf16 and (coarse or not pruned)
-        rate = ceilings["gemm_bf16_gmacs"] if on_amx else ceilings["gemm_f32_gmacs"]
+        rate = ceilings["gemm_bf16_gmacs"] if on_amx else ceilings["gemm_f32_gmacs"] * vector_scale
         macs = gmac * n / m if pruned else gmac
         total += max(macs / rate, mb * (0.5 if bf16 else 1.0) / ceilings["copy_gbs"] / 1e3) * 1e3
     return total
@@ -111,6 +128,8 @@ def derive() -> dict[str, Any]:
     rows = []
     for engine, runtime, nm, wanted in TARGETS:
         ratio_row = next(r for r in speed["ratio_rows"] if r["model"] == MODEL and r["N:M"] == nm)
+        if f"{engine} ms" not in ratio_row:
+            continue  # a speed run without that engine
         if runtime == "best dense":
             runtime = min(RUNTIMES, key=lambda name: ratio_row[f"{name} ms"])
         rows.append(
@@ -123,13 +142,15 @@ def derive() -> dict[str, Any]:
                 "engine_ms": ratio_row[f"{engine} ms"],
                 "speedup_now": ratio_row[f"{engine} vs {runtime}"],
                 "kept_gmac": kept_gmac(parts, nm),
-                "roofline_ms": roofline_ms(moved, nm, engine.endswith("bf16"), ceilings),
+                "roofline_ms": roofline_ms(
+                    moved, nm, engine in HALF, ceilings, vector_scale=vector_ceiling(engine, 1.0)
+                ),
                 # the runtime's own roofline: the dense model, on AMX at its default precision
                 "runtime_roofline_ms": roofline_ms(
                     moved, "1:1", runtime == "openvino default", ceilings, coarse=True
                 ),
                 "coarse_roofline_ms": (
-                    roofline_ms(moved, nm, True, ceilings, coarse=True) if engine.endswith("bf16") else None
+                    roofline_ms(moved, nm, True, ceilings, coarse=True) if engine in HALF else None
                 ),
             }
         )
@@ -152,7 +173,7 @@ def _rates(r: dict[str, Any]) -> tuple[float, float]:
 
 def _prototype_reading(rows: list[dict[str, Any]], prototype: dict[str, Any]) -> str:
     """What the AMX prototype measured against the bf16 targets (empty without its rows)."""
-    wanted = {r["nm"]: r for r in rows if r["engine"] == "engine bf16" and r["runtime"] == "openvino default"}
+    wanted = {r["nm"]: r for r in rows if r["engine"] in HALF and r["runtime"] == "openvino default"}
     found = [(nm, p, wanted[nm]) for nm, p in prototype.get("rows", {}).items() if nm in wanted]
     if not found:
         return ""
@@ -191,11 +212,29 @@ def _reading(rows: list[dict[str, Any]], vector: float) -> str:
     if amx:
         text += (
             "The targets against OpenVINO's default precision, whose dense convs run on AMX, ask for "
-            + ", ".join(f"{_rates(r)[0] / vector:.0%} ({r['engine']}, {r['nm']})" for r in amx)
-            + " of the vector ceiling: past 100% no per-channel N:M kernel can meet them on this CPU, and near it "
-            "only one whose scattered loads cost nothing. Meeting them takes AMX, that is dense tiles: masks "
-            "shared by blocks of output channels (section `coarse`), or a dense fallback for the whole model that "
-            "is the fastest dense runtime itself. "
+            + ", ".join(
+                f"{_rates(r)[0] / vector_ceiling(r['engine'], vector):.0%} ({r['engine']}, {r['nm']}; now "
+                f"{_rates(r)[1] / vector_ceiling(r['engine'], vector):.0%})"
+                for r in amx
+            )
+            + " of that engine's vector ceiling: past 100% no per-channel N:M kernel can meet them on this CPU, "
+            "and near it only one whose scattered loads cost nothing. "
+        )
+        fp16 = [r for r in amx if r["engine"] == "engine fp16" and r["wanted"] > 1]
+        if fp16:
+            text += (
+                "The fp16 kernel's ceiling is twice the f32 one, so for it the "
+                + " and ".join(r["nm"] for r in fp16)
+                + " targets ask "
+                + " and ".join(f"{_rates(r)[0] / (2 * vector):.0%}" for r in fp16)
+                + " of its ceiling, where the fp16 engine runs at "
+                + " and ".join(f"{_rates(r)[1] / (2 * vector):.0%}" for r in fp16)
+                + " now: the ceilings do not rule them out; the kernel's schedule and its activation traffic "
+                "(the roofline shares below) stand between. "
+            )
+        text += (
+            "Otherwise meeting them takes AMX, that is dense tiles: masks shared by blocks of output channels "
+            "(section `coarse`), or a dense fallback for the whole model that is the fastest dense runtime itself. "
         )
     text += (
         "As a whole forward, each target asks the engine to run at a share of its roofline (compute and "
@@ -211,15 +250,17 @@ def _reading(rows: list[dict[str, Any]], vector: float) -> str:
     if coarse:
         text += (
             " With masks shared by blocks of output channels (section `coarse`) the pruned convs could run on AMX "
-            "too, and the bf16 targets would ask for "
+            "too, and the 16-bit targets would ask for "
             + ", ".join(
-                f"{r['coarse_roofline_ms'] / (r['runtime_ms'] / r['wanted']):.0%} ({r['nm']})" for r in coarse
+                f"{r['coarse_roofline_ms'] / (r['runtime_ms'] / r['wanted']):.0%} ({r['nm']})"
+                for r in coarse
+                if r["engine"] == "engine bf16"
             )
             + " of that roofline, which activation traffic, not multiply-adds, then sets. OpenVINO's default "
             "runs the dense model at "
             + ", ".join(
                 f"{r['runtime_roofline_ms'] / r['runtime_ms']:.0%} ({r['nm']})" for r in coarse
-                if r.get("runtime_roofline_ms")
+                if r.get("runtime_roofline_ms") and r["engine"] == "engine bf16"
             )
             + " of the dense model's bf16 roofline."
         )
@@ -243,7 +284,7 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
                 "kept GMAC": f"{r['kept_gmac']:.2f}",
                 "kept GMAC/s now": f"{now:.0f}",
                 "kept GMAC/s needed": f"{need:.0f}",
-                "needed / vector ceiling": f"{need / vector:.0%}",
+                "needed / vector ceiling": f"{need / vector_ceiling(r['engine'], vector):.0%}",
                 "needed / AMX ceiling": f"{need / amx:.0%}",
                 "roofline ms": f"{r['roofline_ms']:.1f}",
                 "roofline / allowed": f"{r['roofline_ms'] / allowed_ms:.0%}",
@@ -267,7 +308,9 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
         "",
         "Per-channel N:M masks (each output channel keeps its own inputs) run on the vector units: AMX multiplies "
         "dense tiles only, and `vdpbf16ps` does no more MACs per cycle than f32 FMA on this CPU, so the vector "
-        "ceiling bounds the f32 and the bf16 kernel alike. (An engine whose layers chose PyTorch's dense bf16 "
+        "ceiling bounds the f32 and the bf16 kernel alike; AVX512-FP16's `vfmadd231ph` does twice as many, so "
+        "the fp16 kernel's rows read against twice that ceiling (derived from the instruction's width, not "
+        "measured). (An engine whose layers chose PyTorch's dense bf16 "
         "conv runs on AMX; its rate 'now' counts only the kept MACs and can pass the vector ceiling.) "
         + _reading(payload["rows"], vector)
         + _prototype_reading(payload["rows"], payload.get("prototype") or {}),

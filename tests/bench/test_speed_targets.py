@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_speed_targets import kept_gmac, render, roofline_ms  # noqa: E402
+from bench_speed_targets import kept_gmac, render, roofline_ms, vector_ceiling  # noqa: E402
 
 PARTS = {
     "head.0 (first conv, dense)": 1.0,
@@ -49,8 +49,8 @@ def test_rates_and_shares_come_from_the_rows() -> None:
         "| 50.0 | 25% | 20% | - | - |" in body
     )
     assert "ask for 25%-25% of the vector ceiling, 1.25-1.25x the rate" in body
-    # 20 GMAC in 50 ms: 400 GMAC/s, twice the vector ceiling
-    assert "200% (engine bf16, 2:4)" in body
+    # 20 GMAC in 50 ms: 400 GMAC/s, twice the vector ceiling; now 20 GMAC in 100 ms: 200 GMAC/s
+    assert "200% (engine bf16, 2:4; now 100%)" in body
     # roofline 50 ms of the 200 allowed, of the 250 taken now; 40 of 50 allowed, of 100 now
     assert "25% (engine f32, 4:32; now 20%), 80% (engine bf16, 2:4; now 40%)" in body
     # coarse roofline 20 ms of the 50 allowed; the runtime's own roofline 40 ms of its 50 ms
@@ -87,3 +87,20 @@ def test_the_prototype_rows_are_read_against_the_bf16_targets_they_answer() -> N
     assert "That run was timed on a slowed machine (f32 GEMM 100 against 230)." in body
     del payload["prototype"]
     assert "section `coarse` (run" not in render("speed_targets", payload)[1]
+
+
+def test_the_fp16_kernel_reads_against_twice_the_vector_ceiling() -> None:
+    assert vector_ceiling("engine fp16", 200.0) == 400.0 and vector_ceiling("engine bf16", 200.0) == 200.0
+    ceilings = {"gemm_f32_gmacs": 100.0, "gemm_bf16_gmacs": 1000.0, "copy_gbs": 10.0}
+    parts = {"16 residual blocks": (64.0, 100.0)}
+    # 8 GMAC at 4:32 on the vector units: 80 ms at f32's rate, 40 ms at fp16's
+    assert roofline_ms(parts, "4:32", True, ceilings, vector_scale=2.0) == pytest.approx(40.0)
+    payload = _payload()
+    fp16 = {**payload["rows"][1], "engine": "engine fp16", "nm": "2:32", "wanted": 2.0,
+            "runtime_ms": 80.0, "engine_ms": 100.0, "kept_gmac": 8.0}  # fmt: skip
+    payload["rows"].append(fp16)
+    _, body = render("speed_targets", payload)
+    # 8 GMAC in 80 / 2 = 40 ms: 200 GMAC/s, 50% of the fp16 ceiling (400); now 80 GMAC/s, 20%
+    assert "| engine fp16 >= 2x openvino default at 2:32 |" in body and "| 50% |" in body
+    assert "50% (engine fp16, 2:32; now 20%)" in body
+    assert "for it the 2:32 targets ask 50% of its ceiling, where the fp16 engine runs at 20% now" in body

@@ -43,6 +43,22 @@ def _checkpoint(folder: Path, sparsity: dict[str, object] | None = None) -> Path
     return save_checkpoint(folder / "best.safetensors", model, meta, with_rng=False)
 
 
+def test_compile_at_fp16_saves_the_fp16_tactic(tmp_path: Path) -> None:
+    lib = load_kernel()
+    if lib is None or not lib.has_f16:
+        pytest.skip("no fp16 kernels here")
+    ckpt = _checkpoint(tmp_path)
+    args = ["compile", str(ckpt), "--input", "12x10", "--tactic", "sparse", "--precision", "fp16", "-v"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    engine, _ = nmrestore.load(tmp_path / "best.nmc.safetensors")
+    state = engine_state(engine)
+    assert state is not None and state.config.precision == "fp16"
+    assert any(d.choice == "sparse_fp16" for d in state.table())  # the recorded forced choices
+    bad = runner.invoke(app, ["compile", str(ckpt), "--precision", "int4"])
+    assert bad.exit_code == 2 and "--precision" in bad.output
+
+
 def test_compile_then_infer_and_speed_on_the_compiled_file(tmp_path: Path) -> None:
     if load_kernel() is None:  # pragma: no cover - only without a compiler
         pytest.skip("sparse kernel unavailable on this machine")

@@ -71,6 +71,22 @@ def test_speed_table_and_clean_errors() -> None:
         assert needle in bad.output and "Traceback" not in bad.output
 
 
+def test_speed_at_fp16_lists_the_fp16_tactic_where_the_kernel_has_it() -> None:
+    from nmrestore.runtime import load_kernel
+
+    lib = load_kernel()
+    args = ["speed", "edsr_small", "--sparsity", "2:32", "--input", "70x10", "--threads", "1", "--repeats", "1"]
+    result = runner.invoke(app, [*args, "--precision", "fp16", "--tactic", "sparse", "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    body = [row for row in payload["layers"] if row["nm"] == "2:32"]
+    want = "sparse_fp16" if lib is not None and lib.has_f16 else "sparse"
+    assert body and {row["choice"] for row in body} == {want}
+    assert payload["max_abs_diff"] <= 2e-2  # fp16 activations (the dense convs in bf16)
+    bad = runner.invoke(app, [*args, "--precision", "fp8"])
+    assert bad.exit_code == 2 and "--precision" in bad.output and "Traceback" not in bad.output
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("speed")

@@ -139,6 +139,37 @@ def test_round_trip_same_outputs_no_timing_no_packing(
     assert not any(k == f"param:{s.layer_name}.weight" for s in sparse_layers(engine) for k in keys)
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_a_16_bit_engine_round_trips_and_is_redecided_where_the_kernel_lacks_it(
+    precision: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _kernel_or_skip()
+    lib = load_kernel()
+    assert lib is not None
+    flag = "has_bf16" if precision == "bf16" else "has_f16"
+    if not getattr(lib, flag):
+        pytest.skip(f"no {precision} kernels here")
+    tactic = f"sparse_{precision}"
+    engine = _engine(EngineConfig(tactic="sparse", precision=precision, timing_repeats=1))  # type: ignore[arg-type]
+    x = torch.rand(1, 3, 12, 10)
+    with torch.no_grad():
+        expected = engine(x)
+    assert any(d.choice == tactic for d in engine_state(engine).table())  # type: ignore[union-attr]
+    path = save_compiled(engine, tmp_path / "m.nmc.safetensors")
+    loaded = load_compiled(path)
+    with torch.no_grad():
+        loaded(x)
+        again = loaded(x)  # the 16-bit hand-offs asked on the first run are in place
+    assert torch.equal(again, expected) and _decisions(loaded) == _decisions(engine)
+    monkeypatch.setattr(lib, flag, False)  # a build without that kernel: its decisions are not taken
+    elsewhere = load_compiled(path)
+    with torch.no_grad():
+        out = elsewhere(x)
+    table = engine_state(elsewhere).table()  # type: ignore[union-attr]
+    assert table and not any(d.choice == tactic for d in table)
+    assert (out - expected).abs().max() <= 3e-2
+
+
 def test_a_new_shape_is_timed_as_usual_and_the_reference_matches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _kernel_or_skip()
     engine = _engine(EngineConfig(timing_repeats=1))
@@ -239,7 +270,7 @@ def test_a_training_checkpoint_is_not_a_compiled_file(tmp_path: Path) -> None:
         (lambda m, t: m["layers"][next(k for k, v in m["layers"].items() if v["nm"])].update(nm=[1, 4]), "keeps more than 1 of 4"),
         (lambda m, t: m["layers"][next(iter(m["layers"]))].update(relu=False), "fuses other operations"),
         (lambda m, t: m["decisions"][0].update(layer="nowhere"), "a decision names layer"),
-        (lambda m, t: m["decisions"][0].update(choice="fast"), "choice must be sparse or dense"),
+        (lambda m, t: m["decisions"][0].update(choice="fast"), "choice must be one of dense, dense_bf16"),
         (lambda m, t: m.pop("machine"), "no 'machine' section"),
         (lambda m, t: m["engine"].update(tactic="fastest"), "bad engine settings"),
     ],

@@ -384,6 +384,10 @@ def compile_(
         typer.Option("--input", "--shape", help="LR input WIDTHxHEIGHT to decide the tactics on (repeatable)"),
     ] = None,
     tactic: Annotated[Tactic, typer.Option(help="auto (time per layer), sparse or dense")] = Tactic.auto,
+    precision: Annotated[
+        Precision,
+        typer.Option(help="f32; bf16 or fp16 (convs may also run in 16 bits, timed per layer); auto (every 16-bit form the CPU has)"),
+    ] = Precision.f32,
     verbose: Annotated[bool, typer.Option("-v", "--verbose", help="print each layer's tactic choice")] = False,
     allow_large: AllowLarge = False,
 ) -> None:
@@ -394,7 +398,7 @@ def compile_(
 
     _setup_logging(verbose)
     sizes = [size for size in (_parse_size(text) for text in inputs or []) if size is not None]
-    config = EngineConfig(tactic=tactic.value)  # type: ignore[arg-type]
+    config = EngineConfig(tactic=tactic.value, precision=precision.value)  # type: ignore[arg-type]
     report = compile_checkpoint(checkpoint, out, sizes, config, allow_large=allow_large)
     if verbose and report.decisions:
         typer.echo(format_decisions(report.decisions))

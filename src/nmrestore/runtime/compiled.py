@@ -482,8 +482,11 @@ def _restore_decisions(file: CompiledFile, model: nn.Module, state: EngineState)
         shape = tuple(row["input_shape"])
         if row["reason"].startswith("kernel unavailable"):
             continue  # said of the machine it was compiled on, not of this one
-        if row["choice"] == "sparse" and layer._why_not_sparse(torch.empty(()).expand(shape), rw) is not None:
+        probe = torch.empty(()).expand(shape)
+        if row["choice"].startswith("sparse") and layer._why_not_sparse(probe, rw) is not None:
             continue  # the kernel cannot take it here: decided again on first use
+        if row["choice"] not in layer._candidates(probe, rw)[0]:
+            continue  # a 16-bit tactic this kernel build or this engine's precision lacks: decided again
         chosen = row["reason"].split(";", 1)[0] in _CHOSEN  # "timed; whole-model plan 'f32'" too
         reason = "from file" if chosen else row["reason"]
         timings = (row.get("dense_ms"), row.get("sparse_ms"))

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from nmrestore.errors import CheckpointError, short_repr
+from nmrestore.runtime.layer_types import TACTICS
 from nmrestore.runtime.packing import CSRWeight
 from nmrestore.sparsity import nm
 
@@ -102,8 +103,8 @@ def check_meta(path: Path, meta: dict[str, Any]) -> None:
 def check_decision(path: Path, row: dict[str, Any]) -> None:
     for key in ("layer", "kind", "nm", "reason"):
         want(path, row.get(key), str, f"decision {key}")
-    if row.get("choice") not in ("sparse", "dense"):
-        raise _fail(path, f"decision choice must be sparse or dense, got {short_repr(row.get('choice'))}")
+    if row.get("choice") not in TACTICS:
+        raise _fail(path, f"decision choice must be one of {', '.join(TACTICS)}, got {short_repr(row.get('choice'))}")
     want(path, row.get("route"), int, "decision route")
     threads = want(path, row.get("threads"), int, "decision threads")
     if threads < 1:
