@@ -197,6 +197,7 @@ def test_without_fp16_the_build_falls_back(fresh_kernel: pytest.MonkeyPatch, tmp
 
 
 def test_a_cpu_without_avx512_fp16_never_compiles_them(fresh_kernel: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    fresh_kernel.delenv("NMRESTORE_DISABLE_FP16", raising=False)  # the CPU's reason, not the switch's
     fresh_kernel.setattr(kernel_module, "cpu_features", lambda: {"avx512_bf16": True, "avx512_fp16": False})
     fresh_kernel.setenv("NMRESTORE_KERNEL_CACHE", str(tmp_path / "cache"))
     assert kernel_module.f16_build_reason() == "the CPU has no avx512_fp16"
