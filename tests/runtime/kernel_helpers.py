@@ -20,6 +20,38 @@ def kernel() -> KernelLibrary:
     return lib
 
 
+def half_kernel(half: torch.dtype) -> KernelLibrary:
+    """The compiled kernel with its 16-bit (``half``: bf16 or fp16) kernels, or skip the test (a CPU
+    without AVX512-BF16 / AVX512-FP16)."""
+    lib = kernel()
+    if not lib.has_half(half):
+        status = kernel_status()
+        pytest.skip(f"no {half} kernels here ({status.bf16_reason if half == torch.bfloat16 else status.f16_reason})")
+    return lib
+
+
+def half_conv(
+    w: torch.Tensor,
+    x: torch.Tensor,
+    b: torch.Tensor | None = None,
+    stride: int = 1,
+    padding: int = 1,
+    dilation: int = 1,
+    groups: int = 1,
+    *,
+    half: torch.dtype,
+    **kwargs: object,
+) -> torch.Tensor:
+    """``w`` applied to ``x`` by the 16-bit kernel of dtype ``half`` (weights rounded to it);
+    ``kwargs`` go to :meth:`KernelLibrary.conv2d`."""
+    csr = csr_from_dense(w, groups)
+    return half_kernel(half).conv2d(
+        x, csr.rowptr, csr.cin, csr.kpos, csr.values.to(half), b, w.shape[0],
+        (w.shape[2], w.shape[3]), (stride, stride), (padding, padding), (dilation, dilation),
+        **kwargs,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
 def nm_weight(shape: tuple[int, ...], n: int, m: int, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
     """A seeded random weight pruned to N:M along input channels."""
     g = torch.Generator().manual_seed(seed)

@@ -4,6 +4,7 @@ engine's precision setting (which tactics it times, which it picks, what it give
 from __future__ import annotations
 
 import copy
+import functools
 import json
 from pathlib import Path
 
@@ -26,20 +27,11 @@ from nmrestore.runtime import (
 from nmrestore.runtime import kernel as kernel_module
 from nmrestore.runtime.engine import bf16_allowed
 from nmrestore.runtime.kernel import half_shadow, handoff_layout
-from nmrestore.runtime.kernel_lib import KernelLibrary
 from nmrestore.runtime.layers import Extra, RouteWeights, SparseLayer
 from nmrestore.sparsity import NMConfig, sparsify_, squash_
-from tests.runtime.kernel_helpers import kernel, nm_weight
+from tests.runtime.kernel_helpers import half_conv, half_kernel, kernel, nm_weight
 
 NMS = [(2, 4), (8, 32), (4, 32), (2, 32)]
-
-
-def _bf16_kernel() -> KernelLibrary:
-    """The kernel library with its bf16 kernels, or skip (a CPU without AVX512-BF16)."""
-    lib = kernel()
-    if not lib.has_bf16:
-        pytest.skip(f"no bf16 kernels here ({kernel_status().bf16_reason})")
-    return lib
 
 
 def _round(t: torch.Tensor) -> torch.Tensor:
@@ -51,14 +43,8 @@ def _reference(w: torch.Tensor, x: torch.Tensor, b: torch.Tensor | None, **conv:
     return F.conv2d(_round(x), _round(w), b, **conv)
 
 
-def _conv16(w: torch.Tensor, x: torch.Tensor, b: torch.Tensor | None = None, stride: int = 1, padding: int = 1,
-            dilation: int = 1, groups: int = 1, **kwargs: object) -> torch.Tensor:  # fmt: skip
-    csr = csr_from_dense(w, groups)
-    return _bf16_kernel().conv2d(
-        x, csr.rowptr, csr.cin, csr.kpos, csr.values.to(torch.bfloat16), b, w.shape[0],
-        (w.shape[2], w.shape[3]), (stride, stride), (padding, padding), (dilation, dilation),
-        **kwargs,  # type: ignore[arg-type]
-    )  # fmt: skip
+_conv16 = functools.partial(half_conv, half=torch.bfloat16)
+_bf16_kernel = functools.partial(half_kernel, torch.bfloat16)
 
 
 def _close(out: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-5) -> None:

@@ -4,6 +4,7 @@ and residual forms, the fallback without it, and the engine's ``precision="fp16"
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import pytest
@@ -25,35 +26,20 @@ from nmrestore.runtime import (
 from nmrestore.runtime import kernel as kernel_module
 from nmrestore.runtime.engine import f16_allowed
 from nmrestore.runtime.kernel import half_shadow, handoff_layout
-from nmrestore.runtime.kernel_lib import KernelLibrary
 from nmrestore.runtime.layers import SparseConv2d
 from nmrestore.sparsity import NMConfig, sparsify_, squash_
-from tests.runtime.kernel_helpers import kernel, nm_weight
+from tests.runtime.kernel_helpers import half_conv, half_kernel, kernel, nm_weight
 
 NMS = [(2, 4), (8, 32), (4, 32), (2, 32)]
 U = 2.0**-11  # fp16 unit roundoff
-
-
-def _f16_kernel() -> KernelLibrary:
-    """The kernel library with its fp16 kernels, or skip (a CPU without AVX512-FP16)."""
-    lib = kernel()
-    if not lib.has_f16:
-        pytest.skip(f"no fp16 kernels here ({kernel_status().f16_reason})")
-    return lib
 
 
 def _round(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float16).double()
 
 
-def _conv16(w: torch.Tensor, x: torch.Tensor, b: torch.Tensor | None = None, stride: int = 1, padding: int = 1,
-            dilation: int = 1, groups: int = 1, **kwargs: object) -> torch.Tensor:  # fmt: skip
-    csr = csr_from_dense(w, groups)
-    return _f16_kernel().conv2d(
-        x, csr.rowptr, csr.cin, csr.kpos, csr.values.to(torch.float16), b, w.shape[0],
-        (w.shape[2], w.shape[3]), (stride, stride), (padding, padding), (dilation, dilation),
-        **kwargs,  # type: ignore[arg-type]
-    )  # fmt: skip
+_conv16 = functools.partial(half_conv, half=torch.float16)
+_f16_kernel = functools.partial(half_kernel, torch.float16)
 
 
 def _check(out: torch.Tensor, w: torch.Tensor, x: torch.Tensor, b: torch.Tensor | None, **conv: int) -> None:

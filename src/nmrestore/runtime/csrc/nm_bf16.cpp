@@ -215,21 +215,7 @@ void f32_row_to_bf16(uint16_t* dst, const float* src, int64_t n) {
 
 extern "C" {
 
-int nmk_has_bf16() { return NMK_BF16; }
-int nmk_bf16_tile_rows() { return BTR; }
-int nmk_bf16_tile_cols() { return BTW; }
-
-// bf16 elements of workspace nmk_conv2d_bf16 needs for an input it pads itself (64-byte aligned).
-int64_t nmk_bf16_workspace(const int64_t* prm) {
-  const Geometry g = geometry_bf16(prm);
-  return g.B * g.per_b + slack_bf16(g) + 64;
-}
-
-int64_t nmk_bf16_rows_read(int64_t H, int64_t KH, int64_t sh, int64_t ph, int64_t dh) {
-  return rows_read(H, KH, sh, ph, dh, BTR);
-}
-
-int64_t nmk_bf16_tail_slack(int64_t row_elems) { return BTW + row_elems + 2 * BV; }
+NMK_HALF_ENTRY_POINTS(bf16, NMK_BF16, BTR, BTW, BV, geometry_bf16, slack_bf16)
 
 // The bf16 sparse conv: nmk_conv2d_ex's parameters (nm_common.h) and CSR weights, with bf16
 // values. x is f32 or bf16 (P_IN_BF16) with strides P_XS*; it is converted and padded into the
@@ -246,38 +232,15 @@ int nmk_conv2d_bf16(const int64_t* prm, const void* x, void* workspace, const in
   (void)residual, (void)res_scale, (void)out, (void)out2;
   return -3;
 #else
-  const int64_t B = prm[P_B], C = prm[P_C], O = prm[P_O], sh = prm[P_SH], sw = prm[P_SW];
-  const bool padded = prm[P_IN_PADDED] != 0, in_bf16 = prm[P_IN_BF16] != 0;
+  const int64_t B = prm[P_B], C = prm[P_C], O = prm[P_O], sh = prm[P_SH];
   const int R = prm[P_SHUFFLE] > 1 ? (int)prm[P_SHUFFLE] : 1;
   const int nthreads = prm[P_THREADS] > 0 ? (int)prm[P_THREADS] : 1;
-  if (!prm[P_OUT_F32]) out = nullptr;
   Geometry g = geometry_bf16(prm);
-  if (g.Ho <= 0 || g.Wo <= 0 || sh < 1 || sw < 1 || prm[P_DH] < 1 || prm[P_DW] < 1) return -1;
-  if (R > 4 || (R > 1 && (O % (R * R) != 0 || residual != nullptr))) return -1;
-  if (out == nullptr && out2 == nullptr) return -1;
-  const Strides xs{prm[P_XSB], prm[P_XSC], prm[P_XSH]};
+  const uint16_t* xp = half_input(prm, g, x, workspace, slack_bf16(g), residual, out, out2, f32_row_to_bf16);
+  if (xp == nullptr) return -1;
   const Strides rs{prm[P_RSB], prm[P_RSC], prm[P_RSH]};
   const Strides os{prm[P_OSB], prm[P_OSC], prm[P_OSH]};
   const Strides o2s{prm[P_O2SB], prm[P_O2SC], prm[P_O2SH]};
-  const uint16_t* xp;
-  if (padded) {
-    if (!in_bf16 || sw != 1 || xs.h != C * xs.c) return -1;
-    g.Wq = xs.c;
-    g.plane = xs.b;
-    g.per_b = xs.b;
-    xp = static_cast<const uint16_t*>(x);
-  } else {
-    uint16_t* ws = reinterpret_cast<uint16_t*>(align64(static_cast<float*>(workspace)));
-    if (in_bf16)
-      pad_input(g, static_cast<const uint16_t*>(x), xs, ws, slack_bf16(g), nthreads, convert_row<uint16_t, uint16_t>);
-    else
-      pad_input(g, static_cast<const float*>(x), xs, ws, slack_bf16(g), nthreads, f32_row_to_bf16);
-    xp = ws;
-  }
-  const int64_t Cf = O / (R * R), Hf = g.Ho * R, Wf = g.Wo * R;
-  if (out && !zero_border(out, os, B, Cf, Hf, Wf, prm[P_ZT], prm[P_ZB], prm[P_ZL], prm[P_ZR], nthreads)) return -1;
-  if (out2 && !zero_border(out2, o2s, B, Cf, Hf, Wf, prm[P_Z2T], prm[P_Z2B], prm[P_Z2L], prm[P_Z2R], nthreads))
-    return -1;
 
   // Kept weights in pairs per output channel, with their workspace offsets.
   std::vector<int64_t> prow(O + 1, 0);

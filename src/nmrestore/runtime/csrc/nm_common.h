@@ -153,6 +153,63 @@ bool zero_border(T* out, Strides os, int64_t B, int64_t Cf, int64_t Hf, int64_t 
   return true;
 }
 
+// The 16-bit conv entry points' common start (nm_bf16.cpp, nm_fp16.cpp): checks the parameters
+// against `g` (built for the kernel's vector width and tile rows), then takes a padded 16-bit
+// hand-off view in place (`g` then describes it) or pads the input into the workspace, f32 rows
+// through `f32_row`, and zeroes the outputs' hand-off borders. `out` is cleared unless P_OUT_F32.
+// Returns the padded input, or nullptr on a bad geometry.
+template <typename F32Row>
+const uint16_t* half_input(const int64_t* prm, Geometry& g, const void* x, void* workspace, int64_t slack,
+                           const void* residual, float*& out, uint16_t* out2, F32Row f32_row) {
+  const int64_t B = prm[P_B], C = prm[P_C], O = prm[P_O], sh = prm[P_SH], sw = prm[P_SW];
+  const int R = prm[P_SHUFFLE] > 1 ? (int)prm[P_SHUFFLE] : 1;
+  const int nthreads = prm[P_THREADS] > 0 ? (int)prm[P_THREADS] : 1;
+  if (!prm[P_OUT_F32]) out = nullptr;
+  if (g.Ho <= 0 || g.Wo <= 0 || sh < 1 || sw < 1 || prm[P_DH] < 1 || prm[P_DW] < 1) return nullptr;
+  if (R > 4 || (R > 1 && (O % (R * R) != 0 || residual != nullptr))) return nullptr;
+  if (out == nullptr && out2 == nullptr) return nullptr;
+  const Strides xs{prm[P_XSB], prm[P_XSC], prm[P_XSH]};
+  const uint16_t* xp;
+  if (prm[P_IN_PADDED] != 0) {
+    if (!prm[P_IN_BF16] || sw != 1 || xs.h != C * xs.c) return nullptr;
+    g.Wq = xs.c;
+    g.plane = xs.b;
+    g.per_b = xs.b;
+    xp = static_cast<const uint16_t*>(x);
+  } else {
+    uint16_t* ws = reinterpret_cast<uint16_t*>(align64(static_cast<float*>(workspace)));
+    if (prm[P_IN_BF16])
+      pad_input(g, static_cast<const uint16_t*>(x), xs, ws, slack, nthreads, convert_row<uint16_t, uint16_t>);
+    else
+      pad_input(g, static_cast<const float*>(x), xs, ws, slack, nthreads, f32_row);
+    xp = ws;
+  }
+  const Strides os{prm[P_OSB], prm[P_OSC], prm[P_OSH]}, o2s{prm[P_O2SB], prm[P_O2SC], prm[P_O2SH]};
+  const int64_t Cf = O / (R * R), Hf = g.Ho * R, Wf = g.Wo * R;
+  if (out && !zero_border(out, os, B, Cf, Hf, Wf, prm[P_ZT], prm[P_ZB], prm[P_ZL], prm[P_ZR], nthreads))
+    return nullptr;
+  if (out2 && !zero_border(out2, o2s, B, Cf, Hf, Wf, prm[P_Z2T], prm[P_Z2B], prm[P_Z2L], prm[P_Z2R], nthreads))
+    return nullptr;
+  return xp;
+}
+
+// The 16-bit kernels' small entry points (nm_bf16.cpp, nm_fp16.cpp): whether the build has them,
+// their tile, the workspace a self-padded input needs, the rows a conv reads, the slack after a
+// hand-off buffer. PFX names them (nmk_PFX_*); HAS is 0 or 1; TR / TW / VW the tile rows, tile
+// columns and elements per vector; GEOM and SLACK the file's geometry and slack functions.
+#define NMK_HALF_ENTRY_POINTS(PFX, HAS, TR, TW, VW, GEOM, SLACK)                      \
+  int nmk_has_##PFX() { return HAS; }                                                  \
+  int nmk_##PFX##_tile_rows() { return TR; }                                           \
+  int nmk_##PFX##_tile_cols() { return TW; }                                           \
+  int64_t nmk_##PFX##_workspace(const int64_t* prm) {                                  \
+    const Geometry g = GEOM(prm);                                                      \
+    return g.B * g.per_b + SLACK(g) + 64;                                              \
+  }                                                                                    \
+  int64_t nmk_##PFX##_rows_read(int64_t H, int64_t KH, int64_t sh, int64_t ph, int64_t dh) { \
+    return rows_read(H, KH, sh, ph, dh, TR);                                           \
+  }                                                                                    \
+  int64_t nmk_##PFX##_tail_slack(int64_t row_elems) { return TW + row_elems + 2 * VW; }
+
 // Workspace offset (elements) of kept weight k relative to a tile's top-left input position;
 // -1 when it does not fit 32 bits (a workspace beyond 8 GB: the caller runs dense).
 inline int64_t entry_offset(const Geometry& g, int32_t cin, int32_t kpos) {

@@ -21,7 +21,8 @@
 // channels sharing positions (dense convs, coarse masks) 4 at a time (the 64->3 last conv 5.7 -> 4.9
 // ms); streamed stores in the fused pixel shuffle (upsampler 7.5 -> 6.7 ms). Tried: 2x128 and 4x32
 // tiles (no better than 2x64: their windows leave L1), blocks of 16 input channels (slower than 32),
-// cached instead of streamed stores (a block 3.9 -> 4.5 ms).
+// cached instead of streamed stores (a block 3.9 -> 4.5 ms), and the outputs bundled into one struct
+// passed to the item functions (the whole model 0.90x: they stay separate arguments).
 #include "nm_f16_tiles.h"
 
 namespace {
@@ -56,6 +57,16 @@ struct Item {
   bool stream;
   Ahead* ahead;  // the next row tile's input rows (advanced once per channel-tile)
 };
+
+// Prefetches into L1 the residual rows (`rsize` bytes an element) of output channel o's tile, a few
+// tiles before it adds them: they come from memory, scattered over the channels, which the hardware
+// prefetcher does not follow.
+inline void prefetch_residual(const char* res_b, Strides rs, int64_t rsize, int64_t o, int64_t y0, int64_t x0,
+                              int nrows, int ncols) {
+  const char* ra = res_b + (o * rs.c + y0 * rs.h + x0) * rsize;
+  for (int r = 0; r < nrows; ++r)
+    for (int64_t l = 0; l < ncols * rsize; l += 64) __builtin_prefetch(ra + r * rs.h * rsize + l, 0, 3);
+}
 
 // Every tile of one work item, output channel innermost (the input rows stay in L1 meanwhile).
 template <bool RELU, bool RES, int NVX>
@@ -100,11 +111,7 @@ void item(const Item& it, float* out_b, Strides os, uint16_t* out2_b, Strides o2
     const int ncols = (int)std::min<int64_t>(TWX, it.Wo - x0);
     for (int64_t o = 0; o < it.O; ++o) {
       const int64_t k0 = it.rp[o];
-      if (RES && o + RES_AHEAD < it.O) {  // the residual of a channel a few tiles on, from memory
-        const char* ra = res_b + ((o + RES_AHEAD) * rs.c + it.y0 * rs.h + x0) * rsize;
-        for (int r = 0; r < it.nrows; ++r)
-          for (int64_t l = 0; l < ncols * rsize; l += 64) __builtin_prefetch(ra + r * rs.h * rsize + l, 0, 3);
-      }
+      if (RES && o + RES_AHEAD < it.O) prefetch_residual(res_b, rs, rsize, o + RES_AHEAD, it.y0, x0, it.nrows, ncols);
       const Sink s{out_b ? out_b + o * os.c + it.y0 * os.h + x0 : nullptr, os.h,
                    out2_b ? out2_b + o * o2s.c + it.y0 * o2s.h + x0 : nullptr, o2s.h,
                    RES ? res_b + (o * rs.c + it.y0 * rs.h + x0) * rsize : nullptr, rs.h, it.res16, it.stream};
@@ -132,11 +139,8 @@ void item_split(const Item& it, float* out_b, Strides os, uint16_t* out2_b, Stri
         const bool last = g + 1 == it.blocks;
         for (int64_t j = 0; j < oc; ++j) {
           const int64_t o = o0 + j;
-          if (RES && last && o + RES_AHEAD < it.O) {
-            const char* ra = res_b + ((o + RES_AHEAD) * rs.c + it.y0 * rs.h + x0) * rsize;
-            for (int r = 0; r < it.nrows; ++r)
-              for (int64_t l = 0; l < ncols * rsize; l += 64) __builtin_prefetch(ra + r * rs.h * rsize + l, 0, 3);
-          }
+          if (RES && last && o + RES_AHEAD < it.O)
+            prefetch_residual(res_b, rs, rsize, o + RES_AHEAD, it.y0, x0, it.nrows, ncols);
           const Sink s{out_b ? out_b + o * os.c + it.y0 * os.h + x0 : nullptr, os.h,
                        out2_b ? out2_b + o * o2s.c + it.y0 * o2s.h + x0 : nullptr, o2s.h,
                        RES ? res_b + (o * rs.c + it.y0 * rs.h + x0) * rsize : nullptr, rs.h, it.res16, it.stream};
@@ -258,21 +262,7 @@ void f32_row_to_f16(uint16_t* dst, const float* src, int64_t n) {
 
 extern "C" {
 
-int nmk_has_f16() { return NMK_F16; }
-int nmk_f16_tile_rows() { return HTR; }
-int nmk_f16_tile_cols() { return HTW; }
-
-// fp16 elements of workspace nmk_conv2d_f16 needs for an input it pads itself (64-byte aligned).
-int64_t nmk_f16_workspace(const int64_t* prm) {
-  const Geometry g = geometry_f16(prm);
-  return g.B * g.per_b + slack_f16(g) + 64;
-}
-
-int64_t nmk_f16_rows_read(int64_t H, int64_t KH, int64_t sh, int64_t ph, int64_t dh) {
-  return rows_read(H, KH, sh, ph, dh, HTR);
-}
-
-int64_t nmk_f16_tail_slack(int64_t row_elems) { return HTW + row_elems + 2 * HV; }
+NMK_HALF_ENTRY_POINTS(f16, NMK_F16, HTR, HTW, HV, geometry_f16, slack_f16)
 
 // The fp16 sparse conv: nmk_conv2d_bf16's parameters and contract (nm_bf16.cpp), with fp16 where
 // that one has bf16 (P_IN_BF16 then means "x holds fp16"; values and out2 are fp16), and a residual
@@ -287,38 +277,15 @@ int nmk_conv2d_f16(const int64_t* prm, const void* x, void* workspace, const int
   (void)residual, (void)res_scale, (void)out, (void)out2;
   return -3;
 #else
-  const int64_t B = prm[P_B], C = prm[P_C], O = prm[P_O], sh = prm[P_SH], sw = prm[P_SW];
-  const bool padded = prm[P_IN_PADDED] != 0, in_f16 = prm[P_IN_BF16] != 0;
+  const int64_t B = prm[P_B], C = prm[P_C], O = prm[P_O], sh = prm[P_SH];
   const int R = prm[P_SHUFFLE] > 1 ? (int)prm[P_SHUFFLE] : 1;
   const int nthreads = prm[P_THREADS] > 0 ? (int)prm[P_THREADS] : 1;
-  if (!prm[P_OUT_F32]) out = nullptr;
   Geometry g = geometry_f16(prm);
-  if (g.Ho <= 0 || g.Wo <= 0 || sh < 1 || sw < 1 || prm[P_DH] < 1 || prm[P_DW] < 1) return -1;
-  if (R > 4 || (R > 1 && (O % (R * R) != 0 || residual != nullptr))) return -1;
-  if (out == nullptr && out2 == nullptr) return -1;
-  const Strides xs{prm[P_XSB], prm[P_XSC], prm[P_XSH]};
+  const uint16_t* xp = half_input(prm, g, x, workspace, slack_f16(g), residual, out, out2, f32_row_to_f16);
+  if (xp == nullptr) return -1;
   const Strides rs{prm[P_RSB], prm[P_RSC], prm[P_RSH]};
   const Strides os{prm[P_OSB], prm[P_OSC], prm[P_OSH]};
   const Strides o2s{prm[P_O2SB], prm[P_O2SC], prm[P_O2SH]};
-  const uint16_t* xp;
-  if (padded) {
-    if (!in_f16 || sw != 1 || xs.h != C * xs.c) return -1;
-    g.Wq = xs.c;
-    g.plane = xs.b;
-    g.per_b = xs.b;
-    xp = static_cast<const uint16_t*>(x);
-  } else {
-    uint16_t* ws = reinterpret_cast<uint16_t*>(align64(static_cast<float*>(workspace)));
-    if (in_f16)
-      pad_input(g, static_cast<const uint16_t*>(x), xs, ws, slack_f16(g), nthreads, convert_row<uint16_t, uint16_t>);
-    else
-      pad_input(g, static_cast<const float*>(x), xs, ws, slack_f16(g), nthreads, f32_row_to_f16);
-    xp = ws;
-  }
-  const int64_t Cf = O / (R * R), Hf = g.Ho * R, Wf = g.Wo * R;
-  if (out && !zero_border(out, os, B, Cf, Hf, Wf, prm[P_ZT], prm[P_ZB], prm[P_ZL], prm[P_ZR], nthreads)) return -1;
-  if (out2 && !zero_border(out2, o2s, B, Cf, Hf, Wf, prm[P_Z2T], prm[P_Z2B], prm[P_Z2L], prm[P_Z2R], nthreads))
-    return -1;
 
   // Channels that keep the same positions, in groups of up to 4 (not with a fused shuffle).
   std::vector<int64_t> grp{0}, gch{0};
