@@ -153,21 +153,21 @@ class SparseLayer(nn.Module):
         cands = ["dense"]
         if (
             (state.bf16 or state.f16)
-            and self.bf16_capable
+            and self.half_capable
             and x.device.type == "cpu"
             and torch.backends.mkldnn.is_available()
         ):
             cands.append("dense_bf16")
         if why is None:
             cands.append("sparse")
-            if state.bf16 and self.bf16_capable and state.kernel is not None and state.kernel.has_bf16:
+            if state.bf16 and self.half_capable and state.kernel is not None and state.kernel.has_bf16:
                 cands.append("sparse_bf16")
-            if state.f16 and self.bf16_capable and state.kernel is not None and state.kernel.has_f16:
+            if state.f16 and self.half_capable and state.kernel is not None and state.kernel.has_f16:
                 cands.append("sparse_fp16")
         return cands, why
 
     #: Whether this layer kind has the 16-bit tactics (a Linear keeps f32).
-    bf16_capable = False
+    half_capable = False
 
     def forward(self, x: Tensor) -> Tensor:
         return self.run(x)
@@ -370,7 +370,7 @@ class SparseConv2d(SparseLayer):
         self.bf16_cl_out = False  # that conv runs PyTorch's bf16 conv: give it bf16 channels-last
         self._bias16: Tensor | None = None if self._bias is None else self._bias.to(torch.bfloat16)
 
-    bf16_capable = True
+    half_capable = True
 
     def reset_handoff(self) -> None:
         self.out_pad = self.half_pad = None
