@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from nmrestore.errors import ImageError
@@ -67,6 +67,7 @@ def test_paired_delta_handles_exact_tiles_and_refuses_bad_input() -> None:
 
 @settings(max_examples=25, deadline=None)
 @given(st.lists(st.floats(-5, 5), min_size=3, max_size=40), st.floats(-3, 3))
+@example([0.0, 0.0, 5.960464477539063e-08], 1.0)  # near-constant after the shift: the mean, not d[0] (was a bug)
 def test_shifting_one_side_shifts_the_interval(diffs: list[float], shift: float) -> None:
     base = [30.0] * len(diffs)
     a = [30.0 + d for d in diffs]

@@ -60,8 +60,9 @@ def paired_delta(
     d = np.minimum(x[keep], 100.0) - np.minimum(y[keep], 100.0)
     if d.size < 2:
         raise ValueError("a paired interval needs at least 2 tiles")
-    if np.allclose(d, d[0]):
-        return PairedDelta(float(d[0]), float(d[0]), float(d[0]), int(d.size), level)
+    if np.allclose(d, d[0]):  # no spread to resample: the interval is the mean itself
+        mean = float(d.mean())  # not d[0]: "close" allows a spread of 1e-5 relative
+        return PairedDelta(mean, mean, mean, int(d.size), level)
     result = stats.bootstrap(
         (d,),
         np.mean,
