@@ -64,6 +64,12 @@ def _epilogue(y: Tensor, relu: bool, residual: Tensor | None, scale: float, post
     return F.relu(y, inplace=inplace) if post_relu else y
 
 
+def _fits(choice: str, out: Tensor) -> bool:
+    """Whether a tactic's output on the deciding input is usable: an fp16 one overflows (past 65504)
+    into inf or NaN; the other tactics' outputs are taken as they are."""
+    return choice != "sparse_fp16" or bool(torch.isfinite(out).all())
+
+
 @dataclass
 class _Choices:
     by_key: dict[tuple[int, tuple[int, ...], int], str] = field(default_factory=dict)
@@ -288,14 +294,14 @@ class SparseLayer(nn.Module):
             times = {c: cached[c] for c in cands}
             choice = min(times, key=times.__getitem__)
             out = self._run_tactic(choice, x, rw, extra)
-            if choice == "sparse_fp16" and not bool(torch.isfinite(out).all()):
+            if not _fits(choice, out):
                 del times[choice]  # timed on another layer of this structure; this one overflows fp16
                 choice = min(times, key=times.__getitem__)
                 out = self._run_tactic(choice, x, rw, extra)
             self._record(key, rw, choice, "reused", times=times)
             return out
         outputs, times = self._time_all(x, rw, cands, state.config.timing_repeats, extra)
-        if "sparse_fp16" in times and not bool(torch.isfinite(outputs["sparse_fp16"]).all()):
+        if "sparse_fp16" in times and not _fits("sparse_fp16", outputs["sparse_fp16"]):
             del times["sparse_fp16"]  # fp16 overflowed (past 65504) on this input: not chosen
         choice = min(times, key=times.__getitem__)
         state.store_times(signature, times)

@@ -17,7 +17,7 @@
 // columns back in order with one vpermt2ps per 16 columns, then adds bias/residual, applies the
 // ReLU in f32, and writes an f32 output, a bf16 hand-off output (the next bf16 conv reads it in
 // place), or both.
-#include "nm_common.h"
+#include "nm_half_common.h"
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512F__) && !defined(NMK_NO_BF16)
 #define NMK_BF16 1
@@ -156,26 +156,9 @@ void item_shuffle(const Item& it, int R, float* out_b, Strides os, uint16_t* out
         const int64_t hr = (it.y0 + r) * R + i;
         float* df = out_b ? out_b + c * os.c + hr * os.h + x0 * R : nullptr;
         uint16_t* db = out2_b ? out2_b + c * o2s.c + hr * o2s.h + x0 * R : nullptr;
-        int l = 0;
-        if (R == 2) {  // the common x2 upsampler: interleave 16 + 16 columns with two permutes
-          const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-          const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-          for (; l + 16 <= ncols; l += 16) {
-            const __m512 a = _mm512_load_ps(&tmp[0][r][l]), b = _mm512_load_ps(&tmp[1][r][l]);
-            const __m512 u = _mm512_permutex2var_ps(a, lo, b), w = _mm512_permutex2var_ps(a, hi, b);
-            if (df) _mm512_storeu_ps(df + 2 * l, u), _mm512_storeu_ps(df + 2 * l + 16, w);
-            if (db) {
-              _mm256_storeu_si256((__m256i*)(db + 2 * l), (__m256i)_mm512_cvtneps_pbh(u));
-              _mm256_storeu_si256((__m256i*)(db + 2 * l + 16), (__m256i)_mm512_cvtneps_pbh(w));
-            }
-          }
-        }
-        for (; l < ncols; ++l)
-          for (int j = 0; j < R; ++j) {
-            const float v = tmp[j][r][l];
-            if (df) df[l * R + j] = v;
-            if (db) db[l * R + j] = to_bf16(v);
-          }
+        const float* rows[4] = {tmp[0][r], tmp[1][r], tmp[2][r], tmp[3][r]};
+        shuffle_row(rows, R, ncols, df, db, false, [](__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); },
+                    [](float v) { return to_bf16(v); });
       }
     }
   }

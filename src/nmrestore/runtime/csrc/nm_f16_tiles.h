@@ -2,7 +2,7 @@
 // output channel's tile, a group of channels sharing positions, and the prefetch of the next row
 // tile's input rows. Included by nm_fp16.cpp only.
 #pragma once
-#include "nm_common.h"
+#include "nm_half_common.h"
 
 #if defined(__AVX512FP16__) && defined(__AVX512BW__) && defined(__AVX512F__) && !defined(NMK_NO_F16)
 #define NMK_F16 1
@@ -53,19 +53,7 @@ struct Sink {
   bool stream;  // whole aligned vectors bypass the caches (an output larger than they are)
 };
 
-// Stores bypassing the caches when asked and the address is aligned, else ordinary ones.
-inline void put16(float* p, __mmask16 m, __m512 v, bool stream) {
-  if (stream && m == 0xffff && (reinterpret_cast<uintptr_t>(p) & 63) == 0)
-    _mm512_stream_ps(p, v);
-  else
-    _mm512_mask_storeu_ps(p, m, v);
-}
-inline void put16h(uint16_t* p, __mmask16 m, __m256i v, bool stream) {
-  if (stream && m == 0xffff && (reinterpret_cast<uintptr_t>(p) & 31) == 0)
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
-  else
-    _mm256_mask_storeu_epi16(p, m, v);
-}
+// A whole vector's store bypassing the caches when asked and aligned (put16 / put16h: nm_half_common.h).
 inline void put32h(uint16_t* p, __m512h v, bool stream) {
   if (stream && (reinterpret_cast<uintptr_t>(p) & 63) == 0)
     _mm512_stream_si512(reinterpret_cast<__m512i*>(p), _mm512_castph_si512(v));

@@ -176,26 +176,10 @@ void item_shuffle(const Item& it, int R, float* out_b, Strides os, uint16_t* out
         const int64_t hr = (it.y0 + r) * R + i;
         float* df = out_b ? out_b + c * os.c + hr * os.h + x0 * R : nullptr;
         uint16_t* dh = out2_b ? out2_b + c * o2s.c + hr * o2s.h + x0 * R : nullptr;
-        int l = 0;
-        if (R == 2) {  // the common x2 upsampler: interleave 16 + 16 columns with two permutes
-          const __m512i lo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-          const __m512i hi = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-          for (; l + 16 <= ncols; l += 16) {
-            const __m512 a = _mm512_load_ps(&tmp[0][r][l]), b = _mm512_load_ps(&tmp[1][r][l]);
-            const __m512 u = _mm512_permutex2var_ps(a, lo, b), w = _mm512_permutex2var_ps(a, hi, b);
-            if (df) put16(df + 2 * l, 0xffff, u, it.stream), put16(df + 2 * l + 16, 0xffff, w, it.stream);
-            if (dh) {
-              put16h(dh + 2 * l, 0xffff, _mm512_cvtps_ph(u, _MM_FROUND_TO_NEAREST_INT), it.stream);
-              put16h(dh + 2 * l + 16, 0xffff, _mm512_cvtps_ph(w, _MM_FROUND_TO_NEAREST_INT), it.stream);
-            }
-          }
-        }
-        for (; l < ncols; ++l)
-          for (int j = 0; j < R; ++j) {
-            const float v = tmp[j][r][l];
-            if (df) df[l * R + j] = v;
-            if (dh) dh[l * R + j] = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT);
-          }
+        const float* rows[4] = {tmp[0][r], tmp[1][r], tmp[2][r], tmp[3][r]};
+        shuffle_row(rows, R, ncols, df, dh, it.stream,
+                    [](__m512 v) { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT); },
+                    [](float v) { return (uint16_t)_cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT); });
       }
     }
   }
