@@ -210,7 +210,8 @@ def test_the_tactic_choice_picks_the_fastest_of_all_four(
     x = torch.rand(1, 3, 9, 11)
     with torch.no_grad():
         first, again = engine(x), engine(x)  # the second forward runs the bf16 hand-off pairs
-    assert torch.allclose(first, again, atol=1e-5)
+    # the second forward hands bf16 between the blocks (their skip sums too): bf16 rounding apart
+    assert torch.allclose(first, again, atol=2e-3)
     table = engine_state(engine).table()  # type: ignore[union-attr]
     body = [d for d in table if d.nm == "4:32"]
     assert {c for cands in timed for c in cands} == {"dense", "dense_bf16", "sparse", "sparse_bf16"}

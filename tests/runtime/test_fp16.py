@@ -217,8 +217,8 @@ def test_fp16_engine_chains_fp16_hand_offs_through_the_body() -> None:
     blocks = [engine.body[i] for i in range(3)]  # type: ignore[index]
     # a block followed by a block or a sparse conv writes fp16 alone; the body's last conv (whose
     # output EDSR adds to the head's in f32) and the first conv (also the long skip) do not
-    assert all(b.last.fp16_chain for b in blocks) and not engine.body[3].fp16_chain  # type: ignore[index]
-    assert engine.tail[0][0].fp16_chain and not engine.head[0].fp16_chain  # type: ignore[index]
+    assert all(b.last.half_chain for b in blocks) and not engine.body[3].half_chain  # type: ignore[index]
+    assert engine.tail[0][0].half_chain and not engine.head[0].half_chain  # type: ignore[index]
     seen: list[torch.dtype] = []
     hook = blocks[1].register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
     with torch.no_grad():
@@ -227,7 +227,7 @@ def test_fp16_engine_chains_fp16_hand_offs_through_the_body() -> None:
     assert seen == [torch.float16]  # block 1 read block 0's fp16 hand-off, input and residual
 
 
-def test_bf16_engines_keep_f32_block_outputs() -> None:
+def test_bf16_engines_chain_bf16_block_outputs() -> None:
     lib = kernel()
     if not lib.has_bf16:
         pytest.skip("no bf16 kernels here")
@@ -237,7 +237,7 @@ def test_bf16_engines_keep_f32_block_outputs() -> None:
     with torch.no_grad():
         for _ in range(2):
             engine(torch.rand(1, 3, 10, 70))
-    assert seen == [torch.float32, torch.float32]  # the chain is fp16 only
+    assert seen[1:] == [torch.bfloat16]  # once decided, block 1 reads block 0's bf16 hand-off
 
 
 def test_fp16_is_not_chosen_where_it_overflows(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,6 +1,6 @@
 """The engine's fusions: a following ReLU or pixel shuffle into a sparse conv's epilogue, a residual
-block's skip sum into its last conv's (:class:`FusedResidual`), and the fp16 hand-off chains between
-modules of an ``nn.Sequential`` (:func:`mark_fp16_chains`). Applied by
+block's skip sum into its last conv's (:class:`FusedResidual`), and the 16-bit hand-off chains between
+modules of an ``nn.Sequential`` (:func:`mark_half_chains`). Applied by
 :func:`nmrestore.runtime.engine.compile_sparse` and re-applied by :mod:`nmrestore.runtime.compiled`.
 """
 
@@ -11,7 +11,7 @@ import itertools
 import torch
 from torch import nn
 
-from nmrestore.runtime.layers import SparseConv2d, SparseLayer
+from nmrestore.runtime.layers import PRODUCER_ATTR, SparseConv2d, SparseLayer
 
 
 def set_child(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -66,7 +66,13 @@ class FusedResidual(nn.Module):
     (and the ReLU after it) in its epilogue instead of two more passes over the output."""
 
     def __init__(
-        self, block: nn.Module, head: nn.Module, last: SparseConv2d, scale: float, post_relu: bool
+        self,
+        block: nn.Module,
+        head: nn.Module,
+        last: SparseConv2d,
+        scale: float,
+        post_relu: bool,
+        first: SparseConv2d | None = None,
     ) -> None:
         super().__init__()
         self.block = block  # keeps the original names reachable (routes, state)
@@ -74,11 +80,34 @@ class FusedResidual(nn.Module):
         self.last = last
         self.scale = scale
         self.post_relu = post_relu
+        self.first = first  # the head's only conv, if that is all it is
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._amx_block(x) if self.first is not None else None
+        if out is not None:
+            return out
         h = self.head(x)
         # x may be a hand-off view: the kernel reads the residual through its strides, no copy
         return self.last.run(h, residual=x, scale=self.scale, post_relu=self.post_relu)
+
+    def _amx_block(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Both convs in one AMX call (``KernelLibrary.block_bf16``: the intermediate stays in L2)
+        where both run the bf16 sparse tactic on masks shared by 16-channel blocks; else None."""
+        assert self.first is not None
+        last, kernel = self.last, self.last.kernel_library()
+        if kernel is None or last.half_pad is None or last.out_pad is not None:
+            return None  # no consumer reads this block's output as a bf16 hand-off
+        first_ops = self.first.amx_operands(x)
+        last_ops = last.amx_operands(x) if first_ops is not None else None
+        if first_ops is None or last_ops is None:
+            return None
+        out = kernel.block_bf16(
+            x, (*first_ops, self.first.relu), last_ops, res_scale=self.scale, relu=self.post_relu,
+            pad=last.half_pad, half_only=last.half_sole or last.half_chain,
+        )  # fmt: skip
+        if out is not None:
+            setattr(out, PRODUCER_ATTR, last)
+        return out
 
     def extra_repr(self) -> str:
         return f"fused residual: scale={self.scale:g}, relu after sum={self.post_relu}"
@@ -110,23 +139,23 @@ def fuse_residuals(model: nn.Module) -> int:
             continue
         head, last, scale, post_relu = pattern
         if isinstance(last, SparseConv2d) and not last.relu and last.shuffle == 1:
-            set_child(model, name, FusedResidual(module, head, last, scale, post_relu))
-            fused += 1
             convs = [m for m in head.children() if not isinstance(m, nn.Identity)]
-            if len(convs) == 1 and isinstance(convs[0], SparseConv2d):
-                convs[0].half_sole = True  # head(x) goes only to `last`: a 16-bit-only hand-off is safe
-    mark_fp16_chains(model)
+            first = convs[0] if len(convs) == 1 and isinstance(convs[0], SparseConv2d) else None
+            set_child(model, name, FusedResidual(module, head, last, scale, post_relu, first))
+            fused += 1
+            if first is not None:
+                first.half_sole = True  # head(x) goes only to `last`: a 16-bit-only hand-off is safe
+    mark_half_chains(model)
     return fused
 
 
-def mark_fp16_chains(model: nn.Module) -> None:
+def mark_half_chains(model: nn.Module) -> None:
     """In an ``nn.Sequential``, a module whose output comes from a sparse conv, followed by a module
     that reads its input only through sparse convs (a fused block, a sparse conv), hands that output
     to that module alone: EDSR's and RCAN's bodies, EDSR's upsampler and last conv. The producing
-    conv may then write an fp16 hand-off alone, which the next module reads in place as its conv
-    input (and, for a fused block, as its residual: the fp16 kernel takes an fp16 residual), saving
-    an f32 write and half of each read. fp16 only: the bf16 kernel would need its residual back in
-    f32 (a copy, and bf16 rounding of the skip path)."""
+    conv of a 16-bit engine may then write a 16-bit hand-off alone (fp16 or bf16), which the next
+    module reads in place as its conv input (and, for a fused block, as its residual: both 16-bit
+    kernels take a residual of their own dtype), saving an f32 write and half of each read."""
     for seq in model.modules():
         if not _plain_sequential(seq):
             continue
@@ -134,7 +163,7 @@ def mark_fp16_chains(model: nn.Module) -> None:
         for a, b in itertools.pairwise(children):
             producer = _output_conv(a)
             if producer is not None and _input_convs_only(b):
-                producer.fp16_chain = True
+                producer.half_chain = True
 
 
 def _plain_sequential(module: nn.Module) -> bool:

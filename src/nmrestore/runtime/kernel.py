@@ -60,7 +60,7 @@ log = logging.getLogger("nmrestore.runtime")
 
 #: The sources, compiled together (the header is written next to them); the cache key covers all.
 SOURCE_NAMES = (
-    "nm_common.h", "nm_half_common.h", "nm_weights.h", "nm_tiles.h", "nm_f16_tiles.h", "nm_kernels.cpp", "nm_bf16.cpp", "nm_fp16.cpp"
+    "nm_common.h", "nm_half_common.h", "nm_amx.h", "nm_weights.h", "nm_tiles.h", "nm_f16_tiles.h", "nm_kernels.cpp", "nm_bf16.cpp", "nm_fp16.cpp"
 )
 #: Defined to build without the bf16 kernels.
 NO_BF16_FLAG = "-DNMK_NO_BF16"
@@ -93,12 +93,14 @@ class KernelStatus:
     bf16_reason: str = ""  # why there are no bf16 kernels (empty when there are)
     f16: bool = False
     f16_reason: str = ""  # why there are no fp16 kernels (empty when there are)
+    amx: bool = False  # the bf16 conv runs masks shared by 16-channel blocks on AMX tiles
 
     def summary(self) -> str:
         if not self.available:
             return f"sparse kernel unavailable: {self.reason}"
         bf16 = "bf16 kernels" if self.bf16 else f"no bf16 kernels: {self.bf16_reason}"
         bf16 += "; fp16 kernels" if self.f16 else f"; no fp16 kernels: {self.f16_reason}"
+        bf16 += "; AMX for block-shared masks" if self.amx else ""
         return (
             f"sparse kernel: {self.library} ({self.compiler} {' '.join(self.flags)}; "
             f"{self.vector_floats}-float vectors, {self.tile[0]}x{self.tile[1]} tile, "
@@ -239,6 +241,7 @@ def _load() -> tuple[KernelLibrary | None, KernelStatus]:
             "" if lib.has_bf16 else (no_bf16 or "the compiler does not target AVX512-BF16 here"),
             lib.has_f16,
             "" if lib.has_f16 else (no_f16 or "the compiler does not target AVX512-FP16 here"),
+            lib.has_amx,
         )
         return lib, status
     return None, KernelStatus(

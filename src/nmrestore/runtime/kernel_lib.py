@@ -34,7 +34,7 @@ from torch import Tensor
 
 from nmrestore.runtime.packing import CSRWeight
 
-ABI_VERSION = 9
+ABI_VERSION = 10
 
 #: The 16-bit dtypes a kernel may run in (its *half* dtype), besides float32.
 HALF_DTYPES = (torch.bfloat16, torch.float16)
@@ -110,9 +110,12 @@ class KernelLibrary:
         ints = ("nmk_vector_floats", "nmk_tile_rows", "nmk_tile_cols", "nmk_openmp", "nmk_param_count")
         ints += ("nmk_has_bf16", "nmk_bf16_tile_rows", "nmk_bf16_tile_cols")
         ints += ("nmk_has_f16", "nmk_f16_tile_rows", "nmk_f16_tile_cols")
+        ints += ("nmk_has_amx",)
         for name in ints:
             getattr(lib, name).restype = i32
             getattr(lib, name).argtypes = []
+        lib.nmk_amx_convs.restype = i64
+        lib.nmk_amx_convs.argtypes = []
         lib.nmk_conv2d_workspace.restype = i64
         lib.nmk_conv2d_workspace.argtypes = [i64] * 12
         for name in ("nmk_conv2d_rows_read", "nmk_bf16_rows_read", "nmk_f16_rows_read"):
@@ -131,6 +134,8 @@ class KernelLibrary:
         for name in ("nmk_conv2d_bf16", "nmk_conv2d_f16"):
             getattr(lib, name).restype = i32
             getattr(lib, name).argtypes = [p, p, p, p, p, p, p, p, p, ctypes.c_float, p, p]
+        lib.nmk_block_bf16.restype = i32
+        lib.nmk_block_bf16.argtypes = [p, p, p, p, p, p, p, p, i32, p, p, p, p, p, p, ctypes.c_float, p, p]
         self._params = ctypes.c_int64 * int(lib.nmk_param_count())
         lib.nmk_conv_channel_block.restype = i32
         lib.nmk_conv_channel_block.argtypes = [p, p, p, i64, i64]
@@ -148,6 +153,8 @@ class KernelLibrary:
         #: The fp16 kernels are compiled in (and not switched off): precision="fp16" may use them.
         self.has_f16 = bool(lib.nmk_has_f16()) and f16_allowed
         self.f16_tile = (int(lib.nmk_f16_tile_rows()), int(lib.nmk_f16_tile_cols()))
+        # the bf16 conv's AMX path (csrc/nm_amx.h): masks shared by blocks of 16 output channels, dense convs
+        self._amx_built = self.has_bf16 and bool(lib.nmk_has_amx())
         # per half dtype: (rows_read, tail_slack, workspace, conv) entry points
         self._half_fns = {
             torch.bfloat16: (lib.nmk_bf16_rows_read, lib.nmk_bf16_tail_slack, lib.nmk_bf16_workspace, lib.nmk_conv2d_bf16),
@@ -190,6 +197,16 @@ class KernelLibrary:
         if len(entries) < POOL_PER_SIZE:
             entries.append((buf, _use_count(buf)))
         return buf
+
+    @property
+    def has_amx(self) -> bool:
+        """Whether the bf16 conv runs masks shared by blocks of 16 output channels (and dense convs)
+        on AMX tiles now (``NMRESTORE_DISABLE_AMX=1`` turns the path off, read at each call)."""
+        return self._amx_built and bool(self._lib.nmk_has_amx())
+
+    def amx_convs(self) -> int:
+        """How many convs the AMX path has run in this process."""
+        return int(self._lib.nmk_amx_convs())
 
     def has_half(self, half: torch.dtype) -> bool:
         """Whether this build runs the sparse kernel in that 16-bit dtype."""
@@ -271,7 +288,7 @@ class KernelLibrary:
         bf16 kernel (f32 accumulation; needs :attr:`has_bf16`), float16 the fp16 kernel (fp16 sums;
         needs :attr:`has_f16`): each reads a hand-off view or shadow (:func:`half_shadow`) of its
         dtype in place and converts anything else while padding.
-        With ``residual`` (the output's shape, any strides; f32, or fp16 for the fp16 kernel) the
+        With ``residual`` (the output's shape, any strides; f32, or the 16-bit kernel's dtype) the
         result is ``act(res_scale * conv(x) + residual)``, act = ReLU when ``relu``. ``shuffle`` = r fuses a
         following ``pixel_shuffle(r)`` (not with a residual). ``out_pad``: write the output as a
         hand-off view with that zero border (for a following sparse conv), else a plain tensor.
@@ -303,8 +320,8 @@ class KernelLibrary:
         if residual is not None:
             if tuple(residual.shape) != shape:
                 raise ValueError(f"residual of shape {tuple(residual.shape)} for an output of {shape}")
-            # the fp16 kernel also reads an fp16 residual (an fp16 hand-off chain), any other f32
-            res16_ok = half == torch.float16 and residual.dtype == torch.float16
+            # a 16-bit kernel also reads a residual of its own dtype (a 16-bit hand-off chain), any other f32
+            res16_ok = half is not None and residual.dtype == half
             if residual.stride(3) != 1 or (residual.dtype != torch.float32 and not res16_ok):
                 residual = residual.float().contiguous()
         geometry = (kernel_size, stride, padding, dilation)
@@ -321,7 +338,7 @@ class KernelLibrary:
             *src[1], int(padded), int(relu), *rs, *os_, r, *(zero or (0, 0, 0, 0)),
             threads or torch.get_num_threads(),
             int(half is not None and src[0].dtype == half), int(out is not None), *o2s, *(zero2 or (0, 0, 0, 0)),
-            int(residual is not None and residual.dtype == torch.float16),
+            int(residual is not None and residual.dtype in HALF_DTYPES),
         )  # fmt: skip
         start = (
             src[0].data_ptr() - src[0].element_size() * (ph * src[1][2] + pw) if padded else src[0].data_ptr()
@@ -354,6 +371,56 @@ class KernelLibrary:
             return out2
         if out2 is not None:
             setattr(out, SHADOW_ATTR, (out2, out._version))
+        return out
+
+    def block_bf16(
+        self,
+        x: Tensor,
+        first: tuple[CSRWeight, Tensor, Tensor | None, bool],
+        second: tuple[CSRWeight, Tensor, Tensor | None],
+        res_scale: float = 1.0,
+        relu: bool = False,
+        pad: Pair = (1, 1),
+        half_only: bool = True,
+        threads: int | None = None,
+    ) -> Tensor | None:
+        """A residual block ``act(res_scale * conv2(act1(conv1(x))) + x)`` in one bf16 kernel call on
+        AMX (3x3 convs, stride 1, padding 1, C -> C, masks shared by blocks of 16 output channels),
+        the intermediate kept in each thread's L2. ``first`` = (weights, bf16 values, bias, ReLU),
+        ``second`` = (weights, bf16 values, bias); ``x`` a bf16 hand-off view with a border of at
+        least 1, or an f32 tensor with such a shadow (:func:`half_shadow`, the skip then added in f32). Returns a bf16 hand-off of the output with border ``pad`` (with ``half_only``; else
+        f32 with its bf16 shadow), or None where the block does not qualify (the caller runs the two
+        convs)."""
+        geometry = ((3, 3), (1, 1), (1, 1), (1, 1))
+        b, c, h, w = x.shape
+        # conv1 reads the bf16 hand-off (x itself, or an f32 x's bf16 shadow); the skip adds x as it is
+        src_x = x if x.dtype == torch.bfloat16 else half_shadow(x, torch.bfloat16) if x.dtype == torch.float32 else None
+        if not self.has_amx or src_x is None or x.stride(3) != 1 or not self.accepts_handoff(src_x, *geometry, half=torch.bfloat16):
+            return None
+        (csr1, v1, b1, relu1), (csr2, v2, b2) = first, second
+        (src, strides), _, _ = self._input(src_x, geometry, torch.bfloat16)
+        out, zero = self._output(x.shape, pad, None) if not half_only else (None, ())  # type: ignore[arg-type]
+        out2, zero2 = self._output(x.shape, pad, torch.bfloat16)  # type: ignore[arg-type]
+        os_ = (out.stride(0), out.stride(1), out.stride(2)) if out is not None else (0, 0, 0)
+        params = self._params(
+            b, c, h, w, c, 3, 3, 1, 1, 1, 1, 1, 1, *strides, 1, int(relu), x.stride(0), x.stride(1), x.stride(2),
+            *os_, 1, *(zero or (0, 0, 0, 0)), threads or torch.get_num_threads(), 1, int(out is not None),
+            out2.stride(0), out2.stride(1), out2.stride(2), *zero2, int(x.dtype == torch.bfloat16),
+        )  # fmt: skip
+        start = src.data_ptr() - src.element_size() * (strides[2] + 1)  # the padded top-left
+        status = self._lib.nmk_block_bf16(
+            params, start, None, csr1.rowptr.data_ptr(), csr1.cin.data_ptr(), csr1.kpos.data_ptr(), v1.data_ptr(),
+            b1.data_ptr() if b1 is not None else None, int(relu1), csr2.rowptr.data_ptr(), csr2.cin.data_ptr(),
+            csr2.kpos.data_ptr(), v2.data_ptr(), b2.data_ptr() if b2 is not None else None, x.data_ptr(),
+            float(res_scale), out.data_ptr() if out is not None else None, out2.data_ptr(),
+        )  # fmt: skip
+        if status == -4:
+            return None
+        if status != 0:
+            raise RuntimeError(f"fused block kernel rejected input {tuple(x.shape)} (status {status})")
+        if out is None:
+            return out2
+        setattr(out, SHADOW_ATTR, (out2, out._version))
         return out
 
     def _output(

@@ -41,6 +41,8 @@ from nmrestore.sparsity.parametrization import nm_mask_of
 
 if TYPE_CHECKING:
     from nmrestore.runtime.engine import EngineState
+    from nmrestore.runtime.kernel_lib import KernelLibrary
+    from nmrestore.runtime.packing import CSRWeight
 
 
 #: Attribute of a sparse conv's output naming the layer that wrote it (for hand-off requests).
@@ -121,6 +123,24 @@ class SparseLayer(nn.Module):
         post_relu: bool = False,
     ) -> Tensor:
         raise NotImplementedError
+
+    def kernel_library(self) -> KernelLibrary | None:
+        """The compiled kernels this layer runs on (None: the engine runs dense)."""
+        return self._state.kernel
+
+    def amx_operands(self, x: Tensor) -> tuple[CSRWeight, Tensor, Tensor | None] | None:
+        """(weights, bf16 values, bias) when this conv runs the bf16 sparse tactic on ``x`` (decided
+        already, no route map, no autograd), for a fused block on AMX (:mod:`.fusion`); else None.
+        The producer of ``x`` is asked for its bf16 hand-off, as the tactic itself would."""
+        kernel, route = self._state.kernel, self.active_route()
+        if kernel is None or not kernel.has_amx or self._state.spatial is not None or torch.is_grad_enabled():
+            return None
+        if self._choices.by_key.get((route, tuple(x.shape), torch.get_num_threads())) != "sparse_bf16":
+            return None
+        self._ask_producer(x, "bf16")
+        rw = self.routes[route]
+        assert rw.csr is not None
+        return rw.csr, rw.values_half(torch.bfloat16), self._bias
 
     def _sparse(
         self,
@@ -372,7 +392,7 @@ class SparseConv2d(SparseLayer):
         self.out_pad: tuple[int, int] | None = None  # hand-off padding asked for by consumers
         self.half_pad: tuple[int, int] | None = None  # 16-bit hand-off padding asked for by such consumers
         self.half_sole = False  # its output goes only to the conv that asks (a fused block's head)
-        self.fp16_chain = False  # ... or to the next block of a chain, which reads fp16 (fusion.mark_fp16_chains)
+        self.half_chain = False  # ... or to the next block of a chain, which reads 16 bits (fusion.mark_half_chains)
         self.bf16_cl_out = False  # that conv runs PyTorch's bf16 conv: give it bf16 channels-last
         self._bias16: Tensor | None = None if self._bias is None else self._bias.to(torch.bfloat16)
 
@@ -509,7 +529,7 @@ class SparseConv2d(SparseLayer):
             # only the asking conv reads this output (and no f32 consumer asked): 16 bits alone will do
             half_only=half_pad is not None
             and self.out_pad is None
-            and (self.half_sole or (self.fp16_chain and half == torch.float16)),
+            and (self.half_sole or (self.half_chain and half is not None)),
         )
         setattr(out, PRODUCER_ATTR, self)
         return out

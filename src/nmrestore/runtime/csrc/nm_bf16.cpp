@@ -17,6 +17,7 @@
 // columns back in order with one vpermt2ps per 16 columns, then adds bias/residual, applies the
 // ReLU in f32, and writes an f32 output, a bf16 hand-off output (the next bf16 conv reads it in
 // place), or both.
+#include "nm_amx.h"
 #include "nm_half_common.h"
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512F__) && !defined(NMK_NO_BF16)
@@ -62,8 +63,9 @@ struct Sink {
   int64_t fstride;
   uint16_t* b16;
   int64_t bstride;
-  const float* res;
+  const void* res;  // f32, or bf16 when res16
   int64_t rstride;
+  bool res16;
 };
 
 template <bool RELU, bool RES, int NVX>
@@ -99,7 +101,13 @@ inline void tile(const uint16_t* __restrict xb, const Pair* __restrict pr, int64
         const int n = std::min(16, ncols - c0);
         const __mmask16 m = (__mmask16)(n == 16 ? 0xffff : (1u << n) - 1);
         __m512 y = _mm512_add_ps(_mm512_permutex2var_ps(lo[r][v], h ? second : first, hi[r][v]), vb);
-        if (RES) y = _mm512_fmadd_ps(y, vs, _mm512_maskz_loadu_ps(m, s.res + r * s.rstride + c0));
+        if (RES) {
+          const int64_t at = r * s.rstride + c0;
+          const __m512 rv = s.res16 ? _mm512_castsi512_ps(_mm512_slli_epi32(
+                                          _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, (const uint16_t*)s.res + at)), 16))
+                                    : _mm512_maskz_loadu_ps(m, (const float*)s.res + at);
+          y = _mm512_fmadd_ps(y, vs, rv);
+        }
         if (RELU) y = _mm512_max_ps(y, zero);
         if (s.f32) _mm512_mask_storeu_ps(s.f32 + r * s.fstride + c0, m, y);
         if (s.b16) _mm256_mask_storeu_epi16(s.b16 + r * s.bstride + c0, m, (__m256i)_mm512_cvtneps_pbh(y));
@@ -114,12 +122,14 @@ struct Item {
   int64_t O, xstride, Wo, y0;
   int nrows;
   int64_t ct0, ct1;
+  bool res16;  // the residual holds bf16 (else f32)
 };
 
 // Every tile of one work item, output channel innermost (the input rows stay in L1 meanwhile).
 template <bool RELU, bool RES, int NVX>
-void item(const Item& it, float* out_b, Strides os, uint16_t* out2_b, Strides o2s, const float* res_b, Strides rs,
+void item(const Item& it, float* out_b, Strides os, uint16_t* out2_b, Strides o2s, const char* res_b, Strides rs,
           float res_scale) {
+  const int64_t rsize = it.res16 ? 2 : 4;  // bytes per residual element
   constexpr int TWX = NVX * BV;
   for (int64_t ct = it.ct0; ct < it.ct1; ++ct) {
     const int64_t x0 = ct * TWX;
@@ -128,7 +138,7 @@ void item(const Item& it, float* out_b, Strides os, uint16_t* out2_b, Strides o2
       const int64_t k0 = it.prow[o];
       const Sink s{out_b ? out_b + o * os.c + it.y0 * os.h + x0 : nullptr, os.h,
                    out2_b ? out2_b + o * o2s.c + it.y0 * o2s.h + x0 : nullptr, o2s.h,
-                   RES ? res_b + o * rs.c + it.y0 * rs.h + x0 : nullptr, rs.h};
+                   RES ? res_b + (o * rs.c + it.y0 * rs.h + x0) * rsize : nullptr, rs.h, it.res16};
       tile<RELU, RES, NVX>(it.xrow + x0, it.pairs + k0, it.prow[o + 1] - k0, it.xstride,
                            it.bias ? it.bias[o] : 0.f, s, res_scale, it.nrows, ncols);
     }
@@ -147,7 +157,7 @@ void item_shuffle(const Item& it, int R, float* out_b, Strides os, uint16_t* out
     for (int64_t og = 0; og < it.O; og += R) {
       for (int j = 0; j < R; ++j) {
         const int64_t o = og + j, k0 = it.prow[o];
-        const Sink s{&tmp[j][0][0], TWX, nullptr, 0, nullptr, 0};
+        const Sink s{&tmp[j][0][0], TWX, nullptr, 0, nullptr, 0, false};
         tile<RELU, false, NVX>(it.xrow + x0, it.pairs + k0, it.prow[o + 1] - k0, it.xstride,
                                it.bias ? it.bias[o] : 0.f, s, 1.f, it.nrows, TWX);
       }
@@ -166,7 +176,7 @@ void item_shuffle(const Item& it, int R, float* out_b, Strides os, uint16_t* out
 
 template <int NVX>
 void item_any(const Item& it, bool relu, int R, float* out_b, Strides os, uint16_t* out2_b, Strides o2s,
-              const float* res_b, Strides rs, float res_scale) {
+              const char* res_b, Strides rs, float res_scale) {
   if (R > 1) {
     if (relu)
       item_shuffle<true, NVX>(it, R, out_b, os, out2_b, o2s);
@@ -200,6 +210,63 @@ extern "C" {
 
 NMK_HALF_ENTRY_POINTS(bf16, NMK_BF16, BTR, BTW, BV, geometry_bf16, slack_bf16)
 
+// Whether the bf16 conv runs masks shared by blocks of 16 output channels on AMX tiles here: compiled
+// in (AMX-BF16), granted by the OS, and not switched off by NMRESTORE_DISABLE_AMX.
+int nmk_has_amx() {
+#if NMK_AMX && NMK_BF16
+  return nmk_amx::amx_enabled() ? 1 : 0;
+#else
+  return 0;
+#endif
+}
+
+// How many convs the AMX path ran in this process.
+int64_t nmk_amx_convs() {
+#if NMK_AMX && NMK_BF16
+  return nmk_amx::amx_convs.load();
+#else
+  return 0;
+#endif
+}
+
+// A residual block fused on AMX (nm_amx.h: nmk_amx::block): t = relu1 ? relu(conv1(x) + bias1) :
+// conv1(x) + bias1, then out = act(res_scale * (conv2(t) + bias2) + residual), act = ReLU when
+// P_RELU. prm is nmk_conv2d_bf16's for conv1 (3x3, stride 1, padding 1, C -> C), with conv2's
+// epilogue (P_RELU, the residual's strides, P_RES_F16); x must be a padded bf16 hand-off view
+// (P_IN_PADDED). The intermediate t stays in each thread's L2.
+// Returns 0; -1 on a bad geometry; -3 when this build has no bf16 kernels; -4 when the block does
+// not qualify (no AMX here, masks not shared by 16-channel blocks, another geometry): the caller
+// runs the two convs.
+int nmk_block_bf16(const int64_t* prm, const void* x, void* workspace, const int32_t* rowptr1, const int32_t* cin1,
+                   const int32_t* kpos1, const uint16_t* val1, const float* bias1, int relu1, const int32_t* rowptr2,
+                   const int32_t* cin2, const int32_t* kpos2, const uint16_t* val2, const float* bias2,
+                   const float* residual, float res_scale, float* out, uint16_t* out2) {
+#if !NMK_BF16
+  (void)prm, (void)x, (void)workspace, (void)rowptr1, (void)cin1, (void)kpos1, (void)val1, (void)bias1, (void)relu1;
+  (void)rowptr2, (void)cin2, (void)kpos2, (void)val2, (void)bias2, (void)residual, (void)res_scale, (void)out;
+  (void)out2;
+  return -3;
+#elif !NMK_AMX
+  (void)prm, (void)x, (void)workspace, (void)rowptr1, (void)cin1, (void)kpos1, (void)val1, (void)bias1, (void)relu1;
+  (void)rowptr2, (void)cin2, (void)kpos2, (void)val2, (void)bias2, (void)residual, (void)res_scale, (void)out;
+  (void)out2;
+  return -4;
+#else
+  if (!prm[P_IN_PADDED] || residual == nullptr || !nmk_amx::amx_enabled()) return -4;
+  Geometry g = geometry_bf16(prm);
+  const uint16_t* xp = half_input(prm, g, x, workspace, slack_bf16(g), residual, out, out2, f32_row_to_bf16);
+  if (xp == nullptr) return -1;
+  const bool stream = prm[P_B] * prm[P_O] * g.Ho * g.Wo >= (int64_t(1) << 20);  // an f32 output (AmxSink)
+  const nmk_amx::AmxSink sink{out, {prm[P_OSB], prm[P_OSC], prm[P_OSH]}, out2, {prm[P_O2SB], prm[P_O2SC], prm[P_O2SH]},
+                              residual, {prm[P_RSB], prm[P_RSC], prm[P_RSH]}, prm[P_RES_F16] != 0, bias2, res_scale,
+                              prm[P_RELU] != 0, stream};
+  const int32_t* csr1[3] = {rowptr1, cin1, kpos1};
+  const int32_t* csr2[3] = {rowptr2, cin2, kpos2};
+  const int nthreads = prm[P_THREADS] > 0 ? (int)prm[P_THREADS] : 1;
+  return nmk_amx::block(prm, g, xp, csr1, val1, bias1, relu1 != 0, csr2, val2, sink, nthreads) ? 0 : -4;
+#endif
+}
+
 // The bf16 sparse conv: nmk_conv2d_ex's parameters (nm_common.h) and CSR weights, with bf16
 // values. x is f32 or bf16 (P_IN_BF16) with strides P_XS*; it is converted and padded into the
 // bf16 workspace, unless P_IN_PADDED: then it is a bf16 hand-off view read in place (as in
@@ -225,6 +292,14 @@ int nmk_conv2d_bf16(const int64_t* prm, const void* x, void* workspace, const in
   const Strides os{prm[P_OSB], prm[P_OSC], prm[P_OSH]};
   const Strides o2s{prm[P_O2SB], prm[P_O2SC], prm[P_O2SH]};
 
+  const bool res16 = prm[P_RES_F16] != 0;  // a bf16 residual (a bf16 hand-off chain)
+#if NMK_AMX
+  {  // masks shared by blocks of 16 output channels (and dense convs): on AMX tiles (nm_amx.h)
+    const bool stream = B * O * g.Ho * g.Wo >= (int64_t(1) << 20);  // f32 and shuffled outputs (AmxSink)
+    const nmk_amx::AmxSink sink{out, os, out2, o2s, residual, rs, res16, bias, res_scale, prm[P_RELU] != 0, stream};
+    if (nmk_amx::conv(prm, g, xp, rowptr, cin, kpos, val, sink, nthreads)) return 0;
+  }
+#endif
   // Kept weights in pairs per output channel, with their workspace offsets.
   std::vector<int64_t> prow(O + 1, 0);
   for (int64_t o = 0; o < O; ++o) prow[o + 1] = prow[o] + (rowptr[o + 1] - rowptr[o] + 1) / 2;
@@ -254,10 +329,10 @@ int nmk_conv2d_bf16(const int64_t* prm, const void* x, void* workspace, const in
     const int64_t y0 = rt * BTR;
     const int64_t ct0 = ch * per_chunk;
     const Item it{xp + b * g.per_b + y0 * xstride, pairs.data(), prow.data(), bias, O, xstride, g.Wo, y0,
-                  (int)std::min<int64_t>(BTR, g.Ho - y0), ct0, std::min<int64_t>(ctiles, ct0 + per_chunk)};
+                  (int)std::min<int64_t>(BTR, g.Ho - y0), ct0, std::min<int64_t>(ctiles, ct0 + per_chunk), res16};
     float* out_b = out ? out + b * os.b : nullptr;
     uint16_t* out2_b = out2 ? out2 + b * o2s.b : nullptr;
-    const float* res_b = residual ? residual + b * rs.b : nullptr;
+    const char* res_b = residual ? reinterpret_cast<const char*>(residual) + b * rs.b * (res16 ? 2 : 4) : nullptr;
     if (nvx == 1)
       item_any<1>(it, relu, R, out_b, os, out2_b, o2s, res_b, rs, res_scale);
     else

@@ -63,7 +63,7 @@ enum Param {
   P_OUT_F32,                  // 1: write the f32 output (out)
   P_O2SB, P_O2SC, P_O2SH,     // strides of the bf16 output (out2; null pointer: none)
   P_Z2T, P_Z2B, P_Z2L, P_Z2R, // its zero border, as P_Z*
-  P_RES_F16,                  // fp16 entry point only (nm_fp16.cpp): 1: the residual holds fp16
+  P_RES_F16,                  // 16-bit entry points: 1: the residual holds the kernel's 16-bit dtype (fp16 / bf16)
   P_COUNT
 };
 

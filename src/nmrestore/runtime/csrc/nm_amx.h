@@ -1,0 +1,426 @@
+// The bf16 kernel's AMX path (nm_bf16.cpp): a stride-1 conv whose kept positions are shared by
+// blocks of 16 output channels (masks with `out_block` 16, and dense convs) runs as tile products
+// C[16 o][16 px] += A[16 o][32 k] x B[32 k][16 px] on AMX (`tdpbf16ps`: 16x16x32 multiply-adds
+// per instruction, against 16x2 for `vdpbf16ps`). A block's kept positions form a dense K axis: A
+// holds its kept weights (packed once per call), B is gathered per 64-pixel row segment from the
+// kept input rows, once per block of 16 output channels instead of once per output channel.
+//
+// Measured (EDSR body conv 64->64 3x3 at 320x180, masks shared by 16-channel blocks, 2 threads,
+// bf16 in and out, input in cache): 0.71 ms at 2:32 and 0.91 ms at 4:32, against 2.25 / 4.05 ms
+// for the vector path and 0.89 / 1.24 ms for the fp16 kernel. The tile products are the least of
+// it: the gather and the activation traffic set the time, so a residual block runs as one call
+// (block(): its intermediate never leaves L2; 16 blocks in a chain 24 ms against 30 ms as 32
+// convs) and bf16 hand-offs stay in the caches for the next conv (see AmxSink::stream).
+// Per-channel masks cannot use AMX: 16 channels' kept positions rarely coincide, so a block's K
+// axis would be nearly dense.
+//
+// Gather: two kept positions (k, k+1) give one B row of 16 pixels, their bf16 values interleaved
+// (`vpermt2w`, pixels in order; see Worker::gather for the other form). A block's K axis is
+// padded to whole 32s with zero weights, and its padded B rows with zeros.
+#pragma once
+#include "nm_half_common.h"
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && !defined(NMK_NO_AMX)
+#define NMK_AMX 1
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#else
+#define NMK_AMX 0
+#endif
+
+namespace nmk_amx {
+
+using namespace nmk;
+
+#if NMK_AMX
+
+constexpr int64_t OB = 16;   // output channels per block (rows of A and C)
+constexpr int64_t SEG = 64;  // pixels per row segment (4 C tiles of 16)
+constexpr int64_t KMAX = 20;  // most 32-wide K steps (640 kept positions per block: a dense 64-channel 3x3)
+// A conv's work item: BAND rows of CHUNK segments, row by row (a row's input lines are read once
+// across its segments, and two of the next row's three input rows are still in cache; items of
+// one 64-column segment read each segment's edge lines twice: one conv 0.78 ms against 0.73 ms).
+constexpr int64_t CHUNK = 8;
+constexpr int64_t BAND = 8;
+
+// The process may use AMX tiles (Linux grants the 8 KB tile state on request) and the user did not
+// turn the path off (NMRESTORE_DISABLE_AMX, read at each call so tests can compare both paths).
+inline bool amx_enabled() {
+  static const bool granted = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+  const char* off = std::getenv("NMRESTORE_DISABLE_AMX");
+  return granted && !(off && off[0] && !(off[0] == '0' && off[1] == 0));
+}
+
+// Convs this process ran on the AMX path (nmk_amx_convs: tests check that it is taken).
+inline std::atomic<int64_t> amx_convs{0};
+
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Whether every block of 16 consecutive output channels (the last may have fewer: its A rows are
+// padded with zero weights) keeps the same positions (in any order).
+inline bool shared_blocks(const int32_t* rowptr, const int32_t* cin, const int32_t* kpos, int64_t O, int64_t taps) {
+  std::vector<char> seen;
+  for (int64_t o0 = 0; o0 < O; o0 += OB) {
+    const int64_t n = rowptr[o0 + 1] - rowptr[o0];
+    if (n == 0 || n > KMAX * 32) return false;
+    int64_t cmax = 0;
+    for (int64_t k = rowptr[o0]; k < rowptr[o0 + 1]; ++k) cmax = std::max<int64_t>(cmax, cin[k] + 1);
+    seen.assign(cmax * taps, 0);
+    for (int64_t k = rowptr[o0]; k < rowptr[o0 + 1]; ++k) seen[cin[k] * taps + kpos[k]] = 1;
+    for (int64_t o = o0 + 1; o < std::min(O, o0 + OB); ++o) {
+      if (rowptr[o + 1] - rowptr[o] != n) return false;
+      for (int64_t k = rowptr[o]; k < rowptr[o + 1]; ++k)
+        if (cin[k] >= cmax || !seen[cin[k] * taps + kpos[k]]) return false;
+    }
+  }
+  return true;
+}
+
+// One block's packed operands: input offsets of its kept positions (pairs), its A tiles.
+struct Block {
+  std::vector<int32_t> off;  // 2 * pairs workspace offsets (an odd count repeats the last)
+  std::vector<uint16_t> a;   // steps x [16 o][32 k] bf16, zero on padded k
+  int64_t pairs = 0, steps = 0;
+  int64_t channels = 0;   // output channels in the block (the last may have fewer than 16)
+  bool permuted = false;  // gathered with vpunpck{l,h}wd (see Worker::gather)
+};
+
+inline bool pack_blocks(const Geometry& g, const int32_t* rowptr, const int32_t* cin, const int32_t* kpos,
+                        const uint16_t* val, int64_t O, int64_t taps, std::vector<Block>& blocks) {
+  blocks.assign((O + OB - 1) / OB, Block{});
+  std::vector<uint16_t> by_key;  // one channel's weights by position (cin * taps + kpos)
+  for (int64_t b = 0; b < (int64_t)blocks.size(); ++b) {
+    Block& bl = blocks[b];
+    const int64_t o0 = b * OB, k0 = rowptr[o0], n = rowptr[o0 + 1] - k0;
+    std::vector<std::pair<int64_t, int64_t>> pos;  // (offset, key), in address order
+    int64_t keys = 0;
+    for (int64_t k = k0; k < k0 + n; ++k) {
+      const int64_t off = entry_offset(g, cin[k], kpos[k]);
+      if (off < 0) return false;
+      pos.emplace_back(off, cin[k] * taps + kpos[k]);
+      keys = std::max(keys, cin[k] * taps + kpos[k] + 1);
+    }
+    std::sort(pos.begin(), pos.end());
+    bl.pairs = (n + 1) / 2;
+    bl.steps = (n + 31) / 32;
+    bl.channels = std::min(OB, O - o0);
+    bl.permuted = bl.pairs > 2 * bl.channels;
+    bl.off.resize(2 * bl.pairs);
+    for (int64_t i = 0; i < 2 * bl.pairs; ++i) bl.off[i] = (int32_t)pos[std::min(i, n - 1)].first;
+    bl.a.assign(bl.steps * OB * 32, 0);
+    for (int64_t j = 0; j < std::min(OB, O - o0); ++j) {  // channels past O keep zero weights
+      by_key.assign(keys, 0);
+      for (int64_t k = rowptr[o0 + j]; k < rowptr[o0 + j + 1]; ++k) by_key[cin[k] * taps + kpos[k]] = val[k];
+      for (int64_t i = 0; i < n; ++i) bl.a[(i / 32) * OB * 32 + j * 32 + i % 32] = by_key[pos[i].second];
+    }
+  }
+  return true;
+}
+
+// out = act(res_scale * (conv + bias) + residual), as the vector path's epilogue; f32 and/or bf16.
+struct AmxSink {
+  float* out;
+  Strides os;
+  uint16_t* out2;
+  Strides o2s;
+  const void* res;  // f32, or bf16 when res16
+  Strides rs;
+  bool res16;
+  const float* bias;
+  float res_scale;
+  bool relu;
+  // Streamed (cache-bypassing) stores for an f32 output (read later by PyTorch, not by the next
+  // conv) and a fused shuffle's high-resolution output; a bf16 hand-off otherwise stays in the
+  // caches, where the next conv reads it (streamed, a chain of 16 EDSR blocks took 1.6x the time,
+  // 48 ms against 30 ms; cached, EDSR's first conv with its f32 output took 2.5x).
+  bool stream;
+};
+
+inline __m512 residual16(const AmxSink& s, int64_t at, __mmask16 mk) {
+  if (s.res16)
+    return _mm512_castsi512_ps(
+        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, (const uint16_t*)s.res + at)), 16));
+  return _mm512_maskz_loadu_ps(mk, (const float*)s.res + at);
+}
+
+// A segment's 16 channels x 64 columns (`t`, f32 sums) through the epilogue into the sink.
+template <bool RELU, bool RES>
+inline void epilogue(const float (&t)[OB][SEG], const AmxSink& s, int64_t b, int64_t o0, int64_t y, int64_t x0,
+                     int64_t ncols, int64_t nch = OB) {
+  const __m512 vs = _mm512_set1_ps(s.res_scale), zero = _mm512_setzero_ps();
+  for (int64_t j = 0; j < nch; ++j) {
+    const int64_t o = o0 + j;
+    const __m512 vb = _mm512_set1_ps(s.bias ? s.bias[o] : 0.f);
+    const int64_t rat = b * s.rs.b + o * s.rs.c + y * s.rs.h + x0;
+    float* of = s.out ? s.out + b * s.os.b + o * s.os.c + y * s.os.h + x0 : nullptr;
+    uint16_t* oh = s.out2 ? s.out2 + b * s.o2s.b + o * s.o2s.c + y * s.o2s.h + x0 : nullptr;
+    for (int64_t c0 = 0; c0 < ncols; c0 += 32) {  // 32 columns: one 64-byte bf16 store
+      const bool full = ncols - c0 >= 32;
+      __m512 v[2];
+      __mmask16 mk[2];
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const int64_t m = full ? 16 : std::max<int64_t>(0, std::min<int64_t>(16, ncols - c0 - 16 * h));
+        mk[h] = (__mmask16)(m == 16 ? 0xffff : (1u << m) - 1);
+        v[h] = _mm512_add_ps(_mm512_load_ps(&t[j][c0 + 16 * h]), vb);
+        if (RES) v[h] = _mm512_fmadd_ps(v[h], vs, residual16(s, rat + c0 + 16 * h, mk[h]));
+        if (RELU) v[h] = _mm512_max_ps(v[h], zero);
+        if (of && mk[h]) put16(of + c0 + 16 * h, mk[h], v[h], s.stream);
+      }
+      if (!oh) continue;
+      const __m512i pair = (__m512i)_mm512_cvtne2ps_pbh(v[1], v[0]);
+      _mm512_mask_storeu_epi16(oh + c0, (__mmask32)mk[0] | ((__mmask32)mk[1] << 16), pair);  // cached
+    }
+  }
+}
+
+// With a fused pixel shuffle of factor R (16 % R == 0, no residual): bias and ReLU in place, then
+// the R channels of each (c, i) interleaved into high-resolution row y * R + i (as nm_bf16.cpp).
+inline void epilogue_shuffle(float (&t)[OB][SEG], const AmxSink& s, int R, int64_t b, int64_t o0, int64_t y,
+                             int64_t x0, int64_t ncols, int64_t nch) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t j = 0; j < nch; ++j) {
+    const __m512 vb = _mm512_set1_ps(s.bias ? s.bias[o0 + j] : 0.f);
+    for (int64_t c0 = 0; c0 < SEG; c0 += 16) {
+      const __m512 v = _mm512_add_ps(_mm512_load_ps(&t[j][c0]), vb);
+      _mm512_store_ps(&t[j][c0], s.relu ? _mm512_max_ps(v, zero) : v);
+    }
+  }
+  for (int64_t g = 0; g < nch; g += R) {
+    const int64_t og = o0 + g, c = og / (R * R), i = (og / R) % R, hr = y * R + i;
+    const float* rows[4] = {t[g], t[g + std::min(1, R - 1)], t[g + std::min(2, R - 1)], t[g + std::min(3, R - 1)]};
+    float* df = s.out ? s.out + b * s.os.b + c * s.os.c + hr * s.os.h + x0 * R : nullptr;
+    uint16_t* dh = s.out2 ? s.out2 + b * s.o2s.b + c * s.o2s.c + hr * s.o2s.h + x0 * R : nullptr;
+    shuffle_row(rows, R, (int)ncols, df, dh, s.stream, [](__m512 v) { return (__m256i)_mm512_cvtneps_pbh(v); },
+                [](float v) { return to_bf16(v); });
+  }
+}
+
+inline void epilogue_any(float (&t)[OB][SEG], const AmxSink& s, int R, int64_t b, int64_t o0, int64_t y, int64_t x0,
+                         int64_t ncols, int64_t nch) {
+  if (R > 1)
+    epilogue_shuffle(t, s, R, b, o0, y, x0, ncols, nch);
+  else if (s.res)
+    s.relu ? epilogue<true, true>(t, s, b, o0, y, x0, ncols, nch) : epilogue<false, true>(t, s, b, o0, y, x0, ncols, nch);
+  else
+    s.relu ? epilogue<true, false>(t, s, b, o0, y, x0, ncols, nch)
+           : epilogue<false, false>(t, s, b, o0, y, x0, ncols, nch);
+}
+
+// One thread's AMX state and scratch: the tile configuration, the B tiles, the C tiles' f32 copy.
+class Worker {
+ public:
+  Worker() {
+    TileConfig cfg;
+    for (int i = 0; i < 7; ++i) cfg.rows[i] = 16, cfg.colsb[i] = 64;
+    _tile_loadconfig(&cfg);
+  }
+  ~Worker() { _tile_release(); }
+  Worker(const Worker&) = delete;
+  Worker& operator=(const Worker&) = delete;
+
+  // Output columns [x0, x0 + ncols) (ncols <= SEG) of one output row, every block, from `xb`: the
+  // padded input at that row and column x0 (block offsets are relative to it); each block's 16
+  // channels x 64 columns of sums go to emit(t, first channel).
+  template <typename Emit>
+  void segment(const uint16_t* xb, const std::vector<Block>& blocks, Emit&& emit) {
+    const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6,
+                                        37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+    for (size_t ob = 0; ob < blocks.size(); ++ob) {
+      const Block& bl = blocks[ob];
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      // K step by K step through two B buffers (8 KB: they stay in L1 beside the input window; a
+      // dense conv has up to 20 steps): step s + 1 is gathered before step s is multiplied, so the
+      // tile loads never wait on stores just issued
+      gather(xb, bl, 0, lo, hi);
+      for (int64_t s = 0; s < bl.steps; ++s) {
+        if (s + 1 < bl.steps) gather(xb, bl, s + 1, lo, hi);
+        uint16_t(*row)[16][32] = bt_[s & 1];
+        _tile_loadd(4, bl.a.data() + s * OB * 32, 64);
+        _tile_loadd(5, row[0], 64);
+        _tile_dpbf16ps(0, 4, 5);
+        _tile_loadd(6, row[1], 64);
+        _tile_dpbf16ps(1, 4, 6);
+        _tile_loadd(5, row[2], 64);
+        _tile_dpbf16ps(2, 4, 5);
+        _tile_loadd(6, row[3], 64);
+        _tile_dpbf16ps(3, 4, 6);
+      }
+      _tile_stored(0, &t_[0][0], SEG * 4);
+      _tile_stored(1, &t_[0][16], SEG * 4);
+      _tile_stored(2, &t_[0][32], SEG * 4);
+      _tile_stored(3, &t_[0][48], SEG * 4);
+      if (bl.permuted) unpermute(bl.channels);
+      emit(t_, (int64_t)ob * OB);
+    }
+  }
+
+ private:
+  // K step s of block `bl` at `xb` into B buffer s % 2: two kept positions per B row, interleaved.
+  // `vpermt2w` (2 cycles) keeps the pixels in order; where a block has many more kept pairs than
+  // output channels (EDSR's dense last conv, 64 -> 3: 288 pairs), `vpunpck{l,h}wd` (1 cycle)
+  // interleaves them in a permuted order within 128-bit lanes that unpermute() undoes per channel.
+  void gather(const uint16_t* xb, const Block& bl, int64_t s, __m512i lo, __m512i hi) {
+    uint16_t(*row)[16][32] = bt_[s & 1];
+    const int64_t p0 = s * 16, p1 = std::min(bl.pairs, p0 + 16);
+    for (int64_t p = p0; p < p1; ++p) {
+      const uint16_t* pa = xb + bl.off[2 * p];
+      const uint16_t* pb = xb + bl.off[2 * p + 1];
+      const __m512i a0 = _mm512_loadu_si512(pa), a1 = _mm512_loadu_si512(pa + 32);
+      const __m512i b0 = _mm512_loadu_si512(pb), b1 = _mm512_loadu_si512(pb + 32);
+      if (bl.permuted) {
+        _mm512_store_si512(row[0][p - p0], _mm512_unpacklo_epi16(a0, b0));
+        _mm512_store_si512(row[1][p - p0], _mm512_unpackhi_epi16(a0, b0));
+        _mm512_store_si512(row[2][p - p0], _mm512_unpacklo_epi16(a1, b1));
+        _mm512_store_si512(row[3][p - p0], _mm512_unpackhi_epi16(a1, b1));
+      } else {
+        _mm512_store_si512(row[0][p - p0], _mm512_permutex2var_epi16(a0, lo, b0));
+        _mm512_store_si512(row[1][p - p0], _mm512_permutex2var_epi16(a0, hi, b0));
+        _mm512_store_si512(row[2][p - p0], _mm512_permutex2var_epi16(a1, lo, b1));
+        _mm512_store_si512(row[3][p - p0], _mm512_permutex2var_epi16(a1, hi, b1));
+      }
+    }
+    // padded K rows: zero weights, and zero inputs too (stale rows could hold an inf)
+    for (int64_t p = p1 - p0; p < 16; ++p)
+      for (int q = 0; q < 4; ++q) _mm512_store_si512(row[q][p], _mm512_setzero_si512());
+  }
+
+  // Pixels back in order after a permuted gather: tile 2g's column 4l + i holds pixel 32g + 8l + i,
+  // tile 2g + 1's pixel 32g + 8l + 4 + i (l, i < 4), as the vector kernel's lo / hi sums.
+  void unpermute(int64_t channels) {
+    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    for (int64_t j = 0; j < channels; ++j)
+      for (int64_t c0 = 0; c0 < SEG; c0 += 32) {
+        const __m512 a = _mm512_load_ps(&t_[j][c0]), b = _mm512_load_ps(&t_[j][c0 + 16]);
+        _mm512_store_ps(&t_[j][c0], _mm512_permutex2var_ps(a, first, b));
+        _mm512_store_ps(&t_[j][c0 + 16], _mm512_permutex2var_ps(a, second, b));
+      }
+  }
+
+  alignas(64) uint16_t bt_[2][4][16][32];  // B tiles: buffer x 16-pixel group x (pair row, 16 px x 2)
+  alignas(64) float t_[OB][SEG];
+};
+
+// The blocks of a conv whose kept positions blocks of 16 output channels share (else empty).
+inline std::vector<Block> amx_blocks(const int64_t* prm, const Geometry& g, const int32_t* rowptr,
+                                     const int32_t* cin, const int32_t* kpos, const uint16_t* val) {
+  std::vector<Block> blocks;
+  const int64_t taps = prm[P_KH] * prm[P_KW];
+  if (!shared_blocks(rowptr, cin, kpos, prm[P_O], taps) || !pack_blocks(g, rowptr, cin, kpos, val, prm[P_O], taps, blocks))
+    blocks.clear();
+  return blocks;
+}
+
+// The conv on AMX when it qualifies (stride 1, blocks of 16 channels sharing their positions, a
+// fused shuffle's factor dividing 16, AMX granted); false: the caller runs the vector path.
+inline bool conv(const int64_t* prm, const Geometry& g, const uint16_t* xp, const int32_t* rowptr, const int32_t* cin,
+                 const int32_t* kpos, const uint16_t* val, const AmxSink& sink, int nthreads) {
+  const int R = prm[P_SHUFFLE] > 1 ? (int)prm[P_SHUFFLE] : 1;
+  const int64_t O = prm[P_O];
+  if (prm[P_SH] != 1 || prm[P_SW] != 1 || OB % R != 0 || !amx_enabled()) return false;
+  const std::vector<Block> blocks = amx_blocks(prm, g, rowptr, cin, kpos, val);
+  if (blocks.empty()) return false;
+  const int64_t segs = (g.Wo + SEG - 1) / SEG, chunks = (segs + CHUNK - 1) / CHUNK;
+  const int64_t bands = (g.Ho + BAND - 1) / BAND;
+  const int64_t items = g.B * bands * chunks, xstride = g.C * g.Wq;
+#pragma omp parallel num_threads(nthreads)
+  {
+    Worker w;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t n = 0; n < items; ++n) {
+      const int64_t b = n / (bands * chunks), bd = (n / chunks) % bands, ch = n % chunks;
+      for (int64_t y = bd * BAND; y < std::min(g.Ho, (bd + 1) * BAND); ++y)
+        for (int64_t x0 = ch * CHUNK * SEG; x0 < std::min(g.Wo, (ch + 1) * CHUNK * SEG); x0 += SEG) {
+          const int64_t ncols = std::min(SEG, g.Wo - x0);
+          w.segment(xp + b * g.per_b + y * xstride + x0, blocks, [&](float(&t)[OB][SEG], int64_t o0) {
+            epilogue_any(t, sink, R, b, o0, y, x0, ncols, std::min(OB, O - o0));
+          });
+        }
+    }
+    if (sink.stream) _mm_sfence();
+  }
+  amx_convs.fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
+
+// Output rows a fused block's work item computes (its head conv's rows: 2 more, kept in L2).
+constexpr int64_t BLOCK_BAND = 16;
+
+// A residual block fused: t = act1(conv1(x) + b1), out = act2(scale * (conv2(t) + b2) + x), both
+// convs 3x3, stride 1, padding 1, C -> C, on AMX; t never leaves the thread's L2: each work item
+// computes its band of t rows (and one row above and below it again) into a local buffer laid out
+// as the padded input, then the band of output rows from it. x is the padded bf16 input (`xp`,
+// geometry `g`), and the residual (`sink.res`). False when it does not qualify.
+inline bool block(const int64_t* prm, const Geometry& g, const uint16_t* xp, const int32_t* const* csr1,
+                  const uint16_t* val1, const float* bias1, bool relu1, const int32_t* const* csr2,
+                  const uint16_t* val2, const AmxSink& sink, int nthreads) {
+  const int64_t C = g.C;
+  if (prm[P_SH] != 1 || prm[P_SW] != 1 || prm[P_SHUFFLE] > 1 || prm[P_KH] != 3 || prm[P_KW] != 3) return false;
+  if (prm[P_PH] != 1 || prm[P_PW] != 1 || prm[P_DH] != 1 || prm[P_DW] != 1 || prm[P_O] != C || C % OB != 0 ||
+      !amx_enabled())
+    return false;
+  const std::vector<Block> first = amx_blocks(prm, g, csr1[0], csr1[1], csr1[2], val1);
+  const std::vector<Block> second = amx_blocks(prm, g, csr2[0], csr2[1], csr2[2], val2);
+  if (first.empty() || second.empty()) return false;
+  const int64_t xstride = C * g.Wq, lead = 32;  // t's image columns start 64-byte aligned, at `lead`
+  if (g.Wq < lead + g.Wo + 1) return false;  // room for t's right zero column (a hand-off's width has it)
+  const int64_t bands = (g.Ho + BLOCK_BAND - 1) / BLOCK_BAND, items = g.B * bands;
+  const int64_t trows = BLOCK_BAND + 2, tsize = trows * xstride + 2 * SEG;
+  const AmxSink to_t{nullptr, {}, nullptr, {0, g.Wq, xstride}, nullptr, {}, false, bias1, 1.f, relu1, false};
+#pragma omp parallel num_threads(nthreads)
+  {
+    Worker w;
+    // zeroed once: the columns left and right of the image stay zero (conv2's padding)
+    uint16_t* tbuf = static_cast<uint16_t*>(std::aligned_alloc(64, ((tsize * 2 + 63) / 64) * 64));
+    std::memset(tbuf, 0, tsize * 2);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t n = 0; n < items; ++n) {
+      const int64_t b = n / bands, y0 = (n % bands) * BLOCK_BAND, y1 = std::min(g.Ho, y0 + BLOCK_BAND);
+      AmxSink sink_t = to_t;
+      sink_t.out2 = tbuf + lead;
+      for (int64_t r = y0 - 1; r <= y1; ++r) {  // t rows y0 - 1 .. y1 (t row i at buffer row i - y0 + 1)
+        const int64_t tr = r - y0 + 1;
+        if (r < 0 || r >= g.Ho) {  // conv2's zero padding rows
+          std::memset(tbuf + tr * xstride, 0, xstride * 2);
+          continue;
+        }
+        for (int64_t x0 = 0; x0 < g.Wo; x0 += SEG) {
+          const int64_t ncols = std::min(SEG, g.Wo - x0);
+          w.segment(xp + b * g.per_b + r * xstride + x0, first, [&](float(&t)[OB][SEG], int64_t o0) {
+            relu1 ? epilogue<true, false>(t, sink_t, 0, o0, tr, x0, ncols)
+                  : epilogue<false, false>(t, sink_t, 0, o0, tr, x0, ncols);
+          });
+        }
+      }
+      for (int64_t y = y0; y < y1; ++y)
+        for (int64_t x0 = 0; x0 < g.Wo; x0 += SEG) {
+          const int64_t ncols = std::min(SEG, g.Wo - x0);
+          w.segment(tbuf + (y - y0) * xstride + lead - 1 + x0, second, [&](float(&t)[OB][SEG], int64_t o0) {
+            epilogue_any(t, sink, 1, b, o0, y, x0, ncols, OB);
+          });
+        }
+    }
+    std::free(tbuf);
+    if (sink.stream) _mm_sfence();
+  }
+  amx_convs.fetch_add(2, std::memory_order_relaxed);
+  return true;
+}
+
+#endif  // NMK_AMX
+
+}  // namespace nmk_amx
