@@ -1,10 +1,12 @@
-"""Trained coarse and per-channel N:M checkpoints on the f32 and fp16 engines, against the deployment runtimes.
+"""Trained coarse and per-channel N:M checkpoints on the f32, bf16 and fp16 engines, against the deployment runtimes.
 
 Section `coarse` trains the photo study's x4 model with masks shared by blocks of 16 output channels
 (SR-STE, ``out_block: 16``) and scores it against the study's per-channel SR-STE checkpoints at the
 same N:M. This section times those same checkpoints: the f32 engine (whose kernel runs block-shared
-layers 4 output channels at a time), the fp16 engine (``precision="fp16"``, where the kernel has its
-AVX512-FP16 form; no whole-model fallback, so its own forward is timed), PyTorch's dense conv, and
+layers 4 output channels at a time), the bf16 engine (``precision="bf16"``: where the CPU has AMX,
+block-shared layers run on AMX tiles and each residual block as one call), the fp16 engine
+(``precision="fp16"``, where the kernel has its AVX512-FP16 form; no whole-model fallback, so its
+own forward is timed), PyTorch's dense conv, and
 OpenVINO f32 and at its default
 precision on the dense-with-zeros ONNX export, interleaved in one process (50 ms untimed pause
 before every call, as in section `speed`), 320x180 LR input (1280x720 output), 2 threads. So speed
@@ -44,6 +46,7 @@ KINDS = (
     ("coarse (blocks of 16)", "coarse16-srste-{n}of{m}", "coarse SR-STE"),
 )
 ENGINE = "engine f32"
+BF16 = "engine bf16"  # block-shared layers on AMX tiles, residual blocks as one call, bf16 hand-offs
 FP16 = "engine fp16"
 RUNTIMES = ("openvino f32", "openvino default")
 
@@ -75,6 +78,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                     if lib is not None and lib.has_f16:
                         fp16 = compile_sparse(model, EngineConfig(timing_repeats=3, precision="fp16"))
                         peers = [Peer(FP16, "fp16", __version__, lambda x, e=fp16: e(x)), *peers]
+                    if lib is not None and lib.has_bf16:
+                        bf16 = compile_sparse(model, EngineConfig(timing_repeats=3, precision="bf16"))
+                        peers = [Peer(BF16, "bf16", __version__, lambda x, e=bf16: e(x)), *peers]
                     report = measure_speed(model, shape, None, args.rounds, name=f"{label} {budget}",
                                            warmup=1, peers=peers, engine=engine)  # fmt: skip
                 samples = {ENGINE: report.sparse_runs_ms, "PyTorch dense": report.dense_runs_ms}
@@ -108,20 +114,15 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
         value = psnr.get((method.get(row["masks"], ""), row["nm"]))
         entry["PSNR (section coarse)"] = f"{value:.3f}" if value is not None else "-"
         entry.update({f"{k} ms": f"{v:.1f}" for k, v in ms.items()})
-        for engine in (ENGINE, FP16):
+        for engine in (ENGINE, BF16, FP16):
             for runtime in RUNTIMES:
                 if runtime in row["runs_ms"] and engine in row["runs_ms"]:
                     _, speedup, (geo, low, high) = compare(row, engine, runtime)
                     entry[f"{engine} vs {runtime}"] = f"{speedup:.2f}x ({geo:.2f}x [{low:.2f}, {high:.2f}])"
         diffs = row["max_abs_diff"]
-        if FP16 in diffs:
-            entry["max abs diff (engine f32, engine fp16, openvino default)"] = (
-                f"{diffs[ENGINE]:.1e}, {diffs[FP16]:.1e}, {diffs.get('openvino default', float('nan')):.1e}"
-            )
-        else:
-            entry["max abs diff (engine, openvino default)"] = (
-                f"{diffs[ENGINE]:.1e}, {diffs.get('openvino default', float('nan')):.1e}"
-            )
+        shown = [k for k in (ENGINE, BF16, FP16, "openvino default") if k in diffs]
+        label = ", ".join(k.removeprefix("engine ") if k.startswith("engine") else k for k in shown)
+        entry[f"max abs diff ({label})"] = ", ".join(f"{diffs[k]:.1e}" for k in shown)
         table.append(entry)
     columns = list(dict.fromkeys(k for r in table for k in r))
     args = (payload["machine_before"], payload["machine_after"], payload.get("quiet_ceilings"))
