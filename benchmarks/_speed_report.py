@@ -226,12 +226,19 @@ def render_quality(key: str, payload: dict[str, Any]) -> tuple[str, str]:
         if any(FP16_VARIANT in row["psnr"] for row in payload["rows"])
         else ""
     )
+    settled = (
+        " Each image runs twice and its second output is scored: an engine settles its 16-bit hand-off chains "
+        "and fused AMX residual blocks once the first forward of a shape has decided its tactics."
+        if payload.get("settled")
+        else " Each image's first forward is scored (the one that decides its shape's tactics, before the "
+        "16-bit hand-off chains settle)."
+    )
     body = f"""
 Each checkpoint of the photo study run on the {payload["split"]} photos of `{payload["photos"]}`
 ({payload["threads"]} thread{"s" if payload["threads"] != 1 else ""}): the f32 engine, the bf16 engine with every conv forced onto its bf16
 sparse kernel (first/last convs: PyTorch's bf16 conv), the bf16 engine forced dense (every conv
 PyTorch's oneDNN bf16 conv){fp16_text}. Forcing the tactics makes the rows independent of timing noise; an `auto`
-16-bit engine mixes them, so its PSNR lies between them. Y PSNR, crop = scale, mean over the images
+16-bit engine mixes them, so its PSNR lies between them.{settled} Y PSNR, crop = scale, mean over the images
 (benchmarks/_quality.py). {payload["kernel"]}. Wall time {payload["wall_s"]:.0f} s.
 
 {markdown_table(table, cols)}

@@ -205,8 +205,9 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
             "fresh model) with every pruned conv on the prototype, epilogues fused and bf16 hand-offs between "
             "convs (`CoarseEDSR` in `benchmarks/_coarse.py`; PyTorch runs the first conv in f32 and the last on "
             "oneDNN in bf16), against OpenVINO's default precision (AMX) on the same dense-with-zeros model, "
-            "interleaved; max abs diff against PyTorch f32. A prototype pipeline for EDSR only: the engine has "
-            "no AMX path (its f32 kernel runs such masks 4 channels at a time on the vector units).",
+            "interleaved; max abs diff against PyTorch f32. A prototype pipeline for EDSR only, kept as the record "
+            "it was: the engine's bf16 kernel now has its own AMX path for such masks (section "
+            "`speed_dense_runtime`, docs/ARCHITECTURE.md).",
         }
         for key, intro in intros.items():
             if payload.get(key):  # runs recorded before the block and model rows existed have neither
@@ -272,8 +273,9 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
                 for r in rows if r["method"] == "coarse SR-STE" and "mask_changed" in r
             ) + " against the one-shot masks (a block's summed magnitudes move slowly), so the SR-STE rows "
             "measure the pattern more than the training. The engine's f32 kernel runs such layers 4 output "
-            "channels at a time; section `coarse_engine` times these checkpoints on it against the deployment "
-            "runtimes. The AMX prototype above is not in the engine."
+            "channels at a time and its bf16 kernel on AMX tiles; section `coarse_engine` times these "
+            "checkpoints on both against the deployment runtimes. The AMX prototype above is not the "
+            "engine's path."
             if trained == "SR-STE"
             else " It is measured here, not offered yet: masks are fixed one-shot (not trained with SR-STE or "
             "SLS's gradient), the prototype runs one conv, and the engine has no coarse path; those are what "

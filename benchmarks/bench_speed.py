@@ -456,6 +456,7 @@ def main() -> None:
             "threads": threads,
             "kernel": status.summary(),
             "wall_s": time.perf_counter() - started,
+            "settled": True,  # each image's second forward is scored (benchmarks/_quality.py)
             "rows": quality_rows,
         }
         finish(args, "speed_quality", data, render)

@@ -234,7 +234,8 @@ def _reading(rows: list[dict[str, Any]], vector: float) -> str:
             )
         text += (
             "Otherwise meeting them takes AMX, that is dense tiles: masks shared by blocks of output channels "
-            "(section `coarse`), or a dense fallback for the whole model that is the fastest dense runtime itself. "
+            "(section `coarse`; the bf16 engine runs such layers on AMX, section `speed_dense_runtime`'s "
+            "coarse rows), or a dense fallback for the whole model that is the fastest dense runtime itself. "
         )
     text += (
         "As a whole forward, each target asks the engine to run at a share of its roofline (compute and "
@@ -249,8 +250,8 @@ def _reading(rows: list[dict[str, Any]], vector: float) -> str:
     coarse = [r for r in rows if r.get("coarse_roofline_ms")]
     if coarse:
         text += (
-            " With masks shared by blocks of output channels (section `coarse`) the pruned convs could run on AMX "
-            "too, and the 16-bit targets would ask for "
+            " With masks shared by blocks of output channels (section `coarse`) the pruned convs run on AMX "
+            "too (the bf16 engine's AMX path), and the 16-bit targets ask for "
             + ", ".join(
                 f"{r['coarse_roofline_ms'] / (r['runtime_ms'] / r['wanted']):.0%} ({r['nm']})"
                 for r in coarse
