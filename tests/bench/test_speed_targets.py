@@ -55,7 +55,7 @@ def test_rates_and_shares_come_from_the_rows() -> None:
     assert "25% (engine f32, 4:32; now 20%), 80% (engine bf16, 2:4; now 40%)" in body
     # coarse roofline 20 ms of the 50 allowed; the runtime's own roofline 40 ms of its 50 ms
     assert "| 20.0 | 40% |" in body
-    assert "would ask for 40% (2:4) of that roofline" in body and "dense model at 80% (2:4)" in body
+    assert "targets ask for 40% (2:4) of that roofline" in body and "dense model at 80% (2:4)" in body
 
 
 def test_roofline_takes_the_slower_of_compute_and_traffic_per_part() -> None:
