@@ -81,6 +81,43 @@ def test_dense_convs_run_on_amx(cin: int, cout: int, k: int, padding: int) -> No
 
 
 @pytest.mark.parametrize(
+    ("cin", "cout", "k", "dilation", "size"),
+    [
+        (64, 3, 3, 1, (9, 640)),  # EDSR's last conv, a whole number of segments
+        (64, 3, 3, 1, (5, 100)),  # the tap columns run into a partial segment
+        (16, 5, 3, 2, (6, 70)),  # 15 of 16 rows, dilated
+        (32, 2, 5, 1, (4, 63)),  # five tap columns
+        (8, 4, 2, 1, (3, 129)),  # an even kernel, no padding
+        (3, 1, 3, 1, (7, 20)),  # a K axis shorter than one step
+    ],
+)
+@pytest.mark.parametrize("epilogue", ["plain", "residual-relu-handoff"])
+def test_dense_convs_with_few_outputs_fold_their_tap_columns(
+    cin: int, cout: int, k: int, dilation: int, size: tuple[int, int], epilogue: str
+) -> None:
+    """O * KW <= 16: each tap column is a tile row of its own, shifted into place per output row."""
+    lib = _amx()
+    g = torch.Generator().manual_seed(cin + cout + k)
+    w, x, b = torch.randn(cout, cin, k, k, generator=g), torch.randn(2, cin, *size, generator=g), torch.randn(cout)
+    padding = dilation * (k - 1) // 2
+    ref = _reference(w, x, b, padding=padding, dilation=dilation)
+    kwargs: dict[str, object] = {}
+    if epilogue != "plain":
+        res = torch.randn(ref.shape, generator=g).to(torch.bfloat16)
+        ref = F.relu(0.5 * ref + res.float())
+        kwargs = {"residual": res, "res_scale": 0.5, "relu": True, "half_pad": (1, 1)}
+    out, on_amx = _runs_on_amx(
+        lib, functools.partial(_conv16, w, x, b, padding=padding, dilation=dilation, **kwargs)
+    )
+    assert on_amx
+    _close(out, ref)
+    if epilogue != "plain":
+        shadow = half_shadow(out, torch.bfloat16)
+        assert shadow is not None
+        assert torch.equal(shadow, _round(out).to(torch.bfloat16))
+
+
+@pytest.mark.parametrize(
     ("w", "stride"),
     [
         (nm_weight((32, 64, 3, 3), 2, 32), 1),  # per-channel masks: a block's K axis would be nearly dense
