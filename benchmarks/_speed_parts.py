@@ -39,7 +39,7 @@ def part_of(name: str, kind: str, model: str) -> str:
     if kind == "PixelShuffle":
         return "pixel shuffle (dense only; fused into the upsampler conv on the engines)"
     if name == "(other)":
-        return "rest: long skip sum, Python"
+        return "rest: long skip sum (dense only; in body.16's epilogue on the engines), Python"
     if model == "edsr":
         if name == "head.0":
             return "head.0 (first conv, dense)"
@@ -50,7 +50,7 @@ def part_of(name: str, kind: str, model: str) -> str:
         if kind in ("ResBlock", "FusedResidual"):
             return "16 residual blocks (2 convs 64->64, ReLU, skip sum)"
         if name.startswith("body"):
-            return "body.16 conv 64->64"
+            return "body.16 conv 64->64 (engines: with the long skip sum)"
     return kind
 
 

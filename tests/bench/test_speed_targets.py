@@ -16,7 +16,7 @@ from bench_speed_targets import kept_gmac, render, roofline_ms, vector_ceiling  
 PARTS = {
     "head.0 (first conv, dense)": 1.0,
     "16 residual blocks (2 convs 64->64, ReLU, skip sum)": 64.0,
-    "body.16 conv 64->64": 32.0,
+    "body.16 conv 64->64 (engines: with the long skip sum)": 32.0,
     "tail.0.0 upsampler conv 64->256": 32.0,
     "tail.1 (last conv, dense)": 3.0,
 }

@@ -215,16 +215,22 @@ def test_fp16_engine_chains_fp16_hand_offs_through_the_body() -> None:
     choices = {d.layer: d.choice for d in engine_state(engine).table()}  # type: ignore[union-attr]
     assert choices["body.0.body.0"] == "sparse_fp16" and choices["tail.0.0"] == "sparse_fp16"
     blocks = [engine.body[i] for i in range(3)]  # type: ignore[index]
-    # a block followed by a block or a sparse conv writes fp16 alone; the body's last conv (whose
-    # output EDSR adds to the head's in f32) and the first conv (also the long skip) do not
-    assert all(b.last.half_chain for b in blocks) and not engine.body[3].half_chain  # type: ignore[index]
+    # a block followed by a block or a sparse conv writes fp16 alone, and so does the body's last
+    # conv, which adds the long skip (FusedLongSkip) and hands the sum to the tail alone; the first
+    # conv, whose output is also the long skip's residual, does not
+    assert all(b.last.half_chain for b in blocks) and engine.body[3].half_chain  # type: ignore[index]
     assert engine.tail[0][0].half_chain and not engine.head[0].half_chain  # type: ignore[index]
     seen: list[torch.dtype] = []
-    hook = blocks[1].register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype))
+    hooks = [
+        blocks[1].register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype)),
+        engine.tail.register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype)),  # type: ignore[union-attr]
+    ]
     with torch.no_grad():
         assert torch.equal(engine(x), outs[2])
-    hook.remove()
-    assert seen == [torch.float16]  # block 1 read block 0's fp16 hand-off, input and residual
+    for hook in hooks:
+        hook.remove()
+    # block 1 read block 0's fp16 hand-off (input and residual), the tail the trunk's sum
+    assert seen == [torch.float16, torch.float16]
 
 
 def test_bf16_engines_chain_bf16_block_outputs() -> None:
@@ -238,6 +244,24 @@ def test_bf16_engines_chain_bf16_block_outputs() -> None:
         for _ in range(2):
             engine(torch.rand(1, 3, 10, 70))
     assert seen[1:] == [torch.bfloat16]  # once decided, block 1 reads block 0's bf16 hand-off
+
+
+def test_a_16_bit_engine_adds_the_long_skip_from_the_heads_16_bit_copy() -> None:
+    lib = kernel()
+    if not lib.has_bf16:
+        pytest.skip("no bf16 kernels here")
+    model = _edsr()
+    engine = compile_sparse(model, EngineConfig(precision="bf16", tactic="sparse"))
+    residuals: list[torch.dtype] = []
+    engine.body[3].register_forward_pre_hook(  # type: ignore[index]
+        lambda mod, args, kwargs: residuals.append(kwargs["residual"].dtype), with_kwargs=True
+    )
+    x = torch.rand(1, 3, 10, 70)
+    with torch.no_grad():
+        outs = [engine(x) for _ in range(2)]
+        ref = squash_(copy.deepcopy(model))(x)
+    assert residuals[-1] == torch.bfloat16
+    assert (outs[-1] - ref).abs().max() <= 2e-2 * ref.abs().max()
 
 
 def test_fp16_is_not_chosen_where_it_overflows(monkeypatch: pytest.MonkeyPatch) -> None:

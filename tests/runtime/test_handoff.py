@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nmrestore.models import create_model
+from nmrestore.models.common import LongSkip
 from nmrestore.runtime import (
     EngineConfig,
     SparseConv2d,
@@ -24,6 +25,7 @@ from nmrestore.runtime import (
     sparse_layers,
 )
 from nmrestore.runtime import kernel as kernel_module
+from nmrestore.runtime.fusion import FusedLongSkip
 from nmrestore.runtime.kernel import handoff_layout
 from nmrestore.sparsity import NMConfig, sparsify_, squash_
 from tests.runtime.kernel_helpers import kernel, nm_weight, sparse_conv
@@ -152,15 +154,40 @@ def test_engine_finds_the_handoff_pairs_and_stays_exact() -> None:
     for got in outputs:  # the first forward finds the pairs, the later ones use them
         assert (got - expected).abs().max() <= TOL
     pads = {layer.layer_name: layer.out_pad for layer in sparse_layers(engine)}
-    # every body conv feeds another body conv; the last body conv feeds the long-skip sum (PyTorch)
+    # every body conv feeds another body conv; the last body conv adds the long skip in its
+    # epilogue (FusedLongSkip) and feeds the upsampler conv
     assert pads["body.0.body.0"] == (1, 1) and pads["body.0.body.2"] == (1, 1)
-    assert pads["body.2.body.2"] == (1, 1) and pads["body.3"] is None
+    assert pads["body.2.body.2"] == (1, 1) and pads["body.3"] == (1, 1)
     assert pads["tail.0.0"] == (1, 1)  # its consumer, the dense last conv, runs on the kernel too (dense_convs)
     plain = compile_sparse(model, EngineConfig(tactic="sparse", handoff=False))
     with torch.no_grad():
         plain(x)
         assert torch.equal(plain(x), outputs[-1])  # the same arithmetic, only the layout differs
     assert all(layer.out_pad is None for layer in sparse_layers(plain))
+
+
+def test_the_trunks_last_conv_adds_the_long_skip() -> None:
+    """EDSR's ``body(features) + features`` runs as the body's last conv with ``features`` as its
+    residual: the same f32 arithmetic as the sum in PyTorch, bit for bit."""
+    kernel()
+    model = _edsr()
+    reference = squash_(copy.deepcopy(model))
+    engine = compile_sparse(model, EngineConfig(tactic="sparse"))
+    assert isinstance(engine.long_skip, FusedLongSkip)
+    x = torch.rand(1, 3, 11, 37)
+    with torch.no_grad():
+        fused = [engine(x) for _ in range(2)]
+        assert (fused[-1] - reference(x)).abs().max() <= TOL
+        engine.long_skip = LongSkip()  # the sum back in PyTorch
+        engine(x)
+        assert torch.equal(engine(x), fused[-1])
+
+
+def test_a_long_skip_that_cannot_fuse_sums_in_pytorch() -> None:
+    inner = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU())  # not a sparse conv last
+    x = torch.randn(1, 4, 6, 6)
+    with torch.no_grad():
+        assert torch.equal(FusedLongSkip()(inner, x), inner(x) + x)
 
 
 def test_engine_fuses_the_pixel_shuffle_on_both_tactics() -> None:

@@ -134,6 +134,15 @@ class ResBlock(nn.Module):
         return res + x
 
 
+class LongSkip(nn.Module):
+    """``inner(x) + x``: a trunk's long skip as a module of its own (no parameters), so that an
+    inference engine can add ``x`` in the epilogue of the trunk's last conv instead of in a pass
+    of its own (:mod:`nmrestore.runtime.fusion`)."""
+
+    def forward(self, inner: nn.Module, x: Tensor) -> Tensor:
+        return inner(x) + x
+
+
 def residual_trunk(
     n_colors: int, n_feats: int, make_block: Callable[[], nn.Module], n_blocks: int
 ) -> tuple[nn.Sequential, nn.Sequential]:
@@ -175,6 +184,7 @@ class MeanShiftedSR(nn.Module):
         self.rgb_range = rgb_range
         self.sub_mean = MeanShift(rgb_range, sign=-1)
         self.head, self.body = residual_trunk(n_colors, n_feats, make_block, n_blocks)
+        self.long_skip = LongSkip()  # body(features) + features
         # Scale 1 (denoising, deblurring): no upsampler; Identity keeps the last conv at ``tail.1``.
         upsampler: nn.Module = Upsampler(scale, n_feats) if scale > 1 else nn.Identity()
         self.tail = nn.Sequential(upsampler, default_conv(n_feats, n_colors, 3))
@@ -188,7 +198,7 @@ class MeanShiftedSR(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         features = self.head(self.sub_mean(x))
-        res = self.body(features) + features
+        res = self.long_skip(self.body, features)
         if not self.global_skip:
             return self.add_mean(self.tail(res))
         base = x if self.scale == 1 else F.interpolate(x, scale_factor=self.scale, mode="bicubic", align_corners=False)

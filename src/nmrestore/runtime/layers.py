@@ -195,8 +195,8 @@ class SparseLayer(nn.Module):
     #: Whether this layer kind has the 16-bit tactics (a Linear keeps f32).
     half_capable = False
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.run(x)
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        return self.run(x, residual)
 
     def run(
         self, x: Tensor, residual: Tensor | None = None, scale: float = 1.0, post_relu: bool = False

@@ -292,8 +292,8 @@ def profile_modules(model: nn.Module, x: Tensor, repeats: int = 3) -> tuple[list
 
     Residual blocks of the zoo (EDSR, CARN, MSRResNet) are timed whole, fused or not, so a dense
     and a compiled model split the same way. The total minus the leaves is reported as
-    ``(other)``: element-wise ops in ``forward`` code (the long skip, mean shifts,
-    concatenations) and Python overhead.
+    ``(other)``: element-wise ops in ``forward`` code (the long skip unless the engine fused it,
+    mean shifts, concatenations) and Python overhead.
     """
     atomic = [m for m in model.modules() if _is_atomic(m)]
     inside = {id(sub) for m in atomic for sub in m.modules() if sub is not m}
@@ -304,6 +304,7 @@ def profile_modules(model: nn.Module, x: Tensor, repeats: int = 3) -> tuple[list
         and id(m) not in inside
         and (_is_atomic(m) or next(m.children(), None) is None)
         and not isinstance(m, nn.Identity)
+        and not _passes_through(m)
     ]
     starts: dict[int, float] = {}
     samples: dict[str, list[float]] = {n: [] for n, _ in leaves}
@@ -338,6 +339,14 @@ def profile_modules(model: nn.Module, x: Tensor, repeats: int = 3) -> tuple[list
     total = statistics.median(totals) * 1e3
     rows.append(ModuleTime("(other)", "-", max(0.0, total - sum(r.ms for r in rows))))
     return rows, total
+
+
+def _passes_through(module: nn.Module) -> bool:
+    """A long skip (fused or not): it runs a module passed to it, whose leaves are timed themselves."""
+    from nmrestore.models.common import LongSkip
+    from nmrestore.runtime.fusion import FusedLongSkip
+
+    return isinstance(module, LongSkip | FusedLongSkip)
 
 
 def _is_atomic(module: nn.Module) -> bool:
