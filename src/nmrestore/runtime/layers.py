@@ -100,6 +100,8 @@ class SparseLayer(nn.Module):
 
     # -- route ---------------------------------------------------------------------------------
     def active_route(self) -> int:
+        if len(self.routes) == 1:
+            return 0  # one route (every engine but ClassPruning's and PNG's): no parametrization lookup
         mask = nm_mask_of(self.source)
         return 0 if mask is None else min(mask.route, len(self.routes) - 1)
 
