@@ -249,6 +249,30 @@ def _load() -> tuple[KernelLibrary | None, KernelStatus]:
     )
 
 
+def load_kernel_variant(defines: tuple[str, ...]) -> KernelLibrary:
+    """The kernel's sources built with extra ``-D`` definitions (e.g. ``("NMK_AMX_ABLATE=3",)``), cached
+    like the kernel itself; for benchmarks that time what one part of a kernel costs. An ablated build
+    computes wrong outputs: never hand it to an engine. Raises OSError when it cannot be built."""
+    compiler = find_compiler()
+    if compiler is None:
+        raise OSError("no C++ compiler found (set NMRESTORE_CXX or install g++)")
+    no_bf16, no_f16 = bf16_build_reason(), f16_build_reason()
+    flags = (
+        *FLAG_SETS[0],
+        *((NO_BF16_FLAG,) if no_bf16 else ()),
+        *((NO_F16_FLAG,) if no_f16 else ()),
+        *(f"-D{d}" for d in defines),
+    )
+    path = _build(compiler, flags, _sources(), _compiler_version(compiler))
+    problem = verify_library(path)
+    if problem is not None:
+        raise OSError(f"refusing to load {path}: {problem}")
+    lib = KernelLibrary(ctypes.CDLL(str(path)), bf16_allowed=no_bf16 is None, f16_allowed=no_f16 is None)
+    if lib.abi != ABI_VERSION:
+        raise OSError(f"{path}: ABI {lib.abi}, expected {ABI_VERSION}")
+    return lib
+
+
 def load_kernel() -> KernelLibrary | None:
     """The kernel library, built on first call; None (reason logged once) when it cannot be had."""
     global _loaded

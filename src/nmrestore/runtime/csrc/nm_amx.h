@@ -34,6 +34,15 @@
 #define NMK_AMX 0
 #endif
 
+// Ablations for benchmarks/bench_amx_limits.py (a build with -DNMK_AMX_ABLATE=k times what one part
+// of a fused residual block costs; its outputs are wrong): 1 the block's output written to a
+// thread-local scratch (no traffic to the hand-off), 2 no epilogue for its second conv, 3 no gather
+// (the B tiles keep what they hold), 4 no tile loads or products (the gather kept), 5 the first
+// conv's input rows read from a 4-row region that stays in L2 (not from L3). 0: none.
+#ifndef NMK_AMX_ABLATE
+#define NMK_AMX_ABLATE 0
+#endif
+
 namespace nmk_amx {
 
 using namespace nmk;
@@ -305,6 +314,7 @@ class Worker {
       gather(xb, bl, 0, lo, hi);
       for (int64_t s = 0; s < bl.steps; ++s) {
         if (s + 1 < bl.steps) gather(xb, bl, s + 1, lo, hi);
+        if constexpr (NMK_AMX_ABLATE == 4) continue;
         uint16_t(*row)[16][32] = buffer(bl, s);
         _tile_loadd(4, bl.a.data() + s * OB * 32, 64);
         _tile_loadd(5, row[0], 64);
@@ -330,6 +340,7 @@ class Worker {
   // output channels (EDSR's dense last conv, 64 -> 3: 288 pairs), `vpunpck{l,h}wd` (1 cycle)
   // interleaves them in a permuted order within 128-bit lanes that the epilogue undoes (unpermute()).
   void gather(const uint16_t* xb, const Block& bl, int64_t s, __m512i lo, __m512i hi) {
+    if constexpr (NMK_AMX_ABLATE == 3) return;
     uint16_t(*row)[16][32] = buffer(bl, s);
     const int64_t p0 = s * 16, p1 = std::min(bl.pairs, p0 + 16);
     for (int64_t p = p0; p < p1; ++p) {
@@ -521,6 +532,9 @@ inline bool block(const int64_t* prm, const Geometry& g, const uint16_t* xp, con
 #pragma omp parallel num_threads(nthreads)
   {
     Worker w;
+    std::vector<uint16_t> scratch(NMK_AMX_ABLATE == 1 ? C * (g.Wq + SEG) : 0);
+    AmxSink out = sink;
+    if constexpr (NMK_AMX_ABLATE == 1) out.out = nullptr, out.out2 = scratch.data(), out.o2s = {0, g.Wq + SEG, 0};
     // zeroed once: the columns left and right of the image stay zero (conv2's padding)
     uint16_t* tbuf = static_cast<uint16_t*>(std::aligned_alloc(64, ((tsize * 2 + 63) / 64) * 64));
     std::memset(tbuf, 0, tsize * 2);
@@ -537,7 +551,7 @@ inline bool block(const int64_t* prm, const Geometry& g, const uint16_t* xp, con
         }
         for (int64_t x0 = 0; x0 < g.Wo; x0 += SEG) {
           const int64_t ncols = std::min(SEG, g.Wo - x0);
-          w.segment(xp + b * g.per_b + r * xstride + x0, first, [&](float(&t)[OB][SEG], int64_t o0, bool perm) {
+          w.segment(xp + b * g.per_b + (NMK_AMX_ABLATE == 5 ? r % 4 : r) * xstride + x0, first, [&](float(&t)[OB][SEG], int64_t o0, bool perm) {
             relu1 ? epilogue<true, false>(t, sink_t, 0, o0, tr, x0, ncols, OB, perm)
                   : epilogue<false, false>(t, sink_t, 0, o0, tr, x0, ncols, OB, perm);
           });
@@ -547,7 +561,7 @@ inline bool block(const int64_t* prm, const Geometry& g, const uint16_t* xp, con
         for (int64_t x0 = 0; x0 < g.Wo; x0 += SEG) {
           const int64_t ncols = std::min(SEG, g.Wo - x0);
           w.segment(tbuf + (y - y0) * xstride + lead - 1 + x0, second, [&](float(&t)[OB][SEG], int64_t o0, bool perm) {
-            epilogue_any(t, sink, 1, b, o0, y, x0, ncols, OB, perm);
+            if constexpr (NMK_AMX_ABLATE != 2) epilogue_any(t, out, 1, b, o0, y, x0, ncols, OB, perm);
           });
         }
     }
