@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed import distributed_c10d
 
 
 @dataclass(frozen=True)
@@ -62,13 +64,25 @@ def shutdown(info: DistInfo, together: bool = True) -> None:
     """Leave the process group; ``together`` waits for every rank first.
 
     A rank that tears gloo down while rank 0 still works (final validation, report) can abort in
-    gloo's destructor ("terminate called without an active exception"), failing a finished run. After
+    gloo's destructor ("terminate called without an active exception"), failing a finished run; so can
+    one that tears it down while another is still inside the barrier (seen once in 8 test-suite runs
+    with the barrier alone), hence a second barrier through the rendezvous store, outside gloo. After
     an error the other ranks may never arrive, so that path leaves at once.
     """
     if info.distributed and dist.is_initialized():
         if together:
             dist.barrier()
+            _store_barrier(info, "nmrestore/shutdown/" + os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
         dist.destroy_process_group()
+
+
+def _store_barrier(info: DistInfo, key: str, timeout_s: float = 300.0) -> None:
+    """Wait until every rank has reached this point, counting on the process group's store (TCP)."""
+    store = distributed_c10d._get_default_store()
+    store.add(key, 1)
+    deadline = time.monotonic() + timeout_s
+    while store.add(key, 0) < info.world_size and time.monotonic() < deadline:
+        time.sleep(0.005)
 
 
 @contextmanager
