@@ -65,7 +65,7 @@ def shutdown(info: DistInfo, together: bool = True) -> None:
 
     A rank that tears gloo down while rank 0 still works (final validation, report) can abort in
     gloo's destructor ("terminate called without an active exception"), failing a finished run; so can
-    one that tears it down while another is still inside the barrier (seen once in 8 test-suite runs
+    one that tears it down while another is still inside the barrier (seen once in three test-suite runs
     with the barrier alone), hence a second barrier through the rendezvous store, outside gloo. After
     an error the other ranks may never arrive, so that path leaves at once.
     """
