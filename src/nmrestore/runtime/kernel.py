@@ -216,16 +216,9 @@ def _load() -> tuple[KernelLibrary | None, KernelStatus]:
     for base in FLAG_SETS:
         flags = (*base, *((NO_BF16_FLAG,) if no_bf16 else ()), *((NO_F16_FLAG,) if no_f16 else ()))
         try:
-            path = _build(compiler, flags, sources, version)
-            problem = verify_library(path)  # checked right before loading, whatever _build did
-            if problem is not None:
-                raise OSError(f"refusing to load {path}: {problem}")
-            lib = KernelLibrary(ctypes.CDLL(str(path)), bf16_allowed=no_bf16 is None, f16_allowed=no_f16 is None)
+            lib, path = _open(compiler, flags, sources, version, no_bf16 is None, no_f16 is None)
         except (OSError, subprocess.SubprocessError, AttributeError) as exc:
             attempts.append(f"{' '.join(flags)}: {exc}")
-            continue
-        if lib.abi != ABI_VERSION:
-            attempts.append(f"{' '.join(flags)}: ABI {lib.abi}, expected {ABI_VERSION}")
             continue
         status = KernelStatus(
             True,
@@ -249,6 +242,20 @@ def _load() -> tuple[KernelLibrary | None, KernelStatus]:
     )
 
 
+def _open(
+    compiler: str, flags: tuple[str, ...], sources: dict[str, bytes], version: str, bf16: bool, f16: bool
+) -> tuple[KernelLibrary, Path]:
+    """Build (or find in the cache) and load one flag set; OSError when it cannot be used."""
+    path = _build(compiler, flags, sources, version)
+    problem = verify_library(path)  # checked right before loading, whatever _build did
+    if problem is not None:
+        raise OSError(f"refusing to load {path}: {problem}")
+    lib = KernelLibrary(ctypes.CDLL(str(path)), bf16_allowed=bf16, f16_allowed=f16)
+    if lib.abi != ABI_VERSION:
+        raise OSError(f"ABI {lib.abi}, expected {ABI_VERSION}")
+    return lib, path
+
+
 def load_kernel_variant(defines: tuple[str, ...]) -> KernelLibrary:
     """The kernel's sources built with extra ``-D`` definitions (e.g. ``("NMK_AMX_ABLATE=3",)``), cached
     like the kernel itself; for benchmarks that time what one part of a kernel costs. An ablated build
@@ -263,14 +270,7 @@ def load_kernel_variant(defines: tuple[str, ...]) -> KernelLibrary:
         *((NO_F16_FLAG,) if no_f16 else ()),
         *(f"-D{d}" for d in defines),
     )
-    path = _build(compiler, flags, _sources(), _compiler_version(compiler))
-    problem = verify_library(path)
-    if problem is not None:
-        raise OSError(f"refusing to load {path}: {problem}")
-    lib = KernelLibrary(ctypes.CDLL(str(path)), bf16_allowed=no_bf16 is None, f16_allowed=no_f16 is None)
-    if lib.abi != ABI_VERSION:
-        raise OSError(f"{path}: ABI {lib.abi}, expected {ABI_VERSION}")
-    return lib
+    return _open(compiler, flags, _sources(), _compiler_version(compiler), no_bf16 is None, no_f16 is None)[0]
 
 
 def load_kernel() -> KernelLibrary | None:
