@@ -216,10 +216,10 @@ def test_fp16_engine_chains_fp16_hand_offs_through_the_body() -> None:
     assert choices["body.0.body.0"] == "sparse_fp16" and choices["tail.0.0"] == "sparse_fp16"
     blocks = [engine.body[i] for i in range(3)]  # type: ignore[index]
     # a block followed by a block or a sparse conv writes fp16 alone, and so does the body's last
-    # conv, which adds the long skip (FusedLongSkip) and hands the sum to the tail alone; the first
-    # conv, whose output is also the long skip's residual, does not
+    # conv, which adds the long skip (FusedLongSkip) and hands the sum to the tail alone, and the
+    # first conv, whose output goes to the first block and to that sum, both of which read fp16
     assert all(b.last.half_chain for b in blocks) and engine.body[3].half_chain  # type: ignore[index]
-    assert engine.tail[0][0].half_chain and not engine.head[0].half_chain  # type: ignore[index]
+    assert engine.tail[0][0].half_chain and engine.head[0].half_chain  # type: ignore[index]
     seen: list[torch.dtype] = []
     hooks = [
         blocks[1].register_forward_pre_hook(lambda mod, args: seen.append(args[0].dtype)),
@@ -246,7 +246,7 @@ def test_bf16_engines_chain_bf16_block_outputs() -> None:
     assert seen[1:] == [torch.bfloat16]  # once decided, block 1 reads block 0's bf16 hand-off
 
 
-def test_a_16_bit_engine_adds_the_long_skip_from_the_heads_16_bit_copy() -> None:
+def test_a_16_bit_engine_hands_the_heads_features_to_the_trunk_and_the_long_skip_in_16_bits() -> None:
     lib = kernel()
     if not lib.has_bf16:
         pytest.skip("no bf16 kernels here")
@@ -256,11 +256,15 @@ def test_a_16_bit_engine_adds_the_long_skip_from_the_heads_16_bit_copy() -> None
     engine.body[3].register_forward_pre_hook(  # type: ignore[index]
         lambda mod, args, kwargs: residuals.append(kwargs["residual"].dtype), with_kwargs=True
     )
+    inputs: list[torch.dtype] = []
+    engine.body[0].register_forward_pre_hook(lambda mod, args: inputs.append(args[0].dtype))  # type: ignore[index]
     x = torch.rand(1, 3, 10, 70)
     with torch.no_grad():
         outs = [engine(x) for _ in range(2)]
         ref = squash_(copy.deepcopy(model))(x)
-    assert residuals[-1] == torch.bfloat16
+    # once decided, the head writes its features as a bf16 hand-off alone: the first block reads it
+    # as its input and residual, the trunk's last conv as the long skip's residual
+    assert residuals[-1] == torch.bfloat16 and inputs[-1] == torch.bfloat16
     assert (outs[-1] - ref).abs().max() <= 2e-2 * ref.abs().max()
 
 

@@ -178,6 +178,11 @@ def fuse_long_skips(model: nn.Module) -> int:
             last = _skip_conv(module.body)
             if last is not None and _input_convs_only(module.tail):
                 last.half_chain = True
+            # the head's features go to the trunk and to the fused sum alone: both read 16 bits
+            # (EDSR-baseline x2, bf16, 2:32: head.0 and body.0 2.2 + 4.4 ms with an f32 copy, 1.6 + 2.8)
+            head = _output_conv(module.head)
+            if last is not None and head is not None and _input_convs_only(module.body):
+                head.half_chain = True
     return fused
 
 
