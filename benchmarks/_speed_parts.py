@@ -41,6 +41,8 @@ def part_of(name: str, kind: str, model: str) -> str:
     if name == "(other)":
         return "rest: long skip sum (dense only; in body.16's epilogue on the engines), Python"
     if model == "edsr":
+        if kind == "FusedTail":  # masks shared by 16-channel blocks: both convs may be one AMX call
+            return "tail.0.0 upsampler conv and tail.1 last conv (engines: one fused call)"
         if name == "head.0":
             return "head.0 (first conv, dense)"
         if name == "tail.1":

@@ -27,60 +27,24 @@ from __future__ import annotations
 import ctypes
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from nmrestore.runtime.handoff import (
+    HALF_DTYPES,
+    HALF_NAMES,
+    LAYOUT_ATTR,
+    SHADOW_ATTR,
+    HandoffLayout,
+    Pair,
+    half_shadow,
+    handoff_layout,
+)
+from nmrestore.runtime.kernel_fused import FusedCalls
 from nmrestore.runtime.packing import CSRWeight
 
-ABI_VERSION = 10
-
-#: The 16-bit dtypes a kernel may run in (its *half* dtype), besides float32.
-HALF_DTYPES = (torch.bfloat16, torch.float16)
-HALF_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-@dataclass(frozen=True)
-class HandoffLayout:
-    """Where a (B, C, H, W) hand-off view sits in its buffer of (B, rows, C, width) elements.
-
-    ``pad_h`` zero rows lie above the image and at least as many below it (down to ``rows``);
-    ``pad_w`` zero columns lie left of it and ``width - pad_w - W`` right of it.
-    """
-
-    pad_h: int
-    pad_w: int
-    rows: int
-    width: int
-
-    def strides(self, channels: int) -> tuple[int, int, int, int]:
-        return (self.rows * channels * self.width, self.width, channels * self.width, 1)
-
-
-#: Attribute of a hand-off view holding its :class:`HandoffLayout` (a plain Python attribute: any
-#: op that makes a new tensor drops it, so only the very view the kernel wrote carries it).
-LAYOUT_ATTR = "_nmk_layout"
-#: Attribute of an f32 output holding its 16-bit hand-off copy and the f32 tensor's version then.
-SHADOW_ATTR = "_nmk_half"
-
-
-def handoff_layout(x: Tensor) -> HandoffLayout | None:
-    """The layout of a hand-off view that still has exactly its original strides, else None."""
-    layout: HandoffLayout | None = getattr(x, LAYOUT_ATTR, None)
-    if layout is None or x.dim() != 4 or x.stride() != layout.strides(x.shape[1]):
-        return None
-    return layout
-
-
-def half_shadow(x: Tensor, half: torch.dtype = torch.bfloat16) -> Tensor | None:
-    """The 16-bit (``half`` dtype) hand-off copy of an f32 kernel output, if it has one of that dtype
-    and ``x`` is unmodified since."""
-    entry: tuple[Tensor, int] | None = getattr(x, SHADOW_ATTR, None)
-    if entry is None or x._version != entry[1] or entry[0].dtype != half:
-        return None
-    return entry[0]
-
+ABI_VERSION = 11
 
 #: Output buffers kept per size, and distinct sizes kept, by :meth:`KernelLibrary._output_buffer`.
 POOL_PER_SIZE = 6
@@ -97,10 +61,7 @@ def _storage_use_count() -> Callable[[Tensor], int] | None:
 
 _use_count = _storage_use_count()
 
-Pair = tuple[int, int]
-
-
-class KernelLibrary:
+class KernelLibrary(FusedCalls):
     """The loaded library with typed entry points."""
 
     def __init__(self, lib: ctypes.CDLL, bf16_allowed: bool = True, f16_allowed: bool = True) -> None:
@@ -136,6 +97,8 @@ class KernelLibrary:
             getattr(lib, name).argtypes = [p, p, p, p, p, p, p, p, p, ctypes.c_float, p, p]
         lib.nmk_block_bf16.restype = i32
         lib.nmk_block_bf16.argtypes = [p, p, p, p, p, p, p, p, i32, p, p, p, p, p, p, ctypes.c_float, p, p]
+        lib.nmk_tail_bf16.restype = i32
+        lib.nmk_tail_bf16.argtypes = [p] * 14
         self._params = ctypes.c_int64 * int(lib.nmk_param_count())
         lib.nmk_conv_channel_block.restype = i32
         lib.nmk_conv_channel_block.argtypes = [p, p, p, i64, i64]
@@ -371,56 +334,6 @@ class KernelLibrary:
             return out2
         if out2 is not None:
             setattr(out, SHADOW_ATTR, (out2, out._version))
-        return out
-
-    def block_bf16(
-        self,
-        x: Tensor,
-        first: tuple[CSRWeight, Tensor, Tensor | None, bool],
-        second: tuple[CSRWeight, Tensor, Tensor | None],
-        res_scale: float = 1.0,
-        relu: bool = False,
-        pad: Pair = (1, 1),
-        half_only: bool = True,
-        threads: int | None = None,
-    ) -> Tensor | None:
-        """A residual block ``act(res_scale * conv2(act1(conv1(x))) + x)`` in one bf16 kernel call on
-        AMX (3x3 convs, stride 1, padding 1, C -> C, masks shared by blocks of 16 output channels),
-        the intermediate kept in each thread's L2. ``first`` = (weights, bf16 values, bias, ReLU),
-        ``second`` = (weights, bf16 values, bias); ``x`` a bf16 hand-off view with a border of at
-        least 1, or an f32 tensor with such a shadow (:func:`half_shadow`, the skip then added in f32). Returns a bf16 hand-off of the output with border ``pad`` (with ``half_only``; else
-        f32 with its bf16 shadow), or None where the block does not qualify (the caller runs the two
-        convs)."""
-        geometry = ((3, 3), (1, 1), (1, 1), (1, 1))
-        b, c, h, w = x.shape
-        # conv1 reads the bf16 hand-off (x itself, or an f32 x's bf16 shadow); the skip adds x as it is
-        src_x = x if x.dtype == torch.bfloat16 else half_shadow(x, torch.bfloat16) if x.dtype == torch.float32 else None
-        if not self.has_amx or src_x is None or x.stride(3) != 1 or not self.accepts_handoff(src_x, *geometry, half=torch.bfloat16):
-            return None
-        (csr1, v1, b1, relu1), (csr2, v2, b2) = first, second
-        (src, strides), _, _ = self._input(src_x, geometry, torch.bfloat16)
-        out, zero = self._output(x.shape, pad, None) if not half_only else (None, ())  # type: ignore[arg-type]
-        out2, zero2 = self._output(x.shape, pad, torch.bfloat16)  # type: ignore[arg-type]
-        os_ = (out.stride(0), out.stride(1), out.stride(2)) if out is not None else (0, 0, 0)
-        params = self._params(
-            b, c, h, w, c, 3, 3, 1, 1, 1, 1, 1, 1, *strides, 1, int(relu), x.stride(0), x.stride(1), x.stride(2),
-            *os_, 1, *(zero or (0, 0, 0, 0)), threads or torch.get_num_threads(), 1, int(out is not None),
-            out2.stride(0), out2.stride(1), out2.stride(2), *zero2, int(x.dtype == torch.bfloat16),
-        )  # fmt: skip
-        start = src.data_ptr() - src.element_size() * (strides[2] + 1)  # the padded top-left
-        status = self._lib.nmk_block_bf16(
-            params, start, None, csr1.rowptr.data_ptr(), csr1.cin.data_ptr(), csr1.kpos.data_ptr(), v1.data_ptr(),
-            b1.data_ptr() if b1 is not None else None, int(relu1), csr2.rowptr.data_ptr(), csr2.cin.data_ptr(),
-            csr2.kpos.data_ptr(), v2.data_ptr(), b2.data_ptr() if b2 is not None else None, x.data_ptr(),
-            float(res_scale), out.data_ptr() if out is not None else None, out2.data_ptr(),
-        )  # fmt: skip
-        if status == -4:
-            return None
-        if status != 0:
-            raise RuntimeError(f"fused block kernel rejected input {tuple(x.shape)} (status {status})")
-        if out is None:
-            return out2
-        setattr(out, SHADOW_ATTR, (out2, out._version))
         return out
 
     def _output(

@@ -130,16 +130,19 @@ class SparseLayer(nn.Module):
         """The compiled kernels this layer runs on (None: the engine runs dense)."""
         return self._state.kernel
 
-    def amx_operands(self, x: Tensor) -> tuple[CSRWeight, Tensor, Tensor | None] | None:
+    def amx_operands(self, x: Tensor | tuple[int, ...]) -> tuple[CSRWeight, Tensor, Tensor | None] | None:
         """(weights, bf16 values, bias) when this conv runs the bf16 sparse tactic on ``x`` (decided
-        already, no route map, no autograd), for a fused block on AMX (:mod:`.fusion`); else None.
-        The producer of ``x`` is asked for its bf16 hand-off, as the tactic itself would."""
+        already, no route map, no autograd), for a fused call on AMX (:mod:`.fusion`); else None.
+        The producer of ``x`` is asked for its bf16 hand-off, as the tactic itself would; given the
+        input's shape instead (the fused call computes that input itself), nobody is asked."""
         kernel, route = self._state.kernel, self.active_route()
         if kernel is None or not kernel.has_amx or self._state.spatial is not None or torch.is_grad_enabled():
             return None
-        if self._choices.by_key.get((route, tuple(x.shape), torch.get_num_threads())) != "sparse_bf16":
+        shape = tuple(x.shape) if isinstance(x, Tensor) else tuple(x)
+        if self._choices.by_key.get((route, shape, torch.get_num_threads())) != "sparse_bf16":
             return None
-        self._ask_producer(x, "bf16")
+        if isinstance(x, Tensor):
+            self._ask_producer(x, "bf16")
         rw = self.routes[route]
         assert rw.csr is not None
         return rw.csr, rw.values_half(torch.bfloat16), self._bias

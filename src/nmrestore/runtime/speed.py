@@ -352,14 +352,14 @@ def _passes_through(module: nn.Module) -> bool:
 def _is_atomic(module: nn.Module) -> bool:
     """Timed as one piece (its submodules are not leaves): a sparse or parametrized layer, and a
     residual block, fused by the engine or not (a fused block calls its last conv directly, so
-    only the block's own hooks see all of its time)."""
+    only the block's own hooks see all of its time), and a fused tail (its convs may be one call)."""
     from torch.nn.utils import parametrize
 
-    from nmrestore.runtime.fusion import FusedResidual, residual_pattern
+    from nmrestore.runtime.fusion import FusedResidual, FusedTail, residual_pattern
     from nmrestore.runtime.layers import SparseLayer
 
     return (
-        isinstance(module, SparseLayer | FusedResidual)
+        isinstance(module, SparseLayer | FusedResidual | FusedTail)
         or parametrize.is_parametrized(module)
         or residual_pattern(module) is not None
     )

@@ -428,16 +428,40 @@ inline bool folded_block(const int64_t* prm, const Geometry& g, const int32_t* r
   return true;
 }
 
-// The folded conv (folded_block): each work item a band of whole output rows; each row's tile sums
-// over columns q < Wo + (KW - 1) * dw go to a thread-local row buffer, then through the epilogue.
+// One output row y of a folded conv (folded_block) from `xrow`, its padded input at that row: the
+// tile sums of each row (o, dx) over columns q < Wo + (KW - 1) * dw go to `rows` (a row buffer of
+// width_of(...) floats per tile row), then each output row adds its KW shifted rows.
+inline int64_t folded_width(int64_t Wo, int64_t KW, int64_t dw) { return (Wo + (KW - 1) * dw + SEG - 1) / SEG * SEG; }
+
+inline void folded_row(Worker& w, const std::vector<Block>& one, const uint16_t* xrow, int64_t O, int64_t KW,
+                       int64_t dw, int64_t Wo, float* rows, float (&t)[OB][SEG], const AmxSink& sink, int64_t b,
+                       int64_t y) {
+  const int64_t span = Wo + (KW - 1) * dw, width = folded_width(Wo, KW, dw);
+  for (int64_t q0 = 0; q0 < span; q0 += SEG)
+    w.segment(xrow + q0, one, [&](float(&s)[OB][SEG], int64_t, bool perm) {
+      if (perm) unpermute(s, O * KW);
+      for (int64_t j = 0; j < O * KW; ++j) std::memcpy(&rows[j * width + q0], s[j], SEG * 4);
+    });
+  for (int64_t x0 = 0; x0 < Wo; x0 += SEG) {
+    for (int64_t o = 0; o < O; ++o)
+      for (int64_t c = 0; c < SEG; c += 16) {
+        __m512 v = _mm512_loadu_ps(&rows[o * KW * width + x0 + c]);
+        for (int64_t dx = 1; dx < KW; ++dx)
+          v = _mm512_add_ps(v, _mm512_loadu_ps(&rows[(o * KW + dx) * width + x0 + c + dx * dw]));
+        _mm512_store_ps(&t[o][c], v);
+      }
+    epilogue_any(t, sink, 1, b, 0, y, x0, std::min(SEG, Wo - x0), O, false);
+  }
+}
+
+// The folded conv (folded_block): each work item a band of whole output rows (folded_row).
 inline bool folded_conv(const int64_t* prm, const Geometry& g, const uint16_t* xp, const int32_t* rowptr,
                         const int32_t* cin, const int32_t* kpos, const uint16_t* val, const AmxSink& sink,
                         int nthreads) {
   std::vector<Block> one(1);
   if (!folded_block(prm, g, rowptr, cin, kpos, val, one[0])) return false;
-  const int64_t O = prm[P_O], KW = prm[P_KW], dw = prm[P_DW], span = g.Wo + (KW - 1) * dw;
-  const int64_t width = (span + SEG - 1) / SEG * SEG, bands = (g.Ho + BAND - 1) / BAND, items = g.B * bands;
-  const int64_t xstride = g.C * g.Wq;
+  const int64_t O = prm[P_O], KW = prm[P_KW], dw = prm[P_DW], width = folded_width(g.Wo, KW, dw);
+  const int64_t bands = (g.Ho + BAND - 1) / BAND, items = g.B * bands, xstride = g.C * g.Wq;
 #pragma omp parallel num_threads(nthreads)
   {
     Worker w;
@@ -446,23 +470,8 @@ inline bool folded_conv(const int64_t* prm, const Geometry& g, const uint16_t* x
 #pragma omp for schedule(dynamic, 1)
     for (int64_t n = 0; n < items; ++n) {
       const int64_t b = n / bands, bd = n % bands;
-      for (int64_t y = bd * BAND; y < std::min(g.Ho, (bd + 1) * BAND); ++y) {
-        for (int64_t q0 = 0; q0 < span; q0 += SEG)
-          w.segment(xp + b * g.per_b + y * xstride + q0, one, [&](float(&s)[OB][SEG], int64_t, bool perm) {
-            if (perm) unpermute(s, O * KW);
-            for (int64_t j = 0; j < O * KW; ++j) std::memcpy(&rows[j * width + q0], s[j], SEG * 4);
-          });
-        for (int64_t x0 = 0; x0 < g.Wo; x0 += SEG) {
-          for (int64_t o = 0; o < O; ++o)
-            for (int64_t c = 0; c < SEG; c += 16) {
-              __m512 v = _mm512_loadu_ps(&rows[o * KW * width + x0 + c]);
-              for (int64_t dx = 1; dx < KW; ++dx)
-                v = _mm512_add_ps(v, _mm512_loadu_ps(&rows[(o * KW + dx) * width + x0 + c + dx * dw]));
-              _mm512_store_ps(&t[o][c], v);
-            }
-          epilogue_any(t, sink, 1, b, 0, y, x0, std::min(SEG, g.Wo - x0), O, false);
-        }
-      }
+      for (int64_t y = bd * BAND; y < std::min(g.Ho, (bd + 1) * BAND); ++y)
+        folded_row(w, one, xp + b * g.per_b + y * xstride, O, KW, dw, g.Wo, rows.data(), t, sink, b, y);
     }
     if (sink.stream) _mm_sfence();
   }

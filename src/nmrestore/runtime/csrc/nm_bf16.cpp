@@ -18,6 +18,7 @@
 // ReLU in f32, and writes an f32 output, a bf16 hand-off output (the next bf16 conv reads it in
 // place), or both.
 #include "nm_amx.h"
+#include "nm_amx_tail.h"
 #include "nm_half_common.h"
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__) && defined(__AVX512F__) && !defined(NMK_NO_BF16)
@@ -264,6 +265,38 @@ int nmk_block_bf16(const int64_t* prm, const void* x, void* workspace, const int
   const int32_t* csr2[3] = {rowptr2, cin2, kpos2};
   const int nthreads = prm[P_THREADS] > 0 ? (int)prm[P_THREADS] : 1;
   return nmk_amx::block(prm, g, xp, csr1, val1, bias1, relu1 != 0, csr2, val2, sink, nthreads) ? 0 : -4;
+#endif
+}
+
+// EDSR's and RCAN's tail fused on AMX (nm_amx_tail.h: nmk_amx::tail): the upsampler conv with its
+// pixel shuffle (prm: nmk_conv2d_bf16's, P_SHUFFLE > 1, bias1, ReLU when P_RELU) on x, a padded bf16
+// hand-off view (P_IN_PADDED), then the dense last conv (prm2: its geometry, P_RELU, and the strides
+// P_OS* of `out`, f32, no border) on the shuffled output, which stays in each thread's L2.
+// Returns 0; -1 on a bad geometry; -3 when this build has no bf16 kernels; -4 when they do not
+// qualify (no AMX here, masks not shared by 16-channel blocks, another geometry): the caller runs
+// the two convs.
+int nmk_tail_bf16(const int64_t* prm, const int64_t* prm2, const void* x, const int32_t* rowptr1, const int32_t* cin1,
+                  const int32_t* kpos1, const uint16_t* val1, const float* bias1, const int32_t* rowptr2,
+                  const int32_t* cin2, const int32_t* kpos2, const uint16_t* val2, const float* bias2, float* out) {
+#if !NMK_BF16 || !NMK_AMX
+  (void)prm, (void)prm2, (void)x, (void)rowptr1, (void)cin1, (void)kpos1, (void)val1, (void)bias1, (void)rowptr2;
+  (void)cin2, (void)kpos2, (void)val2, (void)bias2, (void)out;
+  return NMK_BF16 ? -4 : -3;
+#else
+  const Strides xs{prm[P_XSB], prm[P_XSC], prm[P_XSH]};
+  if (!prm[P_IN_PADDED] || !prm[P_IN_BF16] || !nmk_amx::amx_enabled()) return -4;
+  Geometry g = geometry_bf16(prm);
+  if (g.Ho <= 0 || g.Wo <= 0 || xs.h != prm[P_C] * xs.c || out == nullptr) return -1;
+  g.Wq = xs.c, g.plane = xs.b, g.per_b = xs.b;  // the hand-off view read in place
+  const int64_t n_out = prm2[P_B] * prm2[P_O] * prm2[P_H] * prm2[P_W];
+  const nmk_amx::AmxSink sink{out, {prm2[P_OSB], prm2[P_OSC], prm2[P_OSH]}, nullptr, {}, nullptr, {}, false, bias2, 1.f,
+                              prm2[P_RELU] != 0, n_out >= (int64_t(1) << 20)};
+  const int32_t* csr1[3] = {rowptr1, cin1, kpos1};
+  const int32_t* csr2[3] = {rowptr2, cin2, kpos2};
+  const int nthreads = prm[P_THREADS] > 0 ? (int)prm[P_THREADS] : 1;
+  return nmk_amx::tail(prm, g, static_cast<const uint16_t*>(x), csr1, val1, bias1, prm2, csr2, val2, sink, nthreads)
+             ? 0
+             : -4;
 #endif
 }
 

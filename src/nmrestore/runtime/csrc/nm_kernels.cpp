@@ -302,7 +302,7 @@ inline int tile_vectors(int64_t Wo, const Layer& L, int64_t O, int64_t C) {
 
 extern "C" {
 
-int nmk_abi_version() { return 10; }
+int nmk_abi_version() { return 11; }
 int nmk_vector_floats() { return VW; }
 int nmk_tile_rows() { return TR; }
 int nmk_tile_cols() { return TW; }

@@ -1,0 +1,110 @@
+"""The fused tail on AMX (:meth:`FusedCalls.tail_bf16`, csrc/nm_amx_tail.h): the upsampler conv with
+its pixel shuffle and the dense last conv in one call equal the two convs run apart, on every band
+and step layout; what does not qualify is left to the two convs; the engine takes it for EDSR."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import pytest
+import torch
+
+from nmrestore.models import create_model
+from nmrestore.runtime import EngineConfig, compile_sparse, csr_from_dense
+from nmrestore.runtime.fusion import FusedTail
+from nmrestore.runtime.kernel import KernelLibrary
+from nmrestore.runtime.kernel_fused import FusedConv
+from nmrestore.sparsity import NMConfig, nm, sparsify_, squash_
+from tests.runtime.kernel_helpers import half_conv, half_kernel, nm_weight
+
+_conv16 = functools.partial(half_conv, half=torch.bfloat16)
+
+
+def _amx() -> KernelLibrary:
+    lib = half_kernel(torch.bfloat16)
+    if not lib.has_amx:
+        pytest.skip("no AMX path here (a CPU without AMX-BF16, or NMRESTORE_DISABLE_AMX)")
+    return lib
+
+
+def _coarse(shape: tuple[int, ...], n: int, m: int, seed: int = 0) -> torch.Tensor:
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    return w * (nm.compute_ranks(nm.block_scores(w.abs(), 16), m) < n)
+
+
+def _handoff(x: torch.Tensor) -> torch.Tensor:
+    c = x.shape[1]
+    eye = torch.zeros(c, c, 1, 1)
+    eye[torch.arange(c), torch.arange(c)] = 1.0
+    return _conv16(eye, x, None, padding=0, half_pad=(1, 1), half_only=True)
+
+
+def _fused(w: torch.Tensor, b: torch.Tensor | None, relu: bool = False) -> FusedConv:
+    csr = csr_from_dense(w)
+    k = (w.shape[2], w.shape[3])
+    return FusedConv(csr, csr.values.bfloat16(), b, w.shape[0], k, (k[0] // 2, k[1] // 2), (1, 1), relu)
+
+
+@pytest.mark.parametrize(("n", "m"), [(2, 32), (4, 32)])
+# fewer rows than a step; steps and a partial one per band; several bands, a partial segment
+@pytest.mark.parametrize("size", [(3, 20), (13, 70), (31, 130)])
+@pytest.mark.parametrize(("r", "outs", "relu"), [(2, 3, False), (2, 5, True), (4, 3, False)])
+def test_the_fused_tail_equals_its_two_convs(n: int, m: int, size: tuple[int, int], r: int, outs: int, relu: bool) -> None:
+    lib = _amx()
+    c2 = 16
+    w_up, b_up = _coarse((c2 * r * r, 32, 3, 3), n, m, seed=1), torch.randn(c2 * r * r)
+    w_last, b_last = torch.randn(outs, c2, 3, 3) * 0.1, torch.randn(outs)
+    x = _handoff(torch.randn(2, 32, *size))
+    hr = _conv16(w_up, x, b_up, relu=relu, shuffle=r, half_pad=(1, 1), half_only=True)
+    two = _conv16(w_last, hr, b_last)
+    before = lib.amx_convs()
+    fused = lib.tail_bf16(x, _fused(w_up, b_up, relu), r, _fused(w_last, b_last))
+    assert fused is not None and lib.amx_convs() == before + 2
+    assert fused.dtype == torch.float32 and fused.shape == two.shape
+    assert torch.equal(fused, two)  # the same products and sums, the shuffled rows kept in L2
+
+
+def test_a_tail_that_does_not_qualify_is_left_to_the_two_convs(monkeypatch: pytest.MonkeyPatch) -> None:
+    lib = _amx()
+    x = _handoff(torch.randn(1, 32, 9, 40))
+    up = _fused(_coarse((64, 32, 3, 3), 2, 32), None)
+    last = _fused(torch.randn(3, 16, 3, 3), None)
+    assert lib.tail_bf16(x, _fused(nm_weight((64, 32, 3, 3), 2, 32), None), 2, last) is None  # per-channel
+    assert lib.tail_bf16(x, up, 2, _fused(torch.randn(6, 16, 3, 3), None)) is None  # 6 x 3 taps > 16 rows
+    assert lib.tail_bf16(x, up, 2, _fused(torch.randn(3, 16, 5, 5), None)) is None  # not 3x3
+    assert lib.tail_bf16(x.float(), up, 2, last) is None  # not a bf16 hand-off
+    monkeypatch.setenv("NMRESTORE_DISABLE_AMX", "1")
+    assert lib.tail_bf16(x, up, 2, last) is None
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+def test_the_bf16_engine_runs_edsrs_tail_as_one_amx_call(monkeypatch: pytest.MonkeyPatch, scale: int) -> None:
+    _amx()
+    torch.manual_seed(0)
+    model = create_model("edsr_small", scale=scale, n_feats=32, n_blocks=2)
+    sparsify_(model, NMConfig(n=4, m=32, out_block=16))
+    model.eval()
+    reference = squash_(copy.deepcopy(model))
+    engine = compile_sparse(model, EngineConfig(precision="bf16", tactic="sparse"))
+    assert isinstance(engine.tail, FusedTail)
+    x = torch.rand(1, 3, 20, 70)
+    calls: list[bool] = []
+    original = FusedTail._amx_tail
+
+    def spy(self: FusedTail, x: torch.Tensor) -> torch.Tensor | None:
+        out = original(self, x)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(FusedTail, "_amx_tail", spy)
+    with torch.no_grad():
+        engine(x)  # decides the tactics (each conv alone)
+        calls.clear()
+        fused = engine(x)
+        assert calls == [True]
+        monkeypatch.setattr(FusedTail, "_amx_tail", lambda self, x: None)
+        apart = engine(x)
+        ref = reference(x)
+    assert torch.equal(fused, apart)
+    assert float((fused - ref).abs().max()) <= 2e-2 * float(ref.abs().max())
