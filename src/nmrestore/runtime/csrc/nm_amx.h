@@ -101,6 +101,7 @@ struct Block {
   int64_t pairs = 0, steps = 0;
   int64_t channels = 0;   // output channels in the block (the last may have fewer than 16)
   bool permuted = false;  // gathered with vpunpck{l,h}wd (see Worker::gather)
+  bool reuses = false;    // the block before gathers the same B tiles and leaves them (a dense conv)
 };
 
 inline bool pack_blocks(const Geometry& g, const int32_t* rowptr, const int32_t* cin, const int32_t* kpos,
@@ -131,6 +132,8 @@ inline bool pack_blocks(const Geometry& g, const int32_t* rowptr, const int32_t*
       for (int64_t k = rowptr[o0 + j]; k < rowptr[o0 + j + 1]; ++k) by_key[cin[k] * taps + kpos[k]] = val[k];
       for (int64_t i = 0; i < n; ++i) bl.a[(i / 32) * OB * 32 + j * 32 + i % 32] = by_key[pos[i].second];
     }
+    // at most two steps: none of the previous block's B buffers was written twice
+    bl.reuses = b > 0 && bl.steps <= 2 && bl.off == blocks[b - 1].off && bl.permuted == blocks[b - 1].permuted;
   }
   return true;
 }
@@ -309,9 +312,9 @@ class Worker {
       // K step by K step through two B buffers and a third for a partial last step (12 KB: they
       // stay in L1 beside the input window; a dense conv has up to 20 steps): step s + 1 is gathered
       // before step s is multiplied, so the tile loads never wait on stores just issued
-      gather(xb, bl, 0, qi);
+      if (!bl.reuses) gather(xb, bl, 0, qi);
       for (int64_t s = 0; s < bl.steps; ++s) {
-        if (s + 1 < bl.steps) gather(xb, bl, s + 1, qi);
+        if (s + 1 < bl.steps && !bl.reuses) gather(xb, bl, s + 1, qi);
         if constexpr (NMK_AMX_ABLATE == 4) continue;
         uint16_t(*row)[16][32] = buffer(bl, s);
         _tile_loadd(4, bl.a.data() + s * OB * 32, 64);
@@ -479,6 +482,15 @@ inline bool folded_conv(const int64_t* prm, const Geometry& g, const uint16_t* x
   return true;
 }
 
+// A 16-bit residual's row y, columns [c0, c1), of every output channel towards L2: a residual from
+// long before (EDSR's long skip) comes from memory, and its 64 channel rows are more streams than
+// the hardware prefetcher follows.
+inline void prefetch_rows(const AmxSink& s, int64_t b, int64_t O, int64_t y, int64_t c0, int64_t c1) {
+  const char* row = reinterpret_cast<const char*>(static_cast<const uint16_t*>(s.res) + b * s.rs.b + y * s.rs.h);
+  for (int64_t o = 0; o < O; ++o)
+    for (int64_t c = c0 * 2; c < c1 * 2; c += 64) _mm_prefetch(row + o * s.rs.c * 2 + c, _MM_HINT_T1);
+}
+
 // The conv on AMX when it qualifies (stride 1, blocks of 16 channels sharing their positions, a
 // fused shuffle's factor dividing 16, AMX granted); false: the caller runs the vector path.
 inline bool conv(const int64_t* prm, const Geometry& g, const uint16_t* xp, const int32_t* rowptr, const int32_t* cin,
@@ -498,13 +510,16 @@ inline bool conv(const int64_t* prm, const Geometry& g, const uint16_t* xp, cons
 #pragma omp for schedule(dynamic, 1)
     for (int64_t n = 0; n < items; ++n) {
       const int64_t b = n / (bands * chunks), bd = (n / chunks) % bands, ch = n % chunks;
-      for (int64_t y = bd * BAND; y < std::min(g.Ho, (bd + 1) * BAND); ++y)
-        for (int64_t x0 = ch * CHUNK * SEG; x0 < std::min(g.Wo, (ch + 1) * CHUNK * SEG); x0 += SEG) {
+      const int64_t c0 = ch * CHUNK * SEG, c1 = std::min(g.Wo, (ch + 1) * CHUNK * SEG);
+      for (int64_t y = bd * BAND; y < std::min(g.Ho, (bd + 1) * BAND); ++y) {
+        if (sink.res16 && y + 2 < g.Ho) prefetch_rows(sink, b, O, y + 2, c0, c1);
+        for (int64_t x0 = c0; x0 < c1; x0 += SEG) {
           const int64_t ncols = std::min(SEG, g.Wo - x0);
           w.segment(xp + b * g.per_b + y * xstride + x0, blocks, [&](float(&t)[OB][SEG], int64_t o0, bool perm) {
             epilogue_any(t, sink, R, b, o0, y, x0, ncols, std::min(OB, O - o0), perm);
           });
         }
+      }
     }
     if (sink.stream) _mm_sfence();
   }
