@@ -230,7 +230,8 @@ def _handoff(lib: KernelLibrary, x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(("n", "m"), [(2, 32), (4, 32)])
-@pytest.mark.parametrize("size", [(5, 20), (17, 70), (33, 130)])  # one band, a partial band, several
+# one band, a partial band, several; bands of several steps (the head conv's last rows copied)
+@pytest.mark.parametrize("size", [(5, 20), (17, 70), (33, 130), (200, 20)])
 @pytest.mark.parametrize(("relu1", "post_relu", "scale"), [(True, False, 1.0), (False, True, 0.5)])
 def test_a_fused_block_equals_its_two_convs(
     n: int, m: int, size: tuple[int, int], relu1: bool, post_relu: bool, scale: float

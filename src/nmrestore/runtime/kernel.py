@@ -60,7 +60,7 @@ log = logging.getLogger("nmrestore.runtime")
 
 #: The sources, compiled together (the header is written next to them); the cache key covers all.
 SOURCE_NAMES = (
-    "nm_common.h", "nm_half_common.h", "nm_amx.h", "nm_amx_tail.h", "nm_weights.h", "nm_tiles.h", "nm_f16_tiles.h", "nm_kernels.cpp", "nm_bf16.cpp", "nm_fp16.cpp"
+    "nm_common.h", "nm_half_common.h", "nm_amx.h", "nm_amx_block.h", "nm_amx_tail.h", "nm_weights.h", "nm_tiles.h", "nm_f16_tiles.h", "nm_kernels.cpp", "nm_bf16.cpp", "nm_fp16.cpp"
 )
 #: Defined to build without the bf16 kernels.
 NO_BF16_FLAG = "-DNMK_NO_BF16"

@@ -1,6 +1,6 @@
 """The kernel library's fused calls on AMX (bf16): a residual block in one call
 (:meth:`FusedCalls.block_bf16`) and EDSR's tail in one call (:meth:`FusedCalls.tail_bf16`); each keeps
-the activation between its two convs in the thread's L2 (``csrc/nm_amx.h``, ``csrc/nm_amx_tail.h``).
+the activation between its two convs in the thread's L2 (``csrc/nm_amx_block.h``, ``csrc/nm_amx_tail.h``).
 A mixin of :class:`nmrestore.runtime.kernel_lib.KernelLibrary`, whose loading, inputs and outputs
 these use."""
 

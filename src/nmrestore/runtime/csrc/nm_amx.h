@@ -9,9 +9,10 @@
 // bf16 in and out, input in cache): 0.71 ms at 2:32 and 0.91 ms at 4:32, against 2.25 / 4.05 ms
 // for the vector path and 0.89 / 1.24 ms for the fp16 kernel. The tile products are the least of
 // it: the gather and the activation traffic set the time, so a residual block runs as one call
-// (block(): its intermediate never leaves L2; 16 blocks in a chain 24 ms against 30 ms as 32
+// (nm_amx_block.h: its intermediate never leaves L2; 16 blocks in a chain 24 ms against 30 ms as 32
 // convs) and bf16 hand-offs stay in the caches for the next conv (see AmxSink::stream).
-// A dense conv with few outputs folds its tap columns into the tile rows (folded_conv).
+// A dense conv with few outputs folds its tap columns into the tile rows (folded_conv); EDSR's
+// upsampler conv and last conv run as one call the same way (nm_amx_tail.h).
 // Per-channel masks cannot use AMX: 16 channels' kept positions rarely coincide, so a block's K
 // axis would be nearly dense.
 //
@@ -524,77 +525,6 @@ inline bool conv(const int64_t* prm, const Geometry& g, const uint16_t* xp, cons
     if (sink.stream) _mm_sfence();
   }
   amx_convs.fetch_add(1, std::memory_order_relaxed);
-  return true;
-}
-
-// Output rows a fused block's work item computes (its head conv's rows: 2 more, kept in L2).
-constexpr int64_t BLOCK_BAND = 16;
-
-// A residual block fused: t = act1(conv1(x) + b1), out = act2(scale * (conv2(t) + b2) + x), both
-// convs 3x3, stride 1, padding 1, C -> C, on AMX; t never leaves the thread's L2: each work item
-// computes its band of t rows (and one row above and below it again) into a local buffer laid out
-// as the padded input, then the band of output rows from it. x is the padded bf16 input (`xp`,
-// geometry `g`), and the residual (`sink.res`). False when it does not qualify.
-inline bool block(const int64_t* prm, const Geometry& g, const uint16_t* xp, const int32_t* const* csr1,
-                  const uint16_t* val1, const float* bias1, bool relu1, const int32_t* const* csr2,
-                  const uint16_t* val2, const AmxSink& sink, int nthreads) {
-  const int64_t C = g.C;
-  if (prm[P_SH] != 1 || prm[P_SW] != 1 || prm[P_SHUFFLE] > 1 || prm[P_KH] != 3 || prm[P_KW] != 3) return false;
-  if (prm[P_PH] != 1 || prm[P_PW] != 1 || prm[P_DH] != 1 || prm[P_DW] != 1 || prm[P_O] != C || C % OB != 0 ||
-      !amx_enabled())
-    return false;
-  const std::vector<Block> first = amx_blocks(prm, g, csr1[0], csr1[1], csr1[2], val1);
-  const std::vector<Block> second = amx_blocks(prm, g, csr2[0], csr2[1], csr2[2], val2);
-  if (first.empty() || second.empty()) return false;
-  const int64_t xstride = C * g.Wq, lead = 32;  // t's image columns start 64-byte aligned, at `lead`
-  if (g.Wq < lead + g.Wo + 1) return false;  // room for t's right zero column (a hand-off's width has it)
-  // bands of at most BLOCK_BAND rows, as many per thread (180 rows on 2 threads: 12 bands of 15, not
-  // 11 of 16 and one of 4, which left a thread idle for most of a band)
-  const int64_t per_thread = (g.B * g.Ho + BLOCK_BAND * nthreads - 1) / (BLOCK_BAND * nthreads);
-  const int64_t band = std::max<int64_t>(1, (g.Ho * g.B + per_thread * nthreads - 1) / (per_thread * nthreads));
-  const int64_t bands = (g.Ho + band - 1) / band, items = g.B * bands;
-  const int64_t trows = band + 2, tsize = trows * xstride + 2 * SEG;
-  const AmxSink to_t{nullptr, {}, nullptr, {0, g.Wq, xstride}, nullptr, {}, false, bias1, 1.f, relu1, false};
-#pragma omp parallel num_threads(nthreads)
-  {
-    Worker w;
-    std::vector<uint16_t> scratch(NMK_AMX_ABLATE == 1 ? C * (g.Wq + SEG) : 0);
-    AmxSink out = sink;
-    if constexpr (NMK_AMX_ABLATE == 1) out.out = nullptr, out.out2 = scratch.data(), out.o2s = {0, g.Wq + SEG, 0};
-    // zeroed once: the columns left and right of the image stay zero (conv2's padding)
-    uint16_t* tbuf = static_cast<uint16_t*>(std::aligned_alloc(64, ((tsize * 2 + 63) / 64) * 64));
-    std::memset(tbuf, 0, tsize * 2);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t n = 0; n < items; ++n) {
-      const int64_t b = n / bands, y0 = (n % bands) * band, y1 = std::min(g.Ho, y0 + band);
-      AmxSink sink_t = to_t;
-      sink_t.out2 = tbuf + lead;
-      for (int64_t r = y0 - 1; r <= y1; ++r) {  // t rows y0 - 1 .. y1 (t row i at buffer row i - y0 + 1)
-        const int64_t tr = r - y0 + 1;
-        if (r < 0 || r >= g.Ho) {  // conv2's zero padding rows
-          std::memset(tbuf + tr * xstride, 0, xstride * 2);
-          continue;
-        }
-        for (int64_t x0 = 0; x0 < g.Wo; x0 += SEG) {
-          const int64_t ncols = std::min(SEG, g.Wo - x0);
-          w.segment(xp + b * g.per_b + (NMK_AMX_ABLATE == 5 ? r % 4 : r) * xstride + x0, first, [&](float(&t)[OB][SEG], int64_t o0, bool perm) {
-            relu1 ? epilogue<true, false>(t, sink_t, 0, o0, tr, x0, ncols, OB, perm)
-                  : epilogue<false, false>(t, sink_t, 0, o0, tr, x0, ncols, OB, perm);
-          });
-        }
-      }
-      for (int64_t y = y0; y < y1; ++y)
-        for (int64_t x0 = 0; x0 < g.Wo; x0 += SEG) {
-          const int64_t ncols = std::min(SEG, g.Wo - x0);
-          w.segment(tbuf + (y - y0) * xstride + lead - 1 + x0, second, [&](float(&t)[OB][SEG], int64_t o0, bool perm) {
-            if constexpr (NMK_AMX_ABLATE != 2) epilogue_any(t, out, 1, b, o0, y, x0, ncols, OB, perm);
-          });
-        }
-    }
-    std::free(tbuf);
-    if (sink.stream) _mm_sfence();
-  }
-  amx_convs.fetch_add(2, std::memory_order_relaxed);
   return true;
 }
 

@@ -18,6 +18,7 @@
 // ReLU in f32, and writes an f32 output, a bf16 hand-off output (the next bf16 conv reads it in
 // place), or both.
 #include "nm_amx.h"
+#include "nm_amx_block.h"
 #include "nm_amx_tail.h"
 #include "nm_half_common.h"
 
@@ -230,7 +231,7 @@ int64_t nmk_amx_convs() {
 #endif
 }
 
-// A residual block fused on AMX (nm_amx.h: nmk_amx::block): t = relu1 ? relu(conv1(x) + bias1) :
+// A residual block fused on AMX (nm_amx_block.h: nmk_amx::block): t = relu1 ? relu(conv1(x) + bias1) :
 // conv1(x) + bias1, then out = act(res_scale * (conv2(t) + bias2) + residual), act = ReLU when
 // P_RELU. prm is nmk_conv2d_bf16's for conv1 (3x3, stride 1, padding 1, C -> C), with conv2's
 // epilogue (P_RELU, the residual's strides, P_RES_F16); x must be a padded bf16 hand-off view
