@@ -214,8 +214,8 @@ class FusedTail(nn.Sequential):
     with a fused pixel shuffle and whose ``last`` is a sparse 3x3 conv. Once both run the bf16
     sparse tactic, that conv and ``last`` are one AMX call
     (:meth:`~nmrestore.runtime.kernel_fused.FusedCalls.tail_bf16`: the shuffled activation never
-    leaves L2; EDSR-baseline x2, 2:32: 5.6 ms against 7.8 ms as two convs); otherwise the modules run
-    in turn. The same children under the same names as the Sequential it replaces."""
+    leaves L2; EDSR-baseline x2, coarse 2:32: 4.8 ms against 7.9 ms as two convs); otherwise the
+    modules run in turn. The same children under the same names as the Sequential it replaces."""
 
     def __init__(self, tail: nn.Sequential, prefix: tuple[nn.Module, ...], up: SparseConv2d, last: SparseConv2d) -> None:
         super().__init__(OrderedDict(tail._modules))
