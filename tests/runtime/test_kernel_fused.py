@@ -1,6 +1,7 @@
 """The fused tail on AMX (:meth:`FusedCalls.tail_bf16`, csrc/nm_amx_tail.h): the upsampler conv with
 its pixel shuffle and the dense last conv in one call equal the two convs run apart, on every band
-and step layout; what does not qualify is left to the two convs; the engine takes it for EDSR."""
+and step layout; what does not qualify is left to the two convs; the engine takes it for EDSR, and a
+profile times it whole."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from nmrestore.runtime import EngineConfig, compile_sparse, csr_from_dense
 from nmrestore.runtime.fusion import FusedTail
 from nmrestore.runtime.kernel import KernelLibrary
 from nmrestore.runtime.kernel_fused import FusedConv
+from nmrestore.runtime.speed import profile_modules
 from nmrestore.sparsity import NMConfig, nm, sparsify_, squash_
 from tests.runtime.kernel_helpers import half_conv, half_kernel, nm_weight
 
@@ -108,3 +110,20 @@ def test_the_bf16_engine_runs_edsrs_tail_as_one_amx_call(monkeypatch: pytest.Mon
         ref = reference(x)
     assert torch.equal(fused, apart)
     assert float((fused - ref).abs().max()) <= 2e-2 * float(ref.abs().max())
+
+
+def test_a_profile_times_the_fused_tail_whole_and_a_dense_tail_conv_by_conv() -> None:
+    _amx()
+    torch.manual_seed(0)
+    model = create_model("edsr_small", scale=2, n_feats=32, n_blocks=2)
+    sparsify_(model, NMConfig(n=4, m=32, out_block=16))
+    model.eval()
+    x = torch.rand(1, 3, 12, 40)
+    dense_rows, _ = profile_modules(squash_(copy.deepcopy(model)), x, repeats=1)
+    engine = compile_sparse(model, EngineConfig(precision="bf16", tactic="sparse"))
+    rows, total = profile_modules(engine, x, repeats=1)
+    names = {r.name: r.kind for r in rows}
+    # the fused call runs neither conv's module: only the tail's own hooks see its time
+    assert names["tail"] == "FusedTail" and not any(n.startswith("tail.") for n in names)
+    assert {"tail.0.0", "tail.1"} <= {r.name for r in dense_rows}
+    assert sum(r.ms for r in rows if r.name != "(other)") <= total + 1e-6
