@@ -149,3 +149,28 @@ def seeded_conv_error(weight: torch.Tensor, h: int, w: int, seed: int) -> float:
     b = torch.randn(o, generator=torch.Generator().manual_seed(seed + 1))
     ref = F.conv2d(x, weight, b, padding=k // 2)
     return float((sparse_conv(weight, x, b, 1, k // 2) - ref).abs().max())
+
+
+def fused_and_apart(
+    monkeypatch: pytest.MonkeyPatch, engine: torch.nn.Module, x: torch.Tensor, owner: type, method: str
+) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+    """``engine(x)`` once its tactics are decided, with ``owner.method`` (a fused call that returns
+    None where it does not apply) watched, then again with that call turned off: (fused output,
+    output apart, whether each call ran fused)."""
+    calls: list[bool] = []
+    original = getattr(owner, method)
+
+    def spy(self: object, inp: torch.Tensor) -> torch.Tensor | None:
+        out = original(self, inp)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(owner, method, spy)
+    with torch.no_grad():
+        engine(x)  # decides the tactics (each conv alone)
+        calls.clear()
+        fused = engine(x)
+        ran = list(calls)
+        monkeypatch.setattr(owner, method, lambda self, inp: None)
+        apart = engine(x)
+    return fused, apart, ran

@@ -18,7 +18,7 @@ from nmrestore.runtime import EngineConfig, compile_sparse, csr_from_dense
 from nmrestore.runtime.fusion import FusedResidual
 from nmrestore.runtime.kernel import KernelLibrary, half_shadow
 from nmrestore.sparsity import NMConfig, nm, sparsify_, squash_
-from tests.runtime.kernel_helpers import half_conv, half_kernel, nm_weight
+from tests.runtime.kernel_helpers import fused_and_apart, half_conv, half_kernel, nm_weight
 
 _conv16 = functools.partial(half_conv, half=torch.bfloat16)
 
@@ -279,22 +279,9 @@ def test_the_bf16_engine_runs_residual_blocks_as_one_amx_call(monkeypatch: pytes
     reference = squash_(copy.deepcopy(model))
     engine = compile_sparse(model, EngineConfig(precision="bf16", tactic="sparse"))
     x = torch.rand(1, 3, 20, 70)
-    calls: list[bool] = []
-    original = FusedResidual._amx_block
-
-    def spy(self: FusedResidual, x: torch.Tensor) -> torch.Tensor | None:
-        out = original(self, x)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(FusedResidual, "_amx_block", spy)
+    fused, apart, calls = fused_and_apart(monkeypatch, engine, x, FusedResidual, "_amx_block")
+    assert calls == [True, True, True]  # every block after the first forward
     with torch.no_grad():
-        engine(x)  # decides the tactics (each conv alone)
-        calls.clear()
-        fused = engine(x)
-        assert calls == [True, True, True]  # every block after the first forward
-        monkeypatch.setattr(FusedResidual, "_amx_block", lambda self, x: None)
-        apart = engine(x)
         ref = reference(x)
     assert torch.equal(fused, apart)  # the same arithmetic, the intermediate kept in L2
     assert float((fused - ref).abs().max()) <= 2e-2

@@ -18,7 +18,7 @@ from nmrestore.runtime.kernel import KernelLibrary
 from nmrestore.runtime.kernel_fused import FusedConv
 from nmrestore.runtime.speed import profile_modules
 from nmrestore.sparsity import NMConfig, nm, sparsify_, squash_
-from tests.runtime.kernel_helpers import half_conv, half_kernel, nm_weight
+from tests.runtime.kernel_helpers import fused_and_apart, half_conv, half_kernel, nm_weight
 
 _conv16 = functools.partial(half_conv, half=torch.bfloat16)
 
@@ -91,22 +91,9 @@ def test_the_bf16_engine_runs_edsrs_tail_as_one_amx_call(monkeypatch: pytest.Mon
     engine = compile_sparse(model, EngineConfig(precision="bf16", tactic="sparse"))
     assert isinstance(engine.tail, FusedTail)
     x = torch.rand(1, 3, 20, 70)
-    calls: list[bool] = []
-    original = FusedTail._amx_tail
-
-    def spy(self: FusedTail, x: torch.Tensor) -> torch.Tensor | None:
-        out = original(self, x)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(FusedTail, "_amx_tail", spy)
+    fused, apart, calls = fused_and_apart(monkeypatch, engine, x, FusedTail, "_amx_tail")
+    assert calls == [True]
     with torch.no_grad():
-        engine(x)  # decides the tactics (each conv alone)
-        calls.clear()
-        fused = engine(x)
-        assert calls == [True]
-        monkeypatch.setattr(FusedTail, "_amx_tail", lambda self, x: None)
-        apart = engine(x)
         ref = reference(x)
     assert torch.equal(fused, apart)
     assert float((fused - ref).abs().max()) <= 2e-2 * float(ref.abs().max())
