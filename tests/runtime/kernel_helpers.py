@@ -174,3 +174,17 @@ def fused_and_apart(
         monkeypatch.setattr(owner, method, lambda self, inp: None)
         apart = engine(x)
     return fused, apart, ran
+
+
+def amx_kernel() -> KernelLibrary:
+    """The kernel library with its bf16 AMX path, or the test skipped where there is none."""
+    lib = half_kernel(torch.bfloat16)
+    if not lib.has_amx:
+        pytest.skip("no AMX path here (a CPU without AMX-BF16, or NMRESTORE_DISABLE_AMX)")
+    return lib
+
+
+def block_shared_weight(shape: tuple[int, ...], n: int, m: int, seed: int = 0) -> torch.Tensor:
+    """A seeded random weight pruned to N:M along input channels, one mask per 16 output channels."""
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    return w * (nm.compute_ranks(nm.block_scores(w.abs(), 16), m) < n)

@@ -17,17 +17,18 @@ from nmrestore.models import create_model
 from nmrestore.runtime import EngineConfig, compile_sparse, csr_from_dense
 from nmrestore.runtime.fusion import FusedResidual
 from nmrestore.runtime.kernel import KernelLibrary, half_shadow
-from nmrestore.sparsity import NMConfig, nm, sparsify_, squash_
-from tests.runtime.kernel_helpers import fused_and_apart, half_conv, half_kernel, nm_weight
+from nmrestore.sparsity import NMConfig, sparsify_, squash_
+from tests.runtime.kernel_helpers import (
+    amx_kernel,
+    block_shared_weight,
+    fused_and_apart,
+    half_conv,
+    half_kernel,
+    nm_weight,
+)
 
 _conv16 = functools.partial(half_conv, half=torch.bfloat16)
-
-
-def _amx() -> KernelLibrary:
-    lib = half_kernel(torch.bfloat16)
-    if not lib.has_amx:
-        pytest.skip("no AMX path here (a CPU without AMX-BF16, or NMRESTORE_DISABLE_AMX)")
-    return lib
+_amx = amx_kernel
 
 
 def _round(t: torch.Tensor) -> torch.Tensor:
@@ -45,10 +46,7 @@ def _close(out: torch.Tensor, ref: torch.Tensor, rtol: float = 1e-5) -> None:
     assert err <= rtol * (1.0 + float(ref.abs().max())), err
 
 
-def _coarse(shape: tuple[int, ...], n: int, m: int, seed: int = 0) -> torch.Tensor:
-    """N:M along input channels with one mask per block of 16 output channels."""
-    w = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-    return w * (nm.compute_ranks(nm.block_scores(w.abs(), 16), m) < n)
+_coarse = block_shared_weight
 
 
 def _runs_on_amx(lib: KernelLibrary, call: functools.partial[torch.Tensor]) -> tuple[torch.Tensor, bool]:

@@ -14,25 +14,20 @@ import torch
 from nmrestore.models import create_model
 from nmrestore.runtime import EngineConfig, compile_sparse, csr_from_dense
 from nmrestore.runtime.fusion import FusedTail
-from nmrestore.runtime.kernel import KernelLibrary
 from nmrestore.runtime.kernel_fused import FusedConv
 from nmrestore.runtime.speed import profile_modules
-from nmrestore.sparsity import NMConfig, nm, sparsify_, squash_
-from tests.runtime.kernel_helpers import fused_and_apart, half_conv, half_kernel, nm_weight
+from nmrestore.sparsity import NMConfig, sparsify_, squash_
+from tests.runtime.kernel_helpers import (
+    amx_kernel,
+    block_shared_weight,
+    fused_and_apart,
+    half_conv,
+    nm_weight,
+)
 
 _conv16 = functools.partial(half_conv, half=torch.bfloat16)
-
-
-def _amx() -> KernelLibrary:
-    lib = half_kernel(torch.bfloat16)
-    if not lib.has_amx:
-        pytest.skip("no AMX path here (a CPU without AMX-BF16, or NMRESTORE_DISABLE_AMX)")
-    return lib
-
-
-def _coarse(shape: tuple[int, ...], n: int, m: int, seed: int = 0) -> torch.Tensor:
-    w = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-    return w * (nm.compute_ranks(nm.block_scores(w.abs(), 16), m) < n)
+_amx = amx_kernel
+_coarse = block_shared_weight
 
 
 def _handoff(x: torch.Tensor) -> torch.Tensor:
