@@ -154,7 +154,7 @@ def test_speed_with_the_dense_runtime_reports_its_choice(monkeypatch: pytest.Mon
 
     # PyTorch's dense model stands in for OpenVINO here (tests/runtime/test_dense_runtime.py says why)
     monkeypatch.setattr(
-        dense_runtime, "openvino_runner", lambda reference, x, threads, f32: (lambda inp: reference(inp), "f32")
+        dense_runtime, "openvino_runners", lambda reference, x, threads, f32: ([lambda inp: reference(inp)], "f32")
     )
     args = ["speed", "edsr_small", "--sparsity", "2:4", "--input", "16x12", "--threads", "1", "--repeats", "1"]
     result = runner.invoke(app, [*args, "--dense-runtime", "openvino", "--json"])

@@ -35,25 +35,32 @@ def _edsr(routes: tuple[int, ...] | None = None) -> torch.nn.Module:
     return model.eval()
 
 
-def _timed(monkeypatch: pytest.MonkeyPatch, engine_ms: float, runtime_ms: float) -> None:
-    """Timings as given, and PyTorch's dense reference standing in for OpenVINO (precision 'f32')."""
+def _timed(monkeypatch: pytest.MonkeyPatch, engine_ms: float, *runtime_ms: float) -> list:  # type: ignore[type-arg]
+    """Timings as given (one per compile), and PyTorch's dense reference standing in for OpenVINO
+    (precision 'f32'); the runs handed to the engine, one per compile."""
+    runs: list = []  # type: ignore[type-arg]
 
-    def interleaved(runs: dict, rounds: int, warmup: int = 1) -> Timings:  # type: ignore[type-arg]
-        for run in runs.values():
+    def interleaved(contenders: dict, rounds: int, warmup: int = 1) -> Timings:  # type: ignore[type-arg]
+        for run in contenders.values():
             run()
-        return Timings({"engine": [engine_ms], "runtime": [runtime_ms]})
+        names = [n for n in contenders if n != "engine"]
+        seconds = {n: [t / 1e3] for n, t in zip(names, runtime_ms, strict=True)}
+        return Timings({"engine": [engine_ms / 1e3], **seconds})
 
-    def runner(reference: torch.nn.Module, x: torch.Tensor, threads: int, f32: bool) -> tuple:  # type: ignore[type-arg]
-        return (lambda inp: reference(inp).detach().clone()), "f32"
+    def runners(reference: torch.nn.Module, x: torch.Tensor, threads: int, f32: bool) -> tuple:  # type: ignore[type-arg]
+        new = [(lambda inp: reference(inp).detach().clone()) for _ in runtime_ms]
+        runs.extend(new)
+        return new, "f32"
 
     monkeypatch.setattr(dense_runtime, "interleaved", interleaved)
-    monkeypatch.setattr(dense_runtime, "openvino_runner", runner)
+    monkeypatch.setattr(dense_runtime, "openvino_runners", runners)
+    return runs
 
 
 def test_a_faster_runtime_runs_that_shape_and_the_first_call_already_gives_its_output(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    _timed(monkeypatch, engine_ms=10.0, runtime_ms=5.0)
+    _timed(monkeypatch, 10.0, 5.0)
     model = _edsr()
     engine = compile_sparse(model, CONFIG)
     reference = squash_(copy.deepcopy(model))
@@ -77,8 +84,22 @@ def test_a_faster_runtime_runs_that_shape_and_the_first_call_already_gives_its_o
     assert [c.input_shape for c in state.dense_runtime.choices] == [(1, 3, 9, 13), (1, 3, 8, 8)]
 
 
+def test_of_several_compiles_the_fastest_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    runs = _timed(monkeypatch, 10.0, 9.0, 5.0, 7.0)
+    engine = compile_sparse(_edsr(), CONFIG)
+    x = torch.rand(1, 3, 9, 13)
+    with torch.no_grad():
+        engine(x)
+    state = engine_state(engine)
+    assert state is not None and state.dense_runtime is not None
+    assert state.dense_runtime.runner(x) is runs[1]
+    [choice] = state.dense_runtime.choices
+    assert choice.kept and choice.compile_ms == pytest.approx((9.0, 5.0, 7.0)) and choice.runtime_ms == 5.0
+    assert choice.speedup == 2.0 and "fastest of 3 compiles: 9.00, 5.00, 7.00 ms" in choice.line()
+
+
 def test_a_slower_runtime_leaves_the_engine_running_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    _timed(monkeypatch, engine_ms=5.0, runtime_ms=10.0)
+    _timed(monkeypatch, 5.0, 10.0)
     model = _edsr()
     engine = compile_sparse(model, CONFIG)
     plain = compile_sparse(model, EngineConfig(timing_repeats=1, refine=False))
@@ -96,9 +117,9 @@ def test_a_slower_runtime_leaves_the_engine_running_the_model(monkeypatch: pytes
 
 
 def test_a_runtime_whose_output_differs_is_not_used(monkeypatch: pytest.MonkeyPatch) -> None:
-    _timed(monkeypatch, engine_ms=10.0, runtime_ms=1.0)
+    _timed(monkeypatch, 10.0, 1.0)
     wrong = lambda inp: torch.zeros(1, 3, 2 * inp.shape[2], 2 * inp.shape[3])  # noqa: E731
-    monkeypatch.setattr(dense_runtime, "openvino_runner", lambda *args, **kwargs: (wrong, "f32"))
+    monkeypatch.setattr(dense_runtime, "openvino_runners", lambda *args, **kwargs: ([wrong], "f32"))
     engine = compile_sparse(_edsr(), CONFIG)
     x = torch.rand(1, 3, 9, 13)
     with torch.no_grad():
@@ -110,7 +131,7 @@ def test_a_runtime_whose_output_differs_is_not_used(monkeypatch: pytest.MonkeyPa
 
 
 def test_an_input_that_needs_gradients_runs_on_the_engine(monkeypatch: pytest.MonkeyPatch) -> None:
-    _timed(monkeypatch, engine_ms=10.0, runtime_ms=5.0)
+    _timed(monkeypatch, 10.0, 5.0)
     engine = compile_sparse(_edsr(), CONFIG)
     x = torch.rand(1, 3, 9, 13)
     with torch.no_grad():
@@ -148,6 +169,7 @@ for precision, tolerance in (("f32", 1e-5), ("bf16", 3e-2)):
     [choice] = engine_state(engine).dense_runtime.choices
     assert choice.runtime == ("openvino f32" if precision == "f32" else "openvino default"), choice
     assert choice.max_abs_diff <= tolerance and diff <= tolerance, (choice, diff)
+    assert len(choice.compile_ms) == 3 and choice.runtime_ms == min(choice.compile_ms), choice
     print(precision, choice.precision, choice.kept, f"{diff:.1e}")
 """
 
