@@ -304,20 +304,26 @@ class Worker {
   template <typename Emit>
   void segment(const uint16_t* xb, const std::vector<Block>& blocks, Emit&& emit) {
     const __m512i qi = _mm512_setr_epi64(0, 4, 1, 5, 2, 6, 3, 7);  // see gather()
+    // K step by K step of every block, the next step gathered (the next block's first, after a
+    // block's last) before this one is multiplied, so the tile loads never wait on stores just
+    // issued; gathered steps take turns between two pairs of B buffers (`parity`)
+    int64_t gathered = 0, base = 0;  // steps gathered so far; the parity of this block's first step
+    if (!blocks.empty()) gather(xb, blocks[0], 0, gathered++ & 1, qi);
     for (size_t ob = 0; ob < blocks.size(); ++ob) {
       const Block& bl = blocks[ob];
+      if (!bl.reuses) base = (gathered - 1) & 1;  // its first step was gathered last
       _tile_zero(0);
       _tile_zero(1);
       _tile_zero(2);
       _tile_zero(3);
-      // K step by K step through two B buffers and a third for a partial last step (12 KB: they
-      // stay in L1 beside the input window; a dense conv has up to 20 steps): step s + 1 is gathered
-      // before step s is multiplied, so the tile loads never wait on stores just issued
-      if (!bl.reuses) gather(xb, bl, 0, qi);
       for (int64_t s = 0; s < bl.steps; ++s) {
-        if (s + 1 < bl.steps && !bl.reuses) gather(xb, bl, s + 1, qi);
+        if (s + 1 < bl.steps) {
+          if (!bl.reuses) gather(xb, bl, s + 1, gathered++ & 1, qi);
+        } else if (ob + 1 < blocks.size() && !blocks[ob + 1].reuses) {
+          gather(xb, blocks[ob + 1], 0, gathered++ & 1, qi);
+        }
         if constexpr (NMK_AMX_ABLATE == 4) continue;
-        uint16_t(*row)[16][32] = buffer(bl, s);
+        uint16_t(*row)[16][32] = buffer(bl, s, (base + s) & 1);
         _tile_loadd(4, bl.a.data() + s * OB * 32, 64);
         _tile_loadd(5, row[0], 64);
         _tile_dpbf16ps(0, 4, 5);
@@ -343,9 +349,9 @@ class Worker {
   // with `vpermt2w`, the same at 4:32). Where a block has many more kept pairs than output channels
   // (EDSR's dense last conv, 64 -> 3: 288 pairs) the unpacks alone interleave them in a permuted
   // order within 128-bit lanes that the epilogue undoes (unpermute()).
-  void gather(const uint16_t* xb, const Block& bl, int64_t s, __m512i qi) {
+  void gather(const uint16_t* xb, const Block& bl, int64_t s, int64_t parity, __m512i qi) {
     if constexpr (NMK_AMX_ABLATE == 3) return;
-    uint16_t(*row)[16][32] = buffer(bl, s);
+    uint16_t(*row)[16][32] = buffer(bl, s, parity);
     const int64_t p0 = s * 16, p1 = std::min(bl.pairs, p0 + 16);
     for (int64_t p = p0; p < p1; ++p) {
       const uint16_t* pa = xb + bl.off[2 * p];
@@ -369,19 +375,20 @@ class Worker {
     // padded K rows (only in the tail buffer): zero weights, and zero inputs too (stale rows could
     // hold an inf); rows past the last block's stay zero, so equal blocks write none
     if (p1 - p0 < 16) {
-      for (int64_t p = p1 - p0; p < tail_rows_; ++p)
+      for (int64_t p = p1 - p0; p < tail_rows_[parity]; ++p)
         for (int q = 0; q < 4; ++q) _mm512_store_si512(row[q][p], _mm512_setzero_si512());
-      tail_rows_ = p1 - p0;
+      tail_rows_[parity] = p1 - p0;
     }
   }
 
   // The B buffer of step s: a partial last step has its own, whose padded rows stay zero.
-  uint16_t (*buffer(const Block& bl, int64_t s))[16][32] {
-    return s + 1 == bl.steps && bl.pairs % 16 ? bt_[2] : bt_[s & 1];
+  uint16_t (*buffer(const Block& bl, int64_t s, int64_t parity))[16][32] {
+    return bt_[(s + 1 == bl.steps && bl.pairs % 16 ? 2 : 0) + parity];
   }
 
-  alignas(64) uint16_t bt_[3][4][16][32];  // B tiles: buffer x 16-pixel group x (pair row, 16 px x 2)
-  int64_t tail_rows_ = 16;                  // rows of bt_[2] that may be nonzero
+  // B tiles: (full, full, partial, partial) buffer x 16-pixel group x (pair row, 16 px x 2)
+  alignas(64) uint16_t bt_[4][4][16][32];
+  int64_t tail_rows_[2] = {16, 16};  // rows of each partial buffer that may be nonzero
   alignas(64) float t_[OB][SEG];
 };
 
