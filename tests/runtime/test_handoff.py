@@ -283,3 +283,41 @@ def test_pooled_outputs_are_never_overwritten_while_in_use() -> None:
             assert c.data_ptr() == ptr  # free memory is reused (no fresh pages per call)
         del kept
     lib.release_workspace()
+
+
+def _whole_buffer(view: torch.Tensor) -> torch.Tensor:
+    """The (rows, C, width) buffer around a hand-off view of one image, border included."""
+    layout = handoff_layout(view)
+    assert layout is not None
+    c = view.shape[1]
+    row = c * layout.width
+    return view.as_strided((layout.rows, c, layout.width), (row, layout.width, 1),
+                           view.storage_offset() - layout.pad_h * row - layout.pad_w)  # fmt: skip
+
+
+def test_a_reused_handoff_buffer_keeps_the_zero_border_its_last_conv_wrote() -> None:
+    lib = kernel()
+    if kernel_module._use_count is None:
+        pytest.skip("this torch does not say who uses a storage: outputs are not pooled")
+    w = _nm_weight((8, 8, 3, 3), 2, 4)
+    x = torch.randn(1, 8, 6, 7)
+    ref = F.conv2d(x, w, padding=1)
+    a = sparse_conv(w, x, out_pad=(1, 1))
+    layout = handoff_layout(a)
+    assert layout is not None
+    spot = (layout.pad_h, 0, layout.pad_w - 1)  # the left border column, read as the next conv's padding
+    assert _whole_buffer(a)[spot] == 0
+    _whole_buffer(a)[spot] = float("nan")  # what the kernels never do: write outside the image
+    ptr = a.data_ptr()
+    del a
+    # the same layout from the same buffer: the border its conv zeroed is taken as it is
+    b = sparse_conv(w, x, out_pad=(1, 1))
+    assert b.data_ptr() == ptr and torch.isnan(_whole_buffer(b)[spot])
+    assert torch.equal(b, sparse_conv(w, x, out_pad=(1, 1)))  # the image itself is written whole
+    floats = _whole_buffer(b).untyped_storage().nbytes() // 4
+    del b
+    plain = lib._output_buffer(floats)  # the buffer handed out for anything else forgets its border
+    del plain
+    c = sparse_conv(w, x, out_pad=(1, 1))
+    assert c.data_ptr() == ptr and _whole_buffer(c)[spot] == 0 and (c - ref).abs().max() <= TOL
+    lib.release_workspace()

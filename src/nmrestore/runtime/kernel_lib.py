@@ -49,6 +49,10 @@ ABI_VERSION = 11
 #: Output buffers kept per size, and distinct sizes kept, by :meth:`KernelLibrary._output_buffer`.
 POOL_PER_SIZE = 6
 POOL_SIZES = 24
+#: Attributes: on a pooled buffer, the zero border its last hand-off writer left; on a hand-off view
+#: from :meth:`KernelLibrary._output`, the border its kernel zeroes; on any hand-off view, its pooled
+#: buffer and the border that buffer had when handed out.
+CLEAN_ATTR, BORDER_ATTR, BUFFER_ATTR = "_nmk_clean", "_nmk_border", "_nmk_buffer"
 
 
 def _storage_use_count() -> Callable[[Tensor], int] | None:
@@ -147,19 +151,24 @@ class KernelLibrary(FusedCalls):
         it was when the pool made it), so a tensor the caller still holds, or any view of it, is
         never overwritten.
         """
+        return self._pooled(floats)[0]
+
+    def _pooled(self, floats: int) -> tuple[Tensor, object]:
+        """:meth:`_output_buffer`, and the zero border its last writer left (see :meth:`_output`),
+        which no longer holds once it is handed out again."""
         if _use_count is None:
-            return torch.empty(floats, dtype=torch.float32)
+            return torch.empty(floats, dtype=torch.float32), None
         pool: dict[int, list[tuple[Tensor, int]]] | None = getattr(self._local, "pool", None)
         if pool is None or len(pool) > POOL_SIZES:  # many shapes (patch batches): start over
             pool = self._local.pool = {}
         entries = pool.setdefault(floats, [])
         for buf, idle in entries:
             if _use_count(buf) == idle:
-                return buf
+                return buf, buf.__dict__.pop(CLEAN_ATTR, None)
         buf = torch.empty(floats, dtype=torch.float32)
         if len(entries) < POOL_PER_SIZE:
             entries.append((buf, _use_count(buf)))
-        return buf
+        return buf, None
 
     @property
     def has_amx(self) -> bool:
@@ -215,11 +224,11 @@ class KernelLibrary(FusedCalls):
         layout = HandoffLayout(ph, left, rows, width)
         tail = self._half_fns[half][1] if half is not None else self._lib.nmk_conv2d_tail_slack
         elems = b * rows * c * width + int(tail(c * width))
-        buf = self._output_buffer(-(-elems // 2) if half is not None else elems)
-        if half is not None:
-            buf = buf.view(half)
+        pooled, clean = self._pooled(-(-elems // 2) if half is not None else elems)
+        buf = pooled.view(half) if half is not None else pooled
         view = buf.as_strided(shape, layout.strides(c), ph * c * width + left)
         setattr(view, LAYOUT_ATTR, layout)
+        setattr(view, BUFFER_ATTR, (pooled, clean))
         return view
 
     def conv2d(
@@ -329,6 +338,7 @@ class KernelLibrary(FusedCalls):
             )
         if status != 0:
             raise RuntimeError(f"sparse conv kernel rejected input {tuple(x.shape)} (status {status})")
+        self._borders_written(out, out2)
         if out is None:
             assert out2 is not None
             return out2
@@ -346,7 +356,22 @@ class KernelLibrary(FusedCalls):
         out = self.handoff_empty(shape, pad, half)
         layout = handoff_layout(out)
         assert layout is not None
-        return out, (pad[0], layout.rows - pad[0] - shape[2], pad[1], layout.width - pad[1] - shape[3])
+        zero = (pad[0], layout.rows - pad[0] - shape[2], pad[1], layout.width - pad[1] - shape[3])
+        _, clean = getattr(out, BUFFER_ATTR)
+        border = (shape, out.dtype, layout, zero)
+        setattr(out, BORDER_ATTR, border)
+        # a pooled buffer whose last writer zeroed this very border still has it: the kernels write
+        # only inside the image (EDSR-baseline x2, bf16 engine: zeroing took 3-6% of a forward)
+        return out, ((0, 0, 0, 0) if clean == border else zero)
+
+    @staticmethod
+    def _borders_written(*outs: Tensor | None) -> None:
+        """After a kernel call wrote ``outs`` (from :meth:`_output`): their buffers' borders are zero."""
+        for out in outs:
+            border = getattr(out, BORDER_ATTR, None) if out is not None else None
+            if border is not None:
+                pooled, _ = getattr(out, BUFFER_ATTR)
+                setattr(pooled, CLEAN_ATTR, border)
 
     def _input(
         self, x: Tensor, geometry: tuple[Pair, Pair, Pair, Pair], half: torch.dtype | None
