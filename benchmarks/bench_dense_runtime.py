@@ -12,7 +12,8 @@ time from the same export against the first: the spread this protocol reads for 
 itself. Each row says where each engine runs the model and what its own forward timed at the
 decision. Checks, from paired 95% intervals (bootstrap over rounds) of the log time ratio: the bf16
 and fp16 engines are not slower than the best dense runtime at 2:4, the f32 engine not slower than the best f32
-runtime at 2:4; the speed-up targets at 4:32 and 2:32 are reported as measured.
+runtime at 2:4; the speed-up targets at 4:32 and 2:32 are reported as measured. An OpenVINO runtime is
+held to its first and its second compile alike (one compile can run several percent faster than another).
 
     .venv/bin/python benchmarks/bench_dense_runtime.py            # measure (idle machine), write the section
     .venv/bin/python benchmarks/bench_dense_runtime.py --render   # the section from its JSON
@@ -205,15 +206,22 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
         if nm not in rows or engine not in rows[nm]["runs_ms"]:
             continue
         name, speedup, (geo, low, high) = compare(rows[nm], engine, against)
+        again = ""
         if wanted == 1.0:
             ok = high >= 1.0  # not shown slower: the interval of the speed-up reaches 1
             need = "needs the interval not below 1 (not slower)"
         else:
             ok = speedup >= wanted
             need = f"needs a median >= {wanted:g}"
+        if name + AGAIN in rows[nm]["runs_ms"]:
+            # the same runtime compiled again can run faster (see control()): held against both compiles
+            _, speedup2, (geo2, low2, high2) = compare(rows[nm], engine, name + AGAIN)
+            ok = ok and (high2 >= 1.0 if wanted == 1.0 else speedup2 >= wanted)
+            again = f"; against its second compile median {speedup2:.2f}x, {geo2:.2f}x [{low2:.2f}, {high2:.2f}]"
+            need += ", against both compiles"
         checks.append(
             f"- {'PASS' if ok else 'FAIL'}: {engine} vs {name} at {nm}: median {speedup:.2f}x, geometric mean "
-            f"{geo:.2f}x [{low:.2f}, {high:.2f}], runs on {rows[nm]['engines'][engine]['runs_on']}; {need}"
+            f"{geo:.2f}x [{low:.2f}, {high:.2f}]{again}, runs on {rows[nm]['engines'][engine]['runs_on']}; {need}"
         )
     unreliable = consistency(rows)
     controls = control(rows)

@@ -58,3 +58,15 @@ def test_a_run_on_a_slowed_machine_is_marked_unreliable() -> None:
     assert "f32 GEMM 230 / 230 GMAC/s (quiet machine 230)" in body
     _, body = render("speed_dense_runtime", {**payload, "machine_after": slow})
     assert "the machine was slowed (bf16 GEMM moved from 1280 to 350; bf16 GEMM 350 against 1280 on the quiet machine)" in body
+
+
+def test_a_target_is_held_against_both_compiles_of_the_openvino_peer() -> None:
+    row = _row("2:32 coarse", "the engine", [12.0, 12.0, 12.0])  # the bf16 engine: 5 ms, 2.4x the first compile
+    payload = {"model": "m", "input": [1, 3, 4, 4], "threads": 2, "rounds": 3, "settle_s": 0.05, "kernel": "k",
+               "rows": [row]}  # fmt: skip
+    _, body = render("speed_dense_runtime", payload)
+    assert "- PASS: engine bf16 vs openvino default at 2:32 coarse: median 2.40x" in body
+    row["runs_ms"]["openvino default (compiled again)"] = [9.0, 9.0, 9.0]  # 1.8x the second
+    _, body = render("speed_dense_runtime", payload)
+    line = next(x for x in body.splitlines() if "engine bf16 vs openvino default at 2:32 coarse" in x)
+    assert line.startswith("- FAIL") and "against its second compile median 1.80x" in line
