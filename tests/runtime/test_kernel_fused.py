@@ -62,6 +62,27 @@ def test_the_fused_tail_equals_its_two_convs(n: int, m: int, size: tuple[int, in
     assert torch.equal(fused, two)  # the same products and sums, the shuffled rows kept in L2
 
 
+@pytest.mark.parametrize(("n", "m"), [(2, 32), (4, 32)])
+@pytest.mark.parametrize("size", [(3, 16), (13, 64), (31, 144)])  # widths of whole 16-pixel groups
+@pytest.mark.parametrize(("outs", "relu"), [(3, False), (5, True)])
+def test_at_x2_the_last_conv_reads_channel_pairs_straight_from_the_buffer(
+    n: int, m: int, size: tuple[int, int], outs: int, relu: bool
+) -> None:
+    """32 and 64 high-resolution channels: the upsampler writes channel pairs interleaved and the last
+    conv loads its B tiles without a gather (csrc/nm_amx_tail.h, NMK_TAIL_PAIRS); the sums match the
+    two convs (another order of the same products)."""
+    lib = _amx()
+    for c2 in (32, 64):
+        w_up, b_up = _coarse((c2 * 4, 32, 3, 3), n, m, seed=c2), torch.randn(c2 * 4)
+        w_last, b_last = torch.randn(outs, c2, 3, 3) * 0.1, torch.randn(outs)
+        x = _handoff(torch.randn(1, 32, *size))
+        hr = _conv16(w_up, x, b_up, relu=relu, shuffle=2, half_pad=(1, 1), half_only=True)
+        two = _conv16(w_last, hr, b_last)
+        fused = lib.tail_bf16(x, _fused(w_up, b_up, relu), 2, _fused(w_last, b_last))
+        assert fused is not None and fused.shape == two.shape
+        assert (fused - two).abs().max() <= 1e-4 * max(1.0, float(two.abs().max()))
+
+
 def test_a_tail_that_does_not_qualify_is_left_to_the_two_convs(monkeypatch: pytest.MonkeyPatch) -> None:
     lib = _amx()
     x = _handoff(torch.randn(1, 32, 9, 40))
