@@ -109,9 +109,10 @@ def check_available(name: str) -> None:
 
 
 #: OpenVINO compiles this many times per shape; the fastest is kept. One compile of the same model in one
-#: process can run a few percent slower than another for as long as it lives (EDSR-baseline x2 at 2:4, six
-#: compiles timed interleaved: 1-5% apart, the order held over four phases of nine rounds): the
-#: engine times them instead of taking the first.
+#: process can run several percent slower than another for as long as it lives (EDSR-baseline x2 at 2:4,
+#: six compiles timed interleaved: up to 6% apart, the order held over four phases of nine rounds; in a
+#: benchmark run two compiles of the peer timed 74.4 and 67.1 ms): the engine times them instead of
+#: taking the first.
 COMPILES = 3
 
 
