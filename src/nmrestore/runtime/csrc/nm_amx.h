@@ -251,10 +251,8 @@ inline void epilogue(float (&t)[OB][SEG], const AmxSink& s, int64_t b, int64_t o
   }
 }
 
-// With a fused pixel shuffle of factor R (16 % R == 0, no residual): bias and ReLU in place, then
-// the R channels of each (c, i) interleaved into high-resolution row y * R + i (as nm_bf16.cpp).
-inline void epilogue_shuffle(float (&t)[OB][SEG], const AmxSink& s, int R, int64_t b, int64_t o0, int64_t y,
-                             int64_t x0, int64_t ncols, int64_t nch, bool permuted) {
+// A shuffling epilogue's first pass: pixels in order, then the sink's bias and ReLU, in place.
+inline void bias_relu_in_place(float (&t)[OB][SEG], const AmxSink& s, int64_t o0, int64_t nch, bool permuted) {
   if (permuted) unpermute(t, nch);
   const __m512 zero = _mm512_setzero_ps();
   for (int64_t j = 0; j < nch; ++j) {
@@ -264,6 +262,13 @@ inline void epilogue_shuffle(float (&t)[OB][SEG], const AmxSink& s, int R, int64
       _mm512_store_ps(&t[j][c0], s.relu ? _mm512_max_ps(v, zero) : v);
     }
   }
+}
+
+// With a fused pixel shuffle of factor R (16 % R == 0, no residual): bias and ReLU in place, then
+// the R channels of each (c, i) interleaved into high-resolution row y * R + i (as nm_bf16.cpp).
+inline void epilogue_shuffle(float (&t)[OB][SEG], const AmxSink& s, int R, int64_t b, int64_t o0, int64_t y,
+                             int64_t x0, int64_t ncols, int64_t nch, bool permuted) {
+  bias_relu_in_place(t, s, o0, nch, permuted);
   for (int64_t g = 0; g < nch; g += R) {
     const int64_t og = o0 + g, c = og / (R * R), i = (og / R) % R, hr = y * R + i;
     const float* rows[4] = {t[g], t[g + std::min(1, R - 1)], t[g + std::min(2, R - 1)], t[g + std::min(3, R - 1)]};

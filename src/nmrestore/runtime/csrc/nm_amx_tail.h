@@ -54,15 +54,7 @@ inline std::vector<uint16_t> pack_pairs_last(const int32_t* rowptr, const int32_
 // channel 4c + 2i + j (pixel_shuffle's order).
 inline void epilogue_pairs(float (&t)[OB][SEG], const AmxSink& s, int64_t o0, int64_t y, int64_t x0, int64_t ncols,
                            bool permuted, uint16_t* hbuf, int64_t hx, int64_t wq, int64_t lead) {
-  if (permuted) unpermute(t, OB);
-  const __m512 zero = _mm512_setzero_ps();
-  for (int64_t j = 0; j < OB; ++j) {
-    const __m512 vb = _mm512_set1_ps(s.bias ? s.bias[o0 + j] : 0.f);
-    for (int64_t c0 = 0; c0 < SEG; c0 += 16) {
-      const __m512 v = _mm512_add_ps(_mm512_load_ps(&t[j][c0]), vb);
-      _mm512_store_ps(&t[j][c0], s.relu ? _mm512_max_ps(v, zero) : v);
-    }
-  }
+  bias_relu_in_place(t, s, o0, OB, permuted);
   // (a, b) bf16 pairs of 16 pixels from cvtne2ps_pbh(b, a)'s halves, then pixels j = 0, 1 interleaved
   const __m512i pair = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
                                         21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);  // 0, 16, 1, 17, ...
