@@ -449,15 +449,11 @@ inline bool folded_block(const int64_t* prm, const Geometry& g, const int32_t* r
 // width_of(...) floats per tile row), then each output row adds its KW shifted rows.
 inline int64_t folded_width(int64_t Wo, int64_t KW, int64_t dw) { return (Wo + (KW - 1) * dw + SEG - 1) / SEG * SEG; }
 
-inline void folded_row(Worker& w, const std::vector<Block>& one, const uint16_t* xrow, int64_t O, int64_t KW,
-                       int64_t dw, int64_t Wo, float* rows, float (&t)[OB][SEG], const AmxSink& sink, int64_t b,
-                       int64_t y) {
-  const int64_t span = Wo + (KW - 1) * dw, width = folded_width(Wo, KW, dw);
-  for (int64_t q0 = 0; q0 < span; q0 += SEG)
-    w.segment(xrow + q0, one, [&](float(&s)[OB][SEG], int64_t, bool perm) {
-      if (perm) unpermute(s, O * KW);
-      for (int64_t j = 0; j < O * KW; ++j) std::memcpy(&rows[j * width + q0], s[j], SEG * 4);
-    });
+// A folded conv's output row from its (o, dx) sums `rows` (row stride folded_width): out[o][x] is the
+// sum over dx of row (o, dx) at x + dx * dw, then the epilogue.
+inline void fold_columns(const float* rows, int64_t O, int64_t KW, int64_t dw, int64_t Wo, float (&t)[OB][SEG],
+                         const AmxSink& sink, int64_t b, int64_t y) {
+  const int64_t width = folded_width(Wo, KW, dw);
   for (int64_t x0 = 0; x0 < Wo; x0 += SEG) {
     for (int64_t o = 0; o < O; ++o)
       for (int64_t c = 0; c < SEG; c += 16) {
@@ -468,6 +464,18 @@ inline void folded_row(Worker& w, const std::vector<Block>& one, const uint16_t*
       }
     epilogue_any(t, sink, 1, b, 0, y, x0, std::min(SEG, Wo - x0), O, false);
   }
+}
+
+inline void folded_row(Worker& w, const std::vector<Block>& one, const uint16_t* xrow, int64_t O, int64_t KW,
+                       int64_t dw, int64_t Wo, float* rows, float (&t)[OB][SEG], const AmxSink& sink, int64_t b,
+                       int64_t y) {
+  const int64_t span = Wo + (KW - 1) * dw, width = folded_width(Wo, KW, dw);
+  for (int64_t q0 = 0; q0 < span; q0 += SEG)
+    w.segment(xrow + q0, one, [&](float(&s)[OB][SEG], int64_t, bool perm) {
+      if (perm) unpermute(s, O * KW);
+      for (int64_t j = 0; j < O * KW; ++j) std::memcpy(&rows[j * width + q0], s[j], SEG * 4);
+    });
+  fold_columns(rows, O, KW, dw, Wo, t, sink, b, y);
 }
 
 // The folded conv (folded_block): each work item a band of whole output rows (folded_row).

@@ -109,15 +109,7 @@ inline void pairs_row(const std::vector<uint16_t>& a, int64_t groups, const uint
     _tile_stored(3, &t[0][48], SEG * 4);
     for (int64_t j = 0; j < O * 3; ++j) std::memcpy(&rows[j * width + q0], t[j], SEG * 4);
   }
-  for (int64_t x0 = 0; x0 < Wo; x0 += SEG) {
-    for (int64_t o = 0; o < O; ++o)
-      for (int64_t c = 0; c < SEG; c += 16) {
-        __m512 v = _mm512_loadu_ps(&rows[o * 3 * width + x0 + c]);
-        for (int64_t dx = 1; dx < 3; ++dx) v = _mm512_add_ps(v, _mm512_loadu_ps(&rows[(o * 3 + dx) * width + x0 + c + dx]));
-        _mm512_store_ps(&t[o][c], v);
-      }
-    epilogue_any(t, sink, 1, b, 0, y, x0, std::min(SEG, Wo - x0), O, false);
-  }
+  fold_columns(rows, O, 3, 1, Wo, t, sink, b, y);
 }
 
 // prm / g: the upsampler conv (stride 1, shuffle R > 1) on the padded bf16 input xp; prm2: the last
