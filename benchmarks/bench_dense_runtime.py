@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import dataclasses
 import math
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -35,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _report import markdown_table, section_main  # noqa: E402
+from _report import load_results, markdown_table, results_path, section_main  # noqa: E402
 from _roofline import machine_line, machine_state, quiet_ceilings, slowed  # noqa: E402
 from nmrestore import __version__  # noqa: E402
 from nmrestore.export.peers import available_peers, open_peers, parse_peers  # noqa: E402
@@ -58,6 +59,8 @@ RUNTIMES = ("onnxruntime", "openvino f32", "openvino default")
 #: contenders. Against the first compile they are the same runtime on the same model, so their ratio is
 #: this protocol's own spread for a hand-off (an engine that runs the model on OpenVINO) against its peer.
 AGAIN = " (compiled again)"
+#: runs shown side by side in the section (the JSON keeps every earlier run's summary)
+HISTORY_SHOWN = 8
 #: (engine, runtime it is held against, N:M, wanted speed-up); "best" = the fastest runtime row
 #: (at f32 only for the f32 engine)
 TARGETS = (
@@ -185,6 +188,78 @@ def control(rows: dict[str, dict[str, Any]]) -> list[str]:
     return lines
 
 
+def check_results(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every target of TARGETS this run measured: the speed-ups against the runtime (and against its second
+    compile, where the run has one) and whether the target is met against both."""
+    results = []
+    for engine, target, nm, wanted in TARGETS:
+        if nm not in rows or engine not in rows[nm]["runs_ms"]:
+            continue
+        name, speedup, (geo, low, high) = compare(rows[nm], engine, target)
+        ok = high >= 1.0 if wanted == 1.0 else speedup >= wanted  # 1.0: not shown slower
+        again = None
+        if name + AGAIN in rows[nm]["runs_ms"]:
+            # the same runtime compiled again can run faster (see control()): held against both compiles
+            _, speedup2, (geo2, low2, high2) = compare(rows[nm], engine, name + AGAIN)
+            again = {"speedup": speedup2, "geo": geo2, "low": low2, "high": high2}
+            ok = ok and (high2 >= 1.0 if wanted == 1.0 else speedup2 >= wanted)
+        results.append({"engine": engine, "target": target, "against": name, "nm": nm, "wanted": wanted,
+                        "speedup": speedup, "geo": geo, "low": low, "high": high, "again": again, "ok": ok})  # fmt: skip
+    return results
+
+
+def run_summary(payload: dict[str, Any], source: str) -> dict[str, Any]:
+    """What section's history keeps of a run: its date, kernel, machine and every check's verdict."""
+    rows = {r["nm"]: r for r in payload["rows"]}
+    kernel = re.search(r"nm_kernels-([0-9a-f]{8})", payload.get("kernel", ""))
+    before, after = payload.get("machine_before"), payload.get("machine_after")
+    checks = [
+        {"engine": c["engine"], "target": c["target"], "nm": c["nm"], "speedup": c["speedup"],
+         "speedup_again": c["again"]["speedup"] if c["again"] else None, "ok": c["ok"]}
+        for c in check_results(rows)
+    ]  # fmt: skip
+    return {
+        "date": payload["date"], "source": source, "kernel": kernel[1] if kernel else "-",
+        "machine_before": before, "machine_after": after,
+        "slowed": bool(slowed(before, after, payload.get("quiet_ceilings"))) if before else None, "checks": checks,
+    }  # fmt: skip
+
+
+def with_history(data: dict[str, Any], previous: dict[str, Any] | None) -> dict[str, Any]:
+    """``data`` with the history of earlier runs: the previous run's, with this one's summary added."""
+    if previous is None:
+        return {**data, "history": []}
+    return {**data, "history": [*previous.get("history", []), run_summary(previous, "the run before")]}
+
+
+def history_table(payload: dict[str, Any], last: int = HISTORY_SHOWN) -> str:
+    """The checks of the last runs side by side: one row per check, one column per run, this run last."""
+    runs = [*payload.get("history", []), run_summary(payload, "this run")][-last:]
+    columns = ["check"]
+    for run in runs:
+        mark = {True: " (slowed)", False: "", None: " (not probed)"}[run["slowed"]]
+        columns.append(f"{run['date'][5:16]} {run['kernel'][:6]}{mark}")
+    table: list[dict[str, object]] = []
+    gemm = {"check": "f32 GEMM before / after, GMAC/s"}
+    for run, col in zip(runs, columns[1:], strict=True):
+        b, a = run["machine_before"], run["machine_after"]
+        gemm[col] = f"{b['gemm_f32_gmacs']:.0f} / {a['gemm_f32_gmacs']:.0f}" if b else "-"
+    table.append(gemm)
+    for engine, target, nm, wanted in TARGETS:
+        need = "not slower" if wanted == 1.0 else f">= {wanted:g}x"
+        entry: dict[str, object] = {"check": f"{engine} vs {target} at {nm} ({need})"}
+        for run, col in zip(runs, columns[1:], strict=True):
+            key = (engine, target, nm)
+            found = next((c for c in run["checks"] if (c["engine"], c["target"], c["nm"]) == key), None)
+            if found is None:
+                entry[col] = "-"
+                continue
+            again = f" / {found['speedup_again']:.2f}" if found["speedup_again"] is not None else ""
+            entry[col] = f"{found['speedup']:.2f}{again} {'PASS' if found['ok'] else 'FAIL'}"
+        table.append(entry)
+    return markdown_table(table, columns)
+
+
 def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
     rows = {r["nm"]: r for r in payload["rows"]}
     table = []
@@ -202,26 +277,18 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
         table.append(entry)
     columns = list(dict.fromkeys(k for r in table for k in r))
     checks = []
-    for engine, against, nm, wanted in TARGETS:
-        if nm not in rows or engine not in rows[nm]["runs_ms"]:
-            continue
-        name, speedup, (geo, low, high) = compare(rows[nm], engine, against)
+    for c in check_results(rows):
+        not_slower = c["wanted"] == 1.0
+        need = "needs the interval not below 1 (not slower)" if not_slower else f"needs a median >= {c['wanted']:g}"
         again = ""
-        if wanted == 1.0:
-            ok = high >= 1.0  # not shown slower: the interval of the speed-up reaches 1
-            need = "needs the interval not below 1 (not slower)"
-        else:
-            ok = speedup >= wanted
-            need = f"needs a median >= {wanted:g}"
-        if name + AGAIN in rows[nm]["runs_ms"]:
-            # the same runtime compiled again can run faster (see control()): held against both compiles
-            _, speedup2, (geo2, low2, high2) = compare(rows[nm], engine, name + AGAIN)
-            ok = ok and (high2 >= 1.0 if wanted == 1.0 else speedup2 >= wanted)
-            again = f"; against its second compile median {speedup2:.2f}x, {geo2:.2f}x [{low2:.2f}, {high2:.2f}]"
+        if c["again"] is not None:
+            a = c["again"]
+            again = f"; against its second compile median {a['speedup']:.2f}x, {a['geo']:.2f}x [{a['low']:.2f}, {a['high']:.2f}]"
             need += ", against both compiles"
         checks.append(
-            f"- {'PASS' if ok else 'FAIL'}: {engine} vs {name} at {nm}: median {speedup:.2f}x, geometric mean "
-            f"{geo:.2f}x [{low:.2f}, {high:.2f}]{again}, runs on {rows[nm]['engines'][engine]['runs_on']}; {need}"
+            f"- {'PASS' if c['ok'] else 'FAIL'}: {c['engine']} vs {c['against']} at {c['nm']}: median "
+            f"{c['speedup']:.2f}x, geometric mean {c['geo']:.2f}x [{c['low']:.2f}, {c['high']:.2f}]{again}, "
+            f"runs on {rows[c['nm']]['engines'][c['engine']]['runs_on']}; {need}"
         )
     unreliable = consistency(rows)
     controls = control(rows)
@@ -234,6 +301,18 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
             "",
         ]
         if controls
+        else []
+    )
+    history_note = (
+        [
+            f"Runs so far ({min(HISTORY_SHOWN, len(payload['history']) + 1)} latest, this one last; columns: "
+            "date, kernel build, '(slowed)' by the rule below): each check's median speed-up against the first "
+            "/ the second compile of the OpenVINO peer and its verdict by the rules above.",
+            "",
+            history_table(payload),
+            "",
+        ]
+        if payload.get("history")
         else []
     )
     machine = []
@@ -278,6 +357,7 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
         *checks,
         "",
         *control_note,
+        *history_note,
         (
             "**This run's timings are not reliable**: "
             + "; ".join(unreliable)
@@ -301,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def run(args: argparse.Namespace) -> dict[str, Any]:
         w, h = (int(v) for v in args.input.split("x"))
-        return measure(args.rounds, args.threads, (h, w))
+        previous = load_results(SECTION) if results_path(SECTION).is_file() else None
+        return with_history(measure(args.rounds, args.threads, (h, w)), previous)
 
     return section_main(SECTION, render, run, parser, argv)
 

@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_dense_runtime import compare, consistency, render  # noqa: E402
+from bench_dense_runtime import compare, consistency, history_table, render, with_history  # noqa: E402
 
 
 def _row(nm: str, bf16_on: str, peer_default: list[float]) -> dict[str, Any]:
@@ -70,3 +70,35 @@ def test_a_target_is_held_against_both_compiles_of_the_openvino_peer() -> None:
     _, body = render("speed_dense_runtime", payload)
     line = next(x for x in body.splitlines() if "engine bf16 vs openvino default at 2:32 coarse" in x)
     assert line.startswith("- FAIL") and "against its second compile median 1.80x" in line
+
+
+def test_each_run_keeps_the_runs_before_it_and_the_section_shows_them_side_by_side() -> None:
+    quiet = {"copy_gbs": 27.0, "gemm_f32_gmacs": 230.0, "gemm_bf16_gmacs": 1280.0}
+    base = {"model": "m", "input": [1, 3, 4, 4], "threads": 2, "rounds": 3, "settle_s": 0.05,
+            "quiet_ceilings": quiet, "machine_before": quiet, "machine_after": quiet}  # fmt: skip
+    first = {**base, "date": "2026-12-01 10:00 UTC", "kernel": "x/nm_kernels-aaaaaaaa11.so",
+             "rows": [_row("2:4", "openvino default (bf16)", [5.0, 5.0, 5.0])]}  # fmt: skip
+    second = with_history(
+        {**base, "kernel": "x/nm_kernels-bbbbbbbb22.so", "machine_after": {**quiet, "gemm_f32_gmacs": 100.0},
+         "rows": [_row("2:4", "openvino default (bf16)", [4.0, 4.0, 4.0])]},
+        first,
+    )  # fmt: skip
+    assert [h["date"] for h in second["history"]] == ["2026-12-01 10:00 UTC"]
+    third = with_history({**base, "kernel": "k", "rows": first["rows"]}, {**second, "date": "2026-12-02 10:00 UTC"})
+    assert [h["kernel"] for h in third["history"]] == ["aaaaaaaa", "bbbbbbbb"]
+    assert [h["slowed"] for h in third["history"]] == [False, True]
+    table = history_table({**third, "date": "2026-12-03 10:00 UTC"})
+    header = table.splitlines()[0]
+    assert header == "| check | 12-01 10:00 aaaaaa | 12-02 10:00 bbbbbb (slowed) | 12-03 10:00 - |"
+    # engine f32 (10 ms) against the fastest f32 runtime (openvino f32, 20 ms): 2x, not slower
+    assert "| engine f32 vs best f32 at 2:4 (not slower) | 2.00 PASS | 2.00 PASS | 2.00 PASS |" in table
+    # engine bf16 (5 ms) against openvino default at 5 ms, then 4 ms (slower: FAIL), then 5 ms
+    assert "| engine bf16 vs best at 2:4 (not slower) | 1.00 PASS | 0.80 FAIL | 1.00 PASS |" in table
+    assert "| engine f32 vs openvino f32 at 4:32 (>= 2x) | - | - | - |" in table
+    assert "| f32 GEMM before / after, GMAC/s | 230 / 230 | 230 / 100 | 230 / 230 |" in table
+
+
+def test_a_run_without_a_machine_probe_is_not_called_quiet() -> None:
+    payload = {"date": "2026-12-01 10:00 UTC", "kernel": "k", "rows": [_row("2:4", "the engine", [5.0, 5.0, 5.0])]}
+    summary = with_history({"rows": []}, payload)["history"][0]
+    assert summary["slowed"] is None and summary["machine_before"] is None
