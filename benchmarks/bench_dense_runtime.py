@@ -14,6 +14,8 @@ decision. Checks, from paired 95% intervals (bootstrap over rounds) of the log t
 and fp16 engines are not slower than the best dense runtime at 2:4, the f32 engine not slower than the best f32
 runtime at 2:4; the speed-up targets at 4:32 and 2:32 are reported as measured. An OpenVINO runtime is
 held to its first and its second compile alike (one compile can run several percent faster than another).
+Each run carries the checks of every run before it (``history`` in its JSON, from the JSON it replaces)
+and the section shows the latest runs side by side, so what one run read is seen against the others.
 
     .venv/bin/python benchmarks/bench_dense_runtime.py            # measure (idle machine), write the section
     .venv/bin/python benchmarks/bench_dense_runtime.py --render   # the section from its JSON
