@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 import torch
@@ -104,10 +105,6 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return {"block": BLOCK, "checkpoints": checkpoints}
 
 
-def _mean(values: list[float]) -> float:
-    return sum(values) / len(values)
-
-
 def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
     """(title, body) of the section, from the JSON alone."""
     block = payload["block"]
@@ -120,11 +117,11 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
             "shared": layers[0]["out_block"] > 1,
             "layers": len(layers),
             "m": m,
-            "kept": _mean([float(r["n"]) for r in layers]),
-            "natural": _mean([r["natural"] for r in layers]),
-            "greedy": _mean([r["greedy"] for r in layers]),
-            "independent": _mean([independent_union(r["n"], r["m"], block) for r in layers]),
-            "over_n": _mean([r["greedy"] / r["n"] for r in layers]),  # per layer: SLS's N differs
+            "kept": fmean([float(r["n"]) for r in layers]),
+            "natural": fmean([r["natural"] for r in layers]),
+            "greedy": fmean([r["greedy"] for r in layers]),
+            "independent": fmean([independent_union(r["n"], r["m"], block) for r in layers]),
+            "over_n": fmean([r["greedy"] / r["n"] for r in layers]),  # per layer: SLS's N differs
         })  # fmt: skip
     table = [
         {
