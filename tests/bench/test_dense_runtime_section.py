@@ -11,7 +11,15 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_dense_runtime import compare, consistency, history_table, render, with_history  # noqa: E402
+from bench_dense_runtime import (  # noqa: E402
+    compare,
+    consistency,
+    control_verdicts,
+    history_table,
+    not_slower_rates,
+    render,
+    with_history,
+)
 
 
 def _row(nm: str, bf16_on: str, peer_default: list[float]) -> dict[str, Any]:
@@ -102,3 +110,46 @@ def test_a_run_without_a_machine_probe_is_not_called_quiet() -> None:
     payload = {"date": "2026-12-01 10:00 UTC", "kernel": "k", "rows": [_row("2:4", "the engine", [5.0, 5.0, 5.0])]}
     summary = with_history({"rows": []}, payload)["history"][0]
     assert summary["slowed"] is None and summary["machine_before"] is None
+
+
+def _twins(row: dict[str, Any], f32_again: list[float], default_again: list[float]) -> dict[str, Any]:
+    row["runs_ms"]["openvino f32 (compiled again)"] = f32_again
+    row["runs_ms"]["openvino default (compiled again)"] = default_again
+    return row
+
+
+def test_the_control_holds_openvino_to_the_not_slower_rule_against_its_own_second_compile() -> None:
+    # openvino f32 runs 20 ms: its twin at 20 ms is not shown apart, at 22 ms (slower) or 18 ms (faster) it is
+    same = _twins(_row("2:4", "openvino default (bf16)", [5.0, 5.1, 4.9]), [20.0, 20.2, 19.8], [5.0, 5.0, 5.0])
+    assert control_verdicts({"2:4": same}) == {"compared": 2, "differ": 0}
+    slower = _twins(_row("4:32", "the engine", [5.0, 5.0, 5.0]), [22.0, 22.0, 22.0], [4.5, 4.5, 4.5])
+    assert control_verdicts({"4:32": slower}) == {"compared": 2, "differ": 2}
+    assert control_verdicts({"2:4": _row("2:4", "the engine", [5.0, 5.0, 5.0])}) == {"compared": 0, "differ": 0}
+
+
+def test_the_section_sets_the_hand_offs_failures_beside_the_controls() -> None:
+    # run 1: the bf16 engine hands off and ties both compiles; the twins agree
+    # run 2: the bf16 engine hands off at 5 ms against a first compile at 4 ms (FAIL); one twin differs
+    first = {"date": "2026-12-01 10:00 UTC", "kernel": "k",
+             "rows": [_twins(_row("2:4", "openvino default (bf16)", [5.0, 5.0, 5.0]), [20.0] * 3, [5.0] * 3)]}
+    second = with_history(
+        {"kernel": "k", "order": "shuffled",
+         "rows": [_twins(_row("2:4", "openvino default (bf16)", [4.0] * 3), [20.0] * 3, [5.0] * 3)]},
+        first,
+    )  # fmt: skip
+    assert second["history"][0]["control"] == {"compared": 2, "differ": 0}
+    rates = not_slower_rates({**second, "date": "2026-12-02 10:00 UTC"})
+    # engine f32 runs on the engine (not a hand-off): only the bf16 engine's check counts
+    assert rates == {"runs": 2, "checks": 2, "checks_failed": 1, "compared": 4, "differ": 1}
+    table = history_table({**second, "date": "2026-12-02 10:00 UTC"})
+    assert table.splitlines()[0] == "| check | 12-01 10:00 - (not probed) | 12-02 10:00 - shuffled (not probed) |"
+    assert "| openvino vs its own second compile (not slower, either way) | 0 of 2 FAIL | 1 of 2 FAIL |" in table
+    payload = {**second, "date": "2026-12-02 10:00 UTC", "model": "m", "input": [1, 3, 4, 4], "threads": 2,
+               "rounds": 3, "settle_s": 0.05}  # fmt: skip
+    _, body = render("speed_dense_runtime", payload)
+    assert "after a warm-up (the contenders in a random order each round, seeded)" in body
+    assert (
+        "over the 2 runs that timed the control: the checks of engines that handed the model to OpenVINO "
+        "failed 1 of 2 times (50%); OpenVINO held to the same rule against its own second compile, either way, "
+        "failed 1 of 4 times (25%)"
+    ) in body

@@ -15,6 +15,21 @@ def test_rounds_rotate_and_warmup_is_discarded() -> None:
     assert all(len(timings.samples[k]) == 3 for k in "abc")
 
 
+def test_a_shuffled_order_runs_each_contender_once_per_round_after_varying_predecessors() -> None:
+    calls: list[str] = []
+    contenders = {k: (lambda k=k: calls.append(k)) for k in "abcd"}
+    timings = interleaved(contenders, rounds=11, warmup=1, shuffle_seed=3)
+    rounds = [calls[i : i + 4] for i in range(0, len(calls), 4)]
+    assert len(rounds) == 12 and all(sorted(r) == list("abcd") for r in rounds)
+    assert all(len(timings.samples[k]) == 11 for k in "abcd")
+    # a rotation would always run "b" right after "a"; shuffled rounds give "b" other predecessors
+    before_b = {r[r.index("b") - 1] for r in rounds if r.index("b") > 0}
+    assert len(before_b) > 1
+    again: list[str] = []
+    interleaved({k: (lambda k=k: again.append(k)) for k in "abcd"}, rounds=11, warmup=1, shuffle_seed=3)
+    assert again == calls  # the seed fixes the order
+
+
 def test_speedup_is_the_median_of_paired_ratios() -> None:
     # per-round ratios 2, 4, 2.5: their median is 2.5, where the ratio of the medians would say 4
     timings = Timings({"dense": [2.0, 4.0, 10.0], "sparse": [1.0, 1.0, 4.0]})

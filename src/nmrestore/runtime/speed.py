@@ -180,11 +180,13 @@ def measure_speed(
     warmup: int = 1,
     peers: Sequence[Peer] = (),
     engine: nn.Module | None = None,
+    shuffle_seed: int | None = None,
 ) -> SpeedReport:
     """Dense (squashed) vs :func:`compile_sparse` latency on a random input of ``input_shape``.
 
     ``engine``: an already compiled model to time instead (a loaded compiled file; ``model`` is then
-    its dense-with-zeros reference and ``config`` is not used).
+    its dense-with-zeros reference and ``config`` is not used). ``shuffle_seed``: each round runs the
+    contenders in a random order (:func:`~nmrestore.runtime.timing.interleaved`).
 
     The first sparse forward chooses the tactics (and finds the hand-off pairs), ``warmup`` more
     forwards of each model run untimed; ``max_abs_diff`` covers the first and the last of them (the
@@ -220,7 +222,8 @@ def measure_speed(
             runs: dict[str, Callable[[], object]] = {"dense": lambda: dense(x), "sparse": lambda: sparse(x)}
             for peer in peers:
                 runs[peer.name] = functools.partial(peer.run, x)
-            timings = interleaved(runs, repeats, warmup=0, settle_s=PEER_SETTLE_S if peers else 0.0)
+            settle = PEER_SETTLE_S if peers else 0.0
+            timings = interleaved(runs, repeats, warmup=0, settle_s=settle, shuffle_seed=shuffle_seed)
         used = torch.get_num_threads()
     state = engine_state(sparse)
     assert state is not None

@@ -1,7 +1,7 @@
 """Interleaved timing: the one way nmrestore compares the speed of two or more things.
 
-Every contender runs once per round, the order rotated by one place every round, so a slow phase of
-the machine (another process, thermal throttling) hits all of them alike. The first ``warmup``
+Every contender runs once per round, the order rotated by one place every round (or drawn at random
+each round), so a slow phase of the machine (another process, thermal throttling) hits all of them alike. The first ``warmup``
 rounds are run and discarded (allocator, caches, lazily chosen kernels).
 
 **Speed-up** (one definition, used by ``nmrestore speed``, the benchmark harness and every script in
@@ -13,6 +13,7 @@ separately taken medians is not.
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -57,6 +58,7 @@ def interleaved(
     sync: Callable[[], None] | None = None,
     settle_s: float = 0.0,
     prime: bool = False,
+    shuffle_seed: int | None = None,
 ) -> Timings:
     """Time every callable of ``runs`` once per round for ``warmup + rounds`` rounds, order rotating.
 
@@ -66,13 +68,18 @@ def interleaved(
     (see :data:`PEER_SETTLE_S`). ``prime``: run the contender once more, untimed, right before each
     timed call (after the pause), so its threads are awake as they are for a layer in the middle of a
     forward; for timing one layer alone, where waking threads that slept through the pause took up
-    to 10 ms on this machine (a 0.06 ms conv: 9.8 ms after a 50 ms pause).
+    to 10 ms on this machine (a 0.06 ms conv: 9.8 ms after a 50 ms pause). ``shuffle_seed``: draw each
+    round's order at random (seeded) instead: a rotation keeps the cyclic order, so each contender
+    always follows the same one, and whatever that one leaves behind (warm threads of the same runtime,
+    cache contents) favours it every round.
     """
     keys = list(runs)
     samples: dict[str, list[float]] = {key: [] for key in keys}
+    draw = random.Random(shuffle_seed) if shuffle_seed is not None else None
     for r in range(warmup + rounds):
         shift = r % len(keys)
-        for key in keys[shift:] + keys[:shift]:
+        order = draw.sample(keys, len(keys)) if draw is not None else keys[shift:] + keys[:shift]
+        for key in order:
             if settle_s > 0:
                 time.sleep(settle_s)
             if prime:
