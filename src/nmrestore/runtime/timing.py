@@ -1,8 +1,8 @@
 """Interleaved timing: the one way nmrestore compares the speed of two or more things.
 
 Every contender runs once per round, the order rotated by one place every round (or drawn at random
-each round), so a slow phase of the machine (another process, thermal throttling) hits all of them alike. The first ``warmup``
-rounds are run and discarded (allocator, caches, lazily chosen kernels).
+each round), so a slow phase of the machine (another process, thermal throttling) hits all of them
+alike. The first ``warmup`` rounds are run and discarded (allocator, caches, lazily chosen kernels).
 
 **Speed-up** (one definition, used by ``nmrestore speed``, the benchmark harness and every script in
 ``benchmarks/``): the median over rounds of ``t_reference / t_candidate``, both times taken in the
