@@ -28,9 +28,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from _dense_runtime_checks import compare  # noqa: E402
 from _report import load_results, markdown_table, results_path, section_main  # noqa: E402
 from _roofline import machine_line, machine_state, quiet_ceilings, slowed  # noqa: E402
-from bench_dense_runtime import compare  # noqa: E402
 from nmrestore import __version__  # noqa: E402
 from nmrestore.engine.runner import model_from_checkpoint  # noqa: E402
 from nmrestore.export.peers import available_peers, open_peers, parse_peers  # noqa: E402
