@@ -12,7 +12,7 @@ through:
   ONNX and run by ONNX Runtime f32, OpenVINO f32 and OpenVINO at its default precision,
 
 interleaved in one process, medians of per-round ratios. The layers that stay dense (first and last
-conv) are where the issue asks the engine's dense fallback to be no slower than the runtimes.
+conv) are where the engine's dense fallback must be no slower than the runtimes.
 
     .venv/bin/python benchmarks/bench_speed_layers.py            # measure (idle machine), write the section
     .venv/bin/python benchmarks/bench_speed_layers.py --render   # the section from its JSON
@@ -221,7 +221,7 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
         "losing every row here. 'max diff': largest difference to PyTorch f32 over the f32 runs and over the "
         "bf16 ones.",
         "",
-        "Checks (the layers that stay dense; the issue asks the engine's dense fallback to be no slower than the "
+        "Checks (the layers that stay dense; the engine's dense fallback must be no slower than the "
         "fastest runtime at the same precision):",
         "",
         *[f"- {'PASS' if ok else 'FAIL'}: {text}" for text, ok in checks(payload)],
