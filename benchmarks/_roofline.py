@@ -13,9 +13,14 @@ MACs per ~1.9 cycles, two 16-MAC FMAs per cycle). Dense bf16 (oneDNN, AMX) gets 
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -128,10 +133,30 @@ def carried_quiet(previous: dict[str, float] | None, measured: dict[str, float])
     return {k: max(v, (previous or {}).get(k, v)) for k, v in measured.items()}
 
 
+#: seconds this process stays idle before a probe: the runtimes it ran keep cores busy for a moment
+#: (20 s of OpenVINO calls, then a probe at once: bf16 GEMM 910 GMAC/s; 2 s later: 1085)
+PROBE_PAUSE_S = 2.0
+
+
 def machine_state(rounds: int = 3) -> dict[str, float]:
-    """The ceilings right now, as a JSON-ready dict (copy_gbs, gemm_f32_gmacs, gemm_bf16_gmacs)."""
-    c = measure_ceilings(rounds)
-    return {"copy_gbs": c.copy_gbs, "gemm_f32_gmacs": c.gemm_f32_gmacs, "gemm_bf16_gmacs": c.gemm_bf16_gmacs}
+    """The ceilings right now as a fresh process measures them, with this process's thread count, after
+    PROBE_PAUSE_S idle: a JSON-ready dict (copy_gbs, gemm_f32_gmacs, gemm_bf16_gmacs).
+
+    A fresh process, because the probe is for the machine, not for what a benchmark left in its own
+    process: taken in-process right after section ``speed_dense_runtime``, bf16 GEMM read 864 / 1088 /
+    906 GMAC/s where a fresh process read 1035 / 1059 / 1083 just after, and in 12 of 16 back-to-back
+    runs the next run's first (clean) probe read higher than the previous run's in-process one."""
+    time.sleep(PROBE_PAUSE_S)
+    code = (
+        f"import dataclasses, json, sys, torch; torch.set_num_threads({torch.get_num_threads()}); "
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); from _roofline import measure_ceilings; "
+        f"print(json.dumps(dataclasses.asdict(measure_ceilings({rounds}))))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"the machine probe failed: {done.stderr.strip()[-2000:]}")
+    state: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    return state
 
 
 _NAMES = {"gemm_f32_gmacs": ("f32 GEMM", "GMAC/s"), "gemm_bf16_gmacs": ("bf16 GEMM", "GMAC/s"),

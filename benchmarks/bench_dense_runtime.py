@@ -31,7 +31,6 @@ import dataclasses
 import gc
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -74,10 +73,6 @@ HALF_ENGINES = {BF16: "bf16", FP16: "fp16"}
 #: every contender always follows the same one (each OpenVINO peer followed another OpenVINO call, while
 #: the engines' hand-offs did not), and what that one leaves behind favoured it every round
 SHUFFLE_SEED = 0
-#: seconds between the last timed call and the probe after the run: OpenVINO's threads keep the cores
-#: busy for a moment after a run (a probe right after 20 s of OpenVINO calls read f32 GEMM 167 and bf16
-#: 910 GMAC/s; 2 s later, 189 and 1085), which is this process, not the machine the probe is for
-PROBE_PAUSE_S = 2.0
 
 
 def _model(nm: str) -> torch.nn.Module:
@@ -134,9 +129,8 @@ def measure(rounds: int, threads: int, size: tuple[int, int]) -> dict[str, Any]:
                 "engines": {F32: _runs_on(engine), **{name: _runs_on(e) for name, (_, e) in halves.items()}},
             })  # fmt: skip
             print(nm, {k: round(sorted(v)[len(v) // 2], 1) for k, v in samples.items()}, flush=True)
-            del engine, halves, report
+            del engine, halves, report  # the probe after the run (a fresh process) has the cores to itself
         gc.collect()
-        time.sleep(PROBE_PAUSE_S)
         after = machine_state()
     quiet = quiet_ceilings()
     return {

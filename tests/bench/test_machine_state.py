@@ -65,3 +65,22 @@ def test_the_roofline_section_says_when_its_run_was_below_the_reference() -> Non
     assert "f32 GEMM 230, bf16 GEMM 1280 GMAC/s, copy 27.0 GB/s" in below_quiet({"ceilings": slow, "quiet_ceilings": QUIET})
     assert below_quiet({"ceilings": QUIET, "quiet_ceilings": QUIET}) == ""
     assert below_quiet({"ceilings": slow}) == ""  # runs recorded before the carried reference
+
+
+def test_the_probe_measures_in_a_fresh_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    import _roofline
+
+    def in_this_process(rounds: int = 5) -> None:
+        raise AssertionError("the probe measured in the benchmark's own process")
+
+    monkeypatch.setattr(_roofline, "measure_ceilings", in_this_process)
+    monkeypatch.setattr(_roofline, "PROBE_PAUSE_S", 0.0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        state = _roofline.machine_state(rounds=1)
+    finally:
+        torch.set_num_threads(threads)
+    assert set(state) == {"copy_gbs", "gemm_f32_gmacs", "gemm_bf16_gmacs"} and min(state.values()) > 0
