@@ -46,6 +46,7 @@ from _dense_runtime_checks import (  # noqa: E402
     F32,
     FP16,
     HISTORY_SHOWN,
+    MARGIN_LIMIT,
     check_results,
     consistency,
     control,
@@ -205,7 +206,7 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
     history_note = (
         [
             f"Runs so far ({min(HISTORY_SHOWN, len(payload['history']) + 1)} latest, this one last; columns: "
-            "date, kernel build, '(slowed)' by the rule below): each check's median speed-up against the first "
+            "date, kernel build, '(slowed)' by the rule below, '(unreliable)' where the run's consistency checks failed): each check's median speed-up against the first "
             "/ the second compile of the OpenVINO peer and its verdict by the rules above.",
             "",
             history_table(payload),
@@ -271,7 +272,7 @@ def render(key: str, payload: dict[str, Any]) -> tuple[str, str]:
             + ". No check above is a claim; rerun on a quiet machine."
             if unreliable
             else "Consistency: where an engine handed the model to OpenVINO, it timed within 0.8-1.25x of the "
-            "OpenVINO peer of the same precision."
+            f"OpenVINO peer of the same precision, and the control's margin was within {MARGIN_LIMIT:g}x."
         ),
         "",
         *machine,

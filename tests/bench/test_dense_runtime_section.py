@@ -213,10 +213,9 @@ def test_the_section_sets_the_hand_offs_failures_beside_the_controls() -> None:
         "margin_differ": 1,
     }
     table = history_table({**second, "date": "2026-12-02 10:00 UTC"})
-    assert (
-        table.splitlines()[0]
-        == "| check | 12-01 10:00 - (not probed) | 12-02 10:00 - shuffled (not probed) |"
-    )
+    # run 2's control margin (1.25x) is wider than the limit: its column says its timings are unreliable
+    header = "| check | 12-01 10:00 - (not probed) | 12-02 10:00 - shuffled (not probed) (unreliable) |"
+    assert table.splitlines()[0] == header
     row = "| openvino vs its own second compile, not slower either way (by the interval alone / by the margin) |"
     assert f"{row} 0 / 0 of 2 FAIL | 1 / 1 of 2 FAIL |" in table
     payload = {**second, "date": "2026-12-02 10:00 UTC", "model": "m", "input": [1, 3, 4, 4], "threads": 2,
@@ -234,3 +233,17 @@ def test_the_section_sets_the_hand_offs_failures_beside_the_controls() -> None:
         "By the margin rule, over the 2 runs whose timings are kept: the hand-offs' checks failed 0 of 2 (0%), "
         "OpenVINO's pairs, each judged by the margin of the run's other pairs, 1 of 4 (25%)."
     ) in body
+
+
+def test_a_run_whose_control_is_wider_than_the_limit_is_marked_unreliable() -> None:
+    # openvino default's twin 1.10x faster than its first compile: the run cannot resolve a few percent
+    wide = _twins(_row("2:4", "openvino default (bf16)", [5.5] * 3), [20.0] * 3, [5.0] * 3)
+    steady = _twins(_row("2:4", "openvino default (bf16)", [5.1] * 3), [20.0] * 3, [5.0] * 3)
+    assert consistency({"2:4": steady}) == []
+    assert consistency({"2:4": wide}) == ["OpenVINO timed up to 1.100x apart from its own second compile (more than 1.05x)"]
+    payload = {"date": "2026-12-01 10:00 UTC", "model": "m", "input": [1, 3, 4, 4], "threads": 2, "rounds": 3,
+               "settle_s": 0.05, "kernel": "k", "rows": [wide]}  # fmt: skip
+    _, body = render("speed_dense_runtime", payload)
+    assert "**This run's timings are not reliable**: OpenVINO timed up to 1.100x apart" in body
+    table = history_table(with_history({**payload, "rows": [steady]}, payload))
+    assert table.splitlines()[0] == "| check | 12-01 10:00 - (not probed) (unreliable) | 12-01 10:00 - (not probed) |"
