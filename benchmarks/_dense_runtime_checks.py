@@ -31,8 +31,8 @@ OPENVINO = ("openvino f32", "openvino default")
 #: this protocol's own spread for a hand-off (an engine that runs the model on OpenVINO) against its peer.
 AGAIN = " (compiled again)"
 #: a run whose control margin is wider than this cannot resolve the few percent its checks are about: its
-#: timings are marked unreliable (six compiles of one model timed 1-5% apart; over the first 35 runs with
-#: a control the margins were 1.014-1.040x in 27 and 1.071-1.100x in the other 8)
+#: timings are marked unreliable (six compiles of one model timed 1-5% apart; over the first 55 runs with
+#: a control the margins were 1.014-1.048x in 43 and 1.057-1.110x in the other 12)
 MARGIN_LIMIT = 1.05
 #: runs shown side by side in the section (the JSON keeps every earlier run's summary)
 HISTORY_SHOWN = 8
